@@ -1,0 +1,62 @@
+# fedge: `make demo` and `make test` work on a fresh machine; both set up what is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fedge-installed
+PIP_VERSION := 26.3
+PACKAGES := fedge fl_server fl_client secure_agg edge_runtime strategies simulations
+
+export FLWR_TELEMETRY_ENABLED ?= 0
+export FLWR_DISABLE_UPDATE_CHECK ?= 1
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: setup data demo test test-fast lint format typecheck check lock clean
+
+## setup: create .venv and install fedge (editable, dev extra) at the pinned versions; fetch the data
+setup: $(STAMP) data
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "fedge needs Python 3.11 (torch 2.13.0 wheel), found " + sys.version.split()[0])'
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check "pip==$(PIP_VERSION)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+## data: make sure Fashion-MNIST is installed (Debian package dataset-fashion-mnist)
+data:
+	@scripts/ensure-data.sh
+
+## demo: a 10-client federation on Fashion-MNIST, live, with its summary and audit trail
+demo: setup
+	$(BIN)/fedge sim run --out runs/demo/summary.json
+
+## test: the whole test suite (PostgreSQL tests run when FEDGE_TEST_POSTGRES_URL is set)
+test: setup
+	$(BIN)/python -m pytest
+
+## test-fast: the suite without the Flower simulations
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check $(PACKAGES) tests benchmarks
+	$(BIN)/ruff format --check $(PACKAGES) tests benchmarks
+
+format: setup
+	$(BIN)/ruff format $(PACKAGES) tests benchmarks
+	$(BIN)/ruff check --fix $(PACKAGES) tests benchmarks
+
+typecheck: setup
+	$(BIN)/mypy --strict
+
+check: test lint typecheck
+
+## lock: re-pin constraints.txt from the current environment
+lock: setup
+	{ echo "# Exact versions for reproducible installs: make setup installs with -c constraints.txt."; \
+	  echo "# Regenerate after changing pyproject.toml: make lock"; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v '^fedge' | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > constraints.txt
+
+clean:
+	rm -rf $(VENV) runs .mypy_cache .ruff_cache .pytest_cache

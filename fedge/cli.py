@@ -1,0 +1,86 @@
+"""The ``fedge`` command: mounts each package's own command group.
+
+Every failure fedge expects (bad flags, bad values, missing data) ends with one
+line on stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import click
+import typer
+from rich.logging import RichHandler
+
+from fedge.errors import FedgeError
+from fedge.version import code_version
+from simulations.cli import app as sim_app
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="fedge",
+    help="fedge: privacy-centred federated learning for edge fleets, built on Flower.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(sim_app, name="sim")
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+@app.command("version")
+def version_command() -> None:
+    """Print the fedge version (with the git commit when run from a checkout)."""
+    typer.echo(f"fedge {code_version()}")
+
+
+def _configure_logging() -> None:
+    level_name = os.environ.get("FEDGE_LOG_LEVEL", "WARNING").upper()
+    level = logging.getLevelNamesMapping().get(level_name, logging.WARNING)
+    logging.basicConfig(
+        level=level,
+        format="%(message)s",
+        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
+    )
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"fedge: error: {message}\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line and return its exit status."""
+    _configure_logging()
+    try:
+        result = app(
+            args=list(argv) if argv is not None else None,
+            prog_name="fedge",
+            standalone_mode=False,
+        )
+    except click.exceptions.NoArgsIsHelpError:
+        return EXIT_USAGE
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+        _error(f"{exc.format_message()}{hint}")
+        return EXIT_USAGE
+    except click.ClickException as exc:
+        _error(exc.format_message())
+        return exc.exit_code
+    except (click.Abort, KeyboardInterrupt):
+        _error("interrupted")
+        return EXIT_INTERRUPTED
+    except FedgeError as exc:
+        _error(str(exc))
+        return EXIT_FAILURE
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

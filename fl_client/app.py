@@ -1,0 +1,113 @@
+"""The fedge ClientApp: load the global model, train on local data, send the update."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedge.errors import ConfigError
+from fl_client.messages import ARRAYS_KEY, METRICS_KEY, decode_train_instruction
+from fl_client.models import ModelName, build_model
+from fl_client.training import train
+
+__all__ = ["PartitionProvider", "make_client_app"]
+
+logger = logging.getLogger(__name__)
+
+_PARTITION_ID = "partition-id"
+_NUM_PARTITIONS = "num-partitions"
+
+
+class PartitionProvider(Protocol):
+    """Return one client's local examples (uint8 images, integer labels).
+
+    Implementations must be picklable: the simulation engine ships them to its
+    worker processes, which call them once per training request.
+    """
+
+    def __call__(
+        self, partition_id: int, num_partitions: int
+    ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.integer]]:
+        """Return the examples of partition ``partition_id`` out of ``num_partitions``."""
+        ...
+
+
+def _shuffle_seed(seed: int, server_round: int, partition_id: int) -> int:
+    # Derive an independent stream per (run seed, round, client) so no two
+    # clients or rounds share a shuffling order.
+    digest = hashlib.sha256(f"{seed}:{server_round}:{partition_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def _partition_of(context: Context) -> tuple[int, int]:
+    try:
+        partition_id = int(context.node_config[_PARTITION_ID])
+        num_partitions = int(context.node_config[_NUM_PARTITIONS])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"node config must set integer {_PARTITION_ID!r} and {_NUM_PARTITIONS!r}"
+        ) from exc
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(f"partition-id {partition_id} outside [0, {num_partitions})")
+    return partition_id, num_partitions
+
+
+def make_client_app(
+    provider: PartitionProvider, *, model: ModelName = ModelName.CNN, num_threads: int = 1
+) -> ClientApp:
+    """Build a Flower ClientApp that trains ``model`` on ``provider``'s partition.
+
+    Parameters
+    ----------
+    provider
+        Gives each node its examples, keyed by the node's ``partition-id``.
+    model
+        The architecture the server's weights belong to.
+    num_threads
+        Torch intra-op threads per client; 1 when several clients share a machine.
+
+    Notes
+    -----
+    Only the updated weights and two scalars (example count, mean loss) leave
+    the client; the examples never do.
+    """
+    if num_threads < 1:
+        raise ConfigError(f"num_threads must be >= 1, got {num_threads}")
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        torch.set_num_threads(num_threads)
+        instruction = decode_train_instruction(msg.content)
+        partition_id, num_partitions = _partition_of(context)
+        images, labels = provider(partition_id, num_partitions)
+        network = build_model(model)
+        network.load_state_dict(instruction.arrays.to_torch_state_dict(), strict=True)
+        generator = torch.Generator().manual_seed(
+            _shuffle_seed(instruction.seed, instruction.server_round, partition_id)
+        )
+        result = train(network, images, labels, instruction.config, generator=generator)
+        logger.debug(
+            "partition %d trained on %d examples, loss %.4f",
+            partition_id,
+            result.num_examples,
+            result.mean_loss,
+        )
+        content = RecordDict(
+            {
+                ARRAYS_KEY: ArrayRecord(network.state_dict()),
+                METRICS_KEY: MetricRecord(
+                    {"num-examples": result.num_examples, "train-loss": result.mean_loss}
+                ),
+            }
+        )
+        return Message(content=content, reply_to=msg)
+
+    return app

@@ -1,0 +1,236 @@
+"""The fedge ServerApp: FedAvg rounds with central evaluation, checkpoints and audit events."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from fedge.errors import ConfigError
+from fl_server.audit import AuditEventKind, AuditLog
+from fl_server.checkpoints import CheckpointDir
+
+__all__ = [
+    "CentralEvaluator",
+    "Evaluation",
+    "FederationConfig",
+    "RoundObserver",
+    "RoundReport",
+    "make_server_app",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FederationConfig:
+    """How the server runs the federation.
+
+    Parameters
+    ----------
+    num_rounds
+        Training rounds, >= 1.
+    fraction_train
+        Fraction of connected nodes sampled per round, in (0, 1].
+    min_train_nodes
+        Nodes sampled per round at least, >= 1.
+    min_available_nodes
+        Nodes that must be connected before a round starts, >= ``min_train_nodes``.
+    round_timeout_s
+        Seconds to wait for the replies of one round, > 0.
+    """
+
+    num_rounds: int
+    fraction_train: float = 1.0
+    min_train_nodes: int = 1
+    min_available_nodes: int = 1
+    round_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.num_rounds < 1:
+            raise ConfigError(f"num_rounds must be >= 1, got {self.num_rounds}")
+        if not 0 < self.fraction_train <= 1:
+            raise ConfigError(f"fraction_train must be in (0, 1], got {self.fraction_train}")
+        if self.min_train_nodes < 1:
+            raise ConfigError(f"min_train_nodes must be >= 1, got {self.min_train_nodes}")
+        if self.min_available_nodes < self.min_train_nodes:
+            raise ConfigError(
+                f"min_available_nodes ({self.min_available_nodes}) must be >= "
+                f"min_train_nodes ({self.min_train_nodes})"
+            )
+        if not (math.isfinite(self.round_timeout_s) and self.round_timeout_s > 0):
+            raise ConfigError(f"round_timeout_s must be > 0, got {self.round_timeout_s}")
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluation:
+    """Central evaluation of a global model."""
+
+    loss: float
+    accuracy: float
+
+
+@dataclass(frozen=True, slots=True)
+class RoundReport:
+    """What one round produced; round 0 reports the initial model."""
+
+    server_round: int
+    loss: float
+    accuracy: float
+    seconds: float
+    num_replies: int
+    num_failures: int
+    model_sha256: str
+    model_path: str
+
+
+class RoundObserver(Protocol):
+    """Told about every round as soon as its model is evaluated and saved."""
+
+    def on_round(self, report: RoundReport) -> None:
+        """Receive the report of a finished round."""
+        ...
+
+
+CentralEvaluator = Callable[[ArrayRecord], Evaluation]
+
+
+@dataclass(slots=True)
+class _ReplyCounts:
+    replies: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+
+class _CountingFedAvg(FedAvg):
+    """FedAvg that records how many replies of each round succeeded and failed."""
+
+    def __init__(self, counts: _ReplyCounts, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self._counts = counts
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        materialised = list(replies)
+        failures = sum(1 for reply in materialised if reply.has_error())
+        self._counts.replies[server_round] = (len(materialised) - failures, failures)
+        for reply in materialised:
+            if reply.has_error():
+                logger.warning("round %d: a client failed: %s", server_round, reply.error.reason)
+        return super().aggregate_train(server_round, materialised)
+
+
+def make_server_app(
+    config: FederationConfig,
+    *,
+    initial_arrays: ArrayRecord,
+    train_config: ConfigRecord,
+    evaluate: CentralEvaluator,
+    checkpoints: CheckpointDir,
+    audit: AuditLog,
+    run_id: str,
+    observers: Sequence[RoundObserver] = (),
+) -> ServerApp:
+    """Build a ServerApp that runs FedAvg and records every round.
+
+    After each round (and once for the initial model) the global model is
+    evaluated centrally, saved with its SHA-256, and an audit event names the
+    round, its metrics and the model digest; then every observer is told.
+
+    Parameters
+    ----------
+    config
+        Rounds, sampling and timeouts.
+    initial_arrays
+        The initial global model.
+    train_config
+        The ConfigRecord sent with every training request.
+    evaluate
+        Central evaluation of a global model.
+    checkpoints
+        Where each round's model is saved.
+    audit
+        The audit log the round events are appended to.
+    run_id
+        The run the events belong to.
+    observers
+        Progress displays, summaries, ... (called on the server thread).
+    """
+    app = ServerApp()
+    counts = _ReplyCounts()
+
+    @app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        del context
+        strategy = _CountingFedAvg(
+            counts,
+            fraction_train=config.fraction_train,
+            fraction_evaluate=0.0,
+            min_train_nodes=config.min_train_nodes,
+            min_available_nodes=config.min_available_nodes,
+        )
+        round_started = time.perf_counter()
+
+        def _evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            nonlocal round_started
+            evaluation = evaluate(arrays)
+            saved = checkpoints.save(
+                server_round, dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True))
+            )
+            ok, failed = counts.replies.get(server_round, (0, 0))
+            seconds = time.perf_counter() - round_started
+            audit.append(
+                AuditEventKind.MODEL_SAVED,
+                {
+                    "round": server_round,
+                    "sha256": saved.sha256,
+                    "size_bytes": saved.size_bytes,
+                    "path": str(saved.path),
+                },
+                run_id=run_id,
+            )
+            if server_round > 0:
+                audit.append(
+                    AuditEventKind.ROUND_COMPLETED,
+                    {
+                        "round": server_round,
+                        "accuracy": evaluation.accuracy,
+                        "loss": evaluation.loss,
+                        "replies": ok,
+                        "failures": failed,
+                        "model_sha256": saved.sha256,
+                        "seconds": round(seconds, 3),
+                    },
+                    run_id=run_id,
+                )
+            report = RoundReport(
+                server_round=server_round,
+                loss=evaluation.loss,
+                accuracy=evaluation.accuracy,
+                seconds=seconds,
+                num_replies=ok,
+                num_failures=failed,
+                model_sha256=saved.sha256,
+                model_path=str(saved.path),
+            )
+            for observer in observers:
+                observer.on_round(report)
+            round_started = time.perf_counter()
+            return MetricRecord({"accuracy": evaluation.accuracy, "loss": evaluation.loss})
+
+        strategy.start(
+            grid=grid,
+            initial_arrays=initial_arrays,
+            num_rounds=config.num_rounds,
+            timeout=config.round_timeout_s,
+            train_config=train_config,
+            evaluate_fn=_evaluate,
+        )
+
+    return app
