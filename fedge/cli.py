@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 import click
 import typer
@@ -55,6 +56,15 @@ def _error(message: str) -> None:
     sys.stderr.write(f"fedge: error: {message}\n")
 
 
+def _exit_now(status: int) -> NoReturn:
+    # Flower's simulation runs the ServerApp on a non-daemon thread that can sit
+    # in a round's wait for minutes; a normal exit would wait for it. Everything
+    # a run must keep (summary, checkpoints, audit events) is already on disk.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return its exit status."""
     _configure_logging()
@@ -75,10 +85,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except (click.Abort, KeyboardInterrupt):
         _error("interrupted")
-        return EXIT_INTERRUPTED
+        _exit_now(EXIT_INTERRUPTED)
     except FedgeError as exc:
         _error(str(exc))
         return EXIT_FAILURE
+    if result == EXIT_INTERRUPTED:
+        # Typer turns Ctrl-C into a plain exit status of 130.
+        _error("interrupted")
+        _exit_now(EXIT_INTERRUPTED)
     return result if isinstance(result, int) else 0
 
 

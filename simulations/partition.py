@@ -28,10 +28,10 @@ __all__ = [
 
 IndexArray = npt.NDArray[np.int64]
 
-# Dirichlet draws are resampled until every client holds at least this many
-# examples; an empty client would make FedAvg's weights meaningless.
-_MIN_EXAMPLES_PER_CLIENT = 1
-_MAX_DIRICHLET_TRIES = 1000
+# Dirichlet draws are resampled until every client holds an example (an empty
+# client would make FedAvg's weights meaningless); after this many tries the
+# least-empty draw is repaired instead.
+_MAX_DIRICHLET_TRIES = 100
 
 
 class PartitionMode(Enum):
@@ -95,8 +95,7 @@ def partition(labels: npt.NDArray[np.integer], config: PartitionConfig) -> list[
     Raises
     ------
     ConfigError
-        If there are fewer examples than clients (or than shards), or no Dirichlet
-        draw gives every client an example.
+        If there are fewer examples than clients (or than shards).
     """
     labels = np.asarray(labels)
     if labels.ndim != 1:
@@ -127,6 +126,7 @@ def _dirichlet(
 ) -> list[IndexArray]:
     classes = np.unique(labels)
     by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
+    best: list[IndexArray] = []
     for _ in range(_MAX_DIRICHLET_TRIES):
         buckets: list[list[IndexArray]] = [[] for _ in range(num_clients)]
         for members in by_class:
@@ -135,12 +135,30 @@ def _dirichlet(
             for client, chunk in enumerate(np.split(members, cuts)):
                 buckets[client].append(chunk)
         parts = [np.concatenate(chunks).astype(np.int64) for chunks in buckets]
-        if min(len(p) for p in parts) >= _MIN_EXAMPLES_PER_CLIENT:
+        if min(len(p) for p in parts) > 0:
             return parts
-    raise ConfigError(
-        f"no Dirichlet(alpha={alpha}) draw in {_MAX_DIRICHLET_TRIES} tries gave each of "
-        f"{num_clients} clients an example: use more data, fewer clients or a larger alpha"
-    )
+        if not best or _empty_count(parts) < _empty_count(best):
+            best = parts
+    return _fill_empty(best)
+
+
+def _empty_count(parts: list[IndexArray]) -> int:
+    return sum(1 for p in parts if len(p) == 0)
+
+
+def _fill_empty(parts: list[IndexArray]) -> list[IndexArray]:
+    # Reached only for tiny data, many clients and a very small alpha. Each empty
+    # client takes one example from the largest client: the split stays a
+    # partition and keeps as much of the drawn skew as possible. The caller has
+    # checked there are at least as many examples as clients, so the largest
+    # client always has an example to spare.
+    parts = list(parts)
+    for client, part in enumerate(parts):
+        if len(part) == 0:
+            donor = max(range(len(parts)), key=lambda i: len(parts[i]))
+            parts[client] = parts[donor][-1:]
+            parts[donor] = parts[donor][:-1]
+    return parts
 
 
 def _shards(

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +103,56 @@ def test_three_clients_two_rounds_on_generated_data(tmp_path: Path) -> None:
     assert summary["final_accuracy"] > 0.8
     assert summary["data"]["train_examples"] == 600
     assert sum(summary["data"]["client_sizes"]) == 600
+
+
+def test_ctrl_c_stops_the_run_and_keeps_what_it_did(tmp_path: Path) -> None:
+    data = make_synthetic_fashion(tmp_path / "data", train=600, test=200)
+    out = tmp_path / "summary.json"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fedge",
+            "sim",
+            "run",
+            "--clients",
+            "2",
+            "--rounds",
+            "500",
+            "--data-dir",
+            str(data),
+            "--out",
+            str(out),
+            "--runs-dir",
+            str(tmp_path / "runs"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if out.exists() and json.loads(out.read_text())["rounds"]:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("no round completed within 240 s")
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+
+    assert process.returncode == 130
+    assert stderr.strip().splitlines()[-1] == "fedge: error: interrupted"
+    summary = json.loads(out.read_text())
+    assert summary["status"] == "interrupted"
+    assert 1 <= len(summary["rounds"]) < 500
+    engine = open_database(f"sqlite:///{tmp_path / 'runs' / 'fedge.db'}")
+    try:
+        log = AuditLog(engine)
+        kinds = [event.kind for event in log.iter(run_id=summary["run_id"])]
+        assert log.verify().ok
+    finally:
+        engine.dispose()
+    assert kinds[-1] is AuditEventKind.RUN_FAILED

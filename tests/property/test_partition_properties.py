@@ -9,10 +9,10 @@ from simulations.partition import PartitionConfig, PartitionMode, partition
 
 @settings(max_examples=60, deadline=None)
 @given(
-    labels=st.lists(st.integers(0, 9), min_size=20, max_size=400),
-    num_clients=st.integers(1, 10),
+    labels=st.lists(st.integers(0, 9), min_size=40, max_size=400),
+    num_clients=st.integers(1, 20),
     mode=st.sampled_from([PartitionMode.IID, PartitionMode.DIRICHLET, PartitionMode.SHARDS]),
-    alpha=st.floats(0.05, 50.0),
+    alpha=st.floats(0.001, 50.0),
     seed=st.integers(0, 2**32 - 1),
 )
 def test_every_example_lands_with_exactly_one_client(
@@ -24,4 +24,5 @@ def test_every_example_lands_with_exactly_one_client(
     )
 
     assert len(parts) == num_clients
+    assert all(len(part) > 0 for part in parts)
     assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(array)))

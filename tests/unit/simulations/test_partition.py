@@ -98,3 +98,13 @@ def test_too_many_shards_are_refused() -> None:
 def test_labels_must_be_one_dimensional() -> None:
     with pytest.raises(ConfigError, match="one-dimensional"):
         partition(LABELS.reshape(10, 100), PartitionConfig(num_clients=2))
+
+
+def test_dirichlet_gives_every_client_an_example_even_when_draws_leave_some_empty() -> None:
+    labels = np.repeat(np.arange(10), 2)  # 20 examples for 20 clients
+    config = PartitionConfig(num_clients=20, mode=PartitionMode.DIRICHLET, alpha=0.01, seed=3)
+
+    parts = partition(labels, config)
+
+    assert sorted(len(p) for p in parts) == [1] * 20
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(20))
