@@ -30,6 +30,8 @@ data:
 ## demo: a 10-client federation on Fashion-MNIST, live, with its summary and audit trail
 demo: setup
 	$(BIN)/fedge sim run --out runs/demo/summary.json
+	$(BIN)/fedge audit list --last 4
+	$(BIN)/fedge audit verify
 
 ## test: the whole test suite (PostgreSQL tests run when FEDGE_TEST_POSTGRES_URL is set)
 test: setup

@@ -18,6 +18,7 @@ from rich.logging import RichHandler
 
 from fedge.errors import FedgeError
 from fedge.version import code_version
+from fl_server.cli import audit_app
 from simulations.cli import app as sim_app
 
 __all__ = ["app", "main"]
@@ -30,6 +31,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(sim_app, name="sim")
+app.add_typer(audit_app, name="audit")
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2

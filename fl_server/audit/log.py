@@ -186,6 +186,29 @@ class AuditLog:
                 return
             last_seq = rows[-1].seq
 
+    def latest(self, count: int, *, run_id: str | None = None) -> list[AuditEvent]:
+        """Return the newest ``count`` events (of ``run_id`` when given), oldest first.
+
+        Raises
+        ------
+        ConfigError
+            If ``count`` is not positive.
+        StorageError
+            If the database cannot be read.
+        """
+        if count < 1:
+            raise ConfigError(f"count must be >= 1, got {count}")
+        query = select(AuditRecordRow)
+        if run_id is not None:
+            query = query.where(AuditRecordRow.run_id == run_id)
+        query = query.order_by(AuditRecordRow.seq.desc()).limit(count)
+        try:
+            with Session(self._engine) as session:
+                rows = list(session.execute(query).scalars())
+        except SQLAlchemyError as exc:
+            raise StorageError(f"cannot read the audit log: {exc}") from exc
+        return [_to_event(row) for row in reversed(rows)]
+
     def verify(self) -> VerifyReport:
         """Re-hash the whole chain and check every link and the head.
 

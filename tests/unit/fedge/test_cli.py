@@ -115,3 +115,49 @@ def test_data_dir_from_the_environment(tmp_path: Path) -> None:
     )
 
     _assert_one_clear_line(result, r"from-env does not exist")
+
+
+def _audit_db(tmp_path: Path) -> str:
+    from fl_server.audit import AuditEventKind, AuditLog
+    from fl_server.db import open_database
+
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    engine = open_database(url)
+    log = AuditLog(engine)
+    log.append(AuditEventKind.RUN_STARTED, {"config_sha256": "ab"}, run_id="run-1")
+    log.append(AuditEventKind.ROUND_COMPLETED, {"round": 1, "accuracy": 0.5}, run_id="run-1")
+    log.append(AuditEventKind.RUN_COMPLETED, {"rounds": 1}, run_id="run-1")
+    engine.dispose()
+    return url
+
+
+def test_audit_verify_and_list(tmp_path: Path) -> None:
+    url = _audit_db(tmp_path)
+
+    verified = _fedge("audit", "verify", "--db-url", url)
+    listed = _fedge("audit", "list", "--db-url", url, "--last", "2")
+
+    assert verified.returncode == 0
+    assert re.match(r"audit chain verified: 3 records, head [0-9a-f]{64}$", verified.stdout.strip())
+    lines = listed.stdout.strip().splitlines()
+    assert len(lines) == 2
+    assert "round.completed" in lines[0]
+    assert "accuracy=0.5" in lines[0]
+    assert "run.completed" in lines[1]
+
+
+def test_audit_verify_names_the_tampered_record(tmp_path: Path) -> None:
+    import sqlite3
+
+    url = _audit_db(tmp_path)
+    with sqlite3.connect(tmp_path / "audit.db") as connection:
+        connection.execute("UPDATE audit_events SET payload = '{\"round\":7}' WHERE seq = 2")
+
+    _assert_one_clear_line(
+        _fedge("audit", "verify", "--db-url", url),
+        r"audit chain broken at record 2: record 2 was modified",
+    )
+
+
+def test_bad_database_url_is_one_line() -> None:
+    _assert_one_clear_line(_fedge("audit", "verify", "--db-url", "nonsense://"), r"database URL")

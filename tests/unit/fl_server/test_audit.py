@@ -267,3 +267,13 @@ def test_naive_clock_is_refused(engine: Engine) -> None:
 def test_overlong_run_id_is_refused(log: AuditLog) -> None:
     with pytest.raises(ConfigError, match=r"run_id must have 1\.\.64 characters"):
         log.append(AuditEventKind.RUN_STARTED, {}, run_id="x" * 65)
+
+
+def test_latest_returns_the_newest_events_oldest_first(log: AuditLog) -> None:
+    _fill(log, 5)
+    log.append(AuditEventKind.RUN_STARTED, {}, run_id="run-b")
+
+    assert [e.seq for e in log.latest(3)] == [4, 5, 6]
+    assert [e.seq for e in log.latest(3, run_id="run-a")] == [3, 4, 5]
+    with pytest.raises(ConfigError, match="count must be >= 1, got 0"):
+        log.latest(0)

@@ -1,0 +1,60 @@
+"""``fedge audit``: read and verify the audit chain."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from fedge.errors import AuditIntegrityError
+from fl_server.audit import AuditLog
+from fl_server.db import DB_URL_ENV, open_database
+
+__all__ = ["audit_app"]
+
+audit_app = typer.Typer(help="Read and verify the tamper-evident audit log.", no_args_is_help=True)
+
+_DbUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--db-url", envvar=DB_URL_ENV, help="The database [default: sqlite:///runs/fedge.db]."
+    ),
+]
+
+
+@audit_app.command("verify")
+def verify_command(db_url: _DbUrl = None) -> None:
+    """Re-hash the whole chain; exit 1 naming the first bad record if it does not verify."""
+    engine = open_database(db_url)
+    try:
+        report = AuditLog(engine).verify()
+    finally:
+        engine.dispose()
+    if not report.ok:
+        raise AuditIntegrityError(
+            f"audit chain broken at record {report.first_bad_seq}: {report.reason} "
+            f"({report.records_checked} records verified before it)"
+        )
+    typer.echo(f"audit chain verified: {report.records_checked} records, head {report.head_hash}")
+
+
+@audit_app.command("list")
+def list_command(
+    db_url: _DbUrl = None,
+    run_id: Annotated[
+        str | None, typer.Option("--run-id", help="Only the events of this run.")
+    ] = None,
+    last: Annotated[int, typer.Option("--last", min=1, help="Show the newest N events.")] = 20,
+) -> None:
+    """Print the newest events: sequence number, time, kind, run and payload."""
+    engine = open_database(db_url)
+    try:
+        events = AuditLog(engine).latest(last, run_id=run_id)
+    finally:
+        engine.dispose()
+    for event in events:
+        payload = ", ".join(f"{key}={value}" for key, value in sorted(event.payload.items()))
+        typer.echo(
+            f"{event.seq:>6}  {event.recorded_at:%Y-%m-%d %H:%M:%S}  {event.kind.value:<16} "
+            f"{event.run_id or '-'}  {payload}"
+        )
