@@ -83,6 +83,7 @@ class RoundDisplay:
                 f"round {label}: accuracy {cells[1]}, loss {cells[2]}, clients ok/failed "
                 f"{clients}, {cells[4]} s (elapsed {cells[5]} s)",
                 highlight=False,
+                soft_wrap=True,
             )
             return
         self._table.add_row(*cells)

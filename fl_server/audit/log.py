@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, Select, select
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -174,12 +174,7 @@ class AuditLog:
             query = select(AuditRecordRow).where(AuditRecordRow.seq > last_seq)
             if run_id is not None:
                 query = query.where(AuditRecordRow.run_id == run_id)
-            query = query.order_by(AuditRecordRow.seq).limit(batch_size)
-            try:
-                with Session(self._engine) as session:
-                    rows = list(session.execute(query).scalars())
-            except SQLAlchemyError as exc:
-                raise StorageError(f"cannot read the audit log: {exc}") from exc
+            rows = self._fetch(query.order_by(AuditRecordRow.seq).limit(batch_size))
             for row in rows:
                 yield _to_event(row)
             if len(rows) < batch_size:
@@ -201,13 +196,15 @@ class AuditLog:
         query = select(AuditRecordRow)
         if run_id is not None:
             query = query.where(AuditRecordRow.run_id == run_id)
-        query = query.order_by(AuditRecordRow.seq.desc()).limit(count)
+        rows = self._fetch(query.order_by(AuditRecordRow.seq.desc()).limit(count))
+        return [_to_event(row) for row in reversed(rows)]
+
+    def _fetch(self, query: Select[AuditRecordRow]) -> list[AuditRecordRow]:
         try:
             with Session(self._engine) as session:
-                rows = list(session.execute(query).scalars())
+                return list(session.execute(query).scalars())
         except SQLAlchemyError as exc:
             raise StorageError(f"cannot read the audit log: {exc}") from exc
-        return [_to_event(row) for row in reversed(rows)]
 
     def verify(self) -> VerifyReport:
         """Re-hash the whole chain and check every link and the head.

@@ -24,25 +24,25 @@ pytestmark = pytest.mark.slow
 HAVE_FASHION = (DEFAULT_DATA_DIR / "train-images-idx3-ubyte.gz").exists()
 
 
+def _sim_command(tmp_path: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "fedge",
+        "sim",
+        "run",
+        "--out",
+        str(out),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        *extra,
+    ]
+
+
 def _run(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     out = tmp_path / "summary.json"
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedge",
-            "sim",
-            "run",
-            "--clients",
-            "3",
-            "--rounds",
-            "2",
-            "--out",
-            str(out),
-            "--runs-dir",
-            str(tmp_path / "runs"),
-            *extra,
-        ],
+        _sim_command(tmp_path, out, "--clients", "3", "--rounds", "2", *extra),
         capture_output=True,
         text=True,
         timeout=600,
@@ -109,23 +109,7 @@ def test_ctrl_c_stops_the_run_and_keeps_what_it_did(tmp_path: Path) -> None:
     data = make_synthetic_fashion(tmp_path / "data", train=600, test=200)
     out = tmp_path / "summary.json"
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fedge",
-            "sim",
-            "run",
-            "--clients",
-            "2",
-            "--rounds",
-            "500",
-            "--data-dir",
-            str(data),
-            "--out",
-            str(out),
-            "--runs-dir",
-            str(tmp_path / "runs"),
-        ],
+        _sim_command(tmp_path, out, "--clients", "2", "--rounds", "500", "--data-dir", str(data)),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
