@@ -1,6 +1,38 @@
 """SecAgg+ maths and protocol state machines; pure: stdlib, numpy and cryptography only.
 
-Built by the secure-aggregation issue; empty until then.
+Built so far: the primitives (AES-CTR mask expansion, X25519 + HKDF pairwise keys,
+ChaCha20-Poly1305 share encryption, Ed25519 identities, vectorised Shamir sharing
+over GF(2^31 - 1), random Harary graphs, seedable CSPRNG sources). The protocol
+state machines build on them.
 """
 
-__all__: list[str] = []
+from secure_agg.crypto import AgreementKeyPair, KeyPurpose, derive_pair_key, open_sealed, seal
+from secure_agg.errors import CryptoError, InvalidMessage, ProtocolAbort
+from secure_agg.graph import harary_neighbours
+from secure_agg.identity import EnrolmentAuthority, IdentityCertificate, NodeIdentity
+from secure_agg.prg import add_mask, expand_mask, uniform_floats
+from secure_agg.randomness import DeterministicRandom, RandomSource, SystemRandomSource
+from secure_agg.shamir import combine, split
+
+__all__ = [
+    "AgreementKeyPair",
+    "CryptoError",
+    "DeterministicRandom",
+    "EnrolmentAuthority",
+    "IdentityCertificate",
+    "InvalidMessage",
+    "KeyPurpose",
+    "NodeIdentity",
+    "ProtocolAbort",
+    "RandomSource",
+    "SystemRandomSource",
+    "add_mask",
+    "combine",
+    "derive_pair_key",
+    "expand_mask",
+    "harary_neighbours",
+    "open_sealed",
+    "seal",
+    "split",
+    "uniform_floats",
+]

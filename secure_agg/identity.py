@@ -1,0 +1,91 @@
+"""Enrolment identities: long-term Ed25519 keys certified by an enrolment authority.
+
+In the active-adversary variant every key advertisement is signed with the
+client's identity key, and a client accepts a neighbour's advertisement only
+with a certificate from the enrolment authority it trusts. The coordinator
+relays certificates but cannot mint them, so it cannot impersonate clients or
+inject Sybils (Bonawitz et al. 2017 assume such a PKI for their active model).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from secure_agg.crypto import (
+    KEY_BYTES,
+    PROTOCOL_LABEL,
+    sign,
+    signing_key_from_seed,
+    verify_signature,
+)
+from secure_agg.randomness import RandomSource
+
+__all__ = ["EnrolmentAuthority", "IdentityCertificate", "NodeIdentity"]
+
+_MAX_ENROLMENT_ID = 128
+
+
+def _certificate_message(enrolment_id: str, public_key: bytes) -> bytes:
+    encoded = enrolment_id.encode("utf-8")
+    return PROTOCOL_LABEL + b"/identity" + struct.pack(">H", len(encoded)) + encoded + public_key
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityCertificate:
+    """The authority's signature binding an enrolment id to an identity public key."""
+
+    enrolment_id: str
+    public_key: bytes
+    signature: bytes
+
+    def verify(self, authority_public_key: bytes) -> None:
+        """Raise the opaque :class:`CryptoError` unless the authority signed this certificate."""
+        verify_signature(
+            authority_public_key,
+            self.signature,
+            _certificate_message(self.enrolment_id, self.public_key),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class EnrolmentAuthority:
+    """Holds the key that certifies device identities (kept apart from the coordinator)."""
+
+    signing_seed: bytes
+
+    @classmethod
+    def generate(cls, rng: RandomSource) -> EnrolmentAuthority:
+        """Create an authority with a fresh key."""
+        return cls(signing_seed=rng.random_bytes(KEY_BYTES))
+
+    @property
+    def public_key(self) -> bytes:
+        """The key every client trusts to verify certificates."""
+        return signing_key_from_seed(self.signing_seed).public_key().public_bytes_raw()
+
+    def enrol(self, enrolment_id: str, rng: RandomSource) -> NodeIdentity:
+        """Create and certify a new device identity."""
+        if not 0 < len(enrolment_id) <= _MAX_ENROLMENT_ID:
+            raise ValueError(f"enrolment ids have 1..{_MAX_ENROLMENT_ID} characters")
+        seed = rng.random_bytes(KEY_BYTES)
+        public = signing_key_from_seed(seed).public_key().public_bytes_raw()
+        signature = sign(self.signing_seed, _certificate_message(enrolment_id, public))
+        return NodeIdentity(
+            signing_seed=seed,
+            certificate=IdentityCertificate(
+                enrolment_id=enrolment_id, public_key=public, signature=signature
+            ),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class NodeIdentity:
+    """A device's identity key (private) and its certificate (public)."""
+
+    signing_seed: bytes
+    certificate: IdentityCertificate
+
+    def sign(self, message: bytes) -> bytes:
+        """Sign ``message`` with the identity key."""
+        return sign(self.signing_seed, message)

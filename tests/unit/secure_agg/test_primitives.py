@@ -1,0 +1,238 @@
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from secure_agg.crypto import (
+    AgreementKeyPair,
+    KeyPurpose,
+    derive_pair_key,
+    open_sealed,
+    seal,
+    sign,
+    signing_key_from_seed,
+    verify_signature,
+)
+from secure_agg.errors import CryptoError, ProtocolAbort
+from secure_agg.graph import harary_neighbours, secure_shuffle
+from secure_agg.identity import EnrolmentAuthority
+from secure_agg.prg import add_mask, expand_mask, uniform_floats
+from secure_agg.randomness import DeterministicRandom, SystemRandomSource
+from secure_agg.shamir import CHUNKS_PER_SECRET, PRIME, combine, lagrange_at_zero, split
+
+SEED = bytes(range(32))
+
+
+def test_mask_is_the_aes_256_ctr_keystream() -> None:
+    expected = Cipher(algorithms.AES(SEED), modes.CTR(bytes(16))).encryptor().update(bytes(64))
+
+    mask = expand_mask(SEED, 16, np.dtype(np.uint32))
+
+    assert mask.tobytes() == expected
+
+
+def test_masks_differ_per_seed_and_add_then_subtract_cancels() -> None:
+    other = bytes(32)
+    target = np.arange(1000, dtype=np.uint32)
+
+    add_mask(target, SEED)
+    assert not np.array_equal(target, np.arange(1000, dtype=np.uint32))
+    add_mask(target, SEED, subtract=True)
+
+    np.testing.assert_array_equal(target, np.arange(1000, dtype=np.uint32))
+    assert not np.array_equal(
+        expand_mask(SEED, 8, np.dtype(np.uint32)), expand_mask(other, 8, np.dtype(np.uint32))
+    )
+
+
+def test_mask_seed_length_is_checked() -> None:
+    with pytest.raises(ValueError, match="32 bytes, got 16"):
+        expand_mask(bytes(16), 4, np.dtype(np.uint32))
+
+
+def test_uniform_floats_lie_in_unit_interval_with_the_right_mean() -> None:
+    values = uniform_floats(SEED, 100_000)
+
+    assert values.min() >= 0.0
+    assert values.max() < 1.0
+    assert abs(values.mean() - 0.5) < 0.01
+
+
+def test_masks_pass_a_chi_square_uniformity_test() -> None:
+    words = expand_mask(SEED, 256_000, np.dtype(np.uint32))
+    counts = np.bincount((words & 0xFF).astype(np.int64), minlength=256)
+    expected = len(words) / 256
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+
+    # 255 degrees of freedom: the 0.1% and 99.9% quantiles are about 196 and 330.
+    assert 196 < chi2 < 330
+
+
+@pytest.mark.parametrize(("threshold", "num_shares"), [(1, 1), (2, 3), (3, 5), (4, 4)])
+def test_any_threshold_shares_reconstruct(threshold: int, num_shares: int) -> None:
+    rng = DeterministicRandom(7)
+    secrets = [rng.random_bytes(32), rng.random_bytes(32)]
+    shares = split(secrets, threshold=threshold, num_shares=num_shares, rng=rng)
+
+    assert shares.shape == (num_shares, 2 * CHUNKS_PER_SECRET)
+    for holders in itertools.combinations(range(num_shares), threshold):
+        xs = [h + 1 for h in holders]
+        assert combine(xs, shares[list(holders)], num_secrets=2) == secrets
+
+
+def test_fewer_than_threshold_shares_do_not_reconstruct() -> None:
+    rng = DeterministicRandom(8)
+    secrets = [rng.random_bytes(32)]
+    shares = split(secrets, threshold=3, num_shares=5, rng=rng)
+
+    assert combine([1, 2], shares[:2], num_secrets=1) != secrets
+
+
+def test_a_corrupted_share_changes_or_invalidates_the_result() -> None:
+    rng = DeterministicRandom(9)
+    secrets = [rng.random_bytes(32)]
+    shares = split(secrets, threshold=2, num_shares=3, rng=rng).copy()
+    shares[0, 3] = (int(shares[0, 3]) + 1) % PRIME
+
+    assert combine([1, 2], shares[:2], num_secrets=1) != secrets
+    shares[0, 0] = PRIME  # outside the field
+    assert combine([1, 2], shares[:2], num_secrets=1) is None
+
+
+def test_lagrange_coefficients_sum_to_one_and_need_distinct_points() -> None:
+    assert sum(lagrange_at_zero([1, 2, 3, 4])) % PRIME == 1
+    with pytest.raises(ValueError, match="distinct"):
+        lagrange_at_zero([1, 1])
+
+
+def test_split_validates_its_arguments() -> None:
+    rng = DeterministicRandom(1)
+    with pytest.raises(ValueError, match="threshold"):
+        split([bytes(32)], threshold=4, num_shares=3, rng=rng)
+    with pytest.raises(ValueError, match="32 bytes"):
+        split([bytes(31)], threshold=1, num_shares=2, rng=rng)
+
+
+def test_pair_keys_agree_and_are_bound_to_purpose_round_and_pair() -> None:
+    rng = DeterministicRandom(2)
+    alice, bob, carol = (AgreementKeyPair.generate(rng) for _ in range(3))
+    common = {"purpose": KeyPurpose.PAIRWISE_MASK, "round_id": b"r1", "node_a": 1, "node_b": 2}
+
+    key_ab = derive_pair_key(alice.private, bob.public, **common)  # type: ignore[arg-type]
+    key_ba = derive_pair_key(bob.private, alice.public, **common)  # type: ignore[arg-type]
+
+    assert key_ab == key_ba
+    assert len(key_ab) == 32
+    assert key_ab != derive_pair_key(
+        alice.private,
+        bob.public,
+        purpose=KeyPurpose.SHARE_ENCRYPTION,
+        round_id=b"r1",
+        node_a=1,
+        node_b=2,
+    )
+    assert key_ab != derive_pair_key(
+        alice.private,
+        bob.public,
+        purpose=KeyPurpose.PAIRWISE_MASK,
+        round_id=b"r2",
+        node_a=1,
+        node_b=2,
+    )
+    assert key_ab != derive_pair_key(alice.private, carol.public, **common)  # type: ignore[arg-type]
+
+
+def test_small_order_public_key_is_refused() -> None:
+    pair = AgreementKeyPair.generate(DeterministicRandom(3))
+    with pytest.raises(CryptoError):
+        derive_pair_key(
+            pair.private,
+            bytes(32),
+            purpose=KeyPurpose.PAIRWISE_MASK,
+            round_id=b"r",
+            node_a=1,
+            node_b=2,
+        )
+
+
+def test_sealed_shares_open_only_with_the_same_key_and_context() -> None:
+    rng = SystemRandomSource()
+    key = rng.random_bytes(32)
+    sealed = seal(key, b"share", b"round-1|1->2", rng)
+
+    assert open_sealed(key, sealed, b"round-1|1->2") == b"share"
+    for bad_key, bad_ad, bad_blob in (
+        (rng.random_bytes(32), b"round-1|1->2", sealed),
+        (key, b"round-2|1->2", sealed),
+        (key, b"round-1|1->2", sealed[:-1] + bytes([sealed[-1] ^ 1])),
+        (key, b"round-1|1->2", sealed[:10]),
+    ):
+        with pytest.raises(CryptoError, match=r"^cryptographic verification failed$"):
+            open_sealed(bad_key, bad_blob, bad_ad)
+
+
+def test_signatures_verify_and_forgeries_fail_opaquely() -> None:
+    seed = DeterministicRandom(4).random_bytes(32)
+    public = signing_key_from_seed(seed).public_key().public_bytes_raw()
+    signature = sign(seed, b"advert")
+
+    verify_signature(public, signature, b"advert")
+    with pytest.raises(CryptoError, match=r"^cryptographic verification failed$"):
+        verify_signature(public, signature, b"advert2")
+
+
+def test_certificates_from_the_authority_verify_and_others_do_not() -> None:
+    rng = DeterministicRandom(5)
+    authority, impostor = EnrolmentAuthority.generate(rng), EnrolmentAuthority.generate(rng)
+    identity = authority.enrol("device-17", rng)
+    forged = impostor.enrol("device-17", rng)
+
+    identity.certificate.verify(authority.public_key)
+    verify_signature(identity.certificate.public_key, identity.sign(b"m"), b"m")
+    with pytest.raises(CryptoError):
+        forged.certificate.verify(authority.public_key)
+    with pytest.raises(ValueError, match="enrolment ids"):
+        authority.enrol("", rng)
+
+
+def test_harary_graph_is_regular_symmetric_and_random() -> None:
+    nodes = list(range(100, 130))
+    graph = harary_neighbours(nodes, 6, DeterministicRandom(6))
+    other = harary_neighbours(nodes, 6, DeterministicRandom(7))
+
+    assert all(len(neighbours) == 6 for neighbours in graph.values())
+    assert all(node not in graph[node] for node in nodes)
+    assert all(node in graph[peer] for node in nodes for peer in graph[node])
+    assert graph != other
+
+
+def test_degree_at_least_n_minus_one_gives_the_complete_graph() -> None:
+    graph = harary_neighbours([1, 2, 3, 4], 10, DeterministicRandom(1))
+
+    assert graph[1] == (2, 3, 4)
+
+
+def test_graph_validates_its_arguments() -> None:
+    rng = DeterministicRandom(1)
+    with pytest.raises(ValueError, match="even"):
+        harary_neighbours(list(range(10)), 3, rng)
+    with pytest.raises(ValueError, match="distinct"):
+        harary_neighbours([1, 1, 2], 2, rng)
+
+
+def test_secure_shuffle_is_a_permutation() -> None:
+    items = list(range(50))
+    shuffled = secure_shuffle(items, DeterministicRandom(3))
+
+    assert sorted(shuffled) == items
+    assert shuffled != items
+
+
+def test_protocol_abort_names_stage_and_nodes() -> None:
+    error = ProtocolAbort("unmask", [5, 3], "too few shares")
+
+    assert error.node_ids == (3, 5)
+    assert str(error) == "secure aggregation aborted in unmask: too few shares (nodes 3, 5)"
