@@ -2,14 +2,16 @@
 
 Built so far: the primitives (AES-CTR mask expansion, X25519 + HKDF pairwise keys,
 ChaCha20-Poly1305 share encryption, Ed25519 identities, vectorised Shamir sharing
-over GF(2^31 - 1), random Harary graphs, seedable CSPRNG sources). The protocol
-state machines build on them.
+over GF(2^31 - 1), random Harary graphs, k/t selection, quantisation with exact
+integer weighting, seedable CSPRNG sources). The protocol state machines build on them.
 """
 
 from secure_agg.crypto import AgreementKeyPair, KeyPurpose, derive_pair_key, open_sealed, seal
+from secure_agg.encoding import EncodingConfig, decode_sum, encode
 from secure_agg.errors import CryptoError, InvalidMessage, ProtocolAbort
 from secure_agg.graph import harary_neighbours
 from secure_agg.identity import EnrolmentAuthority, IdentityCertificate, NodeIdentity
+from secure_agg.params import NeighbourhoodParams, ThreatModel, choose_neighbourhood
 from secure_agg.prg import add_mask, expand_mask, uniform_floats
 from secure_agg.randomness import DeterministicRandom, RandomSource, SystemRandomSource
 from secure_agg.shamir import combine, split
@@ -18,17 +20,23 @@ __all__ = [
     "AgreementKeyPair",
     "CryptoError",
     "DeterministicRandom",
+    "EncodingConfig",
     "EnrolmentAuthority",
     "IdentityCertificate",
     "InvalidMessage",
     "KeyPurpose",
+    "NeighbourhoodParams",
     "NodeIdentity",
     "ProtocolAbort",
     "RandomSource",
     "SystemRandomSource",
+    "ThreatModel",
     "add_mask",
+    "choose_neighbourhood",
     "combine",
+    "decode_sum",
     "derive_pair_key",
+    "encode",
     "expand_mask",
     "harary_neighbours",
     "open_sealed",
