@@ -3,9 +3,12 @@
 Built so far: the primitives (AES-CTR mask expansion, X25519 + HKDF pairwise keys,
 ChaCha20-Poly1305 share encryption, Ed25519 identities, vectorised Shamir sharing
 over GF(2^31 - 1), random Harary graphs, k/t selection, quantisation with exact
-integer weighting, seedable CSPRNG sources). The protocol state machines build on them.
+integer weighting, seedable CSPRNG sources) and the protocol state machines:
+:class:`ClientSession` and :class:`ServerSession` (dropout recovery at every stage,
+signed key advertisements and the consistency check in the active model).
 """
 
+from secure_agg.client import ClientSession
 from secure_agg.crypto import AgreementKeyPair, KeyPurpose, derive_pair_key, open_sealed, seal
 from secure_agg.encoding import EncodingConfig, decode_sum, encode
 from secure_agg.errors import CryptoError, InvalidMessage, ProtocolAbort
@@ -14,10 +17,12 @@ from secure_agg.identity import EnrolmentAuthority, IdentityCertificate, NodeIde
 from secure_agg.params import NeighbourhoodParams, ThreatModel, choose_neighbourhood
 from secure_agg.prg import add_mask, expand_mask, uniform_floats
 from secure_agg.randomness import DeterministicRandom, RandomSource, SystemRandomSource
+from secure_agg.server import ServerSession, UnmaskResult
 from secure_agg.shamir import combine, split
 
 __all__ = [
     "AgreementKeyPair",
+    "ClientSession",
     "CryptoError",
     "DeterministicRandom",
     "EncodingConfig",
@@ -29,8 +34,10 @@ __all__ = [
     "NodeIdentity",
     "ProtocolAbort",
     "RandomSource",
+    "ServerSession",
     "SystemRandomSource",
     "ThreatModel",
+    "UnmaskResult",
     "add_mask",
     "choose_neighbourhood",
     "combine",
