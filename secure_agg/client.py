@@ -273,7 +273,8 @@ class ClientSession:
                 node_b=partner,
             )
             add_mask(masked, seed, subtract=self._setup.node_id > partner, scratch=scratch)
-        np.bitwise_and(masked, masked.dtype.type(encoding.ring_mask), out=masked)
+        if encoding.ring_bits < masked.dtype.itemsize * 8:
+            np.bitwise_and(masked, masked.dtype.type(encoding.ring_mask), out=masked)
         self._held = held
         self._partners = tuple(sorted(held))
         self._stage = ClientStage.MASKED

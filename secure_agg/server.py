@@ -372,7 +372,8 @@ class ServerSession:
                 )
                 # The partner added the mask when its id was smaller: undo that.
                 add_mask(total, seed, subtract=partner < owner, scratch=scratch)
-        np.bitwise_and(total, total.dtype.type(self._encoding.ring_mask), out=total)
+        if self._encoding.ring_bits < total.dtype.itemsize * 8:
+            np.bitwise_and(total, total.dtype.type(self._encoding.ring_mask), out=total)
         return UnmaskResult(
             total=total,
             survivors=self._survivors,
