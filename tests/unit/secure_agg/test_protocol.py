@@ -150,22 +150,51 @@ def test_too_many_dropouts_abort_naming_the_starved_nodes() -> None:
         _round(8, degree=6, threshold=5, drop_at={"share": [1000, 1007, 1014]})
 
 
-def test_masked_vectors_look_uniform_and_hide_the_input() -> None:
-    rng = DeterministicRandom(11)
+def _through_shares(
+    seed: int,
+    nodes: list[int],
+    *,
+    degree: int,
+    threshold: int,
+    length: int = 4,
+    threat: ThreatModel = ThreatModel.SEMI_HONEST,
+) -> tuple[ServerSession, dict[int, ClientSession], dict[int, MaskedInputRequest]]:
+    """Run a round up to the masked-input requests; every client takes part."""
+    rng = DeterministicRandom(seed)
+    authority = EnrolmentAuthority.generate(rng)
+    active = threat is ThreatModel.ACTIVE
     server = ServerSession(
-        [1, 2, 3],
-        degree=2,
-        threshold=2,
+        nodes,
+        degree=degree,
+        threshold=threshold,
         encoding=ENCODING,
-        vector_length=20_000,
-        threat_model=ThreatModel.SEMI_HONEST,
+        vector_length=length,
+        threat_model=threat,
         rng=rng,
+        authority_public_key=authority.public_key if active else None,
     )
-    clients = {n: ClientSession(s, rng=DeterministicRandom(n)) for n, s in server.setups().items()}
+    clients = {
+        n: ClientSession(
+            s,
+            rng=DeterministicRandom(n + seed),
+            identity=authority.enrol(str(n), rng) if active else None,
+        )
+        for n, s in server.setups().items()
+    }
     shares = server.receive_adverts({n: c.advertise() for n, c in clients.items()})
     routed = server.receive_shares({n: clients[n].share_keys(shares[n]) for n in clients})
-    zeros = np.zeros(20_000, dtype=np.uint32)
-    masked = clients[1].masked_input(routed[1], zeros).vector
+    return server, clients, routed
+
+
+def _masked_zeros(clients: dict[int, ClientSession], routed: dict[int, MaskedInputRequest]) -> None:
+    for n, client in clients.items():
+        client.masked_input(routed[n], np.zeros(4, dtype=np.uint32))
+
+
+def test_masked_vectors_look_uniform_and_hide_the_input() -> None:
+    _, clients, routed = _through_shares(11, [1, 2, 3], degree=2, threshold=2, length=20_000)
+
+    masked = clients[1].masked_input(routed[1], np.zeros(20_000, dtype=np.uint32)).vector
 
     counts = np.bincount((masked & 0xFF).astype(np.int64), minlength=256)
     chi2 = float(((counts - len(masked) / 256) ** 2 / (len(masked) / 256)).sum())
@@ -174,26 +203,10 @@ def test_masked_vectors_look_uniform_and_hide_the_input() -> None:
 
 
 def test_a_client_refuses_to_reveal_without_enough_confirmations() -> None:
-    rng = DeterministicRandom(12)
-    authority = EnrolmentAuthority.generate(rng)
-    server = ServerSession(
-        [1, 2, 3, 4],
-        degree=3,
-        threshold=3,
-        encoding=ENCODING,
-        vector_length=4,
-        threat_model=ThreatModel.ACTIVE,
-        rng=rng,
-        authority_public_key=authority.public_key,
+    _, clients, routed = _through_shares(
+        12, [1, 2, 3, 4], degree=3, threshold=3, threat=ThreatModel.ACTIVE
     )
-    clients = {
-        n: ClientSession(s, rng=DeterministicRandom(n), identity=authority.enrol(str(n), rng))
-        for n, s in server.setups().items()
-    }
-    shares = server.receive_adverts({n: c.advertise() for n, c in clients.items()})
-    routed = server.receive_shares({n: clients[n].share_keys(shares[n]) for n in clients})
-    for n, client in clients.items():
-        client.masked_input(routed[n], np.zeros(4, dtype=np.uint32))
+    _masked_zeros(clients, routed)
     survivors = (1, 2, 3, 4)
     signatures = {n: clients[n].confirm(ConsistencyRequest(survivors)).signature for n in (1, 2)}
     clients[3].confirm(ConsistencyRequest(survivors))
@@ -203,26 +216,10 @@ def test_a_client_refuses_to_reveal_without_enough_confirmations() -> None:
 
 
 def test_an_equivocating_server_is_caught_by_the_consistency_check() -> None:
-    rng = DeterministicRandom(13)
-    authority = EnrolmentAuthority.generate(rng)
-    server = ServerSession(
-        [1, 2, 3, 4],
-        degree=3,
-        threshold=2,
-        encoding=ENCODING,
-        vector_length=4,
-        threat_model=ThreatModel.ACTIVE,
-        rng=rng,
-        authority_public_key=authority.public_key,
+    _, clients, routed = _through_shares(
+        13, [1, 2, 3, 4], degree=3, threshold=2, threat=ThreatModel.ACTIVE
     )
-    clients = {
-        n: ClientSession(s, rng=DeterministicRandom(n), identity=authority.enrol(str(n), rng))
-        for n, s in server.setups().items()
-    }
-    shares = server.receive_adverts({n: c.advertise() for n, c in clients.items()})
-    routed = server.receive_shares({n: clients[n].share_keys(shares[n]) for n in clients})
-    for n, client in clients.items():
-        client.masked_input(routed[n], np.zeros(4, dtype=np.uint32))
+    _masked_zeros(clients, routed)
     # The server tells 1 and 2 that node 4 survived, and 3 that it dropped.
     with_four = (1, 2, 3, 4)
     without_four = (1, 2, 3)
@@ -257,49 +254,16 @@ def test_messages_out_of_order_or_replayed_are_refused() -> None:
 
 
 def test_shares_sealed_for_another_round_are_rejected() -> None:
-    def session(
-        seed: int,
-    ) -> tuple[ServerSession, dict[int, ClientSession], dict[int, MaskedInputRequest]]:
-        rng = DeterministicRandom(seed)
-        server = ServerSession(
-            [1, 2, 3],
-            degree=2,
-            threshold=2,
-            encoding=ENCODING,
-            vector_length=4,
-            threat_model=ThreatModel.SEMI_HONEST,
-            rng=rng,
-        )
-        clients = {
-            n: ClientSession(s, rng=DeterministicRandom(n + seed))
-            for n, s in server.setups().items()
-        }
-        shares = server.receive_adverts({n: c.advertise() for n, c in clients.items()})
-        routed = server.receive_shares({n: clients[n].share_keys(shares[n]) for n in clients})
-        return server, clients, routed
-
-    _, clients_a, _ = session(20)
-    _, _, routed_b = session(21)
+    _, clients_a, _ = _through_shares(20, [1, 2, 3], degree=2, threshold=2)
+    _, _, routed_b = _through_shares(21, [1, 2, 3], degree=2, threshold=2)
 
     with pytest.raises(CryptoError):
         clients_a[1].masked_input(routed_b[1], np.zeros(4, dtype=np.uint32))
 
 
 def test_a_lying_share_holder_is_outvoted_by_the_commitment() -> None:
-    rng = DeterministicRandom(15)
     nodes = [1, 2, 3, 4, 5]
-    server = ServerSession(
-        nodes,
-        degree=4,
-        threshold=2,
-        encoding=ENCODING,
-        vector_length=4,
-        threat_model=ThreatModel.SEMI_HONEST,
-        rng=rng,
-    )
-    clients = {n: ClientSession(s, rng=DeterministicRandom(n)) for n, s in server.setups().items()}
-    shares = server.receive_adverts({n: c.advertise() for n, c in clients.items()})
-    routed = server.receive_shares({n: clients[n].share_keys(shares[n]) for n in clients})
+    server, clients, routed = _through_shares(15, nodes, degree=4, threshold=2)
     inputs = {n: np.full(4, n, dtype=np.uint32) for n in nodes}
     requests = server.receive_masked(
         {n: clients[n].masked_input(routed[n], inputs[n]) for n in nodes}
