@@ -16,8 +16,8 @@ survivor set it was shown.
 
 from __future__ import annotations
 
-import hashlib
 import struct
+from dataclasses import replace
 from enum import Enum
 from typing import Any
 
@@ -35,6 +35,7 @@ from secure_agg.crypto import (
 )
 from secure_agg.errors import CryptoError, InvalidMessage, ProtocolAbort
 from secure_agg.identity import NodeIdentity
+from secure_agg.masking import adds_pairwise_mask, pairwise_mask_seed, self_mask_commitment
 from secure_agg.messages import (
     ConsistencyRequest,
     ConsistencySignature,
@@ -54,7 +55,7 @@ from secure_agg.prg import SEED_BYTES, add_mask
 from secure_agg.randomness import RandomSource
 from secure_agg.shamir import CHUNKS_PER_SECRET, split
 
-__all__ = ["ClientSession", "ClientStage", "self_mask_commitment", "share_associated_data"]
+__all__ = ["ClientSession", "ClientStage", "share_associated_data"]
 
 _SHARE_WIDTH = 2 * CHUNKS_PER_SECRET
 _BUNDLE = struct.Struct(f">QQ{_SHARE_WIDTH}I")
@@ -69,13 +70,6 @@ class ClientStage(Enum):
     MASKED = "masked"
     CONFIRMED = "confirmed"
     DONE = "done"
-
-
-def self_mask_commitment(round_id: bytes, node_id: int, seed: bytes) -> bytes:
-    """Return the SHA-256 commitment to a self-mask seed that the server checks after unmasking."""
-    return hashlib.sha256(
-        PROTOCOL_LABEL + b"/self-mask" + round_id + struct.pack(">Q", node_id) + seed
-    ).digest()
 
 
 def share_associated_data(round_id: bytes, owner: int, holder: int) -> bytes:
@@ -145,11 +139,8 @@ class ClientSession:
             ),
         )
         if self._identity is not None:
-            advert = KeyAdvertisement(
-                node_id=advert.node_id,
-                enc_public=advert.enc_public,
-                mask_public=advert.mask_public,
-                self_mask_commitment=advert.self_mask_commitment,
+            advert = replace(
+                advert,
                 certificate=self._identity.certificate,
                 signature=self._identity.sign(advert_message(self._setup.round_id, advert)),
             )
@@ -171,6 +162,16 @@ class ClientSession:
                 advert.signature,
                 advert_message(self._setup.round_id, advert),
             )
+
+    def _share_key(self, peer: int, advert: KeyAdvertisement) -> bytes:
+        return derive_pair_key(
+            self._enc.private,
+            advert.enc_public,
+            purpose=KeyPurpose.SHARE_ENCRYPTION,
+            round_id=self._setup.round_id,
+            node_a=self._setup.node_id,
+            node_b=peer,
+        )
 
     def share_keys(self, request: ShareKeysRequest) -> EncryptedShares:
         """Stage 2: check the neighbours' keys, secret-share the self-mask seed and masking key."""
@@ -202,14 +203,7 @@ class ClientSession:
         for row, holder in enumerate(self._neighbours):
             if holder not in adverts:
                 continue
-            key = derive_pair_key(
-                self._enc.private,
-                adverts[holder].enc_public,
-                purpose=KeyPurpose.SHARE_ENCRYPTION,
-                round_id=self._setup.round_id,
-                node_a=self._setup.node_id,
-                node_b=holder,
-            )
+            key = self._share_key(holder, adverts[holder])
             bundle = _BUNDLE.pack(self._setup.node_id, holder, *shares[row].tolist())
             ciphertexts[holder] = seal(
                 key,
@@ -235,14 +229,7 @@ class ClientSession:
         for sender, sealed in request.ciphertexts.items():
             if sender not in self._adverts:
                 raise InvalidMessage(f"shares from {sender}, who did not advertise to us")
-            key = derive_pair_key(
-                self._enc.private,
-                self._adverts[sender].enc_public,
-                purpose=KeyPurpose.SHARE_ENCRYPTION,
-                round_id=self._setup.round_id,
-                node_a=self._setup.node_id,
-                node_b=sender,
-            )
+            key = self._share_key(sender, self._adverts[sender])
             plain = open_sealed(
                 key,
                 sealed,
@@ -264,15 +251,15 @@ class ClientSession:
         scratch = np.empty_like(masked)
         add_mask(masked, self._self_seed, scratch=scratch)
         for partner in sorted(held):
-            seed = derive_pair_key(
+            seed = pairwise_mask_seed(
                 self._mask.private,
                 self._adverts[partner].mask_public,
-                purpose=KeyPurpose.PAIRWISE_MASK,
                 round_id=self._setup.round_id,
-                node_a=self._setup.node_id,
-                node_b=partner,
+                node=self._setup.node_id,
+                peer=partner,
             )
-            add_mask(masked, seed, subtract=self._setup.node_id > partner, scratch=scratch)
+            subtract = not adds_pairwise_mask(self._setup.node_id, partner)
+            add_mask(masked, seed, subtract=subtract, scratch=scratch)
         if encoding.ring_bits < masked.dtype.itemsize * 8:
             np.bitwise_and(masked, masked.dtype.type(encoding.ring_mask), out=masked)
         self._held = held

@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from secure_agg.client import self_mask_commitment
-from secure_agg.crypto import KeyPurpose, derive_pair_key, public_key_of, verify_signature
+from secure_agg.crypto import public_key_of, verify_signature
 from secure_agg.encoding import EncodingConfig
 from secure_agg.errors import CryptoError, InvalidMessage, ProtocolAbort
 from secure_agg.graph import harary_neighbours
+from secure_agg.masking import adds_pairwise_mask, pairwise_mask_seed, self_mask_commitment
 from secure_agg.messages import (
     ConsistencyRequest,
     ConsistencySignature,
@@ -362,16 +362,15 @@ class ServerSession:
                 owner, key_shares[owner], lambda s, p=public: _derives(s, p)
             )
             for partner in partners:
-                seed = derive_pair_key(
+                seed = pairwise_mask_seed(
                     private,
                     self._adverts[partner].mask_public,
-                    purpose=KeyPurpose.PAIRWISE_MASK,
                     round_id=self._round_id,
-                    node_a=owner,
-                    node_b=partner,
+                    node=owner,
+                    peer=partner,
                 )
-                # The partner added the mask when its id was smaller: undo that.
-                add_mask(total, seed, subtract=partner < owner, scratch=scratch)
+                # Undo what the surviving partner did with this mask.
+                add_mask(total, seed, subtract=adds_pairwise_mask(partner, owner), scratch=scratch)
         if self._encoding.ring_bits < total.dtype.itemsize * 8:
             np.bitwise_and(total, total.dtype.type(self._encoding.ring_mask), out=total)
         return UnmaskResult(
