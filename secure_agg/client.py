@@ -24,12 +24,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from secure_agg import wire
 from secure_agg.crypto import (
+    KEY_BYTES,
     PROTOCOL_LABEL,
     AgreementKeyPair,
     KeyPurpose,
     derive_pair_key,
     open_sealed,
+    public_key_of,
     seal,
     verify_signature,
 )
@@ -54,6 +57,7 @@ from secure_agg.params import ThreatModel
 from secure_agg.prg import SEED_BYTES, add_mask
 from secure_agg.randomness import RandomSource
 from secure_agg.shamir import CHUNKS_PER_SECRET, split
+from secure_agg.wire import Reader, Writer
 
 __all__ = ["ClientSession", "ClientStage", "share_associated_data"]
 
@@ -120,6 +124,43 @@ class ClientSession:
     def stage(self) -> ClientStage:
         """The last completed stage."""
         return self._stage
+
+    @property
+    def round_id(self) -> bytes:
+        """The round this session belongs to."""
+        return self._setup.round_id
+
+    @property
+    def setup(self) -> RoundSetup:
+        """The server's setup for this client."""
+        return self._setup
+
+    def export_state(self) -> bytes:
+        """Return the session's full state, secrets included, to resume it in another process.
+
+        Notes
+        -----
+        The bytes hold this round's private keys, self-mask seed and the shares
+        held for neighbours: keep them on the device (Flower's ``Context.state``
+        stays on the node) and never log or send them.
+        """
+        return _export(self)
+
+    @classmethod
+    def restore(
+        cls, state: bytes, *, rng: RandomSource, identity: NodeIdentity | None = None
+    ) -> ClientSession:
+        """Resume a session from :meth:`export_state`'s bytes.
+
+        Raises
+        ------
+        InvalidMessage
+            If the state is malformed or the active model lacks an identity.
+        """
+        session = _restore(state, rng, identity)
+        if session._setup.threat_model is ThreatModel.ACTIVE and identity is None:
+            raise InvalidMessage("the active model needs an identity")
+        return session
 
     def _expect(self, stage: ClientStage) -> None:
         if self._stage is not stage:
@@ -323,3 +364,54 @@ class ClientSession:
             self_mask_shares=self_mask_shares,
             mask_key_shares=mask_key_shares,
         )
+
+
+_STATE_VERSION = 1
+
+
+def _export(session: ClientSession) -> bytes:
+    w = Writer()
+    w.u8(_STATE_VERSION)
+    w.section(wire.encode(session._setup))
+    w.blob(session._stage.value.encode())
+    w.fixed(session._enc.private, KEY_BYTES)
+    w.fixed(session._mask.private, KEY_BYTES)
+    w.fixed(session._self_seed, SEED_BYTES)
+    w.u32(len(session._adverts))
+    for node in sorted(session._adverts):
+        w.section(wire.encode(session._adverts[node]))
+    w.shares({n: s[:CHUNKS_PER_SECRET] for n, s in session._held.items()})
+    w.shares({n: s[CHUNKS_PER_SECRET:] for n, s in session._held.items()})
+    w.ids(session._survivors)
+    return w.getvalue()
+
+
+def _restore(state: bytes, rng: RandomSource, identity: NodeIdentity | None) -> ClientSession:
+    r = Reader(state)
+    if r.u8() != _STATE_VERSION:
+        raise InvalidMessage("unsupported client state version")
+    setup = wire.decode(r.section(), RoundSetup)
+    session = ClientSession.__new__(ClientSession)
+    session._setup = setup
+    session._rng = rng
+    session._identity = identity
+    try:
+        session._stage = ClientStage(r.blob().decode("ascii"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidMessage("invalid client state stage") from exc
+    session._neighbours = tuple(sorted(setup.neighbours))
+    session._enc = AgreementKeyPair(private=(enc := r.fixed(KEY_BYTES)), public=public_key_of(enc))
+    session._mask = AgreementKeyPair(
+        private=(mask := r.fixed(KEY_BYTES)), public=public_key_of(mask)
+    )
+    session._self_seed = r.fixed(SEED_BYTES)
+    adverts = [wire.decode(r.section(), KeyAdvertisement) for _ in range(r.count())]
+    session._adverts = {a.node_id: a for a in adverts}
+    self_part, key_part = r.shares(), r.shares()
+    if set(self_part) != set(key_part):
+        raise InvalidMessage("inconsistent client state")
+    session._held = {n: np.concatenate([self_part[n], key_part[n]]) for n in self_part}
+    session._partners = tuple(sorted(session._held))
+    session._survivors = r.distinct_ids()
+    r.finish()
+    return session

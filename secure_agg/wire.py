@@ -1,0 +1,410 @@
+"""A strict binary codec for the protocol messages, so adapters carry opaque bytes.
+
+Every message is ``tag | version | fields`` with big-endian fixed-width
+integers and length-prefixed blobs. Decoding checks the tag, every length
+against its bound and that no byte is left over; any violation raises
+:class:`InvalidMessage`. Masked vectors are not encoded here: adapters ship
+them as native arrays of the ring's dtype, and :class:`ServerSession` checks
+their type and length.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, TypeVar, cast
+
+import numpy as np
+import numpy.typing as npt
+
+from secure_agg.encoding import EncodingConfig
+from secure_agg.errors import InvalidMessage
+from secure_agg.identity import IdentityCertificate
+from secure_agg.messages import (
+    ConsistencyRequest,
+    ConsistencySignature,
+    EncryptedShares,
+    KeyAdvertisement,
+    MaskedInputRequest,
+    RoundSetup,
+    ShareKeysRequest,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from secure_agg.params import ThreatModel
+from secure_agg.shamir import CHUNKS_PER_SECRET
+
+__all__ = ["MAX_NODES", "Reader", "Writer", "decode", "encode"]
+
+MAX_NODES: Final = 1 << 20
+_MAX_BLOB: Final = 1 << 16
+_MAX_VECTOR: Final = 1 << 31
+_VERSION: Final = 1
+_KEY: Final = 32
+_SIGNATURE: Final = 64
+
+T = TypeVar("T")
+
+
+class Writer:
+    """Append big-endian fields to a byte string."""
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+
+    def u8(self, value: int) -> None:
+        """Append an unsigned byte."""
+        self._parts.append(struct.pack(">B", value))
+
+    def u32(self, value: int) -> None:
+        """Append an unsigned 32-bit integer."""
+        self._parts.append(struct.pack(">I", value))
+
+    def u64(self, value: int) -> None:
+        """Append an unsigned 64-bit integer."""
+        self._parts.append(struct.pack(">Q", value))
+
+    def f64(self, value: float) -> None:
+        """Append an IEEE double."""
+        self._parts.append(struct.pack(">d", value))
+
+    def fixed(self, value: bytes, size: int) -> None:
+        """Append exactly ``size`` bytes."""
+        if len(value) != size:
+            raise InvalidMessage(f"expected {size} bytes, got {len(value)}")
+        self._parts.append(value)
+
+    def blob(self, value: bytes) -> None:
+        """Append a length-prefixed byte string."""
+        if len(value) > _MAX_BLOB:
+            raise InvalidMessage(f"a field of {len(value)} bytes exceeds {_MAX_BLOB}")
+        self.u32(len(value))
+        self._parts.append(value)
+
+    def section(self, value: bytes) -> None:
+        """Append a length-prefixed nested message (no small-field limit)."""
+        self.u32(len(value))
+        self._parts.append(value)
+
+    def ids(self, values: Sequence[int]) -> None:
+        """Append a count and that many node ids."""
+        self.u32(len(values))
+        self._parts.append(struct.pack(f">{len(values)}Q", *values))
+
+    def shares(self, values: Mapping[int, npt.NDArray[np.uint32]]) -> None:
+        """Append a map from node id to one Shamir share of one secret."""
+        self.u32(len(values))
+        for node in sorted(values):
+            self.u64(node)
+            self._parts.append(np.asarray(values[node], dtype=">u4").tobytes())
+
+    def getvalue(self) -> bytes:
+        """Return everything appended so far."""
+        return b"".join(self._parts)
+
+
+class Reader:
+    """Consume big-endian fields from a byte string, rejecting anything malformed."""
+
+    def __init__(self, data: bytes) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidMessage(f"expected bytes, got {type(data).__name__}")
+        self._data = bytes(data)
+        self._pos = 0
+
+    def _take(self, size: int) -> bytes:
+        end = self._pos + size
+        if size < 0 or end > len(self._data):
+            raise InvalidMessage("message truncated")
+        chunk = self._data[self._pos : end]
+        self._pos = end
+        return chunk
+
+    def u8(self) -> int:
+        """Read an unsigned byte."""
+        return int(self._take(1)[0])
+
+    def u32(self) -> int:
+        """Read an unsigned 32-bit integer."""
+        return int(struct.unpack(">I", self._take(4))[0])
+
+    def u64(self) -> int:
+        """Read an unsigned 64-bit integer."""
+        return int(struct.unpack(">Q", self._take(8))[0])
+
+    def f64(self) -> float:
+        """Read an IEEE double."""
+        return float(struct.unpack(">d", self._take(8))[0])
+
+    def fixed(self, size: int) -> bytes:
+        """Read exactly ``size`` bytes."""
+        return self._take(size)
+
+    def blob(self) -> bytes:
+        """Read a length-prefixed byte string."""
+        size = self.u32()
+        if size > _MAX_BLOB:
+            raise InvalidMessage(f"a field of {size} bytes exceeds {_MAX_BLOB}")
+        return self._take(size)
+
+    def section(self) -> bytes:
+        """Read a length-prefixed nested message."""
+        return self._take(self.u32())
+
+    def count(self, limit: int = MAX_NODES) -> int:
+        """Read an element count and check it against ``limit``."""
+        value = self.u32()
+        if value > limit:
+            raise InvalidMessage(f"{value} elements exceed the limit of {limit}")
+        return value
+
+    def ids(self) -> tuple[int, ...]:
+        """Read a count and that many node ids."""
+        size = self.count()
+        return tuple(int(v) for v in struct.unpack(f">{size}Q", self._take(8 * size)))
+
+    def distinct_ids(self) -> tuple[int, ...]:
+        """Read node ids and reject duplicates."""
+        values = self.ids()
+        if len(set(values)) != len(values):
+            raise InvalidMessage("duplicate node ids")
+        return values
+
+    def shares(self) -> dict[int, npt.NDArray[np.uint32]]:
+        """Read a map from node id to one Shamir share of one secret."""
+        out: dict[int, npt.NDArray[np.uint32]] = {}
+        for _ in range(self.count()):
+            node = self.u64()
+            if node in out:
+                raise InvalidMessage(f"two shares for node {node}")
+            raw = np.frombuffer(self._take(4 * CHUNKS_PER_SECRET), dtype=">u4")
+            out[node] = raw.astype(np.uint32)
+        return out
+
+    def finish(self) -> None:
+        """Raise unless every byte was consumed."""
+        if self._pos != len(self._data):
+            raise InvalidMessage(f"{len(self._data) - self._pos} unexpected trailing bytes")
+
+
+def _put_setup(w: Writer, m: RoundSetup) -> None:
+    w.blob(m.round_id)
+    w.u64(m.node_id)
+    w.ids(m.neighbours)
+    w.u32(m.threshold)
+    w.f64(m.encoding.clip_range)
+    w.u8(m.encoding.ring_bits)
+    w.u32(m.encoding.max_clients)
+    w.u32(m.encoding.weight_cap)
+    w.u64(m.vector_length)
+    w.blob(m.threat_model.value.encode())
+    w.blob(m.authority_public_key or b"")
+
+
+def _get_setup(r: Reader) -> RoundSetup:
+    round_id, node_id, neighbours, threshold = r.blob(), r.u64(), r.distinct_ids(), r.u32()
+    clip, bits, max_clients, cap = r.f64(), r.u8(), r.u32(), r.u32()
+    length = r.u64()
+    threat = r.blob()
+    authority = r.blob()
+    if not 16 <= len(round_id) <= 64:
+        raise InvalidMessage("round id of the wrong size")
+    if not 2 <= length <= _MAX_VECTOR:
+        raise InvalidMessage(f"vector length {length} out of range")
+    if authority and len(authority) != _KEY:
+        raise InvalidMessage("authority key of the wrong size")
+    try:
+        threat_model = ThreatModel(threat.decode("ascii"))
+        encoding = EncodingConfig(
+            clip_range=clip, ring_bits=bits, max_clients=max_clients, weight_cap=cap
+        )
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidMessage(f"invalid round setup: {exc}") from exc
+    return RoundSetup(
+        round_id=round_id,
+        node_id=node_id,
+        neighbours=neighbours,
+        threshold=threshold,
+        encoding=encoding,
+        vector_length=length,
+        threat_model=threat_model,
+        authority_public_key=authority or None,
+    )
+
+
+def _put_advert(w: Writer, m: KeyAdvertisement) -> None:
+    w.u64(m.node_id)
+    w.fixed(m.enc_public, _KEY)
+    w.fixed(m.mask_public, _KEY)
+    w.fixed(m.self_mask_commitment, _KEY)
+    if m.certificate is None or m.signature is None:
+        w.u8(0)
+        return
+    w.u8(1)
+    w.blob(m.certificate.enrolment_id.encode("utf-8"))
+    w.fixed(m.certificate.public_key, _KEY)
+    w.fixed(m.certificate.signature, _SIGNATURE)
+    w.fixed(m.signature, _SIGNATURE)
+
+
+def _get_advert(r: Reader) -> KeyAdvertisement:
+    node_id = r.u64()
+    enc, mask, commitment = r.fixed(_KEY), r.fixed(_KEY), r.fixed(_KEY)
+    flag = r.u8()
+    if flag == 0:
+        return KeyAdvertisement(
+            node_id=node_id, enc_public=enc, mask_public=mask, self_mask_commitment=commitment
+        )
+    if flag != 1:
+        raise InvalidMessage("invalid certificate flag")
+    try:
+        enrolment_id = r.blob().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidMessage("enrolment id is not UTF-8") from exc
+    certificate = IdentityCertificate(
+        enrolment_id=enrolment_id, public_key=r.fixed(_KEY), signature=r.fixed(_SIGNATURE)
+    )
+    return KeyAdvertisement(
+        node_id=node_id,
+        enc_public=enc,
+        mask_public=mask,
+        self_mask_commitment=commitment,
+        certificate=certificate,
+        signature=r.fixed(_SIGNATURE),
+    )
+
+
+def _put_blobs(w: Writer, values: Mapping[int, bytes]) -> None:
+    w.u32(len(values))
+    for node in sorted(values):
+        w.u64(node)
+        w.blob(values[node])
+
+
+def _get_blobs(r: Reader, size: int | None = None) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    for _ in range(r.count()):
+        node = r.u64()
+        if node in out:
+            raise InvalidMessage(f"two entries for node {node}")
+        value = r.blob() if size is None else r.fixed(size)
+        out[node] = value
+    return out
+
+
+def _put_share_keys(w: Writer, m: ShareKeysRequest) -> None:
+    w.u32(len(m.adverts))
+    for advert in m.adverts:
+        _put_advert(w, advert)
+
+
+def _get_share_keys(r: Reader) -> ShareKeysRequest:
+    return ShareKeysRequest(tuple(_get_advert(r) for _ in range(r.count())))
+
+
+def _put_encrypted(w: Writer, m: EncryptedShares) -> None:
+    w.u64(m.node_id)
+    _put_blobs(w, m.ciphertexts)
+
+
+def _get_encrypted(r: Reader) -> EncryptedShares:
+    return EncryptedShares(node_id=r.u64(), ciphertexts=_get_blobs(r))
+
+
+def _put_signatures(w: Writer, values: Mapping[int, bytes]) -> None:
+    w.u32(len(values))
+    for node in sorted(values):
+        w.u64(node)
+        w.fixed(values[node], _SIGNATURE)
+
+
+def _put_unmask_request(w: Writer, m: UnmaskRequest) -> None:
+    w.ids(m.survivors)
+    _put_signatures(w, m.signatures)
+
+
+def _get_unmask_request(r: Reader) -> UnmaskRequest:
+    return UnmaskRequest(r.distinct_ids(), _get_blobs(r, _SIGNATURE))
+
+
+def _put_unmask_response(w: Writer, m: UnmaskResponse) -> None:
+    w.u64(m.node_id)
+    w.shares(m.self_mask_shares)
+    w.shares(m.mask_key_shares)
+
+
+def _get_unmask_response(r: Reader) -> UnmaskResponse:
+    return UnmaskResponse(node_id=r.u64(), self_mask_shares=r.shares(), mask_key_shares=r.shares())
+
+
+def _put_signature(w: Writer, m: ConsistencySignature) -> None:
+    w.u64(m.node_id)
+    w.fixed(m.signature, _SIGNATURE)
+
+
+_Codec = tuple[int, Callable[[Writer, Any], None], Callable[[Reader], Any]]
+
+_CODECS: dict[type[Any], _Codec] = {
+    RoundSetup: (1, _put_setup, _get_setup),
+    KeyAdvertisement: (2, _put_advert, _get_advert),
+    ShareKeysRequest: (3, _put_share_keys, _get_share_keys),
+    EncryptedShares: (4, _put_encrypted, _get_encrypted),
+    MaskedInputRequest: (
+        5,
+        lambda w, m: _put_blobs(w, m.ciphertexts),
+        lambda r: MaskedInputRequest(_get_blobs(r)),
+    ),
+    ConsistencyRequest: (
+        6,
+        lambda w, m: w.ids(m.survivors),
+        lambda r: ConsistencyRequest(r.distinct_ids()),
+    ),
+    ConsistencySignature: (
+        7,
+        _put_signature,
+        lambda r: ConsistencySignature(node_id=r.u64(), signature=r.fixed(_SIGNATURE)),
+    ),
+    UnmaskRequest: (8, _put_unmask_request, _get_unmask_request),
+    UnmaskResponse: (9, _put_unmask_response, _get_unmask_response),
+}
+
+
+def encode(message: object) -> bytes:
+    """Return the wire form of a protocol message.
+
+    Raises
+    ------
+    InvalidMessage
+        If the message type has no codec or a field has the wrong size.
+    """
+    codec = _CODECS.get(type(message))
+    if codec is None:
+        raise InvalidMessage(f"no wire format for {type(message).__name__}")
+    tag, put, _ = codec
+    writer = Writer()
+    writer.u8(tag)
+    writer.u8(_VERSION)
+    put(writer, message)
+    return writer.getvalue()
+
+
+def decode(data: bytes, kind: type[T]) -> T:
+    """Parse ``data`` as a message of type ``kind``, validating every field.
+
+    Raises
+    ------
+    InvalidMessage
+        If the bytes are not exactly one well-formed ``kind`` message.
+    """
+    codec = _CODECS.get(kind)
+    if codec is None:
+        raise InvalidMessage(f"no wire format for {kind.__name__}")
+    tag, _, get = codec
+    reader = Reader(data)
+    if reader.u8() != tag:
+        raise InvalidMessage(f"not a {kind.__name__} message")
+    if reader.u8() != _VERSION:
+        raise InvalidMessage("unsupported protocol version")
+    message = get(reader)
+    reader.finish()
+    return cast(T, message)
