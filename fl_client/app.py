@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
@@ -11,6 +12,7 @@ import numpy.typing as npt
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from fedge.errors import ConfigError
 from fl_client.messages import ARRAYS_KEY, METRICS_KEY, decode_train_instruction
@@ -60,7 +62,11 @@ def _partition_of(context: Context) -> tuple[int, int]:
 
 
 def make_client_app(
-    provider: PartitionProvider, *, model: ModelName = ModelName.CNN, num_threads: int = 1
+    provider: PartitionProvider,
+    *,
+    model: ModelName = ModelName.CNN,
+    num_threads: int = 1,
+    mods: Sequence[Mod] = (),
 ) -> ClientApp:
     """Build a Flower ClientApp that trains ``model`` on ``provider``'s partition.
 
@@ -72,6 +78,8 @@ def make_client_app(
         The architecture the server's weights belong to.
     num_threads
         Torch intra-op threads per client; 1 when several clients share a machine.
+    mods
+        Flower mods around the train handler (e.g. :func:`fl_client.secagg_mod.make_secagg_mod`).
 
     Notes
     -----
@@ -80,7 +88,7 @@ def make_client_app(
     """
     if num_threads < 1:
         raise ConfigError(f"num_threads must be >= 1, got {num_threads}")
-    app = ClientApp()
+    app = ClientApp(mods=list(mods))
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:

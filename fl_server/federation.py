@@ -7,7 +7,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -16,6 +16,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedge.errors import ConfigError
 from fl_server.audit import AuditEventKind, AuditLog
 from fl_server.checkpoints import CheckpointDir
+from fl_server.secagg import SecAggConfig, SecAggRoundStats, SecureAggregationGrid
 
 __all__ = [
     "CentralEvaluator",
@@ -89,6 +90,7 @@ class RoundReport:
     num_failures: int
     model_sha256: str
     model_path: str
+    secure_aggregation: dict[str, Any] | None = None
 
 
 class RoundObserver(Protocol):
@@ -105,6 +107,31 @@ CentralEvaluator = Callable[[ArrayRecord], Evaluation]
 @dataclass(slots=True)
 class _ReplyCounts:
     replies: dict[int, tuple[int, int]] = field(default_factory=dict)
+    secure: dict[int, SecAggRoundStats] = field(default_factory=dict)
+
+    def on_secure_round(self, stats: SecAggRoundStats) -> None:
+        self.secure[stats.server_round] = stats
+
+    def outcome(self, server_round: int) -> tuple[int, int, dict[str, Any] | None]:
+        """Return (clients counted, clients failed, secure-aggregation summary) of a round."""
+        ok, failed = self.replies.get(server_round, (0, 0))
+        stats = self.secure.get(server_round)
+        if stats is None:
+            return ok, failed, None
+        # The strategy saw one aggregate reply: count the clients inside it instead.
+        summary: dict[str, Any] = {
+            "sampled": stats.sampled,
+            "survivors": stats.survivors,
+            "degree": stats.degree,
+            "threshold": stats.threshold,
+            "ring_bits": stats.ring_bits,
+            "quant_bits": stats.quant_bits,
+            "total_weight": stats.total_weight,
+            "upload_bytes_per_client": round(stats.upload_bytes_per_client),
+            "stage_seconds": stats.stage_seconds,
+            "aborted": stats.aborted,
+        }
+        return stats.survivors, stats.sampled - stats.survivors, summary
 
 
 class _CountingFedAvg(FedAvg):
@@ -136,6 +163,7 @@ def make_server_app(
     audit: AuditLog,
     run_id: str,
     observers: Sequence[RoundObserver] = (),
+    secure: SecAggConfig | None = None,
 ) -> ServerApp:
     """Build a ServerApp that runs FedAvg and records every round.
 
@@ -161,6 +189,9 @@ def make_server_app(
         The run the events belong to.
     observers
         Progress displays, summaries, ... (called on the server thread).
+    secure
+        Run every training round as a fedge SecAgg+ round (the clients need
+        :func:`fl_client.secagg_mod.make_secagg_mod`); ``None`` for plain FedAvg.
     """
     app = ServerApp()
     counts = _ReplyCounts()
@@ -168,6 +199,8 @@ def make_server_app(
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
         del context
+        if secure is not None:
+            grid = SecureAggregationGrid(grid, secure, on_round=counts.on_secure_round)
         strategy = _CountingFedAvg(
             counts,
             fraction_train=config.fraction_train,
@@ -183,7 +216,7 @@ def make_server_app(
             saved = checkpoints.save(
                 server_round, dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True))
             )
-            ok, failed = counts.replies.get(server_round, (0, 0))
+            ok, failed, secure_summary = counts.outcome(server_round)
             seconds = time.perf_counter() - round_started
             audit.append(
                 AuditEventKind.MODEL_SAVED,
@@ -206,6 +239,7 @@ def make_server_app(
                         "failures": failed,
                         "model_sha256": saved.sha256,
                         "seconds": round(seconds, 3),
+                        "secure_aggregation": secure_summary,
                     },
                     run_id=run_id,
                 )
@@ -218,6 +252,7 @@ def make_server_app(
                 num_failures=failed,
                 model_sha256=saved.sha256,
                 model_path=str(saved.path),
+                secure_aggregation=secure_summary,
             )
             for observer in observers:
                 observer.on_round(report)

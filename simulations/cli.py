@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from secure_agg.params import ThreatModel
 from simulations.data import DATA_DIR_ENV
 from simulations.partition import PartitionMode
 
@@ -78,6 +79,27 @@ def run_command(
         int | None,
         typer.Option("--parallel", min=1, help="Clients trained at once [default: CPU cores]."),
     ] = None,
+    secure_agg: Annotated[
+        bool,
+        typer.Option(
+            "--secure-agg",
+            help="Aggregate with fedge SecAgg+: the server sees only the sum of the updates.",
+        ),
+    ] = False,
+    threat_model: Annotated[
+        ThreatModel,
+        typer.Option(
+            "--threat-model",
+            help="With --secure-agg: 'active' signs keys with enrolled device identities and "
+            "runs the consistency check; 'semi-honest' trusts the server to follow the protocol.",
+        ),
+    ] = ThreatModel.ACTIVE,
+    clip_range: Annotated[
+        float,
+        typer.Option(
+            "--clip-range", help="With --secure-agg: clip each update coordinate to [-c, c]."
+        ),
+    ] = 0.5,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's own logs.")
     ] = False,
@@ -112,6 +134,9 @@ def run_command(
         train_examples=train_examples,
         test_examples=test_examples,
         parallelism=parallelism or default_parallelism(),
+        secure_agg=secure_agg,
+        threat_model=threat_model,
+        clip_range=clip_range,
     )
     run_id = new_run_id()
     paths = RunPaths(
@@ -126,10 +151,11 @@ def run_command(
         f"[bold]fedge sim run[/] {run_id}: {clients} clients, {rounds} rounds, "
         f"{prepared.stats['train_examples']} training examples, {partition.value} partition"
         + (f" (alpha {alpha})" if partition is PartitionMode.DIRICHLET else "")
-        + f", label skew {prepared.stats['label_skew']:.2f}",
+        + f", label skew {prepared.stats['label_skew']:.2f}"
+        + (f", SecAgg+ ({threat_model.value} server)" if secure_agg else ""),
         highlight=False,
     )
-    title = f"FedAvg on Fashion-MNIST - {run_id}"
+    title = f"{'Secure ' if secure_agg else ''}FedAvg on Fashion-MNIST - {run_id}"
     with RoundDisplay(console, num_rounds=rounds, title=title) as view:
         summary = run_federation(
             config, paths, run_id=run_id, prepared=prepared, observers=[view], verbose=verbose

@@ -10,6 +10,8 @@ from typing import Any
 from fedge.errors import ConfigError
 from fl_client.models import ModelName
 from fl_client.training import TrainConfig
+from fl_server.secagg import SecAggConfig
+from secure_agg.params import ThreatModel
 from simulations.partition import PartitionConfig, PartitionMode
 
 __all__ = ["SimConfig", "default_parallelism"]
@@ -51,6 +53,13 @@ class SimConfig:
         Use only the first N examples of each split (``None``: all).
     parallelism
         Clients trained at once (Ray CPUs), >= 1.
+    secure_agg
+        Aggregate every round with fedge SecAgg+ (the server sees only the sum).
+    threat_model
+        What the secure round defends against; ``ACTIVE`` enrols every simulated
+        device with a fresh enrolment authority and adds the consistency check.
+    clip_range
+        Secure aggregation clips each coordinate of an update to [-c, c].
     """
 
     num_clients: int = 10
@@ -65,6 +74,9 @@ class SimConfig:
     train_examples: int | None = None
     test_examples: int | None = None
     parallelism: int = field(default_factory=default_parallelism)
+    secure_agg: bool = False
+    threat_model: ThreatModel = ThreatModel.ACTIVE
+    clip_range: float = 0.5
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -79,6 +91,19 @@ class SimConfig:
             raise ConfigError(f"parallelism must be >= 1, got {self.parallelism}")
         # Validates num_clients, alpha and seed with the partitioner's own checks.
         self.partition_config()
+        if self.secure_agg:
+            if self.num_clients < 2:
+                raise ConfigError("secure aggregation needs at least 2 clients")
+            self.secure_config(authority_public_key=bytes(32))
+
+    def secure_config(self, *, authority_public_key: bytes | None) -> SecAggConfig:
+        """Return the secure-aggregation settings of this run."""
+        return SecAggConfig(
+            clip_range=self.clip_range,
+            threat_model=self.threat_model,
+            authority_public_key=authority_public_key,
+            min_clients=2,
+        )
 
     def partition_config(self) -> PartitionConfig:
         """Return the partitioning this configuration asks for."""
@@ -91,5 +116,6 @@ class SimConfig:
         raw = asdict(self)
         raw["partition"] = self.partition.value
         raw["model"] = self.model.value
+        raw["threat_model"] = self.threat_model.value
         raw["data_dir"] = None if self.data_dir is None else str(self.data_dir)
         return raw

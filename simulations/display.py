@@ -34,6 +34,7 @@ class RoundDisplay:
             ("clients ok/failed", "right"),
             ("round s", "right"),
             ("elapsed s", "right"),
+            ("aggregation", "left"),
         ):
             self._table.add_column(column, justify=justify)  # type: ignore[arg-type]
         self._progress = Progress(
@@ -70,6 +71,15 @@ class RoundDisplay:
         label = "initial" if report.server_round == 0 else str(report.server_round)
         clients = "-" if report.server_round == 0 else f"{report.num_replies}/{report.num_failures}"
         elapsed = time.perf_counter() - self._started
+        secure = report.secure_aggregation
+        aggregation = (
+            "plain"
+            if secure is None
+            else f"SecAgg+ k={secure['degree']} t={secure['threshold']} "
+            f"{secure['ring_bits']}-bit, {secure['upload_bytes_per_client'] / 1e6:.2f} MB up"
+        )
+        if report.server_round == 0:
+            aggregation = ""
         cells = (
             label,
             f"{report.accuracy:.4f}",
@@ -77,11 +87,13 @@ class RoundDisplay:
             clients,
             f"{report.seconds:.1f}",
             f"{elapsed:.1f}",
+            aggregation,
         )
         if not self._console.is_terminal:
             self._console.print(
                 f"round {label}: accuracy {cells[1]}, loss {cells[2]}, clients ok/failed "
-                f"{clients}, {cells[4]} s (elapsed {cells[5]} s)",
+                f"{clients}, {cells[4]} s (elapsed {cells[5]} s)"
+                + (f", {aggregation}" if aggregation else ""),
                 highlight=False,
                 soft_wrap=True,
             )

@@ -16,19 +16,24 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord
+from flwr.clientapp.typing import Mod
 from sqlalchemy.engine import make_url
 
 from fedge.errors import ConfigError, StorageError
 from fedge.version import code_version
 from fl_client import build_model, make_client_app
 from fl_client.messages import encode_train_config
+from fl_client.secagg_mod import make_secagg_mod
 from fl_client.training import evaluate
 from fl_server import Evaluation, FederationConfig, RoundObserver, RoundReport, make_server_app
 from fl_server.audit import AuditEventKind, AuditLog, canonical_json
 from fl_server.checkpoints import CheckpointDir
 from fl_server.db import open_database, resolve_db_url
+from fl_server.secagg import SecAggConfig
+from secure_agg.params import ThreatModel
 from simulations.config import SimConfig
 from simulations.data import Split
+from simulations.enrolment import enrol_fleet
 from simulations.offline import apply_offline_env, quiet_flower, ray_backend_config
 from simulations.partition import label_skew
 from simulations.provider import FashionMnistPartitions, cached_dataset
@@ -138,6 +143,7 @@ class _SummaryWriter:
                     "failures": report.num_failures,
                     "model_sha256": report.model_sha256,
                     "model_path": report.model_path,
+                    "secure_aggregation": report.secure_aggregation,
                 }
             )
         self.flush()
@@ -320,6 +326,7 @@ def _simulate(
 
     quiet_flower(verbose)
     initial = build_model(config.model, seed=config.seed)
+    secure, mods = _secure_parts(config)
     sampled = max(1, int(config.num_clients * config.fraction_train))
     server_app = make_server_app(
         FederationConfig(
@@ -335,8 +342,9 @@ def _simulate(
         audit=audit,
         run_id=run_id,
         observers=observers,
+        secure=secure,
     )
-    client_app = make_client_app(provider, model=config.model, num_threads=1)
+    client_app = make_client_app(provider, model=config.model, num_threads=1, mods=mods)
     parallelism = min(config.parallelism, config.num_clients)
     logger.info(
         "run %s: %d clients, %d rounds, %d in parallel",
@@ -355,6 +363,16 @@ def _simulate(
         )
     finally:
         _shutdown_ray()
+
+
+def _secure_parts(config: SimConfig) -> tuple[SecAggConfig | None, tuple[Mod, ...]]:
+    if not config.secure_agg:
+        return None, ()
+    if config.threat_model is ThreatModel.ACTIVE:
+        fleet = enrol_fleet(config.num_clients)
+        secure = config.secure_config(authority_public_key=fleet.authority_public_key)
+        return secure, (make_secagg_mod(identities=fleet),)
+    return config.secure_config(authority_public_key=None), (make_secagg_mod(),)
 
 
 def _shutdown_ray() -> None:

@@ -1,0 +1,457 @@
+"""The server side of fedge secure aggregation for Flower's Message API.
+
+:class:`SecureAggregationGrid` wraps the Grid a ServerApp receives. Any
+strategy of ``flwr.serverapp.strategy`` (FedAvg, FedProx, FedAdam, ...) keeps
+sampling nodes and building train messages; when it sends them, the wrapper
+runs a whole SecAgg+ round with those nodes instead of collecting their models:
+
+1. the train message plus each node's ``RoundSetup`` -> key advertisements;
+2. share keys, 3. masked input, 4. consistency check (active model), 5. unmask;
+
+then decodes the exact sum, adds the weighted mean update to the global model
+and hands the strategy ONE reply: the new model with the total weight as its
+example count. ``aggregate_train`` of a weighted-mean strategy returns it
+unchanged; server optimisers (FedAdam, FedYogi, ...) apply their step to it.
+Nodes that dropped or misbehaved come back as error replies, so the strategy's
+failure accounting keeps working. Evaluation messages pass through untouched.
+
+Notes
+-----
+The server never sees an individual update: only the sum of the survivors'
+clipped, quantised updates. Per-client metrics are not collected. A round
+that cannot complete (too few live neighbours) yields error replies only, and
+the strategy keeps the previous model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    ConfigRecordValues,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from fedge.errors import ConfigError
+from secure_agg import wire
+from secure_agg.encoding import EncodingConfig, decode_sum
+from secure_agg.envelope import RECORD_KEY, VECTOR_KEY, VECTOR_RECORD_KEY, Envelope, Stage
+from secure_agg.errors import InvalidMessage, ProtocolAbort
+from secure_agg.messages import (
+    ConsistencySignature,
+    EncryptedShares,
+    KeyAdvertisement,
+    MaskedInput,
+    UnmaskResponse,
+)
+from secure_agg.params import ThreatModel, choose_neighbourhood
+from secure_agg.randomness import RandomSource, SystemRandomSource
+from secure_agg.server import ServerSession
+
+__all__ = ["SECAGG_ABORT_CODE", "SecAggConfig", "SecAggRoundStats", "SecureAggregationGrid"]
+
+logger = logging.getLogger(__name__)
+
+SECAGG_ABORT_CODE: Final = 4302
+_ARRAYS_KEY: Final = "arrays"
+_METRICS_KEY: Final = "metrics"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SecAggConfig:
+    """How the server runs each secure round.
+
+    Parameters
+    ----------
+    clip_range
+        Each coordinate of a client's update (local - global) is clipped to
+        [-clip_range, clip_range] before quantisation.
+    ring_bits
+        Width of the masked integers (and of the upload per value), 8..64.
+    weight_cap
+        The largest example count a client's update is weighted by.
+    threat_model
+        Semi-honest server, or active (signed keys + consistency check; needs
+        ``authority_public_key``).
+    dropout_fraction, corrupt_fraction
+        Tolerated fractions of the sampled clients; with ``degree`` unset they
+        choose k and t (Bell et al. 2020 bounds).
+    degree, threshold
+        k and t given explicitly (both or neither).
+    min_clients
+        Fewest sampled clients a secure round starts with (>= 2: the sum of
+        one client is its update).
+    authority_public_key
+        The enrolment authority's Ed25519 key (active model).
+    weight_key
+        The metric the strategy weights replies by.
+    """
+
+    clip_range: float = 0.5
+    ring_bits: int = 32
+    weight_cap: int = 10_000
+    threat_model: ThreatModel = ThreatModel.SEMI_HONEST
+    dropout_fraction: float = 0.2
+    corrupt_fraction: float = 0.1
+    degree: int | None = None
+    threshold: int | None = None
+    min_clients: int = 2
+    authority_public_key: bytes | None = None
+    weight_key: str = "num-examples"
+
+    def __post_init__(self) -> None:
+        # Validates clip_range, ring_bits and weight_cap with the smallest round.
+        EncodingConfig(
+            clip_range=self.clip_range,
+            ring_bits=self.ring_bits,
+            max_clients=self.min_clients,
+            weight_cap=self.weight_cap,
+        )
+        if (self.degree is None) != (self.threshold is None):
+            raise ConfigError("give both degree and threshold, or neither")
+        if self.min_clients < 2:
+            raise ConfigError(f"min_clients must be >= 2, got {self.min_clients}")
+        if self.threat_model is ThreatModel.ACTIVE and self.authority_public_key is None:
+            raise ConfigError("the active threat model needs the enrolment authority's key")
+        for name, value in (
+            ("dropout_fraction", self.dropout_fraction),
+            ("corrupt_fraction", self.corrupt_fraction),
+        ):
+            if not 0 <= value < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {value}")
+
+
+@dataclass(slots=True)
+class SecAggRoundStats:
+    """What one secure round did (no secrets, no individual values)."""
+
+    server_round: int
+    sampled: int
+    degree: int
+    threshold: int
+    ring_bits: int
+    quant_bits: int
+    survivors: int = 0
+    dropped: int = 0
+    total_weight: int = 0
+    upload_bytes_per_client: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    failures: dict[int, str] = field(default_factory=dict)
+    aborted: str | None = None
+
+
+def _payload_bytes(content: RecordDict) -> int:
+    total = 0
+    for record in content.config_records.values():
+        total += sum(len(v) if isinstance(v, (bytes, str)) else 8 for v in record.values())
+    for arrays in content.array_records.values():
+        total += sum(len(a.data) for a in arrays.values())
+    return total
+
+
+def _envelope_content(envelope: Envelope, base: Mapping[str, Any] | None = None) -> RecordDict:
+    fields: dict[str, ConfigRecordValues] = {**envelope.to_fields()}
+    content = RecordDict(dict(base or {}))
+    content[RECORD_KEY] = ConfigRecord(fields)
+    return content
+
+
+class _Round:
+    """One secure round driven over a Grid."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        config: SecAggConfig,
+        messages: list[Message],
+        rng: RandomSource,
+        timeout: float | None,
+    ) -> None:
+        self.grid = grid
+        self.config = config
+        self.timeout = timeout
+        self.by_node = {m.metadata.dst_node_id: m for m in messages}
+        template = messages[0]
+        self.group_id = template.metadata.group_id
+        self.content = template.content
+        self.arrays = _global_arrays(messages)
+        self.keys = list(self.arrays.keys())
+        self.length = sum(int(np.prod(self.arrays[k].shape)) for k in self.keys)
+        nodes = sorted(self.by_node)
+        if config.degree is None:
+            params = choose_neighbourhood(
+                len(nodes),
+                dropout_fraction=config.dropout_fraction,
+                corrupt_fraction=config.corrupt_fraction,
+                threat_model=config.threat_model,
+            )
+            degree, threshold = params.degree, params.threshold
+        else:
+            assert config.threshold is not None
+            degree, threshold = config.degree, config.threshold
+        self.encoding = EncodingConfig(
+            clip_range=config.clip_range,
+            ring_bits=config.ring_bits,
+            max_clients=len(nodes),
+            weight_cap=config.weight_cap,
+        )
+        self.session = ServerSession(
+            nodes,
+            degree=degree,
+            threshold=threshold,
+            encoding=self.encoding,
+            vector_length=self.length + 1,
+            threat_model=config.threat_model,
+            rng=rng,
+            authority_public_key=config.authority_public_key,
+        )
+        self.stats = SecAggRoundStats(
+            server_round=_round_number(self.content),
+            sampled=len(nodes),
+            degree=len(next(iter(self.session.neighbours.values()))),
+            threshold=threshold,
+            ring_bits=self.encoding.ring_bits,
+            quant_bits=self.encoding.quant_bits,
+        )
+        self.uploaded = 0
+
+    def exchange(
+        self,
+        stage: Stage,
+        requests: Mapping[int, object],
+        decode: Callable[[int, Envelope, Message], T],
+    ) -> dict[int, T]:
+        started = time.perf_counter()
+        round_id = self.session.round_id
+        outgoing = []
+        for node, request in requests.items():
+            envelope = Envelope(stage, round_id, wire.encode(request))
+            base = self.content if stage is Stage.SETUP else None
+            outgoing.append(
+                Message(
+                    content=_envelope_content(envelope, base),
+                    dst_node_id=node,
+                    message_type=MessageType.TRAIN,
+                    group_id=self.group_id,
+                )
+            )
+        replies = self.grid.send_and_receive(outgoing, timeout=self.timeout)
+        out: dict[int, T] = {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if node not in requests or node in out or node in self.stats.failures:
+                continue
+            if reply.has_error():
+                self.stats.failures[node] = f"{stage.value}: {reply.error.reason}"
+                continue
+            try:
+                record = reply.content.config_records.get(RECORD_KEY)
+                if record is None:
+                    raise InvalidMessage("reply without the secure-aggregation envelope")
+                envelope = Envelope.from_fields(record)
+                if envelope.stage is not stage or envelope.round_id != round_id:
+                    raise InvalidMessage("reply for another stage or round")
+                out[node] = decode(node, envelope, reply)
+            except (InvalidMessage, KeyError, TypeError, ValueError) as exc:
+                self.stats.failures[node] = f"{stage.value}: malformed reply: {exc}"
+                logger.warning("secure aggregation: node %d sent a malformed reply: %s", node, exc)
+                continue
+            self.uploaded += _payload_bytes(reply.content)
+        for node in requests:
+            if node not in out and node not in self.stats.failures:
+                self.stats.failures[node] = f"{stage.value}: no reply"
+        self.stats.stage_seconds[stage.value] = round(time.perf_counter() - started, 4)
+        return out
+
+    def masked_vector(self, node: int, envelope: Envelope, reply: Message) -> MaskedInput:
+        del envelope
+        array = reply.content.array_records[VECTOR_RECORD_KEY][VECTOR_KEY]
+        # Check the declared type and size before numpy allocates anything.
+        if np.dtype(array.dtype) != self.encoding.dtype or tuple(array.shape) != (self.length + 1,):
+            raise InvalidMessage("masked vector of the wrong type or length")
+        return MaskedInput(node_id=node, vector=array.numpy())
+
+    def run(self) -> tuple[ArrayRecord, int]:
+        def payload(kind: type[T]) -> Callable[[int, Envelope, Message], T]:
+            return lambda node, envelope, reply: wire.decode(envelope.payload, kind)
+
+        session = self.session
+        adverts = self.exchange(Stage.SETUP, session.setups(), payload(KeyAdvertisement))
+        share_requests = session.receive_adverts(adverts)
+        shares = self.exchange(Stage.SHARE_KEYS, share_requests, payload(EncryptedShares))
+        masked_requests = session.receive_shares(shares)
+        masked = self.exchange(Stage.MASKED_INPUT, masked_requests, self.masked_vector)
+        after_masked = session.receive_masked(masked)
+        if self.config.threat_model is ThreatModel.ACTIVE:
+            signatures = self.exchange(
+                Stage.CONSISTENCY, after_masked, payload(ConsistencySignature)
+            )
+            unmask_requests: Mapping[int, object] = session.receive_signatures(signatures)
+        else:
+            unmask_requests = after_masked
+        responses = self.exchange(Stage.UNMASK, unmask_requests, payload(UnmaskResponse))
+        result = session.finish(responses)
+        for node in result.excluded:
+            self.stats.failures.setdefault(node, "excluded: invalid protocol message")
+        mean, total_weight = decode_sum(result.total, config=self.encoding)
+        self.stats.survivors = len(result.survivors)
+        self.stats.dropped = self.stats.sampled - len(result.survivors)
+        self.stats.total_weight = total_weight
+        self.stats.upload_bytes_per_client = self.uploaded / max(1, len(result.survivors))
+        return self._apply(mean), total_weight
+
+    def _apply(self, mean: npt.NDArray[np.float64]) -> ArrayRecord:
+        updated: dict[str, Array] = {}
+        offset = 0
+        for key in self.keys:
+            current = self.arrays[key].numpy()
+            size = current.size
+            step = mean[offset : offset + size].reshape(current.shape)
+            updated[key] = Array(np.asarray(current + step, dtype=current.dtype))
+            offset += size
+        return ArrayRecord(updated)
+
+
+def _round_number(content: RecordDict) -> int:
+    # Flower's strategies put the round in every train config as "server-round".
+    for record in content.config_records.values():
+        value = record.get("server-round")
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return 0
+
+
+def _global_arrays(messages: list[Message]) -> ArrayRecord:
+    records = [m.content.array_records for m in messages]
+    if any(len(r) != 1 for r in records):
+        raise ConfigError("secure aggregation needs train messages with exactly one ArrayRecord")
+    first = next(iter(records[0].values()))
+    for record in records[1:]:
+        other = next(iter(record.values()))
+        if other is not first and (
+            list(other.keys()) != list(first.keys())
+            or any(other[k].data != first[k].data for k in first)
+        ):
+            raise ConfigError("secure aggregation needs every node to receive the same model")
+    return first
+
+
+class SecureAggregationGrid(Grid):
+    """A Grid that turns each training round into a fedge SecAgg+ round.
+
+    Parameters
+    ----------
+    grid
+        The Grid the ServerApp received.
+    config
+        How each secure round runs.
+    rng
+        Source of round ids and neighbour graphs (the OS CSPRNG by default).
+    on_round
+        Called with each round's statistics (progress displays, audit events).
+    """
+
+    def __init__(
+        self,
+        grid: Grid,
+        config: SecAggConfig,
+        *,
+        rng: RandomSource | None = None,
+        on_round: Callable[[SecAggRoundStats], None] | None = None,
+    ) -> None:
+        self._inner = grid
+        self._config = config
+        self._rng = rng or SystemRandomSource()
+        self._on_round = on_round
+
+    def set_run(self, run: Run) -> None:
+        """Set the run on the wrapped Grid."""
+        self._inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        """The wrapped Grid's run."""
+        return self._inner.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        """Create a message through the wrapped Grid."""
+        return self._inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Return the connected nodes."""
+        return self._inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Push messages unchanged (no secure aggregation on this low-level path)."""
+        return self._inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Pull replies unchanged."""
+        return self._inner.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Run a secure round for train messages; pass any other messages through."""
+        outgoing = list(messages)
+        if not outgoing or any(m.metadata.message_type != MessageType.TRAIN for m in outgoing):
+            return self._inner.send_and_receive(outgoing, timeout=timeout)
+        if len(outgoing) < self._config.min_clients:
+            raise ConfigError(
+                f"secure aggregation needs at least {self._config.min_clients} clients per "
+                f"round, the strategy sampled {len(outgoing)}"
+            )
+        secure = _Round(self._inner, self._config, outgoing, self._rng, timeout)
+        try:
+            arrays, total_weight = secure.run()
+        except ProtocolAbort as exc:
+            logger.warning("round %d: %s", secure.stats.server_round, exc)
+            secure.stats.aborted = str(exc)
+            self._report(secure.stats)
+            return [
+                Message(Error(code=SECAGG_ABORT_CODE, reason=str(exc)), reply_to=m)
+                for m in outgoing
+            ]
+        self._report(secure.stats)
+        template = outgoing[0]
+        metrics = MetricRecord(
+            {
+                self._config.weight_key: total_weight,
+                "secagg-survivors": secure.stats.survivors,
+            }
+        )
+        aggregate = Message(
+            content=RecordDict({_ARRAYS_KEY: arrays, _METRICS_KEY: metrics}), reply_to=template
+        )
+        failed = [
+            Message(Error(code=SECAGG_ABORT_CODE, reason=reason), reply_to=secure.by_node[node])
+            for node, reason in sorted(secure.stats.failures.items())
+        ]
+        return [aggregate, *failed]
+
+    def _report(self, stats: SecAggRoundStats) -> None:
+        if self._on_round is not None:
+            self._on_round(stats)

@@ -1,0 +1,239 @@
+"""The secure Grid against clients run in-process: exact means, misbehaviour, aborts, config."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedge.errors import ConfigError
+from fl_client.secagg_mod import make_secagg_mod
+from fl_server.secagg import SecAggConfig, SecAggRoundStats, SecureAggregationGrid
+from secure_agg.encoding import EncodingConfig
+from secure_agg.envelope import VECTOR_KEY, VECTOR_RECORD_KEY
+from secure_agg.params import ThreatModel
+
+App = Callable[[Message, Context], Message]
+NODES = list(range(101, 109))
+_ids = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def _server_identity() -> Iterator[None]:
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+class InProcessGrid(Grid):
+    """Deliver each message to a node's app function in this process."""
+
+    def __init__(self, apps: dict[int, App]) -> None:
+        self.apps = apps
+        self.contexts = {
+            n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
+            for n in apps
+        }
+        self.sent: list[Message] = []
+
+    def set_run(self, run: Run) -> None:
+        raise NotImplementedError
+
+    @property
+    def run(self) -> Run:
+        raise NotImplementedError
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        raise NotImplementedError
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.apps)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        replies = []
+        for message in messages:
+            self.sent.append(message)
+            node = message.metadata.dst_node_id
+            metadata = Metadata(
+                run_id=1,
+                message_id=f"m{next(_ids)}",
+                src_node_id=0,
+                dst_node_id=node,
+                reply_to_message_id="",
+                group_id=message.metadata.group_id,
+                created_at=0.0,
+                ttl=600.0,
+                message_type=message.metadata.message_type,
+            )
+            delivered = Message(metadata=metadata, content=message.content)  # type: ignore[call-overload]
+            replies.append(self.apps[node](delivered, self.contexts[node]))
+        return replies
+
+
+def _delta(node: int) -> np.ndarray:
+    return np.linspace(-0.3, 0.3, 6, dtype=np.float32) * ((node % 5) - 2) / 2
+
+
+def _train(msg: Message, context: Context) -> Message:
+    arrays = msg.content.array_records["arrays"]
+    local = ArrayRecord({"w": Array(arrays["w"].numpy() + _delta(context.node_id))})
+    metrics = MetricRecord({"num-examples": context.node_id - 100, "loss": 1.0})
+    return Message(content=RecordDict({"arrays": local, "metrics": metrics}), reply_to=msg)
+
+
+def _honest() -> App:
+    mod = make_secagg_mod()
+    return lambda msg, context: mod(msg, context, _train)
+
+
+def _round(
+    apps: dict[int, App], config: SecAggConfig
+) -> tuple[ArrayRecord | None, list[Message], list[SecAggRoundStats]]:
+    stats: list[SecAggRoundStats] = []
+    grid = SecureAggregationGrid(InProcessGrid(apps), config, on_round=stats.append)
+    strategy = FedAvg(fraction_evaluate=0.0, min_train_nodes=len(apps))
+    arrays = ArrayRecord({"w": Array(np.ones(6, np.float32))})
+    messages = strategy.configure_train(1, arrays, ConfigRecord(), grid)
+    replies = list(grid.send_and_receive(messages, timeout=10))
+    aggregated, _ = strategy.aggregate_train(1, replies)
+    return aggregated, replies, stats
+
+
+CONFIG = SecAggConfig(clip_range=0.5, weight_cap=100, degree=4, threshold=3)
+
+
+def _expected(nodes: list[int]) -> np.ndarray:
+    weights = np.array([n - 100 for n in nodes], dtype=np.float64)
+    return 1 + sum(w * _delta(n) for n, w in zip(nodes, weights, strict=True)) / weights.sum()
+
+
+def test_the_strategy_gets_the_weighted_mean_and_nothing_else() -> None:
+    aggregated, replies, [stats] = _round({n: _honest() for n in NODES}, CONFIG)
+
+    assert aggregated is not None
+    bound = EncodingConfig(clip_range=0.5, max_clients=8, weight_cap=100).error_bound
+    np.testing.assert_allclose(aggregated["w"].numpy(), _expected(NODES), atol=bound)
+    assert len(replies) == 1
+    assert stats.survivors == 8 and stats.total_weight == sum(n - 100 for n in NODES)
+    assert (stats.degree, stats.threshold, stats.server_round) == (4, 3, 1)
+
+
+def _bad_vector(node: int) -> App:
+    mod = make_secagg_mod()
+
+    def app(msg: Message, context: Context) -> Message:
+        reply = mod(msg, context, _train)
+        if VECTOR_RECORD_KEY in reply.content:
+            reply.content[VECTOR_RECORD_KEY] = ArrayRecord(
+                {VECTOR_KEY: Array(np.zeros(3, dtype=np.uint32))}
+            )
+        return reply
+
+    return app
+
+
+def test_a_client_sending_a_malformed_vector_is_left_out_and_reported() -> None:
+    apps = {n: _honest() for n in NODES}
+    apps[104] = _bad_vector(104)
+
+    aggregated, replies, [stats] = _round(apps, CONFIG)
+
+    assert aggregated is not None
+    survivors = [n for n in NODES if n != 104]
+    bound = EncodingConfig(clip_range=0.5, max_clients=8, weight_cap=100).error_bound
+    np.testing.assert_allclose(aggregated["w"].numpy(), _expected(survivors), atol=bound)
+    assert "wrong type or length" in stats.failures[104]
+    assert sum(r.has_error() for r in replies) == 1
+
+
+def _crashing(msg: Message, context: Context) -> Message:
+    del context
+    return Message(Error(code=1, reason="device crashed"), reply_to=msg)
+
+
+def test_too_many_dropouts_abort_the_round_and_keep_the_model() -> None:
+    apps: dict[int, App] = {n: _honest() for n in NODES}
+    for node in NODES[:5]:
+        apps[node] = _crashing
+
+    aggregated, replies, [stats] = _round(apps, CONFIG)
+
+    assert aggregated is None, "the strategy keeps the previous model"
+    assert all(r.has_error() for r in replies) and len(replies) == len(NODES)
+    assert stats.aborted is not None and "advertise-keys" in stats.aborted
+
+
+def test_evaluate_messages_pass_through_untouched() -> None:
+    inner = InProcessGrid({n: _train for n in NODES})
+    grid = SecureAggregationGrid(inner, CONFIG)
+    message = Message(
+        content=RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(6, np.float32))})}),
+        dst_node_id=101,
+        message_type=MessageType.EVALUATE,
+    )
+
+    replies = list(grid.send_and_receive([message]))
+
+    assert len(replies) == 1 and inner.sent == [message]
+
+
+def test_a_round_below_the_minimum_is_refused() -> None:
+    grid = SecureAggregationGrid(InProcessGrid({101: _honest()}), CONFIG)
+    message = Message(
+        content=RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(6, np.float32))})}),
+        dst_node_id=101,
+        message_type=MessageType.TRAIN,
+    )
+
+    with pytest.raises(ConfigError, match="at least 2 clients"):
+        grid.send_and_receive([message])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"degree": 4}, "both degree and threshold"),
+        ({"min_clients": 1}, "min_clients"),
+        ({"threat_model": ThreatModel.ACTIVE}, "authority"),
+        ({"dropout_fraction": 1.0}, "dropout_fraction"),
+        ({"clip_range": 0.0}, "clip_range"),
+        ({"ring_bits": 8, "weight_cap": 1000}, "widen the ring"),
+    ],
+)
+def test_invalid_configs_are_refused(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        SecAggConfig(**kwargs)  # type: ignore[arg-type]
