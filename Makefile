@@ -29,7 +29,7 @@ data:
 
 ## demo: a 10-client federation on Fashion-MNIST, live, with its summary and audit trail
 demo: setup
-	$(BIN)/fedge sim run --out runs/demo/summary.json
+	$(BIN)/fedge sim run --secure-agg --out runs/demo/summary.json
 	$(BIN)/fedge audit list --last 4
 	$(BIN)/fedge audit verify
 
@@ -42,12 +42,12 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: setup
-	$(BIN)/ruff check $(PACKAGES) tests benchmarks
-	$(BIN)/ruff format --check $(PACKAGES) tests benchmarks
+	$(BIN)/ruff check $(PACKAGES) tests benchmarks examples
+	$(BIN)/ruff format --check $(PACKAGES) tests benchmarks examples
 
 format: setup
-	$(BIN)/ruff format $(PACKAGES) tests benchmarks
-	$(BIN)/ruff check --fix $(PACKAGES) tests benchmarks
+	$(BIN)/ruff format $(PACKAGES) tests benchmarks examples
+	$(BIN)/ruff check --fix $(PACKAGES) tests benchmarks examples
 
 typecheck: setup
 	$(BIN)/mypy --strict

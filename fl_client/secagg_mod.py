@@ -6,11 +6,13 @@ example count. Train messages without the secure-aggregation envelope pass
 through untouched; with it the mod runs the train handler once, then answers
 the server's stages itself:
 
-1. ``setup`` (arrives with the train message): train, compute the update
-   (local - global), clip, quantise and weight it (:func:`secure_agg.encode`),
-   reply with the key advertisement — never with the weights;
-2. ``share-keys``, 3. ``masked-input`` (the only large reply: the masked
-   vector at ring width), 4. ``consistency`` (active model), 5. ``unmask``.
+1. ``setup``: reply with this round's public keys (key advertisement);
+2. ``share-keys``: reply with the sealed Shamir shares for the neighbours;
+3. ``masked-input`` (arrives with the train message): train, compute the
+   update (local - global), clip, quantise and weight it
+   (:func:`secure_agg.encode`), reply with it masked at ring width — never
+   with the weights;
+4. ``consistency`` (active model), 5. ``unmask``.
 
 Between messages the round's state lives in ``Context.state`` as bytes, so the
 mod works when each message runs in a fresh process (Flower's simulation and
@@ -67,7 +69,6 @@ logger = logging.getLogger(__name__)
 
 SECAGG_ERROR_CODE: Final = 4301
 _STATE_KEY: Final = "fedge.secagg.session"
-_ENCODED_KEY: Final = "fedge.secagg.encoded"
 
 
 class IdentityProvider(Protocol):
@@ -83,10 +84,6 @@ def _no_identity(context: Context) -> NodeIdentity | None:
     return None
 
 
-def _flatten(record: ArrayRecord, keys: list[str]) -> npt.NDArray[np.float64]:
-    return np.concatenate([np.asarray(record[k].numpy(), dtype=np.float64).ravel() for k in keys])
-
-
 def _only_arrays(content: RecordDict, what: str) -> ArrayRecord:
     if len(content.array_records) != 1:
         raise ConfigError(f"{what} must carry exactly one ArrayRecord")
@@ -100,7 +97,19 @@ def _update(sent: ArrayRecord, trained: ArrayRecord) -> npt.NDArray[np.float64]:
     for key in keys:
         if tuple(sent[key].shape) != tuple(trained[key].shape):
             raise ConfigError(f"array {key!r} changed shape during training")
-    return _flatten(trained, keys) - _flatten(sent, keys)
+    sizes = [int(np.prod(sent[key].shape)) for key in keys]
+    update = np.empty(sum(sizes), dtype=np.float64)
+    offset = 0
+    for key, size in zip(keys, sizes, strict=True):
+        # One pass per array, computed in float64 straight into the flat update.
+        np.subtract(
+            trained[key].numpy().reshape(-1),
+            sent[key].numpy().reshape(-1),
+            out=update[offset : offset + size],
+            dtype=np.float64,
+        )
+        offset += size
+    return update
 
 
 def _weight(reply: Message, weight_key: str, cap: int) -> int:
@@ -125,9 +134,8 @@ def _reply(
 
 
 def _clear(context: Context) -> None:
-    for key in (_STATE_KEY, _ENCODED_KEY):
-        if key in context.state:
-            del context.state[key]
+    if _STATE_KEY in context.state:
+        del context.state[_STATE_KEY]
 
 
 def _save(context: Context, session: ClientSession) -> None:
@@ -153,12 +161,26 @@ def make_secagg_mod(
         The train reply's metric holding the example count (the FedAvg weight).
     """
 
-    def _start(
-        msg: Message, envelope: Envelope, context: Context, call_next: ClientAppCallable
-    ) -> Message:
+    def _start(msg: Message, envelope: Envelope, context: Context) -> Message:
         setup = wire.decode(envelope.payload, RoundSetup)
         if setup.round_id != envelope.round_id:
             raise InvalidMessage("the setup's round id differs from the envelope's")
+        session = ClientSession(setup, rng=rng_factory(), identity=identities(context))
+        advert = session.advertise()
+        _save(context, session)
+        return _reply(msg, Envelope(Stage.SETUP, setup.round_id, wire.encode(advert)))
+
+    def _train_and_mask(
+        msg: Message,
+        envelope: Envelope,
+        context: Context,
+        call_next: ClientAppCallable,
+        session: ClientSession,
+    ) -> Message | npt.NDArray[np.uint32]:
+        # Train only now, once the keys are agreed: the state between messages
+        # never holds the update, and a device failing in training counts as a
+        # masked-input dropout, which the protocol recovers from.
+        request = wire.decode(envelope.payload, MaskedInputRequest)
         stripped = RecordDict({k: v for k, v in msg.content.items() if k != RECORD_KEY})
         train_msg = copy.copy(msg)
         train_msg.content = stripped
@@ -169,21 +191,19 @@ def make_secagg_mod(
             _only_arrays(stripped, "the train message"),
             _only_arrays(reply.content, "the train reply"),
         )
+        setup = session.setup
         if update.shape[0] + 1 != setup.vector_length:
             raise InvalidMessage(
                 f"the model has {update.shape[0]} values, "
                 f"the round expects {setup.vector_length - 1}"
             )
-        rng = rng_factory()
         weight = _weight(reply, weight_key, setup.encoding.weight_cap)
-        encoded = encode(update, weight=weight, config=setup.encoding, rng=rng)
-        session = ClientSession(setup, rng=rng, identity=identities(context))
-        advert = session.advertise()
-        context.state[_ENCODED_KEY] = ArrayRecord({VECTOR_KEY: Array(encoded)})
-        _save(context, session)
-        return _reply(msg, Envelope(Stage.SETUP, setup.round_id, wire.encode(advert)))
+        encoded = encode(update, weight=weight, config=setup.encoding, rng=rng_factory())
+        return session.masked_input(request, encoded).vector
 
-    def _continue(msg: Message, envelope: Envelope, context: Context) -> Message:
+    def _continue(
+        msg: Message, envelope: Envelope, context: Context, call_next: ClientAppCallable
+    ) -> Message:
         record = context.state.config_records.get(_STATE_KEY)
         if record is None:
             raise InvalidMessage(f"{envelope.stage.value} without a round in progress")
@@ -197,12 +217,11 @@ def make_secagg_mod(
         if envelope.stage is Stage.SHARE_KEYS:
             out = session.share_keys(wire.decode(envelope.payload, ShareKeysRequest))
         elif envelope.stage is Stage.MASKED_INPUT:
-            encoded = context.state.array_records[_ENCODED_KEY][VECTOR_KEY].numpy()
-            masked = session.masked_input(
-                wire.decode(envelope.payload, MaskedInputRequest), encoded
-            )
-            del context.state[_ENCODED_KEY]
-            vector = masked.vector
+            masked = _train_and_mask(msg, envelope, context, call_next, session)
+            if isinstance(masked, Message):
+                _clear(context)
+                return masked
+            vector = masked
         elif envelope.stage is Stage.CONSISTENCY:
             out = session.confirm(wire.decode(envelope.payload, ConsistencyRequest))
         elif envelope.stage is Stage.UNMASK:
@@ -226,8 +245,8 @@ def make_secagg_mod(
             envelope = Envelope.from_fields(msg.content.config_records[RECORD_KEY])
             if envelope.stage is Stage.SETUP:
                 _clear(context)
-                return _start(msg, envelope, context, call_next)
-            return _continue(msg, envelope, context)
+                return _start(msg, envelope, context)
+            return _continue(msg, envelope, context, call_next)
         except (InvalidMessage, CryptoError, ProtocolAbort, ConfigError) as exc:
             _clear(context)
             logger.warning("secure aggregation: leaving the round: %s", exc)

@@ -5,8 +5,9 @@ strategy of ``flwr.serverapp.strategy`` (FedAvg, FedProx, FedAdam, ...) keeps
 sampling nodes and building train messages; when it sends them, the wrapper
 runs a whole SecAgg+ round with those nodes instead of collecting their models:
 
-1. the train message plus each node's ``RoundSetup`` -> key advertisements;
-2. share keys, 3. masked input, 4. consistency check (active model), 5. unmask;
+1. each node's ``RoundSetup`` -> key advertisements; 2. share keys;
+3. the train message with the routed shares -> masked updates;
+4. consistency check (active model); 5. unmask;
 
 then decodes the exact sum, adds the weighted mean update to the global model
 and hands the strategy ONE reply: the new model with the total weight as its
@@ -242,7 +243,7 @@ class _Round:
         outgoing = []
         for node, request in requests.items():
             envelope = Envelope(stage, round_id, wire.encode(request))
-            base = self.content if stage is Stage.SETUP else None
+            base = self.content if stage is Stage.MASKED_INPUT else None
             outgoing.append(
                 Message(
                     content=_envelope_content(envelope, base),

@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedge.errors import ConfigError
-from secure_agg.prg import SEED_BYTES, uniform_floats
+from secure_agg.prg import SEED_BYTES, expand_mask
 from secure_agg.randomness import RandomSource
 
 __all__ = ["EncodingConfig", "decode_sum", "encode"]
@@ -115,16 +115,29 @@ def encode(
     """
     if not 1 <= weight <= config.weight_cap:
         raise ConfigError(f"weight must be in [1, {config.weight_cap}], got {weight}")
-    flat = np.asarray(values, dtype=np.float64).reshape(-1)
-    if not np.all(np.isfinite(flat)):
+    flat = np.asarray(values).reshape(-1)
+    if not np.issubdtype(flat.dtype, np.floating):
+        flat = flat.astype(np.float64)
+    if not np.isfinite(flat).all():
         raise ConfigError("cannot encode NaN or infinite values")
-    clipped = np.clip(flat, -config.clip_range, config.clip_range)
-    uniforms = uniform_floats(rng.random_bytes(SEED_BYTES), flat.shape[0])
-    levels = np.floor((clipped + config.clip_range) * config.scale + uniforms)
+    # In place on one float64 buffer: every pass over a million values counts.
+    levels = np.empty(flat.shape[0], dtype=np.float64)
+    np.clip(flat, -config.clip_range, config.clip_range, out=levels)
+    levels += config.clip_range
+    levels *= config.scale
+    uniforms = expand_mask(rng.random_bytes(SEED_BYTES), flat.shape[0], np.dtype(np.uint32))
+    levels += uniforms * (1.0 / 4294967296.0)  # + U[0, 1): unbiased stochastic rounding
+    np.floor(levels, out=levels)
     top = float((1 << config.quant_bits) - 1)
     np.minimum(levels, top, out=levels)  # guards the float edge case x == c, u -> 1
     out = np.empty(flat.shape[0] + 1, dtype=config.dtype)
-    out[:-1] = levels.astype(np.uint64) * np.uint64(weight)
+    if weight * top < 2.0**53:
+        # Exact in float64: integers below 2^53 are represented exactly.
+        if weight != 1:
+            levels *= weight
+        out[:-1] = levels
+    else:
+        out[:-1] = levels.astype(np.uint64) * np.uint64(weight)
     out[-1] = weight
     return out
 

@@ -30,9 +30,9 @@ _MAX_PAYLOAD: Final = 1 << 26
 class Stage(Enum):
     """The round trips of a secure round; requests and replies share the stage name."""
 
-    SETUP = "setup"  # request: train + RoundSetup; reply: KeyAdvertisement
+    SETUP = "setup"  # request: RoundSetup; reply: KeyAdvertisement
     SHARE_KEYS = "share-keys"  # request: ShareKeysRequest; reply: EncryptedShares
-    MASKED_INPUT = "masked-input"  # request: MaskedInputRequest; reply: the masked vector
+    MASKED_INPUT = "masked-input"  # request: train + MaskedInputRequest; reply: masked vector
     CONSISTENCY = "consistency"  # request: ConsistencyRequest; reply: ConsistencySignature
     UNMASK = "unmask"  # request: UnmaskRequest; reply: UnmaskResponse
 

@@ -14,6 +14,7 @@ cryptographic.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,14 @@ _UIntArray = npt.NDArray[np.unsignedinteger[Any]]
 
 SEED_BYTES = 32
 _ZERO_NONCE = bytes(16)
+
+
+@lru_cache(maxsize=4)
+def _zeros(nbytes: int) -> bytes:
+    # CTR mode XORs the keystream into its input: encrypting zeros yields the
+    # keystream. One cached zero buffer per size saves an allocation (and the
+    # page faults of touching it) for every mask of a round.
+    return bytes(nbytes)
 
 
 def _check_seed(seed: bytes) -> None:
@@ -43,7 +52,7 @@ def expand_mask(seed: bytes, length: int, dtype: np.dtype[np.unsignedinteger[Any
     out = np.empty(length, dtype=dtype)
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_NONCE)).encryptor()
     view = out.data.cast("B")
-    encryptor.update_into(bytes(view.nbytes), view)
+    encryptor.update_into(_zeros(view.nbytes), view)
     return out
 
 
@@ -63,7 +72,7 @@ def add_mask(
     buffer = scratch if scratch is not None else np.empty_like(target)
     view = buffer.data.cast("B")
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(_ZERO_NONCE)).encryptor()
-    encryptor.update_into(bytes(view.nbytes), view)
+    encryptor.update_into(_zeros(view.nbytes), view)
     if subtract:
         np.subtract(target, buffer, out=target)
     else:

@@ -260,6 +260,9 @@ class ServerSession:
                 self._masked[node] = vector
         if not self._masked:
             raise ProtocolAbort("masked-input", self._shared, "no masked input arrived")
+        # Each survivor's self-mask seed needs threshold shares from survivors: fail now,
+        # before asking anyone to reveal anything, if some survivor cannot get them.
+        self._require_live_neighbours(set(self._masked), "masked-input")
         self._survivors = tuple(sorted(self._masked))
         if self._threat is ThreatModel.ACTIVE:
             self._stage = ServerStage.CONFIRMED

@@ -78,15 +78,7 @@ def _session(length: int = 5) -> ServerSession:
 def _setup_message(server: ServerSession) -> Message:
     setup = server.setups()[NODE]
     envelope = Envelope(Stage.SETUP, server.round_id, wire.encode(setup))
-    return _message(
-        RecordDict(
-            {
-                "arrays": ArrayRecord({"w": Array(np.zeros(4, np.float32))}),
-                "config": ConfigRecord({"lr": 0.1}),
-                RECORD_KEY: _record(envelope),
-            }
-        )
-    )
+    return _message(RecordDict({RECORD_KEY: _record(envelope)}))
 
 
 def test_messages_without_the_envelope_pass_through() -> None:
@@ -98,12 +90,16 @@ def test_messages_without_the_envelope_pass_through() -> None:
     assert reply.content.array_records["arrays"]["w"].numpy()[0] == pytest.approx(0.1)
 
 
-def test_setup_trains_and_answers_with_a_key_advertisement_only() -> None:
+def _must_not_train(msg: Message, context: Context) -> Message:
+    raise AssertionError("training belongs to the masked-input stage")
+
+
+def test_setup_answers_with_a_key_advertisement_only_and_does_not_train() -> None:
     server = _session()
     context = _context()
 
     reply = make_secagg_mod(rng_factory=lambda: DeterministicRandom(2))(
-        _setup_message(server), context, _train
+        _setup_message(server), context, _must_not_train
     )
 
     assert not reply.has_error()
@@ -114,16 +110,16 @@ def test_setup_trains_and_answers_with_a_key_advertisement_only() -> None:
     assert "fedge.secagg.session" in context.state
 
 
-def test_a_model_of_the_wrong_size_is_refused_with_an_error_reply() -> None:
-    server = _session(length=9)
-    context = _context()
+def test_a_setup_for_another_round_id_is_refused() -> None:
+    server = _session()
+    message = _setup_message(server)
+    record = message.content.config_records[RECORD_KEY]
+    record["round-id"] = b"z" * 16
 
-    reply = make_secagg_mod()(_setup_message(server), context, _train)
+    reply = make_secagg_mod()(message, _context(), _must_not_train)
 
-    assert reply.has_error()
-    assert reply.error.code == SECAGG_ERROR_CODE
-    assert "the round expects 8" in (reply.error.reason or "")
-    assert "fedge.secagg.session" not in context.state
+    assert reply.has_error() and reply.error.code == SECAGG_ERROR_CODE
+    assert "differs from the envelope" in (reply.error.reason or "")
 
 
 def test_a_stage_without_a_round_or_of_another_round_is_refused() -> None:

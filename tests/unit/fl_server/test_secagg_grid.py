@@ -138,7 +138,8 @@ CONFIG = SecAggConfig(clip_range=0.5, weight_cap=100, degree=4, threshold=3)
 
 def _expected(nodes: list[int]) -> np.ndarray:
     weights = np.array([n - 100 for n in nodes], dtype=np.float64)
-    return 1 + sum(w * _delta(n) for n, w in zip(nodes, weights, strict=True)) / weights.sum()
+    total = np.sum([w * _delta(n) for n, w in zip(nodes, weights, strict=True)], axis=0)
+    return np.asarray(1 + total / weights.sum())
 
 
 def test_the_strategy_gets_the_weighted_mean_and_nothing_else() -> None:
@@ -237,3 +238,28 @@ def test_a_round_below_the_minimum_is_refused() -> None:
 def test_invalid_configs_are_refused(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         SecAggConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def _reshaping(msg: Message, context: Context) -> Message:
+    del context
+    local = ArrayRecord({"w": Array(np.zeros(7, np.float32))})
+    metrics = MetricRecord({"num-examples": 3})
+    return Message(content=RecordDict({"arrays": local, "metrics": metrics}), reply_to=msg)
+
+
+def test_clients_failing_in_training_drop_at_masked_input_and_are_recovered() -> None:
+    apps = {n: _honest() for n in NODES}
+    crash_mod, shape_mod = make_secagg_mod(), make_secagg_mod()
+    apps[102] = lambda msg, context: crash_mod(msg, context, _crashing)
+    apps[106] = lambda msg, context: shape_mod(msg, context, _reshaping)
+
+    # Six neighbours each, threshold 3: any two dropouts leave every survivor enough.
+    config = SecAggConfig(clip_range=0.5, weight_cap=100, degree=6, threshold=3)
+    aggregated, _, [stats] = _round(apps, config)
+
+    assert aggregated is not None
+    survivors = [n for n in NODES if n not in (102, 106)]
+    bound = EncodingConfig(clip_range=0.5, max_clients=8, weight_cap=100).error_bound
+    np.testing.assert_allclose(aggregated["w"].numpy(), _expected(survivors), atol=bound)
+    assert stats.failures[102].startswith("masked-input: device crashed")
+    assert "changed shape" in stats.failures[106]
