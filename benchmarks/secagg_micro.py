@@ -63,12 +63,13 @@ def _fedge_round(clients: int, params: int, k: int, dropout: float) -> tuple[lis
     shares = server.receive_adverts({n: c.advertise() for n, c in sessions.items()})
     routed = server.receive_shares({n: sessions[n].share_keys(shares[n]) for n in sessions})
     dropped = set(nodes[: int(dropout * clients)])
-    vector = np.zeros(params, dtype=np.uint32)
     mask_times = []
     masked = {}
     for n in nodes:
+        # As in fedge's client mod: the freshly encoded vector is masked in place.
+        vector = np.ones(params, dtype=np.uint32)
         start = time.perf_counter()
-        message = sessions[n].masked_input(routed[n], vector)
+        message = sessions[n].masked_input(routed[n], vector, consume=True)
         mask_times.append(time.perf_counter() - start)
         if n not in dropped:
             masked[n] = message

@@ -199,7 +199,7 @@ def make_secagg_mod(
             )
         weight = _weight(reply, weight_key, setup.encoding.weight_cap)
         encoded = encode(update, weight=weight, config=setup.encoding, rng=rng_factory())
-        return session.masked_input(request, encoded).vector
+        return session.masked_input(request, encoded, consume=True).vector
 
     def _continue(
         msg: Message, envelope: Envelope, context: Context, call_next: ClientAppCallable

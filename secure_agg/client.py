@@ -54,7 +54,7 @@ from secure_agg.messages import (
     survivors_message,
 )
 from secure_agg.params import ThreatModel
-from secure_agg.prg import SEED_BYTES, add_mask
+from secure_agg.prg import SEED_BYTES, apply_masks
 from secure_agg.randomness import RandomSource
 from secure_agg.shamir import CHUNKS_PER_SECRET, split
 from secure_agg.wire import Reader, Writer
@@ -116,6 +116,7 @@ class ClientSession:
         self._mask = AgreementKeyPair.generate(rng)
         self._self_seed = rng.random_bytes(SEED_BYTES)
         self._adverts: dict[int, KeyAdvertisement] = {}
+        self._share_keys: dict[int, bytes] = {}
         self._partners: tuple[int, ...] = ()
         self._held: dict[int, npt.NDArray[np.uint32]] = {}
         self._survivors: tuple[int, ...] = ()
@@ -205,7 +206,10 @@ class ClientSession:
             )
 
     def _share_key(self, peer: int, advert: KeyAdvertisement) -> bytes:
-        return derive_pair_key(
+        cached = self._share_keys.get(peer)
+        if cached is not None:
+            return cached
+        key = derive_pair_key(
             self._enc.private,
             advert.enc_public,
             purpose=KeyPurpose.SHARE_ENCRYPTION,
@@ -213,6 +217,8 @@ class ClientSession:
             node_a=self._setup.node_id,
             node_b=peer,
         )
+        self._share_keys[peer] = key
+        return key
 
     def share_keys(self, request: ShareKeysRequest) -> EncryptedShares:
         """Stage 2: check the neighbours' keys, secret-share the self-mask seed and masking key."""
@@ -257,9 +263,17 @@ class ClientSession:
         return EncryptedShares(node_id=self._setup.node_id, ciphertexts=ciphertexts)
 
     def masked_input(
-        self, request: MaskedInputRequest, encoded: npt.NDArray[np.unsignedinteger[Any]]
+        self,
+        request: MaskedInputRequest,
+        encoded: npt.NDArray[np.unsignedinteger[Any]],
+        *,
+        consume: bool = False,
     ) -> MaskedInput:
-        """Stage 3: store the shares received and send the update masked by every live pair."""
+        """Stage 3: store the shares received and send the update masked by every live pair.
+
+        With ``consume`` the masks are added to ``encoded`` in place (saving a
+        copy of the whole vector); the caller must not use it afterwards.
+        """
         self._expect(ClientStage.SHARED)
         encoding = self._setup.encoding
         if encoded.dtype != encoding.dtype or encoded.shape != (self._setup.vector_length,):
@@ -288,9 +302,7 @@ class ClientSession:
                 set(self._adverts) - set(held),
                 f"shares from {len(held)} neighbours, threshold {self._setup.threshold}",
             )
-        masked = encoded.copy()
-        scratch = np.empty_like(masked)
-        add_mask(masked, self._self_seed, scratch=scratch)
+        masks = [(self._self_seed, False)]
         for partner in sorted(held):
             seed = pairwise_mask_seed(
                 self._mask.private,
@@ -299,8 +311,9 @@ class ClientSession:
                 node=self._setup.node_id,
                 peer=partner,
             )
-            subtract = not adds_pairwise_mask(self._setup.node_id, partner)
-            add_mask(masked, seed, subtract=subtract, scratch=scratch)
+            masks.append((seed, not adds_pairwise_mask(self._setup.node_id, partner)))
+        masked = encoded if consume else encoded.copy()
+        apply_masks(masked, masks)
         if encoding.ring_bits < masked.dtype.itemsize * 8:
             np.bitwise_and(masked, masked.dtype.type(encoding.ring_mask), out=masked)
         self._held = held
@@ -380,6 +393,10 @@ def _export(session: ClientSession) -> bytes:
     w.u32(len(session._adverts))
     for node in sorted(session._adverts):
         w.section(wire.encode(session._adverts[node]))
+    w.u32(len(session._share_keys))
+    for node in sorted(session._share_keys):
+        w.u64(node)
+        w.fixed(session._share_keys[node], KEY_BYTES)
     w.shares({n: s[:CHUNKS_PER_SECRET] for n, s in session._held.items()})
     w.shares({n: s[CHUNKS_PER_SECRET:] for n, s in session._held.items()})
     w.ids(session._survivors)
@@ -407,6 +424,10 @@ def _restore(state: bytes, rng: RandomSource, identity: NodeIdentity | None) -> 
     session._self_seed = r.fixed(SEED_BYTES)
     adverts = [wire.decode(r.section(), KeyAdvertisement) for _ in range(r.count())]
     session._adverts = {a.node_id: a for a in adverts}
+    session._share_keys = {}
+    for _ in range(r.count()):
+        node = r.u64()
+        session._share_keys[node] = r.fixed(KEY_BYTES)
     self_part, key_part = r.shares(), r.shares()
     if set(self_part) != set(key_part):
         raise InvalidMessage("inconsistent client state")

@@ -40,7 +40,7 @@ from secure_agg.messages import (
     survivors_message,
 )
 from secure_agg.params import ThreatModel
-from secure_agg.prg import add_mask
+from secure_agg.prg import apply_masks
 from secure_agg.randomness import RandomSource
 from secure_agg.shamir import CHUNKS_PER_SECRET, PRIME, combine
 
@@ -347,7 +347,7 @@ class ServerSession:
         total = np.zeros(self._length, dtype=self._encoding.dtype)
         for vector in self._masked.values():
             np.add(total, vector, out=total)
-        scratch = np.empty_like(total)
+        masks: list[tuple[bytes, bool]] = []
         for owner in sorted(survivors):
             commitment = self._adverts[owner].self_mask_commitment
             seed = self._reconstruct(
@@ -355,7 +355,7 @@ class ServerSession:
                 self_shares[owner],
                 lambda s, o=owner, c=commitment: self_mask_commitment(self._round_id, o, s) == c,
             )
-            add_mask(total, seed, subtract=True, scratch=scratch)
+            masks.append((seed, True))
         for owner in sorted(dropped):
             partners = [p for p in self._graph[owner] if p in survivors]
             if not partners:
@@ -373,7 +373,9 @@ class ServerSession:
                     peer=partner,
                 )
                 # Undo what the surviving partner did with this mask.
-                add_mask(total, seed, subtract=adds_pairwise_mask(partner, owner), scratch=scratch)
+                masks.append((seed, adds_pairwise_mask(partner, owner)))
+        # Every seed is verified before any mask is removed: one fused pass.
+        apply_masks(total, masks)
         if self._encoding.ring_bits < total.dtype.itemsize * 8:
             np.bitwise_and(total, total.dtype.type(self._encoding.ring_mask), out=total)
         return UnmaskResult(

@@ -19,7 +19,7 @@ from secure_agg.crypto import (
 from secure_agg.errors import CryptoError, ProtocolAbort
 from secure_agg.graph import harary_neighbours, secure_shuffle
 from secure_agg.identity import EnrolmentAuthority
-from secure_agg.prg import add_mask, expand_mask, uniform_floats
+from secure_agg.prg import add_mask, apply_masks, expand_mask, uniform_floats
 from secure_agg.randomness import DeterministicRandom, SystemRandomSource
 from secure_agg.shamir import CHUNKS_PER_SECRET, PRIME, combine, lagrange_at_zero, split
 
@@ -48,9 +48,27 @@ def test_masks_differ_per_seed_and_add_then_subtract_cancels() -> None:
     )
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64])
+@pytest.mark.parametrize("length", [0, 1, 7, 65_535, 65_536, 65_537, 200_003])
+def test_fused_masks_equal_one_mask_at_a_time(dtype: type, length: int) -> None:
+    seeds = [(bytes([i]) * 32, i % 3 == 0) for i in range(5)]
+    start: np.ndarray = np.arange(length, dtype=dtype)
+    one_by_one, fused = start.copy(), start.copy()
+
+    for seed, subtract in seeds:
+        add_mask(one_by_one, seed, subtract=subtract)
+    apply_masks(fused, seeds)
+
+    np.testing.assert_array_equal(fused, one_by_one)
+    if length:
+        assert not np.array_equal(fused, start)
+
+
 def test_mask_seed_length_is_checked() -> None:
     with pytest.raises(ValueError, match="32 bytes, got 16"):
         expand_mask(bytes(16), 4, np.dtype(np.uint32))
+    with pytest.raises(ValueError, match="32 bytes, got 8"):
+        apply_masks(np.zeros(4, np.uint32), [(SEED, False), (bytes(8), True)])
 
 
 def test_uniform_floats_lie_in_unit_interval_with_the_right_mean() -> None:
