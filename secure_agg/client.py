@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from secure_agg import wire
 from secure_agg.crypto import (
@@ -32,7 +33,6 @@ from secure_agg.crypto import (
     KeyPurpose,
     derive_pair_key,
     open_sealed,
-    public_key_of,
     seal,
     verify_signature,
 )
@@ -117,6 +117,7 @@ class ClientSession:
         self._self_seed = rng.random_bytes(SEED_BYTES)
         self._adverts: dict[int, KeyAdvertisement] = {}
         self._share_keys: dict[int, bytes] = {}
+        self._enc_loaded: X25519PrivateKey | None = None
         self._partners: tuple[int, ...] = ()
         self._held: dict[int, npt.NDArray[np.uint32]] = {}
         self._survivors: tuple[int, ...] = ()
@@ -189,6 +190,12 @@ class ClientSession:
         self._stage = ClientStage.ADVERTISED
         return advert
 
+    def _enc_key(self) -> X25519PrivateKey:
+        # Loaded once per session (not exported): every neighbour's key uses it.
+        if self._enc_loaded is None:
+            self._enc_loaded = X25519PrivateKey.from_private_bytes(self._enc.private)
+        return self._enc_loaded
+
     def _check_advert(self, advert: KeyAdvertisement) -> None:
         if advert.node_id not in self._neighbours:
             raise InvalidMessage(f"advertisement from {advert.node_id}, not a neighbour")
@@ -210,7 +217,7 @@ class ClientSession:
         if cached is not None:
             return cached
         key = derive_pair_key(
-            self._enc.private,
+            self._enc_key(),
             advert.enc_public,
             purpose=KeyPurpose.SHARE_ENCRYPTION,
             round_id=self._setup.round_id,
@@ -303,9 +310,10 @@ class ClientSession:
                 f"shares from {len(held)} neighbours, threshold {self._setup.threshold}",
             )
         masks = [(self._self_seed, False)]
+        mask_key = X25519PrivateKey.from_private_bytes(self._mask.private)
         for partner in sorted(held):
             seed = pairwise_mask_seed(
-                self._mask.private,
+                mask_key,
                 self._adverts[partner].mask_public,
                 round_id=self._setup.round_id,
                 node=self._setup.node_id,
@@ -387,8 +395,9 @@ def _export(session: ClientSession) -> bytes:
     w.u8(_STATE_VERSION)
     w.section(wire.encode(session._setup))
     w.blob(session._stage.value.encode())
-    w.fixed(session._enc.private, KEY_BYTES)
-    w.fixed(session._mask.private, KEY_BYTES)
+    for pair in (session._enc, session._mask):
+        w.fixed(pair.private, KEY_BYTES)
+        w.fixed(pair.public, KEY_BYTES)
     w.fixed(session._self_seed, SEED_BYTES)
     w.u32(len(session._adverts))
     for node in sorted(session._adverts):
@@ -417,10 +426,11 @@ def _restore(state: bytes, rng: RandomSource, identity: NodeIdentity | None) -> 
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidMessage("invalid client state stage") from exc
     session._neighbours = tuple(sorted(setup.neighbours))
-    session._enc = AgreementKeyPair(private=(enc := r.fixed(KEY_BYTES)), public=public_key_of(enc))
-    session._mask = AgreementKeyPair(
-        private=(mask := r.fixed(KEY_BYTES)), public=public_key_of(mask)
-    )
+    # The public halves travel with the private ones: no scalar multiplication
+    # per message (the state never leaves the device, so it is trusted).
+    session._enc = AgreementKeyPair(private=r.fixed(KEY_BYTES), public=r.fixed(KEY_BYTES))
+    session._mask = AgreementKeyPair(private=r.fixed(KEY_BYTES), public=r.fixed(KEY_BYTES))
+    session._enc_loaded = None
     session._self_seed = r.fixed(SEED_BYTES)
     adverts = [wire.decode(r.section(), KeyAdvertisement) for _ in range(r.count())]
     session._adverts = {a.node_id: a for a in adverts}

@@ -83,7 +83,7 @@ def _x25519_private(raw: bytes) -> X25519PrivateKey:
 
 
 def derive_pair_key(
-    private: bytes,
+    private: bytes | X25519PrivateKey,
     peer_public: bytes,
     *,
     purpose: KeyPurpose,
@@ -93,7 +93,8 @@ def derive_pair_key(
 ) -> bytes:
     """Derive the 32-byte key two nodes share for ``purpose`` in round ``round_id``.
 
-    Symmetric in the two nodes: both ends derive the same key.
+    Symmetric in the two nodes: both ends derive the same key. ``private`` may
+    be a loaded key object, which saves re-loading it for every peer.
 
     Raises
     ------
@@ -104,7 +105,8 @@ def derive_pair_key(
     if len(peer_public) != KEY_BYTES:
         raise CryptoError
     try:
-        secret = _x25519_private(private).exchange(X25519PublicKey.from_public_bytes(peer_public))
+        key = private if isinstance(private, X25519PrivateKey) else _x25519_private(private)
+        secret = key.exchange(X25519PublicKey.from_public_bytes(peer_public))
     except ValueError as exc:
         raise CryptoError from exc
     low, high = sorted((node_a, node_b))

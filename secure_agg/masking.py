@@ -11,13 +11,20 @@ from __future__ import annotations
 import hashlib
 import struct
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from secure_agg.crypto import PROTOCOL_LABEL, KeyPurpose, derive_pair_key
 
 __all__ = ["adds_pairwise_mask", "pairwise_mask_seed", "self_mask_commitment"]
 
 
 def pairwise_mask_seed(
-    mask_private: bytes, peer_mask_public: bytes, *, round_id: bytes, node: int, peer: int
+    mask_private: bytes | X25519PrivateKey,
+    peer_mask_public: bytes,
+    *,
+    round_id: bytes,
+    node: int,
+    peer: int,
 ) -> bytes:
     """Return the seed of the mask ``node`` and ``peer`` share (the same from either end)."""
     return derive_pair_key(
