@@ -129,7 +129,14 @@ class _Counter:
 
 
 def _message_api_apps(  # noqa: PLR0917 - one benchmark's private helper
-    variant: str, clients: int, params: int, rounds: int, k: int, t: int, counter: _Counter
+    variant: str,
+    clients: int,
+    params: int,
+    rounds: int,
+    k: int,
+    t: int,
+    counter: _Counter,
+    ring_bits: int = 32,
 ) -> tuple[Any, Any]:
     from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
@@ -158,7 +165,9 @@ def _message_api_apps(  # noqa: PLR0917 - one benchmark's private helper
         counter.wrap(grid)
         used: Grid = grid
         if secure:
-            config = SecAggConfig(clip_range=0.01, weight_cap=1, degree=k, threshold=t)
+            config = SecAggConfig(
+                clip_range=0.01, weight_cap=1, degree=k, threshold=t, ring_bits=ring_bits
+            )
             used = SecureAggregationGrid(
                 grid, config, on_round=lambda stats: counter.stages.append(stats.stage_seconds)
             )
@@ -230,7 +239,15 @@ def _flower_secagg_apps(  # noqa: PLR0917 - one benchmark's private helper
 
 
 def run_variant(
-    variant: str, *, clients: int, params: int, rounds: int, k: int, t: int, classic: bool
+    variant: str,
+    *,
+    clients: int,
+    params: int,
+    rounds: int,
+    k: int,
+    t: int,
+    classic: bool,
+    ring_bits: int = 32,
 ) -> dict[str, Any]:
     """Run one variant's simulation and return its JSON entry."""
     from flwr.simulation import run_simulation
@@ -254,7 +271,9 @@ def run_variant(
             clients, params, total_rounds, k, t, counter, classic=classic
         )
     else:
-        server, client = _message_api_apps(variant, clients, params, total_rounds, k, t, counter)
+        server, client = _message_api_apps(
+            variant, clients, params, total_rounds, k, t, counter, ring_bits
+        )
     quiet_flower(False)
     try:
         with _PeakRss() as rss:
@@ -306,6 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--classic", action="store_true", help="k = n - 1; Flower's SecAggWorkflow + secagg_mod"
     )
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repetitions")
+    parser.add_argument("--ring-bits", type=int, default=32, help="fedge's ring width")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -325,6 +345,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 k=k,
                 t=t,
                 classic=args.classic,
+                ring_bits=args.ring_bits,
             )
             print(f"    {entry}", flush=True)
             runs[variant].append(entry)
@@ -336,7 +357,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "variants": results,
         "ratios": _ratios(results),
     }
-    name = f"secagg_round-{args.clients}x{args.params}{'-classic' if args.classic else ''}.json"
+    suffix = ("-classic" if args.classic else "") + (
+        f"-ring{args.ring_bits}" if args.ring_bits != 32 else ""
+    )
+    name = f"secagg_round-{args.clients}x{args.params}{suffix}.json"
     write(args.out or RESULTS / name, document)
     print(document["ratios"])
     return document
