@@ -100,6 +100,14 @@ def run_command(
             "--clip-range", help="With --secure-agg: clip each update coordinate to [-c, c]."
         ),
     ] = 0.5,
+    secagg_dropout: Annotated[
+        float,
+        typer.Option(
+            "--secagg-dropout",
+            help="With --secure-agg: fraction of a round's clients whose dropout the round "
+            "must survive (chooses the neighbours k and threshold t).",
+        ),
+    ] = 0.2,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's own logs.")
     ] = False,
@@ -137,6 +145,7 @@ def run_command(
         secure_agg=secure_agg,
         threat_model=threat_model,
         clip_range=clip_range,
+        secagg_dropout=secagg_dropout,
     )
     run_id = new_run_id()
     paths = RunPaths(

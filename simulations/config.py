@@ -11,7 +11,7 @@ from fedge.errors import ConfigError
 from fl_client.models import ModelName
 from fl_client.training import TrainConfig
 from fl_server.secagg import SecAggConfig
-from secure_agg.params import ThreatModel
+from secure_agg.params import ThreatModel, choose_neighbourhood
 from simulations.partition import PartitionConfig, PartitionMode
 
 __all__ = ["SimConfig", "default_parallelism"]
@@ -60,6 +60,9 @@ class SimConfig:
         device with a fresh enrolment authority and adds the consistency check.
     clip_range
         Secure aggregation clips each coordinate of an update to [-c, c].
+    secagg_dropout
+        Fraction of a round's clients the secure round must survive losing
+        (with a 10% corrupt fraction it chooses k and t; see docs/secure-aggregation.md).
     """
 
     num_clients: int = 10
@@ -77,6 +80,7 @@ class SimConfig:
     secure_agg: bool = False
     threat_model: ThreatModel = ThreatModel.ACTIVE
     clip_range: float = 0.5
+    secagg_dropout: float = 0.2
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -94,7 +98,23 @@ class SimConfig:
         if self.secure_agg:
             if self.num_clients < 2:
                 raise ConfigError("secure aggregation needs at least 2 clients")
-            self.secure_config(authority_public_key=bytes(32))
+            secure = self.secure_config(authority_public_key=bytes(32))
+            try:
+                choose_neighbourhood(
+                    self.sampled_clients,
+                    dropout_fraction=secure.dropout_fraction,
+                    corrupt_fraction=secure.corrupt_fraction,
+                    threat_model=secure.threat_model,
+                )
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"{exc}; for small federations pass --secagg-dropout 0 (no dropout tolerated)"
+                ) from None
+
+    @property
+    def sampled_clients(self) -> int:
+        """Clients sampled per round."""
+        return max(1, int(self.num_clients * self.fraction_train))
 
     def secure_config(self, *, authority_public_key: bytes | None) -> SecAggConfig:
         """Return the secure-aggregation settings of this run."""
@@ -102,6 +122,7 @@ class SimConfig:
             clip_range=self.clip_range,
             threat_model=self.threat_model,
             authority_public_key=authority_public_key,
+            dropout_fraction=self.secagg_dropout,
             min_clients=2,
         )
 

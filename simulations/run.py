@@ -327,7 +327,7 @@ def _simulate(
     quiet_flower(verbose)
     initial = build_model(config.model, seed=config.seed)
     secure, mods = _secure_parts(config)
-    sampled = max(1, int(config.num_clients * config.fraction_train))
+    sampled = config.sampled_clients
     server_app = make_server_app(
         FederationConfig(
             num_rounds=config.num_rounds,
