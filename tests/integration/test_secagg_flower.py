@@ -133,7 +133,7 @@ def _simulate(
             backend_config=ray_backend_config(2, verbose=False),
         )
     finally:
-        # A second run_simulation on a live Ray silently runs nothing: restart it.
+        # Each simulation starts its own Ray, as fedge sim run does.
         import ray
 
         if ray.is_initialized():
