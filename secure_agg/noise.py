@@ -33,7 +33,7 @@ from secure_agg.randomness import RandomSource
 
 __all__ = ["discrete_gaussian", "discrete_gaussian_variance", "uniform53"]
 
-_MAX_SIGMA = 2.0**40
+_MAX_SIGMA = 2.0**50  # samples stay below 2^53, exact in float64
 _TWO_TO_MINUS_53 = 2.0**-53
 
 
@@ -49,7 +49,7 @@ def discrete_gaussian(sigma: float, size: int, rng: RandomSource) -> npt.NDArray
     Parameters
     ----------
     sigma
-        The scale, > 0 and finite (at most 2^40).
+        The scale, > 0 and finite (at most 2^50).
     size
         How many samples, >= 0.
     rng
@@ -61,7 +61,7 @@ def discrete_gaussian(sigma: float, size: int, rng: RandomSource) -> npt.NDArray
         If ``sigma`` or ``size`` is out of range.
     """
     if not (math.isfinite(sigma) and 0 < sigma <= _MAX_SIGMA):
-        raise ConfigError(f"sigma must be a finite number in (0, 2^40], got {sigma}")
+        raise ConfigError(f"sigma must be a finite number in (0, 2^50], got {sigma}")
     if size < 0:
         raise ConfigError(f"size must be >= 0, got {size}")
     t = math.floor(sigma) + 1

@@ -3,8 +3,10 @@
 Built so far (the differential-privacy issue, first part): L2 clipping that
 never increases a norm (:func:`clip_l2`), the randomised Hadamard rotation
 used before distributed-DP quantisation (:func:`rotate` / :func:`unrotate`),
-and accounting (:func:`gaussian_epsilon` through Opacus' RDP/PRV accountants,
-:func:`ddg_rho` for the distributed discrete Gaussian, :func:`zcdp_epsilon`).
+accounting (:func:`gaussian_epsilon` through Opacus' RDP/PRV accountants,
+:func:`ddg_rho` for the distributed discrete Gaussian, :func:`zcdp_epsilon`), and
+the distributed-DP encoding a client applies before secure aggregation
+(:func:`ddp_encode` / :func:`ddp_decode_sum`, scale chosen so the sum never wraps).
 """
 
 from strategies.accounting import (
@@ -15,14 +17,19 @@ from strategies.accounting import (
     zcdp_epsilon,
 )
 from strategies.clipping import ClipResult, clip_l2
+from strategies.ddp import DdpConfig, choose_gamma, ddp_decode_sum, ddp_encode
 from strategies.rotation import padded_length, rotate, unrotate
 
 __all__ = [
     "AccountantKind",
     "ClipResult",
+    "DdpConfig",
     "GaussianSteps",
+    "choose_gamma",
     "clip_l2",
     "ddg_rho",
+    "ddp_decode_sum",
+    "ddp_encode",
     "gaussian_epsilon",
     "padded_length",
     "rotate",

@@ -1,0 +1,116 @@
+"""Distributed discrete Gaussian encoding: exact sums without wrap-around, the configured noise."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fedge.errors import ConfigError
+from secure_agg.randomness import DeterministicRandom
+from strategies.ddp import DdpConfig, choose_gamma, ddp_decode_sum, ddp_encode
+
+SEED = bytes(range(32))
+
+
+def _config(**overrides: object) -> DdpConfig:
+    values: dict[str, object] = {
+        "l2_clip": 1.0,
+        "noise_std": 1e-6,
+        "dimension": 300,
+        "expected_clients": 20,
+        "ring_bits": 32,
+        "rotation_seed": SEED,
+    }
+    values.update(overrides)
+    return DdpConfig(**values)  # type: ignore[arg-type]
+
+
+def _secure_sum(vectors: list[np.ndarray], bits: int) -> np.ndarray:
+    total = np.zeros_like(vectors[0])
+    for vector in vectors:
+        total += vector  # wraps modulo 2^bits, like the unmasked secure sum
+    return total
+
+
+@pytest.mark.parametrize("bits", [16, 32, 64])
+def test_the_decoded_sum_is_the_clipped_mean_within_the_rounding_error(bits: int) -> None:
+    config = _config(ring_bits=bits, dimension=300)
+    updates = [np.linspace(-1, 1, 300) * (i - 9.5) / 30 for i in range(20)]
+    encoded = [ddp_encode(u, config, DeterministicRandom(i)) for i, u in enumerate(updates)]
+
+    mean = ddp_decode_sum(_secure_sum(encoded, bits), config, num_clients=20)
+
+    expected = np.mean([u * min(1.0, 1.0 / float(np.linalg.norm(u))) for u in updates], axis=0)
+    error = np.linalg.norm(mean - expected)
+    # Each client's rounding error is < gamma per padded coordinate (averaged: < gamma
+    # sqrt(d') in L2); the mean's noise has std noise_std / sqrt(n) per coordinate.
+    assert error <= config.gamma * math.sqrt(512) + 6 * 1e-6 * math.sqrt(512 / 20)
+    assert encoded[0].dtype == np.dtype(f"uint{bits}")
+
+
+def test_worst_case_aligned_updates_do_not_wrap_around() -> None:
+    config = _config(ring_bits=16, dimension=64, expected_clients=20, noise_std=0.01)
+    spike = np.zeros(64)
+    spike[3] = 5.0  # clipped to norm 1; every client sends the same direction
+    encoded = [ddp_encode(spike, config, DeterministicRandom(i)) for i in range(20)]
+
+    mean = ddp_decode_sum(_secure_sum(encoded, 16), config, num_clients=20)
+
+    assert mean[3] == pytest.approx(1.0, abs=0.05)
+    assert np.max(np.abs(np.delete(mean, 3))) < 0.05
+
+
+def test_the_noisy_sum_has_the_configured_variance() -> None:
+    noise_std, clients, dimension = 0.3, 10, 4096
+    config = _config(noise_std=noise_std, dimension=dimension, expected_clients=clients)
+    encoded = [
+        ddp_encode(np.zeros(dimension), config, DeterministicRandom(100 + i))
+        for i in range(clients)
+    ]
+
+    total = ddp_decode_sum(_secure_sum(encoded, 32), config, num_clients=1)
+
+    configured = clients * noise_std**2
+    # The sample variance of 4096 values is within 15 % with overwhelming probability.
+    assert total.var() == pytest.approx(configured, rel=0.15)
+    assert config.sigma_integer > 1
+
+
+def test_the_scale_shrinks_as_the_ring_widens() -> None:
+    narrow = choose_gamma(
+        l2_clip=1.0, dimension=1000, expected_clients=100, noise_std=0.1, ring_bits=16
+    )
+    wide = choose_gamma(
+        l2_clip=1.0, dimension=1000, expected_clients=100, noise_std=0.1, ring_bits=32
+    )
+
+    assert wide < narrow / 60_000
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"l2_clip": 0.0}, "l2_clip"),
+        ({"noise_std": -1.0}, "noise_std"),
+        ({"dimension": 0}, "dimension"),
+        ({"ring_bits": 24}, "ring_bits"),
+        ({"rotation_seed": b"short"}, "rotation_seed"),
+        ({"ring_bits": 8, "expected_clients": 200}, "cannot hold"),
+    ],
+)
+def test_invalid_configs_are_refused(overrides: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        _config(**overrides)
+
+
+def test_wrong_lengths_are_refused() -> None:
+    config = _config()
+
+    with pytest.raises(ConfigError, match="expected 300"):
+        ddp_encode(np.zeros(299), config, DeterministicRandom(1))
+    with pytest.raises(ConfigError, match="expected 512"):
+        ddp_decode_sum(np.zeros(300, np.uint32), config, num_clients=2)
+    with pytest.raises(ConfigError, match="num_clients"):
+        ddp_decode_sum(np.zeros(512, np.uint32), config, num_clients=0)
