@@ -62,6 +62,8 @@ from secure_agg.messages import (
     UnmaskRequest,
 )
 from secure_agg.randomness import RandomSource, SystemRandomSource
+from strategies.ddp import DDP_RECORD_KEY, DdpConfig, ddp_encode
+from strategies.rotation import padded_length
 
 __all__ = ["SECAGG_ERROR_CODE", "IdentityProvider", "make_secagg_mod"]
 
@@ -181,7 +183,11 @@ def make_secagg_mod(
         # never holds the update, and a device failing in training counts as a
         # masked-input dropout, which the protocol recovers from.
         request = wire.decode(envelope.payload, MaskedInputRequest)
-        stripped = RecordDict({k: v for k, v in msg.content.items() if k != RECORD_KEY})
+        ddp_fields = msg.content.config_records.get(DDP_RECORD_KEY)
+        ddp = None if ddp_fields is None else DdpConfig.from_fields(ddp_fields)
+        stripped = RecordDict(
+            {k: v for k, v in msg.content.items() if k not in (RECORD_KEY, DDP_RECORD_KEY)}
+        )
         train_msg = copy.copy(msg)
         train_msg.content = stripped
         reply = call_next(train_msg, context)
@@ -192,6 +198,13 @@ def make_secagg_mod(
             _only_arrays(reply.content, "the train reply"),
         )
         setup = session.setup
+        if ddp is not None:
+            # Distributed DP: clip, rotate, round and add this client's noise share
+            # before masking; the unweighted sum the server unmasks is already private.
+            if padded_length(update.shape[0]) != setup.vector_length:
+                raise InvalidMessage("the model does not match the round's vector length")
+            noisy = ddp_encode(update, ddp, rng_factory())
+            return session.masked_input(request, noisy, consume=True).vector
         if update.shape[0] + 1 != setup.vector_length:
             raise InvalidMessage(
                 f"the model has {update.shape[0]} values, "

@@ -27,9 +27,9 @@ the strategy keeps the previous model.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 import numpy as np
@@ -49,6 +49,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedge.errors import ConfigError
+from fl_server.secagg_config import SecAggConfig, SecAggRoundStats
 from secure_agg import wire
 from secure_agg.encoding import EncodingConfig, decode_sum
 from secure_agg.envelope import RECORD_KEY, VECTOR_KEY, VECTOR_RECORD_KEY, Envelope, Stage
@@ -63,6 +64,9 @@ from secure_agg.messages import (
 from secure_agg.params import ThreatModel, choose_neighbourhood
 from secure_agg.randomness import RandomSource, SystemRandomSource
 from secure_agg.server import ServerSession
+from strategies.accounting import ddg_rho
+from strategies.ddp import DDP_RECORD_KEY, DdpConfig, ddp_decode_sum
+from strategies.rotation import padded_length
 
 __all__ = ["SECAGG_ABORT_CODE", "SecAggConfig", "SecAggRoundStats", "SecureAggregationGrid"]
 
@@ -72,89 +76,6 @@ SECAGG_ABORT_CODE: Final = 4302
 _ARRAYS_KEY: Final = "arrays"
 _METRICS_KEY: Final = "metrics"
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SecAggConfig:
-    """How the server runs each secure round.
-
-    Parameters
-    ----------
-    clip_range
-        Each coordinate of a client's update (local - global) is clipped to
-        [-clip_range, clip_range] before quantisation.
-    ring_bits
-        Width of the masked integers (and of the upload per value), 8..64.
-    weight_cap
-        The largest example count a client's update is weighted by.
-    threat_model
-        Semi-honest server, or active (signed keys + consistency check; needs
-        ``authority_public_key``).
-    dropout_fraction, corrupt_fraction
-        Tolerated fractions of the sampled clients; with ``degree`` unset they
-        choose k and t (Bell et al. 2020 bounds).
-    degree, threshold
-        k and t given explicitly (both or neither).
-    min_clients
-        Fewest sampled clients a secure round starts with (>= 2: the sum of
-        one client is its update).
-    authority_public_key
-        The enrolment authority's Ed25519 key (active model).
-    weight_key
-        The metric the strategy weights replies by.
-    """
-
-    clip_range: float = 0.5
-    ring_bits: int = 32
-    weight_cap: int = 10_000
-    threat_model: ThreatModel = ThreatModel.SEMI_HONEST
-    dropout_fraction: float = 0.2
-    corrupt_fraction: float = 0.1
-    degree: int | None = None
-    threshold: int | None = None
-    min_clients: int = 2
-    authority_public_key: bytes | None = None
-    weight_key: str = "num-examples"
-
-    def __post_init__(self) -> None:
-        # Validates clip_range, ring_bits and weight_cap with the smallest round.
-        EncodingConfig(
-            clip_range=self.clip_range,
-            ring_bits=self.ring_bits,
-            max_clients=self.min_clients,
-            weight_cap=self.weight_cap,
-        )
-        if (self.degree is None) != (self.threshold is None):
-            raise ConfigError("give both degree and threshold, or neither")
-        if self.min_clients < 2:
-            raise ConfigError(f"min_clients must be >= 2, got {self.min_clients}")
-        if self.threat_model is ThreatModel.ACTIVE and self.authority_public_key is None:
-            raise ConfigError("the active threat model needs the enrolment authority's key")
-        for name, value in (
-            ("dropout_fraction", self.dropout_fraction),
-            ("corrupt_fraction", self.corrupt_fraction),
-        ):
-            if not 0 <= value < 1:
-                raise ConfigError(f"{name} must be in [0, 1), got {value}")
-
-
-@dataclass(slots=True)
-class SecAggRoundStats:
-    """What one secure round did (no secrets, no individual values)."""
-
-    server_round: int
-    sampled: int
-    degree: int
-    threshold: int
-    ring_bits: int
-    quant_bits: int
-    survivors: int = 0
-    dropped: int = 0
-    total_weight: int = 0
-    upload_bytes_per_client: float = 0.0
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    failures: dict[int, str] = field(default_factory=dict)
-    aborted: str | None = None
 
 
 def _payload_bytes(content: RecordDict) -> int:
@@ -206,18 +127,37 @@ class _Round:
         else:
             assert config.threshold is not None
             degree, threshold = config.degree, config.threshold
-        self.encoding = EncodingConfig(
-            clip_range=config.clip_range,
-            ring_bits=config.ring_bits,
-            max_clients=len(nodes),
-            weight_cap=config.weight_cap,
-        )
+        self.ddp: DdpConfig | None = None
+        self.train_content = self.content
+        if config.distributed_dp is None:
+            self.vector_length = self.length + 1
+            self.encoding = EncodingConfig(
+                clip_range=config.clip_range,
+                ring_bits=config.ring_bits,
+                max_clients=len(nodes),
+                weight_cap=config.weight_cap,
+            )
+        else:
+            # The rotation's signs are public: a fresh seed per round, sent to every client.
+            self.ddp = config.distributed_dp.for_round(
+                dimension=self.length,
+                sampled=len(nodes),
+                dropout_fraction=config.dropout_fraction,
+                rotation_seed=rng.random_bytes(32),
+            )
+            self.vector_length = padded_length(self.length)
+            self.encoding = EncodingConfig(
+                clip_range=1.0, ring_bits=self.ddp.ring_bits, max_clients=len(nodes)
+            )
+            self.train_content = RecordDict(dict(self.content))
+            fields: dict[str, ConfigRecordValues] = {**self.ddp.to_fields()}
+            self.train_content[DDP_RECORD_KEY] = ConfigRecord(fields)
         self.session = ServerSession(
             nodes,
             degree=degree,
             threshold=threshold,
             encoding=self.encoding,
-            vector_length=self.length + 1,
+            vector_length=self.vector_length,
             threat_model=config.threat_model,
             rng=rng,
             authority_public_key=config.authority_public_key,
@@ -243,7 +183,7 @@ class _Round:
         outgoing = []
         for node, request in requests.items():
             envelope = Envelope(stage, round_id, wire.encode(request))
-            base = self.content if stage is Stage.MASKED_INPUT else None
+            base = self.train_content if stage is Stage.MASKED_INPUT else None
             outgoing.append(
                 Message(
                     content=_envelope_content(envelope, base),
@@ -284,7 +224,9 @@ class _Round:
         del envelope
         array = reply.content.array_records[VECTOR_RECORD_KEY][VECTOR_KEY]
         # Check the declared type and size before numpy allocates anything.
-        if np.dtype(array.dtype) != self.encoding.dtype or tuple(array.shape) != (self.length + 1,):
+        if np.dtype(array.dtype) != self.encoding.dtype or tuple(array.shape) != (
+            self.vector_length,
+        ):
             raise InvalidMessage("masked vector of the wrong type or length")
         return MaskedInput(node_id=node, vector=array.numpy())
 
@@ -310,7 +252,24 @@ class _Round:
         result = session.finish(responses)
         for node in result.excluded:
             self.stats.failures.setdefault(node, "excluded: invalid protocol message")
-        mean, total_weight = decode_sum(result.total, config=self.encoding)
+        if self.ddp is None:
+            mean, total_weight = decode_sum(result.total, config=self.encoding)
+        else:
+            survivors = len(result.survivors)
+            mean = ddp_decode_sum(result.total, self.ddp, num_clients=survivors)
+            total_weight = survivors
+            # Honest accounting: the noise of the clients that actually survived.
+            self.stats.dp = {
+                "rho": ddg_rho(
+                    l2_sensitivity=self.ddp.l2_sensitivity,
+                    l1_sensitivity=self.ddp.l1_sensitivity,
+                    sigma=self.ddp.sigma_integer,
+                    num_clients=survivors,
+                    dimension=self.vector_length,
+                ),
+                "noise_std_of_sum": self.ddp.noise_std * math.sqrt(survivors),
+                "l2_clip": self.ddp.l2_clip,
+            }
         self.stats.survivors = len(result.survivors)
         self.stats.dropped = self.stats.sampled - len(result.survivors)
         self.stats.total_weight = total_weight

@@ -25,6 +25,7 @@ then equals the true integer sum (:func:`choose_gamma`, beta = 1e-9 by default).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import cast
 
@@ -38,7 +39,24 @@ from secure_agg.randomness import RandomSource
 from strategies.clipping import clip_l2
 from strategies.rotation import padded_length, rotate, unrotate
 
-__all__ = ["DdpConfig", "choose_gamma", "ddp_decode_sum", "ddp_encode"]
+__all__ = [
+    "DDP_RECORD_KEY",
+    "DdpConfig",
+    "DistributedDpSettings",
+    "choose_gamma",
+    "ddp_decode_sum",
+    "ddp_encode",
+]
+
+DDP_RECORD_KEY = "fedge.ddp"
+_FIELDS = {
+    "l2-clip": float,
+    "noise-std": float,
+    "dimension": int,
+    "expected-clients": int,
+    "ring-bits": int,
+    "rotation-seed": bytes,
+}
 
 _DTYPES = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}
 
@@ -108,6 +126,44 @@ class DdpConfig:
             raise ConfigError(f"rotation_seed must be {SEED_BYTES} bytes")
         self.gamma  # noqa: B018 - validates that the ring can hold the sum
 
+    def to_fields(self) -> dict[str, float | int | bytes]:
+        """Return the config as flat fields (a Flower ConfigRecord's content)."""
+        return {
+            "l2-clip": self.l2_clip,
+            "noise-std": self.noise_std,
+            "dimension": self.dimension,
+            "expected-clients": self.expected_clients,
+            "ring-bits": self.ring_bits,
+            "rotation-seed": self.rotation_seed,
+        }
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> DdpConfig:
+        """Validate flat fields from the network and return the config.
+
+        Raises
+        ------
+        ConfigError
+            If a field is missing, of the wrong type or out of range.
+        """
+        if set(fields) != set(_FIELDS):
+            raise ConfigError(f"a distributed-DP config has fields {sorted(_FIELDS)}")
+        for name, kind in _FIELDS.items():
+            value = fields[name]
+            ok = isinstance(value, kind) and not isinstance(value, bool)
+            if kind is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not ok:
+                raise ConfigError(f"distributed-DP field {name!r} must be {kind.__name__}")
+        return cls(
+            l2_clip=float(cast(float, fields["l2-clip"])),
+            noise_std=float(cast(float, fields["noise-std"])),
+            dimension=cast(int, fields["dimension"]),
+            expected_clients=cast(int, fields["expected-clients"]),
+            ring_bits=cast(int, fields["ring-bits"]),
+            rotation_seed=cast(bytes, fields["rotation-seed"]),
+        )
+
     @property
     def gamma(self) -> float:
         """Real units per integer step."""
@@ -138,6 +194,52 @@ class DdpConfig:
     def dtype(self) -> np.dtype[np.unsignedinteger]:
         """The payload type."""
         return cast(np.dtype[np.unsignedinteger], np.dtype(_DTYPES[self.ring_bits]))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DistributedDpSettings:
+    """What a deployment asks of distributed DP; each round derives a :class:`DdpConfig`.
+
+    Parameters
+    ----------
+    l2_clip
+        c, the L2 bound of a client's update.
+    noise_multiplier
+        z: the noise in the sum has standard deviation z * c when the expected
+        survivors all contribute (each adds z c / sqrt(expected survivors)).
+    ring_bits
+        Width of the secure sum, 8/16/32/64.
+    """
+
+    l2_clip: float
+    noise_multiplier: float
+    ring_bits: int = 32
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.l2_clip) and self.l2_clip > 0):
+            raise ConfigError(f"l2_clip must be a finite number > 0, got {self.l2_clip}")
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
+            raise ConfigError(f"noise_multiplier must be > 0, got {self.noise_multiplier}")
+        if self.ring_bits not in _DTYPES:
+            raise ConfigError(f"ring_bits must be 8, 16, 32 or 64, got {self.ring_bits}")
+
+    def for_round(
+        self, *, dimension: int, sampled: int, dropout_fraction: float, rotation_seed: bytes
+    ) -> DdpConfig:
+        """Size each client's noise share for the survivors expected among ``sampled``.
+
+        If fewer survive, the sum carries less noise than z c: the accounting
+        must use the actual survivors (:func:`strategies.accounting.ddg_rho`).
+        """
+        expected = max(1, math.floor(sampled * (1 - dropout_fraction)))
+        return DdpConfig(
+            l2_clip=self.l2_clip,
+            noise_std=self.noise_multiplier * self.l2_clip / math.sqrt(expected),
+            dimension=dimension,
+            expected_clients=sampled,
+            ring_bits=self.ring_bits,
+            rotation_seed=rotation_seed,
+        )
 
 
 def ddp_encode(

@@ -30,6 +30,7 @@ from fl_server.secagg import SecAggConfig, SecAggRoundStats, SecureAggregationGr
 from secure_agg.encoding import EncodingConfig
 from secure_agg.envelope import VECTOR_KEY, VECTOR_RECORD_KEY
 from secure_agg.params import ThreatModel
+from strategies.ddp import DistributedDpSettings
 
 App = Callable[[Message, Context], Message]
 NODES = list(range(101, 109))
@@ -263,3 +264,58 @@ def test_clients_failing_in_training_drop_at_masked_input_and_are_recovered() ->
     np.testing.assert_allclose(aggregated["w"].numpy(), _expected(survivors), atol=bound)
     assert stats.failures[102].startswith("masked-input: device crashed")
     assert "changed shape" in stats.failures[106]
+
+
+def _zero_update(msg: Message, context: Context) -> Message:
+    del context
+    arrays = msg.content.array_records["arrays"]
+    metrics = MetricRecord({"num-examples": 1})
+    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def _ddp_round(
+    apps: dict[int, App], settings: DistributedDpSettings, size: int
+) -> tuple[np.ndarray, SecAggRoundStats]:
+    stats: list[SecAggRoundStats] = []
+    config = SecAggConfig(degree=6, threshold=3, distributed_dp=settings, dropout_fraction=0.25)
+    grid = SecureAggregationGrid(InProcessGrid(apps), config, on_round=stats.append)
+    strategy = FedAvg(fraction_evaluate=0.0, min_train_nodes=len(apps))
+    arrays = ArrayRecord({"w": Array(np.ones(size, np.float32))})
+    replies = list(grid.send_and_receive(strategy.configure_train(1, arrays, ConfigRecord(), grid)))
+    aggregated, _ = strategy.aggregate_train(1, replies)
+    assert aggregated is not None
+    return aggregated["w"].numpy().astype(np.float64) - 1.0, stats[0]
+
+
+def _ddp_app(train: App) -> App:
+    mod = make_secagg_mod()
+    return lambda msg, context: mod(msg, context, train)
+
+
+def test_distributed_dp_gives_the_unweighted_mean_plus_little_noise() -> None:
+    settings = DistributedDpSettings(l2_clip=1.0, noise_multiplier=0.01)
+
+    mean_update, stats = _ddp_round({n: _ddp_app(_train) for n in NODES}, settings, 6)
+
+    expected = np.mean([_delta(n) for n in NODES], axis=0)
+    # Noise of the mean: z c / sqrt(6 expected) * sqrt(8) / 8 = 0.0014 per coordinate.
+    np.testing.assert_allclose(mean_update, expected, atol=0.01)
+    assert stats.dp is not None and stats.dp["rho"] > 0
+    assert stats.total_weight == len(NODES)
+
+
+def test_distributed_dp_with_dropouts_carries_the_configured_noise_and_no_more() -> None:
+    settings = DistributedDpSettings(l2_clip=1.0, noise_multiplier=1.0)
+    apps = {n: _ddp_app(_zero_update) for n in NODES}
+    apps[102] = _ddp_app(_crashing)
+    apps[106] = _ddp_app(_crashing)
+
+    noise, stats = _ddp_round(apps, settings, 4096)
+
+    # 8 sampled, 25 % dropout expected: each client adds 1/sqrt(6); 6 survive, so the
+    # sum carries exactly z c = 1 and the mean 1/6 (float32 weights round a little).
+    assert stats.survivors == 6
+    assert stats.dp is not None
+    assert stats.dp["noise_std_of_sum"] == pytest.approx(1.0)
+    assert noise.std() == pytest.approx(1 / 6, rel=0.06)
+    assert abs(noise.mean()) < 5 * (1 / 6) / 64

@@ -1,0 +1,101 @@
+"""The typed settings of a secure round and the statistics it reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fedge.errors import ConfigError
+from secure_agg.encoding import EncodingConfig
+from secure_agg.params import ThreatModel
+from strategies.ddp import DistributedDpSettings
+
+__all__ = ["SecAggConfig", "SecAggRoundStats"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SecAggConfig:
+    """How the server runs each secure round.
+
+    Parameters
+    ----------
+    clip_range
+        Each coordinate of a client's update (local - global) is clipped to
+        [-clip_range, clip_range] before quantisation.
+    ring_bits
+        Width of the masked integers (and of the upload per value), 8..64.
+    weight_cap
+        The largest example count a client's update is weighted by.
+    threat_model
+        Semi-honest server, or active (signed keys + consistency check; needs
+        ``authority_public_key``).
+    dropout_fraction, corrupt_fraction
+        Tolerated fractions of the sampled clients; with ``degree`` unset they
+        choose k and t (Bell et al. 2020 bounds).
+    degree, threshold
+        k and t given explicitly (both or neither).
+    min_clients
+        Fewest sampled clients a secure round starts with (>= 2: the sum of
+        one client is its update).
+    authority_public_key
+        The enrolment authority's Ed25519 key (active model).
+    weight_key
+        The metric the strategy weights replies by.
+    distributed_dp
+        Add distributed discrete Gaussian noise (clients clip to L2, rotate,
+        round and add noise shares): the unmasked sum is already private, the
+        mean is unweighted, and ``clip_range``/``weight_cap`` are unused.
+    """
+
+    clip_range: float = 0.5
+    ring_bits: int = 32
+    weight_cap: int = 10_000
+    threat_model: ThreatModel = ThreatModel.SEMI_HONEST
+    dropout_fraction: float = 0.2
+    corrupt_fraction: float = 0.1
+    degree: int | None = None
+    threshold: int | None = None
+    min_clients: int = 2
+    authority_public_key: bytes | None = None
+    weight_key: str = "num-examples"
+    distributed_dp: DistributedDpSettings | None = None
+
+    def __post_init__(self) -> None:
+        # Validates clip_range, ring_bits and weight_cap with the smallest round.
+        EncodingConfig(
+            clip_range=self.clip_range,
+            ring_bits=self.ring_bits,
+            max_clients=self.min_clients,
+            weight_cap=self.weight_cap,
+        )
+        if (self.degree is None) != (self.threshold is None):
+            raise ConfigError("give both degree and threshold, or neither")
+        if self.min_clients < 2:
+            raise ConfigError(f"min_clients must be >= 2, got {self.min_clients}")
+        if self.threat_model is ThreatModel.ACTIVE and self.authority_public_key is None:
+            raise ConfigError("the active threat model needs the enrolment authority's key")
+        for name, value in (
+            ("dropout_fraction", self.dropout_fraction),
+            ("corrupt_fraction", self.corrupt_fraction),
+        ):
+            if not 0 <= value < 1:
+                raise ConfigError(f"{name} must be in [0, 1), got {value}")
+
+
+@dataclass(slots=True)
+class SecAggRoundStats:
+    """What one secure round did (no secrets, no individual values)."""
+
+    server_round: int
+    sampled: int
+    degree: int
+    threshold: int
+    ring_bits: int
+    quant_bits: int
+    survivors: int = 0
+    dropped: int = 0
+    total_weight: int = 0
+    upload_bytes_per_client: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    failures: dict[int, str] = field(default_factory=dict)
+    aborted: str | None = None
+    dp: dict[str, float] | None = None
