@@ -7,6 +7,7 @@ the quantisation bound, and the server must never receive a client's weights.
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +28,7 @@ from secure_agg.identity import EnrolmentAuthority, NodeIdentity
 from secure_agg.params import ThreatModel
 from secure_agg.randomness import SystemRandomSource
 from simulations.offline import quiet_flower, ray_backend_config
+from strategies.ddp import DistributedDpSettings
 
 pytestmark = pytest.mark.slow
 
@@ -227,3 +229,36 @@ def test_server_optimisers_compose_with_the_secure_grid() -> None:
     for key in SHAPES:
         # Adam normalises the step; quantisation noise moves it by far less than eta.
         np.testing.assert_allclose(secure[key], plain[key], atol=1e-3)
+
+
+def _zero_update_app(*mods: Any) -> ClientApp:
+    app = ClientApp(mods=list(mods))
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        del context
+        metrics = MetricRecord({"num-examples": 1})
+        content = RecordDict({"arrays": msg.content["arrays"], "metrics": metrics})
+        return Message(content=content, reply_to=msg)
+
+    return app
+
+
+def test_distributed_dp_with_dropouts_carries_the_configured_noise_and_no_more() -> None:
+    # Three clients drop before their masked input, one while unmasking (four dropouts:
+    # the round tolerates 20 %). Noise shares are sized for 16 expected survivors, each
+    # z c / 4; the 17 that survive put z c sqrt(17/16) into the sum.
+    drop_at = {3: Stage.SETUP, 8: Stage.SHARE_KEYS, 12: Stage.MASKED_INPUT, 17: Stage.UNMASK}
+    settings = DistributedDpSettings(l2_clip=2.0, noise_multiplier=0.5)
+    config = SecAggConfig(distributed_dp=settings, dropout_fraction=0.2)
+    app = _zero_update_app(_dropping_mod(drop_at), make_secagg_mod())
+
+    result, [stats], _ = _simulate(app, secure=config)
+
+    noise = np.concatenate([(result[k] - 0.25).ravel() for k in SHAPES]).astype(np.float64)
+    summed = 0.5 * 2.0 * math.sqrt(17 / 16)
+    assert stats.survivors == 17
+    assert stats.dp is not None
+    assert stats.dp["noise_std_of_sum"] == pytest.approx(summed)
+    # The mean of 17 carries that over 17 per coordinate (667 coordinates: within 15 %).
+    assert noise.std() == pytest.approx(summed / 17, rel=0.15)
