@@ -85,6 +85,14 @@ def choose_gamma(
     return (signal + noise) / room
 
 
+def _check_common(*, ring_bits: int, **positive: float) -> None:
+    for name, value in positive.items():
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{name} must be a finite number > 0, got {value}")
+    if ring_bits not in _DTYPES:
+        raise ConfigError(f"ring_bits must be 8, 16, 32 or 64, got {ring_bits}")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DdpConfig:
     """One round's distributed-DP encoding, the same for every client.
@@ -114,14 +122,9 @@ class DdpConfig:
     rotation_seed: bytes
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.l2_clip) and self.l2_clip > 0):
-            raise ConfigError(f"l2_clip must be a finite number > 0, got {self.l2_clip}")
-        if not (math.isfinite(self.noise_std) and self.noise_std > 0):
-            raise ConfigError(f"noise_std must be a finite number > 0, got {self.noise_std}")
+        _check_common(l2_clip=self.l2_clip, noise_std=self.noise_std, ring_bits=self.ring_bits)
         if self.dimension < 1 or self.expected_clients < 1:
             raise ConfigError("dimension and expected_clients must be >= 1")
-        if self.ring_bits not in _DTYPES:
-            raise ConfigError(f"ring_bits must be 8, 16, 32 or 64, got {self.ring_bits}")
         if len(self.rotation_seed) != SEED_BYTES:
             raise ConfigError(f"rotation_seed must be {SEED_BYTES} bytes")
         self.gamma  # noqa: B018 - validates that the ring can hold the sum
@@ -216,12 +219,9 @@ class DistributedDpSettings:
     ring_bits: int = 32
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.l2_clip) and self.l2_clip > 0):
-            raise ConfigError(f"l2_clip must be a finite number > 0, got {self.l2_clip}")
-        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
-            raise ConfigError(f"noise_multiplier must be > 0, got {self.noise_multiplier}")
-        if self.ring_bits not in _DTYPES:
-            raise ConfigError(f"ring_bits must be 8, 16, 32 or 64, got {self.ring_bits}")
+        _check_common(
+            l2_clip=self.l2_clip, noise_multiplier=self.noise_multiplier, ring_bits=self.ring_bits
+        )
 
     def for_round(
         self, *, dimension: int, sampled: int, dropout_fraction: float, rotation_seed: bytes

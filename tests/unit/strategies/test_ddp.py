@@ -9,7 +9,13 @@ import pytest
 
 from fedge.errors import ConfigError
 from secure_agg.randomness import DeterministicRandom
-from strategies.ddp import DdpConfig, choose_gamma, ddp_decode_sum, ddp_encode
+from strategies.ddp import (
+    DdpConfig,
+    DistributedDpSettings,
+    choose_gamma,
+    ddp_decode_sum,
+    ddp_encode,
+)
 
 SEED = bytes(range(32))
 
@@ -114,3 +120,40 @@ def test_wrong_lengths_are_refused() -> None:
         ddp_decode_sum(np.zeros(300, np.uint32), config, num_clients=2)
     with pytest.raises(ConfigError, match="num_clients"):
         ddp_decode_sum(np.zeros(512, np.uint32), config, num_clients=0)
+
+
+def test_round_settings_size_noise_shares_for_the_expected_survivors() -> None:
+    settings = DistributedDpSettings(l2_clip=2.0, noise_multiplier=0.5)
+
+    config = settings.for_round(dimension=10, sampled=10, dropout_fraction=0.2, rotation_seed=SEED)
+
+    assert config.noise_std == pytest.approx(0.5 * 2.0 / math.sqrt(8))
+    assert DdpConfig.from_fields(config.to_fields()) == config
+    with pytest.raises(ConfigError, match="noise_multiplier"):
+        DistributedDpSettings(l2_clip=1.0, noise_multiplier=0.0)
+    with pytest.raises(ConfigError, match="ring_bits"):
+        DistributedDpSettings(l2_clip=1.0, noise_multiplier=1.0, ring_bits=12)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"dimension": None}, "has fields"),
+        ({"dimension": "300"}, "'dimension' must be int"),
+        ({"dimension": True}, "'dimension' must be int"),
+        ({"rotation-seed": "text"}, "'rotation-seed' must be bytes"),
+        ({"l2-clip": -1.0}, "l2_clip"),
+    ],
+)
+def test_config_fields_from_the_network_are_validated(
+    change: dict[str, object], match: str
+) -> None:
+    fields: dict[str, object] = dict(_config().to_fields())
+    for key, value in change.items():
+        if value is None:
+            del fields[key]
+        else:
+            fields[key] = value
+
+    with pytest.raises(ConfigError, match=match):
+        DdpConfig.from_fields(fields)
