@@ -12,6 +12,7 @@ the distributed-DP encoding a client applies before secure aggregation
 from strategies.accounting import (
     AccountantKind,
     GaussianSteps,
+    composed_epsilon,
     ddg_rho,
     gaussian_epsilon,
     zcdp_epsilon,
@@ -27,6 +28,7 @@ __all__ = [
     "GaussianSteps",
     "choose_gamma",
     "clip_l2",
+    "composed_epsilon",
     "ddg_rho",
     "ddp_decode_sum",
     "ddp_encode",

@@ -33,6 +33,7 @@ from fedge.errors import ConfigError
 __all__ = [
     "AccountantKind",
     "GaussianSteps",
+    "composed_epsilon",
     "ddg_rho",
     "gaussian_epsilon",
     "zcdp_epsilon",
@@ -169,4 +170,38 @@ def zcdp_epsilon(rho: float, *, delta: float) -> float:
     epsilon, _ = rdp_analysis.get_privacy_spent(
         orders=_ORDERS, rdp=[rho * alpha for alpha in _ORDERS], delta=delta
     )
+    return float(epsilon)
+
+
+def composed_epsilon(
+    *, rho: float = 0.0, gaussian: Sequence[GaussianSteps] = (), delta: float
+) -> float:
+    """Return epsilon(delta) of zCDP rounds (total ``rho``) composed with Gaussian events.
+
+    Both are added as RDP curves (rho * alpha, and Opacus' subsampled-Gaussian
+    RDP) on one grid of orders, then converted once, so a run that mixes
+    mechanisms is accounted as a whole.
+
+    Raises
+    ------
+    ConfigError
+        If ``rho`` is negative or ``delta`` is outside (0, 1).
+    """
+    _check_delta(delta)
+    if not (math.isfinite(rho) and rho >= 0):
+        raise ConfigError(f"rho must be a finite number >= 0, got {rho}")
+    if rho == 0 and not gaussian:
+        return 0.0
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    curve = [rho * alpha for alpha in _GAUSSIAN_ORDERS]
+    for event in gaussian:
+        event_rdp = rdp_analysis.compute_rdp(
+            q=event.sample_rate,
+            noise_multiplier=event.noise_multiplier,
+            steps=event.steps,
+            orders=_GAUSSIAN_ORDERS,
+        )
+        curve = [a + float(b) for a, b in zip(curve, event_rdp, strict=True)]
+    epsilon, _ = rdp_analysis.get_privacy_spent(orders=_GAUSSIAN_ORDERS, rdp=curve, delta=delta)
     return float(epsilon)

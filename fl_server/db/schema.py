@@ -7,10 +7,10 @@ history and the only way it changes.
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Integer, MetaData, String, Text
+from sqlalchemy import BigInteger, Float, Integer, MetaData, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["AuditHeadRow", "AuditRecordRow", "Base"]
+__all__ = ["AuditHeadRow", "AuditRecordRow", "Base", "LedgerRow"]
 
 _NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -49,3 +49,25 @@ class AuditHeadRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     seq: Mapped[int] = mapped_column(BigInteger)
     record_hash: Mapped[str] = mapped_column(String(64))
+
+
+class LedgerRow(Base):
+    """What one round of a run spent for one subject ("run" or a client), and the total."""
+
+    __tablename__ = "privacy_ledger"
+    __table_args__ = (UniqueConstraint("run_id", "subject", "server_round"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    run_id: Mapped[str] = mapped_column(String(64), index=True)
+    subject: Mapped[str] = mapped_column(String(128))
+    server_round: Mapped[int] = mapped_column(Integer)
+    mechanism: Mapped[str] = mapped_column(String(32))
+    rho: Mapped[float] = mapped_column(Float)
+    noise_multiplier: Mapped[float | None] = mapped_column(Float)
+    sample_rate: Mapped[float | None] = mapped_column(Float)
+    steps: Mapped[int | None] = mapped_column(Integer)
+    delta: Mapped[float] = mapped_column(Float)
+    epsilon: Mapped[float] = mapped_column(Float)
+    recorded_at: Mapped[str] = mapped_column(String(40))

@@ -12,6 +12,7 @@ from fedge.errors import ConfigError
 from strategies.accounting import (
     AccountantKind,
     GaussianSteps,
+    composed_epsilon,
     ddg_rho,
     gaussian_epsilon,
     zcdp_epsilon,
@@ -104,3 +105,16 @@ def test_invalid_accounting_arguments_are_refused() -> None:
     with pytest.raises(ConfigError, match="num_clients"):
         ddg_rho(l2_sensitivity=1, l1_sensitivity=1, sigma=1, num_clients=0, dimension=2)
     assert math.isfinite(zcdp_epsilon(0.5, delta=DELTA))
+
+
+def test_composition_of_mixed_mechanisms_matches_each_alone_and_grows() -> None:
+    event = GaussianSteps(noise_multiplier=1.5, sample_rate=0.05, steps=200)
+
+    alone = composed_epsilon(gaussian=[event], delta=DELTA)
+    zcdp_alone = composed_epsilon(rho=0.05, delta=DELTA)
+    both = composed_epsilon(rho=0.05, gaussian=[event], delta=DELTA)
+
+    assert alone == pytest.approx(gaussian_epsilon([event], delta=DELTA), rel=0.01)
+    assert zcdp_alone == pytest.approx(zcdp_epsilon(0.05, delta=DELTA), rel=0.01)
+    assert both > max(alone, zcdp_alone)
+    assert composed_epsilon(delta=DELTA) == 0.0

@@ -1,0 +1,199 @@
+"""The privacy ledger: what every round of a run spent, per subject, and the budget check.
+
+A subject is ``"run"`` (the population-level guarantee of the aggregate) or a
+client's enrolment id. Each entry stores the round's spend (rho of a zCDP
+mechanism such as the distributed discrete Gaussian, or a subsampled Gaussian
+event) and epsilon(delta) of *everything* the subject has spent so far,
+recomputed by composing all its entries (:func:`strategies.composed_epsilon`),
+so the stored totals never drift from the analysis. Before a round, the
+coordinator asks :meth:`PrivacyLedger.check` whether it fits the budget and
+refuses it if not; the ledger itself never deletes or rewrites an entry.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from fedge.errors import ConfigError, FedgeError, StorageError
+from fl_server.db.schema import LedgerRow
+from strategies.accounting import GaussianSteps, composed_epsilon
+
+__all__ = ["RUN_SUBJECT", "BudgetExceeded", "LedgerEntry", "PrivacyLedger", "RoundSpend"]
+
+RUN_SUBJECT = "run"
+
+
+class BudgetExceeded(FedgeError):  # noqa: N818 - reads as what happened
+    """A round would take a subject past its privacy budget; it must not run."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoundSpend:
+    """What one round spends: a zCDP rho, or a (subsampled) Gaussian event, or both."""
+
+    mechanism: str
+    rho: float = 0.0
+    gaussian: GaussianSteps | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < len(self.mechanism) <= 32:
+            raise ConfigError("the mechanism name has 1..32 characters")
+        if not (math.isfinite(self.rho) and self.rho >= 0):
+            raise ConfigError(f"rho must be a finite number >= 0, got {self.rho}")
+        if self.rho == 0 and self.gaussian is None:
+            raise ConfigError("a spend needs a rho > 0 or a Gaussian event")
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """One stored round for one subject, with the subject's total after it."""
+
+    run_id: str
+    subject: str
+    server_round: int
+    mechanism: str
+    rho: float
+    delta: float
+    epsilon: float
+    recorded_at: str
+
+
+def _entry(row: LedgerRow) -> LedgerEntry:
+    return LedgerEntry(
+        run_id=row.run_id,
+        subject=row.subject,
+        server_round=row.server_round,
+        mechanism=row.mechanism,
+        rho=row.rho,
+        delta=row.delta,
+        epsilon=row.epsilon,
+        recorded_at=row.recorded_at,
+    )
+
+
+def _epsilon(rows: list[LedgerRow], extra: RoundSpend | None, delta: float) -> float:
+    rho = sum(r.rho for r in rows) + (extra.rho if extra else 0.0)
+    events = [
+        GaussianSteps(noise_multiplier=r.noise_multiplier, sample_rate=r.sample_rate, steps=r.steps)
+        for r in rows
+        if r.noise_multiplier is not None and r.sample_rate is not None and r.steps is not None
+    ]
+    if extra is not None and extra.gaussian is not None:
+        events.append(extra.gaussian)
+    return composed_epsilon(rho=rho, gaussian=events, delta=delta)
+
+
+class PrivacyLedger:
+    """Record and check privacy spending in the fedge database (SQLite or PostgreSQL)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def _rows(self, session: Session, run_id: str, subject: str) -> list[LedgerRow]:
+        query = (
+            select(LedgerRow)
+            .where(LedgerRow.run_id == run_id, LedgerRow.subject == subject)
+            .order_by(LedgerRow.server_round)
+        )
+        return list(session.scalars(query))
+
+    def spent(self, run_id: str, *, delta: float, subject: str = RUN_SUBJECT) -> float:
+        """Return epsilon(delta) of everything ``subject`` has spent in ``run_id``."""
+        try:
+            with Session(self._engine) as session:
+                return _epsilon(self._rows(session, run_id, subject), None, delta)
+        except SQLAlchemyError as exc:
+            raise StorageError(f"cannot read the privacy ledger: {exc}") from exc
+
+    def check(
+        self,
+        run_id: str,
+        spend: RoundSpend,
+        *,
+        budget: float,
+        delta: float,
+        subject: str = RUN_SUBJECT,
+    ) -> float:
+        """Return the epsilon the round would bring ``subject`` to.
+
+        Raises
+        ------
+        BudgetExceeded
+            If that is above ``budget``.
+        """
+        if not (math.isfinite(budget) and budget > 0):
+            raise ConfigError(f"the epsilon budget must be a finite number > 0, got {budget}")
+        try:
+            with Session(self._engine) as session:
+                projected = _epsilon(self._rows(session, run_id, subject), spend, delta)
+        except SQLAlchemyError as exc:
+            raise StorageError(f"cannot read the privacy ledger: {exc}") from exc
+        if projected > budget:
+            raise BudgetExceeded(
+                f"{subject} of run {run_id} would reach epsilon {projected:.4g} > "
+                f"budget {budget:g} (delta {delta:g})"
+            )
+        return projected
+
+    def record(
+        self,
+        run_id: str,
+        server_round: int,
+        spend: RoundSpend,
+        *,
+        delta: float,
+        subject: str = RUN_SUBJECT,
+    ) -> LedgerEntry:
+        """Store the round's spend and the subject's new total; each round once per subject.
+
+        Raises
+        ------
+        StorageError
+            If the round is already recorded for this subject or the database fails.
+        """
+        if server_round < 0 or not 0 < len(subject) <= 128 or not 0 < len(run_id) <= 64:
+            raise ConfigError("invalid run id, subject or round for the privacy ledger")
+        try:
+            with Session(self._engine) as session, session.begin():
+                epsilon = _epsilon(self._rows(session, run_id, subject), spend, delta)
+                event = spend.gaussian
+                row = LedgerRow(
+                    run_id=run_id,
+                    subject=subject,
+                    server_round=server_round,
+                    mechanism=spend.mechanism,
+                    rho=spend.rho,
+                    noise_multiplier=None if event is None else event.noise_multiplier,
+                    sample_rate=None if event is None else event.sample_rate,
+                    steps=None if event is None else event.steps,
+                    delta=delta,
+                    epsilon=epsilon,
+                    recorded_at=datetime.now(UTC).isoformat(timespec="microseconds"),
+                )
+                session.add(row)
+                session.flush()
+                return _entry(row)
+        except IntegrityError as exc:
+            raise StorageError(
+                f"round {server_round} of run {run_id} is already in the ledger for {subject}"
+            ) from exc
+        except SQLAlchemyError as exc:
+            raise StorageError(f"cannot write the privacy ledger: {exc}") from exc
+
+    def entries(self, run_id: str, *, subject: str | None = None) -> list[LedgerEntry]:
+        """Return a run's entries in round order (every subject unless one is named)."""
+        query = select(LedgerRow).where(LedgerRow.run_id == run_id)
+        if subject is not None:
+            query = query.where(LedgerRow.subject == subject)
+        try:
+            with Session(self._engine) as session:
+                rows = session.scalars(query.order_by(LedgerRow.subject, LedgerRow.server_round))
+                return [_entry(row) for row in rows]
+        except SQLAlchemyError as exc:
+            raise StorageError(f"cannot read the privacy ledger: {exc}") from exc
