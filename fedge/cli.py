@@ -18,7 +18,7 @@ from rich.logging import RichHandler
 
 from fedge.errors import FedgeError
 from fedge.version import code_version
-from fl_server.cli import audit_app
+from fl_server.cli import audit_app, ledger_app
 from simulations.cli import app as sim_app
 
 __all__ = ["app", "main"]
@@ -32,6 +32,7 @@ app = typer.Typer(
 )
 app.add_typer(sim_app, name="sim")
 app.add_typer(audit_app, name="audit")
+app.add_typer(ledger_app, name="ledger")
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2

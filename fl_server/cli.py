@@ -1,4 +1,4 @@
-"""``fedge audit``: read and verify the audit chain."""
+"""``fedge audit`` (read and verify the audit chain) and ``fedge ledger`` (privacy spending)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,14 @@ import typer
 from fedge.errors import AuditIntegrityError
 from fl_server.audit import AuditLog
 from fl_server.db import DB_URL_ENV, open_database
+from fl_server.ledger import PrivacyLedger
 
-__all__ = ["audit_app"]
+__all__ = ["audit_app", "ledger_app"]
 
 audit_app = typer.Typer(help="Read and verify the tamper-evident audit log.", no_args_is_help=True)
+ledger_app = typer.Typer(
+    help="Show what each run spent of its privacy budget.", no_args_is_help=True
+)
 
 _DbUrl = Annotated[
     str | None,
@@ -57,4 +61,31 @@ def list_command(
         typer.echo(
             f"{event.seq:>6}  {event.recorded_at:%Y-%m-%d %H:%M:%S}  {event.kind.value:<16} "
             f"{event.run_id or '-'}  {payload}"
+        )
+
+
+@ledger_app.command("show")
+def ledger_show_command(
+    db_url: _DbUrl = None,
+    run_id: Annotated[
+        str | None, typer.Option("--run-id", help="The run [default: the newest in the ledger].")
+    ] = None,
+) -> None:
+    """Print a run's privacy spending, round by round: rho spent and epsilon(delta) so far."""
+    engine = open_database(db_url)
+    try:
+        ledger = PrivacyLedger(engine)
+        chosen = run_id or ledger.latest_run_id()
+        entries = [] if chosen is None else ledger.entries(chosen)
+    finally:
+        engine.dispose()
+    if not entries:
+        typer.echo("no privacy spending recorded" + (f" for run {chosen}" if chosen else ""))
+        return
+    typer.echo(f"run {chosen}")
+    typer.echo(f"{'subject':<16} {'round':>5}  {'mechanism':<16} {'rho':>10}  epsilon (delta)")
+    for entry in entries:
+        typer.echo(
+            f"{entry.subject:<16} {entry.server_round:>5}  {entry.mechanism:<16} "
+            f"{entry.rho:>10.5f}  {entry.epsilon:.4f} ({entry.delta:g})"
         )

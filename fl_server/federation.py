@@ -16,6 +16,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedge.errors import ConfigError
 from fl_server.audit import AuditEventKind, AuditLog
 from fl_server.checkpoints import CheckpointDir
+from fl_server.ledger import BudgetExceeded, PrivacyBudget, RoundSpend
 from fl_server.secagg import SecAggConfig, SecAggRoundStats, SecureAggregationGrid
 
 __all__ = [
@@ -28,6 +29,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+_DDG = "distributed-ddg"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -153,6 +156,46 @@ class _CountingFedAvg(FedAvg):
         return super().aggregate_train(server_round, materialised)
 
 
+def _privacy_hooks(
+    privacy: PrivacyBudget | None, counts: _ReplyCounts, audit: AuditLog, run_id: str
+) -> tuple[Callable[[float], None] | None, Callable[[SecAggRoundStats], None]]:
+    if privacy is None:
+        return None, counts.on_secure_round
+    budget = privacy
+
+    def guard(rho: float) -> None:
+        if budget.epsilon is not None:
+            spend = RoundSpend(mechanism=_DDG, rho=rho)
+            budget.ledger.check(run_id, spend, budget=budget.epsilon, delta=budget.delta)
+
+    def on_secure(stats: SecAggRoundStats) -> None:
+        counts.on_secure_round(stats)
+        if stats.dp is None or stats.aborted is not None:
+            return
+        entry = budget.ledger.record(
+            run_id,
+            stats.server_round,
+            RoundSpend(mechanism=_DDG, rho=stats.dp["rho"]),
+            delta=budget.delta,
+        )
+        audit.append(
+            AuditEventKind.PRIVACY_SPENT,
+            {
+                "round": stats.server_round,
+                "mechanism": _DDG,
+                "rho": stats.dp["rho"],
+                "epsilon": entry.epsilon,
+                "delta": budget.delta,
+                "budget": budget.epsilon,
+                "survivors": stats.survivors,
+                "noise_std_of_sum": stats.dp["noise_std_of_sum"],
+            },
+            run_id=run_id,
+        )
+
+    return guard, on_secure
+
+
 def make_server_app(
     config: FederationConfig,
     *,
@@ -164,6 +207,7 @@ def make_server_app(
     run_id: str,
     observers: Sequence[RoundObserver] = (),
     secure: SecAggConfig | None = None,
+    privacy: PrivacyBudget | None = None,
 ) -> ServerApp:
     """Build a ServerApp that runs FedAvg and records every round.
 
@@ -192,6 +236,10 @@ def make_server_app(
     secure
         Run every training round as a fedge SecAgg+ round (the clients need
         :func:`fl_client.secagg_mod.make_secagg_mod`); ``None`` for plain FedAvg.
+    privacy
+        With distributed DP: every round's spend goes to this ledger (and the
+        audit log); a round that would exceed the budget is stopped before
+        anything is unmasked and the federation ends there (``exhausted`` says why).
     """
     app = ServerApp()
     counts = _ReplyCounts()
@@ -200,7 +248,8 @@ def make_server_app(
     def _main(grid: Grid, context: Context) -> None:
         del context
         if secure is not None:
-            grid = SecureAggregationGrid(grid, secure, on_round=counts.on_secure_round)
+            guard, on_secure = _privacy_hooks(privacy, counts, audit, run_id)
+            grid = SecureAggregationGrid(grid, secure, on_round=on_secure, privacy_guard=guard)
         strategy = _CountingFedAvg(
             counts,
             fraction_train=config.fraction_train,
@@ -259,13 +308,20 @@ def make_server_app(
             round_started = time.perf_counter()
             return MetricRecord({"accuracy": evaluation.accuracy, "loss": evaluation.loss})
 
-        strategy.start(
-            grid=grid,
-            initial_arrays=initial_arrays,
-            num_rounds=config.num_rounds,
-            timeout=config.round_timeout_s,
-            train_config=train_config,
-            evaluate_fn=_evaluate,
-        )
+        try:
+            strategy.start(
+                grid=grid,
+                initial_arrays=initial_arrays,
+                num_rounds=config.num_rounds,
+                timeout=config.round_timeout_s,
+                train_config=train_config,
+                evaluate_fn=_evaluate,
+            )
+        except BudgetExceeded as exc:
+            # A clean stop: the refused round revealed nothing and spent nothing.
+            assert privacy is not None
+            privacy.exhausted = str(exc)
+            logger.warning("stopping the federation: %s", exc)
+            audit.append(AuditEventKind.BUDGET_EXHAUSTED, {"reason": str(exc)}, run_id=run_id)
 
     return app

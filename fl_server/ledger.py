@@ -24,7 +24,14 @@ from fedge.errors import ConfigError, FedgeError, StorageError
 from fl_server.db.schema import LedgerRow
 from strategies.accounting import GaussianSteps, composed_epsilon
 
-__all__ = ["RUN_SUBJECT", "BudgetExceeded", "LedgerEntry", "PrivacyLedger", "RoundSpend"]
+__all__ = [
+    "RUN_SUBJECT",
+    "BudgetExceeded",
+    "LedgerEntry",
+    "PrivacyBudget",
+    "PrivacyLedger",
+    "RoundSpend",
+]
 
 RUN_SUBJECT = "run"
 
@@ -135,8 +142,9 @@ class PrivacyLedger:
         except SQLAlchemyError as exc:
             raise StorageError(f"cannot read the privacy ledger: {exc}") from exc
         if projected > budget:
+            who = "the run" if subject == RUN_SUBJECT else f"client {subject}"
             raise BudgetExceeded(
-                f"{subject} of run {run_id} would reach epsilon {projected:.4g} > "
+                f"the next round would take {who} to epsilon {projected:.4g} > "
                 f"budget {budget:g} (delta {delta:g})"
             )
         return projected
@@ -186,6 +194,15 @@ class PrivacyLedger:
         except SQLAlchemyError as exc:
             raise StorageError(f"cannot write the privacy ledger: {exc}") from exc
 
+    def latest_run_id(self) -> str | None:
+        """Return the run of the newest entry, or None for an empty ledger."""
+        query = select(LedgerRow.run_id).order_by(LedgerRow.id.desc()).limit(1)
+        try:
+            with Session(self._engine) as session:
+                return session.scalars(query).first()
+        except SQLAlchemyError as exc:
+            raise StorageError(f"cannot read the privacy ledger: {exc}") from exc
+
     def entries(self, run_id: str, *, subject: str | None = None) -> list[LedgerEntry]:
         """Return a run's entries in round order (every subject unless one is named)."""
         query = select(LedgerRow).where(LedgerRow.run_id == run_id)
@@ -197,3 +214,29 @@ class PrivacyLedger:
                 return [_entry(row) for row in rows]
         except SQLAlchemyError as exc:
             raise StorageError(f"cannot read the privacy ledger: {exc}") from exc
+
+
+@dataclass(slots=True, kw_only=True)
+class PrivacyBudget:
+    """A run's budget and where its spending is recorded (the server fills ``exhausted``).
+
+    Parameters
+    ----------
+    ledger
+        Where every round's spend goes.
+    epsilon
+        The run's epsilon budget; ``None`` records spending without a limit.
+    delta
+        The delta every epsilon is computed at, in (0, 1).
+    """
+
+    ledger: PrivacyLedger
+    epsilon: float | None
+    delta: float
+    exhausted: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
+        if self.epsilon is not None and not (math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise ConfigError(f"the epsilon budget must be a finite number > 0, got {self.epsilon}")

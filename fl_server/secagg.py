@@ -103,9 +103,12 @@ class _Round:
         config: SecAggConfig,
         messages: list[Message],
         rng: RandomSource,
+        *,
         timeout: float | None,
+        guard: Callable[[float], None] | None = None,
     ) -> None:
         self.grid = grid
+        self.guard = guard
         self.config = config
         self.timeout = timeout
         self.by_node = {m.metadata.dst_node_id: m for m in messages}
@@ -241,6 +244,10 @@ class _Round:
         masked_requests = session.receive_shares(shares)
         masked = self.exchange(Stage.MASKED_INPUT, masked_requests, self.masked_vector)
         after_masked = session.receive_masked(masked)
+        if self.ddp is not None and self.guard is not None:
+            # The survivors are known and nothing is revealed yet: a round whose real
+            # spend would break the budget stops here, before anyone unmasks.
+            self.guard(self._rho(len(after_masked)))
         if self.config.threat_model is ThreatModel.ACTIVE:
             signatures = self.exchange(
                 Stage.CONSISTENCY, after_masked, payload(ConsistencySignature)
@@ -260,13 +267,7 @@ class _Round:
             total_weight = survivors
             # Honest accounting: the noise of the clients that actually survived.
             self.stats.dp = {
-                "rho": ddg_rho(
-                    l2_sensitivity=self.ddp.l2_sensitivity,
-                    l1_sensitivity=self.ddp.l1_sensitivity,
-                    sigma=self.ddp.sigma_integer,
-                    num_clients=survivors,
-                    dimension=self.vector_length,
-                ),
+                "rho": self._rho(survivors),
                 "noise_std_of_sum": self.ddp.noise_std * math.sqrt(survivors),
                 "l2_clip": self.ddp.l2_clip,
             }
@@ -275,6 +276,16 @@ class _Round:
         self.stats.total_weight = total_weight
         self.stats.upload_bytes_per_client = self.uploaded / max(1, len(result.survivors))
         return self._apply(mean), total_weight
+
+    def _rho(self, survivors: int) -> float:
+        assert self.ddp is not None
+        return ddg_rho(
+            l2_sensitivity=self.ddp.l2_sensitivity,
+            l1_sensitivity=self.ddp.l1_sensitivity,
+            sigma=self.ddp.sigma_integer,
+            num_clients=survivors,
+            dimension=self.vector_length,
+        )
 
     def _apply(self, mean: npt.NDArray[np.float64]) -> ArrayRecord:
         updated: dict[str, Array] = {}
@@ -325,6 +336,11 @@ class SecureAggregationGrid(Grid):
         Source of round ids and neighbour graphs (the OS CSPRNG by default).
     on_round
         Called with each round's statistics (progress displays, audit events).
+    privacy_guard
+        With distributed DP: called with the round's real rho once the survivors
+        are known and before anything is unmasked; raising (e.g. the ledger's
+        ``BudgetExceeded``) stops the round with nothing revealed, and the
+        exception reaches the caller of ``send_and_receive``.
     """
 
     def __init__(
@@ -334,8 +350,10 @@ class SecureAggregationGrid(Grid):
         *,
         rng: RandomSource | None = None,
         on_round: Callable[[SecAggRoundStats], None] | None = None,
+        privacy_guard: Callable[[float], None] | None = None,
     ) -> None:
         self._inner = grid
+        self._guard = privacy_guard
         self._config = config
         self._rng = rng or SystemRandomSource()
         self._on_round = on_round
@@ -384,7 +402,9 @@ class SecureAggregationGrid(Grid):
                 f"secure aggregation needs at least {self._config.min_clients} clients per "
                 f"round, the strategy sampled {len(outgoing)}"
             )
-        secure = _Round(self._inner, self._config, outgoing, self._rng, timeout)
+        secure = _Round(
+            self._inner, self._config, outgoing, self._rng, timeout=timeout, guard=self._guard
+        )
         try:
             arrays, total_weight = secure.run()
         except ProtocolAbort as exc:

@@ -9,6 +9,7 @@ import typer
 
 from secure_agg.params import ThreatModel
 from simulations.data import DATA_DIR_ENV
+from simulations.modes import DpMode
 from simulations.partition import PartitionMode
 
 __all__ = ["app"]
@@ -108,6 +109,30 @@ def run_command(
             "must survive (chooses the neighbours k and threshold t).",
         ),
     ] = 0.2,
+    dp: Annotated[
+        DpMode,
+        typer.Option(
+            "--dp",
+            help="'distributed': clients add discrete Gaussian noise under secure aggregation "
+            "(implies --secure-agg); every round's spend goes to the privacy ledger.",
+        ),
+    ] = DpMode.OFF,
+    epsilon: Annotated[
+        float | None,
+        typer.Option(
+            "--epsilon", help="With --dp: the run's budget; the run stops before exceeding it."
+        ),
+    ] = None,
+    delta: Annotated[
+        float, typer.Option("--delta", help="With --dp: the delta of every epsilon.")
+    ] = 1e-5,
+    dp_clip: Annotated[
+        float, typer.Option("--dp-clip", help="With --dp: the L2 bound of each client's update.")
+    ] = 1.0,
+    noise_multiplier: Annotated[
+        float,
+        typer.Option("--noise-multiplier", help="With --dp: noise of the sum over the L2 bound."),
+    ] = 1.0,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's own logs.")
     ] = False,
@@ -142,10 +167,15 @@ def run_command(
         train_examples=train_examples,
         test_examples=test_examples,
         parallelism=parallelism or default_parallelism(),
-        secure_agg=secure_agg,
+        secure_agg=secure_agg or dp is DpMode.DISTRIBUTED,
         threat_model=threat_model,
         clip_range=clip_range,
         secagg_dropout=secagg_dropout,
+        dp=dp,
+        epsilon=epsilon,
+        delta=delta,
+        dp_clip=dp_clip,
+        noise_multiplier=noise_multiplier,
     )
     run_id = new_run_id()
     paths = RunPaths(
@@ -171,7 +201,19 @@ def run_command(
         )
     console.line()
     final = summary.final_accuracy
+    if summary.privacy is not None:
+        stopped = summary.privacy["stopped"]
+        typer.echo(
+            f"privacy: epsilon {summary.privacy['epsilon']:.3f} at delta {delta:g}"
+            + (f" (budget {epsilon:g})" if epsilon is not None else "")
+            + (f"; stopped early: {stopped}" if stopped else "")
+        )
+    outcome = (
+        "no round completed"
+        if final is None
+        else f"final accuracy {final:.4f} after {len(summary.rounds)} rounds"
+    )
     typer.echo(
-        f"final accuracy {final:.4f} after {rounds} rounds in {summary.wall_seconds:.1f} s; "
+        f"{outcome} in {summary.wall_seconds:.1f} s; "
         f"summary {paths.summary}; audit head {summary.audit_head}"
     )

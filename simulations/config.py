@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,9 +13,11 @@ from fl_client.models import ModelName
 from fl_client.training import TrainConfig
 from fl_server.secagg import SecAggConfig
 from secure_agg.params import ThreatModel, choose_neighbourhood
+from simulations.modes import DpMode
 from simulations.partition import PartitionConfig, PartitionMode
+from strategies.ddp import DistributedDpSettings
 
-__all__ = ["SimConfig", "default_parallelism"]
+__all__ = ["DpMode", "SimConfig", "default_parallelism"]
 
 
 def default_parallelism() -> int:
@@ -63,6 +66,12 @@ class SimConfig:
     secagg_dropout
         Fraction of a round's clients the secure round must survive losing
         (with a 10% corrupt fraction it chooses k and t; see docs/secure-aggregation.md).
+    dp
+        ``DISTRIBUTED``: clients add discrete Gaussian noise under secure aggregation.
+    epsilon, delta
+        The run's privacy budget (``None``: record spending, no limit) and its delta.
+    dp_clip, noise_multiplier
+        The L2 bound of an update and the noise of the sum over that bound.
     """
 
     num_clients: int = 10
@@ -81,6 +90,11 @@ class SimConfig:
     threat_model: ThreatModel = ThreatModel.ACTIVE
     clip_range: float = 0.5
     secagg_dropout: float = 0.2
+    dp: DpMode = DpMode.OFF
+    epsilon: float | None = None
+    delta: float = 1e-5
+    dp_clip: float = 1.0
+    noise_multiplier: float = 1.0
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -95,6 +109,12 @@ class SimConfig:
             raise ConfigError(f"parallelism must be >= 1, got {self.parallelism}")
         # Validates num_clients, alpha and seed with the partitioner's own checks.
         self.partition_config()
+        if self.dp is DpMode.DISTRIBUTED and not self.secure_agg:
+            raise ConfigError("distributed DP runs under secure aggregation: add --secure-agg")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
+        if self.epsilon is not None and not (math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise ConfigError(f"epsilon must be a finite number > 0, got {self.epsilon}")
         if self.secure_agg:
             if self.num_clients < 2:
                 raise ConfigError("secure aggregation needs at least 2 clients")
@@ -124,6 +144,11 @@ class SimConfig:
             authority_public_key=authority_public_key,
             dropout_fraction=self.secagg_dropout,
             min_clients=2,
+            distributed_dp=(
+                DistributedDpSettings(l2_clip=self.dp_clip, noise_multiplier=self.noise_multiplier)
+                if self.dp is DpMode.DISTRIBUTED
+                else None
+            ),
         )
 
     def partition_config(self) -> PartitionConfig:
@@ -138,5 +163,6 @@ class SimConfig:
         raw["partition"] = self.partition.value
         raw["model"] = self.model.value
         raw["threat_model"] = self.threat_model.value
+        raw["dp"] = self.dp.value
         raw["data_dir"] = None if self.data_dir is None else str(self.data_dir)
         return raw

@@ -29,9 +29,10 @@ from fl_server import Evaluation, FederationConfig, RoundObserver, RoundReport, 
 from fl_server.audit import AuditEventKind, AuditLog, canonical_json
 from fl_server.checkpoints import CheckpointDir
 from fl_server.db import open_database, resolve_db_url
+from fl_server.ledger import PrivacyBudget, PrivacyLedger
 from fl_server.secagg import SecAggConfig
 from secure_agg.params import ThreatModel
-from simulations.config import SimConfig
+from simulations.config import DpMode, SimConfig
 from simulations.data import Split
 from simulations.enrolment import enrol_fleet
 from simulations.offline import apply_offline_env, quiet_flower, ray_backend_config
@@ -81,6 +82,7 @@ class SimSummary:
     wall_seconds: float = 0.0
     audit_head: str | None = None
     error: str | None = None
+    privacy: dict[str, Any] | None = None
 
     @property
     def final_accuracy(self) -> float | None:
@@ -102,6 +104,7 @@ class SimSummary:
             "audit": {"db_url": self.db_url, "head_hash": self.audit_head},
             "code_version": code_version(),
             "error": self.error,
+            "privacy": self.privacy,
         }
 
 
@@ -270,6 +273,11 @@ def run_federation(
             run_id=run_id,
         )
         writer.flush()
+        privacy = (
+            PrivacyBudget(ledger=PrivacyLedger(engine), epsilon=config.epsilon, delta=config.delta)
+            if config.dp is DpMode.DISTRIBUTED
+            else None
+        )
         try:
             _simulate(
                 config=config,
@@ -280,6 +288,7 @@ def run_federation(
                 audit=audit,
                 observers=[writer, *observers],
                 verbose=verbose,
+                privacy=privacy,
             )
         except BaseException as exc:
             summary.status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
@@ -293,6 +302,14 @@ def run_federation(
             writer.flush()
             raise
         summary.status = "completed"
+        if privacy is not None:
+            summary.privacy = {
+                "mechanism": "distributed-ddg",
+                "epsilon": privacy.ledger.spent(run_id, delta=privacy.delta),
+                "delta": privacy.delta,
+                "budget": privacy.epsilon,
+                "stopped": privacy.exhausted,
+            }
         head = audit.append(
             AuditEventKind.RUN_COMPLETED,
             {
@@ -319,6 +336,7 @@ def _simulate(
     audit: AuditLog,
     observers: Sequence[RoundObserver],
     verbose: bool,
+    privacy: PrivacyBudget | None,
 ) -> None:
     # Imported here: Flower's simulation module pulls in Ray, which the rest of
     # fedge (and `fedge --help`) should not pay for.
@@ -343,6 +361,7 @@ def _simulate(
         run_id=run_id,
         observers=observers,
         secure=secure,
+        privacy=privacy,
     )
     client_app = make_client_app(provider, model=config.model, num_threads=1, mods=mods)
     parallelism = min(config.parallelism, config.num_clients)

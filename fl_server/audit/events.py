@@ -37,6 +37,8 @@ class AuditEventKind(Enum):
     MODEL_SAVED = "model.saved"
     RUN_COMPLETED = "run.completed"
     RUN_FAILED = "run.failed"
+    PRIVACY_SPENT = "privacy.spent"
+    BUDGET_EXHAUSTED = "privacy.budget_exhausted"
 
 
 @dataclass(frozen=True, slots=True)

@@ -161,3 +161,31 @@ def test_audit_verify_names_the_tampered_record(tmp_path: Path) -> None:
 
 def test_bad_database_url_is_one_line() -> None:
     _assert_one_clear_line(_fedge("audit", "verify", "--db-url", "nonsense://"), r"database URL")
+
+
+def test_ledger_show_prints_a_runs_spending_round_by_round(tmp_path: Path) -> None:
+    from fl_server.db import open_database
+    from fl_server.ledger import PrivacyLedger, RoundSpend
+
+    url = f"sqlite:///{tmp_path / 'fedge.db'}"
+    engine = open_database(url)
+    try:
+        ledger = PrivacyLedger(engine)
+        for server_round in (1, 2):
+            ledger.record("run-x", server_round, RoundSpend(mechanism="ddg", rho=0.05), delta=1e-5)
+    finally:
+        engine.dispose()
+
+    shown = _fedge("ledger", "show", "--db-url", url)
+    empty = _fedge("ledger", "show", "--db-url", f"sqlite:///{tmp_path / 'empty.db'}")
+
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0] == "run run-x"
+    assert [line.split()[1] for line in lines[2:]] == ["1", "2"]
+    assert "(1e-05)" in lines[-1]
+    assert empty.stdout.strip() == "no privacy spending recorded"
+
+
+def test_distributed_dp_without_a_valid_delta_is_one_clear_line() -> None:
+    _assert_one_clear_line(_fedge("sim", "run", "--dp", "distributed", "--delta", "2"), "delta")

@@ -35,7 +35,7 @@ def test_a_round_that_would_exceed_the_budget_is_refused(engine: Engine) -> None
         try:
             ledger.check("run-a", DDG, budget=budget, delta=DELTA)
         except BudgetExceeded as exc:
-            assert "would reach epsilon" in str(exc)
+            assert "would take the run to epsilon" in str(exc)
             break
         spent.append(ledger.record("run-a", server_round, DDG, delta=DELTA))
 
