@@ -165,3 +165,30 @@ def test_secure_aggregation_through_the_cli_matches_plaintext_fedavg(tmp_path: P
         assert set(a.files) == set(b.files)
         worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a.files)
     assert 0 < worst <= bound + 1e-6
+
+
+def test_distributed_dp_stops_at_the_round_that_would_exceed_the_budget(tmp_path: Path) -> None:
+    data = make_synthetic_fashion(tmp_path / "data", train=600, test=200)
+    out = tmp_path / "summary.json"
+    command = _sim_command(
+        tmp_path, out, "--clients", "4", "--rounds", "5", "--data-dir", str(data)
+    )
+    command += ["--dp", "distributed", "--noise-multiplier", "3", "--epsilon", "2"]
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    privacy = summary["privacy"]
+    # Each round spends rho = 3 / (8 z^2) here: epsilon 1.19, 1.74, then 2.18 > 2.
+    assert len(summary["rounds"]) == 2
+    assert privacy["epsilon"] <= 2.0 and "would take the run to epsilon" in privacy["stopped"]
+    assert "stopped early" in result.stdout
+    engine = open_database(f"sqlite:///{tmp_path / 'runs' / 'fedge.db'}")
+    try:
+        kinds = [e.kind for e in AuditLog(engine).iter(run_id=summary["run_id"])]
+    finally:
+        engine.dispose()
+    assert kinds.count(AuditEventKind.PRIVACY_SPENT) == 2
+    assert AuditEventKind.BUDGET_EXHAUSTED in kinds
+    assert kinds[-1] is AuditEventKind.RUN_COMPLETED
