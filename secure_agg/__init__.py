@@ -5,7 +5,10 @@ ChaCha20-Poly1305 share encryption, Ed25519 identities, vectorised Shamir sharin
 over GF(2^31 - 1), random Harary graphs, k/t selection, quantisation with exact
 integer weighting, seedable CSPRNG sources) and the protocol state machines:
 :class:`ClientSession` and :class:`ServerSession` (dropout recovery at every stage,
-signed key advertisements and the consistency check in the active model).
+signed key advertisements and the consistency check in the active model), their
+strict binary wire format (:mod:`secure_agg.wire`, :mod:`secure_agg.envelope`),
+fused mask application (:func:`apply_masks`) and the discrete Gaussian sampler of
+distributed DP (:func:`discrete_gaussian`).
 """
 
 from secure_agg.client import ClientSession
@@ -14,8 +17,9 @@ from secure_agg.encoding import EncodingConfig, decode_sum, encode
 from secure_agg.errors import CryptoError, InvalidMessage, ProtocolAbort
 from secure_agg.graph import harary_neighbours
 from secure_agg.identity import EnrolmentAuthority, IdentityCertificate, NodeIdentity
+from secure_agg.noise import discrete_gaussian
 from secure_agg.params import NeighbourhoodParams, ThreatModel, choose_neighbourhood
-from secure_agg.prg import add_mask, expand_mask, uniform_floats
+from secure_agg.prg import add_mask, apply_masks, expand_mask, uniform_floats
 from secure_agg.randomness import DeterministicRandom, RandomSource, SystemRandomSource
 from secure_agg.server import ServerSession, UnmaskResult
 from secure_agg.shamir import combine, split
@@ -39,10 +43,12 @@ __all__ = [
     "ThreatModel",
     "UnmaskResult",
     "add_mask",
+    "apply_masks",
     "choose_neighbourhood",
     "combine",
     "decode_sum",
     "derive_pair_key",
+    "discrete_gaussian",
     "encode",
     "expand_mask",
     "harary_neighbours",
