@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks._common import RESULTS, machine, write
+from fl_server.secagg import payload_bytes
 from simulations.offline import apply_offline_env, quiet_flower, ray_backend_config
 
 VARIANTS = ("flower_fedavg", "flower_secaggplus", "fedge_secaggplus", "fedge_secaggplus_ddp")
@@ -87,26 +88,6 @@ class _PeakRss:
         self._thread.join()
 
 
-def _payload_bytes(message: Any) -> int:
-    if not message.has_content():
-        return 0
-    total = 0
-    content = message.content
-    for record in content.config_records.values():
-        for value in record.values():
-            if isinstance(value, (bytes, str)):
-                total += len(value)
-            elif isinstance(value, list):
-                total += sum(len(v) if isinstance(v, (bytes, str)) else 8 for v in value)
-            else:
-                total += 8
-    for arrays in content.array_records.values():
-        total += sum(len(a.data) for a in arrays.values())
-    for metrics in content.metric_records.values():
-        total += 8 * len(metrics)
-    return total
-
-
 class _Counter:
     """Counts the bytes of every reply that passes through a Grid."""
 
@@ -120,7 +101,7 @@ class _Counter:
 
         def counting(messages: Iterable[Any], *, timeout: float | None = None) -> Any:
             replies = list(original(messages, timeout=timeout))
-            self.upload += sum(_payload_bytes(r) for r in replies)
+            self.upload += sum(payload_bytes(r.content) for r in replies if r.has_content())
             return replies
 
         grid.send_and_receive = counting

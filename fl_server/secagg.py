@@ -68,7 +68,13 @@ from strategies.accounting import ddg_rho
 from strategies.ddp import DDP_RECORD_KEY, DdpConfig, ddp_decode_sum
 from strategies.rotation import padded_length
 
-__all__ = ["SECAGG_ABORT_CODE", "SecAggConfig", "SecAggRoundStats", "SecureAggregationGrid"]
+__all__ = [
+    "SECAGG_ABORT_CODE",
+    "SecAggConfig",
+    "SecAggRoundStats",
+    "SecureAggregationGrid",
+    "payload_bytes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -78,12 +84,17 @@ _METRICS_KEY: Final = "metrics"
 T = TypeVar("T")
 
 
-def _payload_bytes(content: RecordDict) -> int:
+def payload_bytes(content: RecordDict) -> int:
+    """Return the bytes a message's records carry (8 per number, the length of bytes and text)."""
     total = 0
     for record in content.config_records.values():
-        total += sum(len(v) if isinstance(v, (bytes, str)) else 8 for v in record.values())
+        for value in record.values():
+            items = value if isinstance(value, list) else [value]
+            total += sum(len(v) if isinstance(v, (bytes, str)) else 8 for v in items)
     for arrays in content.array_records.values():
         total += sum(len(a.data) for a in arrays.values())
+    for metrics in content.metric_records.values():
+        total += 8 * len(metrics)
     return total
 
 
@@ -216,7 +227,7 @@ class _Round:
                 self.stats.failures[node] = f"{stage.value}: malformed reply: {exc}"
                 logger.warning("secure aggregation: node %d sent a malformed reply: %s", node, exc)
                 continue
-            self.uploaded += _payload_bytes(reply.content)
+            self.uploaded += payload_bytes(reply.content)
         for node in requests:
             if node not in out and node not in self.stats.failures:
                 self.stats.failures[node] = f"{stage.value}: no reply"
@@ -244,10 +255,12 @@ class _Round:
         masked_requests = session.receive_shares(shares)
         masked = self.exchange(Stage.MASKED_INPUT, masked_requests, self.masked_vector)
         after_masked = session.receive_masked(masked)
-        if self.ddp is not None and self.guard is not None:
-            # The survivors are known and nothing is revealed yet: a round whose real
-            # spend would break the budget stops here, before anyone unmasks.
-            self.guard(self._rho(len(after_masked)))
+        # The survivors (whose noise is in the sum) are fixed now: the round's spend.
+        rho = None if self.ddp is None else self._rho(len(after_masked))
+        if rho is not None and self.guard is not None:
+            # Nothing is revealed yet: a round whose real spend would break the
+            # budget stops here, before anyone unmasks.
+            self.guard(rho)
         if self.config.threat_model is ThreatModel.ACTIVE:
             signatures = self.exchange(
                 Stage.CONSISTENCY, after_masked, payload(ConsistencySignature)
@@ -259,7 +272,7 @@ class _Round:
         result = session.finish(responses)
         for node in result.excluded:
             self.stats.failures.setdefault(node, "excluded: invalid protocol message")
-        if self.ddp is None:
+        if self.ddp is None or rho is None:
             mean, total_weight = decode_sum(result.total, config=self.encoding)
         else:
             survivors = len(result.survivors)
@@ -267,7 +280,7 @@ class _Round:
             total_weight = survivors
             # Honest accounting: the noise of the clients that actually survived.
             self.stats.dp = {
-                "rho": self._rho(survivors),
+                "rho": rho,
                 "noise_std_of_sum": self.ddp.noise_std * math.sqrt(survivors),
                 "l2_clip": self.ddp.l2_clip,
             }

@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedge.errors import ConfigError
-from secure_agg.prg import SEED_BYTES, expand_mask
+from secure_agg.prg import SEED_BYTES, uniform_floats
 from secure_agg.randomness import RandomSource
 
 __all__ = ["EncodingConfig", "decode_sum", "encode"]
@@ -125,8 +125,8 @@ def encode(
     np.clip(flat, -config.clip_range, config.clip_range, out=levels)
     levels += config.clip_range
     levels *= config.scale
-    uniforms = expand_mask(rng.random_bytes(SEED_BYTES), flat.shape[0], np.dtype(np.uint32))
-    levels += uniforms * (1.0 / 4294967296.0)  # + U[0, 1): unbiased stochastic rounding
+    # + U[0, 1): unbiased stochastic rounding.
+    levels += uniform_floats(rng.random_bytes(SEED_BYTES), flat.shape[0])
     np.floor(levels, out=levels)
     top = float((1 << config.quant_bits) - 1)
     np.minimum(levels, top, out=levels)  # guards the float edge case x == c, u -> 1

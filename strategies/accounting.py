@@ -86,6 +86,11 @@ class GaussianSteps:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
 
 
+def _check_rho(rho: float) -> None:
+    if not (math.isfinite(rho) and rho >= 0):
+        raise ConfigError(f"rho must be a finite number >= 0, got {rho}")
+
+
 def _check_delta(delta: float) -> None:
     if not 0 < delta < 1:
         raise ConfigError(f"delta must be in (0, 1), got {delta}")
@@ -161,8 +166,7 @@ def zcdp_epsilon(rho: float, *, delta: float) -> float:
         If ``rho`` is negative or ``delta`` is outside (0, 1).
     """
     _check_delta(delta)
-    if not (math.isfinite(rho) and rho >= 0):
-        raise ConfigError(f"rho must be a finite number >= 0, got {rho}")
+    _check_rho(rho)
     if rho == 0:
         return 0.0
     from opacus.accountants.analysis import rdp as rdp_analysis
@@ -188,8 +192,7 @@ def composed_epsilon(
         If ``rho`` is negative or ``delta`` is outside (0, 1).
     """
     _check_delta(delta)
-    if not (math.isfinite(rho) and rho >= 0):
-        raise ConfigError(f"rho must be a finite number >= 0, got {rho}")
+    _check_rho(rho)
     if rho == 0 and not gaussian:
         return 0.0
     from opacus.accountants.analysis import rdp as rdp_analysis

@@ -33,8 +33,8 @@ import numpy as np
 import numpy.typing as npt
 
 from fedge.errors import ConfigError
-from secure_agg.noise import discrete_gaussian
-from secure_agg.prg import SEED_BYTES, expand_mask
+from secure_agg.noise import discrete_gaussian, uniform53
+from secure_agg.prg import SEED_BYTES
 from secure_agg.randomness import RandomSource
 from strategies.clipping import clip_l2
 from strategies.rotation import padded_length, rotate, unrotate
@@ -257,8 +257,7 @@ def ddp_encode(
         raise ConfigError(f"the update has {flat.shape[0]} values, expected {config.dimension}")
     clipped = clip_l2(flat, config.l2_clip).update
     scaled = rotate(clipped, config.rotation_seed) / config.gamma
-    uniforms = expand_mask(rng.random_bytes(SEED_BYTES), scaled.shape[0], np.dtype(np.uint64))
-    fraction = (uniforms >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    fraction = uniform53(rng, scaled.shape[0])
     integers = np.floor(scaled + fraction).astype(np.int64)  # unbiased stochastic rounding
     integers += discrete_gaussian(config.sigma_integer, integers.shape[0], rng)
     # Two's complement modulo 2^b: the ring's element for each signed integer.
