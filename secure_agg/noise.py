@@ -31,7 +31,7 @@ from fedge.errors import ConfigError
 from secure_agg.prg import SEED_BYTES, expand_mask
 from secure_agg.randomness import RandomSource
 
-__all__ = ["discrete_gaussian", "discrete_gaussian_variance", "uniform53"]
+__all__ = ["discrete_gaussian", "discrete_gaussian_variance", "gaussian", "uniform53"]
 
 _MAX_SIGMA = 2.0**50  # samples stay below 2^53, exact in float64
 _TWO_TO_MINUS_53 = 2.0**-53
@@ -41,6 +41,32 @@ def uniform53(rng: RandomSource, size: int) -> npt.NDArray[np.float64]:
     """Return ``size`` floats uniform on [0, 1) with 53 random bits each."""
     words = expand_mask(rng.random_bytes(SEED_BYTES), size, np.dtype(np.uint64))
     return (words >> np.uint64(11)).astype(np.float64) * _TWO_TO_MINUS_53
+
+
+def gaussian(std: float, size: int, rng: RandomSource) -> npt.NDArray[np.float64]:
+    """Return ``size`` independent samples of N(0, std^2) (Box-Muller on 53-bit uniforms).
+
+    For central and local DP, where the noise is added to floats. The samples
+    are float64, so their lowest bits carry the usual floating-point artefacts
+    (Mironov, CCS 2012); where that matters, add integer noise
+    (:func:`discrete_gaussian`) to a quantised value instead.
+
+    Raises
+    ------
+    ConfigError
+        If ``std`` or ``size`` is out of range.
+    """
+    if not (math.isfinite(std) and std > 0):
+        raise ConfigError(f"std must be a finite number > 0, got {std}")
+    if size < 0:
+        raise ConfigError(f"size must be >= 0, got {size}")
+    half = (size + 1) // 2
+    u = uniform53(rng, 2 * half).reshape(2, half)
+    radius = np.sqrt(-2.0 * np.log1p(-u[0]))  # 1 - u is in (0, 1]: no log(0)
+    angle = 2.0 * np.pi * u[1]
+    out = np.concatenate((radius * np.cos(angle), radius * np.sin(angle)))[:size]
+    out *= std
+    return out
 
 
 def discrete_gaussian(sigma: float, size: int, rng: RandomSource) -> npt.NDArray[np.int64]:

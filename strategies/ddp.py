@@ -41,6 +41,7 @@ from strategies.rotation import padded_length, rotate, unrotate
 
 __all__ = [
     "DDP_RECORD_KEY",
+    "DP_SPEND_RECORD_KEY",
     "DdpConfig",
     "DistributedDpSettings",
     "choose_gamma",
@@ -49,6 +50,8 @@ __all__ = [
 ]
 
 DDP_RECORD_KEY = "fedge.ddp"
+# The server's announcement of a round's spend (``rho``) to the devices' own ledgers.
+DP_SPEND_RECORD_KEY = "fedge.dp-spend"
 _FIELDS = {
     "l2-clip": float,
     "noise-std": float,

@@ -1,0 +1,286 @@
+"""Client-level central and local differential privacy: clipping, Gaussian noise, adaptive clipping.
+
+Central DP (McMahan et al., ICLR 2018) is for deployments that trust the
+aggregator: every client clips its update to L2 norm C, the server averages
+the clipped updates *unweighted* and adds N(0, (z C)^2) to their sum. One
+client moves the sum by at most C, so each round is the Gaussian mechanism
+with noise multiplier z (accounted by :mod:`strategies.accounting`).
+
+Adaptive clipping (Andrew, Thakkar, McMahan and Ramaswamy, NeurIPS 2021)
+moves C towards the ``target_quantile`` of the update norms: each client also
+contributes the bit b = [||update|| <= C]; the server adds N(0, sigma_b^2) to
+the bits' sum and sets C <- C exp(-eta (b_mean - gamma)). The bits are summed
+through secure aggregation, never sent in clear. To keep the round's privacy
+at z, the updates get noise multiplier z_u = (z^-2 - (2 sigma_b)^-2)^(-1/2)
+(the paper's Theorem 1: the pair is a Gaussian mechanism of multiplier z).
+
+Local DP: every client clips its update to C and adds N(0, (z C)^2) itself, so
+what leaves the device is already private, whatever the server does. Two
+updates of one client differ by up to 2C, so a round costs the client a
+Gaussian mechanism of multiplier z / 2.
+
+Every sample comes from :func:`secure_agg.noise.gaussian`, fed by a
+:class:`secure_agg.randomness.RandomSource` (the OS CSPRNG in production).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+import numpy.typing as npt
+
+from fedge.errors import ConfigError
+from secure_agg.noise import gaussian
+from secure_agg.randomness import RandomSource
+from strategies.clipping import clip_l2
+
+__all__ = [
+    "CDP_RECORD_KEY",
+    "LDP_RECORD_KEY",
+    "UNCLIPPED_METRIC",
+    "AdaptiveClipping",
+    "CentralDpRound",
+    "CentralDpSettings",
+    "LocalDpSettings",
+    "add_central_noise",
+    "local_privatise",
+    "next_clip",
+]
+
+CDP_RECORD_KEY: Final = "fedge.cdp"
+LDP_RECORD_KEY: Final = "fedge.ldp"
+UNCLIPPED_METRIC: Final = "fedge-unclipped"
+
+
+def _positive(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name} must be a finite number > 0, got {value}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AdaptiveClipping:
+    """How the clipping bound follows a quantile of the update norms.
+
+    Parameters
+    ----------
+    target_quantile
+        gamma, the fraction of updates that should fit the bound unclipped, in (0, 1).
+    learning_rate
+        eta of the geometric update C <- C exp(-eta (b_mean - gamma)), > 0.
+    count_noise_std
+        sigma_b, the noise on the sum of the bits; the paper suggests (expected
+        clients) / 20. Must exceed z / 2.
+    min_clip, max_clip
+        Bounds the clip never leaves.
+    """
+
+    target_quantile: float = 0.5
+    learning_rate: float = 0.2
+    count_noise_std: float = 5.0
+    min_clip: float = 1e-3
+    max_clip: float = 1e3
+
+    def __post_init__(self) -> None:
+        if not 0 < self.target_quantile < 1:
+            raise ConfigError(f"target_quantile must be in (0, 1), got {self.target_quantile}")
+        _positive("learning_rate", self.learning_rate)
+        _positive("count_noise_std", self.count_noise_std)
+        _positive("min_clip", self.min_clip)
+        _positive("max_clip", self.max_clip)
+        if self.min_clip > self.max_clip:
+            raise ConfigError("min_clip must be <= max_clip")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CentralDpSettings:
+    """Client-level central DP of a run.
+
+    Parameters
+    ----------
+    l2_clip
+        C, the L2 bound of a client's update (the initial one when adaptive).
+    noise_multiplier
+        z, the round's noise multiplier as accounted.
+    adaptive
+        Move C towards a quantile of the norms (needs secure aggregation for the bits).
+    """
+
+    l2_clip: float
+    noise_multiplier: float
+    adaptive: AdaptiveClipping | None = None
+
+    def __post_init__(self) -> None:
+        _positive("l2_clip", self.l2_clip)
+        _positive("noise_multiplier", self.noise_multiplier)
+        if self.adaptive is not None:
+            if 2 * self.adaptive.count_noise_std <= self.noise_multiplier:
+                raise ConfigError(
+                    "adaptive clipping needs count_noise_std > noise_multiplier / 2 "
+                    f"(got {self.adaptive.count_noise_std} and {self.noise_multiplier})"
+                )
+            if not self.adaptive.min_clip <= self.l2_clip <= self.adaptive.max_clip:
+                raise ConfigError("the initial l2_clip must lie in [min_clip, max_clip]")
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        """z_u, the multiplier of the noise on the updates (z without adaptive clipping)."""
+        if self.adaptive is None:
+            return self.noise_multiplier
+        z, sigma_b = self.noise_multiplier, self.adaptive.count_noise_std
+        return float((z**-2 - (2 * sigma_b) ** -2) ** -0.5)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CentralDpRound:
+    """What the server tells clients in a central-DP round (the ``fedge.cdp`` record)."""
+
+    l2_clip: float
+    noise_multiplier: float
+    adaptive: bool
+
+    def __post_init__(self) -> None:
+        _positive("l2_clip", self.l2_clip)
+        _positive("noise_multiplier", self.noise_multiplier)
+
+    def to_fields(self) -> dict[str, float | bool]:
+        """Return the flat fields of a Flower ConfigRecord."""
+        return {
+            "l2-clip": self.l2_clip,
+            "noise-multiplier": self.noise_multiplier,
+            "adaptive": self.adaptive,
+        }
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> CentralDpRound:
+        """Validate fields from the network.
+
+        Raises
+        ------
+        ConfigError
+            If a field is missing, of the wrong type or out of range.
+        """
+        if set(fields) != {"l2-clip", "noise-multiplier", "adaptive"}:
+            raise ConfigError("a central-DP record has fields l2-clip, noise-multiplier, adaptive")
+        clip, z, adaptive = fields["l2-clip"], fields["noise-multiplier"], fields["adaptive"]
+        if not isinstance(adaptive, bool):
+            raise ConfigError("central-DP field 'adaptive' must be a boolean")
+        return cls(
+            l2_clip=_number(clip, "l2-clip"),
+            noise_multiplier=_number(z, "noise-multiplier"),
+            adaptive=adaptive,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LocalDpSettings:
+    """Local DP: each client clips to ``l2_clip`` and adds N(0, (z C)^2) before sending.
+
+    The ``fedge.ldp`` record carries the same two fields.
+    """
+
+    l2_clip: float
+    noise_multiplier: float
+
+    def __post_init__(self) -> None:
+        _positive("l2_clip", self.l2_clip)
+        _positive("noise_multiplier", self.noise_multiplier)
+
+    @property
+    def accounted_noise_multiplier(self) -> float:
+        """Z / 2: two updates of one client may differ by 2C."""
+        return self.noise_multiplier / 2
+
+    def to_fields(self) -> dict[str, float]:
+        """Return the flat fields of a Flower ConfigRecord."""
+        return {"l2-clip": self.l2_clip, "noise-multiplier": self.noise_multiplier}
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> LocalDpSettings:
+        """Validate fields from the network.
+
+        Raises
+        ------
+        ConfigError
+            If a field is missing, of the wrong type or out of range.
+        """
+        if set(fields) != {"l2-clip", "noise-multiplier"}:
+            raise ConfigError("a local-DP record has fields l2-clip, noise-multiplier")
+        return cls(
+            l2_clip=_number(fields["l2-clip"], "l2-clip"),
+            noise_multiplier=_number(fields["noise-multiplier"], "noise-multiplier"),
+        )
+
+
+def _number(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"DP field {name!r} must be a number")
+    return float(value)
+
+
+def add_central_noise(
+    mean_update: npt.NDArray[np.floating],
+    *,
+    l2_clip: float,
+    noise_multiplier: float,
+    num_clients: int,
+    rng: RandomSource,
+) -> npt.NDArray[np.float64]:
+    """Return the mean of ``num_clients`` clipped updates plus N(0, (z C / n)^2) per coordinate.
+
+    That is the noise N(0, (z C)^2) on the sum, divided like the sum.
+
+    Raises
+    ------
+    ConfigError
+        If a parameter is out of range or the mean holds NaN or infinity.
+    """
+    _positive("l2_clip", l2_clip)
+    _positive("noise_multiplier", noise_multiplier)
+    if num_clients < 1:
+        raise ConfigError(f"num_clients must be >= 1, got {num_clients}")
+    flat = np.asarray(mean_update, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(flat)):
+        raise ConfigError("the mean update holds NaN or infinite values")
+    std = noise_multiplier * l2_clip / num_clients
+    return flat + gaussian(std, flat.shape[0], rng)
+
+
+def next_clip(
+    clip: float,
+    *,
+    unclipped_sum: float,
+    num_clients: int,
+    adaptive: AdaptiveClipping,
+    rng: RandomSource,
+) -> tuple[float, float]:
+    """Return the next round's clip and the noisy fraction of unclipped updates it used.
+
+    ``unclipped_sum`` is the secure sum of the clients' bits b = [||update|| <= C].
+    """
+    if num_clients < 1:
+        raise ConfigError(f"num_clients must be >= 1, got {num_clients}")
+    if not (math.isfinite(unclipped_sum) and -0.5 <= unclipped_sum <= num_clients + 0.5):
+        raise ConfigError(f"impossible count of unclipped updates {unclipped_sum}")
+    noisy = unclipped_sum + float(gaussian(adaptive.count_noise_std, 1, rng)[0])
+    fraction = noisy / num_clients
+    updated = clip * math.exp(-adaptive.learning_rate * (fraction - adaptive.target_quantile))
+    return min(max(updated, adaptive.min_clip), adaptive.max_clip), fraction
+
+
+def local_privatise(
+    update: npt.NDArray[np.floating], settings: LocalDpSettings, rng: RandomSource
+) -> npt.NDArray[np.float64]:
+    """Clip ``update`` to ``settings.l2_clip`` and add N(0, (z C)^2) to every coordinate.
+
+    Raises
+    ------
+    ConfigError
+        If the update holds NaN or infinite values.
+    """
+    clipped = clip_l2(update, settings.l2_clip).update
+    std = settings.noise_multiplier * settings.l2_clip
+    return clipped + gaussian(std, clipped.shape[0], rng)
