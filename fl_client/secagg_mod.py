@@ -48,6 +48,8 @@ from flwr.app import (
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedge.errors import ConfigError
+from fl_client.dp_mod import SECURE_MARKER_KEY, secure_marker
+from fl_client.updates import flat_update
 from secure_agg import wire
 from secure_agg.client import ClientSession
 from secure_agg.encoding import encode
@@ -62,6 +64,7 @@ from secure_agg.messages import (
     UnmaskRequest,
 )
 from secure_agg.randomness import RandomSource, SystemRandomSource
+from strategies.central import CDP_RECORD_KEY, UNCLIPPED_METRIC
 from strategies.ddp import DDP_RECORD_KEY, DdpConfig, ddp_encode
 from strategies.rotation import padded_length
 
@@ -92,28 +95,6 @@ def _only_arrays(content: RecordDict, what: str) -> ArrayRecord:
     return next(iter(content.array_records.values()))
 
 
-def _update(sent: ArrayRecord, trained: ArrayRecord) -> npt.NDArray[np.float64]:
-    keys = list(sent.keys())
-    if list(trained.keys()) != keys:
-        raise ConfigError("the trained model's arrays differ from the global model's")
-    for key in keys:
-        if tuple(sent[key].shape) != tuple(trained[key].shape):
-            raise ConfigError(f"array {key!r} changed shape during training")
-    sizes = [int(np.prod(sent[key].shape)) for key in keys]
-    update = np.empty(sum(sizes), dtype=np.float64)
-    offset = 0
-    for key, size in zip(keys, sizes, strict=True):
-        # One pass per array, computed in float64 straight into the flat update.
-        np.subtract(
-            trained[key].numpy().reshape(-1),
-            sent[key].numpy().reshape(-1),
-            out=update[offset : offset + size],
-            dtype=np.float64,
-        )
-        offset += size
-    return update
-
-
 def _weight(reply: Message, weight_key: str, cap: int) -> int:
     metrics = reply.content.metric_records
     if len(metrics) != 1:
@@ -123,6 +104,18 @@ def _weight(reply: Message, weight_key: str, cap: int) -> int:
         raise ConfigError(f"the train reply's {weight_key!r} must be a number >= 1")
     # A larger example count than the cap weighs as the cap: the ring must not wrap.
     return min(int(value), cap)
+
+
+def _unclipped_bit(reply: Message) -> float | None:
+    metrics = reply.content.metric_records
+    if len(metrics) != 1:
+        raise ConfigError("the train handler must reply with exactly one MetricRecord")
+    value = next(iter(metrics.values())).get(UNCLIPPED_METRIC)
+    if value is None:
+        return None
+    if value not in (0.0, 1.0):
+        raise ConfigError(f"the clipped-update bit must be 0 or 1, got {value!r}")
+    return float(value)
 
 
 def _reply(
@@ -185,15 +178,16 @@ def make_secagg_mod(
         request = wire.decode(envelope.payload, MaskedInputRequest)
         ddp_fields = msg.content.config_records.get(DDP_RECORD_KEY)
         ddp = None if ddp_fields is None else DdpConfig.from_fields(ddp_fields)
-        stripped = RecordDict(
-            {k: v for k, v in msg.content.items() if k not in (RECORD_KEY, DDP_RECORD_KEY)}
-        )
+        stripped = RecordDict({k: v for k, v in msg.content.items() if k != RECORD_KEY})
+        # Tells the DP mod it runs inside a secure round (its clipped bit may be summed).
+        stripped[SECURE_MARKER_KEY] = secure_marker()
+        central = CDP_RECORD_KEY in msg.content.config_records
         train_msg = copy.copy(msg)
         train_msg.content = stripped
         reply = call_next(train_msg, context)
         if reply.has_error():
             return reply
-        update = _update(
+        update = flat_update(
             _only_arrays(stripped, "the train message"),
             _only_arrays(reply.content, "the train reply"),
         )
@@ -205,6 +199,10 @@ def make_secagg_mod(
                 raise InvalidMessage("the model does not match the round's vector length")
             noisy = ddp_encode(update, ddp, rng_factory())
             return session.masked_input(request, noisy, consume=True).vector
+        bit = _unclipped_bit(reply) if central else None
+        if bit is not None:
+            # Adaptive clipping: the bit is summed with the update, never seen alone.
+            update = np.append(update, bit * setup.encoding.clip_range)
         if update.shape[0] + 1 != setup.vector_length:
             raise InvalidMessage(
                 f"the model has {update.shape[0]} values, "

@@ -1,0 +1,331 @@
+"""The device's own privacy ledger: what each round it trained in cost it, and a mod that declines.
+
+The server's ledger (``fl_server.ledger``) guards the run; a device must not
+depend on it for its own guarantee. Each device keeps an append-only file of
+the rounds it contributed to (one JSON line per round, fsynced before the
+update leaves the device) and declines a round whose spend would take it past
+its own epsilon budget: the decline is an ordinary error reply, so the round
+continues without it.
+
+What a round costs the device, from what the round asks of it (never from
+what the server claims it will do, where the device can compute it itself):
+
+- central DP (``fedge.cdp``): the Gaussian mechanism of multiplier z on the
+  rounds it takes part in, no amplification (the device knows it was sampled);
+- local DP (``fedge.ldp``): the Gaussian mechanism of multiplier z / 2;
+- distributed DP (``fedge.ddp``): rho of the distributed discrete Gaussian
+  with the noise of the clients the server expects to survive — the larger of
+  the server's announcement and the device's own bound with every sampled
+  client surviving, so a server cannot under-announce below what the device can check;
+- sample-level DP-SGD: the device's own Opacus accounting (recorded by the train handler).
+
+A torn last line (a crash while appending) is dropped: the reply of that round
+was never sent. Any other damage stops the device from training (fail closed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+from flwr.app import Context, Error, Message, MessageType, RecordDict
+from flwr.clientapp.typing import ClientAppCallable, Mod
+
+from fedge.errors import ConfigError, FedgeError, StorageError
+from strategies.accounting import GaussianSteps, composed_epsilon, ddg_rho
+from strategies.central import CDP_RECORD_KEY, LDP_RECORD_KEY, CentralDpRound, LocalDpSettings
+from strategies.ddp import DDP_RECORD_KEY, DP_SPEND_RECORD_KEY, DdpConfig
+from strategies.rotation import padded_length
+
+__all__ = [
+    "BUDGET_ERROR_CODE",
+    "DP_SPEND_RECORD_KEY",
+    "ClientBudget",
+    "ClientBudgetExhausted",
+    "ClientLedger",
+    "ClientSpend",
+    "make_budget_mod",
+    "round_spend",
+]
+
+logger = logging.getLogger(__name__)
+
+BUDGET_ERROR_CODE: Final = 4312
+
+
+class ClientBudgetExhausted(FedgeError):  # noqa: N818 - reads as what happened
+    """The round would take this device past its own privacy budget."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientSpend:
+    """What one round costs the device: a zCDP rho, a Gaussian event, or both."""
+
+    mechanism: str
+    rho: float = 0.0
+    gaussian: GaussianSteps | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.rho) and self.rho >= 0):
+            raise ConfigError(f"rho must be a finite number >= 0, got {self.rho}")
+        if self.rho == 0 and self.gaussian is None:
+            raise ConfigError("a spend needs a rho > 0 or a Gaussian event")
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the spend as JSON values."""
+        event = self.gaussian
+        return {
+            "mechanism": self.mechanism,
+            "rho": self.rho,
+            "noise_multiplier": None if event is None else event.noise_multiplier,
+            "sample_rate": None if event is None else event.sample_rate,
+            "steps": None if event is None else event.steps,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> ClientSpend:
+        """Parse what :meth:`to_json` wrote."""
+        event = None
+        if raw.get("noise_multiplier") is not None:
+            event = GaussianSteps(
+                noise_multiplier=float(raw["noise_multiplier"]),
+                sample_rate=float(raw["sample_rate"]),
+                steps=int(raw["steps"]),
+            )
+        return cls(mechanism=str(raw["mechanism"]), rho=float(raw["rho"]), gaussian=event)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientBudget:
+    """A device's budget and where its ledger lives.
+
+    Parameters
+    ----------
+    directory
+        Where the ledgers are kept (one file per device).
+    epsilon
+        The device's epsilon budget, > 0.
+    delta
+        The delta epsilon is computed at, in (0, 1).
+    """
+
+    directory: Path
+    epsilon: float
+    delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise ConfigError(f"the client epsilon budget must be > 0, got {self.epsilon}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
+
+    def ledger_for(self, context: Context) -> ClientLedger:
+        """Return the ledger of the device running ``context`` (by partition, else node id)."""
+        device = context.node_config.get("partition-id", context.node_id)
+        if isinstance(device, bool) or not isinstance(device, (int, str)):
+            raise ConfigError("the node config's partition-id must be an integer or a string")
+        name = str(device)
+        if not name.replace("-", "").isalnum():
+            raise ConfigError(f"unusable device name {name!r} for a ledger file")
+        return ClientLedger(self.directory / f"device-{name}.jsonl")
+
+    def check(self, ledger: ClientLedger, spend: ClientSpend) -> float:
+        """Return the epsilon the round would bring the device to.
+
+        Raises
+        ------
+        ClientBudgetExhausted
+            If that exceeds the budget.
+        """
+        projected = ledger.epsilon(self.delta, extra=spend)
+        if projected > self.epsilon:
+            raise ClientBudgetExhausted(
+                f"this round would take the device to epsilon {projected:.4g} > its budget "
+                f"{self.epsilon:g} (delta {self.delta:g}); declining"
+            )
+        return projected
+
+
+class ClientLedger:
+    """An append-only JSON-lines ledger of one device's spending."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Return the recorded rounds, oldest first.
+
+        Raises
+        ------
+        StorageError
+            If the file is damaged anywhere but a torn last line.
+        """
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise StorageError(f"cannot read the device ledger {self.path}: {exc}") from exc
+        lines = raw.split(b"\n")
+        complete, torn = lines[:-1], lines[-1]
+        if torn:
+            logger.warning("device ledger %s: dropping a torn last line", self.path)
+        out = []
+        for number, line in enumerate(complete, start=1):
+            try:
+                entry = json.loads(line)
+                ClientSpend.from_json(entry)
+            except (ValueError, KeyError, TypeError, ConfigError) as exc:
+                raise StorageError(
+                    f"device ledger {self.path} line {number} is damaged: {exc}"
+                ) from exc
+            out.append(entry)
+        return out
+
+    def epsilon(self, delta: float, *, extra: ClientSpend | None = None) -> float:
+        """Return epsilon(delta) of every recorded round (plus ``extra``)."""
+        spends = [ClientSpend.from_json(e) for e in self.entries()]
+        if extra is not None:
+            spends.append(extra)
+        rho = sum(s.rho for s in spends)
+        events = [s.gaussian for s in spends if s.gaussian is not None]
+        return composed_epsilon(rho=rho, gaussian=events, delta=delta)
+
+    def record(self, server_round: int, spend: ClientSpend) -> None:
+        """Append the round's spend and fsync it.
+
+        Raises
+        ------
+        StorageError
+            If the file cannot be written.
+        """
+        line = {
+            "round": server_round,
+            "recorded_at": datetime.now(UTC).isoformat(timespec="microseconds"),
+            **spend.to_json(),
+        }
+        data = (json.dumps(line, sort_keys=True) + "\n").encode()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._drop_torn_tail()
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise StorageError(f"cannot write the device ledger {self.path}: {exc}") from exc
+
+    def _drop_torn_tail(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            raw = self.path.read_bytes()
+            if raw and not raw.endswith(b"\n"):
+                keep = raw.rfind(b"\n") + 1
+                with open(self.path, "r+b") as handle:
+                    handle.truncate(keep)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+
+
+def _announced_rho(content: RecordDict) -> float:
+    record = content.config_records.get(DP_SPEND_RECORD_KEY)
+    if record is None:
+        return 0.0
+    value = record.get("rho")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError("the announced spend's 'rho' must be a finite number")
+    return max(0.0, float(value))
+
+
+def round_spend(content: RecordDict) -> ClientSpend | None:
+    """Return what the round in ``content`` costs the device (None: no DP mechanism asked).
+
+    Raises
+    ------
+    ConfigError
+        If a DP record is malformed.
+    """
+    records = content.config_records
+    if CDP_RECORD_KEY in records:
+        central = CentralDpRound.from_fields(records[CDP_RECORD_KEY])
+        return ClientSpend(
+            mechanism="central-gaussian",
+            gaussian=GaussianSteps(
+                noise_multiplier=central.noise_multiplier, sample_rate=1.0, steps=1
+            ),
+        )
+    if LDP_RECORD_KEY in records:
+        local = LocalDpSettings.from_fields(records[LDP_RECORD_KEY])
+        return ClientSpend(
+            mechanism="local-gaussian",
+            gaussian=GaussianSteps(
+                noise_multiplier=local.accounted_noise_multiplier, sample_rate=1.0, steps=1
+            ),
+        )
+    if DDP_RECORD_KEY in records:
+        ddp = DdpConfig.from_fields(records[DDP_RECORD_KEY])
+        own = ddg_rho(
+            l2_sensitivity=ddp.l2_sensitivity,
+            l1_sensitivity=ddp.l1_sensitivity,
+            sigma=ddp.sigma_integer,
+            num_clients=ddp.expected_clients,
+            dimension=padded_length(ddp.dimension),
+        )
+        return ClientSpend(mechanism="distributed-ddg", rho=max(own, _announced_rho(content)))
+    return None
+
+
+def _round_of(content: RecordDict) -> int:
+    for record in content.config_records.values():
+        value = record.get("server-round")
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return 0
+
+
+def make_budget_mod(budget: ClientBudget) -> Mod:
+    """Return a mod that declines rounds past the device's budget and records the others.
+
+    Place it inside the secure-aggregation mod (it must see the train message
+    with its DP records) and outside the DP mod: ``[secagg, budget, dp]``.
+    """
+
+    def budget_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return call_next(msg, context)
+        try:
+            spend = round_spend(msg.content)
+            if spend is None:
+                return call_next(msg, context)
+            ledger = budget.ledger_for(context)
+            budget.check(ledger, spend)
+        except (ConfigError, StorageError, ClientBudgetExhausted) as exc:
+            logger.warning("privacy budget: declining the round: %s", exc)
+            return Message(
+                Error(code=BUDGET_ERROR_CODE, reason=f"client privacy budget: {exc}"),
+                reply_to=msg,
+            )
+        reply = call_next(msg, context)
+        if reply.has_error():
+            return reply
+        try:
+            # Before the update leaves the device: a crash here loses the reply, not the record.
+            ledger.record(_round_of(msg.content), spend)
+        except StorageError as exc:
+            logger.error("privacy budget: cannot record the round, not sending it: %s", exc)
+            return Message(
+                Error(code=BUDGET_ERROR_CODE, reason=f"client privacy budget: {exc}"),
+                reply_to=msg,
+            )
+        return reply
+
+    return budget_mod
