@@ -17,7 +17,9 @@ from fedge.errors import ConfigError
 from fl_server.audit import AuditEventKind, AuditLog
 from fl_server.checkpoints import CheckpointDir
 from fl_server.ledger import BudgetExceeded, PrivacyBudget, RoundSpend
+from fl_server.privacy import PrivacyMechanism, PrivateFedAvg, ServerDp
 from fl_server.secagg import SecAggConfig, SecAggRoundStats, SecureAggregationGrid
+from strategies.accounting import GaussianSteps
 
 __all__ = [
     "CentralEvaluator",
@@ -115,6 +117,13 @@ class _ReplyCounts:
     def on_secure_round(self, stats: SecAggRoundStats) -> None:
         self.secure[stats.server_round] = stats
 
+    def on_replies(self, server_round: int, ok: int, failed: int) -> None:
+        self.replies[server_round] = (ok, failed)
+
+    def participants(self, server_round: int) -> list[int]:
+        stats = self.secure.get(server_round)
+        return [] if stats is None else list(stats.survivor_ids)
+
     def outcome(self, server_round: int) -> tuple[int, int, dict[str, Any] | None]:
         """Return (clients counted, clients failed, secure-aggregation summary) of a round."""
         ok, failed = self.replies.get(server_round, (0, 0))
@@ -172,10 +181,13 @@ def _privacy_hooks(
         counts.on_secure_round(stats)
         if stats.dp is None or stats.aborted is not None:
             return
-        entry = budget.ledger.record(
+        spend = RoundSpend(mechanism=_DDG, rho=stats.dp["rho"])
+        entry = budget.ledger.record(run_id, stats.server_round, spend, delta=budget.delta)
+        # Each survivor's noise-protected contribution costs it the same rho.
+        totals = budget.ledger.record_many(
             run_id,
             stats.server_round,
-            RoundSpend(mechanism=_DDG, rho=stats.dp["rho"]),
+            {str(node): spend for node in stats.survivor_ids},
             delta=budget.delta,
         )
         audit.append(
@@ -189,11 +201,72 @@ def _privacy_hooks(
                 "budget": budget.epsilon,
                 "survivors": stats.survivors,
                 "noise_std_of_sum": stats.dp["noise_std_of_sum"],
+                "max_client_epsilon": max(totals.values(), default=0.0),
+                "clients_charged": len(totals),
             },
             run_id=run_id,
         )
 
     return guard, on_secure
+
+
+class _LedgerSink:
+    """Hands a private strategy's spending to the ledger and the audit log."""
+
+    def __init__(
+        self, budget: PrivacyBudget, audit: AuditLog, run_id: str, mechanism: PrivacyMechanism
+    ) -> None:
+        self._budget = budget
+        self._audit = audit
+        self._run_id = run_id
+        self._mechanism = mechanism.value
+
+    def check(self, server_round: int, event: GaussianSteps) -> None:
+        del server_round
+        if self._budget.epsilon is not None:
+            spend = RoundSpend(mechanism=self._mechanism, gaussian=event)
+            self._budget.ledger.check(
+                self._run_id, spend, budget=self._budget.epsilon, delta=self._budget.delta
+            )
+
+    def spent(
+        self,
+        server_round: int,
+        event: GaussianSteps | None,
+        participants: dict[str, GaussianSteps],
+        details: dict[str, Any],
+    ) -> None:
+        ledger, delta = self._budget.ledger, self._budget.delta
+        payload: dict[str, Any] = {
+            "round": server_round,
+            "mechanism": self._mechanism,
+            "delta": delta,
+            "budget": self._budget.epsilon,
+            **details,
+        }
+        if event is not None:
+            entry = ledger.record(
+                self._run_id,
+                server_round,
+                RoundSpend(mechanism=self._mechanism, gaussian=event),
+                delta=delta,
+            )
+            payload["epsilon"] = entry.epsilon
+            payload["noise_multiplier"] = event.noise_multiplier
+            payload["sample_rate"] = event.sample_rate
+        totals = ledger.record_many(
+            self._run_id,
+            server_round,
+            {
+                node: RoundSpend(mechanism=self._mechanism, gaussian=own)
+                for node, own in participants.items()
+            },
+            delta=delta,
+        )
+        if totals:
+            payload["max_client_epsilon"] = max(totals.values())
+            payload["clients_charged"] = len(totals)
+        self._audit.append(AuditEventKind.PRIVACY_SPENT, payload, run_id=self._run_id)
 
 
 def make_server_app(
@@ -208,6 +281,7 @@ def make_server_app(
     observers: Sequence[RoundObserver] = (),
     secure: SecAggConfig | None = None,
     privacy: PrivacyBudget | None = None,
+    dp: ServerDp | None = None,
 ) -> ServerApp:
     """Build a ServerApp that runs FedAvg and records every round.
 
@@ -237,10 +311,16 @@ def make_server_app(
         Run every training round as a fedge SecAgg+ round (the clients need
         :func:`fl_client.secagg_mod.make_secagg_mod`); ``None`` for plain FedAvg.
     privacy
-        With distributed DP: every round's spend goes to this ledger (and the
-        audit log); a round that would exceed the budget is stopped before
-        anything is unmasked and the federation ends there (``exhausted`` says why).
+        With differential privacy: every round's spend goes to this ledger (and
+        the audit log), for the run and for each client that took part; a round
+        that would exceed the budget is refused (with distributed DP, before
+        anything is unmasked) and the federation ends there (``exhausted`` says why).
+    dp
+        Central, local or sample-level DP (:class:`fl_server.privacy.PrivateFedAvg`);
+        distributed DP is configured in ``secure`` instead. Needs ``privacy``.
     """
+    if dp is not None and privacy is None:
+        raise ConfigError("a DP run needs a privacy ledger")
     app = ServerApp()
     counts = _ReplyCounts()
 
@@ -250,13 +330,27 @@ def make_server_app(
         if secure is not None:
             guard, on_secure = _privacy_hooks(privacy, counts, audit, run_id)
             grid = SecureAggregationGrid(grid, secure, on_round=on_secure, privacy_guard=guard)
-        strategy = _CountingFedAvg(
-            counts,
-            fraction_train=config.fraction_train,
-            fraction_evaluate=0.0,
-            min_train_nodes=config.min_train_nodes,
-            min_available_nodes=config.min_available_nodes,
-        )
+        strategy: FedAvg
+        if dp is None:
+            strategy = _CountingFedAvg(
+                counts,
+                fraction_train=config.fraction_train,
+                fraction_evaluate=0.0,
+                min_train_nodes=config.min_train_nodes,
+                min_available_nodes=config.min_available_nodes,
+            )
+        else:
+            assert privacy is not None
+            strategy = PrivateFedAvg(
+                dp=dp,
+                sink=_LedgerSink(privacy, audit, run_id, dp.mechanism),
+                on_replies=counts.on_replies,
+                participants=counts.participants,
+                fraction_train=config.fraction_train,
+                fraction_evaluate=0.0,
+                min_train_nodes=config.min_train_nodes,
+                min_available_nodes=config.min_available_nodes,
+            )
         round_started = time.perf_counter()
 
         def _evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:

@@ -13,6 +13,7 @@ refuses it if not; the ledger itself never deletes or rewrites an entry.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -193,6 +194,80 @@ class PrivacyLedger:
             ) from exc
         except SQLAlchemyError as exc:
             raise StorageError(f"cannot write the privacy ledger: {exc}") from exc
+
+    def record_many(
+        self,
+        run_id: str,
+        server_round: int,
+        spends: Mapping[str, RoundSpend],
+        *,
+        delta: float,
+    ) -> dict[str, float]:
+        """Store one round's spend for many subjects in one transaction; return their totals.
+
+        Raises
+        ------
+        StorageError
+            If a subject already has this round or the database fails.
+        """
+        if not spends:
+            return {}
+        if server_round < 0 or not 0 < len(run_id) <= 64:
+            raise ConfigError("invalid run id or round for the privacy ledger")
+        if any(not 0 < len(subject) <= 128 for subject in spends):
+            raise ConfigError("a ledger subject has 1..128 characters")
+        now = datetime.now(UTC).isoformat(timespec="microseconds")
+        totals: dict[str, float] = {}
+        try:
+            with Session(self._engine) as session, session.begin():
+                query = select(LedgerRow).where(
+                    LedgerRow.run_id == run_id, LedgerRow.subject.in_(list(spends))
+                )
+                history: dict[str, list[LedgerRow]] = {subject: [] for subject in spends}
+                for row in session.scalars(query):
+                    history[row.subject].append(row)
+                for subject, spend in spends.items():
+                    epsilon = _epsilon(history[subject], spend, delta)
+                    event = spend.gaussian
+                    session.add(
+                        LedgerRow(
+                            run_id=run_id,
+                            subject=subject,
+                            server_round=server_round,
+                            mechanism=spend.mechanism,
+                            rho=spend.rho,
+                            noise_multiplier=None if event is None else event.noise_multiplier,
+                            sample_rate=None if event is None else event.sample_rate,
+                            steps=None if event is None else event.steps,
+                            delta=delta,
+                            epsilon=epsilon,
+                            recorded_at=now,
+                        )
+                    )
+                    totals[subject] = epsilon
+                session.flush()
+        except IntegrityError as exc:
+            raise StorageError(
+                f"round {server_round} of run {run_id} is already in the ledger for a subject"
+            ) from exc
+        except SQLAlchemyError as exc:
+            raise StorageError(f"cannot write the privacy ledger: {exc}") from exc
+        return totals
+
+    def max_subject_epsilon(self, run_id: str) -> tuple[str, float] | None:
+        """Return the client (not the run) with the largest stored epsilon, or None."""
+        query = (
+            select(LedgerRow.subject, LedgerRow.epsilon)
+            .where(LedgerRow.run_id == run_id, LedgerRow.subject != RUN_SUBJECT)
+            .order_by(LedgerRow.epsilon.desc())
+            .limit(1)
+        )
+        try:
+            with Session(self._engine) as session:
+                row = session.execute(query).first()
+        except SQLAlchemyError as exc:
+            raise StorageError(f"cannot read the privacy ledger: {exc}") from exc
+        return None if row is None else (str(row[0]), float(row[1]))
 
     def latest_run_id(self) -> str | None:
         """Return the run of the newest entry, or None for an empty ledger."""

@@ -65,7 +65,8 @@ from secure_agg.params import ThreatModel, choose_neighbourhood
 from secure_agg.randomness import RandomSource, SystemRandomSource
 from secure_agg.server import ServerSession
 from strategies.accounting import ddg_rho
-from strategies.ddp import DDP_RECORD_KEY, DdpConfig, ddp_decode_sum
+from strategies.central import CDP_RECORD_KEY, UNCLIPPED_METRIC, CentralDpRound
+from strategies.ddp import DDP_RECORD_KEY, DP_SPEND_RECORD_KEY, DdpConfig, ddp_decode_sum
 from strategies.rotation import padded_length
 
 __all__ = [
@@ -143,7 +144,22 @@ class _Round:
             degree, threshold = config.degree, config.threshold
         self.ddp: DdpConfig | None = None
         self.train_content = self.content
-        if config.distributed_dp is None:
+        self.extra_metrics: dict[str, float] = {}
+        cdp_fields = self.content.config_records.get(CDP_RECORD_KEY)
+        self.central = None if cdp_fields is None else CentralDpRound.from_fields(cdp_fields)
+        if self.central is not None:
+            if config.distributed_dp is not None:
+                raise ConfigError("a round cannot run central and distributed DP at once")
+            # Central DP: unweighted clipped updates, whose coordinates lie in [-C, C];
+            # with adaptive clipping one more coordinate carries the bit (times C).
+            self.vector_length = self.length + (2 if self.central.adaptive else 1)
+            self.encoding = EncodingConfig(
+                clip_range=self.central.l2_clip,
+                ring_bits=config.ring_bits,
+                max_clients=len(nodes),
+                weight_cap=1,
+            )
+        elif config.distributed_dp is None:
             self.vector_length = self.length + 1
             self.encoding = EncodingConfig(
                 clip_range=config.clip_range,
@@ -166,6 +182,11 @@ class _Round:
             self.train_content = RecordDict(dict(self.content))
             fields: dict[str, ConfigRecordValues] = {**self.ddp.to_fields()}
             self.train_content[DDP_RECORD_KEY] = ConfigRecord(fields)
+            # What a device's own ledger should count: rho with the expected survivors.
+            expected = max(1, math.floor(len(nodes) * (1 - config.dropout_fraction)))
+            self.train_content[DP_SPEND_RECORD_KEY] = ConfigRecord(
+                {"rho": self._rho(expected, padded_length(self.length))}
+            )
         self.session = ServerSession(
             nodes,
             degree=degree,
@@ -274,6 +295,11 @@ class _Round:
             self.stats.failures.setdefault(node, "excluded: invalid protocol message")
         if self.ddp is None or rho is None:
             mean, total_weight = decode_sum(result.total, config=self.encoding)
+            if self.central is not None and self.central.adaptive:
+                # Only the sum of the bits is ever known, never one client's.
+                bits = float(mean[self.length]) / self.encoding.clip_range * total_weight
+                self.extra_metrics[UNCLIPPED_METRIC] = bits
+                mean = mean[: self.length]
         else:
             survivors = len(result.survivors)
             mean = ddp_decode_sum(result.total, self.ddp, num_clients=survivors)
@@ -285,19 +311,20 @@ class _Round:
                 "l2_clip": self.ddp.l2_clip,
             }
         self.stats.survivors = len(result.survivors)
+        self.stats.survivor_ids = sorted(result.survivors)
         self.stats.dropped = self.stats.sampled - len(result.survivors)
         self.stats.total_weight = total_weight
         self.stats.upload_bytes_per_client = self.uploaded / max(1, len(result.survivors))
         return self._apply(mean), total_weight
 
-    def _rho(self, survivors: int) -> float:
+    def _rho(self, survivors: int, dimension: int | None = None) -> float:
         assert self.ddp is not None
         return ddg_rho(
             l2_sensitivity=self.ddp.l2_sensitivity,
             l1_sensitivity=self.ddp.l1_sensitivity,
             sigma=self.ddp.sigma_integer,
             num_clients=survivors,
-            dimension=self.vector_length,
+            dimension=dimension or self.vector_length,
         )
 
     def _apply(self, mean: npt.NDArray[np.float64]) -> ArrayRecord:
@@ -434,6 +461,7 @@ class SecureAggregationGrid(Grid):
             {
                 self._config.weight_key: total_weight,
                 "secagg-survivors": secure.stats.survivors,
+                **secure.extra_metrics,
             }
         )
         aggregate = Message(

@@ -99,3 +99,4 @@ class SecAggRoundStats:
     failures: dict[int, str] = field(default_factory=dict)
     aborted: str | None = None
     dp: dict[str, float] | None = None
+    survivor_ids: list[int] = field(default_factory=list)

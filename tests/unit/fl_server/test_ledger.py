@@ -90,3 +90,24 @@ def test_invalid_budgets_and_subjects_are_refused(engine: Engine) -> None:
         ledger.check("run-a", DDG, budget=0.0, delta=DELTA)
     with pytest.raises(ConfigError, match="invalid run id"):
         ledger.record("run-a", 1, DDG, delta=DELTA, subject="")
+
+
+def test_many_clients_of_a_round_are_charged_in_one_transaction(engine: Engine) -> None:
+    ledger = PrivacyLedger(engine)
+    central = RoundSpend(
+        mechanism="central-gaussian",
+        gaussian=GaussianSteps(noise_multiplier=1.0, sample_rate=1.0, steps=1),
+    )
+    first = ledger.record_many("run-a", 1, {"11": central, "12": central}, delta=DELTA)
+    second = ledger.record_many("run-a", 2, {"11": central}, delta=DELTA)
+
+    # Client 11 took part twice, client 12 once: only participations are charged.
+    assert second["11"] > first["11"] == first["12"]
+    assert second["11"] == pytest.approx(ledger.spent("run-a", delta=DELTA, subject="11"))
+    assert ledger.max_subject_epsilon("run-a") == ("11", pytest.approx(second["11"]))
+    assert ledger.spent("run-a", delta=DELTA) == 0.0  # the run subject is separate
+    with pytest.raises(StorageError, match="already in the ledger"):
+        ledger.record_many("run-a", 2, {"12": central, "11": central}, delta=DELTA)
+    # The failed transaction stored nothing, not even client 12's row.
+    assert len(ledger.entries("run-a", subject="12")) == 1
+    assert ledger.max_subject_epsilon("run-b") is None
