@@ -60,12 +60,13 @@ class SecAggConfig:
     distributed_dp: DistributedDpSettings | None = None
 
     def __post_init__(self) -> None:
-        # Validates clip_range, ring_bits and weight_cap with the smallest round.
+        # Validates clip_range, ring_bits and weight_cap with the smallest round
+        # (distributed DP sums unweighted integers: no weight to make room for).
         EncodingConfig(
             clip_range=self.clip_range,
             ring_bits=self.ring_bits,
             max_clients=self.min_clients,
-            weight_cap=self.weight_cap,
+            weight_cap=self.weight_cap if self.distributed_dp is None else 1,
         )
         if (self.degree is None) != (self.threshold is None):
             raise ConfigError("give both degree and threshold, or neither")

@@ -11,8 +11,15 @@ integer units) that no party removed: nobody ever sees an un-noised aggregate.
 Notes
 -----
 Sensitivity: rounding moves each of the d' (padded) coordinates by less than 1,
-so one client changes the integer sum by at most D2 = c/gamma + sqrt(d') in L2
-and D1 = sqrt(d') * D2 in L1; these feed :func:`strategies.accounting.ddg_rho`.
+so a rounded vector has L2 norm below c/gamma + sqrt(d'). Conditional randomised
+rounding (Kairouz et al., Section 4.1) does much better: the client re-rounds
+until the norm is at most
+B = sqrt(c^2/gamma^2 + d'/4 + sqrt(2 ln(1/beta_r)) (c/gamma + sqrt(d')/2)),
+beta_r = e^(-1/2), which each try meets with probability at least 1 - beta_r;
+so one client changes the integer sum by at most D2 = min(B, c/gamma + sqrt(d'))
+in L2 and D1 = sqrt(d') * D2 in L1 (:func:`strategies.accounting.ddg_rho`).
+At 16 bits and 100 clients this is the difference between 1.4x and 1.02x the
+clipping bound: the noise, and so the accuracy, that a narrow ring costs.
 
 Wrap-around: after rotation every coordinate of a clipped update is
 sub-Gaussian with variance c^2/d', so with probability at least 1 - beta no
@@ -62,6 +69,9 @@ _FIELDS = {
 }
 
 _DTYPES = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}
+# Conditional rounding's beta_r = e^(-1/2) (Kairouz et al.): ln(1 / beta_r) = 1/2.
+_LOG_INV_BETA_R = 0.5
+_MAX_ROUNDING_TRIES = 200
 
 
 def choose_gamma(
@@ -188,8 +198,18 @@ class DdpConfig:
 
     @property
     def l2_sensitivity(self) -> float:
-        """D2 of one client's integer vector (for :func:`strategies.accounting.ddg_rho`)."""
-        return self.l2_clip / self.gamma + math.sqrt(padded_length(self.dimension))
+        """D2 of one client's integer vector (for :func:`strategies.accounting.ddg_rho`).
+
+        The norm bound conditional rounding enforces (see the module notes).
+        """
+        scaled = self.l2_clip / self.gamma
+        padded = padded_length(self.dimension)
+        conditional = math.sqrt(
+            scaled * scaled
+            + padded / 4
+            + math.sqrt(2 * _LOG_INV_BETA_R) * (scaled + math.sqrt(padded) / 2)
+        )
+        return min(conditional, scaled + math.sqrt(padded))
 
     @property
     def l1_sensitivity(self) -> float:
@@ -260,8 +280,17 @@ def ddp_encode(
         raise ConfigError(f"the update has {flat.shape[0]} values, expected {config.dimension}")
     clipped = clip_l2(flat, config.l2_clip).update
     scaled = rotate(clipped, config.rotation_seed) / config.gamma
-    fraction = uniform53(rng, scaled.shape[0])
-    integers = np.floor(scaled + fraction).astype(np.int64)  # unbiased stochastic rounding
+    bound = config.l2_sensitivity
+    base = np.floor(scaled)
+    residual = scaled - base
+    for _ in range(_MAX_ROUNDING_TRIES):
+        # Stochastic rounding (unbiased), kept only if its norm meets the bound.
+        rounded = base + (uniform53(rng, scaled.shape[0]) < residual)
+        if float(np.linalg.norm(rounded)) <= bound:
+            break
+    else:  # pragma: no cover - each try succeeds with probability >= 0.39
+        raise ConfigError("conditional rounding failed; the update is not clipped to l2_clip")
+    integers = rounded.astype(np.int64)
     integers += discrete_gaussian(config.sigma_integer, integers.shape[0], rng)
     # Two's complement modulo 2^b: the ring's element for each signed integer.
     return integers.astype(np.uint64).astype(config.dtype)

@@ -157,3 +157,19 @@ def test_config_fields_from_the_network_are_validated(
 
     with pytest.raises(ConfigError, match=match):
         DdpConfig.from_fields(fields)
+
+
+def test_conditional_rounding_keeps_every_client_within_the_accounted_sensitivity() -> None:
+    # A 16-bit ring: few integer steps per unit, so rounding is a large part of the norm.
+    config = _config(ring_bits=16, dimension=4000, expected_clients=100, noise_std=1e-9)
+    scaled = config.l2_clip / config.gamma
+    padded = 4096
+    # Rounding adds almost nothing to c/gamma (unconditionally it could add sqrt(d') = 64).
+    assert scaled < config.l2_sensitivity < scaled + 0.05 * math.sqrt(padded)
+    for seed in range(20):
+        update = np.cos(np.arange(4000) * (seed + 1)) * 10.0  # clipped to norm 1
+        encoded = ddp_encode(update, config, DeterministicRandom(seed))
+        signed = encoded.astype(np.int64)
+        signed[signed >= 2**15] -= 2**16
+        # The noise (sigma ~ 1e-6 steps) is zero here: this is the rounded vector alone.
+        assert float(np.linalg.norm(signed)) <= config.l2_sensitivity
