@@ -5,19 +5,25 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import numpy.typing as npt
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedge.errors import ConfigError
+from fl_client.budget import BUDGET_ERROR_CODE, ClientBudget, ClientBudgetExhausted, ClientSpend
 from fl_client.messages import ARRAYS_KEY, METRICS_KEY, decode_train_instruction
 from fl_client.models import ModelName, build_model
-from fl_client.training import train
+from fl_client.training import TrainConfig, TrainResult, train
+from strategies.accounting import GaussianSteps
+from strategies.sample_dp import DPSGD_RECORD_KEY, SampleDpSettings
+
+if TYPE_CHECKING:
+    from fl_client.dp_sgd import DpSgdConfig
 
 __all__ = ["PartitionProvider", "make_client_app"]
 
@@ -61,12 +67,41 @@ def _partition_of(context: Context) -> tuple[int, int]:
     return partition_id, num_partitions
 
 
+def _dpsgd_plan(
+    settings: SampleDpSettings, num_examples: int, train_config: TrainConfig
+) -> tuple[DpSgdConfig, GaussianSteps]:
+    """Return this round's DP-SGD config (fixed noise) and the spend it will cost the device."""
+    # Imported here: Opacus is only needed on devices that run DP-SGD.
+    from fl_client.dp_sgd import DpSgdConfig, noise_multiplier_for, planned_spend
+
+    noise = settings.noise_multiplier
+    if noise == 0:
+        # The noise that reaches the target after every local epoch of the run.
+        probe = planned_spend(
+            num_examples,
+            train_config,
+            DpSgdConfig(max_grad_norm=settings.max_grad_norm, noise_multiplier=1.0),
+        )
+        per_epoch = probe.steps // train_config.local_epochs
+        noise = noise_multiplier_for(
+            target_epsilon=settings.target_epsilon,
+            delta=settings.delta,
+            sample_rate=probe.sample_rate,
+            steps=per_epoch * settings.total_epochs,
+        )
+    config = DpSgdConfig(
+        max_grad_norm=settings.max_grad_norm, noise_multiplier=noise, delta=settings.delta
+    )
+    return config, planned_spend(num_examples, train_config, config)
+
+
 def make_client_app(
     provider: PartitionProvider,
     *,
     model: ModelName = ModelName.CNN,
     num_threads: int = 1,
     mods: Sequence[Mod] = (),
+    budget: ClientBudget | None = None,
 ) -> ClientApp:
     """Build a Flower ClientApp that trains ``model`` on ``provider``'s partition.
 
@@ -80,6 +115,10 @@ def make_client_app(
         Torch intra-op threads per client; 1 when several clients share a machine.
     mods
         Flower mods around the train handler (e.g. :func:`fl_client.secagg_mod.make_secagg_mod`).
+    budget
+        The device's own privacy budget: a DP-SGD round (``fedge.dpsgd``) past it
+        is declined, and every DP-SGD round is recorded in the device's ledger
+        (the other mechanisms are guarded by :func:`fl_client.budget.make_budget_mod`).
 
     Notes
     -----
@@ -101,7 +140,41 @@ def make_client_app(
         generator = torch.Generator().manual_seed(
             _shuffle_seed(instruction.seed, instruction.server_round, partition_id)
         )
-        result = train(network, images, labels, instruction.config, generator=generator)
+        dpsgd = msg.content.config_records.get(DPSGD_RECORD_KEY)
+        extra: dict[str, int | float] = {}
+        if dpsgd is None:
+            result = train(network, images, labels, instruction.config, generator=generator)
+        else:
+            settings = SampleDpSettings.from_fields(dpsgd)
+            dp_config, spend = _dpsgd_plan(settings, len(images), instruction.config)
+            ledger = None
+            if budget is not None:
+                ledger = budget.ledger_for(context)
+                own = ClientSpend(mechanism="dp-sgd", gaussian=spend)
+                try:
+                    budget.check(ledger, own)
+                except ClientBudgetExhausted as exc:
+                    return Message(
+                        Error(code=BUDGET_ERROR_CODE, reason=f"client privacy budget: {exc}"),
+                        reply_to=msg,
+                    )
+            from fl_client.dp_sgd import train_private
+
+            private = train_private(
+                network, images, labels, instruction.config, dp_config, generator=generator
+            )
+            result = TrainResult(num_examples=private.num_examples, mean_loss=private.mean_loss)
+            spent = private.spend
+            if ledger is not None:
+                ledger.record(
+                    instruction.server_round, ClientSpend(mechanism="dp-sgd", gaussian=spent)
+                )
+            extra = {
+                "dp-noise-multiplier": spent.noise_multiplier,
+                "dp-sample-rate": spent.sample_rate,
+                "dp-steps": spent.steps,
+                "dp-epsilon": private.epsilon,
+            }
         logger.debug(
             "partition %d trained on %d examples, loss %.4f",
             partition_id,
@@ -112,7 +185,10 @@ def make_client_app(
             {
                 ARRAYS_KEY: ArrayRecord(network.state_dict()),
                 METRICS_KEY: MetricRecord(
-                    {"num-examples": result.num_examples, "train-loss": result.mean_loss}
+                    # With DP-SGD the loss (computed without noise) stays on the device.
+                    {"num-examples": result.num_examples, **extra}
+                    if extra
+                    else {"num-examples": result.num_examples, "train-loss": result.mean_loss}
                 ),
             }
         )

@@ -40,7 +40,7 @@ from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedge.errors import ConfigError, FedgeError, StorageError
-from strategies.accounting import GaussianSteps, composed_epsilon, ddg_rho
+from strategies.accounting import AccountantKind, GaussianSteps, composed_epsilon, ddg_rho
 from strategies.central import CDP_RECORD_KEY, LDP_RECORD_KEY, CentralDpRound, LocalDpSettings
 from strategies.ddp import DDP_RECORD_KEY, DP_SPEND_RECORD_KEY, DdpConfig
 from strategies.rotation import padded_length
@@ -115,11 +115,14 @@ class ClientBudget:
         The device's epsilon budget, > 0.
     delta
         The delta epsilon is computed at, in (0, 1).
+    accountant
+        How Gaussian-only spending is accounted (PRV for DP-SGD devices).
     """
 
     directory: Path
     epsilon: float
     delta: float = 1e-5
+    accountant: AccountantKind = AccountantKind.RDP
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.epsilon) and self.epsilon > 0):
@@ -145,7 +148,7 @@ class ClientBudget:
         ClientBudgetExhausted
             If that exceeds the budget.
         """
-        projected = ledger.epsilon(self.delta, extra=spend)
+        projected = ledger.epsilon(self.delta, extra=spend, kind=self.accountant)
         if projected > self.epsilon:
             raise ClientBudgetExhausted(
                 f"this round would take the device to epsilon {projected:.4g} > its budget "
@@ -190,14 +193,20 @@ class ClientLedger:
             out.append(entry)
         return out
 
-    def epsilon(self, delta: float, *, extra: ClientSpend | None = None) -> float:
+    def epsilon(
+        self,
+        delta: float,
+        *,
+        extra: ClientSpend | None = None,
+        kind: AccountantKind = AccountantKind.RDP,
+    ) -> float:
         """Return epsilon(delta) of every recorded round (plus ``extra``)."""
         spends = [ClientSpend.from_json(e) for e in self.entries()]
         if extra is not None:
             spends.append(extra)
         rho = sum(s.rho for s in spends)
         events = [s.gaussian for s in spends if s.gaussian is not None]
-        return composed_epsilon(rho=rho, gaussian=events, delta=delta)
+        return composed_epsilon(rho=rho, gaussian=events, delta=delta, kind=kind)
 
     def record(self, server_round: int, spend: ClientSpend) -> None:
         """Append the round's spend and fsync it.

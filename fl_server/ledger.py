@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from fedge.errors import ConfigError, FedgeError, StorageError
 from fl_server.db.schema import LedgerRow
-from strategies.accounting import GaussianSteps, composed_epsilon
+from strategies.accounting import AccountantKind, GaussianSteps, composed_epsilon
 
 __all__ = [
     "RUN_SUBJECT",
@@ -85,7 +85,12 @@ def _entry(row: LedgerRow) -> LedgerEntry:
     )
 
 
-def _epsilon(rows: list[LedgerRow], extra: RoundSpend | None, delta: float) -> float:
+def _epsilon(
+    rows: list[LedgerRow],
+    extra: RoundSpend | None,
+    delta: float,
+    kind: AccountantKind = AccountantKind.RDP,
+) -> float:
     rho = sum(r.rho for r in rows) + (extra.rho if extra else 0.0)
     events = [
         GaussianSteps(noise_multiplier=r.noise_multiplier, sample_rate=r.sample_rate, steps=r.steps)
@@ -94,14 +99,19 @@ def _epsilon(rows: list[LedgerRow], extra: RoundSpend | None, delta: float) -> f
     ]
     if extra is not None and extra.gaussian is not None:
         events.append(extra.gaussian)
-    return composed_epsilon(rho=rho, gaussian=events, delta=delta)
+    return composed_epsilon(rho=rho, gaussian=events, delta=delta, kind=kind)
 
 
 class PrivacyLedger:
     """Record and check privacy spending in the fedge database (SQLite or PostgreSQL)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, accountant: AccountantKind = AccountantKind.RDP) -> None:
+        """Use ``engine``; Gaussian-only subjects are accounted with ``accountant``.
+
+        Zero-concentrated spends (distributed DP) and mixes always compose as RDP.
+        """
         self._engine = engine
+        self.accountant = accountant
 
     def _rows(self, session: Session, run_id: str, subject: str) -> list[LedgerRow]:
         query = (
@@ -115,7 +125,7 @@ class PrivacyLedger:
         """Return epsilon(delta) of everything ``subject`` has spent in ``run_id``."""
         try:
             with Session(self._engine) as session:
-                return _epsilon(self._rows(session, run_id, subject), None, delta)
+                return _epsilon(self._rows(session, run_id, subject), None, delta, self.accountant)
         except SQLAlchemyError as exc:
             raise StorageError(f"cannot read the privacy ledger: {exc}") from exc
 
@@ -139,7 +149,9 @@ class PrivacyLedger:
             raise ConfigError(f"the epsilon budget must be a finite number > 0, got {budget}")
         try:
             with Session(self._engine) as session:
-                projected = _epsilon(self._rows(session, run_id, subject), spend, delta)
+                projected = _epsilon(
+                    self._rows(session, run_id, subject), spend, delta, self.accountant
+                )
         except SQLAlchemyError as exc:
             raise StorageError(f"cannot read the privacy ledger: {exc}") from exc
         if projected > budget:
@@ -170,7 +182,9 @@ class PrivacyLedger:
             raise ConfigError("invalid run id, subject or round for the privacy ledger")
         try:
             with Session(self._engine) as session, session.begin():
-                epsilon = _epsilon(self._rows(session, run_id, subject), spend, delta)
+                epsilon = _epsilon(
+                    self._rows(session, run_id, subject), spend, delta, self.accountant
+                )
                 event = spend.gaussian
                 row = LedgerRow(
                     run_id=run_id,
@@ -227,7 +241,7 @@ class PrivacyLedger:
                 for row in session.scalars(query):
                     history[row.subject].append(row)
                 for subject, spend in spends.items():
-                    epsilon = _epsilon(history[subject], spend, delta)
+                    epsilon = _epsilon(history[subject], spend, delta, self.accountant)
                     event = spend.gaussian
                     session.add(
                         LedgerRow(

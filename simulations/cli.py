@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -109,30 +109,75 @@ def run_command(
             "must survive (chooses the neighbours k and threshold t).",
         ),
     ] = 0.2,
+    ring_bits: Annotated[
+        int,
+        typer.Option(
+            "--ring-bits",
+            help="With --secure-agg: bits per uploaded value (8, 16, 32 or 64); narrower "
+            "rings upload less and quantise more coarsely.",
+        ),
+    ] = 32,
     dp: Annotated[
         DpMode,
         typer.Option(
             "--dp",
-            help="'distributed': clients add discrete Gaussian noise under secure aggregation "
-            "(implies --secure-agg); every round's spend goes to the privacy ledger.",
+            help="Differential privacy. 'central': clients clip, the server adds Gaussian "
+            "noise; 'distributed': clients add discrete Gaussian noise under secure "
+            "aggregation (implies --secure-agg); 'local': clients clip and noise their own "
+            "updates; 'sample': DP-SGD (Opacus) on every device. Every round's spend goes to "
+            "the privacy ledger (see `fedge ledger show`).",
         ),
     ] = DpMode.OFF,
     epsilon: Annotated[
         float | None,
         typer.Option(
-            "--epsilon", help="With --dp: the run's budget; the run stops before exceeding it."
+            "--epsilon",
+            help="With --dp: the run's budget; the run stops before exceeding it. With "
+            "--dp sample: each device's DP-SGD target over the whole run.",
         ),
     ] = None,
     delta: Annotated[
         float, typer.Option("--delta", help="With --dp: the delta of every epsilon.")
     ] = 1e-5,
     dp_clip: Annotated[
-        float, typer.Option("--dp-clip", help="With --dp: the L2 bound of each client's update.")
+        float,
+        typer.Option(
+            "--dp-clip",
+            help="With --dp: the L2 bound of each client's update (--dp sample: of each "
+            "example's gradient).",
+        ),
     ] = 1.0,
     noise_multiplier: Annotated[
         float,
-        typer.Option("--noise-multiplier", help="With --dp: noise of the sum over the L2 bound."),
+        typer.Option(
+            "--noise-multiplier",
+            help="With --dp: the noise's standard deviation over the L2 bound (--dp sample "
+            "without --epsilon: DP-SGD's noise multiplier).",
+        ),
     ] = 1.0,
+    adaptive_clip: Annotated[
+        bool,
+        typer.Option(
+            "--adaptive-clip",
+            help="With --dp central --secure-agg: move the bound towards the median update "
+            "norm (Andrew et al. 2021); the clipped-update bits are summed securely.",
+        ),
+    ] = False,
+    poisson_sampling: Annotated[
+        bool,
+        typer.Option(
+            "--poisson-sampling",
+            help="Sample each client independently with probability --fraction-train from "
+            "the OS CSPRNG (lets --dp central claim amplification by sampling).",
+        ),
+    ] = False,
+    client_epsilon: Annotated[
+        float | None,
+        typer.Option(
+            "--client-epsilon",
+            help="With --dp: each device's own budget; a device declines rounds past it.",
+        ),
+    ] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's own logs.")
     ] = False,
@@ -171,11 +216,15 @@ def run_command(
         threat_model=threat_model,
         clip_range=clip_range,
         secagg_dropout=secagg_dropout,
+        ring_bits=ring_bits,
         dp=dp,
         epsilon=epsilon,
         delta=delta,
         dp_clip=dp_clip,
         noise_multiplier=noise_multiplier,
+        adaptive_clip=adaptive_clip,
+        poisson_sampling=poisson_sampling,
+        client_epsilon=client_epsilon,
     )
     run_id = new_run_id()
     paths = RunPaths(
@@ -202,12 +251,7 @@ def run_command(
     console.line()
     final = summary.final_accuracy
     if summary.privacy is not None:
-        stopped = summary.privacy["stopped"]
-        typer.echo(
-            f"privacy: epsilon {summary.privacy['epsilon']:.3f} at delta {delta:g}"
-            + (f" (budget {epsilon:g})" if epsilon is not None else "")
-            + (f"; stopped early: {stopped}" if stopped else "")
-        )
+        typer.echo(_privacy_line(summary.privacy))
     outcome = (
         "no round completed"
         if final is None
@@ -217,3 +261,27 @@ def run_command(
         f"{outcome} in {summary.wall_seconds:.1f} s; "
         f"summary {paths.summary}; audit head {summary.audit_head}"
     )
+
+
+def _privacy_line(privacy: dict[str, Any]) -> str:
+    """One line on what a run spent and which claim it rests on."""
+    spent = privacy["epsilon"]
+    level = "per example (DP-SGD, worst device)" if privacy["level"] == "example" else "per client"
+    line = (
+        f"privacy ({privacy['mechanism']}): epsilon "
+        + ("unknown (devices keep their own ledgers)" if spent is None else f"{spent:.3f}")
+        + f" at delta {privacy['delta']:g} {level}"
+    )
+    if privacy["budget"] is not None:
+        line += f" (budget {privacy['budget']:g})"
+    if privacy["max_client_epsilon"] is not None and privacy["level"] == "client":
+        line += f"; worst single device {privacy['max_client_epsilon']:.3f}"
+    claim = privacy["amplification"]
+    line += (
+        f"; amplification by sampling claimed at q = {claim['sample_rate']:g}"
+        if claim["claimed"] and privacy["level"] == "client"
+        else ""
+    )
+    if privacy["stopped"]:
+        line += f"; stopped early: {privacy['stopped']}"
+    return line

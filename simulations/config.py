@@ -11,11 +11,14 @@ from typing import Any
 from fedge.errors import ConfigError
 from fl_client.models import ModelName
 from fl_client.training import TrainConfig
+from fl_server.privacy import ServerDp
 from fl_server.secagg import SecAggConfig
 from secure_agg.params import ThreatModel, choose_neighbourhood
 from simulations.modes import DpMode
 from simulations.partition import PartitionConfig, PartitionMode
+from strategies.central import AdaptiveClipping, CentralDpSettings, LocalDpSettings
 from strategies.ddp import DistributedDpSettings
+from strategies.sample_dp import SampleDpSettings
 
 __all__ = ["DpMode", "SimConfig", "default_parallelism"]
 
@@ -67,11 +70,24 @@ class SimConfig:
         Fraction of a round's clients the secure round must survive losing
         (with a 10% corrupt fraction it chooses k and t; see docs/secure-aggregation.md).
     dp
-        ``DISTRIBUTED``: clients add discrete Gaussian noise under secure aggregation.
+        ``CENTRAL``: clients clip, the server adds Gaussian noise; ``DISTRIBUTED``:
+        clients add discrete Gaussian noise under secure aggregation; ``LOCAL``:
+        clients clip and noise their own updates; ``SAMPLE``: DP-SGD on every device.
     epsilon, delta
-        The run's privacy budget (``None``: record spending, no limit) and its delta.
+        The run's privacy budget (``None``: record spending, no limit) and its
+        delta; with ``SAMPLE``, each device's DP-SGD target over the run (or
+        ``noise_multiplier`` when ``None``).
     dp_clip, noise_multiplier
-        The L2 bound of an update and the noise of the sum over that bound.
+        The L2 bound of an update (with ``SAMPLE``: of each example's gradient)
+        and the noise over that bound.
+    ring_bits
+        With secure aggregation: the width of each uploaded value (8, 16, 32 or 64 bits).
+    adaptive_clip
+        With ``CENTRAL``: move the bound towards the median update norm (needs secure aggregation).
+    poisson_sampling
+        Sample clients by independent CSPRNG coin flips (lets central DP claim amplification).
+    client_epsilon
+        Each device's own budget: a device declines rounds past it (``None``: no device ledger).
     """
 
     num_clients: int = 10
@@ -95,6 +111,10 @@ class SimConfig:
     delta: float = 1e-5
     dp_clip: float = 1.0
     noise_multiplier: float = 1.0
+    ring_bits: int = 32
+    adaptive_clip: bool = False
+    poisson_sampling: bool = False
+    client_epsilon: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -109,12 +129,7 @@ class SimConfig:
             raise ConfigError(f"parallelism must be >= 1, got {self.parallelism}")
         # Validates num_clients, alpha and seed with the partitioner's own checks.
         self.partition_config()
-        if self.dp is DpMode.DISTRIBUTED and not self.secure_agg:
-            raise ConfigError("distributed DP runs under secure aggregation: add --secure-agg")
-        if not 0 < self.delta < 1:
-            raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
-        if self.epsilon is not None and not (math.isfinite(self.epsilon) and self.epsilon > 0):
-            raise ConfigError(f"epsilon must be a finite number > 0, got {self.epsilon}")
+        self._check_dp()
         if self.secure_agg:
             if self.num_clients < 2:
                 raise ConfigError("secure aggregation needs at least 2 clients")
@@ -131,6 +146,24 @@ class SimConfig:
                     f"{exc}; for small federations pass --secagg-dropout 0 (no dropout tolerated)"
                 ) from None
 
+    def _check_dp(self) -> None:
+        if self.dp is DpMode.DISTRIBUTED and not self.secure_agg:
+            raise ConfigError("distributed DP runs under secure aggregation: add --secure-agg")
+        if self.adaptive_clip and self.dp is not DpMode.CENTRAL:
+            raise ConfigError("--adaptive-clip is for --dp central")
+        if self.client_epsilon is not None:
+            if self.dp is DpMode.OFF:
+                raise ConfigError("--client-epsilon needs a --dp mechanism")
+            if not (math.isfinite(self.client_epsilon) and self.client_epsilon > 0):
+                raise ConfigError(f"client_epsilon must be > 0, got {self.client_epsilon}")
+        if self.dp is not DpMode.OFF and self.dp is not DpMode.DISTRIBUTED:
+            # Validates clip, noise, adaptive clipping and its need for secure aggregation.
+            self.server_dp()
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
+        if self.epsilon is not None and not (math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise ConfigError(f"epsilon must be a finite number > 0, got {self.epsilon}")
+
     @property
     def sampled_clients(self) -> int:
         """Clients sampled per round."""
@@ -140,15 +173,53 @@ class SimConfig:
         """Return the secure-aggregation settings of this run."""
         return SecAggConfig(
             clip_range=self.clip_range,
+            ring_bits=self.ring_bits,
             threat_model=self.threat_model,
             authority_public_key=authority_public_key,
             dropout_fraction=self.secagg_dropout,
             min_clients=2,
             distributed_dp=(
-                DistributedDpSettings(l2_clip=self.dp_clip, noise_multiplier=self.noise_multiplier)
+                DistributedDpSettings(
+                    l2_clip=self.dp_clip,
+                    noise_multiplier=self.noise_multiplier,
+                    ring_bits=self.ring_bits,
+                )
                 if self.dp is DpMode.DISTRIBUTED
                 else None
             ),
+        )
+
+    def server_dp(self) -> ServerDp | None:
+        """Return the server's central, local or sample-level DP settings (None otherwise)."""
+        if self.dp in (DpMode.OFF, DpMode.DISTRIBUTED):
+            return None
+        central = local = sample = None
+        if self.dp is DpMode.CENTRAL:
+            central = CentralDpSettings(
+                l2_clip=self.dp_clip,
+                noise_multiplier=self.noise_multiplier,
+                adaptive=(
+                    AdaptiveClipping(count_noise_std=max(self.sampled_clients / 20, 1.0))
+                    if self.adaptive_clip
+                    else None
+                ),
+            )
+        elif self.dp is DpMode.LOCAL:
+            local = LocalDpSettings(l2_clip=self.dp_clip, noise_multiplier=self.noise_multiplier)
+        else:
+            sample = SampleDpSettings(
+                max_grad_norm=self.dp_clip,
+                noise_multiplier=0.0 if self.epsilon is not None else self.noise_multiplier,
+                target_epsilon=self.epsilon or 0.0,
+                delta=self.delta,
+                total_epochs=self.num_rounds * self.train.local_epochs,
+            )
+        return ServerDp(
+            central=central,
+            local=local,
+            sample=sample,
+            secure=self.secure_agg,
+            poisson_sampling=self.poisson_sampling,
         )
 
     def partition_config(self) -> PartitionConfig:

@@ -11,4 +11,7 @@ class DpMode(Enum):
     """Which differential privacy a simulated federation runs with."""
 
     OFF = "off"
+    CENTRAL = "central"
     DISTRIBUTED = "distributed"
+    LOCAL = "local"
+    SAMPLE = "sample"

@@ -22,6 +22,8 @@ from sqlalchemy.engine import make_url
 from fedge.errors import ConfigError, StorageError
 from fedge.version import code_version
 from fl_client import build_model, make_client_app
+from fl_client.budget import ClientBudget, make_budget_mod
+from fl_client.dp_mod import make_dp_mod
 from fl_client.messages import encode_train_config
 from fl_client.secagg_mod import make_secagg_mod
 from fl_client.training import evaluate
@@ -30,6 +32,7 @@ from fl_server.audit import AuditEventKind, AuditLog, canonical_json
 from fl_server.checkpoints import CheckpointDir
 from fl_server.db import open_database, resolve_db_url
 from fl_server.ledger import PrivacyBudget, PrivacyLedger
+from fl_server.privacy import PrivacyMechanism, amplification
 from fl_server.secagg import SecAggConfig
 from secure_agg.params import ThreatModel
 from simulations.config import DpMode, SimConfig
@@ -38,6 +41,7 @@ from simulations.enrolment import enrol_fleet
 from simulations.offline import apply_offline_env, quiet_flower, ray_backend_config
 from simulations.partition import label_skew
 from simulations.provider import FashionMnistPartitions, cached_dataset
+from strategies.accounting import AccountantKind
 
 __all__ = [
     "PreparedData",
@@ -46,6 +50,7 @@ __all__ = [
     "check_paths",
     "new_run_id",
     "prepare_data",
+    "privacy_report",
     "run_federation",
 ]
 
@@ -274,8 +279,13 @@ def run_federation(
         )
         writer.flush()
         privacy = (
-            PrivacyBudget(ledger=PrivacyLedger(engine), epsilon=config.epsilon, delta=config.delta)
-            if config.dp is DpMode.DISTRIBUTED
+            PrivacyBudget(
+                ledger=PrivacyLedger(engine, accountant=_accountant(config)),
+                # Sample-level DP: epsilon is each device's DP-SGD target, not a run budget.
+                epsilon=None if config.dp is DpMode.SAMPLE else config.epsilon,
+                delta=config.delta,
+            )
+            if config.dp is not DpMode.OFF
             else None
         )
         try:
@@ -303,13 +313,7 @@ def run_federation(
             raise
         summary.status = "completed"
         if privacy is not None:
-            summary.privacy = {
-                "mechanism": "distributed-ddg",
-                "epsilon": privacy.ledger.spent(run_id, delta=privacy.delta),
-                "delta": privacy.delta,
-                "budget": privacy.epsilon,
-                "stopped": privacy.exhausted,
-            }
+            summary.privacy = privacy_report(config, privacy, run_id, paths)
         head = audit.append(
             AuditEventKind.RUN_COMPLETED,
             {
@@ -324,6 +328,48 @@ def run_federation(
         return summary
     finally:
         engine.dispose()
+
+
+def privacy_report(
+    config: SimConfig, privacy: PrivacyBudget, run_id: str, paths: RunPaths
+) -> dict[str, Any]:
+    """Return the summary's privacy section: what was spent, and which claim it rests on."""
+    mechanism = {
+        DpMode.CENTRAL: PrivacyMechanism.CENTRAL,
+        DpMode.DISTRIBUTED: PrivacyMechanism.DISTRIBUTED,
+        DpMode.LOCAL: PrivacyMechanism.LOCAL,
+        DpMode.SAMPLE: PrivacyMechanism.SAMPLE,
+    }[config.dp]
+    worst = privacy.ledger.max_subject_epsilon(run_id)
+    claim = amplification(
+        mechanism, poisson_sampling=config.poisson_sampling, fraction=config.fraction_train
+    )
+    run_epsilon = (
+        (worst[1] if worst else None)
+        if mechanism is PrivacyMechanism.SAMPLE
+        else privacy.ledger.spent(run_id, delta=privacy.delta)
+    )
+    return {
+        "mechanism": mechanism.value,
+        "level": "example" if mechanism is PrivacyMechanism.SAMPLE else "client",
+        "epsilon": run_epsilon,
+        "delta": privacy.delta,
+        "budget": privacy.epsilon,
+        "stopped": privacy.exhausted,
+        "amplification": claim.to_json(),
+        "max_client_epsilon": None if worst is None else worst[1],
+        "client_budget": config.client_epsilon,
+        "device_ledgers": None if config.client_epsilon is None else str(_device_dir(paths)),
+    }
+
+
+def _accountant(config: SimConfig) -> AccountantKind:
+    # DP-SGD devices pick their noise with Opacus' PRV accountant; the ledgers agree with them.
+    return AccountantKind.PRV if config.dp is DpMode.SAMPLE else AccountantKind.RDP
+
+
+def _device_dir(paths: RunPaths) -> Path:
+    return paths.models.parent / "devices"
 
 
 def _simulate(
@@ -344,7 +390,23 @@ def _simulate(
 
     quiet_flower(verbose)
     initial = build_model(config.model, seed=config.seed)
-    secure, mods = _secure_parts(config)
+    secure, secure_mods = _secure_parts(config)
+    budget = (
+        None
+        if config.client_epsilon is None
+        else ClientBudget(
+            directory=_device_dir(paths),
+            epsilon=config.client_epsilon,
+            delta=config.delta,
+            accountant=_accountant(config),
+        )
+    )
+    # Order matters: secure aggregation outermost, then the device's budget, then DP.
+    mods: tuple[Mod, ...] = secure_mods
+    if budget is not None:
+        mods += (make_budget_mod(budget),)
+    if config.dp in (DpMode.CENTRAL, DpMode.LOCAL):
+        mods += (make_dp_mod(),)
     sampled = config.sampled_clients
     server_app = make_server_app(
         FederationConfig(
@@ -362,8 +424,11 @@ def _simulate(
         observers=observers,
         secure=secure,
         privacy=privacy,
+        dp=config.server_dp(),
     )
-    client_app = make_client_app(provider, model=config.model, num_threads=1, mods=mods)
+    client_app = make_client_app(
+        provider, model=config.model, num_threads=1, mods=mods, budget=budget
+    )
     parallelism = min(config.parallelism, config.num_clients)
     logger.info(
         "run %s: %d clients, %d rounds, %d in parallel",

@@ -52,6 +52,11 @@ _GAUSSIAN_ORDERS = (
 _ORDERS = _GAUSSIAN_ORDERS + [float(round(256 * 1.25**i)) for i in range(1, 37)]
 
 
+# Opacus' PRV accountant needs gigabytes (or returns inf) for small noise multipliers
+# (measured here: 2 GB at 0.05, 1.6 GB at 0.3 over 1000 steps); below this, use RDP.
+_PRV_MIN_NOISE = 0.5
+
+
 class AccountantKind(Enum):
     """Which analysis of the subsampled Gaussian to use."""
 
@@ -178,13 +183,19 @@ def zcdp_epsilon(rho: float, *, delta: float) -> float:
 
 
 def composed_epsilon(
-    *, rho: float = 0.0, gaussian: Sequence[GaussianSteps] = (), delta: float
+    *,
+    rho: float = 0.0,
+    gaussian: Sequence[GaussianSteps] = (),
+    delta: float,
+    kind: AccountantKind = AccountantKind.RDP,
 ) -> float:
     """Return epsilon(delta) of zCDP rounds (total ``rho``) composed with Gaussian events.
 
     Both are added as RDP curves (rho * alpha, and Opacus' subsampled-Gaussian
     RDP) on one grid of orders, then converted once, so a run that mixes
-    mechanisms is accounted as a whole.
+    mechanisms is accounted as a whole. With ``kind=PRV``, no zCDP part and noise
+    multipliers >= 0.5, the Gaussian events go to Opacus' PRV accountant instead
+    (tighter, ~0.2-2 s a call); RDP is a valid, looser bound, so falling back is safe.
 
     Raises
     ------
@@ -195,6 +206,12 @@ def composed_epsilon(
     _check_rho(rho)
     if rho == 0 and not gaussian:
         return 0.0
+    if (
+        kind is AccountantKind.PRV
+        and rho == 0
+        and all(e.noise_multiplier >= _PRV_MIN_NOISE for e in gaussian)
+    ):
+        return gaussian_epsilon(gaussian, delta=delta, kind=AccountantKind.PRV)
     from opacus.accountants.analysis import rdp as rdp_analysis
 
     curve = [rho * alpha for alpha in _GAUSSIAN_ORDERS]

@@ -192,3 +192,105 @@ def test_distributed_dp_stops_at_the_round_that_would_exceed_the_budget(tmp_path
     assert kinds.count(AuditEventKind.PRIVACY_SPENT) == 2
     assert AuditEventKind.BUDGET_EXHAUSTED in kinds
     assert kinds[-1] is AuditEventKind.RUN_COMPLETED
+
+
+def _privacy_events(tmp_path: Path, run_id: str) -> list[Any]:
+    engine = open_database(f"sqlite:///{tmp_path / 'runs' / 'fedge.db'}")
+    try:
+        return [
+            e.payload
+            for e in AuditLog(engine).iter(run_id=run_id)
+            if e.kind is AuditEventKind.PRIVACY_SPENT
+        ]
+    finally:
+        engine.dispose()
+
+
+def test_central_dp_stops_at_the_round_that_would_exceed_the_budget(tmp_path: Path) -> None:
+    data = make_synthetic_fashion(tmp_path / "data", train=600, test=200)
+    out = tmp_path / "summary.json"
+    command = _sim_command(
+        tmp_path, out, "--clients", "4", "--rounds", "6", "--data-dir", str(data)
+    )
+    # The Gaussian mechanism at z = 2: epsilon 2.17, 3.19, 4.01, 4.73, ... at delta 1e-5.
+    command += ["--dp", "central", "--noise-multiplier", "2", "--epsilon", "4.5"]
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    privacy = summary["privacy"]
+    assert len(summary["rounds"]) == 3
+    assert privacy["epsilon"] <= 4.5 and "would take the run to epsilon" in privacy["stopped"]
+    assert not privacy["amplification"]["claimed"]
+    events = _privacy_events(tmp_path, summary["run_id"])
+    assert [e["round"] for e in events] == [1, 2, 3]
+    assert all(e["clients_charged"] == 4 and e["noise_std_of_sum"] == 2.0 for e in events)
+
+
+def test_devices_decline_rounds_past_their_own_budget(tmp_path: Path) -> None:
+    data = make_synthetic_fashion(tmp_path / "data", train=600, test=200)
+    out = tmp_path / "summary.json"
+    command = _sim_command(
+        tmp_path, out, "--clients", "3", "--rounds", "3", "--data-dir", str(data)
+    )
+    # Local DP at z = 4 costs a device the Gaussian at z = 2 per round: 2.17, then 3.19.
+    command += ["--dp", "local", "--noise-multiplier", "4", "--client-epsilon", "3"]
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert [(r["replies"], r["failures"]) for r in summary["rounds"]] == [(3, 0), (0, 3), (0, 3)]
+    # Nobody trained after round 1: the model did not change.
+    assert summary["rounds"][1]["model_sha256"] == summary["rounds"][2]["model_sha256"]
+    ledgers = sorted(Path(summary["privacy"]["device_ledgers"]).glob("device-*.jsonl"))
+    assert len(ledgers) == 3
+    for ledger in ledgers:
+        [line] = ledger.read_text().splitlines()
+        assert json.loads(line)["round"] == 1
+    assert summary["privacy"]["max_client_epsilon"] == pytest.approx(2.166, abs=0.01)
+
+
+def test_adaptive_clipping_under_secure_aggregation_moves_the_clip(tmp_path: Path) -> None:
+    data = make_synthetic_fashion(tmp_path / "data", train=600, test=200)
+    out = tmp_path / "summary.json"
+    command = _sim_command(
+        tmp_path, out, "--clients", "4", "--rounds", "2", "--data-dir", str(data)
+    )
+    command += ["--dp", "central", "--secure-agg", "--secagg-dropout", "0", "--adaptive-clip"]
+    command += ["--dp-clip", "0.01", "--noise-multiplier", "0.5"]
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert all(r["secure_aggregation"]["survivors"] == 4 for r in summary["rounds"])
+    events = _privacy_events(tmp_path, summary["run_id"])
+    # Updates are far longer than 0.01: every bit is 0 and the clip grows each round.
+    assert events[0]["l2_clip"] == 0.01
+    assert events[0]["next_l2_clip"] > 0.01
+    assert events[1]["l2_clip"] == events[0]["next_l2_clip"]
+
+
+def test_sample_level_dp_sgd_reaches_its_target_and_no_more(tmp_path: Path) -> None:
+    data = make_synthetic_fashion(tmp_path / "data", train=600, test=200)
+    out = tmp_path / "summary.json"
+    command = _sim_command(
+        tmp_path, out, "--clients", "3", "--rounds", "2", "--data-dir", str(data)
+    )
+    command += ["--dp", "sample", "--epsilon", "3", "--client-epsilon", "3.05"]
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert [(r["replies"], r["failures"]) for r in summary["rounds"]] == [(3, 0), (3, 0)]
+    privacy = summary["privacy"]
+    assert privacy["level"] == "example" and privacy["mechanism"] == "dp-sgd"
+    # Each device chose the noise that reaches epsilon 3 after both rounds (PRV).
+    assert 2.5 < privacy["max_client_epsilon"] <= 3.0 + 1e-6
+    for ledger in Path(privacy["device_ledgers"]).glob("device-*.jsonl"):
+        lines = [json.loads(line) for line in ledger.read_text().splitlines()]
+        assert [line["round"] for line in lines] == [1, 2]
+        assert all(line["mechanism"] == "dp-sgd" for line in lines)

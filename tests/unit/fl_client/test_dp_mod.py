@@ -115,7 +115,7 @@ def test_adaptive_clipping_bit_is_refused_outside_secure_aggregation() -> None:
     msg = _message({CDP_RECORD_KEY: ConfigRecord(dict(central.to_fields()))})
     reply = make_dp_mod()(msg, _context(), _train)
     assert reply.has_error() and reply.error.code == DP_ERROR_CODE
-    assert "in clear" in reply.error.reason
+    assert "in clear" in str(reply.error.reason)
 
 
 @pytest.mark.parametrize(("clip", "bit"), [(1.5, 0.0), (10.0, 1.0)])
@@ -181,7 +181,7 @@ def test_a_device_declines_the_round_that_would_exceed_its_budget(tmp_path: Path
     assert not first.has_error()
     second = mod(_central_msg(), _context(), _count)
     assert second.has_error() and second.error.code == BUDGET_ERROR_CODE
-    assert "declining" in second.error.reason
+    assert "declining" in str(second.error.reason)
     assert len(trained) == 1  # declined before training
     ledger = budget.ledger_for(_context())
     assert [e["round"] for e in ledger.entries()] == [4]

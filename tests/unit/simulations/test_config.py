@@ -6,7 +6,7 @@ import pytest
 
 from fedge.errors import ConfigError
 from secure_agg.params import ThreatModel
-from simulations.config import SimConfig
+from simulations.config import DpMode, SimConfig
 
 
 def test_a_federation_too_small_for_the_dropout_tolerance_fails_early_with_advice() -> None:
@@ -34,3 +34,36 @@ def test_secure_settings_are_validated_and_serialised() -> None:
     assert document["secure_agg"] is True
     assert document["threat_model"] == "semi-honest"
     assert SimConfig(num_clients=10, fraction_train=0.35).sampled_clients == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dp": DpMode.CENTRAL, "adaptive_clip": True}, "secure aggregation"),
+        ({"dp": DpMode.LOCAL, "adaptive_clip": True}, "--dp central"),
+        ({"client_epsilon": 1.0}, "needs a --dp"),
+        ({"dp": DpMode.CENTRAL, "client_epsilon": 0.0}, "client_epsilon"),
+        ({"dp": DpMode.CENTRAL, "noise_multiplier": 0.0}, "noise_multiplier"),
+        ({"dp": DpMode.DISTRIBUTED}, "--secure-agg"),
+    ],
+)
+def test_dp_settings_that_cannot_work_are_refused(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        SimConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_each_dp_mode_builds_its_server_settings() -> None:
+    assert SimConfig().server_dp() is None
+    central = SimConfig(
+        dp=DpMode.CENTRAL, secure_agg=True, adaptive_clip=True, secagg_dropout=0.0
+    ).server_dp()
+    assert central is not None and central.central is not None
+    assert central.central.adaptive is not None and central.secure
+    local = SimConfig(dp=DpMode.LOCAL, noise_multiplier=3.0).server_dp()
+    assert local is not None and local.local is not None
+    sample = SimConfig(dp=DpMode.SAMPLE, epsilon=3.0, num_rounds=4).server_dp()
+    assert sample is not None and sample.sample is not None
+    assert sample.sample.target_epsilon == 3.0 and sample.sample.total_epochs == 4
+    fixed = SimConfig(dp=DpMode.SAMPLE, noise_multiplier=1.1).server_dp()
+    assert fixed is not None and fixed.sample is not None
+    assert fixed.sample.noise_multiplier == 1.1 and fixed.sample.target_epsilon == 0

@@ -118,3 +118,11 @@ def test_composition_of_mixed_mechanisms_matches_each_alone_and_grows() -> None:
     assert zcdp_alone == pytest.approx(zcdp_epsilon(0.05, delta=DELTA), rel=0.01)
     assert both > max(alone, zcdp_alone)
     assert composed_epsilon(delta=DELTA) == 0.0
+
+
+def test_composition_with_the_prv_accountant_matches_opacus_prv() -> None:
+    events = [GaussianSteps(noise_multiplier=0.8, sample_rate=0.02, steps=50)] * 2
+    prv = composed_epsilon(gaussian=events, delta=1e-5, kind=AccountantKind.PRV)
+    rdp = composed_epsilon(gaussian=events, delta=1e-5)
+    assert prv == gaussian_epsilon(events, delta=1e-5, kind=AccountantKind.PRV)
+    assert prv < rdp  # PRV is the tighter analysis

@@ -1,0 +1,262 @@
+"""Accuracy for a privacy budget on Fashion-MNIST: no DP, central, distributed, sample-level DP.
+
+Client-level DP on a population of ``--clients`` (Dirichlet ``--alpha``) with
+``--per-round`` sampled each round, all through ``fedge sim run``'s engine
+(Flower simulation, real training):
+
+- ``non_private``: FedAvg;
+- ``central``: clients clip to ``--dp-clip``, the server adds Gaussian noise;
+- ``distributed``: distributed discrete Gaussian under SecAgg+ at ``--ring-bits``.
+
+Both DP variants are calibrated to the same (``--epsilon``, ``--delta``) after
+``--rounds`` rounds, accounted the same way: at sample rate 1 (Flower samples
+a fixed-size set, so neither claims amplification by sampling), central by
+Opacus' RDP accountant, distributed by the DDG zCDP bound with the survivors
+it really has. Then sample-level DP-SGD (Opacus) on ``--sample-clients``
+clients, each device at ``--sample-epsilon`` over the run, against the same
+clients without DP (``sample_non_private``).
+
+Writes ``benchmarks/results/dp_utility.json``: ``variants.NAME`` with
+``accuracy``, ``epsilon``, ``delta``, ``bits_per_param`` (upload per parameter)
+and ``noise_multiplier``; ``gaps`` in percentage points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import RESULTS, machine, peak_rss_mb, write
+from fl_client.models import ModelName, build_model
+from fl_client.training import TrainConfig
+from simulations.config import SimConfig
+from simulations.modes import DpMode
+from simulations.partition import PartitionMode
+from simulations.run import RunPaths, new_run_id, prepare_data, run_federation
+from strategies.accounting import GaussianSteps, ddg_rho, gaussian_epsilon, zcdp_epsilon
+from strategies.ddp import DistributedDpSettings
+from strategies.rotation import padded_length
+
+__all__ = ["main"]
+
+VARIANTS = ("non_private", "central", "distributed", "sample_non_private", "sample_level")
+
+
+def _bisect(epsilon_of: Callable[[float], float], target: float) -> float:
+    """Return the smallest noise multiplier whose epsilon is at most ``target``."""
+    low, high = 0.05, 200.0
+    for _ in range(60):
+        middle = math.sqrt(low * high)
+        if epsilon_of(middle) > target:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
+def central_multiplier(*, epsilon: float, delta: float, rounds: int) -> float:
+    """The Gaussian noise multiplier reaching ``epsilon`` after ``rounds`` at sample rate 1."""
+    return _bisect(
+        lambda z: gaussian_epsilon(
+            [GaussianSteps(noise_multiplier=z, sample_rate=1.0, steps=rounds)], delta=delta
+        ),
+        epsilon,
+    )
+
+
+def distributed_multiplier(
+    *,
+    epsilon: float,
+    delta: float,
+    rounds: int,
+    dimension: int,
+    sampled: int,
+    dropout_fraction: float,
+    l2_clip: float,
+    ring_bits: int,
+) -> float:
+    """The DDG noise multiplier reaching ``epsilon`` after ``rounds``, every client surviving."""
+
+    def epsilon_of(z: float) -> float:
+        settings = DistributedDpSettings(l2_clip=l2_clip, noise_multiplier=z, ring_bits=ring_bits)
+        config = settings.for_round(
+            dimension=dimension,
+            sampled=sampled,
+            dropout_fraction=dropout_fraction,
+            rotation_seed=bytes(32),
+        )
+        rho = ddg_rho(
+            l2_sensitivity=config.l2_sensitivity,
+            l1_sensitivity=config.l1_sensitivity,
+            sigma=config.sigma_integer,
+            num_clients=sampled,
+            dimension=padded_length(dimension),
+        )
+        return zcdp_epsilon(rounds * rho, delta=delta)
+
+    return _bisect(epsilon_of, epsilon)
+
+
+def _run(name: str, config: SimConfig, workdir: Path) -> dict[str, Any]:
+    run_id = new_run_id()
+    paths = RunPaths(
+        summary=workdir / name / "summary.json",
+        models=workdir / name / "models",
+        db_url=f"sqlite:///{workdir / 'fedge.db'}",
+    )
+    started = time.perf_counter()
+    print(f"[dp_utility] {name}: {config.num_clients} clients, {config.num_rounds} rounds ...")
+    summary = run_federation(config, paths, run_id=run_id, prepared=prepare_data(config))
+    seconds = time.perf_counter() - started
+    params = sum(p.numel() for p in build_model(ModelName.CNN).state_dict().values())
+    last = summary.rounds[-1] if summary.rounds else {}
+    secure = last.get("secure_aggregation")
+    bits = 32.0 if secure is None else secure["upload_bytes_per_client"] * 8 / params
+    privacy = summary.privacy or {}
+    result = {
+        "accuracy": summary.final_accuracy,
+        "accuracy_by_round": [r["accuracy"] for r in summary.rounds],
+        "epsilon": privacy.get("epsilon"),
+        "max_client_epsilon": privacy.get("max_client_epsilon"),
+        "delta": privacy.get("delta"),
+        "noise_multiplier": config.noise_multiplier if config.dp is not DpMode.OFF else None,
+        "bits_per_param": round(bits, 3),
+        "amplification": privacy.get("amplification"),
+        "seconds": round(seconds, 1),
+        "error": None,
+    }
+    print(f"[dp_utility] {name}: accuracy {summary.final_accuracy}, {result}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the comparison and write its JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=1000, help="population")
+    parser.add_argument("--per-round", type=int, default=100, help="clients sampled per round")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--epsilon", type=float, default=10.0, help="client-level budget")
+    parser.add_argument("--delta", type=float, default=1e-5)
+    parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration")
+    parser.add_argument("--dp-clip", type=float, default=0.5, help="client update L2 bound")
+    parser.add_argument("--ring-bits", type=int, default=16, help="distributed DP's ring")
+    parser.add_argument("--secagg-dropout", type=float, default=0.05)
+    parser.add_argument("--lr", type=float, default=0.05, help="local SGD learning rate")
+    parser.add_argument("--sample-clients", type=int, default=10)
+    parser.add_argument("--sample-rounds", type=int, default=5)
+    parser.add_argument("--sample-epsilon", type=float, default=3.0)
+    parser.add_argument("--train-examples", type=int, default=None)
+    parser.add_argument("--test-examples", type=int, default=None)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--quick", action="store_true", help="a reduced size (about a minute)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.clients, args.per_round, args.rounds = 40, 10, 2
+        args.sample_clients, args.sample_rounds = 2, 1
+        args.train_examples, args.test_examples = 4000, 1000
+    chosen = [v for v in args.variants.split(",") if v]
+    unknown = set(chosen) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+
+    dimension = sum(p.numel() for p in build_model(ModelName.CNN).state_dict().values())
+    z_central = central_multiplier(epsilon=args.epsilon, delta=args.delta, rounds=args.rounds)
+    z_distributed = distributed_multiplier(
+        epsilon=args.epsilon,
+        delta=args.delta,
+        rounds=args.rounds,
+        dimension=dimension,
+        sampled=args.per_round,
+        dropout_fraction=args.secagg_dropout,
+        l2_clip=args.dp_clip,
+        ring_bits=args.ring_bits,
+    )
+    base = SimConfig(
+        num_clients=args.clients,
+        num_rounds=args.rounds,
+        partition=PartitionMode.DIRICHLET,
+        alpha=args.alpha,
+        fraction_train=args.per_round / args.clients,
+        train=TrainConfig(learning_rate=args.lr),
+        train_examples=args.train_examples,
+        test_examples=args.test_examples,
+        delta=args.delta,
+        dp_clip=args.dp_clip,
+    )
+    configs = {
+        "non_private": base,
+        "central": replace(base, dp=DpMode.CENTRAL, noise_multiplier=z_central),
+        "distributed": replace(
+            base,
+            dp=DpMode.DISTRIBUTED,
+            secure_agg=True,
+            secagg_dropout=args.secagg_dropout,
+            ring_bits=args.ring_bits,
+            noise_multiplier=z_distributed,
+        ),
+    }
+    few = replace(
+        base,
+        num_clients=args.sample_clients,
+        num_rounds=args.sample_rounds,
+        fraction_train=1.0,
+    )
+    configs["sample_non_private"] = few
+    configs["sample_level"] = replace(
+        few, dp=DpMode.SAMPLE, epsilon=args.sample_epsilon, dp_clip=1.0
+    )
+    variants: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="fedge-dp-utility-") as tmp:
+        for name in chosen:
+            try:
+                variants[name] = _run(name, configs[name], Path(tmp))
+            except Exception as exc:  # the JSON records the failure
+                variants[name] = {"accuracy": None, "error": f"{type(exc).__name__}: {exc}"}
+                print(f"[dp_utility] {name} failed: {exc}", file=sys.stderr)
+
+    def gap(a: str, b: str) -> float | None:
+        x, y = variants.get(a, {}).get("accuracy"), variants.get(b, {}).get("accuracy")
+        return None if x is None or y is None else round(100 * (x - y), 2)
+
+    document = {
+        "benchmark": "dp_utility",
+        "machine": machine(),
+        "parameters": {
+            **{k: v for k, v in vars(args).items() if k != "out"},
+            "model_params": dimension,
+            "central_noise_multiplier": z_central,
+            "distributed_noise_multiplier": z_distributed,
+        },
+        "variants": variants,
+        "gaps": {
+            "central_minus_distributed_points": gap("central", "distributed"),
+            "non_private_minus_central_points": gap("non_private", "central"),
+            "sample_non_private_minus_sample_level_points": gap(
+                "sample_non_private", "sample_level"
+            ),
+        },
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+    write(args.out or RESULTS / "dp_utility.json", document)
+    print(
+        "variant              accuracy  epsilon   bits/param  noise z\n"
+        + "\n".join(
+            f"{name:20} {v.get('accuracy')!s:9.9} {v.get('epsilon')!s:9.9} "
+            f"{v.get('bits_per_param')!s:11.11} {v.get('noise_multiplier')!s:.6}"
+            for name, v in variants.items()
+        )
+    )
+    print(f"gaps (points): {document['gaps']}")
+    return document
+
+
+if __name__ == "__main__":
+    main()
