@@ -9,7 +9,7 @@ import typer
 from fedge.errors import AuditIntegrityError
 from fl_server.audit import AuditLog
 from fl_server.db import DB_URL_ENV, open_database
-from fl_server.ledger import PrivacyLedger
+from fl_server.ledger import RUN_SUBJECT, PrivacyLedger
 
 __all__ = ["audit_app", "ledger_app"]
 
@@ -70,8 +70,18 @@ def ledger_show_command(
     run_id: Annotated[
         str | None, typer.Option("--run-id", help="The run [default: the newest in the ledger].")
     ] = None,
+    client: Annotated[
+        str | None, typer.Option("--client", help="Show this client's rounds instead.")
+    ] = None,
+    show_all: Annotated[
+        bool, typer.Option("--all", help="Show every client's rounds too.")
+    ] = False,
 ) -> None:
-    """Print a run's privacy spending, round by round: rho spent and epsilon(delta) so far."""
+    """Print a run's privacy spending round by round (epsilon at delta so far), and its clients.
+
+    By default: the run's own rows, then a summary of the clients charged (how
+    many, the median and the worst client's epsilon).
+    """
     engine = open_database(db_url)
     try:
         ledger = PrivacyLedger(engine)
@@ -82,10 +92,28 @@ def ledger_show_command(
     if not entries:
         typer.echo("no privacy spending recorded" + (f" for run {chosen}" if chosen else ""))
         return
+    shown = [
+        e
+        for e in entries
+        if show_all or (e.subject == client if client is not None else e.subject == RUN_SUBJECT)
+    ]
     typer.echo(f"run {chosen}")
     typer.echo(f"{'subject':<16} {'round':>5}  {'mechanism':<16} {'rho':>10}  epsilon (delta)")
-    for entry in entries:
+    for entry in shown:
         typer.echo(
             f"{entry.subject:<16} {entry.server_round:>5}  {entry.mechanism:<16} "
             f"{entry.rho:>10.5f}  {entry.epsilon:.4f} ({entry.delta:g})"
+        )
+    if client is not None and not shown:
+        typer.echo(f"client {client} was never charged in this run")
+    latest: dict[str, float] = {}
+    for entry in entries:
+        if entry.subject != RUN_SUBJECT:
+            latest[entry.subject] = entry.epsilon  # entries come in round order
+    if latest and client is None:
+        ordered = sorted(latest.values())
+        worst = max(latest, key=lambda subject: latest[subject])
+        typer.echo(
+            f"clients charged: {len(latest)}; epsilon median {ordered[len(ordered) // 2]:.4f}, "
+            f"worst {latest[worst]:.4f} (client {worst}); --client ID or --all for their rounds"
         )

@@ -267,6 +267,12 @@ def _privacy_line(privacy: dict[str, Any]) -> str:
     """One line on what a run spent and which claim it rests on."""
     spent = privacy["epsilon"]
     level = "per example (DP-SGD, worst device)" if privacy["level"] == "example" else "per client"
+    if (
+        privacy["level"] == "example"
+        and privacy["max_client_epsilon"] is None
+        and spent is not None
+    ):
+        level += " by the devices' own ledgers"
     line = (
         f"privacy ({privacy['mechanism']}): epsilon "
         + ("unknown (devices keep their own ledgers)" if spent is None else f"{spent:.3f}")

@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 from fedge.errors import ConfigError, StorageError
 from fedge.version import code_version
 from fl_client import build_model, make_client_app
-from fl_client.budget import ClientBudget, make_budget_mod
+from fl_client.budget import ClientBudget, ClientLedger, make_budget_mod
 from fl_client.dp_mod import make_dp_mod
 from fl_client.messages import encode_train_config
 from fl_client.secagg_mod import make_secagg_mod
@@ -344,8 +344,9 @@ def privacy_report(
     claim = amplification(
         mechanism, poisson_sampling=config.poisson_sampling, fraction=config.fraction_train
     )
+    devices = _device_epsilons(config, paths, privacy.delta)
     run_epsilon = (
-        (worst[1] if worst else None)
+        (worst[1] if worst else max(devices.values(), default=None))
         if mechanism is PrivacyMechanism.SAMPLE
         else privacy.ledger.spent(run_id, delta=privacy.delta)
     )
@@ -360,6 +361,18 @@ def privacy_report(
         "max_client_epsilon": None if worst is None else worst[1],
         "client_budget": config.client_epsilon,
         "device_ledgers": None if config.client_epsilon is None else str(_device_dir(paths)),
+        # What the devices' own ledgers say (in secure rounds the server cannot know it).
+        "max_device_epsilon": max(devices.values(), default=None),
+    }
+
+
+def _device_epsilons(config: SimConfig, paths: RunPaths, delta: float) -> dict[str, float]:
+    if config.client_epsilon is None:
+        return {}
+    kind = _accountant(config)
+    return {
+        path.stem: ClientLedger(path).epsilon(delta, kind=kind)
+        for path in sorted(_device_dir(paths).glob("device-*.jsonl"))
     }
 
 

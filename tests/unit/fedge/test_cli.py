@@ -172,7 +172,10 @@ def test_ledger_show_prints_a_runs_spending_round_by_round(tmp_path: Path) -> No
     try:
         ledger = PrivacyLedger(engine)
         for server_round in (1, 2):
-            ledger.record("run-x", server_round, RoundSpend(mechanism="ddg", rho=0.05), delta=1e-5)
+            spend = RoundSpend(mechanism="ddg", rho=0.05)
+            ledger.record("run-x", server_round, spend, delta=1e-5)
+            charged = {"7": spend} if server_round == 1 else {"7": spend, "9": spend}
+            ledger.record_many("run-x", server_round, charged, delta=1e-5)
     finally:
         engine.dispose()
 
@@ -182,9 +185,15 @@ def test_ledger_show_prints_a_runs_spending_round_by_round(tmp_path: Path) -> No
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
     assert lines[0] == "run run-x"
-    assert [line.split()[1] for line in lines[2:]] == ["1", "2"]
-    assert "(1e-05)" in lines[-1]
+    assert [line.split()[:2] for line in lines[2:4]] == [["run", "1"], ["run", "2"]]
+    assert "(1e-05)" in lines[3]
+    # Client 7 took part twice, client 9 once: 7 is the worst.
+    assert lines[4].startswith("clients charged: 2;") and "(client 7)" in lines[4]
     assert empty.stdout.strip() == "no privacy spending recorded"
+    one = _fedge("ledger", "show", "--db-url", url, "--client", "9").stdout.splitlines()
+    assert [line.split()[:2] for line in one[2:]] == [["9", "2"]]
+    every = _fedge("ledger", "show", "--db-url", url, "--all").stdout.splitlines()
+    assert len(every) == 2 + 2 + 3 + 1
 
 
 def test_distributed_dp_without_a_valid_delta_is_one_clear_line() -> None:

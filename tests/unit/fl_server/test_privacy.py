@@ -208,3 +208,37 @@ def test_each_mechanism_says_which_amplification_it_may_claim() -> None:
     assert not ddp.claimed and "knows" in ddp.reason
     assert not amplification(PrivacyMechanism.LOCAL, poisson_sampling=True, fraction=0.1).claimed
     assert UNCLIPPED_METRIC == "fedge-unclipped"
+
+
+def _failing(msg: Message, context: Context) -> Message:
+    from flwr.app import Error
+
+    del context
+    return Message(Error(code=1, reason="device went offline"), reply_to=msg)
+
+
+def test_a_round_with_failed_clients_updates_the_model_and_charges_only_survivors() -> None:
+    size, clip, z = 10_000, 0.5, 1.0
+    apps = {n: _with_mods(_big_step(size, 0.01), secure=False) for n in NODES}
+    apps[203] = _failing
+    apps[207] = _failing
+    sink = Sink()
+    counted: list[tuple[int, int, int]] = []
+    strategy = PrivateFedAvg(
+        dp=ServerDp(central=CentralDpSettings(l2_clip=clip, noise_multiplier=z)),
+        sink=sink,
+        on_replies=lambda r, ok, failed: counted.append((r, ok, failed)),
+        rng=DeterministicRandom(5),
+        fraction_evaluate=0.0,
+        min_train_nodes=8,
+    )
+
+    update = _one_round(strategy, InProcessGrid(apps), size)
+
+    # Six survivors: the noise on their mean is z C / 6, and only they are charged.
+    assert counted == [(1, 6, 2)]
+    assert (update - clip / np.sqrt(size)).std() == pytest.approx(z * clip / 6, rel=0.03)
+    [(_, event, participants)] = sink.spends
+    assert event is not None and sorted(participants) == sorted(
+        str(n) for n in NODES if n not in (203, 207)
+    )
