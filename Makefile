@@ -27,9 +27,9 @@ $(STAMP): pyproject.toml constraints.txt
 data:
 	@scripts/ensure-data.sh
 
-## demo: a 10-client federation on Fashion-MNIST, live, with its summary and audit trail
+## demo: a 10-client federation on Fashion-MNIST (SecAgg+ and DP-SGD at epsilon 3), live, with its audit trail
 demo: setup
-	$(BIN)/fedge sim run --secure-agg --out runs/demo/summary.json
+	$(BIN)/fedge sim run --secure-agg --dp sample --epsilon 3 --client-epsilon 3 --out runs/demo/summary.json
 	$(BIN)/fedge audit list --last 4
 	$(BIN)/fedge audit verify
 

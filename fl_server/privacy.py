@@ -333,6 +333,8 @@ class PrivateFedAvg(FedAvg):
         metrics: MetricRecord | None
         if self.dp.central is not None:
             arrays = self._central(valid, secure=secure, survivors=survivors, details=details)
+            if arrays is None:
+                return None, None
             metrics = MetricRecord({"num-examples": survivors})
         else:
             arrays, metrics = super().aggregate_train(server_round, valid)
@@ -343,7 +345,7 @@ class PrivateFedAvg(FedAvg):
 
     def _central(
         self, valid: list[Message], *, secure: bool, survivors: int, details: dict[str, Any]
-    ) -> ArrayRecord:
+    ) -> ArrayRecord | None:
         central = self.dp.central
         assert central is not None
         models = [_only_arrays(r) for r in valid]
@@ -357,6 +359,8 @@ class PrivateFedAvg(FedAvg):
             flats.append(
                 np.concatenate([model[k].numpy().reshape(-1) for k in keys]).astype(np.float64)
             )
+        if not flats:
+            return None
         # The secure aggregate is already the unweighted mean; plain replies are averaged here.
         mean: npt.NDArray[np.float64] = (
             flats[0] if secure else np.mean(np.stack(flats), axis=0, dtype=np.float64)
@@ -365,7 +369,8 @@ class PrivateFedAvg(FedAvg):
             mean,
             l2_clip=self.clip,
             noise_multiplier=central.update_noise_multiplier,
-            num_clients=survivors,
+            # Divide like the sum: the noise on the sum stays exactly z_u C.
+            num_clients=survivors if secure else len(flats),
             rng=self._rng,
         )
         details["l2_clip"] = self.clip
