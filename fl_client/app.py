@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import numpy.typing as npt
 import torch
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from fedge.errors import ConfigError
-from fl_client.budget import BUDGET_ERROR_CODE, ClientBudget, ClientBudgetExhausted, ClientSpend
+from fl_client.budget import ClientBudget, ClientBudgetExhausted, ClientSpend, declined
 from fl_client.messages import ARRAYS_KEY, METRICS_KEY, decode_train_instruction
 from fl_client.models import ModelName, build_model
 from fl_client.training import TrainConfig, TrainResult, train
@@ -154,10 +154,7 @@ def make_client_app(
                 try:
                     budget.check(ledger, own)
                 except ClientBudgetExhausted as exc:
-                    return Message(
-                        Error(code=BUDGET_ERROR_CODE, reason=f"client privacy budget: {exc}"),
-                        reply_to=msg,
-                    )
+                    return declined(msg, exc)
             from fl_client.dp_sgd import train_private
 
             private = train_private(

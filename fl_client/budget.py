@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,7 +39,13 @@ from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedge.errors import ConfigError, FedgeError, StorageError
-from strategies.accounting import AccountantKind, GaussianSteps, composed_epsilon, ddg_rho
+from strategies.accounting import (
+    AccountantKind,
+    GaussianSteps,
+    PrivacySpend,
+    ddg_rho,
+    spent_epsilon,
+)
 from strategies.central import CDP_RECORD_KEY, LDP_RECORD_KEY, CentralDpRound, LocalDpSettings
 from strategies.ddp import DDP_RECORD_KEY, DP_SPEND_RECORD_KEY, DdpConfig
 from strategies.rotation import padded_length
@@ -52,6 +57,7 @@ __all__ = [
     "ClientBudgetExhausted",
     "ClientLedger",
     "ClientSpend",
+    "declined",
     "make_budget_mod",
     "round_spend",
 ]
@@ -65,42 +71,8 @@ class ClientBudgetExhausted(FedgeError):  # noqa: N818 - reads as what happened
     """The round would take this device past its own privacy budget."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ClientSpend:
-    """What one round costs the device: a zCDP rho, a Gaussian event, or both."""
-
-    mechanism: str
-    rho: float = 0.0
-    gaussian: GaussianSteps | None = None
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.rho) and self.rho >= 0):
-            raise ConfigError(f"rho must be a finite number >= 0, got {self.rho}")
-        if self.rho == 0 and self.gaussian is None:
-            raise ConfigError("a spend needs a rho > 0 or a Gaussian event")
-
-    def to_json(self) -> dict[str, Any]:
-        """Return the spend as JSON values."""
-        event = self.gaussian
-        return {
-            "mechanism": self.mechanism,
-            "rho": self.rho,
-            "noise_multiplier": None if event is None else event.noise_multiplier,
-            "sample_rate": None if event is None else event.sample_rate,
-            "steps": None if event is None else event.steps,
-        }
-
-    @classmethod
-    def from_json(cls, raw: Mapping[str, Any]) -> ClientSpend:
-        """Parse what :meth:`to_json` wrote."""
-        event = None
-        if raw.get("noise_multiplier") is not None:
-            event = GaussianSteps(
-                noise_multiplier=float(raw["noise_multiplier"]),
-                sample_rate=float(raw["sample_rate"]),
-                steps=int(raw["steps"]),
-            )
-        return cls(mechanism=str(raw["mechanism"]), rho=float(raw["rho"]), gaussian=event)
+# What one round costs the device (the same record the server's ledger keeps).
+ClientSpend = PrivacySpend
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -204,9 +176,7 @@ class ClientLedger:
         spends = [ClientSpend.from_json(e) for e in self.entries()]
         if extra is not None:
             spends.append(extra)
-        rho = sum(s.rho for s in spends)
-        events = [s.gaussian for s in spends if s.gaussian is not None]
-        return composed_epsilon(rho=rho, gaussian=events, delta=delta, kind=kind)
+        return spent_epsilon(spends, delta=delta, kind=kind)
 
     def record(self, server_round: int, spend: ClientSpend) -> None:
         """Append the round's spend and fsync it.
@@ -255,6 +225,12 @@ def _announced_rho(content: RecordDict) -> float:
     return max(0.0, float(value))
 
 
+def _participation(mechanism: str, noise_multiplier: float) -> ClientSpend:
+    # One unamplified Gaussian step: the device knows it took part.
+    event = GaussianSteps(noise_multiplier=noise_multiplier, sample_rate=1.0, steps=1)
+    return ClientSpend(mechanism=mechanism, gaussian=event)
+
+
 def round_spend(content: RecordDict) -> ClientSpend | None:
     """Return what the round in ``content`` costs the device (None: no DP mechanism asked).
 
@@ -266,20 +242,10 @@ def round_spend(content: RecordDict) -> ClientSpend | None:
     records = content.config_records
     if CDP_RECORD_KEY in records:
         central = CentralDpRound.from_fields(records[CDP_RECORD_KEY])
-        return ClientSpend(
-            mechanism="central-gaussian",
-            gaussian=GaussianSteps(
-                noise_multiplier=central.noise_multiplier, sample_rate=1.0, steps=1
-            ),
-        )
+        return _participation("central-gaussian", central.noise_multiplier)
     if LDP_RECORD_KEY in records:
         local = LocalDpSettings.from_fields(records[LDP_RECORD_KEY])
-        return ClientSpend(
-            mechanism="local-gaussian",
-            gaussian=GaussianSteps(
-                noise_multiplier=local.accounted_noise_multiplier, sample_rate=1.0, steps=1
-            ),
-        )
+        return _participation("local-gaussian", local.accounted_noise_multiplier)
     if DDP_RECORD_KEY in records:
         ddp = DdpConfig.from_fields(records[DDP_RECORD_KEY])
         own = ddg_rho(
@@ -301,6 +267,13 @@ def _round_of(content: RecordDict) -> int:
     return 0
 
 
+def declined(msg: Message, reason: Exception) -> Message:
+    """Return the error reply of a device that declines ``msg`` for its budget."""
+    return Message(
+        Error(code=BUDGET_ERROR_CODE, reason=f"client privacy budget: {reason}"), reply_to=msg
+    )
+
+
 def make_budget_mod(budget: ClientBudget) -> Mod:
     """Return a mod that declines rounds past the device's budget and records the others.
 
@@ -319,10 +292,7 @@ def make_budget_mod(budget: ClientBudget) -> Mod:
             budget.check(ledger, spend)
         except (ConfigError, StorageError, ClientBudgetExhausted) as exc:
             logger.warning("privacy budget: declining the round: %s", exc)
-            return Message(
-                Error(code=BUDGET_ERROR_CODE, reason=f"client privacy budget: {exc}"),
-                reply_to=msg,
-            )
+            return declined(msg, exc)
         reply = call_next(msg, context)
         if reply.has_error():
             return reply
@@ -331,10 +301,7 @@ def make_budget_mod(budget: ClientBudget) -> Mod:
             ledger.record(_round_of(msg.content), spend)
         except StorageError as exc:
             logger.error("privacy budget: cannot record the round, not sending it: %s", exc)
-            return Message(
-                Error(code=BUDGET_ERROR_CODE, reason=f"client privacy budget: {exc}"),
-                reply_to=msg,
-            )
+            return declined(msg, exc)
         return reply
 
     return budget_mod

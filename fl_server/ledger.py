@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from fedge.errors import ConfigError, FedgeError, StorageError
 from fl_server.db.schema import LedgerRow
-from strategies.accounting import AccountantKind, GaussianSteps, composed_epsilon
+from strategies.accounting import AccountantKind, PrivacySpend, spent_epsilon
 
 __all__ = [
     "RUN_SUBJECT",
@@ -41,21 +41,8 @@ class BudgetExceeded(FedgeError):  # noqa: N818 - reads as what happened
     """A round would take a subject past its privacy budget; it must not run."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RoundSpend:
-    """What one round spends: a zCDP rho, or a (subsampled) Gaussian event, or both."""
-
-    mechanism: str
-    rho: float = 0.0
-    gaussian: GaussianSteps | None = None
-
-    def __post_init__(self) -> None:
-        if not 0 < len(self.mechanism) <= 32:
-            raise ConfigError("the mechanism name has 1..32 characters")
-        if not (math.isfinite(self.rho) and self.rho >= 0):
-            raise ConfigError(f"rho must be a finite number >= 0, got {self.rho}")
-        if self.rho == 0 and self.gaussian is None:
-            raise ConfigError("a spend needs a rho > 0 or a Gaussian event")
+# What one round spends: a zCDP rho, a (subsampled) Gaussian event, or both.
+RoundSpend = PrivacySpend
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,15 +78,45 @@ def _epsilon(
     delta: float,
     kind: AccountantKind = AccountantKind.RDP,
 ) -> float:
-    rho = sum(r.rho for r in rows) + (extra.rho if extra else 0.0)
-    events = [
-        GaussianSteps(noise_multiplier=r.noise_multiplier, sample_rate=r.sample_rate, steps=r.steps)
+    spends = [
+        RoundSpend.from_json(
+            {
+                "mechanism": r.mechanism,
+                "rho": r.rho,
+                "noise_multiplier": r.noise_multiplier,
+                "sample_rate": r.sample_rate,
+                "steps": r.steps,
+            }
+        )
         for r in rows
-        if r.noise_multiplier is not None and r.sample_rate is not None and r.steps is not None
     ]
-    if extra is not None and extra.gaussian is not None:
-        events.append(extra.gaussian)
-    return composed_epsilon(rho=rho, gaussian=events, delta=delta, kind=kind)
+    return spent_epsilon([*spends, *([extra] if extra else [])], delta=delta, kind=kind)
+
+
+def _new_row(
+    run_id: str,
+    subject: str,
+    server_round: int,
+    spend: RoundSpend,
+    *,
+    delta: float,
+    epsilon: float,
+    recorded_at: str,
+) -> LedgerRow:
+    fields = spend.to_json()
+    return LedgerRow(
+        run_id=run_id,
+        subject=subject,
+        server_round=server_round,
+        mechanism=spend.mechanism,
+        rho=spend.rho,
+        noise_multiplier=fields["noise_multiplier"],
+        sample_rate=fields["sample_rate"],
+        steps=fields["steps"],
+        delta=delta,
+        epsilon=epsilon,
+        recorded_at=recorded_at,
+    )
 
 
 class PrivacyLedger:
@@ -185,16 +202,11 @@ class PrivacyLedger:
                 epsilon = _epsilon(
                     self._rows(session, run_id, subject), spend, delta, self.accountant
                 )
-                event = spend.gaussian
-                row = LedgerRow(
-                    run_id=run_id,
-                    subject=subject,
-                    server_round=server_round,
-                    mechanism=spend.mechanism,
-                    rho=spend.rho,
-                    noise_multiplier=None if event is None else event.noise_multiplier,
-                    sample_rate=None if event is None else event.sample_rate,
-                    steps=None if event is None else event.steps,
+                row = _new_row(
+                    run_id,
+                    subject,
+                    server_round,
+                    spend,
                     delta=delta,
                     epsilon=epsilon,
                     recorded_at=datetime.now(UTC).isoformat(timespec="microseconds"),
@@ -242,17 +254,12 @@ class PrivacyLedger:
                     history[row.subject].append(row)
                 for subject, spend in spends.items():
                     epsilon = _epsilon(history[subject], spend, delta, self.accountant)
-                    event = spend.gaussian
                     session.add(
-                        LedgerRow(
-                            run_id=run_id,
-                            subject=subject,
-                            server_round=server_round,
-                            mechanism=spend.mechanism,
-                            rho=spend.rho,
-                            noise_multiplier=None if event is None else event.noise_multiplier,
-                            sample_rate=None if event is None else event.sample_rate,
-                            steps=None if event is None else event.steps,
+                        _new_row(
+                            run_id,
+                            subject,
+                            server_round,
+                            spend,
                             delta=delta,
                             epsilon=epsilon,
                             recorded_at=now,

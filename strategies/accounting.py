@@ -24,18 +24,21 @@ on the same scale.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 from fedge.errors import ConfigError
 
 __all__ = [
     "AccountantKind",
     "GaussianSteps",
+    "PrivacySpend",
     "composed_epsilon",
     "ddg_rho",
     "gaussian_epsilon",
+    "spent_epsilon",
     "zcdp_epsilon",
 ]
 
@@ -89,6 +92,64 @@ class GaussianSteps:
             raise ConfigError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
         if self.steps < 1:
             raise ConfigError(f"steps must be >= 1, got {self.steps}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrivacySpend:
+    """What one round costs a subject: a zCDP rho, a (subsampled) Gaussian event, or both.
+
+    Both ledgers store these: the server's (per run and client) and each device's own.
+    """
+
+    mechanism: str
+    rho: float = 0.0
+    gaussian: GaussianSteps | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < len(self.mechanism) <= 32:
+            raise ConfigError("the mechanism name has 1..32 characters")
+        if not (math.isfinite(self.rho) and self.rho >= 0):
+            raise ConfigError(f"rho must be a finite number >= 0, got {self.rho}")
+        if self.rho == 0 and self.gaussian is None:
+            raise ConfigError("a spend needs a rho > 0 or a Gaussian event")
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the spend as flat JSON values (the Gaussian's fields None when absent)."""
+        event = self.gaussian
+        return {
+            "mechanism": self.mechanism,
+            "rho": self.rho,
+            "noise_multiplier": None if event is None else event.noise_multiplier,
+            "sample_rate": None if event is None else event.sample_rate,
+            "steps": None if event is None else event.steps,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> PrivacySpend:
+        """Parse what :meth:`to_json` wrote (or a ledger row's columns).
+
+        Raises
+        ------
+        ConfigError
+            If a value is out of range.
+        """
+        event = None
+        if raw.get("noise_multiplier") is not None:
+            event = GaussianSteps(
+                noise_multiplier=float(raw["noise_multiplier"]),
+                sample_rate=float(raw["sample_rate"]),
+                steps=int(raw["steps"]),
+            )
+        return cls(mechanism=str(raw["mechanism"]), rho=float(raw["rho"]), gaussian=event)
+
+
+def spent_epsilon(
+    spends: Sequence[PrivacySpend], *, delta: float, kind: AccountantKind = AccountantKind.RDP
+) -> float:
+    """Return epsilon(delta) of all ``spends`` composed (:func:`composed_epsilon`)."""
+    rho = sum(s.rho for s in spends)
+    events = [s.gaussian for s in spends if s.gaussian is not None]
+    return composed_epsilon(rho=rho, gaussian=events, delta=delta, kind=kind)
 
 
 def _check_rho(rho: float) -> None:
