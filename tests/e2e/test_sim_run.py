@@ -212,8 +212,8 @@ def test_central_dp_stops_at_the_round_that_would_exceed_the_budget(tmp_path: Pa
     command = _sim_command(
         tmp_path, out, "--clients", "4", "--rounds", "6", "--data-dir", str(data)
     )
-    # The Gaussian mechanism at z = 2: epsilon 2.17, 3.19, 4.01, 4.73, ... at delta 1e-5.
-    command += ["--dp", "central", "--noise-multiplier", "2", "--epsilon", "4.5"]
+    # The Gaussian mechanism at z = 8: epsilon 0.48, 0.70, 0.87, 1.01, ... at delta 1e-5.
+    command += ["--dp", "central", "--noise-multiplier", "8", "--epsilon", "1"]
 
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
 
@@ -221,11 +221,12 @@ def test_central_dp_stops_at_the_round_that_would_exceed_the_budget(tmp_path: Pa
     summary = json.loads(out.read_text())
     privacy = summary["privacy"]
     assert len(summary["rounds"]) == 3
-    assert privacy["epsilon"] <= 4.5 and "would take the run to epsilon" in privacy["stopped"]
+    assert privacy["epsilon"] == pytest.approx(0.866, abs=0.002)
+    assert "would take the run to epsilon 1.01" in privacy["stopped"]
     assert not privacy["amplification"]["claimed"]
     events = _privacy_events(tmp_path, summary["run_id"])
     assert [e["round"] for e in events] == [1, 2, 3]
-    assert all(e["clients_charged"] == 4 and e["noise_std_of_sum"] == 2.0 for e in events)
+    assert all(e["clients_charged"] == 4 and e["noise_std_of_sum"] == 8.0 for e in events)
 
 
 def test_devices_decline_rounds_past_their_own_budget(tmp_path: Path) -> None:
