@@ -19,6 +19,7 @@ from rich.logging import RichHandler
 from fedge.errors import FedgeError
 from fedge.version import code_version
 from fl_server.cli import audit_app, ledger_app
+from fl_server.store.cli import store_app
 from simulations.cli import app as sim_app
 
 __all__ = ["app", "main"]
@@ -33,6 +34,7 @@ app = typer.Typer(
 app.add_typer(sim_app, name="sim")
 app.add_typer(audit_app, name="audit")
 app.add_typer(ledger_app, name="ledger")
+app.add_typer(store_app, name="store")
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2

@@ -9,7 +9,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +34,10 @@ from fl_server.db import open_database, resolve_db_url
 from fl_server.ledger import PrivacyBudget, PrivacyLedger
 from fl_server.privacy import PrivacyMechanism, amplification
 from fl_server.secagg import SecAggConfig
+from fl_server.store.blobs import FileBlobStore
+from fl_server.store.manifest import StoreKey
+from fl_server.store.publisher import RoundPublisher
+from fl_server.store.store import ModelStore
 from secure_agg.params import ThreatModel
 from simulations.config import DpMode, SimConfig
 from simulations.data import Split
@@ -65,11 +69,20 @@ def new_run_id(now: datetime | None = None) -> str:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunPaths:
-    """Where a run writes: its summary JSON, its checkpoints, its database."""
+    """Where a run writes: its summary JSON, its checkpoints, its database, its model store.
+
+    ``store`` defaults to ``store/`` beside the run's directory (``runs/store``).
+    """
+
+    @property
+    def store_dir(self) -> Path:
+        """The model store's directory (objects and signing key)."""
+        return self.store or self.models.parent.parent / "store"
 
     summary: Path
     models: Path
     db_url: str
+    store: Path | None = None
 
 
 @dataclass(slots=True)
@@ -132,10 +145,17 @@ def _write_json_atomically(path: Path, document: dict[str, Any]) -> None:
 class _SummaryWriter:
     """Keeps the summary file current: one atomic rewrite per round."""
 
-    def __init__(self, summary: SimSummary, path: Path, started: float) -> None:
+    def __init__(
+        self,
+        summary: SimSummary,
+        path: Path,
+        started: float,
+        versions: dict[int, int] | None = None,
+    ) -> None:
         self.summary = summary
         self._path = path
         self._started = started
+        self._versions = versions if versions is not None else {}
 
     def on_round(self, report: RoundReport) -> None:
         if report.server_round == 0:
@@ -152,6 +172,7 @@ class _SummaryWriter:
                     "model_sha256": report.model_sha256,
                     "model_path": report.model_path,
                     "secure_aggregation": report.secure_aggregation,
+                    "store_version": self._versions.get(report.server_round),
                 }
             )
         self.flush()
@@ -266,7 +287,12 @@ def run_federation(
             data=data_stats,
             db_url=_redacted(paths.db_url),
         )
-        writer = _SummaryWriter(summary, paths.summary, started)
+        store = ModelStore(
+            engine,
+            FileBlobStore(paths.store_dir),
+            StoreKey.load_or_create(paths.store_dir / "store-key.pem"),
+            audit=audit,
+        )
         audit.append(
             AuditEventKind.RUN_STARTED,
             {
@@ -277,7 +303,6 @@ def run_federation(
             },
             run_id=run_id,
         )
-        writer.flush()
         privacy = (
             PrivacyBudget(
                 ledger=PrivacyLedger(engine, accountant=_accountant(config)),
@@ -288,6 +313,11 @@ def run_federation(
             if config.dp is not DpMode.OFF
             else None
         )
+        publisher = RoundPublisher(
+            store, model=config.model.value, run_id=run_id, privacy=_spent_so_far(privacy, run_id)
+        )
+        writer = _SummaryWriter(summary, paths.summary, started, publisher.versions)
+        writer.flush()
         try:
             _simulate(
                 config=config,
@@ -296,7 +326,7 @@ def run_federation(
                 paths=paths,
                 run_id=run_id,
                 audit=audit,
-                observers=[writer, *observers],
+                observers=[publisher, writer, *observers],
                 verbose=verbose,
                 privacy=privacy,
             )
@@ -328,6 +358,22 @@ def run_federation(
         return summary
     finally:
         engine.dispose()
+
+
+def _spent_so_far(
+    privacy: PrivacyBudget | None, run_id: str
+) -> Callable[[], tuple[float | None, float] | None] | None:
+    if privacy is None:
+        return None
+    budget = privacy
+
+    def spent() -> tuple[float | None, float]:
+        # Client-level runs: the run's epsilon; DP-SGD: the worst device the server has seen.
+        worst = budget.ledger.max_subject_epsilon(run_id)
+        run_level = budget.ledger.spent(run_id, delta=budget.delta)
+        return (run_level or (worst[1] if worst else None)), budget.delta
+
+    return spent
 
 
 def privacy_report(

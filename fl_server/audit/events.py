@@ -39,6 +39,9 @@ class AuditEventKind(Enum):
     RUN_FAILED = "run.failed"
     PRIVACY_SPENT = "privacy.spent"
     BUDGET_EXHAUSTED = "privacy.budget_exhausted"
+    MODEL_PUBLISHED = "store.published"
+    ALIAS_MOVED = "store.alias_moved"
+    STORE_GC = "store.gc"
 
 
 @dataclass(frozen=True, slots=True)

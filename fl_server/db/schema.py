@@ -7,10 +7,27 @@ history and the only way it changes.
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Float, Integer, MetaData, String, Text, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["AuditHeadRow", "AuditRecordRow", "Base", "LedgerRow"]
+__all__ = [
+    "AliasRow",
+    "ArtefactRow",
+    "AuditHeadRow",
+    "AuditRecordRow",
+    "Base",
+    "LedgerRow",
+    "ModelVersionRow",
+]
 
 _NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -71,3 +88,61 @@ class LedgerRow(Base):
     delta: Mapped[float] = mapped_column(Float)
     epsilon: Mapped[float] = mapped_column(Float)
     recorded_at: Mapped[str] = mapped_column(String(40))
+
+
+class ModelVersionRow(Base):
+    """One immutable version of a global model: its signed manifest and searchable metadata."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("model", "version"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    model: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    parent_version: Mapped[int | None] = mapped_column(Integer)
+    run_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    server_round: Mapped[int | None] = mapped_column(Integer)
+    dp_epsilon: Mapped[float | None] = mapped_column(Float)
+    dp_delta: Mapped[float | None] = mapped_column(Float)
+    participants: Mapped[int | None] = mapped_column(Integer)
+    code_version: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[str] = mapped_column(String(40))
+    manifest: Mapped[str] = mapped_column(Text)
+    signature: Mapped[str] = mapped_column(String(128))
+    key_id: Mapped[str] = mapped_column(String(16))
+
+
+class ArtefactRow(Base):
+    """One artefact of a version (weights, an ONNX variant): its digest and measured quality."""
+
+    __tablename__ = "model_artefacts"
+    __table_args__ = (UniqueConstraint("version_id", "name"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    version_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"),
+        ForeignKey("model_versions.id", ondelete="CASCADE"),
+        index=True,
+    )
+    name: Mapped[str] = mapped_column(String(64))
+    digest: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    format: Mapped[str] = mapped_column(String(8))
+    precision: Mapped[str] = mapped_column(String(8))
+    status: Mapped[str] = mapped_column(String(16))
+    quality: Mapped[str] = mapped_column(Text)
+
+
+class AliasRow(Base):
+    """A movable name (``production``, ``canary``, ...) for one version of a model."""
+
+    __tablename__ = "model_aliases"
+
+    model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    alias: Mapped[str] = mapped_column(String(32), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[str] = mapped_column(String(40))

@@ -78,6 +78,9 @@ def _check_run_records(tmp_path: Path, summary: dict[str, Any]) -> None:
     assert kinds[-1] is AuditEventKind.RUN_COMPLETED
     assert kinds.count(AuditEventKind.MODEL_SAVED) == 3  # initial model + 2 rounds
     assert kinds.count(AuditEventKind.ROUND_COMPLETED) == 2
+    # Every round's model (and the initial one, v1) is a signed version in the store.
+    assert [r["store_version"] for r in summary["rounds"]] == [2, 3]
+    assert kinds.count(AuditEventKind.MODEL_PUBLISHED) == 3
     assert summary["audit"]["head_hash"] is not None
 
 

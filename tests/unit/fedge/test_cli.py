@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -198,3 +199,48 @@ def test_ledger_show_prints_a_runs_spending_round_by_round(tmp_path: Path) -> No
 
 def test_distributed_dp_without_a_valid_delta_is_one_clear_line() -> None:
     _assert_one_clear_line(_fedge("sim", "run", "--dp", "distributed", "--delta", "2"), "delta")
+
+
+def test_store_commands_list_verify_tag_export_and_gc(tmp_path: Path) -> None:
+    from fl_server.db import open_database
+    from fl_server.store.blobs import FileBlobStore
+    from fl_server.store.manifest import StoreKey
+    from fl_server.store.store import ModelStore, NewArtefact
+
+    url = f"sqlite:///{tmp_path / 'fedge.db'}"
+    store_dir = tmp_path / "store"
+    engine = open_database(url)
+    try:
+        store = ModelStore(
+            engine, FileBlobStore(store_dir), StoreKey.load_or_create(store_dir / "store-key.pem")
+        )
+        for tag in (b"1", b"2", b"3"):
+            store.publish("cnn", [NewArtefact(name="weights.npz", data=b"w" + tag)])
+        digest = store.get("cnn", 3).manifest.artefacts[0].digest
+    finally:
+        engine.dispose()
+    env = {"FEDGE_DB_URL": url, "FEDGE_STORE_DIR": str(store_dir)}
+
+    listed = _fedge("store", "list", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[:2] for line in listed.stdout.splitlines()[1:]] == [
+        ["cnn", "1"],
+        ["cnn", "2"],
+        ["cnn", "3"],
+    ]
+    assert _fedge("store", "verify", "cnn", "latest", env=env).returncode == 0
+    tagged = _fedge("store", "tag", "cnn", "production", "1", env=env)
+    assert tagged.stdout.strip() == "cnn production -> v1"
+    exported = _fedge("store", "export", "cnn", "production", str(tmp_path / "out"), env=env)
+    assert exported.returncode == 0, exported.stderr
+    assert (tmp_path / "out" / "weights.npz").read_bytes() == b"w1"
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["manifest"]["version"] == 1
+    gc = _fedge("store", "gc", "--keep-last", "1", env=env)
+    assert gc.stdout.strip() == "deleted 1 versions and 0 objects"  # v2; v1 is aliased
+
+    # A corrupted object: verify fails with one clear line and exit status 1.
+    target = store_dir / "objects" / digest[:2] / digest
+    target.chmod(0o644)
+    target.write_bytes(b"tampered")
+    _assert_one_clear_line(_fedge("store", "verify", "cnn", "3", env=env), "did not verify")
+    _assert_one_clear_line(_fedge("store", "show", "cnn", "../x", env=env), "no alias")

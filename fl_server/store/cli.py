@@ -1,0 +1,173 @@
+"""``fedge store``: list, show, verify, tag, export and garbage-collect model versions."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedge.errors import StorageError
+from fl_server.audit import AuditLog
+from fl_server.db import DB_URL_ENV, open_database
+from fl_server.store.blobs import FileBlobStore
+from fl_server.store.manifest import StoreKey
+from fl_server.store.store import ModelStore
+
+__all__ = ["STORE_DIR_ENV", "open_store", "store_app"]
+
+STORE_DIR_ENV = "FEDGE_STORE_DIR"
+_DEFAULT_DIR = Path("runs/store")
+
+store_app = typer.Typer(
+    help="The model store: signed, versioned global models and their artefacts.",
+    no_args_is_help=True,
+)
+
+_DbUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--db-url", envvar=DB_URL_ENV, help="The database [default: sqlite:///runs/fedge.db]."
+    ),
+]
+_StoreDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--store-dir",
+        envvar=STORE_DIR_ENV,
+        help="Where the objects and the signing key live [default: runs/store].",
+    ),
+]
+_Model = Annotated[str, typer.Argument(help="The model's name.")]
+_Ref = Annotated[str, typer.Argument(help="A version number, an alias, or 'latest'.")]
+
+
+@contextmanager
+def open_store(db_url: str | None, store_dir: Path | None) -> Iterator[ModelStore]:
+    """Open the store (objects under ``store_dir``, its key in ``store_dir/store-key.pem``)."""
+    root = store_dir or _DEFAULT_DIR
+    engine = open_database(db_url)
+    try:
+        key = StoreKey.load_or_create(root / "store-key.pem")
+        yield ModelStore(engine, FileBlobStore(root), key, audit=AuditLog(engine))
+    finally:
+        engine.dispose()
+
+
+@store_app.command("list")
+def list_command(
+    model: Annotated[str | None, typer.Argument(help="Only this model.")] = None,
+    db_url: _DbUrl = None,
+    store_dir: _StoreDir = None,
+) -> None:
+    """One line per version: model, version, parent, round, epsilon, artefacts, aliases."""
+    with open_store(db_url, store_dir) as store:
+        versions = store.versions(model)
+        aliases: dict[tuple[str, int], list[str]] = {}
+        for name in {v.manifest.model for v in versions}:
+            for alias, number in store.aliases(name).items():
+                aliases.setdefault((name, number), []).append(alias)
+    if not versions:
+        typer.echo("no versions stored")
+        return
+    typer.echo(f"{'model':<16} {'ver':>4} {'parent':>6} {'round':>5} {'epsilon':>8}  artefacts")
+    for version in versions:
+        m = version.manifest
+        eps = m.metadata.get("dp_epsilon")
+        server_round = m.metadata.get("server_round")
+        tags = aliases.get((m.model, m.version), [])
+        typer.echo(
+            f"{m.model:<16} {m.version:>4} {'-' if m.parent is None else m.parent:>6} "
+            f"{'-' if server_round is None else server_round:>5} "
+            f"{'-' if eps is None else f'{eps:.3f}':>8}  "
+            + ", ".join(a.name for a in version.offered())
+            + (f"  [{', '.join(sorted(tags))}]" if tags else "")
+        )
+
+
+@store_app.command("show")
+def show_command(
+    model: _Model, ref: _Ref = "latest", db_url: _DbUrl = None, store_dir: _StoreDir = None
+) -> None:
+    """Print a version's signed manifest, the status and quality of each artefact."""
+    with open_store(db_url, store_dir) as store:
+        version = store.get(model, ref)
+    document = {
+        **version.signed.to_json(),
+        "artefact_status": dict(version.statuses),
+        "artefact_quality": {k: dict(v) for k, v in version.quality.items()},
+    }
+    typer.echo(json.dumps(document, indent=2, sort_keys=True))
+
+
+@store_app.command("verify")
+def verify_command(
+    model: _Model, ref: _Ref = "latest", db_url: _DbUrl = None, store_dir: _StoreDir = None
+) -> None:
+    """Check the manifest's signature and re-hash every artefact; exit 1 on any failure."""
+    with open_store(db_url, store_dir) as store:
+        report = store.verify(model, ref)
+    typer.echo(f"{model} v{report.version}: signature {'ok' if report.signature_ok else 'BAD'}")
+    for name, status in report.artefacts.items():
+        typer.echo(f"  {name}: {status}")
+    if not report.ok:
+        raise StorageError(f"{model} v{report.version} did not verify")
+
+
+@store_app.command("tag")
+def tag_command(
+    model: _Model,
+    alias: Annotated[str, typer.Argument(help="The alias to move (production, canary, ...).")],
+    ref: _Ref,
+    db_url: _DbUrl = None,
+    store_dir: _StoreDir = None,
+) -> None:
+    """Point an alias at a version, atomically."""
+    with open_store(db_url, store_dir) as store:
+        version = store.resolve(model, ref)
+        previous = store.tag(model, alias, version)
+    moved = "" if previous is None else f" (was v{previous})"
+    typer.echo(f"{model} {alias} -> v{version}{moved}")
+
+
+@store_app.command("export")
+def export_command(
+    model: _Model,
+    ref: _Ref,
+    destination: Annotated[Path, typer.Argument(help="A directory to write the artefacts to.")],
+    db_url: _DbUrl = None,
+    store_dir: _StoreDir = None,
+) -> None:
+    """Write a version's offered artefacts (verified) and its signed manifest to a directory."""
+    destination.mkdir(parents=True, exist_ok=True)
+    with open_store(db_url, store_dir) as store:
+        version = store.get(model, ref)
+        for entry in version.offered():
+            store.blobs.export(entry.digest, destination / entry.name)
+    manifest = destination / "manifest.json"
+    temporary = manifest.with_name(f".manifest.json.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(version.signed.to_json(), indent=2, sort_keys=True) + "\n")
+    temporary.replace(manifest)
+    typer.echo(f"{model} v{version.manifest.version} -> {destination}")
+
+
+@store_app.command("gc")
+def gc_command(
+    keep_last: Annotated[
+        int, typer.Option("--keep-last", min=1, help="Versions of each model to keep.")
+    ] = 10,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count.")] = False,
+    db_url: _DbUrl = None,
+    store_dir: _StoreDir = None,
+) -> None:
+    """Delete versions beyond the newest N (aliased ones stay) and unreferenced objects."""
+    with open_store(db_url, store_dir) as store:
+        counts = store.gc(keep_last=keep_last, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    typer.echo(
+        f"{verb} {counts['versions_deleted']} versions and {counts['objects_deleted']} objects"
+    )

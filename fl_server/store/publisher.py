@@ -1,0 +1,63 @@
+"""Publish every round's global model to the store, as a round observer of the ServerApp."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from fl_server.federation import RoundReport
+from fl_server.store.store import ModelStore, NewArtefact, VersionInfo
+
+__all__ = ["RoundPublisher"]
+
+
+class RoundPublisher:
+    """Publish each round's checkpoint as the next version of ``model``, parent = the last one.
+
+    Parameters
+    ----------
+    store
+        Where versions go.
+    model
+        The model's name in the store.
+    run_id
+        The run every version records.
+    privacy
+        Returns (epsilon spent so far, delta) of the run, or None without DP.
+    """
+
+    def __init__(
+        self,
+        store: ModelStore,
+        *,
+        model: str,
+        run_id: str,
+        privacy: Callable[[], tuple[float | None, float] | None] | None = None,
+    ) -> None:
+        self._store = store
+        self._model = model
+        self._run_id = run_id
+        self._privacy = privacy
+        self.versions: dict[int, int] = {}
+        self._last: int | None = None
+
+    def on_round(self, report: RoundReport) -> None:
+        """Publish the round's weights (the checkpoint file, streamed into the store)."""
+        spent = None if self._privacy is None else self._privacy()
+        info = VersionInfo(
+            run_id=self._run_id,
+            server_round=report.server_round,
+            dp_epsilon=None if spent is None else spent[0],
+            dp_delta=None if spent is None else spent[1],
+            secure_aggregation=report.secure_aggregation,
+            participants=report.num_replies if report.server_round > 0 else None,
+            metrics={"accuracy": report.accuracy, "loss": report.loss},
+        )
+        version = self._store.publish(
+            self._model,
+            [NewArtefact(name="weights.npz", data=Path(report.model_path))],
+            parent=self._last,
+            info=info,
+        )
+        self._last = version.manifest.version
+        self.versions[report.server_round] = self._last

@@ -1,0 +1,523 @@
+"""The model store: immutable, signed versions of global models with lineage, aliases and GC.
+
+A version is published in two steps, so a crash at any point never shows a
+partial version: (1) every artefact is written to the content-addressed blob
+store (an interrupted write leaves at most an unreferenced object, which
+:meth:`ModelStore.gc` removes); (2) one database transaction picks the next
+version number, signs the manifest (the digests of every artefact, the
+lineage, the metadata) with the store's Ed25519 key and inserts the version
+and its artefacts. Two publishers racing for a number collide on the
+``(model, version)`` unique constraint; the loser retries with the next one,
+so numbers are never duplicated or skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, delete, func, select
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from fedge.errors import ConfigError, StorageError
+from fedge.version import code_version
+from fl_server.audit import AuditEventKind, AuditLog
+from fl_server.db.schema import AliasRow, ArtefactRow, ModelVersionRow
+from fl_server.store.blobs import BlobCorrupt, BlobMissing, BlobStore
+from fl_server.store.manifest import (
+    ArtefactEntry,
+    ArtefactFormat,
+    Manifest,
+    ManifestInvalid,
+    Precision,
+    SignedManifest,
+    StoreKey,
+    verify_manifest,
+)
+
+__all__ = [
+    "ArtefactStatus",
+    "ModelStore",
+    "ModelVersion",
+    "NewArtefact",
+    "VerifyReport",
+    "VersionInfo",
+]
+
+logger = logging.getLogger(__name__)
+
+_ALIAS = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_PUBLISH_ATTEMPTS = 20
+
+
+class ArtefactStatus:
+    """Whether an artefact may be offered to devices."""
+
+    OFFERED = "offered"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NewArtefact:
+    """An artefact to publish: its bytes (or a file), what it is, how good it measured.
+
+    ``rejected`` artefacts (below their accuracy floor) are recorded, never offered.
+    """
+
+    name: str
+    data: bytes | Path
+    format: ArtefactFormat = ArtefactFormat.NPZ
+    precision: Precision = Precision.FP32
+    quality: Mapping[str, float] = field(default_factory=dict)
+    rejected: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VersionInfo:
+    """Searchable metadata of a version (also signed, inside the manifest)."""
+
+    run_id: str | None = None
+    server_round: int | None = None
+    dp_epsilon: float | None = None
+    dp_delta: float | None = None
+    secure_aggregation: Mapping[str, Any] | None = None
+    participants: int | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the metadata as JSON values."""
+        return {
+            "run_id": self.run_id,
+            "server_round": self.server_round,
+            "dp_epsilon": self.dp_epsilon,
+            "dp_delta": self.dp_delta,
+            "secure_aggregation": None
+            if self.secure_aggregation is None
+            else dict(self.secure_aggregation),
+            "participants": self.participants,
+            "metrics": dict(self.metrics),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ModelVersion:
+    """A stored version: its signed manifest and the status of each artefact."""
+
+    signed: SignedManifest
+    statuses: Mapping[str, str]
+    quality: Mapping[str, Mapping[str, float]]
+
+    @property
+    def manifest(self) -> Manifest:
+        """The (signed) manifest."""
+        return self.signed.manifest
+
+    def offered(self) -> list[ArtefactEntry]:
+        """Return the artefacts devices may fetch (rejected variants are never offered)."""
+        return [
+            a for a in self.manifest.artefacts if self.statuses[a.name] == ArtefactStatus.OFFERED
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    """What :meth:`ModelStore.verify` found: the signature and every artefact."""
+
+    model: str
+    version: int
+    signature_ok: bool
+    artefacts: dict[str, str]
+
+    @property
+    def ok(self) -> bool:
+        """True when the signature and every artefact verified."""
+        return self.signature_ok and all(v == "ok" for v in self.artefacts.values())
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def _finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"metric {key!r} is not a finite number")
+        out[str(key)] = float(value)
+    return out
+
+
+class ModelStore:
+    """Versions of global models in SQL, their artefacts in a :class:`BlobStore`.
+
+    Parameters
+    ----------
+    engine
+        The fedge database (SQLite or PostgreSQL), already migrated.
+    blobs
+        Where artefact bytes live (content-addressed).
+    key
+        The store's signing key.
+    audit
+        Publishes, alias moves and garbage collections are appended here.
+    """
+
+    def __init__(
+        self, engine: Engine, blobs: BlobStore, key: StoreKey, *, audit: AuditLog | None = None
+    ) -> None:
+        self._engine = engine
+        self.blobs = blobs
+        self._key = key
+        self._audit = audit
+
+    def _event(self, kind: AuditEventKind, payload: dict[str, Any], run_id: str | None) -> None:
+        if self._audit is not None:
+            self._audit.append(kind, payload, run_id=run_id)
+
+    @property
+    def public_key(self) -> bytes:
+        """The store's Ed25519 public key (what devices verify manifests with)."""
+        return self._key.public_key_bytes()
+
+    def publish(
+        self,
+        model: str,
+        artefacts: Sequence[NewArtefact],
+        *,
+        parent: int | None = None,
+        info: VersionInfo | None = None,
+    ) -> ModelVersion:
+        """Store ``artefacts`` as the next version of ``model``.
+
+        Raises
+        ------
+        ConfigError
+            If a name, the parent or the metadata is invalid.
+        StorageError
+            If the blobs or the database cannot be written.
+        """
+        if not artefacts:
+            raise ConfigError("a version needs at least one artefact")
+        info = info or VersionInfo()
+        metadata = {**info.to_json(), "code_version": code_version()}
+        metadata["metrics"] = _finite_metrics(info.metrics)
+        # Validate every name and the metadata before writing a single byte.
+        Manifest(
+            model=model,
+            version=1,
+            parent=None,
+            artefacts=tuple(
+                ArtefactEntry(
+                    name=a.name, digest="0" * 64, size=0, format=a.format, precision=a.precision
+                )
+                for a in artefacts
+            ),
+            metadata=metadata,
+            created_at=_now(),
+        )
+        entries: list[ArtefactEntry] = []
+        for artefact in artefacts:
+            ref = (
+                self.blobs.put_file(artefact.data)
+                if isinstance(artefact.data, Path)
+                else self.blobs.put(artefact.data)
+            )
+            entries.append(
+                ArtefactEntry(
+                    name=artefact.name,
+                    digest=ref.digest,
+                    size=ref.size,
+                    format=artefact.format,
+                    precision=artefact.precision,
+                )
+            )
+        for _ in range(_PUBLISH_ATTEMPTS):
+            try:
+                published = self._insert(
+                    model, entries, artefacts, parent=parent, info=info, metadata=metadata
+                )
+            except IntegrityError:
+                logger.info("store: version number of %s taken concurrently; retrying", model)
+                continue
+            except SQLAlchemyError as exc:
+                raise StorageError(f"cannot publish {model}: {exc}") from exc
+            self._event(
+                AuditEventKind.MODEL_PUBLISHED,
+                {
+                    "model": model,
+                    "version": published.manifest.version,
+                    "parent": parent,
+                    "key_id": published.signed.key_id,
+                    "artefacts": {a.name: a.digest for a in entries},
+                    "rejected": [a.name for a in artefacts if a.rejected],
+                },
+                info.run_id,
+            )
+            return published
+        raise StorageError(f"cannot publish {model}: too many concurrent publishers")
+
+    def _insert(
+        self,
+        model: str,
+        entries: list[ArtefactEntry],
+        artefacts: Sequence[NewArtefact],
+        *,
+        parent: int | None,
+        info: VersionInfo,
+        metadata: dict[str, Any],
+    ) -> ModelVersion:
+        with Session(self._engine) as session, session.begin():
+            latest = session.scalar(
+                select(func.max(ModelVersionRow.version)).where(ModelVersionRow.model == model)
+            )
+            version = (latest or 0) + 1
+            if parent is not None and not 1 <= parent < version:
+                raise ConfigError(f"parent version {parent} of {model} does not exist")
+            if parent is not None and self._row(session, model, parent) is None:
+                raise ConfigError(f"parent version {parent} of {model} does not exist")
+            manifest = Manifest(
+                model=model,
+                version=version,
+                parent=parent,
+                artefacts=tuple(entries),
+                metadata=metadata,
+                created_at=_now(),
+            )
+            signed = self._key.sign(manifest)
+            row = ModelVersionRow(
+                model=model,
+                version=version,
+                parent_version=parent,
+                run_id=info.run_id,
+                server_round=info.server_round,
+                dp_epsilon=info.dp_epsilon,
+                dp_delta=info.dp_delta,
+                participants=info.participants,
+                code_version=str(metadata["code_version"])[:64],
+                created_at=manifest.created_at,
+                manifest=json.dumps(signed.to_json(), sort_keys=True),
+                signature=signed.signature.hex(),
+                key_id=signed.key_id,
+            )
+            session.add(row)
+            session.flush()
+            for entry, artefact in zip(entries, artefacts, strict=True):
+                session.add(
+                    ArtefactRow(
+                        version_id=row.id,
+                        name=entry.name,
+                        digest=entry.digest,
+                        size=entry.size,
+                        format=entry.format.value,
+                        precision=entry.precision.value,
+                        status=ArtefactStatus.REJECTED
+                        if artefact.rejected
+                        else ArtefactStatus.OFFERED,
+                        quality=json.dumps(_finite_metrics(artefact.quality), sort_keys=True),
+                    )
+                )
+        return self._version(signed, artefacts)
+
+    @staticmethod
+    def _version(signed: SignedManifest, artefacts: Sequence[NewArtefact]) -> ModelVersion:
+        return ModelVersion(
+            signed=signed,
+            statuses={
+                a.name: ArtefactStatus.REJECTED if a.rejected else ArtefactStatus.OFFERED
+                for a in artefacts
+            },
+            quality={a.name: dict(a.quality) for a in artefacts},
+        )
+
+    @staticmethod
+    def _row(session: Session, model: str, version: int) -> ModelVersionRow | None:
+        return session.scalars(
+            select(ModelVersionRow).where(
+                ModelVersionRow.model == model, ModelVersionRow.version == version
+            )
+        ).first()
+
+    def _load(self, session: Session, row: ModelVersionRow) -> ModelVersion:
+        try:
+            signed = SignedManifest.from_json(json.loads(row.manifest))
+        except (ValueError, ConfigError, ManifestInvalid) as exc:
+            raise StorageError(
+                f"{row.model} v{row.version}: stored manifest unreadable: {exc}"
+            ) from exc
+        artefacts = session.scalars(
+            select(ArtefactRow).where(ArtefactRow.version_id == row.id)
+        ).all()
+        return ModelVersion(
+            signed=signed,
+            statuses={a.name: a.status for a in artefacts},
+            quality={a.name: json.loads(a.quality) for a in artefacts},
+        )
+
+    def resolve(self, model: str, ref: int | str) -> int:
+        """Return the version number ``ref`` names: a number, an alias, or ``latest``.
+
+        Raises
+        ------
+        ConfigError
+            If nothing of that name exists.
+        """
+        try:
+            with Session(self._engine) as session:
+                if isinstance(ref, int) or str(ref).isdigit():
+                    version = int(ref)
+                    if self._row(session, model, version) is None:
+                        raise ConfigError(f"{model} has no version {version}")
+                    return version
+                if ref == "latest":
+                    latest = session.scalar(
+                        select(func.max(ModelVersionRow.version)).where(
+                            ModelVersionRow.model == model
+                        )
+                    )
+                    if latest is None:
+                        raise ConfigError(f"no versions of {model}")
+                    return int(latest)
+                alias = session.get(AliasRow, (model, ref))
+                if alias is None:
+                    raise ConfigError(f"{model} has no alias {ref!r}")
+                return alias.version
+        except SQLAlchemyError as exc:
+            raise StorageError(f"cannot read the model store: {exc}") from exc
+
+    def get(self, model: str, ref: int | str = "latest") -> ModelVersion:
+        """Return one version (by number, alias or ``latest``)."""
+        version = self.resolve(model, ref)
+        with Session(self._engine) as session:
+            row = self._row(session, model, version)
+            assert row is not None
+            return self._load(session, row)
+
+    def versions(self, model: str | None = None) -> list[ModelVersion]:
+        """Return every version (of one model), oldest first."""
+        query = select(ModelVersionRow).order_by(ModelVersionRow.model, ModelVersionRow.version)
+        if model is not None:
+            query = query.where(ModelVersionRow.model == model)
+        try:
+            with Session(self._engine) as session:
+                return [self._load(session, row) for row in session.scalars(query).all()]
+        except SQLAlchemyError as exc:
+            raise StorageError(f"cannot read the model store: {exc}") from exc
+
+    def aliases(self, model: str) -> dict[str, int]:
+        """Return the model's aliases and the versions they point at."""
+        with Session(self._engine) as session:
+            rows = session.scalars(select(AliasRow).where(AliasRow.model == model)).all()
+            return {row.alias: row.version for row in rows}
+
+    def tag(self, model: str, alias: str, version: int) -> int | None:
+        """Point ``alias`` at ``version`` in one transaction; return the version it left.
+
+        Raises
+        ------
+        ConfigError
+            If the alias name is invalid or the version does not exist.
+        """
+        if not _ALIAS.fullmatch(alias) or alias == "latest":
+            raise ConfigError(f"alias {alias!r}: lowercase letters, digits, - and _, not 'latest'")
+        with Session(self._engine) as session, session.begin():
+            if self._row(session, model, version) is None:
+                raise ConfigError(f"{model} has no version {version}")
+            row = session.get(AliasRow, (model, alias), with_for_update=True)
+            previous = None if row is None else row.version
+            if row is None:
+                session.add(AliasRow(model=model, alias=alias, version=version, updated_at=_now()))
+            else:
+                row.version, row.updated_at = version, _now()
+        self._event(
+            AuditEventKind.ALIAS_MOVED,
+            {"model": model, "alias": alias, "version": version, "previous": previous},
+            None,
+        )
+        return previous
+
+    def ancestors(self, model: str, version: int) -> list[int]:
+        """Return the lineage of ``version``: its parent, the parent's parent, ..."""
+        chain: list[int] = []
+        with Session(self._engine) as session:
+            row = self._row(session, model, version)
+            if row is None:
+                raise ConfigError(f"{model} has no version {version}")
+            while row is not None and row.parent_version is not None:
+                chain.append(row.parent_version)
+                row = self._row(session, model, row.parent_version)
+        return chain
+
+    def verify(self, model: str, ref: int | str = "latest") -> VerifyReport:
+        """Check the manifest's signature with the store's key and re-hash every artefact."""
+        stored = self.get(model, ref)
+        try:
+            verify_manifest(stored.signed, self.public_key)
+            signature_ok = True
+        except ManifestInvalid:
+            signature_ok = False
+        results: dict[str, str] = {}
+        for entry in stored.manifest.artefacts:
+            try:
+                self.blobs.verify(entry.digest)
+                results[entry.name] = "ok"
+            except BlobMissing:
+                results[entry.name] = "missing"
+            except BlobCorrupt:
+                results[entry.name] = "corrupt"
+        return VerifyReport(
+            model=model,
+            version=stored.manifest.version,
+            signature_ok=signature_ok,
+            artefacts=results,
+        )
+
+    def gc(
+        self, *, keep_last: int, dry_run: bool = False, min_age_s: float = 3600.0
+    ) -> dict[str, int]:
+        """Delete old versions, then the objects no version references.
+
+        Versions beyond the newest ``keep_last`` of each model go, unless an alias
+        names them. An unreferenced object younger than ``min_age_s`` stays: it
+        may belong to a publish whose transaction has not committed yet.
+
+        Returns counts: ``versions_deleted``, ``objects_deleted``.
+        """
+        if keep_last < 1:
+            raise ConfigError(f"keep_last must be >= 1, got {keep_last}")
+        doomed: list[int] = []
+        with Session(self._engine) as session, session.begin():
+            aliased = {(a.model, a.version) for a in session.scalars(select(AliasRow))}
+            rows = session.scalars(
+                select(ModelVersionRow).order_by(
+                    ModelVersionRow.model, ModelVersionRow.version.desc()
+                )
+            ).all()
+            seen: dict[str, int] = {}
+            for row in rows:
+                seen[row.model] = seen.get(row.model, 0) + 1
+                if seen[row.model] > keep_last and (row.model, row.version) not in aliased:
+                    doomed.append(row.id)
+            if doomed and not dry_run:
+                session.execute(delete(ArtefactRow).where(ArtefactRow.version_id.in_(doomed)))
+                session.execute(delete(ModelVersionRow).where(ModelVersionRow.id.in_(doomed)))
+            referenced = set(session.scalars(select(ArtefactRow.digest)))
+        removed = 0
+        cutoff = time.time() - min_age_s
+        for digest in list(self.blobs.digests()):
+            if digest not in referenced and self.blobs.stored_at(digest) <= cutoff:
+                removed += 1
+                if not dry_run:
+                    self.blobs.delete(digest)
+        counts = {"versions_deleted": len(doomed), "objects_deleted": removed}
+        if not dry_run:
+            self._event(AuditEventKind.STORE_GC, {"keep_last": keep_last, **counts}, None)
+        return counts

@@ -1,0 +1,149 @@
+"""The model store on SQLite and PostgreSQL: versions, lineage, aliases, verification, GC."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from fedge.errors import ConfigError
+from fl_server.store.blobs import FileBlobStore
+from fl_server.store.manifest import ArtefactFormat, Precision, StoreKey, verify_manifest
+from fl_server.store.store import ModelStore, NewArtefact, VersionInfo
+
+
+@pytest.fixture
+def store(engine: Engine, tmp_path: Path) -> ModelStore:
+    return ModelStore(engine, FileBlobStore(tmp_path / "blobs"), StoreKey.generate())
+
+
+def _weights(tag: bytes) -> NewArtefact:
+    return NewArtefact(name="weights.npz", data=b"weights-" + tag)
+
+
+def test_versions_are_numbered_signed_and_carry_their_lineage(store: ModelStore) -> None:
+    first = store.publish("cnn", [_weights(b"1")], info=VersionInfo(run_id="r1", server_round=1))
+    second = store.publish(
+        "cnn",
+        [
+            _weights(b"2"),
+            NewArtefact(
+                name="model-int8.onnx",
+                data=b"onnx-int8",
+                format=ArtefactFormat.ONNX,
+                precision=Precision.INT8,
+                quality={"accuracy": 0.81},
+            ),
+        ],
+        parent=1,
+        info=VersionInfo(dp_epsilon=2.5, dp_delta=1e-5, participants=10, metrics={"acc": 0.8}),
+    )
+    third = store.publish("cnn", [_weights(b"2")], parent=2)
+
+    assert [v.manifest.version for v in (first, second, third)] == [1, 2, 3]
+    assert store.ancestors("cnn", 3) == [2, 1]
+    # Identical bytes are stored once.
+    assert third.manifest.artefacts[0].digest == second.manifest.artefacts[0].digest
+    loaded = store.get("cnn", 2)
+    assert loaded.manifest == second.manifest
+    assert loaded.manifest.metadata["dp_epsilon"] == 2.5
+    assert loaded.quality["model-int8.onnx"] == {"accuracy": 0.81}
+    assert verify_manifest(loaded.signed, store.public_key) == loaded.manifest
+    assert store.verify("cnn", 2).ok
+    assert store.get("cnn").manifest.version == 3
+    assert [v.manifest.version for v in store.versions("cnn")] == [1, 2, 3]
+
+
+def test_a_rejected_variant_is_recorded_but_never_offered(store: ModelStore) -> None:
+    version = store.publish(
+        "cnn",
+        [
+            _weights(b"x"),
+            NewArtefact(
+                name="model-int4.onnx",
+                data=b"int4",
+                format=ArtefactFormat.ONNX,
+                precision=Precision.INT4,
+                quality={"accuracy": 0.2},
+                rejected=True,
+            ),
+        ],
+    )
+    stored = store.get("cnn", version.manifest.version)
+    assert [a.name for a in stored.offered()] == ["weights.npz"]
+    assert stored.statuses["model-int4.onnx"] == "rejected"
+
+
+def test_aliases_move_atomically_and_resolve(store: ModelStore) -> None:
+    store.publish("cnn", [_weights(b"1")])
+    store.publish("cnn", [_weights(b"2")])
+
+    assert store.tag("cnn", "production", 1) is None
+    assert store.tag("cnn", "production", 2) == 1
+    assert store.resolve("cnn", "production") == 2
+    assert store.aliases("cnn") == {"production": 2}
+    with pytest.raises(ConfigError, match="no version 9"):
+        store.tag("cnn", "canary", 9)
+    with pytest.raises(ConfigError, match="alias"):
+        store.tag("cnn", "../prod", 1)
+    with pytest.raises(ConfigError, match="no alias"):
+        store.resolve("cnn", "canary")
+
+
+def test_verify_reports_a_corrupt_or_missing_object(store: ModelStore, tmp_path: Path) -> None:
+    version = store.publish("cnn", [_weights(b"1"), NewArtefact(name="b.npz", data=b"bee")])
+    entries = {a.name: a.digest for a in version.manifest.artefacts}
+    objects = tmp_path / "blobs" / "objects"
+    corrupt = objects / entries["weights.npz"][:2] / entries["weights.npz"]
+    corrupt.chmod(0o644)
+    corrupt.write_bytes(b"tampered")
+    missing = objects / entries["b.npz"][:2] / entries["b.npz"]
+    missing.chmod(0o644)
+    missing.unlink()
+
+    report = store.verify("cnn", 1)
+
+    assert not report.ok and report.signature_ok
+    assert report.artefacts == {"weights.npz": "corrupt", "b.npz": "missing"}
+
+
+def test_a_manifest_signed_by_another_key_fails_verification(
+    engine: Engine, tmp_path: Path
+) -> None:
+    blobs = FileBlobStore(tmp_path / "blobs")
+    ModelStore(engine, blobs, StoreKey.generate()).publish("cnn", [_weights(b"1")])
+
+    report = ModelStore(engine, blobs, StoreKey.generate()).verify("cnn", 1)
+
+    assert not report.signature_ok and not report.ok
+
+
+def test_gc_keeps_the_last_versions_and_aliased_ones(store: ModelStore) -> None:
+    for tag in (b"1", b"2", b"3", b"4"):
+        store.publish("cnn", [_weights(tag)])
+    store.tag("cnn", "production", 1)
+    orphan = store.blobs.put(b"never referenced")
+
+    # A fresh unreferenced object may be an in-flight publish: it stays by default.
+    assert store.gc(keep_last=2, dry_run=True) == {"versions_deleted": 1, "objects_deleted": 0}
+    counts = store.gc(keep_last=2, min_age_s=0)
+
+    assert counts == {"versions_deleted": 1, "objects_deleted": 2}
+    assert [v.manifest.version for v in store.versions("cnn")] == [1, 3, 4]
+    assert not store.blobs.exists(orphan.digest)
+    assert all(store.verify("cnn", v).ok for v in (1, 3, 4))
+    # Numbers are never reused after GC.
+    assert store.publish("cnn", [_weights(b"5")]).manifest.version == 5
+
+
+def test_bad_input_is_refused_and_nothing_is_stored(store: ModelStore) -> None:
+    with pytest.raises(ConfigError):
+        store.publish("../cnn", [_weights(b"1")])
+    with pytest.raises(ConfigError):
+        store.publish("cnn", [NewArtefact(name="../../etc/passwd", data=b"x")])
+    with pytest.raises(ConfigError, match="parent"):
+        store.publish("cnn", [_weights(b"1")], parent=3)
+    with pytest.raises(ConfigError):
+        store.publish("cnn", [])
+    assert store.versions() == []
