@@ -31,6 +31,7 @@ data:
 demo: setup
 	$(BIN)/fedge sim run --secure-agg --dp sample --epsilon 3 --client-epsilon 3 --batch-size 128 --lr 0.1 \
 		--out runs/demo/summary.json
+	$(BIN)/fedge store verify cnn latest
 	$(BIN)/fedge audit list --last 4
 	$(BIN)/fedge audit verify
 
