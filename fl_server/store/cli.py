@@ -1,9 +1,10 @@
-"""``fedge store``: list, show, verify, tag, export and garbage-collect model versions."""
+"""``fedge store``: list, show, verify, tag, export, garbage-collect and serve model versions."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from fedge.errors import StorageError
+from fedge.errors import ConfigError, StorageError
 from fl_server.audit import AuditLog
 from fl_server.db import DB_URL_ENV, open_database
 from fl_server.store.blobs import FileBlobStore
@@ -171,3 +172,47 @@ def gc_command(
     typer.echo(
         f"{verb} {counts['versions_deleted']} versions and {counts['objects_deleted']} objects"
     )
+
+
+@store_app.command("serve")
+def serve_command(
+    tls_cert: Annotated[Path, typer.Option("--tls-cert", help="The server's PEM certificate.")],
+    tls_key: Annotated[Path, typer.Option("--tls-key", help="The server's PEM private key.")],
+    authority_key: Annotated[
+        str,
+        typer.Option(
+            "--authority-key",
+            help="The enrolment authority's Ed25519 public key (64 hex digits): its devices "
+            "may fetch.",
+        ),
+    ],
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port.")] = 8443,
+    db_url: _DbUrl = None,
+    store_dir: _StoreDir = None,
+) -> None:
+    """Serve signed manifests and artefacts to enrolled devices over HTTPS until Ctrl-C.
+
+    GET /v1/health, /v1/models/MODEL/manifest?ref=REF, /v1/objects/SHA256 (Range, ETag);
+    every request signed by a device certified by --authority-key.
+    """
+    from fl_server.store.serve import StoreServer, tls_context
+
+    try:
+        authority = bytes.fromhex(authority_key)
+    except ValueError:
+        authority = b""
+    if len(authority) != 32:
+        raise ConfigError("--authority-key must be 64 hex digits (an Ed25519 public key)")
+    context = tls_context(tls_cert, tls_key)
+    with open_store(db_url, store_dir) as store:
+        server = StoreServer(
+            store, authority_public_key=authority, tls=context, host=host, port=port
+        )
+        typer.echo(f"serving the model store on https://{host}:{server.port} (Ctrl-C stops)")
+        with server:
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                typer.echo("stopped")

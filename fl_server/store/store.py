@@ -412,6 +412,17 @@ class ModelStore:
         except SQLAlchemyError as exc:
             raise StorageError(f"cannot read the model store: {exc}") from exc
 
+    def is_offered(self, digest: str) -> bool:
+        """Say whether some version offers an artefact with this digest (what devices may fetch)."""
+        query = select(ArtefactRow.id).where(
+            ArtefactRow.digest == digest, ArtefactRow.status == ArtefactStatus.OFFERED
+        )
+        try:
+            with Session(self._engine) as session:
+                return session.scalars(query.limit(1)).first() is not None
+        except SQLAlchemyError as exc:
+            raise StorageError(f"cannot read the model store: {exc}") from exc
+
     def aliases(self, model: str) -> dict[str, int]:
         """Return the model's aliases and the versions they point at."""
         with Session(self._engine) as session:

@@ -1,0 +1,183 @@
+"""Serving the store over HTTPS to enrolled devices: auth, manifests, ranges, ETags, corruption."""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import json
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from fl_server.db import open_database
+from fl_server.store.blobs import FileBlobStore
+from fl_server.store.manifest import (
+    ArtefactFormat,
+    Precision,
+    SignedManifest,
+    StoreKey,
+    verify_manifest,
+)
+from fl_server.store.serve import StoreServer, tls_context
+from fl_server.store.store import ModelStore, NewArtefact
+from secure_agg.identity import EnrolmentAuthority, NodeIdentity
+from secure_agg.randomness import DeterministicRandom
+from secure_agg.request_auth import authorization_header
+
+WEIGHTS = bytes(range(256)) * 40
+
+
+def _certificate(tmp_path: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+class Fleet:
+    def __init__(self, tmp_path: Path) -> None:
+        self.authority = EnrolmentAuthority.generate(DeterministicRandom(1))
+        self.device = self.authority.enrol("device-1", DeterministicRandom(2))
+        self.engine = open_database(f"sqlite:///{tmp_path / 'fedge.db'}")
+        self.store = ModelStore(self.engine, FileBlobStore(tmp_path / "store"), StoreKey.generate())
+        version = self.store.publish(
+            "cnn",
+            [
+                NewArtefact(name="weights.npz", data=WEIGHTS),
+                NewArtefact(
+                    name="model-int4.onnx",
+                    data=b"int4 bytes",
+                    format=ArtefactFormat.ONNX,
+                    precision=Precision.INT4,
+                    rejected=True,
+                ),
+            ],
+        )
+        self.digests = {a.name: a.digest for a in version.manifest.artefacts}
+        cert, key = _certificate(tmp_path)
+        self.client_tls = ssl.create_default_context(cafile=str(cert))
+        self.server = StoreServer(
+            self.store, authority_public_key=self.authority.public_key, tls=tls_context(cert, key)
+        )
+
+    def get(
+        self,
+        target: str,
+        *,
+        identity: NodeIdentity | None = None,
+        headers: dict[str, str] | None = None,
+        timestamp: int | None = None,
+        signed_target: str | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        connection = http.client.HTTPSConnection(
+            "localhost", self.server.port, context=self.client_tls, timeout=10
+        )
+        sent = dict(headers or {})
+        who = self.device if identity is None else identity
+        sent["Authorization"] = authorization_header(
+            who,
+            method="GET",
+            target=signed_target or target,
+            timestamp=int(time.time()) if timestamp is None else timestamp,
+        )
+        connection.request("GET", target, headers=sent)
+        response = connection.getresponse()
+        body = response.read()
+        connection.close()
+        return response.status, dict(response.getheaders()), body
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    created = Fleet(tmp_path)
+    with created.server:
+        yield created
+    created.engine.dispose()
+
+
+def test_a_device_gets_the_signed_manifest_and_verifies_it(fleet: Fleet) -> None:
+    status, _, body = fleet.get("/v1/models/cnn/manifest?ref=latest")
+    assert status == 200
+    document = json.loads(body)
+    signed = SignedManifest.from_json({k: v for k, v in document.items() if k != "offered"})
+    assert verify_manifest(signed, fleet.store.public_key).version == 1
+    assert document["offered"] == ["weights.npz"]  # the rejected INT4 variant is not offered
+
+
+def test_objects_come_whole_or_by_range_with_etags(fleet: Fleet) -> None:
+    digest = fleet.digests["weights.npz"]
+    status, headers, body = fleet.get(f"/v1/objects/{digest}")
+    assert status == 200 and body == WEIGHTS and headers["ETag"] == f'"{digest}"'
+
+    status, headers, body = fleet.get(f"/v1/objects/{digest}", headers={"Range": "bytes=10-19"})
+    assert status == 206 and body == WEIGHTS[10:20]
+    assert headers["Content-Range"] == f"bytes 10-19/{len(WEIGHTS)}"
+    status, _, body = fleet.get(f"/v1/objects/{digest}", headers={"Range": "bytes=-5"})
+    assert status == 206 and body == WEIGHTS[-5:]
+    status, _, _ = fleet.get(f"/v1/objects/{digest}", headers={"Range": "bytes=99999-"})
+    assert status == 416
+    status, _, body = fleet.get(f"/v1/objects/{digest}", headers={"If-None-Match": f'"{digest}"'})
+    assert status == 304 and body == b""
+
+
+def test_only_offered_well_formed_digests_are_served(fleet: Fleet) -> None:
+    assert fleet.get(f"/v1/objects/{fleet.digests['model-int4.onnx']}")[0] == 404
+    assert fleet.get(f"/v1/objects/{'a' * 64}")[0] == 404
+    assert fleet.get("/v1/objects/..%2F..%2Fetc%2Fpasswd")[0] == 404
+    assert fleet.get("/v1/models/cnn/manifest?ref=nope")[0] == 404
+
+
+def test_a_corrupt_object_is_never_served(fleet: Fleet, tmp_path: Path) -> None:
+    digest = fleet.digests["weights.npz"]
+    path = tmp_path / "store" / "objects" / digest[:2] / digest
+    path.chmod(0o644)
+    path.write_bytes(b"x" * len(WEIGHTS))
+
+    status, _, body = fleet.get(f"/v1/objects/{digest}")
+
+    assert status == 500 and b"failed verification" in body and b"xxxx" not in body
+
+
+def test_requests_without_a_valid_device_signature_are_refused(fleet: Fleet) -> None:
+    stranger = EnrolmentAuthority.generate(DeterministicRandom(9)).enrol(
+        "x", DeterministicRandom(3)
+    )
+    assert fleet.get("/v1/health")[0] == 200
+    assert fleet.get("/v1/health", identity=stranger)[0] == 401
+    assert fleet.get("/v1/health", timestamp=int(time.time()) - 3600)[0] == 401
+    # A signature for one request does not open another.
+    digest = fleet.digests["weights.npz"]
+    assert fleet.get(f"/v1/objects/{digest}", signed_target="/v1/health")[0] == 401
+    connection = http.client.HTTPSConnection(
+        "localhost", fleet.server.port, context=fleet.client_tls, timeout=10
+    )
+    connection.request("GET", "/v1/health")
+    assert connection.getresponse().status == 401
+    connection.close()
