@@ -105,6 +105,20 @@ def show_command(
     typer.echo(json.dumps(document, indent=2, sort_keys=True))
 
 
+@store_app.command("diff")
+def diff_command(
+    model: _Model,
+    a: Annotated[str, typer.Argument(help="The first version (number, alias or latest).")],
+    b: Annotated[str, typer.Argument(help="The second version.")],
+    db_url: _DbUrl = None,
+    store_dir: _StoreDir = None,
+) -> None:
+    """Print what differs between two versions: metadata and artefact digests (JSON)."""
+    with open_store(db_url, store_dir) as store:
+        difference = store.diff(model, a, b)
+    typer.echo(json.dumps(difference, indent=2, sort_keys=True))
+
+
 @store_app.command("verify")
 def verify_command(
     model: _Model, ref: _Ref = "latest", db_url: _DbUrl = None, store_dir: _StoreDir = None

@@ -143,6 +143,19 @@ class VerifyReport:
         return self.signature_ok and all(v == "ok" for v in self.artefacts.values())
 
 
+def _plain(value: object) -> Any:
+    """Turn the manifest's frozen mappings and tuples back into JSON values."""
+    return json.loads(json.dumps(value, default=_unfreeze))
+
+
+def _unfreeze(value: object) -> Any:
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"not JSON: {type(value).__name__}")
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
@@ -466,6 +479,28 @@ class ModelStore:
                 chain.append(row.parent_version)
                 row = self._row(session, model, row.parent_version)
         return chain
+
+    def diff(self, model: str, a: int | str, b: int | str) -> dict[str, Any]:
+        """Return what differs between two versions: metadata values and artefact digests.
+
+        ``{"metadata": {key: [a's, b's]}, "artefacts": {name: [a's digest, b's digest]}}``
+        (None where one side lacks the key or the artefact).
+        """
+        left, right = self.get(model, a).manifest, self.get(model, b).manifest
+        keys = set(left.metadata) | set(right.metadata)
+        metadata = {
+            key: [_plain(left.metadata.get(key)), _plain(right.metadata.get(key))]
+            for key in sorted(keys)
+            if _plain(left.metadata.get(key)) != _plain(right.metadata.get(key))
+        }
+        digests_a = {x.name: x.digest for x in left.artefacts}
+        digests_b = {x.name: x.digest for x in right.artefacts}
+        artefacts = {
+            name: [digests_a.get(name), digests_b.get(name)]
+            for name in sorted(set(digests_a) | set(digests_b))
+            if digests_a.get(name) != digests_b.get(name)
+        }
+        return {"metadata": metadata, "artefacts": artefacts}
 
     def verify(self, model: str, ref: int | str = "latest") -> VerifyReport:
         """Check the manifest's signature with the store's key and re-hash every artefact."""

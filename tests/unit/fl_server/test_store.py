@@ -147,3 +147,20 @@ def test_bad_input_is_refused_and_nothing_is_stored(store: ModelStore) -> None:
     with pytest.raises(ConfigError):
         store.publish("cnn", [])
     assert store.versions() == []
+
+
+def test_diff_names_what_changed_between_versions(store: ModelStore) -> None:
+    store.publish("cnn", [_weights(b"1")], info=VersionInfo(server_round=1, metrics={"a": 0.5}))
+    store.publish(
+        "cnn",
+        [_weights(b"2"), NewArtefact(name="extra.npz", data=b"e")],
+        parent=1,
+        info=VersionInfo(server_round=2, metrics={"a": 0.5}),
+    )
+
+    diff = store.diff("cnn", 1, 2)
+
+    assert diff["metadata"] == {"server_round": [1, 2]}
+    assert set(diff["artefacts"]) == {"weights.npz", "extra.npz"}
+    assert diff["artefacts"]["extra.npz"][0] is None
+    assert store.diff("cnn", 2, 2) == {"metadata": {}, "artefacts": {}}
