@@ -178,6 +178,15 @@ def run_command(
             help="With --dp: each device's own budget; a device declines rounds past it.",
         ),
     ] = None,
+    variants: Annotated[
+        bool,
+        typer.Option(
+            "--variants",
+            help="Publish the final model with its ONNX variants (FP32, FP16, INT8 static "
+            "and dynamic, INT4), each measured; a variant below its accuracy floor is "
+            "recorded as rejected and never offered.",
+        ),
+    ] = False,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's own logs.")
     ] = False,
@@ -225,6 +234,7 @@ def run_command(
         adaptive_clip=adaptive_clip,
         poisson_sampling=poisson_sampling,
         client_epsilon=client_epsilon,
+        variants=variants,
     )
     run_id = new_run_id()
     paths = RunPaths(

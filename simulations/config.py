@@ -86,6 +86,8 @@ class SimConfig:
         With ``CENTRAL``: move the bound towards the median update norm (needs secure aggregation).
     poisson_sampling
         Sample clients by independent CSPRNG coin flips (lets central DP claim amplification).
+    variants
+        Publish the final model with its ONNX variants (FP32, FP16, INT8, INT4), measured.
     client_epsilon
         Each device's own budget: a device declines rounds past it (``None``: no device ledger).
     """
@@ -115,6 +117,7 @@ class SimConfig:
     adaptive_clip: bool = False
     poisson_sampling: bool = False
     client_epsilon: float | None = None
+    variants: bool = False
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:

@@ -37,7 +37,7 @@ from fl_server.secagg import SecAggConfig
 from fl_server.store.blobs import FileBlobStore
 from fl_server.store.manifest import StoreKey
 from fl_server.store.publisher import RoundPublisher
-from fl_server.store.store import ModelStore
+from fl_server.store.store import ModelStore, NewArtefact
 from secure_agg.params import ThreatModel
 from simulations.config import DpMode, SimConfig
 from simulations.data import Split
@@ -314,7 +314,12 @@ def run_federation(
             else None
         )
         publisher = RoundPublisher(
-            store, model=config.model.value, run_id=run_id, privacy=_spent_so_far(privacy, run_id)
+            store,
+            model=config.model.value,
+            run_id=run_id,
+            privacy=_spent_so_far(privacy, run_id),
+            variants=_variant_builder(config, test) if config.variants else None,
+            final_round=config.num_rounds,
         )
         writer = _SummaryWriter(summary, paths.summary, started, publisher.versions)
         writer.flush()
@@ -358,6 +363,25 @@ def run_federation(
         return summary
     finally:
         engine.dispose()
+
+
+def _variant_builder(config: SimConfig, test: Split) -> Callable[[RoundReport], list[NewArtefact]]:
+    # Imported here: ONNX export and quantisation are only needed with --variants.
+    from simulations.variants import build_model_variants
+
+    def build(report: RoundReport) -> list[NewArtefact]:
+        data_dir = None if config.data_dir is None else str(config.data_dir)
+        calibration = cached_dataset(data_dir, config.train_examples).train.images[:256]
+        held_out = test.take(2000)
+        return build_model_variants(
+            Path(report.model_path),
+            sha256=report.model_sha256,
+            model=config.model,
+            held_out=(held_out.images, held_out.labels),
+            calibration=calibration,
+        )
+
+    return build
 
 
 def _spent_so_far(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -103,6 +104,32 @@ def show_command(
         "artefact_quality": {k: dict(v) for k, v in version.quality.items()},
     }
     typer.echo(json.dumps(document, indent=2, sort_keys=True))
+
+
+def _cell(quality: dict[str, float], key: str, width: int, digits: int) -> str:
+    return f"{quality[key]:>{width}.{digits}f}" if key in quality else f"{'-':>{width}}"
+
+
+@store_app.command("variants")
+def variants_command(
+    model: _Model, ref: _Ref = "latest", db_url: _DbUrl = None, store_dir: _StoreDir = None
+) -> None:
+    """Print a version's artefacts: precision, status, size, accuracy, agreement, p50."""
+    with open_store(db_url, store_dir) as store:
+        version = store.get(model, ref)
+    typer.echo(f"{model} v{version.manifest.version}")
+    typer.echo(
+        f"{'artefact':<26} {'precision':<9} {'status':<9} {'KB':>8} {'accuracy':>8} "
+        f"{'agree':>6} {'p50 ms':>7}"
+    )
+    for entry in version.manifest.artefacts:
+        quality = dict(version.quality.get(entry.name, {}))
+        cell = functools.partial(_cell, quality)
+        typer.echo(
+            f"{entry.name:<26} {entry.precision.value:<9} {version.statuses[entry.name]:<9} "
+            f"{entry.size / 1024:>8.1f} {cell('accuracy', 8, 4)} {cell('agreement', 6, 3)} "
+            f"{cell('p50_ms', 7, 3)}"
+        )
 
 
 @store_app.command("diff")

@@ -24,6 +24,11 @@ class RoundPublisher:
         The run every version records.
     privacy
         Returns (epsilon spent so far, delta) of the run, or None without DP.
+    variants
+        Builds extra artefacts (ONNX variants) of a round's model; called for
+        ``final_round`` only, since building and measuring them takes seconds.
+    final_round
+        The round whose version gets the variants.
     """
 
     def __init__(
@@ -33,11 +38,15 @@ class RoundPublisher:
         model: str,
         run_id: str,
         privacy: Callable[[], tuple[float | None, float] | None] | None = None,
+        variants: Callable[[RoundReport], list[NewArtefact]] | None = None,
+        final_round: int | None = None,
     ) -> None:
         self._store = store
         self._model = model
         self._run_id = run_id
         self._privacy = privacy
+        self._variants = variants
+        self._final_round = final_round
         self.versions: dict[int, int] = {}
         self._last: int | None = None
 
@@ -53,9 +62,12 @@ class RoundPublisher:
             participants=report.num_replies if report.server_round > 0 else None,
             metrics={"accuracy": report.accuracy, "loss": report.loss},
         )
+        artefacts = [NewArtefact(name="weights.npz", data=Path(report.model_path))]
+        if self._variants is not None and report.server_round == self._final_round:
+            artefacts += self._variants(report)
         version = self._store.publish(
             self._model,
-            [NewArtefact(name="weights.npz", data=Path(report.model_path))],
+            artefacts,
             parent=self._last,
             info=info,
         )
