@@ -7,7 +7,7 @@ INT8 static QDQ, INT8 dynamic, INT4 weight-only) with their evaluation
 model cache, inference serving and drift detection come with the edge-runtime issue.
 """
 
-from edge_runtime.export import ExportResult, Exporter, export_onnx
+from edge_runtime.export import Exporter, ExportResult, export_onnx
 from edge_runtime.quantize import Precision, build_variant, evaluate_onnx, top1_agreement
 
 __all__ = [
