@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -271,9 +272,14 @@ def test_adaptive_clipping_under_secure_aggregation_moves_the_clip(tmp_path: Pat
     summary = json.loads(out.read_text())
     assert all(r["secure_aggregation"]["survivors"] == 4 for r in summary["rounds"])
     events = _privacy_events(tmp_path, summary["run_id"])
-    # Updates are far longer than 0.01: every bit is 0 and the clip grows each round.
+    # Updates are far longer than 0.01: every bit is 0, so the securely summed count is
+    # 0 plus N(0, 1) noise (4 clients: the fraction is 0 +- 0.25), and the clip follows
+    # C exp(-0.2 (fraction - 0.5)) from it (upwards unless the noise exceeds 2 sigma).
     assert events[0]["l2_clip"] == 0.01
-    assert events[0]["next_l2_clip"] > 0.01
+    for event in events:
+        assert abs(event["noisy_unclipped_fraction"]) < 6 * 0.25
+        expected = event["l2_clip"] * math.exp(-0.2 * (event["noisy_unclipped_fraction"] - 0.5))
+        assert event["next_l2_clip"] == pytest.approx(expected, rel=1e-3)
     assert events[1]["l2_clip"] == events[0]["next_l2_clip"]
 
 
