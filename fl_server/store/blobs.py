@@ -345,23 +345,21 @@ class FileBlobStore:
         """Say whether a blob is present (without verifying it)."""
         return self._path(digest).is_file()
 
-    def size(self, digest: str) -> int:
-        """Return a blob's size in bytes; raise :class:`BlobMissing` if absent."""
+    def _stat(self, digest: str) -> os.stat_result:
         try:
-            return self._path(digest).stat().st_size
+            return self._path(digest).stat()
         except FileNotFoundError as exc:
             raise BlobMissing(f"blob {digest} is not in the store at {self._root}") from exc
         except OSError as exc:
             raise StorageError(f"cannot stat blob {digest}: {exc}") from exc
 
+    def size(self, digest: str) -> int:
+        """Return a blob's size in bytes; raise :class:`BlobMissing` if absent."""
+        return self._stat(digest).st_size
+
     def stored_at(self, digest: str) -> float:
         """Return the blob's modification time; raise :class:`BlobMissing` if absent."""
-        try:
-            return self._path(digest).stat().st_mtime
-        except FileNotFoundError as exc:
-            raise BlobMissing(f"blob {digest} is not in the store at {self._root}") from exc
-        except OSError as exc:
-            raise StorageError(f"cannot stat blob {digest}: {exc}") from exc
+        return self._stat(digest).st_mtime
 
     def delete(self, digest: str) -> bool:
         """Remove a blob; return ``False`` if it was not there."""
