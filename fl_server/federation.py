@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -17,9 +17,8 @@ from fedge.errors import ConfigError
 from fl_server.audit import AuditEventKind, AuditLog
 from fl_server.checkpoints import CheckpointDir
 from fl_server.ledger import BudgetExceeded, PrivacyBudget, RoundSpend
-from fl_server.privacy import PrivacyMechanism, PrivateFedAvg, ServerDp
+from fl_server.privacy import PrivateFedAvg, ServerDp
 from fl_server.secagg import SecAggConfig, SecAggRoundStats, SecureAggregationGrid
-from strategies.accounting import GaussianSteps
 
 __all__ = [
     "CentralEvaluator",
@@ -165,66 +164,21 @@ class _CountingFedAvg(FedAvg):
         return super().aggregate_train(server_round, materialised)
 
 
-def _privacy_hooks(
-    privacy: PrivacyBudget | None, counts: _ReplyCounts, audit: AuditLog, run_id: str
-) -> tuple[Callable[[float], None] | None, Callable[[SecAggRoundStats], None]]:
-    if privacy is None:
-        return None, counts.on_secure_round
-    budget = privacy
-
-    def guard(rho: float) -> None:
-        if budget.epsilon is not None:
-            spend = RoundSpend(mechanism=_DDG, rho=rho)
-            budget.ledger.check(run_id, spend, budget=budget.epsilon, delta=budget.delta)
-
-    def on_secure(stats: SecAggRoundStats) -> None:
-        counts.on_secure_round(stats)
-        if stats.dp is None or stats.aborted is not None:
-            return
-        spend = RoundSpend(mechanism=_DDG, rho=stats.dp["rho"])
-        entry = budget.ledger.record(run_id, stats.server_round, spend, delta=budget.delta)
-        # Each survivor's noise-protected contribution costs it the same rho.
-        totals = budget.ledger.record_many(
-            run_id,
-            stats.server_round,
-            {str(node): spend for node in stats.survivor_ids},
-            delta=budget.delta,
-        )
-        audit.append(
-            AuditEventKind.PRIVACY_SPENT,
-            {
-                "round": stats.server_round,
-                "mechanism": _DDG,
-                "rho": stats.dp["rho"],
-                "epsilon": entry.epsilon,
-                "delta": budget.delta,
-                "budget": budget.epsilon,
-                "survivors": stats.survivors,
-                "noise_std_of_sum": stats.dp["noise_std_of_sum"],
-                "max_client_epsilon": max(totals.values(), default=0.0),
-                "clients_charged": len(totals),
-            },
-            run_id=run_id,
-        )
-
-    return guard, on_secure
-
-
 class _LedgerSink:
-    """Hands a private strategy's spending to the ledger and the audit log."""
+    """Hands a run's spending to the ledger (run and clients) and the audit log.
 
-    def __init__(
-        self, budget: PrivacyBudget, audit: AuditLog, run_id: str, mechanism: PrivacyMechanism
-    ) -> None:
+    The one place every mechanism records through: the private strategies
+    (central, local, sample-level DP) and the secure Grid's distributed DP.
+    """
+
+    def __init__(self, budget: PrivacyBudget, audit: AuditLog, run_id: str, mechanism: str) -> None:
         self._budget = budget
         self._audit = audit
         self._run_id = run_id
-        self._mechanism = mechanism.value
+        self._mechanism = mechanism
 
-    def check(self, server_round: int, event: GaussianSteps) -> None:
-        del server_round
+    def check(self, spend: RoundSpend) -> None:
         if self._budget.epsilon is not None:
-            spend = RoundSpend(mechanism=self._mechanism, gaussian=event)
             self._budget.ledger.check(
                 self._run_id, spend, budget=self._budget.epsilon, delta=self._budget.delta
             )
@@ -232,8 +186,8 @@ class _LedgerSink:
     def spent(
         self,
         server_round: int,
-        event: GaussianSteps | None,
-        participants: dict[str, GaussianSteps],
+        spend: RoundSpend | None,
+        participants: Mapping[str, RoundSpend],
         details: dict[str, Any],
     ) -> None:
         ledger, delta = self._budget.ledger, self._budget.delta
@@ -244,29 +198,45 @@ class _LedgerSink:
             "budget": self._budget.epsilon,
             **details,
         }
-        if event is not None:
-            entry = ledger.record(
-                self._run_id,
-                server_round,
-                RoundSpend(mechanism=self._mechanism, gaussian=event),
-                delta=delta,
-            )
+        if spend is not None:
+            entry = ledger.record(self._run_id, server_round, spend, delta=delta)
             payload["epsilon"] = entry.epsilon
-            payload["noise_multiplier"] = event.noise_multiplier
-            payload["sample_rate"] = event.sample_rate
-        totals = ledger.record_many(
-            self._run_id,
-            server_round,
-            {
-                node: RoundSpend(mechanism=self._mechanism, gaussian=own)
-                for node, own in participants.items()
-            },
-            delta=delta,
-        )
+            if spend.rho > 0:
+                payload["rho"] = spend.rho
+            if spend.gaussian is not None:
+                payload["noise_multiplier"] = spend.gaussian.noise_multiplier
+                payload["sample_rate"] = spend.gaussian.sample_rate
+        totals = ledger.record_many(self._run_id, server_round, participants, delta=delta)
         if totals:
             payload["max_client_epsilon"] = max(totals.values())
             payload["clients_charged"] = len(totals)
         self._audit.append(AuditEventKind.PRIVACY_SPENT, payload, run_id=self._run_id)
+
+
+def _privacy_hooks(
+    privacy: PrivacyBudget | None, counts: _ReplyCounts, audit: AuditLog, run_id: str
+) -> tuple[Callable[[float], None] | None, Callable[[SecAggRoundStats], None]]:
+    if privacy is None:
+        return None, counts.on_secure_round
+    sink = _LedgerSink(privacy, audit, run_id, _DDG)
+
+    def guard(rho: float) -> None:
+        sink.check(RoundSpend(mechanism=_DDG, rho=rho))
+
+    def on_secure(stats: SecAggRoundStats) -> None:
+        counts.on_secure_round(stats)
+        if stats.dp is None or stats.aborted is not None:
+            return
+        spend = RoundSpend(mechanism=_DDG, rho=stats.dp["rho"])
+        # Each survivor's noise-protected contribution costs it the same rho.
+        sink.spent(
+            stats.server_round,
+            spend,
+            {str(node): spend for node in stats.survivor_ids},
+            {"survivors": stats.survivors, "noise_std_of_sum": stats.dp["noise_std_of_sum"]},
+        )
+
+    return guard, on_secure
 
 
 def make_server_app(
@@ -343,7 +313,7 @@ def make_server_app(
             assert privacy is not None
             strategy = PrivateFedAvg(
                 dp=dp,
-                sink=_LedgerSink(privacy, audit, run_id, dp.mechanism),
+                sink=_LedgerSink(privacy, audit, run_id, dp.mechanism.value),
                 on_replies=counts.on_replies,
                 participants=counts.participants,
                 fraction_train=config.fraction_train,

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
@@ -47,7 +47,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedge.errors import ConfigError
 from secure_agg.noise import uniform53
 from secure_agg.randomness import RandomSource, SystemRandomSource
-from strategies.accounting import GaussianSteps
+from strategies.accounting import GaussianSteps, PrivacySpend
 from strategies.central import (
     CDP_RECORD_KEY,
     LDP_RECORD_KEY,
@@ -185,18 +185,18 @@ def amplification(
 class SpendSink(Protocol):
     """Where a private strategy reports spending (the ledger, the audit log)."""
 
-    def check(self, server_round: int, event: GaussianSteps) -> None:
+    def check(self, spend: PrivacySpend) -> None:
         """Raise (e.g. ``BudgetExceeded``) if the round would exceed the run's budget."""
         ...
 
     def spent(
         self,
         server_round: int,
-        event: GaussianSteps | None,
-        participants: dict[str, GaussianSteps],
+        spend: PrivacySpend | None,
+        participants: Mapping[str, PrivacySpend],
         details: dict[str, Any],
     ) -> None:
-        """Record the run-level event (if any) and each participant's own."""
+        """Record the run-level spend (if any) and each participant's own."""
         ...
 
 
@@ -244,16 +244,16 @@ class PrivateFedAvg(FedAvg):
         """The sampling claim this run accounts with."""
         return self._amplification
 
-    def _run_event(self) -> GaussianSteps | None:
-        rate = self._amplification.sample_rate
+    def _gaussian(self, noise_multiplier: float, sample_rate: float = 1.0) -> PrivacySpend:
+        event = GaussianSteps(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=1)
+        return PrivacySpend(mechanism=self.dp.mechanism.value, gaussian=event)
+
+    def _run_spend(self) -> PrivacySpend | None:
+        """Return the run-level spend: at the claimed sample rate (central), per update (local)."""
         if self.dp.central is not None:
-            return GaussianSteps(
-                noise_multiplier=self.dp.central.noise_multiplier, sample_rate=rate, steps=1
-            )
+            return self._gaussian(self.dp.central.noise_multiplier, self._amplification.sample_rate)
         if self.dp.local is not None:
-            return GaussianSteps(
-                noise_multiplier=self.dp.local.accounted_noise_multiplier, sample_rate=1.0, steps=1
-            )
+            return self._gaussian(self.dp.local.accounted_noise_multiplier)
         return None
 
     def _sample(self, grid: Grid) -> list[int]:
@@ -267,9 +267,9 @@ class PrivateFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Check the budget, sample, and add the round's DP record to every train message."""
-        event = self._run_event()
-        if event is not None:
-            self._sink.check(server_round, event)
+        spend = self._run_spend()
+        if spend is not None:
+            self._sink.check(spend)
         if self.dp.poisson_sampling:
             node_ids = self._sample(grid)
             if len(node_ids) < self.min_train_nodes:
@@ -280,7 +280,7 @@ class PrivateFedAvg(FedAvg):
                     len(node_ids),
                     self.min_train_nodes,
                 )
-                self._sink.spent(server_round, event, {}, {"skipped": True})
+                self._sink.spent(server_round, spend, {}, {"skipped": True})
                 return []
             config["server-round"] = server_round
             content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
@@ -339,7 +339,7 @@ class PrivateFedAvg(FedAvg):
         else:
             arrays, metrics = super().aggregate_train(server_round, valid)
         per_client = self._per_client(valid, ids, secure=secure)
-        self._sink.spent(server_round, self._run_event(), per_client, details)
+        self._sink.spent(server_round, self._run_spend(), per_client, details)
         self.history.append({"round": server_round, **details})
         return arrays, metrics
 
@@ -392,17 +392,12 @@ class PrivateFedAvg(FedAvg):
 
     def _per_client(
         self, valid: list[Message], ids: list[str], *, secure: bool
-    ) -> dict[str, GaussianSteps]:
+    ) -> dict[str, PrivacySpend]:
         if self.dp.central is not None:
-            own = GaussianSteps(
-                noise_multiplier=self.dp.central.noise_multiplier, sample_rate=1.0, steps=1
-            )
-            return dict.fromkeys(ids, own)
+            # A client knows it took part: its own spend is never amplified.
+            return dict.fromkeys(ids, self._gaussian(self.dp.central.noise_multiplier))
         if self.dp.local is not None:
-            own = GaussianSteps(
-                noise_multiplier=self.dp.local.accounted_noise_multiplier, sample_rate=1.0, steps=1
-            )
-            return dict.fromkeys(ids, own)
+            return dict.fromkeys(ids, self._gaussian(self.dp.local.accounted_noise_multiplier))
         if secure:
             return {}  # per-client metrics never leave a secure round; devices keep their own
         out = {}
@@ -410,13 +405,15 @@ class PrivateFedAvg(FedAvg):
             reported = _metrics(reply)
             if all(key in reported for key in DPSGD_METRICS):
                 try:
-                    out[node] = GaussianSteps(
+                    event = GaussianSteps(
                         noise_multiplier=_number(reported, "dp-noise-multiplier"),
                         sample_rate=_number(reported, "dp-sample-rate"),
                         steps=int(_number(reported, "dp-steps")),
                     )
                 except (ConfigError, TypeError, ValueError) as exc:
                     logger.warning("node %s reported an invalid DP-SGD spend: %s", node, exc)
+                    continue
+                out[node] = PrivacySpend(mechanism=self.dp.mechanism.value, gaussian=event)
         return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,7 @@ from fl_client.secagg_mod import make_secagg_mod
 from fl_server.privacy import PrivacyMechanism, PrivateFedAvg, ServerDp, amplification
 from fl_server.secagg import SecAggConfig, SecAggRoundStats, SecureAggregationGrid
 from secure_agg.randomness import DeterministicRandom
-from strategies.accounting import GaussianSteps
+from strategies.accounting import GaussianSteps, PrivacySpend
 from strategies.central import (
     CDP_RECORD_KEY,
     UNCLIPPED_METRIC,
@@ -33,23 +34,23 @@ NODES = list(range(201, 209))
 
 class Sink:
     def __init__(self, refuse_after: int | None = None) -> None:
-        self.checked: list[GaussianSteps] = []
-        self.spends: list[tuple[int, GaussianSteps | None, dict[str, GaussianSteps]]] = []
+        self.checked: list[PrivacySpend] = []
+        self.spends: list[tuple[int, PrivacySpend | None, dict[str, PrivacySpend]]] = []
         self.refuse_after = refuse_after
 
-    def check(self, server_round: int, event: GaussianSteps) -> None:
-        if self.refuse_after is not None and server_round > self.refuse_after:
+    def check(self, spend: PrivacySpend) -> None:
+        if self.refuse_after is not None and len(self.checked) >= self.refuse_after:
             raise RuntimeError("over budget")
-        self.checked.append(event)
+        self.checked.append(spend)
 
     def spent(
         self,
         server_round: int,
-        event: GaussianSteps | None,
-        participants: dict[str, GaussianSteps],
+        spend: PrivacySpend | None,
+        participants: Mapping[str, PrivacySpend],
         details: dict[str, Any],
     ) -> None:
-        self.spends.append((server_round, event, participants))
+        self.spends.append((server_round, spend, dict(participants)))
 
 
 def _big_step(size: int, value: float) -> App:
@@ -100,7 +101,8 @@ def test_central_dp_averages_clipped_updates_unweighted_and_adds_z_c_over_n() ->
     assert abs(noise.mean()) < 4 * z * clip / len(NODES) / np.sqrt(size)
     assert all(CDP_RECORD_KEY in m.content for m in grid.sent)
     [(round_no, event, participants)] = sink.spends
-    assert round_no == 1 and event == GaussianSteps(noise_multiplier=z, sample_rate=1.0, steps=1)
+    assert round_no == 1 and event is not None
+    assert event.gaussian == GaussianSteps(noise_multiplier=z, sample_rate=1.0, steps=1)
     assert sorted(participants) == sorted(str(n) for n in NODES)
 
 
