@@ -19,7 +19,7 @@ import math
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,17 @@ class NewArtefact:
     precision: Precision = Precision.FP32
     quality: Mapping[str, float] = field(default_factory=dict)
     rejected: bool = False
+
+    @property
+    def status(self) -> str:
+        """Offered, or rejected (recorded, never offered)."""
+        return ArtefactStatus.REJECTED if self.rejected else ArtefactStatus.OFFERED
+
+    def entry(self, *, digest: str, size: int) -> ArtefactEntry:
+        """Return the manifest entry of this artefact stored as ``digest``."""
+        return ArtefactEntry(
+            name=self.name, digest=digest, size=size, format=self.format, precision=self.precision
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -223,17 +234,13 @@ class ModelStore:
         info = info or VersionInfo()
         metadata = {**info.to_json(), "code_version": code_version()}
         metadata["metrics"] = _finite_metrics(info.metrics)
+        artefacts = [replace(a, quality=_finite_metrics(a.quality)) for a in artefacts]
         # Validate every name and the metadata before writing a single byte.
         Manifest(
             model=model,
             version=1,
             parent=None,
-            artefacts=tuple(
-                ArtefactEntry(
-                    name=a.name, digest="0" * 64, size=0, format=a.format, precision=a.precision
-                )
-                for a in artefacts
-            ),
+            artefacts=tuple(a.entry(digest="0" * 64, size=0) for a in artefacts),
             metadata=metadata,
             created_at=_now(),
         )
@@ -244,15 +251,7 @@ class ModelStore:
                 if isinstance(artefact.data, Path)
                 else self.blobs.put(artefact.data)
             )
-            entries.append(
-                ArtefactEntry(
-                    name=artefact.name,
-                    digest=ref.digest,
-                    size=ref.size,
-                    format=artefact.format,
-                    precision=artefact.precision,
-                )
-            )
+            entries.append(artefact.entry(digest=ref.digest, size=ref.size))
         for _ in range(_PUBLISH_ATTEMPTS):
             try:
                 published = self._insert(
@@ -332,10 +331,8 @@ class ModelStore:
                         size=entry.size,
                         format=entry.format.value,
                         precision=entry.precision.value,
-                        status=ArtefactStatus.REJECTED
-                        if artefact.rejected
-                        else ArtefactStatus.OFFERED,
-                        quality=json.dumps(_finite_metrics(artefact.quality), sort_keys=True),
+                        status=artefact.status,
+                        quality=json.dumps(dict(artefact.quality), sort_keys=True),
                     )
                 )
         return self._version(signed, artefacts)
@@ -344,10 +341,7 @@ class ModelStore:
     def _version(signed: SignedManifest, artefacts: Sequence[NewArtefact]) -> ModelVersion:
         return ModelVersion(
             signed=signed,
-            statuses={
-                a.name: ArtefactStatus.REJECTED if a.rejected else ArtefactStatus.OFFERED
-                for a in artefacts
-            },
+            statuses={a.name: a.status for a in artefacts},
             quality={a.name: dict(a.quality) for a in artefacts},
         )
 

@@ -164,3 +164,10 @@ def test_diff_names_what_changed_between_versions(store: ModelStore) -> None:
     assert set(diff["artefacts"]) == {"weights.npz", "extra.npz"}
     assert diff["artefacts"]["extra.npz"][0] is None
     assert store.diff("cnn", 2, 2) == {"metadata": {}, "artefacts": {}}
+
+
+def test_a_non_finite_quality_is_refused_before_anything_is_written(store: ModelStore) -> None:
+    bad = NewArtefact(name="m.onnx", data=b"m", quality={"accuracy": float("nan")})
+    with pytest.raises(ConfigError, match="finite"):
+        store.publish("cnn", [bad])
+    assert list(store.blobs.digests()) == [] and store.versions() == []
