@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -37,6 +37,7 @@ from fedge.errors import ConfigError
 from secure_agg.noise import gaussian
 from secure_agg.randomness import RandomSource
 from strategies.clipping import clip_l2
+from strategies.records import checked_fields
 
 __all__ = [
     "CDP_RECORD_KEY",
@@ -54,6 +55,8 @@ __all__ = [
 CDP_RECORD_KEY: Final = "fedge.cdp"
 LDP_RECORD_KEY: Final = "fedge.ldp"
 UNCLIPPED_METRIC: Final = "fedge-unclipped"
+_CDP_FIELDS: dict[str, type] = {"l2-clip": float, "noise-multiplier": float, "adaptive": bool}
+_LDP_FIELDS: dict[str, type] = {"l2-clip": float, "noise-multiplier": float}
 
 
 def _positive(name: str, value: float) -> None:
@@ -163,15 +166,11 @@ class CentralDpRound:
         ConfigError
             If a field is missing, of the wrong type or out of range.
         """
-        if set(fields) != {"l2-clip", "noise-multiplier", "adaptive"}:
-            raise ConfigError("a central-DP record has fields l2-clip, noise-multiplier, adaptive")
-        clip, z, adaptive = fields["l2-clip"], fields["noise-multiplier"], fields["adaptive"]
-        if not isinstance(adaptive, bool):
-            raise ConfigError("central-DP field 'adaptive' must be a boolean")
+        values = checked_fields(fields, _CDP_FIELDS, what="central-DP")
         return cls(
-            l2_clip=_number(clip, "l2-clip"),
-            noise_multiplier=_number(z, "noise-multiplier"),
-            adaptive=adaptive,
+            l2_clip=cast(float, values["l2-clip"]),
+            noise_multiplier=cast(float, values["noise-multiplier"]),
+            adaptive=cast(bool, values["adaptive"]),
         )
 
 
@@ -207,18 +206,11 @@ class LocalDpSettings:
         ConfigError
             If a field is missing, of the wrong type or out of range.
         """
-        if set(fields) != {"l2-clip", "noise-multiplier"}:
-            raise ConfigError("a local-DP record has fields l2-clip, noise-multiplier")
+        values = checked_fields(fields, _LDP_FIELDS, what="local-DP")
         return cls(
-            l2_clip=_number(fields["l2-clip"], "l2-clip"),
-            noise_multiplier=_number(fields["noise-multiplier"], "noise-multiplier"),
+            l2_clip=cast(float, values["l2-clip"]),
+            noise_multiplier=cast(float, values["noise-multiplier"]),
         )
-
-
-def _number(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"DP field {name!r} must be a number")
-    return float(value)
 
 
 def add_central_noise(

@@ -44,6 +44,7 @@ from secure_agg.noise import discrete_gaussian, uniform53
 from secure_agg.prg import SEED_BYTES
 from secure_agg.randomness import RandomSource
 from strategies.clipping import clip_l2
+from strategies.records import checked_fields
 from strategies.rotation import padded_length, rotate, unrotate
 
 __all__ = [
@@ -162,22 +163,14 @@ class DdpConfig:
         ConfigError
             If a field is missing, of the wrong type or out of range.
         """
-        if set(fields) != set(_FIELDS):
-            raise ConfigError(f"a distributed-DP config has fields {sorted(_FIELDS)}")
-        for name, kind in _FIELDS.items():
-            value = fields[name]
-            ok = isinstance(value, kind) and not isinstance(value, bool)
-            if kind is float:
-                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not ok:
-                raise ConfigError(f"distributed-DP field {name!r} must be {kind.__name__}")
+        values = checked_fields(fields, _FIELDS, what="distributed-DP")
         return cls(
-            l2_clip=float(cast(float, fields["l2-clip"])),
-            noise_std=float(cast(float, fields["noise-std"])),
-            dimension=cast(int, fields["dimension"]),
-            expected_clients=cast(int, fields["expected-clients"]),
-            ring_bits=cast(int, fields["ring-bits"]),
-            rotation_seed=cast(bytes, fields["rotation-seed"]),
+            l2_clip=cast(float, values["l2-clip"]),
+            noise_std=cast(float, values["noise-std"]),
+            dimension=cast(int, values["dimension"]),
+            expected_clients=cast(int, values["expected-clients"]),
+            ring_bits=cast(int, values["ring-bits"]),
+            rotation_seed=cast(bytes, values["rotation-seed"]),
         )
 
     @property

@@ -13,14 +13,21 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 from fedge.errors import ConfigError
+from strategies.records import checked_fields
 
 __all__ = ["DPSGD_RECORD_KEY", "SampleDpSettings"]
 
 DPSGD_RECORD_KEY: Final = "fedge.dpsgd"
-_FIELDS = ("max-grad-norm", "noise-multiplier", "target-epsilon", "delta", "total-epochs")
+_FIELDS: dict[str, type] = {
+    "max-grad-norm": float,
+    "noise-multiplier": float,
+    "target-epsilon": float,
+    "delta": float,
+    "total-epochs": int,
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -80,19 +87,11 @@ class SampleDpSettings:
         ConfigError
             If a field is missing, of the wrong type or out of range.
         """
-        if set(fields) != set(_FIELDS):
-            raise ConfigError(f"a DP-SGD record has fields {list(_FIELDS)}")
-        values = {name: fields[name] for name in _FIELDS}
-        for name, value in values.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"DP-SGD field {name!r} must be a number")
-        epochs = values["total-epochs"]
-        if not isinstance(epochs, int):
-            raise ConfigError("DP-SGD field 'total-epochs' must be an integer")
+        values = checked_fields(fields, _FIELDS, what="DP-SGD")
         return cls(
-            max_grad_norm=float(values["max-grad-norm"]),  # type: ignore[arg-type]
-            noise_multiplier=float(values["noise-multiplier"]),  # type: ignore[arg-type]
-            target_epsilon=float(values["target-epsilon"]),  # type: ignore[arg-type]
-            delta=float(values["delta"]),  # type: ignore[arg-type]
-            total_epochs=epochs,
+            max_grad_norm=cast(float, values["max-grad-norm"]),
+            noise_multiplier=cast(float, values["noise-multiplier"]),
+            target_epsilon=cast(float, values["target-epsilon"]),
+            delta=cast(float, values["delta"]),
+            total_epochs=cast(int, values["total-epochs"]),
         )
