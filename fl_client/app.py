@@ -72,22 +72,22 @@ def _dpsgd_plan(
 ) -> tuple[DpSgdConfig, GaussianSteps]:
     """Return this round's DP-SGD config (fixed noise) and the spend it will cost the device."""
     # Imported here: Opacus is only needed on devices that run DP-SGD.
-    from fl_client.dp_sgd import DpSgdConfig, noise_multiplier_for, planned_spend
+    from fl_client.dp_sgd import (
+        DpSgdConfig,
+        noise_multiplier_for,
+        planned_spend,
+        poisson_schedule,
+    )
 
     noise = settings.noise_multiplier
     if noise == 0:
         # The noise that reaches the target after every local epoch of the run.
-        probe = planned_spend(
-            num_examples,
-            train_config,
-            DpSgdConfig(max_grad_norm=settings.max_grad_norm, noise_multiplier=1.0),
-        )
-        per_epoch = probe.steps // train_config.local_epochs
+        sample_rate, steps = poisson_schedule(num_examples, train_config)
         noise = noise_multiplier_for(
             target_epsilon=settings.target_epsilon,
             delta=settings.delta,
-            sample_rate=probe.sample_rate,
-            steps=per_epoch * settings.total_epochs,
+            sample_rate=sample_rate,
+            steps=steps // train_config.local_epochs * settings.total_epochs,
         )
     config = DpSgdConfig(
         max_grad_norm=settings.max_grad_norm, noise_multiplier=noise, delta=settings.delta

@@ -89,6 +89,7 @@ __all__ = [
     "PrivateTrainResult",
     "noise_multiplier_for",
     "planned_spend",
+    "poisson_schedule",
     "train_private",
 ]
 
@@ -179,7 +180,7 @@ class PrivateTrainResult:
     empty_steps: int
 
 
-def _schedule(num_examples: int, train_config: TrainConfig) -> tuple[float, int]:
+def poisson_schedule(num_examples: int, train_config: TrainConfig) -> tuple[float, int]:
     """Return q and the number of steps, exactly as Opacus' Poisson sampler counts them."""
     sample_rate = min(1.0, train_config.batch_size / num_examples)
     # Opacus runs int(1 / q) steps per epoch; N // batch_size is that without float rounding.
@@ -254,7 +255,7 @@ def planned_spend(num_examples: int, train_config: TrainConfig, dp: DpSgdConfig)
     """
     if num_examples < 1:
         raise ConfigError("cannot train on an empty partition")
-    sample_rate, steps = _schedule(num_examples, train_config)
+    sample_rate, steps = poisson_schedule(num_examples, train_config)
     if dp.noise_multiplier is not None:
         noise = dp.noise_multiplier
     else:
