@@ -24,7 +24,7 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    versions = {}
+    versions: dict[str, str | None] = {}
     for name in ("flwr", "numpy", "cryptography", "torch"):
         try:
             versions[name] = metadata.version(name)

@@ -83,7 +83,7 @@ def _fedge_round(clients: int, params: int, k: int, dropout: float) -> tuple[lis
 def _flower_client_mask(params: int, k: int) -> float:
     own = ec.generate_private_key(ec.SECP384R1())
     peers = [ec.generate_private_key(ec.SECP384R1()).public_key() for _ in range(k)]
-    dims = [(params,)]
+    dims: list[tuple[int, ...]] = [(params,)]
     start = time.perf_counter()
     vector = [np.zeros(params, dtype=np.int64)]
     vector = [vector[0] + pseudo_rand_gen(os.urandom(32), 1 << 32, dims)[0]]
@@ -96,7 +96,7 @@ def _flower_client_mask(params: int, k: int) -> float:
 
 def _flower_server_unmask(clients: int, params: int, k: int, dropout: float) -> float:
     threshold = k // 2 + 1
-    dims = [(params,)]
+    dims: list[tuple[int, ...]] = [(params,)]
     key = ec.generate_private_key(ec.SECP384R1())
     pem = key.private_bytes(
         serialization.Encoding.PEM,
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         flower_unmask.append(_flower_server_unmask(args.clients, args.params, args.k, args.dropout))
     prg = _prg_bytes_per_s(args.params, 20)
     mask_bytes = (args.k + 1) * args.params * 4
-    document = {
+    document: dict[str, Any] = {
         "benchmark": NAME,
         "machine": machine(),
         "parameters": vars(args) | {"out": str(args.out)},

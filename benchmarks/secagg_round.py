@@ -192,7 +192,7 @@ def _flower_secagg_apps(  # noqa: PLR0917 - one benchmark's private helper
     from flwr.server.strategy import FedAvg
     from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow, SecAggWorkflow
 
-    class _Trivial(NumPyClient):  # type: ignore[misc]
+    class _Trivial(NumPyClient):
         def fit(self, parameters: list[Any], config: dict[str, Any]) -> tuple[Any, int, dict]:  # type: ignore[type-arg]
             return [p + _DELTA for p in parameters], 1, {}
 

@@ -29,7 +29,7 @@ from typing import Any
 from benchmarks._common import RESULTS, machine, peak_rss_mb, write
 from fl_server.db import open_database
 from fl_server.store.blobs import FileBlobStore
-from fl_server.store.manifest import StoreKey
+from fl_server.store.keys import StoreKey
 from fl_server.store.store import ModelStore, NewArtefact
 
 __all__ = ["main"]

@@ -35,7 +35,7 @@ from fl_server.ledger import PrivacyBudget, PrivacyLedger
 from fl_server.privacy import PrivacyMechanism, amplification
 from fl_server.secagg import SecAggConfig
 from fl_server.store.blobs import FileBlobStore
-from fl_server.store.manifest import StoreKey
+from fl_server.store.keys import StoreKey
 from fl_server.store.publisher import RoundPublisher
 from fl_server.store.store import ModelStore, NewArtefact
 from secure_agg.params import ThreatModel

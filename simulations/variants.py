@@ -22,11 +22,11 @@ import onnxruntime as ort
 import torch
 
 from edge_runtime import Precision, build_variant, evaluate_onnx, export_onnx, top1_agreement
+from edge_runtime.manifest import ArtefactFormat
+from edge_runtime.manifest import Precision as StorePrecision
 from fl_client.models import ModelName, build_model
 from fl_client.training import images_to_tensor
 from fl_server.checkpoints import load_weights
-from fl_server.store.manifest import ArtefactFormat
-from fl_server.store.manifest import Precision as StorePrecision
 from fl_server.store.store import NewArtefact
 
 __all__ = ["VariantPolicy", "build_model_variants"]

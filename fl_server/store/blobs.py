@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from edge_runtime.manifest import check_digest
 from fedge.errors import ConfigError, StorageError
 
 __all__ = [
@@ -40,7 +41,6 @@ __all__ = [
     "BlobRef",
     "BlobStore",
     "FileBlobStore",
-    "check_digest",
 ]
 
 _LOGGER = logging.getLogger(__name__)
@@ -58,21 +58,6 @@ _TEMPORARY_SUFFIX = ".tmp"
 def _preview(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-def check_digest(digest: str) -> str:
-    """Return ``digest`` if it is a SHA-256 in 64 lowercase hex characters.
-
-    Raises
-    ------
-    ConfigError
-        For anything else: this is the guard that keeps paths inside the store.
-    """
-    if not isinstance(digest, str) or _DIGEST.fullmatch(digest) is None:
-        raise ConfigError(
-            f"a blob digest is 64 lowercase hex characters (SHA-256), got {_preview(digest)}"
-        )
-    return digest
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from fedge.errors import ConfigError, StorageError
 from fl_server.audit import AuditLog
 from fl_server.db import DB_URL_ENV, open_database
 from fl_server.store.blobs import FileBlobStore
-from fl_server.store.manifest import StoreKey
+from fl_server.store.keys import StoreKey
 from fl_server.store.store import ModelStore
 
 __all__ = ["STORE_DIR_ENV", "open_store", "store_app"]

@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from edge_runtime.manifest import check_digest
 from fedge.errors import ConfigError, FedgeError
-from fl_server.store.blobs import BlobCorrupt, BlobMissing, check_digest
+from fl_server.store.blobs import BlobCorrupt, BlobMissing
 from fl_server.store.store import ModelStore
 from secure_agg.errors import CryptoError
 from secure_agg.request_auth import verify_authorization

@@ -28,21 +28,21 @@ from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from fedge.errors import ConfigError, StorageError
-from fedge.version import code_version
-from fl_server.audit import AuditEventKind, AuditLog
-from fl_server.db.schema import AliasRow, ArtefactRow, ModelVersionRow
-from fl_server.store.blobs import BlobCorrupt, BlobMissing, BlobStore
-from fl_server.store.manifest import (
+from edge_runtime.manifest import (
     ArtefactEntry,
     ArtefactFormat,
     Manifest,
     ManifestInvalid,
     Precision,
     SignedManifest,
-    StoreKey,
     verify_manifest,
 )
+from fedge.errors import ConfigError, StorageError
+from fedge.version import code_version
+from fl_server.audit import AuditEventKind, AuditLog
+from fl_server.db.schema import AliasRow, ArtefactRow, ModelVersionRow
+from fl_server.store.blobs import BlobCorrupt, BlobMissing, BlobStore
+from fl_server.store.keys import StoreKey
 
 __all__ = [
     "ArtefactStatus",

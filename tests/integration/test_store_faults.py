@@ -14,7 +14,7 @@ import pytest
 
 from fl_server.db import open_database
 from fl_server.store.blobs import FileBlobStore
-from fl_server.store.manifest import StoreKey
+from fl_server.store.keys import StoreKey
 from fl_server.store.store import ModelStore, NewArtefact
 
 _PRELUDE = """
@@ -22,7 +22,7 @@ import sys, time
 from pathlib import Path
 from fl_server.db import open_database
 from fl_server.store.blobs import FileBlobStore
-from fl_server.store.manifest import StoreKey
+from fl_server.store.keys import StoreKey
 from fl_server.store.store import ModelStore, NewArtefact
 url, root = sys.argv[1], Path(sys.argv[2])
 engine = open_database(url)

@@ -204,7 +204,7 @@ def test_distributed_dp_without_a_valid_delta_is_one_clear_line() -> None:
 def test_store_commands_list_verify_tag_export_and_gc(tmp_path: Path) -> None:
     from fl_server.db import open_database
     from fl_server.store.blobs import FileBlobStore
-    from fl_server.store.manifest import StoreKey
+    from fl_server.store.keys import StoreKey
     from fl_server.store.store import ModelStore, NewArtefact
 
     url = f"sqlite:///{tmp_path / 'fedge.db'}"

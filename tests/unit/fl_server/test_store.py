@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
+from edge_runtime.manifest import ArtefactFormat, Precision, verify_manifest
 from fedge.errors import ConfigError
 from fl_server.store.blobs import FileBlobStore
-from fl_server.store.manifest import ArtefactFormat, Precision, StoreKey, verify_manifest
+from fl_server.store.keys import StoreKey
 from fl_server.store.store import ModelStore, NewArtefact, VersionInfo
 
 

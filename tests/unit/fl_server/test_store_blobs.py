@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edge_runtime.manifest import check_digest
 from fedge.errors import ConfigError, StorageError
 from fl_server.store import blobs
 from fl_server.store.blobs import (
@@ -18,7 +19,6 @@ from fl_server.store.blobs import (
     BlobRef,
     BlobStore,
     FileBlobStore,
-    check_digest,
 )
 
 PAYLOAD = b"global weights, round 7" * 100

@@ -13,18 +13,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedge.errors import ConfigError, FedgeError, StorageError
-from fl_server.store.manifest import (
+from edge_runtime.manifest import (
     ArtefactEntry,
     ArtefactFormat,
     Manifest,
     ManifestInvalid,
     Precision,
     SignedManifest,
-    StoreKey,
     key_id_for,
     verify_manifest,
 )
+from fedge.errors import ConfigError, FedgeError, StorageError
+from fl_server.store.keys import StoreKey
 
 DIGEST = hashlib.sha256(b"weights").hexdigest()
 OTHER_DIGEST = hashlib.sha256(b"onnx").hexdigest()

@@ -16,15 +16,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from fl_server.db import open_database
-from fl_server.store.blobs import FileBlobStore
-from fl_server.store.manifest import (
+from edge_runtime.manifest import (
     ArtefactFormat,
     Precision,
     SignedManifest,
-    StoreKey,
     verify_manifest,
 )
+from fl_server.db import open_database
+from fl_server.store.blobs import FileBlobStore
+from fl_server.store.keys import StoreKey
 from fl_server.store.serve import StoreServer, tls_context
 from fl_server.store.store import ModelStore, NewArtefact
 from secure_agg.identity import EnrolmentAuthority, NodeIdentity

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime import Precision
+from edge_runtime.manifest import ArtefactFormat
 from fl_client.models import ModelName, build_model
 from fl_server.checkpoints import CheckpointDir
-from fl_server.store.manifest import ArtefactFormat
 from simulations.variants import VariantPolicy, build_model_variants
 
 

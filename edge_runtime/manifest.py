@@ -1,6 +1,8 @@
 """Signed manifests: which artefacts make up one version of a model.
 
-A manifest names each artefact by its SHA-256 (see :mod:`fl_server.store.blobs`)
+The format lives on the device side of the import graph: the store
+(:mod:`fl_server.store`) signs manifests, edge devices verify them before they
+fetch or load a byte. A manifest names each artefact by its SHA-256
 and is signed with the store's Ed25519 key over its canonical JSON bytes, so an
 edge device that trusts the store's public key can check a whole model version
 (every file, its format and precision, and the version lineage) offline.
@@ -17,36 +19,30 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import hashlib
 import json
-import logging
-import os
 import re
-import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from fedge.errors import ConfigError, FedgeError, StorageError
-from fl_server.store.blobs import check_digest
+from fedge.errors import ConfigError, FedgeError
 
 __all__ = [
+    "SIGNING_CONTEXT",
     "ArtefactEntry",
     "ArtefactFormat",
     "Manifest",
     "ManifestInvalid",
     "Precision",
     "SignedManifest",
-    "StoreKey",
+    "check_digest",
     "key_id_for",
     "verify_manifest",
 ]
@@ -54,7 +50,7 @@ __all__ = [
 # Domain separation: the store key signs manifests of this format and nothing else.
 SIGNING_CONTEXT = b"fedge/manifest/v1\n"
 
-_LOGGER = logging.getLogger(__name__)
+_DIGEST = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _KEY_ID = re.compile(r"[0-9a-f]{16}")
 _CREATED_AT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|\+00:00)")
@@ -350,102 +346,21 @@ def verify_manifest(signed: SignedManifest, public_key: bytes) -> Manifest:
     return signed.manifest
 
 
-class StoreKey:
-    """The store's Ed25519 signing key (never printed, logged or pickled)."""
+def _preview(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
-    __slots__ = ("_private_key",)
 
-    def __init__(self, private_key: Ed25519PrivateKey) -> None:
-        self._private_key = private_key
+def check_digest(digest: str) -> str:
+    """Return ``digest`` if it is a SHA-256 in 64 lowercase hex characters.
 
-    @classmethod
-    def generate(cls, random_bytes: Callable[[int], bytes] = secrets.token_bytes) -> StoreKey:
-        """Create a key from 32 bytes of ``random_bytes`` (a CSPRNG unless testing)."""
-        return cls(Ed25519PrivateKey.from_private_bytes(random_bytes(32)))
-
-    @classmethod
-    def load_or_create(cls, path: Path) -> StoreKey:
-        """Load the key at ``path`` (PKCS8 PEM), or create it there with mode 0o600.
-
-        Raises
-        ------
-        ConfigError
-            If the file is readable or writable by group or others, or is not an
-            unencrypted Ed25519 PKCS8 PEM key.
-        StorageError
-            If the file cannot be read or written.
-        """
-        try:
-            return cls._load(path)
-        except FileNotFoundError:
-            pass
-        key = cls.generate()
-        pem = key._private_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
+    Raises
+    ------
+    ConfigError
+        For anything else: this is the guard that keeps paths inside the store.
+    """
+    if not isinstance(digest, str) or _DIGEST.fullmatch(digest) is None:
+        raise ConfigError(
+            f"a blob digest is 64 lowercase hex characters (SHA-256), got {_preview(digest)}"
         )
-        temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, pem)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            try:
-                os.link(temporary, path)  # never replaces a key another process just created
-            except FileExistsError:
-                return cls._load(path)
-        except OSError as exc:
-            raise StorageError(f"cannot create the store key {path}: {exc}") from exc
-        finally:
-            with contextlib.suppress(OSError):
-                temporary.unlink(missing_ok=True)
-        _LOGGER.info("created store signing key %s at %s", key.key_id, path)
-        return key
-
-    @classmethod
-    def _load(cls, path: Path) -> StoreKey:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            raise StorageError(f"cannot open the store key {path}: {exc}") from exc
-        with os.fdopen(fd, "rb") as handle:
-            mode = os.fstat(handle.fileno()).st_mode
-            if mode & 0o077:
-                raise ConfigError(
-                    f"store key {path} has mode {mode & 0o777:o}; it must not be "
-                    "accessible by group or others (chmod 600)"
-                )
-            pem = handle.read()
-        try:
-            private_key = serialization.load_pem_private_key(pem, password=None)
-        except (TypeError, ValueError):
-            raise ConfigError(f"store key {path} is not an unencrypted PKCS8 PEM key") from None
-        if not isinstance(private_key, Ed25519PrivateKey):
-            raise ConfigError(f"store key {path} is not an Ed25519 key")
-        return cls(private_key)
-
-    def public_key_bytes(self) -> bytes:
-        """Return the raw 32-byte public key."""
-        return self._private_key.public_key().public_bytes_raw()
-
-    @property
-    def key_id(self) -> str:
-        """The first 16 hex digits of SHA-256 of the public key."""
-        return key_id_for(self.public_key_bytes())
-
-    def sign(self, manifest: Manifest) -> SignedManifest:
-        """Sign ``manifest``'s canonical bytes."""
-        signature = self._private_key.sign(SIGNING_CONTEXT + manifest.canonical_bytes())
-        return SignedManifest(manifest, signature, self.key_id)
-
-    def __repr__(self) -> str:
-        return f"StoreKey(key_id={self.key_id!r})"
-
-    def __reduce__(self) -> Any:
-        raise TypeError("StoreKey is not picklable: it holds a private key")
+    return digest
