@@ -78,6 +78,11 @@ class AuditLog:
         self._engine = engine
         self._clock = clock
 
+    @property
+    def engine(self) -> Engine:
+        """The database this log lives in."""
+        return self._engine
+
     def append(
         self,
         kind: AuditEventKind,
@@ -85,7 +90,7 @@ class AuditLog:
         *,
         run_id: str | None = None,
     ) -> AuditEvent:
-        """Append one event and return it as stored.
+        """Append one event in its own transaction and return it as stored.
 
         Concurrent appenders (threads or processes) are serialised by the head
         row: on PostgreSQL by ``SELECT ... FOR UPDATE``, on SQLite by its writer
@@ -99,19 +104,11 @@ class AuditLog:
         StorageError
             If the database refuses the write.
         """
-        if not isinstance(kind, AuditEventKind):
-            raise ConfigError(f"audit kind must be an AuditEventKind, got {kind!r}")
-        if run_id is not None and not 0 < len(run_id) <= _MAX_RUN_ID_LEN:
-            raise ConfigError(f"run_id must have 1..{_MAX_RUN_ID_LEN} characters")
-        payload_json = canonical_json(dict(payload))
-        moment = self._clock()
-        if moment.tzinfo is None:
-            raise ConfigError("the audit clock must return timezone-aware datetimes")
-        recorded_at = moment.astimezone(UTC).isoformat(timespec="microseconds")
         last_error: Exception | None = None
         for attempt in range(_MAX_APPEND_ATTEMPTS):
             try:
-                return self._append_once(kind, payload_json, recorded_at, run_id)
+                with Session(self._engine) as session, session.begin():
+                    return self.append_in(session, kind, payload, run_id=run_id)
             except (IntegrityError, OperationalError) as exc:
                 # Lost a race for the head row (or SQLite was busy): retry on a
                 # fresh transaction, backing off a little more each time.
@@ -121,36 +118,64 @@ class AuditLog:
                 raise StorageError(f"cannot append to the audit log: {exc}") from exc
         raise StorageError(f"cannot append to the audit log: {last_error}")
 
-    def _append_once(
-        self, kind: AuditEventKind, payload_json: str, recorded_at: str, run_id: str | None
+    def append_in(
+        self,
+        session: Session,
+        kind: AuditEventKind,
+        payload: Mapping[str, JSONValue],
+        *,
+        run_id: str | None = None,
     ) -> AuditEvent:
-        with Session(self._engine) as session, session.begin():
-            head = session.execute(
-                select(AuditHeadRow).where(AuditHeadRow.id == _HEAD_ID).with_for_update()
-            ).scalar_one()
-            seq = head.seq + 1
-            digest = record_hash(
+        """Append one event inside the caller's open transaction on this log's database.
+
+        The event commits or rolls back with the caller's other writes, so a
+        state change and its audit record are never separated by a crash. The
+        caller retries the whole transaction on ``IntegrityError`` or
+        ``OperationalError`` (a lost race for the head row).
+
+        Raises
+        ------
+        ConfigError
+            As :meth:`append`, or if ``session`` is bound to another database.
+        """
+        if not isinstance(kind, AuditEventKind):
+            raise ConfigError(f"audit kind must be an AuditEventKind, got {kind!r}")
+        if run_id is not None and not 0 < len(run_id) <= _MAX_RUN_ID_LEN:
+            raise ConfigError(f"run_id must have 1..{_MAX_RUN_ID_LEN} characters")
+        if session.get_bind().engine is not self._engine:
+            raise ConfigError("append_in needs a session on the audit log's own database")
+        payload_json = canonical_json(dict(payload))
+        moment = self._clock()
+        if moment.tzinfo is None:
+            raise ConfigError("the audit clock must return timezone-aware datetimes")
+        recorded_at = moment.astimezone(UTC).isoformat(timespec="microseconds")
+        head = session.execute(
+            select(AuditHeadRow).where(AuditHeadRow.id == _HEAD_ID).with_for_update()
+        ).scalar_one()
+        seq = head.seq + 1
+        prev_hash = head.record_hash
+        digest = record_hash(
+            seq=seq,
+            recorded_at=recorded_at,
+            kind=kind.value,
+            run_id=run_id,
+            payload_json=payload_json,
+            prev_hash=prev_hash,
+        )
+        session.add(
+            AuditRecordRow(
                 seq=seq,
                 recorded_at=recorded_at,
                 kind=kind.value,
                 run_id=run_id,
-                payload_json=payload_json,
-                prev_hash=head.record_hash,
+                payload=payload_json,
+                prev_hash=prev_hash,
+                record_hash=digest,
             )
-            session.add(
-                AuditRecordRow(
-                    seq=seq,
-                    recorded_at=recorded_at,
-                    kind=kind.value,
-                    run_id=run_id,
-                    payload=payload_json,
-                    prev_hash=head.record_hash,
-                    record_hash=digest,
-                )
-            )
-            prev_hash = head.record_hash
-            head.seq = seq
-            head.record_hash = digest
+        )
+        head.seq = seq
+        head.record_hash = digest
+        session.flush()
         return AuditEvent(
             seq=seq,
             recorded_at=datetime.fromisoformat(recorded_at),

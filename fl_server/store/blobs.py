@@ -263,7 +263,10 @@ class FileBlobStore:
                 final = self._objects / digest[:2] / digest
                 present = final.exists()
                 if present and _same_content(final, temporary):
-                    return BlobRef(digest=digest, size=size)  # stored before
+                    # Stored before: refresh its age, so GC's grace period protects
+                    # it until the publish that now references it commits.
+                    os.utime(final)
+                    return BlobRef(digest=digest, size=size)
             finally:
                 os.close(fd)
             if present:

@@ -19,21 +19,19 @@ import math
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, delete, func, select
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from edge_runtime.manifest import (
     ArtefactEntry,
-    ArtefactFormat,
     Manifest,
     ManifestInvalid,
-    Precision,
     SignedManifest,
     verify_manifest,
 )
@@ -43,6 +41,13 @@ from fl_server.audit import AuditEventKind, AuditLog
 from fl_server.db.schema import AliasRow, ArtefactRow, ModelVersionRow
 from fl_server.store.blobs import BlobCorrupt, BlobMissing, BlobStore
 from fl_server.store.keys import StoreKey
+from fl_server.store.records import (
+    ArtefactStatus,
+    ModelVersion,
+    NewArtefact,
+    VerifyReport,
+    VersionInfo,
+)
 
 __all__ = [
     "ArtefactStatus",
@@ -57,101 +62,6 @@ logger = logging.getLogger(__name__)
 
 _ALIAS = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _PUBLISH_ATTEMPTS = 20
-
-
-class ArtefactStatus:
-    """Whether an artefact may be offered to devices."""
-
-    OFFERED = "offered"
-    REJECTED = "rejected"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class NewArtefact:
-    """An artefact to publish: its bytes (or a file), what it is, how good it measured.
-
-    ``rejected`` artefacts (below their accuracy floor) are recorded, never offered.
-    """
-
-    name: str
-    data: bytes | Path
-    format: ArtefactFormat = ArtefactFormat.NPZ
-    precision: Precision = Precision.FP32
-    quality: Mapping[str, float] = field(default_factory=dict)
-    rejected: bool = False
-
-    @property
-    def status(self) -> str:
-        """Offered, or rejected (recorded, never offered)."""
-        return ArtefactStatus.REJECTED if self.rejected else ArtefactStatus.OFFERED
-
-    def entry(self, *, digest: str, size: int) -> ArtefactEntry:
-        """Return the manifest entry of this artefact stored as ``digest``."""
-        return ArtefactEntry(
-            name=self.name, digest=digest, size=size, format=self.format, precision=self.precision
-        )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class VersionInfo:
-    """Searchable metadata of a version (also signed, inside the manifest)."""
-
-    run_id: str | None = None
-    server_round: int | None = None
-    dp_epsilon: float | None = None
-    dp_delta: float | None = None
-    secure_aggregation: Mapping[str, Any] | None = None
-    participants: int | None = None
-    metrics: Mapping[str, float] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        """Return the metadata as JSON values."""
-        return {
-            "run_id": self.run_id,
-            "server_round": self.server_round,
-            "dp_epsilon": self.dp_epsilon,
-            "dp_delta": self.dp_delta,
-            "secure_aggregation": None
-            if self.secure_aggregation is None
-            else dict(self.secure_aggregation),
-            "participants": self.participants,
-            "metrics": dict(self.metrics),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class ModelVersion:
-    """A stored version: its signed manifest and the status of each artefact."""
-
-    signed: SignedManifest
-    statuses: Mapping[str, str]
-    quality: Mapping[str, Mapping[str, float]]
-
-    @property
-    def manifest(self) -> Manifest:
-        """The (signed) manifest."""
-        return self.signed.manifest
-
-    def offered(self) -> list[ArtefactEntry]:
-        """Return the artefacts devices may fetch (rejected variants are never offered)."""
-        return [
-            a for a in self.manifest.artefacts if self.statuses[a.name] == ArtefactStatus.OFFERED
-        ]
-
-
-@dataclass(frozen=True, slots=True)
-class VerifyReport:
-    """What :meth:`ModelStore.verify` found: the signature and every artefact."""
-
-    model: str
-    version: int
-    signature_ok: bool
-    artefacts: dict[str, str]
-
-    @property
-    def ok(self) -> bool:
-        """True when the signature and every artefact verified."""
-        return self.signature_ok and all(v == "ok" for v in self.artefacts.values())
 
 
 def _plain(value: object) -> Any:
@@ -198,14 +108,23 @@ class ModelStore:
     def __init__(
         self, engine: Engine, blobs: BlobStore, key: StoreKey, *, audit: AuditLog | None = None
     ) -> None:
+        if audit is not None and audit.engine is not engine:
+            raise ConfigError("the store's audit log must live in the store's own database")
         self._engine = engine
         self.blobs = blobs
         self._key = key
         self._audit = audit
 
-    def _event(self, kind: AuditEventKind, payload: dict[str, Any], run_id: str | None) -> None:
+    def _event(
+        self,
+        session: Session,
+        kind: AuditEventKind,
+        payload: dict[str, Any],
+        run_id: str | None,
+    ) -> None:
+        """Record ``kind`` in the caller's transaction: the change and its event commit together."""
         if self._audit is not None:
-            self._audit.append(kind, payload, run_id=run_id)
+            self._audit.append_in(session, kind, payload, run_id=run_id)
 
     @property
     def public_key(self) -> bytes:
@@ -252,29 +171,18 @@ class ModelStore:
                 else self.blobs.put(artefact.data)
             )
             entries.append(artefact.entry(digest=ref.digest, size=ref.size))
-        for _ in range(_PUBLISH_ATTEMPTS):
+        for attempt in range(_PUBLISH_ATTEMPTS):
             try:
-                published = self._insert(
+                return self._insert(
                     model, entries, artefacts, parent=parent, info=info, metadata=metadata
                 )
-            except IntegrityError:
-                logger.info("store: version number of %s taken concurrently; retrying", model)
-                continue
+            except (IntegrityError, OperationalError):
+                # Another publisher took the number (or the audit head; SQLite
+                # may also just be busy): retry on a fresh transaction.
+                logger.info("store: %s raced with another writer; retrying", model)
+                time.sleep(0.005 * (attempt + 1))
             except SQLAlchemyError as exc:
                 raise StorageError(f"cannot publish {model}: {exc}") from exc
-            self._event(
-                AuditEventKind.MODEL_PUBLISHED,
-                {
-                    "model": model,
-                    "version": published.manifest.version,
-                    "parent": parent,
-                    "key_id": published.signed.key_id,
-                    "artefacts": {a.name: a.digest for a in entries},
-                    "rejected": [a.name for a in artefacts if a.rejected],
-                },
-                info.run_id,
-            )
-            return published
         raise StorageError(f"cannot publish {model}: too many concurrent publishers")
 
     def _insert(
@@ -335,6 +243,20 @@ class ModelStore:
                         quality=json.dumps(dict(artefact.quality), sort_keys=True),
                     )
                 )
+            session.flush()
+            self._event(
+                session,
+                AuditEventKind.MODEL_PUBLISHED,
+                {
+                    "model": model,
+                    "version": version,
+                    "parent": parent,
+                    "key_id": signed.key_id,
+                    "artefacts": {a.name: a.digest for a in entries},
+                    "rejected": [a.name for a in artefacts if a.rejected],
+                },
+                info.run_id,
+            )
         return self._version(signed, artefacts)
 
     @staticmethod
@@ -455,11 +377,13 @@ class ModelStore:
                 session.add(AliasRow(model=model, alias=alias, version=version, updated_at=_now()))
             else:
                 row.version, row.updated_at = version, _now()
-        self._event(
-            AuditEventKind.ALIAS_MOVED,
-            {"model": model, "alias": alias, "version": version, "previous": previous},
-            None,
-        )
+            session.flush()
+            self._event(
+                session,
+                AuditEventKind.ALIAS_MOVED,
+                {"model": model, "alias": alias, "version": version, "previous": previous},
+                None,
+            )
         return previous
 
     def ancestors(self, model: str, version: int) -> list[int]:
@@ -534,6 +458,7 @@ class ModelStore:
         if keep_last < 1:
             raise ConfigError(f"keep_last must be >= 1, got {keep_last}")
         doomed: list[int] = []
+        cutoff = time.time() - min_age_s
         with Session(self._engine) as session, session.begin():
             aliased = {(a.model, a.version) for a in session.scalars(select(AliasRow))}
             rows = session.scalars(
@@ -550,14 +475,19 @@ class ModelStore:
                 session.execute(delete(ArtefactRow).where(ArtefactRow.version_id.in_(doomed)))
                 session.execute(delete(ModelVersionRow).where(ModelVersionRow.id.in_(doomed)))
             referenced = set(session.scalars(select(ArtefactRow.digest)))
-        removed = 0
-        cutoff = time.time() - min_age_s
-        for digest in list(self.blobs.digests()):
-            if digest not in referenced and self.blobs.stored_at(digest) <= cutoff:
-                removed += 1
-                if not dry_run:
-                    self.blobs.delete(digest)
-        counts = {"versions_deleted": len(doomed), "objects_deleted": removed}
+            unreferenced = [
+                digest
+                for digest in self.blobs.digests()
+                if digest not in referenced and self.blobs.stored_at(digest) <= cutoff
+            ]
+            counts = {"versions_deleted": len(doomed), "objects_deleted": len(unreferenced)}
+            if not dry_run:
+                self._event(
+                    session, AuditEventKind.STORE_GC, {"keep_last": keep_last, **counts}, None
+                )
         if not dry_run:
-            self._event(AuditEventKind.STORE_GC, {"keep_last": keep_last, **counts}, None)
+            # After the commit: a crash here leaves unreferenced objects, which the
+            # next collection removes; a referenced object is never deleted.
+            for digest in unreferenced:
+                self.blobs.delete(digest)
         return counts

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from fl_server.audit import AuditLog
 from fl_server.db import open_database
 from fl_server.store.blobs import FileBlobStore
 from fl_server.store.keys import StoreKey
@@ -24,9 +25,12 @@ from fl_server.db import open_database
 from fl_server.store.blobs import FileBlobStore
 from fl_server.store.keys import StoreKey
 from fl_server.store.store import ModelStore, NewArtefact
+from fl_server.audit import AuditLog
 url, root = sys.argv[1], Path(sys.argv[2])
 engine = open_database(url)
-store = ModelStore(engine, FileBlobStore(root), StoreKey.load_or_create(root / "key.pem"))
+store = ModelStore(
+    engine, FileBlobStore(root), StoreKey.load_or_create(root / "key.pem"), audit=AuditLog(engine)
+)
 """
 
 
@@ -73,6 +77,9 @@ def test_a_publish_killed_mid_transaction_leaves_no_version(db_url: str, tmp_pat
 
     store = _store(db_url, root)
     assert store.versions() == []
+    audit_engine = open_database(db_url)
+    assert list(AuditLog(audit_engine).iter()) == []
+    audit_engine.dispose()
     assert store.publish("cnn", [NewArtefact(name="w.npz", data=b"ok")]).manifest.version == 1
     # The killed publish's object is unreferenced: GC removes it, keeps the good one.
     assert store.gc(keep_last=5, min_age_s=0) == {"versions_deleted": 0, "objects_deleted": 1}
@@ -108,4 +115,11 @@ def test_eight_concurrent_publishers_never_duplicate_or_lose_a_version(
     store = _store(db_url, root)
     stored = [v.manifest.version for v in store.versions("cnn")]
     assert sorted(reported) == stored == list(range(1, 41))
+    # Each publish committed exactly one audit event with it, and the chain holds.
+    audit_engine = open_database(db_url)
+    audit = AuditLog(audit_engine)
+    published = [e.payload["version"] for e in audit.iter() if e.kind.value == "store.published"]
+    assert sorted(int(str(v)) for v in published) == list(range(1, 41))
+    assert audit.verify().ok
+    audit_engine.dispose()
     assert all(store.verify("cnn", v).ok for v in (1, 20, 40))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,8 @@ from sqlalchemy import Engine
 
 from edge_runtime.manifest import ArtefactFormat, Precision, verify_manifest
 from fedge.errors import ConfigError
+from fl_server.audit import AuditEventKind, AuditLog
+from fl_server.db import open_database
 from fl_server.store.blobs import FileBlobStore
 from fl_server.store.keys import StoreKey
 from fl_server.store.store import ModelStore, NewArtefact, VersionInfo
@@ -172,3 +176,75 @@ def test_a_non_finite_quality_is_refused_before_anything_is_written(store: Model
     with pytest.raises(ConfigError, match="finite"):
         store.publish("cnn", [bad])
     assert list(store.blobs.digests()) == [] and store.versions() == []
+
+
+def test_publish_tag_and_gc_are_audited_in_their_own_transaction(
+    engine: Engine, tmp_path: Path
+) -> None:
+    audit = AuditLog(engine)
+    store = ModelStore(engine, FileBlobStore(tmp_path / "blobs"), StoreKey.generate(), audit=audit)
+    first = store.publish("cnn", [_weights(b"1")], info=VersionInfo(run_id="run-a"))
+    store.publish("cnn", [_weights(b"2")], parent=1)
+    store.tag("cnn", "production", 2)
+    store.gc(keep_last=1, min_age_s=0)
+
+    events = list(audit.iter())
+    assert [e.kind for e in events] == [
+        AuditEventKind.MODEL_PUBLISHED,
+        AuditEventKind.MODEL_PUBLISHED,
+        AuditEventKind.ALIAS_MOVED,
+        AuditEventKind.STORE_GC,
+    ]
+    assert events[0].run_id == "run-a"
+    assert events[0].payload["artefacts"] == {"weights.npz": first.manifest.artefacts[0].digest}
+    assert events[2].payload == {
+        "model": "cnn",
+        "alias": "production",
+        "version": 2,
+        "previous": None,
+    }
+    assert events[3].payload == {"keep_last": 1, "versions_deleted": 1, "objects_deleted": 1}
+    assert audit.verify().ok
+
+
+def test_a_publish_whose_audit_record_fails_leaves_no_version(
+    engine: Engine, tmp_path: Path
+) -> None:
+    # A naive clock makes the audit append fail inside the publish transaction.
+    broken = AuditLog(engine, clock=lambda: datetime(2026, 1, 1))
+    store = ModelStore(engine, FileBlobStore(tmp_path / "blobs"), StoreKey.generate(), audit=broken)
+
+    with pytest.raises(ConfigError, match="timezone"):
+        store.publish("cnn", [_weights(b"1")])
+
+    assert store.versions() == []
+    assert list(AuditLog(engine).iter()) == []
+    # The next publish still gets number 1: the failed one left nothing behind.
+    fine = ModelStore(engine, store.blobs, StoreKey.generate(), audit=AuditLog(engine))
+    assert fine.publish("cnn", [_weights(b"1")]).manifest.version == 1
+
+
+def test_the_audit_log_must_share_the_store_database(engine: Engine, tmp_path: Path) -> None:
+    other = open_database(f"sqlite:///{tmp_path / 'other.db'}")
+    try:
+        with pytest.raises(ConfigError, match="own database"):
+            ModelStore(
+                engine, FileBlobStore(tmp_path / "b"), StoreKey.generate(), audit=AuditLog(other)
+            )
+    finally:
+        other.dispose()
+
+
+def test_republished_bytes_are_protected_by_the_gc_grace_period(
+    engine: Engine, tmp_path: Path
+) -> None:
+    store = ModelStore(engine, FileBlobStore(tmp_path / "blobs"), StoreKey.generate())
+    old = store.blobs.put(b"republished later")
+    path = tmp_path / "blobs" / "objects" / old.digest[:2] / old.digest
+    os.utime(path, (1_000_000_000, 1_000_000_000))  # an object stored long ago
+    assert store.gc(keep_last=1, dry_run=True)["objects_deleted"] == 1
+
+    store.blobs.put(b"republished later")  # a publish in flight stores the same bytes again
+
+    assert store.gc(keep_last=1)["objects_deleted"] == 0
+    assert store.blobs.exists(old.digest)
