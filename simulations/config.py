@@ -14,7 +14,7 @@ from fl_client.training import TrainConfig
 from fl_server.privacy import ServerDp
 from fl_server.secagg import SecAggConfig
 from secure_agg.params import ThreatModel, choose_neighbourhood
-from simulations.modes import DpMode
+from simulations.modes import DpMode, VariantRounds
 from simulations.partition import PartitionConfig, PartitionMode
 from strategies.central import AdaptiveClipping, CentralDpSettings, LocalDpSettings
 from strategies.ddp import DistributedDpSettings
@@ -87,7 +87,7 @@ class SimConfig:
     poisson_sampling
         Sample clients by independent CSPRNG coin flips (lets central DP claim amplification).
     variants
-        Publish the final model with its ONNX variants (FP32, FP16, INT8, INT4), measured.
+        Which published rounds also get ONNX variants (FP32, FP16, INT8, INT4), measured.
     client_epsilon
         Each device's own budget: a device declines rounds past it (``None``: no device ledger).
     """
@@ -117,7 +117,7 @@ class SimConfig:
     adaptive_clip: bool = False
     poisson_sampling: bool = False
     client_epsilon: float | None = None
-    variants: bool = False
+    variants: VariantRounds = VariantRounds.OFF
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -238,5 +238,6 @@ class SimConfig:
         raw["model"] = self.model.value
         raw["threat_model"] = self.threat_model.value
         raw["dp"] = self.dp.value
+        raw["variants"] = self.variants.value
         raw["data_dir"] = None if self.data_dir is None else str(self.data_dir)
         return raw

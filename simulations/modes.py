@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-__all__ = ["DpMode"]
+__all__ = ["DpMode", "VariantRounds"]
 
 
 class DpMode(Enum):
@@ -15,3 +15,11 @@ class DpMode(Enum):
     DISTRIBUTED = "distributed"
     LOCAL = "local"
     SAMPLE = "sample"
+
+
+class VariantRounds(Enum):
+    """Which published rounds also get ONNX variants (building them takes a few seconds)."""
+
+    OFF = "off"
+    FINAL = "final"
+    EVERY = "every"

@@ -42,6 +42,7 @@ from secure_agg.params import ThreatModel
 from simulations.config import DpMode, SimConfig
 from simulations.data import Split
 from simulations.enrolment import enrol_fleet
+from simulations.modes import VariantRounds
 from simulations.offline import apply_offline_env, quiet_flower, ray_backend_config
 from simulations.partition import label_skew
 from simulations.provider import FashionMnistPartitions, cached_dataset
@@ -318,8 +319,12 @@ def run_federation(
             model=config.model.value,
             run_id=run_id,
             privacy=_spent_so_far(privacy, run_id),
-            variants=_variant_builder(config, test) if config.variants else None,
-            final_round=config.num_rounds,
+            variants=None
+            if config.variants is VariantRounds.OFF
+            else _variant_builder(config, test),
+            variant_rounds=range(1, config.num_rounds + 1)
+            if config.variants is VariantRounds.EVERY
+            else (config.num_rounds,),
         )
         writer = _SummaryWriter(summary, paths.summary, started, publisher.versions)
         writer.flush()

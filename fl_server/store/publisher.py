@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from pathlib import Path
 
 from fl_server.federation import RoundReport
@@ -25,10 +25,10 @@ class RoundPublisher:
     privacy
         Returns (epsilon spent so far, delta) of the run, or None without DP.
     variants
-        Builds extra artefacts (ONNX variants) of a round's model; called for
-        ``final_round`` only, since building and measuring them takes seconds.
-    final_round
-        The round whose version gets the variants.
+        Builds extra artefacts (ONNX variants) of a round's model; called for the
+        rounds in ``variant_rounds`` only, since building and measuring them takes seconds.
+    variant_rounds
+        The rounds whose versions get the variants.
     """
 
     def __init__(
@@ -39,14 +39,14 @@ class RoundPublisher:
         run_id: str,
         privacy: Callable[[], tuple[float | None, float] | None] | None = None,
         variants: Callable[[RoundReport], list[NewArtefact]] | None = None,
-        final_round: int | None = None,
+        variant_rounds: Container[int] = (),
     ) -> None:
         self._store = store
         self._model = model
         self._run_id = run_id
         self._privacy = privacy
         self._variants = variants
-        self._final_round = final_round
+        self._variant_rounds = variant_rounds
         self.versions: dict[int, int] = {}
         self._last: int | None = None
 
@@ -63,7 +63,7 @@ class RoundPublisher:
             metrics={"accuracy": report.accuracy, "loss": report.loss},
         )
         artefacts = [NewArtefact(name="weights.npz", data=Path(report.model_path))]
-        if self._variants is not None and report.server_round == self._final_round:
+        if self._variants is not None and report.server_round in self._variant_rounds:
             artefacts += self._variants(report)
         version = self._store.publish(
             self._model,
