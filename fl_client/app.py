@@ -16,6 +16,7 @@ from flwr.clientapp.typing import Mod
 
 from fedge.errors import ConfigError
 from fl_client.budget import ClientBudget, ClientBudgetExhausted, ClientSpend, declined
+from fl_client.device import DeviceKind, select_device
 from fl_client.messages import ARRAYS_KEY, METRICS_KEY, decode_train_instruction
 from fl_client.models import ModelName, build_model
 from fl_client.training import TrainConfig, TrainResult, train
@@ -102,6 +103,7 @@ def make_client_app(
     num_threads: int = 1,
     mods: Sequence[Mod] = (),
     budget: ClientBudget | None = None,
+    device: DeviceKind = DeviceKind.AUTO,
 ) -> ClientApp:
     """Build a Flower ClientApp that trains ``model`` on ``provider``'s partition.
 
@@ -119,6 +121,10 @@ def make_client_app(
         The device's own privacy budget: a DP-SGD round (``fedge.dpsgd``) past it
         is declined, and every DP-SGD round is recorded in the device's ledger
         (the other mechanisms are guarded by :func:`fl_client.budget.make_budget_mod`).
+    device
+        Where non-private local training runs (:func:`fl_client.device.select_device`:
+        CUDA, then MPS, then the CPU with ``AUTO``). DP-SGD stays on the CPU: its
+        CSPRNG noise and sampling are produced on the host.
 
     Notes
     -----
@@ -127,6 +133,8 @@ def make_client_app(
     """
     if num_threads < 1:
         raise ConfigError(f"num_threads must be >= 1, got {num_threads}")
+    chosen = select_device(device)
+    logger.info("client training device: %s (%s)", chosen.device, chosen.reason)
     app = ClientApp(mods=list(mods))
 
     @app.train()
@@ -143,7 +151,14 @@ def make_client_app(
         dpsgd = msg.content.config_records.get(DPSGD_RECORD_KEY)
         extra: dict[str, int | float] = {}
         if dpsgd is None:
-            result = train(network, images, labels, instruction.config, generator=generator)
+            result = train(
+                network,
+                images,
+                labels,
+                instruction.config,
+                generator=generator,
+                device=chosen.device,
+            )
         else:
             settings = SampleDpSettings.from_fields(dpsgd)
             dp_config, spend = _dpsgd_plan(settings, len(images), instruction.config)

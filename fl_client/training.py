@@ -22,6 +22,9 @@ __all__ = [
 ]
 
 
+_CPU = torch.device("cpu")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrainConfig:
     """Hyper-parameters of one client's local training in one round.
@@ -87,6 +90,7 @@ def train(
     config: TrainConfig,
     *,
     generator: torch.Generator,
+    device: torch.device | None = None,
 ) -> TrainResult:
     """Train ``model`` in place with SGD on the given examples.
 
@@ -100,6 +104,10 @@ def train(
         Epochs, batch size and optimiser settings.
     generator
         Source of the shuffling order (seeded for reproducible simulations).
+    device
+        Where to train (see :func:`fl_client.device.select_device`); the model
+        is moved there for training and returned to the CPU afterwards. ``None``:
+        the CPU.
 
     Returns
     -------
@@ -115,26 +123,32 @@ def train(
         raise ConfigError("cannot train on an empty partition")
     if len(images) != len(labels):
         raise ConfigError(f"{len(images)} images but {len(labels)} labels")
-    inputs = images_to_tensor(images)
-    targets = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    optimiser = torch.optim.SGD(
-        model.parameters(), lr=config.learning_rate, momentum=config.momentum
-    )
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    total_loss = 0.0
-    steps = 0
-    for _ in range(config.local_epochs):
-        order = torch.randperm(len(inputs), generator=generator)
-        for start in range(0, len(order), config.batch_size):
-            batch = order[start : start + config.batch_size]
-            optimiser.zero_grad(set_to_none=True)
-            loss = loss_fn(model(inputs[batch]), targets[batch])
-            loss.backward()
-            optimiser.step()
-            total_loss += float(loss.detach())
-            steps += 1
-    return TrainResult(num_examples=len(inputs), mean_loss=total_loss / steps)
+    device = device or _CPU
+    inputs = images_to_tensor(images).to(device)
+    targets = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
+    model.to(device)
+    try:
+        optimiser = torch.optim.SGD(
+            model.parameters(), lr=config.learning_rate, momentum=config.momentum
+        )
+        loss_fn = nn.CrossEntropyLoss()
+        model.train()
+        losses: list[torch.Tensor] = []  # kept on the device: no host sync per step
+        for _ in range(config.local_epochs):
+            # The order comes from the (CPU) generator, so a seed gives the same
+            # order on every device.
+            order = torch.randperm(len(inputs), generator=generator).to(device)
+            for start in range(0, len(order), config.batch_size):
+                batch = order[start : start + config.batch_size]
+                optimiser.zero_grad(set_to_none=True)
+                loss = loss_fn(model(inputs[batch]), targets[batch])
+                loss.backward()
+                optimiser.step()
+                losses.append(loss.detach())
+    finally:
+        model.to(_CPU)
+    mean_loss = float(torch.stack(losses).cpu().double().mean())
+    return TrainResult(num_examples=len(inputs), mean_loss=mean_loss)
 
 
 @torch.no_grad()
@@ -144,20 +158,29 @@ def evaluate(
     labels: npt.NDArray[np.integer],
     *,
     batch_size: int = 1000,
+    device: torch.device | None = None,
 ) -> EvalResult:
-    """Return the mean cross-entropy loss and the accuracy of ``model`` on the examples."""
+    """Return the mean cross-entropy loss and the accuracy of ``model`` on the examples.
+
+    ``device`` as in :func:`train`: the model comes back on the CPU.
+    """
     if len(images) == 0:
         raise ConfigError("cannot evaluate on an empty set")
+    device = device or _CPU
     inputs = images_to_tensor(images)
     targets = torch.from_numpy(np.asarray(labels, dtype=np.int64))
-    model.eval()
-    loss_sum = 0.0
-    correct = 0
-    for start in range(0, len(inputs), batch_size):
-        logits = model(inputs[start : start + batch_size])
-        batch_targets = targets[start : start + batch_size]
-        loss_sum += float(nn.functional.cross_entropy(logits, batch_targets, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == batch_targets).sum())
+    model.to(device)
+    try:
+        model.eval()
+        loss_sum = 0.0
+        correct = 0
+        for start in range(0, len(inputs), batch_size):
+            logits = model(inputs[start : start + batch_size].to(device))
+            batch_targets = targets[start : start + batch_size].to(device)
+            loss_sum += float(nn.functional.cross_entropy(logits, batch_targets, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == batch_targets).sum())
+    finally:
+        model.to(_CPU)
     return EvalResult(
         num_examples=len(inputs), loss=loss_sum / len(inputs), accuracy=correct / len(inputs)
     )
