@@ -65,6 +65,7 @@ class ArtefactFormat(Enum):
 
     NPZ = "npz"
     ONNX = "onnx"
+    JSON = "json"
 
 
 class Precision(Enum):

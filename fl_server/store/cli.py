@@ -1,4 +1,4 @@
-"""``fedge store``: list, show, verify, tag, export, garbage-collect and serve model versions."""
+"""``fedge store``: list, show, verify, tag, export, gc and serve model versions; print the key."""
 
 from __future__ import annotations
 
@@ -195,6 +195,26 @@ def export_command(
     temporary.write_text(json.dumps(version.signed.to_json(), indent=2, sort_keys=True) + "\n")
     temporary.replace(manifest)
     typer.echo(f"{model} v{version.manifest.version} -> {destination}")
+
+
+@store_app.command("key")
+def key_command(
+    store_dir: _StoreDir = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Also write the public key (64 hex digits) to this file."),
+    ] = None,
+) -> None:
+    """Print the store's public signing key: the trust anchor devices verify manifests with.
+
+    Only the public half is printed; the private key never leaves store-key.pem.
+    """
+    key = StoreKey.load_or_create((store_dir or _DEFAULT_DIR) / "store-key.pem")
+    public = key.public_key_bytes().hex()
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(public + "\n")
+    typer.echo(f"{public}  (key id {key.key_id})")
 
 
 @store_app.command("gc")

@@ -237,6 +237,12 @@ def test_store_commands_list_verify_tag_export_and_gc(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["manifest"]["version"] == 1
     gc = _fedge("store", "gc", "--keep-last", "1", env=env)
     assert gc.stdout.strip() == "deleted 1 versions and 0 objects"  # v2; v1 is aliased
+    # The public key devices trust: the one the manifests verify with.
+    printed = _fedge("store", "key", "--out", str(tmp_path / "store.pub"), env=env)
+    assert printed.returncode == 0, printed.stderr
+    public = bytes.fromhex((tmp_path / "store.pub").read_text().strip())
+    assert public == StoreKey.load_or_create(store_dir / "store-key.pem").public_key_bytes()
+    assert printed.stdout.startswith(public.hex())
 
     # A corrupted object: verify fails with one clear line and exit status 1.
     target = store_dir / "objects" / digest[:2] / digest
