@@ -45,8 +45,8 @@ test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 
 lint: setup
-	$(BIN)/ruff check $(PACKAGES) tests benchmarks examples
-	$(BIN)/ruff format --check $(PACKAGES) tests benchmarks examples
+	$(BIN)/ruff check $(PACKAGES) tests benchmarks examples scripts
+	$(BIN)/ruff format --check $(PACKAGES) tests benchmarks examples scripts
 
 format: setup
 	$(BIN)/ruff format $(PACKAGES) tests benchmarks examples
