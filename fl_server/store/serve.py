@@ -29,11 +29,11 @@ import time
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from edge_runtime.manifest import check_digest
+from edge_runtime.tls import tls_context
 from fedge.errors import ConfigError, FedgeError
 from fl_server.store.blobs import BlobCorrupt, BlobMissing
 from fl_server.store.store import ModelStore
@@ -48,23 +48,6 @@ _MANIFEST = re.compile(r"^/v1/models/([A-Za-z0-9_.-]{1,64})/manifest$")
 _OBJECT = re.compile(r"^/v1/objects/([^/]*)$")
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _CHUNK = 1 << 20
-
-
-def tls_context(certificate: Path, private_key: Path) -> ssl.SSLContext:
-    """Return a server TLS context (TLS 1.2+) from PEM files.
-
-    Raises
-    ------
-    ConfigError
-        If the files cannot be loaded.
-    """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(certificate, private_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load the TLS certificate or key: {exc}") from exc
-    return context
 
 
 class _Handler(BaseHTTPRequestHandler):
