@@ -32,6 +32,7 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from edge_runtime._json import canonical_bytes as _canonical
 from fedge.errors import ConfigError, FedgeError
 
 __all__ = [
@@ -113,12 +114,6 @@ def _frozen(value: Any) -> Any:
     if isinstance(value, list):
         return tuple(_frozen(item) for item in value)
     return value
-
-
-def _canonical(value: Any) -> bytes:
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
-    ).encode("ascii")
 
 
 def _enum(kind: type[ArtefactFormat] | type[Precision], value: object) -> Any:
