@@ -308,6 +308,39 @@ class ModelCache:
                 self._stage(directory, signed, entry, source)
             return self._switch(manifest, entry)
 
+    def stage(self, signed: SignedManifest, artefact_name: str, source: Path) -> None:
+        """Verify and store one artefact of a version *without* making anything current.
+
+        For the companions of a model (``drift-reference.json``): stage them first,
+        then :meth:`install` the model, so the version is complete when it switches.
+
+        Raises
+        ------
+        ModelRejected, StorageError
+            As :meth:`install`; nothing is stored.
+        """
+        manifest, entry = self._verified(signed, artefact_name)
+        with self._locked():
+            directory = self._directory(manifest.model, manifest.version)
+            if not self._intact(directory, signed, entry):
+                self._stage(directory, signed, entry, source)
+
+    def companion(self, installed: InstalledModel, artefact_name: str) -> Path | None:
+        """Return a verified companion artefact of an installed version, or None if absent.
+
+        Raises
+        ------
+        ModelCorrupt
+            If the companion is present but does not match the signed manifest.
+        """
+        entry = next((a for a in installed.manifest.artefacts if a.name == artefact_name), None)
+        path = self._directory(installed.model, installed.version) / artefact_name
+        if entry is None or not path.is_file():
+            return None
+        if hash_file(path) != (entry.size, entry.digest):
+            raise ModelCorrupt(f"{installed.model} v{installed.version} {artefact_name} is corrupt")
+        return path
+
     def activate(
         self, signed: SignedManifest, artefact_name: str, *, allow_downgrade: bool = False
     ) -> InstalledModel:

@@ -245,6 +245,28 @@ def test_variants_of_one_version_live_side_by_side(cache: ModelCache, tmp_path: 
         cache.activate(sign(2, {FP32: b"x"}), FP32)
 
 
+def test_a_companion_is_staged_verified_and_never_made_current(
+    cache: ModelCache, tmp_path: Path
+) -> None:
+    reference = b'{"format": "fedge/drift-reference/v1"}'
+    data = {FP32: payload(1), "drift-reference.json": reference}
+    signed = sign(1, data)
+    with pytest.raises(ModelRejected, match="hashes to"):
+        cache.stage(signed, "drift-reference.json", source(tmp_path, reference[:-1] + b"]"))
+
+    cache.stage(signed, "drift-reference.json", source(tmp_path, reference))
+    assert cache.current("cnn") is None  # staging switches nothing
+    installed = cache.install(signed, FP32, source(tmp_path, data[FP32]))
+
+    companion = cache.companion(installed, "drift-reference.json")
+    assert companion is not None and companion.read_bytes() == reference
+    assert cache.companion(installed, "absent.json") is None
+    companion.chmod(0o644)
+    companion.write_bytes(reference.replace(b"v1", b"v2"))
+    with pytest.raises(ModelCorrupt, match=r"drift-reference\.json is corrupt"):
+        cache.companion(installed, "drift-reference.json")
+
+
 def test_opening_removes_what_a_crash_left_behind(tmp_path: Path) -> None:
     root = tmp_path / "cache"
     cache = ModelCache(root, trusted_key=TRUSTED)
