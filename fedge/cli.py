@@ -16,8 +16,10 @@ import click
 import typer
 from rich.logging import RichHandler
 
+from edge_runtime.cli import edge_app
 from fedge.errors import FedgeError
 from fedge.version import code_version
+from fl_client.cli import client_app
 from fl_server.cli import audit_app, ledger_app
 from fl_server.store.cli import store_app
 from simulations.cli import app as sim_app
@@ -35,6 +37,8 @@ app.add_typer(sim_app, name="sim")
 app.add_typer(audit_app, name="audit")
 app.add_typer(ledger_app, name="ledger")
 app.add_typer(store_app, name="store")
+app.add_typer(client_app, name="client")
+app.add_typer(edge_app, name="edge")
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from fedge.errors import ConfigError
 from secure_agg.params import ThreatModel
 from simulations.data import DATA_DIR_ENV
 from simulations.modes import DpMode, VariantRounds
@@ -301,3 +302,45 @@ def _privacy_line(privacy: dict[str, Any]) -> str:
     if privacy["stopped"]:
         line += f"; stopped early: {privacy['stopped']}"
     return line
+
+
+@app.command("samples")
+def samples_command(
+    out: Annotated[Path, typer.Option("--out", help="The .npz to write (images, labels).")],
+    count: Annotated[int, typer.Option("--count", min=1, help="How many test images.")] = 1000,
+    offset: Annotated[int, typer.Option("--offset", min=0, help="First test image.")] = 0,
+    brightness: Annotated[
+        float,
+        typer.Option(
+            "--brightness",
+            min=-1.0,
+            max=1.0,
+            help="Add this fraction of full scale to every pixel (clipped): a drifted input "
+            "distribution for `fedge client infer`.",
+        ),
+    ] = 0.0,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            envvar=DATA_DIR_ENV,
+            help="Fashion-MNIST IDX files [default: /usr/share/datasets/fashion-mnist].",
+        ),
+    ] = None,
+) -> None:
+    """Write held-out Fashion-MNIST test images and labels for the device-side commands."""
+    import numpy as np
+
+    from simulations.data import load_fashion_mnist
+
+    test = load_fashion_mnist(data_dir).test
+    if offset + count > len(test.labels):
+        raise ConfigError(
+            f"--offset {offset} + --count {count} exceeds the {len(test.labels)} test images"
+        )
+    images = test.images[offset : offset + count].astype(np.int16)
+    images = np.clip(images + round(brightness * 255), 0, 255).astype(np.uint8)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, images=images, labels=test.labels[offset : offset + count])
+    shift = f", brightness {brightness:+.2f}" if brightness else ""
+    typer.echo(f"wrote {count} test images{shift} to {out}")

@@ -376,7 +376,7 @@ def _variant_builder(config: SimConfig, test: Split) -> Callable[[RoundReport], 
 
     def build(report: RoundReport) -> list[NewArtefact]:
         data_dir = None if config.data_dir is None else str(config.data_dir)
-        calibration = cached_dataset(data_dir, config.train_examples).train.images[:256]
+        calibration = cached_dataset(data_dir, config.train_examples).train.images[:1000]
         held_out = test.take(2000)
         return build_model_variants(
             Path(report.model_path),

@@ -22,6 +22,7 @@ import onnxruntime as ort
 import torch
 
 from edge_runtime import Precision, build_variant, evaluate_onnx, export_onnx, top1_agreement
+from edge_runtime.drift_reference import REFERENCE_ARTEFACT_NAME, ReferenceStats
 from edge_runtime.manifest import ArtefactFormat
 from edge_runtime.manifest import Precision as StorePrecision
 from fl_client.models import ModelName, build_model
@@ -58,6 +59,7 @@ class VariantPolicy:
         }
     )
     calibration_examples: int = 256
+    drift_sample_size: int = 500
     latency_runs: int = 30
 
 
@@ -81,7 +83,7 @@ def build_model_variants(
     sha256: str,
     model: ModelName,
     held_out: tuple[npt.NDArray[np.uint8], npt.NDArray[np.integer]],
-    calibration: npt.NDArray[np.uint8],
+    calibration: npt.NDArray[np.uint8],  # training images: calibration and drift reference
     policy: VariantPolicy | None = None,
 ) -> list[NewArtefact]:
     """Return the FP32 ONNX reference and every variant of ``checkpoint``, measured.
@@ -143,4 +145,22 @@ def build_model_variants(
                     rejected=accuracy < fp32_accuracy - max_drop,
                 )
             )
+    artefacts.append(_drift_reference(images_to_tensor(calibration).numpy(), policy))
     return artefacts
+
+
+def _drift_reference(inputs: npt.NDArray[np.float32], policy: VariantPolicy) -> NewArtefact:
+    """Return the reference statistics devices test their inputs against (drift)."""
+    reference = ReferenceStats.fit(
+        inputs,
+        sample_size=min(len(inputs), policy.drift_sample_size),
+        rng=np.random.default_rng(0),  # which reference images are kept: not a secret
+    )
+    data = reference.canonical_bytes()
+    return NewArtefact(
+        name=REFERENCE_ARTEFACT_NAME,
+        data=data,
+        format=ArtefactFormat.JSON,
+        precision=StorePrecision.FP32,
+        quality={"size_bytes": float(len(data)), "reference_inputs": float(len(inputs))},
+    )

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime import Precision
+from edge_runtime.drift import DriftConfig, DriftDetector
+from edge_runtime.drift_reference import ReferenceStats
 from edge_runtime.manifest import ArtefactFormat
 from fl_client.models import ModelName, build_model
 from fl_server.checkpoints import CheckpointDir
@@ -40,11 +42,20 @@ def test_every_variant_is_measured_and_a_missed_floor_is_rejected(tmp_path: Path
     )
 
     by_name = {a.name: a for a in artefacts}
+    reference = by_name.pop("drift-reference.json")
     assert set(by_name) == {"model-fp32.onnx", "model-fp16.onnx", "model-int4.onnx"}
-    assert all(a.format is ArtefactFormat.ONNX for a in artefacts)
+    assert all(a.format is ArtefactFormat.ONNX for a in by_name.values())
+    # The drift reference ships with the model and reads back; the same images do not drift.
+    assert reference.format is ArtefactFormat.JSON and isinstance(reference.data, bytes)
+    stats = ReferenceStats.from_bytes(reference.data)
+    assert (
+        not DriftDetector(stats, DriftConfig(window=100))
+        .evaluate(images[:100, None].astype(np.float32) / 255)
+        .drifted
+    )
     assert not by_name["model-fp32.onnx"].rejected and not by_name["model-fp16.onnx"].rejected
     assert by_name["model-int4.onnx"].rejected
     fp16 = by_name["model-fp16.onnx"].quality
     assert fp16["agreement"] >= 0.95
     assert fp16["size_bytes"] < 0.6 * by_name["model-fp32.onnx"].quality["size_bytes"]
-    assert all(a.quality["p50_ms"] > 0 for a in artefacts)
+    assert all(a.quality["p50_ms"] > 0 for a in by_name.values())
