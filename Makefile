@@ -27,12 +27,21 @@ $(STAMP): pyproject.toml constraints.txt
 data:
 	@scripts/ensure-data.sh
 
-## demo: a 10-client federation on Fashion-MNIST (SecAgg+ and DP-SGD at epsilon 3), live, with its audit trail
+## demo: a 10-client federation on Fashion-MNIST (SecAgg+ and DP-SGD at epsilon 3), live, its signed
+## variants, a device that verifies and serves one (drift check included), and the audit trail
 demo: setup
 	$(BIN)/fedge sim run --secure-agg --dp sample --epsilon 3 --client-epsilon 3 --batch-size 128 --lr 0.1 \
 		--variants final --out runs/demo/summary.json
 	$(BIN)/fedge store variants cnn latest
 	$(BIN)/fedge store verify cnn latest
+	@echo "--- an edge device: verify and install the signed INT8 variant, then infer on it"
+	$(BIN)/fedge store key --out runs/demo/store.pub
+	rm -rf runs/demo/bundle && $(BIN)/fedge store export cnn latest runs/demo/bundle
+	$(BIN)/fedge client models install runs/demo/bundle --store-key runs/demo/store.pub --cache-dir runs/demo/device
+	$(BIN)/fedge sim samples --count 1000 --offset 5000 --out runs/demo/held-out.npz
+	$(BIN)/fedge client infer cnn --input runs/demo/held-out.npz --store-key runs/demo/store.pub --cache-dir runs/demo/device
+	$(BIN)/fedge sim samples --count 1000 --offset 6000 --brightness 0.25 --out runs/demo/brighter.npz
+	$(BIN)/fedge client infer cnn --input runs/demo/brighter.npz --store-key runs/demo/store.pub --cache-dir runs/demo/device
 	$(BIN)/fedge audit list --last 4
 	$(BIN)/fedge audit verify
 

@@ -122,6 +122,13 @@ def test_export_strips_initializer_value_info(exported: ExportResult) -> None:
     assert not [info.name for info in graph.value_info if info.name in initializers]
 
 
+def test_export_ships_no_debug_metadata_or_build_paths(exported: ExportResult) -> None:
+    model = onnx.load(str(exported.path))
+    assert all(not node.metadata_props and not node.doc_string for node in model.graph.node)
+    raw = exported.path.read_bytes()
+    assert b"fl_client/models.py" not in raw and str(Path.cwd()).encode() not in raw
+
+
 def test_export_falls_back_to_the_legacy_exporter(
     model: torch.nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
