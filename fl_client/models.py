@@ -15,49 +15,88 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from enum import Enum
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from fedge.errors import ConfigError
 
-__all__ = ["FashionCNN", "ModelName", "build_model"]
+__all__ = ["FashionCNN", "FashionMLP", "ModelName", "build_model"]
 
 # Fashion-MNIST pixel mean and standard deviation over the training split.
 _PIXEL_MEAN = 0.2860
 _PIXEL_STD = 0.3530
+_IMAGE_SIDE = 28
 
 
 class ModelName(Enum):
     """The architectures fedge knows how to build."""
 
     CNN = "cnn"
+    MLP = "mlp"
 
 
 class FashionCNN(nn.Module):
-    """Two 5x5 conv blocks (16, 32 channels, GroupNorm) and a 64-unit head; 114k parameters."""
+    """Two 5x5 conv blocks (16, 32 channels, GroupNorm) and a 64-unit head; 114k parameters.
 
-    def __init__(self, num_classes: int = 10) -> None:
+    Parameters
+    ----------
+    num_classes
+        Number of output logits.
+    channels
+        Output channels of the two conv blocks; each must be a positive multiple of
+        its block's GroupNorm group count (4 and 8). Narrower widths are what
+        structured pruning (:mod:`fl_client.compress`) produces; the state-dict keys
+        do not depend on the widths.
+    hidden_units
+        Width of the head's hidden layer, >= 1.
+
+    Raises
+    ------
+    ConfigError
+        If a width is not positive or a channel count is not a multiple of its group count.
+    """
+
+    #: GroupNorm group counts of the two conv blocks; fixed, so pruning keeps them.
+    GROUPS: ClassVar[tuple[int, int]] = (4, 8)
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        *,
+        channels: tuple[int, int] = (16, 32),
+        hidden_units: int = 64,
+    ) -> None:
         super().__init__()
+        for width, groups in zip(channels, self.GROUPS, strict=True):
+            if width < 1 or width % groups:
+                raise ConfigError(
+                    f"channels must be positive multiples of {list(self.GROUPS)}, "
+                    f"got {list(channels)}"
+                )
+        if hidden_units < 1:
+            raise ConfigError(f"hidden_units must be >= 1, got {hidden_units}")
+        first, second = channels
         # Constants, not buffers: the state dict holds trainable weights only, so no
         # aggregation (or DP noise) ever touches the input normalisation.
         self.mean = _PIXEL_MEAN
         self.std = _PIXEL_STD
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, kernel_size=5, padding=2),
-            nn.GroupNorm(4, 16),
+            nn.Conv2d(1, first, kernel_size=5, padding=2),
+            nn.GroupNorm(self.GROUPS[0], first),
             nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, kernel_size=5, padding=2),
-            nn.GroupNorm(8, 32),
+            nn.Conv2d(first, second, kernel_size=5, padding=2),
+            nn.GroupNorm(self.GROUPS[1], second),
             nn.ReLU(),
             nn.MaxPool2d(2),
         )
         self.head = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(32 * 7 * 7, 64),
+            nn.Linear(second * 7 * 7, hidden_units),
             nn.ReLU(),
-            nn.Linear(64, num_classes),
+            nn.Linear(hidden_units, num_classes),
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -67,8 +106,54 @@ class FashionCNN(nn.Module):
         return logits
 
 
+class FashionMLP(nn.Module):
+    """A ReLU multi-layer perceptron on the flattened image; 3.97M parameters by default.
+
+    784-2048-1024-256-10, no normalisation layers (DP-SGD refuses BatchNorm). The
+    large, linear-heavy counterpart of :class:`FashionCNN`: where MatMul dominates,
+    which is what INT8 dynamic and INT4 weight-only quantisation act on.
+
+    Parameters
+    ----------
+    num_classes
+        Number of output logits.
+    hidden_units
+        Widths of the hidden layers, at least one, each >= 1. The state-dict keys are
+        ``layers.{1,3,5,...}.{weight,bias}`` whatever the widths.
+
+    Raises
+    ------
+    ConfigError
+        If ``hidden_units`` is empty or holds a width < 1.
+    """
+
+    def __init__(
+        self, num_classes: int = 10, *, hidden_units: tuple[int, ...] = (2048, 1024, 256)
+    ) -> None:
+        super().__init__()
+        if not hidden_units or min(hidden_units) < 1:
+            raise ConfigError(
+                f"hidden_units must be one or more widths >= 1, got {list(hidden_units)}"
+            )
+        self.mean = _PIXEL_MEAN
+        self.std = _PIXEL_STD
+        layers: list[nn.Module] = [nn.Flatten()]
+        inputs = _IMAGE_SIDE * _IMAGE_SIDE
+        for width in hidden_units:
+            layers += [nn.Linear(inputs, width), nn.ReLU()]
+            inputs = width
+        layers.append(nn.Linear(inputs, num_classes))
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Return class logits for float images in [0, 1] of shape (N, 1, 28, 28)."""
+        logits: torch.Tensor = self.layers((images - self.mean) / self.std)
+        return logits
+
+
 _REGISTRY: dict[ModelName, Callable[[], nn.Module]] = {
     ModelName.CNN: FashionCNN,
+    ModelName.MLP: FashionMLP,
 }
 
 
