@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -216,6 +217,9 @@ def infer_command(
     from edge_runtime.predictor import Predictor
     from edge_runtime.providers import DEFAULT_PREFERENCE, ExecutionProvider
 
+    # This command prints the provider fallback and the drift verdict itself.
+    for name in ("edge_runtime.providers", "edge_runtime.drift"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     cache = _cache(cache_dir, store_key)
     installed = cache.current(model)
     if installed is None:
