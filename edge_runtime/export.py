@@ -17,7 +17,6 @@ no information an initializer does not already hold, so they are removed here.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from dataclasses import dataclass
 from enum import Enum
@@ -28,7 +27,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from fedge.errors import ConfigError, DataError
+from edge_runtime._files import write_atomically
+from fedge.errors import ConfigError, DataError, StorageError
 
 __all__ = [
     "INPUT_NAME",
@@ -127,19 +127,11 @@ def write_onnx_atomically(model: onnx.ModelProto, path: Path) -> int:
         If the file cannot be written.
     """
     payload = model.SerializeToString()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
     try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        Path(temporary).replace(path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, payload)
+    except OSError as error:
+        raise StorageError(f"cannot write {str(path)!r}: {error}") from error
     return len(payload)
 
 

@@ -34,6 +34,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from edge_runtime._files import fsync_directory
 from edge_runtime._json import canonical_bytes as _canonical
 from fedge.errors import ConfigError, FedgeError, StorageError
 
@@ -55,14 +56,6 @@ class TelemetryOffline(FedgeError, ConnectionError):  # noqa: N818 - reads as wh
         super().__init__(f"telemetry upload failed after {sent} records; {remaining} stay buffered")
         self.sent = sent
         self.remaining = remaining
-
-
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 class TelemetryBuffer:
@@ -148,7 +141,7 @@ class TelemetryBuffer:
             handle.flush()
             os.fsync(handle.fileno())
         temporary.replace(self._directory / _STATE)
-        _fsync_directory(self._directory)
+        fsync_directory(self._directory)
 
     def _load(self) -> int:
         """Read every segment into memory; return the next sequence number."""
@@ -260,7 +253,7 @@ class TelemetryBuffer:
                 if not self._segments or seq - self._segments[-1] >= self._segment_records:
                     self._segments.append(seq)
                     (self._directory / f"segment-{seq:020d}.jsonl").touch()
-                    _fsync_directory(self._directory)
+                    fsync_directory(self._directory)
                 self._write_line(self._directory / f"segment-{self._segments[-1]:020d}.jsonl", line)
                 self._next = seq + 1
                 self._records.append((seq, encoded))

@@ -19,11 +19,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from edge_runtime._files import write_atomically
 from fedge.errors import ConfigError, DataError
 
 __all__ = ["build_engine", "tensorrt_available"]
@@ -55,20 +54,9 @@ def _import_tensorrt() -> Any:
     return importlib.import_module(_MODULE)
 
 
-def _write_bytes_atomically(payload: bytes, path: Path) -> None:
+def _write_engine(payload: bytes, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        Path(temporary).replace(path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomically(path, payload)
 
 
 def _add_batch_profile(builder: Any, network: Any, config: Any, max_batch: int) -> None:
@@ -156,6 +144,6 @@ def build_engine(
     if serialised is None:
         raise ConfigError(f"TensorRT failed to build an engine for {str(onnx_path)!r}")
     payload = bytes(serialised)
-    _write_bytes_atomically(payload, engine_path)
+    _write_engine(payload, engine_path)
     logger.info("built TensorRT engine %s (%d bytes, fp16=%s)", engine_path, len(payload), fp16)
     return engine_path

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fedge.errors import ConfigError
-from fl_client.training import images_to_tensor
+from fl_client.training import TrainConfig, images_to_tensor
 
 __all__ = ["DistillConfig", "DistillReport", "Optimiser", "distill"]
 
@@ -65,16 +65,13 @@ class DistillConfig:
     alpha: float = 0.9
 
     def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ConfigError(
-                f"learning_rate must be a finite number > 0, got {self.learning_rate}"
-            )
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        # Epochs, batch size, learning rate and momentum follow local training's rules.
+        TrainConfig(
+            local_epochs=self.epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            momentum=self.momentum,
+        )
         if not isinstance(self.optimiser, Optimiser):
             raise ConfigError(
                 f"optimiser must be one of {[o.value for o in Optimiser]}, got {self.optimiser!r}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import threading
@@ -12,10 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from edge_runtime.cache import ModelCache, ModelRejected
 from edge_runtime.fetch import FetchError, FetchNotFound, FetchUnauthorized, StoreClient
@@ -29,6 +24,7 @@ from fl_server.store.serve import StoreServer, tls_context
 from fl_server.store.store import ModelStore, NewArtefact
 from secure_agg.identity import EnrolmentAuthority
 from secure_agg.randomness import DeterministicRandom
+from tests.helpers import self_signed_certificate
 
 INT8, FP32 = "model-int8-static.onnx", "model-fp32.onnx"
 
@@ -36,33 +32,6 @@ INT8, FP32 = "model-int8-static.onnx", "model-fp32.onnx"
 def blob(label: str, size: int = 64 << 10) -> bytes:
     seed = hashlib.sha256(label.encode()).digest()
     return (seed * (size // 32 + 1))[:size]
-
-
-def _certificate(tmp_path: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 class Fleet:
@@ -76,7 +45,7 @@ class Fleet:
         self.store = ModelStore(
             self.engine, FileBlobStore(tmp_path / "store", durable=False), StoreKey.generate()
         )
-        self.cert, key = _certificate(tmp_path)
+        self.cert, key = self_signed_certificate(tmp_path)
         self.server = StoreServer(
             self.store,
             authority_public_key=self.authority.public_key,
@@ -268,7 +237,7 @@ def test_bad_client_settings_are_refused(fleet: Fleet) -> None:
 
 def test_a_server_with_another_certificate_is_refused(fleet: Fleet, tmp_path: Path) -> None:
     (tmp_path / "other").mkdir()
-    other_cert, _ = _certificate(tmp_path / "other")
+    other_cert, _ = self_signed_certificate(tmp_path / "other")
 
     with pytest.raises(FetchError, match="TLS certificate does not verify"):
         fleet.client(ca_file=other_cert).manifest("cnn")
@@ -327,7 +296,7 @@ class Scripted:
                 seen.append(self.headers.get("Range"))
                 script.pop(0)(self)
 
-        self.cert, key = _certificate(tmp_path)
+        self.cert, key = self_signed_certificate(tmp_path)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.socket = tls_context(self.cert, key).wrap_socket(
             self.server.socket, server_side=True

@@ -17,21 +17,12 @@ from fl_client.compress import compress, prunable_layers, prune_structured
 from fl_client.distill import DistillConfig, Optimiser, distill
 from fl_client.models import FashionCNN, FashionMLP
 from fl_client.training import TrainConfig, images_to_tensor, train
+from tests.helpers import stripes
 
 
 @pytest.fixture(autouse=True)
 def _one_thread() -> None:
     torch.set_num_threads(1)
-
-
-def _stripes(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Images whose class is the row of a bright stripe: easy to learn, impossible to guess."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, size=count)
-    images = rng.integers(0, 40, size=(count, 28, 28)).astype(np.uint8)
-    for index, label in enumerate(labels):
-        images[index, 2 + 2 * label : 4 + 2 * label, :] = 250
-    return images, labels
 
 
 def _seeded(factory: type[nn.Module], seed: int, **widths: object) -> nn.Module:
@@ -53,8 +44,8 @@ def _batch(seed: int = 0) -> torch.Tensor:
     return torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
 
 
-TRAIN = _stripes(512, seed=0)
-HELD_OUT = _stripes(256, seed=1)
+TRAIN = stripes(512, seed=0)
+HELD_OUT = stripes(256, seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
@@ -23,6 +22,7 @@ from fl_client.models import ModelName, build_model
 from fl_client.training import TrainConfig, evaluate
 from secure_agg.randomness import DeterministicRandom
 from strategies.accounting import AccountantKind, GaussianSteps, gaussian_epsilon
+from tests.helpers import stripes
 
 pytestmark = [
     # Opacus' hooks on a first layer whose input needs no gradient; RDP at a tiny sigma.
@@ -32,16 +32,6 @@ pytestmark = [
 
 RDP = AccountantKind.RDP
 FULL_BATCH_STEP = TrainConfig(local_epochs=1, batch_size=10_000, learning_rate=1.0, momentum=0.0)
-
-
-def _stripes(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Images whose class is the row of a bright stripe: easy to learn, impossible to guess."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, size=count)
-    images = rng.integers(0, 40, size=(count, 28, 28)).astype(np.uint8)
-    for index, label in enumerate(labels):
-        images[index, 2 + 2 * label : 4 + 2 * label, :] = 250
-    return images, labels
 
 
 def _seeded(**kwargs: Any) -> DpSgdConfig:
@@ -152,7 +142,7 @@ def test_noise_multiplier_for_checks_its_arguments() -> None:
 def test_spend_is_what_opacus_would_count(
     count: int, batch_size: int, epochs: int, sample_rate: float, steps: int
 ) -> None:
-    images, labels = _stripes(count, seed=0)
+    images, labels = stripes(count, seed=0)
     config = TrainConfig(local_epochs=epochs, batch_size=batch_size)
     dp = _seeded()
 
@@ -171,7 +161,7 @@ def test_spend_is_what_opacus_would_count(
 
 
 def test_target_epsilon_picks_the_noise_that_meets_it() -> None:
-    images, labels = _stripes(64, seed=0)
+    images, labels = stripes(64, seed=0)
     config = TrainConfig(local_epochs=2, batch_size=16)
     dp = DpSgdConfig(target_epsilon=3.0, secure_mode=False)  # the default PRV accountant
 
@@ -197,8 +187,8 @@ def test_target_epsilon_picks_the_noise_that_meets_it() -> None:
 
 
 def test_dp_sgd_learns_a_separable_task_with_small_noise() -> None:
-    images, labels = _stripes(160, seed=0)
-    test_images, test_labels = _stripes(200, seed=1)
+    images, labels = stripes(160, seed=0)
+    test_images, test_labels = stripes(200, seed=1)
     model = build_model(ModelName.CNN, seed=0)
     before = evaluate(model, test_images, test_labels)
     weights = _flat(model)
@@ -225,7 +215,7 @@ def test_one_added_example_moves_the_clipped_sum_by_exactly_the_clip(mode: GradS
     # q = 1, one step, lr 1, no momentum: (before - after) * N is the sum of the clipped
     # per-example gradients (plus noise of std 1e-8). The fifth example's gradient is far
     # larger than C, so per-example clipping makes it move that sum by C, no more, no less.
-    images, labels = _stripes(5, seed=3)
+    images, labels = stripes(5, seed=3)
     clip = 0.01
     dp = _seeded(noise_multiplier=1e-6, max_grad_norm=clip, grad_sample_mode=mode)
 
@@ -249,7 +239,7 @@ def test_one_added_example_moves_the_clipped_sum_by_exactly_the_clip(mode: GradS
 
 @pytest.mark.parametrize("mode", list(GradSampleMode))
 def test_every_engine_gives_the_book_keeping_update(mode: GradSampleMode) -> None:
-    images, labels = _stripes(12, seed=4)
+    images, labels = stripes(12, seed=4)
 
     def update(model: nn.Module, engine: GradSampleMode) -> torch.Tensor:
         weights = _flat(model)
@@ -273,7 +263,7 @@ def test_every_engine_gives_the_book_keeping_update(mode: GradSampleMode) -> Non
 def test_book_keeping_handles_strides_groups_no_biases_and_frozen_weights(
     frozen: str, dilated: bool
 ) -> None:
-    images, labels = _stripes(9, seed=5)
+    images, labels = stripes(9, seed=5)
     updates = []
     for mode in (GradSampleMode.BOOK_KEEPING, GradSampleMode.HOOKS):
         model = _mixed(dilated=dilated)
@@ -292,7 +282,7 @@ def test_book_keeping_handles_strides_groups_no_biases_and_frozen_weights(
 
 @pytest.mark.parametrize("mode", list(GradSampleMode))
 def test_the_callers_model_keeps_its_keys_and_no_opacus_traces(mode: GradSampleMode) -> None:
-    images, labels = _stripes(16, seed=6)
+    images, labels = stripes(16, seed=6)
     model = build_model(ModelName.CNN, seed=0)
     config = TrainConfig(batch_size=8)
     generator = torch.Generator().manual_seed(0)
@@ -324,7 +314,7 @@ def test_empty_poisson_batches_are_noise_only_steps(
     mode: GradSampleMode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # 3 examples, q = 1/3: a batch is empty with probability (2/3)^3, about 30 % of steps.
-    images, labels = _stripes(3, seed=7)
+    images, labels = stripes(3, seed=7)
     model = build_model(ModelName.CNN, seed=0)
     weights = _flat(model)
     steps_taken: list[int] = []
@@ -364,7 +354,7 @@ def test_empty_batches_still_add_noise_of_the_accounted_scale(
         "uniform",
         lambda self, count: torch.ones(count, dtype=torch.float64),
     )
-    images, labels = _stripes(40, seed=8)
+    images, labels = stripes(40, seed=8)
     model = build_model(ModelName.CNN, seed=0)
     weights = _flat(model)
     config = TrainConfig(batch_size=10, learning_rate=1.0, momentum=0.0)
@@ -389,7 +379,7 @@ def test_empty_batches_still_add_noise_of_the_accounted_scale(
 
 
 def test_seeded_mode_is_reproducible_and_secure_mode_never_is() -> None:
-    images, labels = _stripes(32, seed=9)
+    images, labels = stripes(32, seed=9)
     config = TrainConfig(batch_size=8)
 
     def run(secure: bool) -> torch.Tensor:
@@ -440,7 +430,7 @@ def test_a_batchnorm_model_is_refused_not_fixed() -> None:
     model = nn.Sequential(
         nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 26 * 26, 10)
     )
-    images, labels = _stripes(8, seed=0)
+    images, labels = stripes(8, seed=0)
 
     _unchanged_after(
         model,
@@ -455,7 +445,7 @@ def test_a_batchnorm_model_is_refused_not_fixed() -> None:
 
 def test_empty_or_mismatched_data_is_refused() -> None:
     model = _tiny()
-    images, labels = _stripes(8, seed=0)
+    images, labels = stripes(8, seed=0)
     generator = torch.Generator()
 
     with pytest.raises(ConfigError, match="empty partition"):
@@ -472,7 +462,7 @@ def test_empty_or_mismatched_data_is_refused() -> None:
 
 def test_an_unreachable_target_trains_nothing() -> None:
     model = _tiny()
-    images, labels = _stripes(8, seed=0)
+    images, labels = stripes(8, seed=0)
     dp = DpSgdConfig(target_epsilon=1e-9, accountant=RDP, secure_mode=False)
 
     _unchanged_after(
@@ -507,7 +497,7 @@ def test_an_unreachable_target_trains_nothing() -> None:
     ],
 )
 def test_book_keeping_refuses_layers_it_cannot_handle(model: nn.Module, message: str) -> None:
-    images, labels = _stripes(4, seed=0)
+    images, labels = stripes(4, seed=0)
 
     _unchanged_after(
         model,
@@ -521,7 +511,7 @@ def test_book_keeping_refuses_layers_it_cannot_handle(model: nn.Module, message:
 
 def test_opacus_hooks_train_what_book_keeping_refuses() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.LayerNorm(8), nn.Linear(8, 10))
-    images, labels = _stripes(4, seed=0)
+    images, labels = stripes(4, seed=0)
     weights = _flat(model)
 
     train_private(
@@ -549,7 +539,7 @@ class _Shared(nn.Module):
 
 def test_book_keeping_refuses_a_layer_used_twice() -> None:
     model = _Shared()
-    images, labels = _stripes(4, seed=0)
+    images, labels = stripes(4, seed=0)
     weights = _flat(model)
 
     with pytest.raises(ConfigError, match="a layer ran twice in one forward pass"):
@@ -560,7 +550,7 @@ def test_book_keeping_refuses_a_layer_used_twice() -> None:
 
 
 def test_models_without_float32_trainable_parameters_are_refused() -> None:
-    images, labels = _stripes(4, seed=0)
+    images, labels = stripes(4, seed=0)
     frozen = _tiny()
     frozen.requires_grad_(False)
 

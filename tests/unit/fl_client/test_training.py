@@ -7,16 +7,7 @@ import torch
 from fedge.errors import ConfigError
 from fl_client.models import FashionCNN, ModelName, build_model
 from fl_client.training import TrainConfig, evaluate, images_to_tensor, train
-
-
-def _stripes(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Images whose class is the row of a bright stripe: easy to learn, impossible to guess."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, size=count)
-    images = rng.integers(0, 40, size=(count, 28, 28)).astype(np.uint8)
-    for index, label in enumerate(labels):
-        images[index, 2 + 2 * label : 4 + 2 * label, :] = 250
-    return images, labels
+from tests.helpers import stripes
 
 
 def test_model_maps_images_to_ten_logits() -> None:
@@ -44,8 +35,8 @@ def test_unknown_model_name_is_refused() -> None:
 
 
 def test_training_learns_a_separable_task() -> None:
-    images, labels = _stripes(400, seed=0)
-    test_images, test_labels = _stripes(200, seed=1)
+    images, labels = stripes(400, seed=0)
+    test_images, test_labels = stripes(200, seed=1)
     model = build_model(ModelName.CNN, seed=0)
     before = evaluate(model, test_images, test_labels)
 
@@ -65,7 +56,7 @@ def test_training_learns_a_separable_task() -> None:
 
 
 def test_training_is_reproducible_under_a_seeded_generator() -> None:
-    images, labels = _stripes(64, seed=2)
+    images, labels = stripes(64, seed=2)
 
     def run() -> dict[str, torch.Tensor]:
         model = build_model(ModelName.CNN, seed=3)
@@ -87,7 +78,7 @@ def test_images_are_scaled_to_unit_range_with_a_channel_axis() -> None:
 def test_empty_or_mismatched_data_is_refused() -> None:
     model = build_model(ModelName.CNN)
     generator = torch.Generator()
-    images, labels = _stripes(8, seed=0)
+    images, labels = stripes(8, seed=0)
 
     with pytest.raises(ConfigError, match="empty partition"):
         train(model, images[:0], labels[:0], TrainConfig(), generator=generator)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
 import http.client
 import json
 import ssl
@@ -11,10 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from edge_runtime.manifest import (
     ArtefactFormat,
@@ -30,35 +25,9 @@ from fl_server.store.store import ModelStore, NewArtefact
 from secure_agg.identity import EnrolmentAuthority, NodeIdentity
 from secure_agg.randomness import DeterministicRandom
 from secure_agg.request_auth import authorization_header
+from tests.helpers import self_signed_certificate
 
 WEIGHTS = bytes(range(256)) * 40
-
-
-def _certificate(tmp_path: Path) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 class Fleet:
@@ -81,7 +50,7 @@ class Fleet:
             ],
         )
         self.digests = {a.name: a.digest for a in version.manifest.artefacts}
-        cert, key = _certificate(tmp_path)
+        cert, key = self_signed_certificate(tmp_path)
         self.client_tls = ssl.create_default_context(cafile=str(cert))
         self.server = StoreServer(
             self.store, authority_public_key=self.authority.public_key, tls=tls_context(cert, key)
