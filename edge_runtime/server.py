@@ -142,7 +142,7 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("inference server: " + format, *args)
 
-    def _send_json(self, status: HTTPStatus, document: dict[str, Any], instances: int = 0) -> None:
+    def _send_json(self, status: HTTPStatus, document: dict[str, Any]) -> None:
         body = json.dumps(document, separators=(",", ":")).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -153,7 +153,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
-        self.server.owner._counters.count(int(status), instances)
 
     def _dispatch(self) -> None:
         started = time.perf_counter()
@@ -167,13 +166,17 @@ class _Handler(BaseHTTPRequestHandler):
             logger.exception("inference server: unexpected error on %s %s", self.command, path)
             self.close_connection = True
             status, document = HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error"}
+        # Counted before the answer is written: a client that reads the metrics
+        # right after its answer must see its own request (and one that went away
+        # mid-answer was still served).
+        self.server.owner._counters.count(int(status), instances)
+        if path == "/v1/predict":
+            self.server.owner._request_latency.record(time.perf_counter() - started)
         try:
-            self._send_json(status, document, instances)
+            self._send_json(status, document)
         except OSError as error:  # the client went away
             logger.debug("inference server: cannot answer %s: %s", path, error)
             self.close_connection = True
-        if path == "/v1/predict":
-            self.server.owner._request_latency.record(time.perf_counter() - started)
 
     def _answer(self, path: str) -> tuple[HTTPStatus, dict[str, Any], int]:
         if path not in _ROUTES:
