@@ -37,15 +37,12 @@ import hashlib
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from edge_runtime._files import (
     TEMPORARY_SUFFIX,
@@ -54,6 +51,13 @@ from edge_runtime._files import (
     hash_file,
     write_all,
     write_atomically,
+)
+from edge_runtime.cache_records import (
+    InstalledModel,
+    ModelCorrupt,
+    ModelRejected,
+    PointerEntry,
+    check_name,
 )
 from edge_runtime.manifest import (
     ArtefactEntry,
@@ -64,72 +68,15 @@ from edge_runtime.manifest import (
     key_id_for,
     verify_manifest,
 )
-from fedge.errors import ConfigError, FedgeError, StorageError
+from fedge.errors import ConfigError, StorageError
 
 __all__ = ["InstalledModel", "ModelCache", "ModelCorrupt", "ModelRejected"]
 
 logger = logging.getLogger(__name__)
 
-_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _CHUNK = 1 << 20
 _MANIFEST_FILE = "manifest.json"
 _STALE_DOWNLOAD_S = 7 * 24 * 3600.0
-_ENTRY_KEYS = frozenset({"version", "artefact", "digest"})
-
-
-class ModelRejected(FedgeError):  # noqa: N818 - reads as what happened
-    """A model offered for install did not verify or is refused; nothing was installed.
-
-    Not an ``OSError``: a forged or corrupt model is an integrity failure, and
-    code that retries or skips on ``OSError`` must never swallow it.
-    """
-
-
-class ModelCorrupt(FedgeError):  # noqa: N818 - reads as what happened
-    """An installed model no longer verifies on disk; it is never handed out."""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class InstalledModel:
-    """A verified, installed artefact of one model version."""
-
-    model: str
-    version: int
-    artefact: str
-    path: Path
-    digest: str
-    size: int
-    manifest: Manifest
-
-    @property
-    def entry(self) -> ArtefactEntry:
-        """The manifest entry of the artefact (its format and precision)."""
-        return next(a for a in self.manifest.artefacts if a.name == self.artefact)
-
-
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    version: int
-    artefact: str
-    digest: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"version": self.version, "artefact": self.artefact, "digest": self.digest}
-
-    @classmethod
-    def from_json(cls, raw: object) -> _Entry:
-        if not isinstance(raw, dict) or not set(raw) >= _ENTRY_KEYS:
-            raise ConfigError(f"a pointer entry needs the keys {sorted(_ENTRY_KEYS)}")
-        version, artefact = raw["version"], raw["artefact"]
-        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            raise ConfigError(f"a pointer version must be an int >= 1, got {version!r:.40}")
-        return cls(version, _check_name("artefact name", artefact), check_digest(raw["digest"]))
-
-
-def _check_name(what: str, value: object) -> str:
-    if not isinstance(value, str) or _NAME.fullmatch(value) is None or value in {".", ".."}:
-        raise ConfigError(f"{what} must match [A-Za-z0-9_.-]{{1,64}} and not be '.' or '..'")
-    return value
 
 
 class ModelCache:
@@ -223,7 +170,7 @@ class ModelCache:
             logger.info("model cache: removed %d leftovers of interrupted installs", removed)
 
     def _directory(self, model: str, version: int) -> Path:
-        return self._versions / _check_name("model name", model) / str(version)
+        return self._versions / check_name("model name", model) / str(version)
 
     def download_path(self, digest: str) -> Path:
         """Return where a fetch of the object ``digest`` should write (kept across restarts)."""
@@ -231,7 +178,7 @@ class ModelCache:
 
     def versions(self, model: str) -> list[int]:
         """Return the installed versions of ``model``, oldest first."""
-        directory = self._versions / _check_name("model name", model)
+        directory = self._versions / check_name("model name", model)
         if not directory.is_dir():
             return []
         return sorted(
@@ -242,7 +189,7 @@ class ModelCache:
 
     def has(self, model: str, version: int, artefact: str) -> bool:
         """Say whether an artefact is installed (present; :meth:`activate` verifies it)."""
-        return (self._directory(model, version) / _check_name("artefact name", artefact)).is_file()
+        return (self._directory(model, version) / check_name("artefact name", artefact)).is_file()
 
     def current(self, model: str) -> InstalledModel | None:
         """Return the current model of ``model`` after re-hashing it, or ``None`` if none.
@@ -395,7 +342,7 @@ class ModelCache:
                 found = [a for a in signed.manifest.artefacts if self.has(model, to, a.name)]
                 if not found:
                     raise ModelCorrupt(f"{model} version {to} has no installed artefact")
-                target = _Entry(to, found[0].name, found[0].digest)
+                target = PointerEntry(to, found[0].name, found[0].digest)
                 history = [e for e in (current, *previous) if e is not None and e.version != to]
             else:
                 raise ConfigError(f"{model} version {to} is not installed: {self.versions(model)}")
@@ -487,7 +434,7 @@ class ModelCache:
 
     def _switch(self, manifest: Manifest, entry: ArtefactEntry) -> InstalledModel:
         model = manifest.model
-        new = _Entry(manifest.version, entry.name, entry.digest)
+        new = PointerEntry(manifest.version, entry.name, entry.digest)
         pointer = self._read_pointer(model, strict=False)
         history = [] if pointer is None else [pointer[0], *pointer[1]]
         if pointer is None or pointer[0] != new:
@@ -505,7 +452,9 @@ class ModelCache:
             manifest=manifest,
         )
 
-    def _write_pointer(self, model: str, current: _Entry, history: list[_Entry]) -> None:
+    def _write_pointer(
+        self, model: str, current: PointerEntry, history: list[PointerEntry]
+    ) -> None:
         """Replace the pointer atomically, then prune versions beyond the newest ``keep``."""
         kept = set(self.versions(model)[-self._keep :]) | {current.version}
         candidates = dict.fromkeys(e for e in history if e != current and e.version in kept)
@@ -531,13 +480,15 @@ class ModelCache:
 
     def _read_pointer(
         self, model: str, *, strict: bool
-    ) -> tuple[_Entry, tuple[_Entry, ...]] | None:
-        path = self._current / f"{_check_name('model name', model)}.json"
+    ) -> tuple[PointerEntry, tuple[PointerEntry, ...]] | None:
+        path = self._current / f"{check_name('model name', model)}.json"
         try:
             raw = json.loads(path.read_bytes())
             if not isinstance(raw, dict) or not isinstance(raw.get("previous"), list):
                 raise ConfigError("the pointer must be an object with a 'previous' list")
-            return _Entry.from_json(raw), tuple(_Entry.from_json(e) for e in raw["previous"])
+            return PointerEntry.from_json(raw), tuple(
+                PointerEntry.from_json(e) for e in raw["previous"]
+            )
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:  # ConfigError and JSONDecodeError are ValueErrors
@@ -552,7 +503,7 @@ class ModelCache:
         except (OSError, ValueError) as exc:
             raise ModelCorrupt(f"the manifest in {directory} is unreadable: {exc}") from exc
 
-    def _load(self, model: str, entry: _Entry) -> InstalledModel:
+    def _load(self, model: str, entry: PointerEntry) -> InstalledModel:
         """Return ``entry`` as an installed model after re-verifying everything on disk."""
         directory = self._directory(model, entry.version)
         where = f"{model} version {entry.version} ({entry.artefact})"
