@@ -291,7 +291,8 @@ class InferenceServer:
         if tls is None and not _is_loopback(host):
             raise ConfigError(
                 f"refusing to serve plain HTTP on {host!r}: only loopback addresses may be "
-                "bound without TLS; pass tls=tls_context(certificate, private_key)"
+                "bound without TLS; give a certificate and key (tls=tls_context(cert, key); "
+                "fedge client serve --tls-cert --tls-key)"
             )
         if tls is not None and tls.minimum_version < ssl.TLSVersion.TLSv1_2:
             raise ConfigError(
