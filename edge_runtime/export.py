@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import warnings
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -157,16 +158,26 @@ def load_onnx(path: Path) -> onnx.ModelProto:
 
 def _export_dynamo(model: torch.nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
     batch = torch.export.Dim("batch", min=1)
-    program = torch.onnx.export(
-        model,
-        (example,),
-        dynamo=True,
-        opset_version=opset,
-        input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
-        dynamic_shapes=({0: batch},),
-        verbose=False,
-    )
+    # The exporter warns about torchvision ops it cannot register (torchvision is not
+    # a dependency) and about a deprecated pytree API it uses itself: noise here.
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec.*")
+            program = torch.onnx.export(
+                model,
+                (example,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: batch},),
+                verbose=False,
+            )
+    finally:
+        registration.setLevel(level)
     if program is None:  # pragma: no cover - dynamo=True always returns a program
         raise RuntimeError("the dynamo exporter returned no program")
     return program.model_proto

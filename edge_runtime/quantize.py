@@ -273,6 +273,16 @@ _BUILDERS: dict[Precision, Callable[[onnx.ModelProto, Path, np.ndarray | None], 
 }
 
 
+def _quiet_preprocessing_advice(record: logging.LogRecord) -> bool:
+    """Drop the quantiser's root-logger advice to run ``quant_pre_process`` first.
+
+    Measured here: pre-processing (symbolic shape inference and graph optimisation)
+    changes neither the size, the accuracy nor the latency of the INT8 variants of
+    fedge's models, so the advice is noise on every build.
+    """
+    return not record.getMessage().startswith("Please consider")
+
+
 def build_variant(
     fp32_path: Path, variant: Precision, out_path: Path, *, calibration: np.ndarray | None = None
 ) -> Path:
@@ -315,7 +325,12 @@ def build_variant(
     strip_initializer_value_info(model)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    _BUILDERS[variant](model, out_path, calibration)
+    root = logging.getLogger()
+    root.addFilter(_quiet_preprocessing_advice)
+    try:
+        _BUILDERS[variant](model, out_path, calibration)
+    finally:
+        root.removeFilter(_quiet_preprocessing_advice)
     logger.info(
         "built %s variant at %s (%d bytes)", variant.value, out_path, out_path.stat().st_size
     )
