@@ -44,20 +44,20 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from edge_runtime._files import (
-    TEMPORARY_SUFFIX,
-    create_synced,
-    fsync_directory,
-    hash_file,
-    write_all,
-    write_atomically,
-)
 from edge_runtime.cache_records import (
     InstalledModel,
     ModelCorrupt,
     ModelRejected,
     PointerEntry,
     check_name,
+)
+from edge_runtime.durable import (
+    TEMPORARY_SUFFIX,
+    create_synced,
+    fsync_directory,
+    hash_file,
+    write_all,
+    write_atomically,
 )
 from edge_runtime.manifest import (
     ArtefactEntry,

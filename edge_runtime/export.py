@@ -28,7 +28,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from edge_runtime._files import write_atomically
+from edge_runtime.durable import write_atomically
 from fedge.errors import ConfigError, DataError, StorageError
 
 __all__ = [

@@ -34,8 +34,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from edge_runtime._files import fsync_directory
 from edge_runtime._json import canonical_bytes as _canonical
+from edge_runtime.durable import fsync_directory
 from fedge.errors import ConfigError, FedgeError, StorageError
 
 __all__ = ["DROPPED_EVENT_KIND", "TelemetryBuffer", "TelemetryOffline"]

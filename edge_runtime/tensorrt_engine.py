@@ -22,7 +22,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from edge_runtime._files import write_atomically
+from edge_runtime.durable import write_atomically
 from fedge.errors import ConfigError, DataError
 
 __all__ = ["build_engine", "tensorrt_available"]

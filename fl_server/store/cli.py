@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from edge_runtime.durable import write_atomically
 from fedge.errors import ConfigError, StorageError
 from fl_server.audit import AuditLog
 from fl_server.db import DB_URL_ENV, open_database
@@ -190,10 +190,8 @@ def export_command(
         version = store.get(model, ref)
         for entry in version.offered():
             store.blobs.export(entry.digest, destination / entry.name)
-    manifest = destination / "manifest.json"
-    temporary = manifest.with_name(f".manifest.json.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(version.signed.to_json(), indent=2, sort_keys=True) + "\n")
-    temporary.replace(manifest)
+    document = json.dumps(version.signed.to_json(), indent=2, sort_keys=True) + "\n"
+    write_atomically(destination / "manifest.json", document.encode())
     typer.echo(f"{model} v{version.manifest.version} -> {destination}")
 
 

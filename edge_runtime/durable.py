@@ -1,4 +1,7 @@
-"""Durable file helpers of the device runtime: fsynced creates, atomic replaces, hashing."""
+"""Durable file writes for the device runtime and the model store.
+
+Fsynced creates, atomic replaces (temporary file, fsync, rename, directory fsync), hashing.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +22,10 @@ __all__ = [
 ]
 
 _CHUNK = 1 << 20
-_WRITE_SLICE = 64 << 10  # see fl_server.store.blobs: larger writes ran slower on ext4
+# Writes go out in 64 KiB slices: on the Linux 6.18 / ext4 hosts we measured, one
+# write() of more than 64 KiB into fresh page-cache pages ran ~8x slower (100 ms
+# against 12 ms for 40 MiB). The extra system calls cost nothing measurable.
+_WRITE_SLICE = 64 << 10
 TEMPORARY_SUFFIX = ".tmp"
 
 
@@ -46,7 +52,7 @@ def hash_file(path: Path) -> tuple[int, str]:
     return size, hasher.hexdigest()
 
 
-def write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes | memoryview) -> None:
     """Write all of ``data`` to ``fd`` in 64 KiB slices."""
     view = memoryview(data)
     while view:
