@@ -176,6 +176,10 @@ class ModelCache:
         """Return where a fetch of the object ``digest`` should write (kept across restarts)."""
         return self._downloads / check_digest(digest)
 
+    def models(self) -> list[str]:
+        """Return the models that have a current version, sorted by name."""
+        return sorted(path.stem for path in self._current.glob("*.json"))
+
     def versions(self, model: str) -> list[int]:
         """Return the installed versions of ``model``, oldest first."""
         directory = self._versions / check_name("model name", model)

@@ -63,7 +63,7 @@ def _trusted_key(value: str) -> bytes:
     text = value.strip()
     candidate = Path(text)
     if len(text) != 64 and candidate.is_file():
-        text = candidate.read_text().split()[0] if candidate.read_text().split() else ""
+        text = next(iter(candidate.read_text().split()), "")
     try:
         key = bytes.fromhex(text)
     except ValueError:
@@ -83,10 +83,9 @@ def _cache(cache_dir: Path | None, store_key: str) -> ModelCache:
 def list_command(store_key: _StoreKey, cache_dir: _CacheDir = None) -> None:
     """List each model's current version (re-verified) and the versions kept for rollback."""
     cache = _cache(cache_dir, store_key)
-    root = cache_dir or _DEFAULT_CACHE
-    models = sorted(p.stem for p in (root / "current").glob("*.json"))
+    models = cache.models()
     if not models:
-        typer.echo(f"no models installed in {root}")
+        typer.echo(f"no models installed in {cache_dir or _DEFAULT_CACHE}")
         return
     typer.echo(f"{'model':12} {'current':>7}  {'artefact':26} {'precision':9}  kept")
     for model in models:

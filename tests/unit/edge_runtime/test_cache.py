@@ -377,3 +377,12 @@ def test_a_swap_killed_at_any_step_leaves_the_old_or_the_new_model(
     assert list((root / "staging").iterdir()) == []
     assert sorted(p.name for p in (root / "current").iterdir()) == ["cnn.json"]
     assert cache.versions("cnn") == installed
+
+
+def test_models_lists_those_with_a_current_version(cache: ModelCache, tmp_path: Path) -> None:
+    assert cache.models() == []
+    install(cache, tmp_path, 1)
+    data = payload(1)
+    cache.install(sign(1, {FP32: data}, model="mlp"), FP32, source(tmp_path, data, "mlp"))
+
+    assert cache.models() == ["cnn", "mlp"]
