@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import typer
 
+from edge_runtime.latency import time_session_runs
 from fedge.errors import ConfigError
 
 __all__ = ["bench_model", "edge_app"]
@@ -19,13 +19,7 @@ edge_app = typer.Typer(help="Device-side tools: benchmark models on this machine
 
 
 def _median_s(session: Any, batch: np.ndarray, runs: int) -> tuple[float, float]:
-    name = session.get_inputs()[0].name
-    session.run(None, {name: batch})  # warm-up
-    samples = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        session.run(None, {name: batch})
-        samples.append(time.perf_counter() - started)
+    samples = time_session_runs(session, batch, runs)
     return statistics.median(samples), float(np.quantile(samples, 0.99))
 
 

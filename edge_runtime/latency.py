@@ -5,10 +5,14 @@ from __future__ import annotations
 import bisect
 import math
 import threading
+import time
+from typing import Any
+
+import numpy as np
 
 from fedge.errors import ConfigError
 
-__all__ = ["LatencyHistogram"]
+__all__ = ["LatencyHistogram", "time_session_runs"]
 
 
 class LatencyHistogram:
@@ -122,3 +126,19 @@ class LatencyHistogram:
             "mean_ms": milliseconds(total / count) if count else None,
             "max_ms": milliseconds(high) if count else None,
         }
+
+
+def time_session_runs(session: Any, batch: np.ndarray, runs: int) -> list[float]:
+    """Return the wall time in seconds of ``runs`` calls of an ONNX Runtime session on ``batch``.
+
+    One untimed call comes first (allocation, kernel selection), so the samples
+    describe the steady state a device serves in.
+    """
+    feed = {session.get_inputs()[0].name: batch}
+    session.run(None, feed)
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        session.run(None, feed)
+        samples.append(time.perf_counter() - started)
+    return samples

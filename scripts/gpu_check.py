@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edge_runtime.export import export_onnx
+from edge_runtime.latency import time_session_runs
 from fl_client.device import DeviceKind, select_device
 from fl_client.models import ModelName, build_model
 from fl_client.training import TrainConfig, train
@@ -103,14 +104,7 @@ def _training() -> dict[str, Any]:
 
 
 def _latency(session: Any, batch: np.ndarray, runs: int) -> float:
-    name = session.get_inputs()[0].name
-    session.run(None, {name: batch})
-    samples = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        session.run(None, {name: batch})
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
+    return statistics.median(time_session_runs(session, batch, runs))
 
 
 def _onnxruntime() -> dict[str, Any]:

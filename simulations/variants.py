@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 
 from edge_runtime import Precision, build_variant, evaluate_onnx, export_onnx, top1_agreement
 from edge_runtime.drift_reference import REFERENCE_ARTEFACT_NAME, ReferenceStats
+from edge_runtime.latency import time_session_runs
 from edge_runtime.manifest import ArtefactFormat
 from edge_runtime.manifest import Precision as StorePrecision
 from fl_client.models import ModelName, build_model
@@ -67,14 +67,7 @@ def _latency_ms(path: Path, image: npt.NDArray[np.float32], runs: int) -> float:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    session.run(None, {name: image})  # warm-up
-    samples = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        session.run(None, {name: image})
-        samples.append((time.perf_counter() - started) * 1000)
-    return round(statistics.median(samples), 4)
+    return round(statistics.median(time_session_runs(session, image, runs)) * 1000, 4)
 
 
 def build_model_variants(
