@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from benchmarks._common import RESULTS, machine, peak_rss_mb, write
-from edge_runtime.export import export_onnx
+from edge_runtime.export import export_onnx, strip_debug_metadata
 from edge_runtime.quantize import Precision, build_variant, evaluate_onnx, top1_agreement
 from fedge.errors import ConfigError, DataError
 from fl_client.compress import prune_structured
@@ -151,9 +151,7 @@ def _torch_runner(model: nn.Module) -> Callable[[np.ndarray], object]:
 def _metadata_bytes(path: Path) -> int:
     model = onnx.load(str(path))
     before = int(model.ByteSize())
-    for node in model.graph.node:
-        del node.metadata_props[:]
-        node.doc_string = ""
+    strip_debug_metadata(model)
     return before - int(model.ByteSize())
 
 

@@ -95,7 +95,8 @@ def build_model_variants(
     network.eval()
     images, labels = held_out
     inputs = images_to_tensor(images).numpy()
-    calibration_inputs = images_to_tensor(calibration[: policy.calibration_examples]).numpy()
+    training_inputs = images_to_tensor(calibration).numpy()  # calibration and drift reference
+    calibration_inputs = training_inputs[: policy.calibration_examples]
     one = inputs[:1]
     artefacts: list[NewArtefact] = []
     with tempfile.TemporaryDirectory(prefix="fedge-variants-") as tmp:
@@ -138,7 +139,7 @@ def build_model_variants(
                     rejected=accuracy < fp32_accuracy - max_drop,
                 )
             )
-    artefacts.append(_drift_reference(images_to_tensor(calibration).numpy(), policy))
+    artefacts.append(_drift_reference(training_inputs, policy))
     return artefacts
 
 
