@@ -459,6 +459,9 @@ class ModelStore:
             raise ConfigError(f"keep_last must be >= 1, got {keep_last}")
         doomed: list[int] = []
         cutoff = time.time() - min_age_s
+        # Objects are listed and stat'ed before the transaction, so the database is
+        # not held (on SQLite: write-locked against publishers) during the walk.
+        aged = [digest for digest in self.blobs.digests() if self._older_than(digest, cutoff)]
         with Session(self._engine) as session, session.begin():
             aliased = {(a.model, a.version) for a in session.scalars(select(AliasRow))}
             rows = session.scalars(
@@ -475,11 +478,7 @@ class ModelStore:
                 session.execute(delete(ArtefactRow).where(ArtefactRow.version_id.in_(doomed)))
                 session.execute(delete(ModelVersionRow).where(ModelVersionRow.id.in_(doomed)))
             referenced = set(session.scalars(select(ArtefactRow.digest)))
-            unreferenced = [
-                digest
-                for digest in self.blobs.digests()
-                if digest not in referenced and self.blobs.stored_at(digest) <= cutoff
-            ]
+            unreferenced = [digest for digest in aged if digest not in referenced]
             counts = {"versions_deleted": len(doomed), "objects_deleted": len(unreferenced)}
             if not dry_run:
                 self._event(
@@ -489,5 +488,13 @@ class ModelStore:
             # After the commit: a crash here leaves unreferenced objects, which the
             # next collection removes; a referenced object is never deleted.
             for digest in unreferenced:
-                self.blobs.delete(digest)
+                # Checked again: a publish may have stored these bytes anew since the walk.
+                if self._older_than(digest, cutoff):
+                    self.blobs.delete(digest)
         return counts
+
+    def _older_than(self, digest: str, cutoff: float) -> bool:
+        try:
+            return self.blobs.stored_at(digest) <= cutoff
+        except BlobMissing:  # removed meanwhile (another collection)
+            return False
