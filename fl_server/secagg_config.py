@@ -9,7 +9,13 @@ from secure_agg.encoding import EncodingConfig
 from secure_agg.params import ThreatModel
 from strategies.ddp import DistributedDpSettings
 
-__all__ = ["SecAggConfig", "SecAggRoundStats"]
+__all__ = ["PARTICIPANTS_FIELD", "PARTICIPANTS_RECORD_KEY", "SecAggConfig", "SecAggRoundStats"]
+
+# The aggregate reply of a secure round names who is inside the sum: a ConfigRecord under
+# this key whose PARTICIPANTS_FIELD is a list of subjects (the enrolment id of a certified
+# device, else the Flower node id as text), so any DP wrapper can charge them without a hook.
+PARTICIPANTS_RECORD_KEY = "fedge.secagg.participants"
+PARTICIPANTS_FIELD = "subjects"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
