@@ -154,6 +154,9 @@ class SimConfig:
             raise ConfigError("distributed DP runs under secure aggregation: add --secure-agg")
         if self.adaptive_clip and self.dp is not DpMode.CENTRAL:
             raise ConfigError("--adaptive-clip is for --dp central")
+        if self.epsilon is not None and self.dp is DpMode.OFF:
+            # Without a mechanism nothing is spent: a budget would be recorded but never enforced.
+            raise ConfigError("--epsilon needs a --dp mechanism")
         if self.client_epsilon is not None:
             if self.dp is DpMode.OFF:
                 raise ConfigError("--client-epsilon needs a --dp mechanism")

@@ -42,6 +42,7 @@ def test_secure_settings_are_validated_and_serialised() -> None:
         ({"dp": DpMode.CENTRAL, "adaptive_clip": True}, "secure aggregation"),
         ({"dp": DpMode.LOCAL, "adaptive_clip": True}, "--dp central"),
         ({"client_epsilon": 1.0}, "needs a --dp"),
+        ({"epsilon": 3.0}, "^--epsilon needs a --dp mechanism$"),
         ({"dp": DpMode.CENTRAL, "client_epsilon": 0.0}, "client_epsilon"),
         ({"dp": DpMode.CENTRAL, "noise_multiplier": 0.0}, "noise_multiplier"),
         ({"dp": DpMode.DISTRIBUTED}, "--secure-agg"),
