@@ -1,0 +1,102 @@
+"""Where a run's privacy spending goes: the :class:`SpendSink` protocol and the ledger's sink.
+
+Every DP mechanism of a run records through one sink: the server-side wrapper
+(:class:`fl_server.dp_strategy.DifferentialPrivacy`: central, local and
+sample-level DP) and the secure Grid's distributed DP. :class:`LedgerSink`
+writes to the privacy ledger (the run and each participant) and appends one
+``privacy.spent`` audit event per round; a user's own sink (a metrics
+exporter, a second ledger) only has to implement the two methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+from fl_server.audit import AuditEventKind, AuditLog
+from fl_server.ledger import PrivacyBudget
+from strategies.accounting import PrivacySpend
+
+__all__ = ["LedgerSink", "SpendSink"]
+
+
+@runtime_checkable
+class SpendSink(Protocol):
+    """Where a private strategy reports spending (the ledger, the audit log)."""
+
+    def check(self, spend: PrivacySpend) -> None:
+        """Raise (e.g. ``BudgetExceeded``) if the round would exceed the run's budget."""
+        ...
+
+    def spent(
+        self,
+        server_round: int,
+        spend: PrivacySpend | None,
+        participants: Mapping[str, PrivacySpend],
+        details: dict[str, Any],
+    ) -> None:
+        """Record the run-level spend (if any) and each participant's own.
+
+        ``participants`` maps each subject inside the round's aggregate (an
+        enrolment id, else a Flower node id as text) to what the round cost it.
+        """
+        ...
+
+
+class LedgerSink:
+    """Hand a run's spending to the privacy ledger (run and participants) and the audit log.
+
+    Parameters
+    ----------
+    budget
+        The run's ledger, budget (epsilon, or None for no limit) and delta.
+    audit
+        Where each round's ``privacy.spent`` event goes.
+    run_id
+        The run the rows and events belong to.
+    mechanism
+        The mechanism's name in the events (``PrivacyMechanism.value``).
+    """
+
+    def __init__(self, budget: PrivacyBudget, audit: AuditLog, run_id: str, mechanism: str) -> None:
+        self._budget = budget
+        self._audit = audit
+        self._run_id = run_id
+        self._mechanism = mechanism
+
+    def check(self, spend: PrivacySpend) -> None:
+        """Raise ``BudgetExceeded`` if ``spend`` would take the run past its budget."""
+        if self._budget.epsilon is not None:
+            self._budget.ledger.check(
+                self._run_id, spend, budget=self._budget.epsilon, delta=self._budget.delta
+            )
+
+    def spent(
+        self,
+        server_round: int,
+        spend: PrivacySpend | None,
+        participants: Mapping[str, PrivacySpend],
+        details: dict[str, Any],
+    ) -> None:
+        """Record the run's spend and each participant's, then append the audit event."""
+        ledger, delta = self._budget.ledger, self._budget.delta
+        payload: dict[str, Any] = {
+            "round": server_round,
+            "mechanism": self._mechanism,
+            "delta": delta,
+            "budget": self._budget.epsilon,
+            **details,
+        }
+        if spend is not None:
+            entry = ledger.record(self._run_id, server_round, spend, delta=delta)
+            payload["epsilon"] = entry.epsilon
+            if spend.rho > 0:
+                payload["rho"] = spend.rho
+            if spend.gaussian is not None:
+                payload["noise_multiplier"] = spend.gaussian.noise_multiplier
+                payload["sample_rate"] = spend.gaussian.sample_rate
+        totals = ledger.record_many(self._run_id, server_round, participants, delta=delta)
+        if totals:
+            payload["max_client_epsilon"] = max(totals.values())
+            payload["clients_charged"] = len(totals)
+        self._audit.append(AuditEventKind.PRIVACY_SPENT, payload, run_id=self._run_id)

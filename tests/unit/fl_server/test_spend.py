@@ -1,0 +1,46 @@
+"""The ledger's sink: budget checks, run and participant rows, one audit event per round."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import Engine
+
+from fl_server.audit import AuditEventKind, AuditLog
+from fl_server.ledger import RUN_SUBJECT, BudgetExceeded, PrivacyBudget, PrivacyLedger
+from fl_server.spend import LedgerSink, SpendSink
+from strategies.accounting import GaussianSteps, PrivacySpend
+
+ROUND = PrivacySpend(
+    mechanism="central-gaussian",
+    gaussian=GaussianSteps(noise_multiplier=1.0, sample_rate=1.0, steps=1),
+)
+
+
+def test_a_round_is_recorded_for_the_run_each_participant_and_the_audit_log(
+    engine: Engine,
+) -> None:
+    ledger, audit = PrivacyLedger(engine), AuditLog(engine)
+    sink = LedgerSink(
+        PrivacyBudget(ledger=ledger, epsilon=50.0, delta=1e-5), audit, "run-a", "central-gaussian"
+    )
+    assert isinstance(sink, SpendSink)
+
+    sink.check(ROUND)
+    sink.spent(1, ROUND, {"device-a": ROUND, "device-b": ROUND}, {"participants": 2})
+
+    assert [e.server_round for e in ledger.entries("run-a", subject=RUN_SUBJECT)] == [1]
+    assert [e.server_round for e in ledger.entries("run-a", subject="device-b")] == [1]
+    assert ledger.spent("run-a", delta=1e-5) > 0
+    [event] = [e for e in audit.iter(run_id="run-a") if e.kind is AuditEventKind.PRIVACY_SPENT]
+    assert event.payload["clients_charged"] == 2 and event.payload["participants"] == 2
+    assert event.payload["noise_multiplier"] == 1.0 and event.payload["sample_rate"] == 1.0
+
+
+def test_a_round_past_the_budget_is_refused(engine: Engine) -> None:
+    ledger = PrivacyLedger(engine)
+    sink = LedgerSink(
+        PrivacyBudget(ledger=ledger, epsilon=0.5, delta=1e-5), AuditLog(engine), "run-a", "x"
+    )
+
+    with pytest.raises(BudgetExceeded, match="would take the run to epsilon"):
+        sink.check(ROUND)
