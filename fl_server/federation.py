@@ -5,20 +5,22 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedge.errors import ConfigError
 from fl_server.audit import AuditEventKind, AuditLog
 from fl_server.checkpoints import CheckpointDir
+from fl_server.dp_strategy import DifferentialPrivacy
 from fl_server.ledger import BudgetExceeded, PrivacyBudget, RoundSpend
-from fl_server.privacy import PrivateFedAvg, ServerDp
+from fl_server.privacy import ServerDp
 from fl_server.secagg import SecAggConfig, SecAggRoundStats, SecureAggregationGrid
+from fl_server.spend import LedgerSink
 
 __all__ = [
     "CentralEvaluator",
@@ -119,10 +121,6 @@ class _ReplyCounts:
     def on_replies(self, server_round: int, ok: int, failed: int) -> None:
         self.replies[server_round] = (ok, failed)
 
-    def participants(self, server_round: int) -> list[int]:
-        stats = self.secure.get(server_round)
-        return [] if stats is None else list(stats.survivor_ids)
-
     def outcome(self, server_round: int) -> tuple[int, int, dict[str, Any] | None]:
         """Return (clients counted, clients failed, secure-aggregation summary) of a round."""
         ok, failed = self.replies.get(server_round, (0, 0))
@@ -164,61 +162,12 @@ class _CountingFedAvg(FedAvg):
         return super().aggregate_train(server_round, materialised)
 
 
-class _LedgerSink:
-    """Hands a run's spending to the ledger (run and clients) and the audit log.
-
-    The one place every mechanism records through: the private strategies
-    (central, local, sample-level DP) and the secure Grid's distributed DP.
-    """
-
-    def __init__(self, budget: PrivacyBudget, audit: AuditLog, run_id: str, mechanism: str) -> None:
-        self._budget = budget
-        self._audit = audit
-        self._run_id = run_id
-        self._mechanism = mechanism
-
-    def check(self, spend: RoundSpend) -> None:
-        if self._budget.epsilon is not None:
-            self._budget.ledger.check(
-                self._run_id, spend, budget=self._budget.epsilon, delta=self._budget.delta
-            )
-
-    def spent(
-        self,
-        server_round: int,
-        spend: RoundSpend | None,
-        participants: Mapping[str, RoundSpend],
-        details: dict[str, Any],
-    ) -> None:
-        ledger, delta = self._budget.ledger, self._budget.delta
-        payload: dict[str, Any] = {
-            "round": server_round,
-            "mechanism": self._mechanism,
-            "delta": delta,
-            "budget": self._budget.epsilon,
-            **details,
-        }
-        if spend is not None:
-            entry = ledger.record(self._run_id, server_round, spend, delta=delta)
-            payload["epsilon"] = entry.epsilon
-            if spend.rho > 0:
-                payload["rho"] = spend.rho
-            if spend.gaussian is not None:
-                payload["noise_multiplier"] = spend.gaussian.noise_multiplier
-                payload["sample_rate"] = spend.gaussian.sample_rate
-        totals = ledger.record_many(self._run_id, server_round, participants, delta=delta)
-        if totals:
-            payload["max_client_epsilon"] = max(totals.values())
-            payload["clients_charged"] = len(totals)
-        self._audit.append(AuditEventKind.PRIVACY_SPENT, payload, run_id=self._run_id)
-
-
 def _privacy_hooks(
     privacy: PrivacyBudget | None, counts: _ReplyCounts, audit: AuditLog, run_id: str
 ) -> tuple[Callable[[float], None] | None, Callable[[SecAggRoundStats], None]]:
     if privacy is None:
         return None, counts.on_secure_round
-    sink = _LedgerSink(privacy, audit, run_id, _DDG)
+    sink = LedgerSink(privacy, audit, run_id, _DDG)
 
     def guard(rho: float) -> None:
         sink.check(RoundSpend(mechanism=_DDG, rho=rho))
@@ -286,7 +235,8 @@ def make_server_app(
         that would exceed the budget is refused (with distributed DP, before
         anything is unmasked) and the federation ends there (``exhausted`` says why).
     dp
-        Central, local or sample-level DP (:class:`fl_server.privacy.PrivateFedAvg`);
+        Central, local or sample-level DP (:class:`fl_server.dp_strategy.DifferentialPrivacy`
+        around FedAvg);
         distributed DP is configured in ``secure`` instead. Needs ``privacy``.
     """
     if dp is not None and privacy is None:
@@ -300,26 +250,23 @@ def make_server_app(
         if secure is not None:
             guard, on_secure = _privacy_hooks(privacy, counts, audit, run_id)
             grid = SecureAggregationGrid(grid, secure, on_round=on_secure, privacy_guard=guard)
-        strategy: FedAvg
+        sampling: dict[str, Any] = {
+            "fraction_train": config.fraction_train,
+            "fraction_evaluate": 0.0,
+            "min_train_nodes": config.min_train_nodes,
+            "min_available_nodes": config.min_available_nodes,
+        }
+        strategy: Strategy
         if dp is None:
-            strategy = _CountingFedAvg(
-                counts,
-                fraction_train=config.fraction_train,
-                fraction_evaluate=0.0,
-                min_train_nodes=config.min_train_nodes,
-                min_available_nodes=config.min_available_nodes,
-            )
+            strategy = _CountingFedAvg(counts, **sampling)
         else:
             assert privacy is not None
-            strategy = PrivateFedAvg(
+            # The wrapper counts the replies itself (a secure aggregate holds many clients).
+            strategy = DifferentialPrivacy(
+                FedAvg(**sampling),
                 dp=dp,
-                sink=_LedgerSink(privacy, audit, run_id, dp.mechanism.value),
+                sink=LedgerSink(privacy, audit, run_id, dp.mechanism.value),
                 on_replies=counts.on_replies,
-                participants=counts.participants,
-                fraction_train=config.fraction_train,
-                fraction_evaluate=0.0,
-                min_train_nodes=config.min_train_nodes,
-                min_available_nodes=config.min_available_nodes,
             )
         round_started = time.perf_counter()
 

@@ -1,4 +1,4 @@
-"""Server-side DP: central noise of the configured size, adaptive clipping through secure sums."""
+"""Server-side DP around FedAvg: central noise of the configured size, adaptive clipping."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
 
 from fedge.errors import ConfigError
 from fl_client.dp_mod import make_dp_mod
 from fl_client.secagg_mod import make_secagg_mod
-from fl_server.privacy import PrivacyMechanism, PrivateFedAvg, ServerDp, amplification
+from fl_server.dp_strategy import DifferentialPrivacy
+from fl_server.privacy import PrivacyMechanism, ServerDp, amplification
 from fl_server.secagg import SecAggConfig, SecAggRoundStats, SecureAggregationGrid
 from secure_agg.randomness import DeterministicRandom
 from strategies.accounting import GaussianSteps, PrivacySpend
@@ -72,7 +74,9 @@ def _with_mods(train: App, *, secure: bool) -> App:
     return lambda msg, context: secagg(msg, context, lambda m, c: dp(m, c, train))
 
 
-def _one_round(strategy: PrivateFedAvg, grid: Any, size: int, server_round: int = 1) -> np.ndarray:
+def _one_round(
+    strategy: DifferentialPrivacy, grid: Any, size: int, server_round: int = 1
+) -> np.ndarray:
     arrays = ArrayRecord({"w": Array(np.ones(size, np.float32))})
     messages = strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
     replies = list(grid.send_and_receive(messages, timeout=10))
@@ -86,8 +90,11 @@ def test_central_dp_averages_clipped_updates_unweighted_and_adds_z_c_over_n() ->
     apps = {n: _with_mods(_big_step(size, 0.01 * (n - 200)), secure=False) for n in NODES}
     sink = Sink()
     dp = ServerDp(central=CentralDpSettings(l2_clip=clip, noise_multiplier=z))
-    strategy = PrivateFedAvg(
-        dp=dp, sink=sink, rng=DeterministicRandom(1), fraction_evaluate=0.0, min_train_nodes=8
+    strategy = DifferentialPrivacy(
+        FedAvg(fraction_evaluate=0.0, min_train_nodes=8),
+        dp=dp,
+        sink=sink,
+        rng=DeterministicRandom(1),
     )
     grid = InProcessGrid(apps)
 
@@ -106,19 +113,19 @@ def test_central_dp_averages_clipped_updates_unweighted_and_adds_z_c_over_n() ->
     assert sorted(participants) == sorted(str(n) for n in NODES)
 
 
-def _secure_strategy(sink: Sink, adaptive: AdaptiveClipping) -> tuple[PrivateFedAvg, Any]:
+def _secure_strategy(
+    sink: Sink, adaptive: AdaptiveClipping
+) -> tuple[DifferentialPrivacy, list[SecAggRoundStats]]:
     stats: list[SecAggRoundStats] = []
     dp = ServerDp(
         central=CentralDpSettings(l2_clip=0.2, noise_multiplier=1.0, adaptive=adaptive),
         secure=True,
     )
-    strategy = PrivateFedAvg(
+    strategy = DifferentialPrivacy(
+        FedAvg(fraction_evaluate=0.0, min_train_nodes=len(NODES)),
         dp=dp,
         sink=sink,
         rng=DeterministicRandom(2),
-        participants=lambda r: stats[-1].survivor_ids,
-        fraction_evaluate=0.0,
-        min_train_nodes=len(NODES),
     )
     return strategy, stats
 
@@ -161,11 +168,10 @@ def test_adaptive_clipping_is_refused_without_secure_aggregation() -> None:
 def test_a_round_over_budget_is_refused_before_any_message_is_sent() -> None:
     apps = {n: _with_mods(_big_step(4, 0.1), secure=False) for n in NODES}
     grid = InProcessGrid(apps)
-    strategy = PrivateFedAvg(
+    strategy = DifferentialPrivacy(
+        FedAvg(fraction_evaluate=0.0, min_train_nodes=8),
         dp=ServerDp(local=LocalDpSettings(l2_clip=1.0, noise_multiplier=1.0)),
         sink=Sink(refuse_after=0),
-        fraction_evaluate=0.0,
-        min_train_nodes=8,
     )
     with pytest.raises(RuntimeError, match="over budget"):
         strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid)
@@ -174,16 +180,15 @@ def test_a_round_over_budget_is_refused_before_any_message_is_sent() -> None:
 
 def test_poisson_sampling_draws_each_node_independently() -> None:
     apps: dict[int, App] = {n: _big_step(1, 0.0) for n in range(1000)}
-    strategy = PrivateFedAvg(
+    strategy = DifferentialPrivacy(
+        FedAvg(
+            fraction_train=0.1, fraction_evaluate=0.0, min_train_nodes=2, min_available_nodes=1000
+        ),
         dp=ServerDp(
             central=CentralDpSettings(l2_clip=1.0, noise_multiplier=1.0), poisson_sampling=True
         ),
         sink=Sink(),
         rng=DeterministicRandom(3),
-        fraction_train=0.1,
-        fraction_evaluate=0.0,
-        min_train_nodes=2,
-        min_available_nodes=1000,
     )
     grid = InProcessGrid(apps)
     first = {
@@ -209,6 +214,10 @@ def test_each_mechanism_says_which_amplification_it_may_claim() -> None:
     ddp = amplification(PrivacyMechanism.DISTRIBUTED, poisson_sampling=True, fraction=0.1)
     assert not ddp.claimed and "knows" in ddp.reason
     assert not amplification(PrivacyMechanism.LOCAL, poisson_sampling=True, fraction=0.1).claimed
+    # DP-SGD amplifies by each device's own batch rate, never by the client fraction.
+    sgd = amplification(PrivacyMechanism.SAMPLE, poisson_sampling=True, fraction=0.1)
+    assert sgd.sample_rate is None and "own Poisson batch sampling rate" in sgd.reason
+    assert sgd.to_json()["sample_rate"] is None
     assert UNCLIPPED_METRIC == "fedge-unclipped"
 
 
@@ -226,13 +235,12 @@ def test_a_round_with_failed_clients_updates_the_model_and_charges_only_survivor
     apps[207] = _failing
     sink = Sink()
     counted: list[tuple[int, int, int]] = []
-    strategy = PrivateFedAvg(
+    strategy = DifferentialPrivacy(
+        FedAvg(fraction_evaluate=0.0, min_train_nodes=8),
         dp=ServerDp(central=CentralDpSettings(l2_clip=clip, noise_multiplier=z)),
         sink=sink,
         on_replies=lambda r, ok, failed: counted.append((r, ok, failed)),
         rng=DeterministicRandom(5),
-        fraction_evaluate=0.0,
-        min_train_nodes=8,
     )
 
     update = _one_round(strategy, InProcessGrid(apps), size)
