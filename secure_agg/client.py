@@ -2,20 +2,35 @@
 
 One :class:`ClientSession` per round. Its methods must be called in stage
 order; each validates the server's message before acting and raises
-:class:`InvalidMessage`, :class:`CryptoError` or :class:`ProtocolAbort` instead
-of continuing on bad input.
+:class:`InvalidMessage`, :class:`CryptoError`, :class:`PolicyViolation` or
+:class:`ProtocolAbort` instead of continuing on bad input.
 
 Notes
 -----
-Privacy invariants kept here, not trusted to the server: a client reveals, for
-each neighbour, either its self-mask share (neighbour survived) or its
-masking-key share (neighbour dropped), never both; in the active model it
-reveals nothing unless at least ``threshold`` of its neighbours signed the very
-survivor set it was shown.
+Privacy invariants kept here, not trusted to the server:
+
+- the round's parameters are checked against the device's own
+  :class:`~secure_agg.policy.ProtocolPolicy` before any key exists; the
+  enrolment authority's key comes from the policy, never from the server;
+- the client draws its own holders (:func:`secure_agg.graph.choose_holders`),
+  so the server cannot surround it with corrupt ones;
+- every neighbour's advertisement must carry the digest of the very setup this
+  client received (and, in the active model, be signed by an identity the
+  pinned authority certified);
+- for each sender whose shares it holds, a client reveals either the self-mask
+  share (sender survived) or the masking-key share (sender dropped), never both;
+- it reveals nothing for a survivor set below the policy's minimum, or one in
+  which fewer than t of its own holders survived with its masks; in the active
+  model, nothing unless t of its own holders signed the very set it was shown.
+
+A bundle that does not open, or that a partner who drew this client as a
+holder never sent, is that partner's failure: the client does not mask with it
+and reports it (:attr:`MaskedInput.rejected`), and the round goes on without it.
 """
 
 from __future__ import annotations
 
+import itertools
 import struct
 from dataclasses import replace
 from enum import Enum
@@ -37,6 +52,7 @@ from secure_agg.crypto import (
     verify_signature,
 )
 from secure_agg.errors import CryptoError, InvalidMessage, ProtocolAbort
+from secure_agg.graph import choose_holders
 from secure_agg.identity import NodeIdentity
 from secure_agg.masking import adds_pairwise_mask, pairwise_mask_seed, self_mask_commitment
 from secure_agg.messages import (
@@ -51,9 +67,11 @@ from secure_agg.messages import (
     UnmaskRequest,
     UnmaskResponse,
     advert_message,
+    setup_digest,
     survivors_message,
 )
 from secure_agg.params import ThreatModel
+from secure_agg.policy import ProtocolPolicy
 from secure_agg.prg import SEED_BYTES, apply_masks
 from secure_agg.randomness import RandomSource
 from secure_agg.shamir import CHUNKS_PER_SECRET, split
@@ -81,6 +99,12 @@ def share_associated_data(round_id: bytes, owner: int, holder: int) -> bytes:
     return PROTOCOL_LABEL + b"/share" + round_id + struct.pack(">QQ", owner, holder)
 
 
+def _check_shape(setup: RoundSetup) -> None:
+    participants = setup.participants
+    if any(a >= b for a, b in itertools.pairwise(participants)):
+        raise InvalidMessage("the participant list must be sorted and distinct")
+
+
 class ClientSession:
     """Run one round of SecAgg+ for one client.
 
@@ -88,39 +112,51 @@ class ClientSession:
     ----------
     setup
         The server's round setup for this client.
+    policy
+        The device's own policy; the setup is checked against it first.
     rng
-        Source of keys, the self-mask seed, share polynomials and nonces.
+        Source of keys, holders, the self-mask seed, share polynomials and nonces.
     identity
         The enrolment identity (required in the active model).
+
+    Raises
+    ------
+    PolicyViolation
+        If the setup is outside the policy.
+    InvalidMessage
+        If the setup is malformed or the active model lacks an identity.
     """
 
     def __init__(
-        self, setup: RoundSetup, *, rng: RandomSource, identity: NodeIdentity | None = None
+        self,
+        setup: RoundSetup,
+        *,
+        policy: ProtocolPolicy,
+        rng: RandomSource,
+        identity: NodeIdentity | None = None,
     ) -> None:
-        if setup.node_id in setup.neighbours or len(set(setup.neighbours)) != len(setup.neighbours):
-            raise InvalidMessage("the neighbour list must be distinct and exclude the node itself")
-        if not 1 <= setup.threshold <= len(setup.neighbours):
-            raise InvalidMessage(
-                f"threshold {setup.threshold} outside [1, {len(setup.neighbours)} neighbours]"
-            )
-        if setup.threat_model is ThreatModel.ACTIVE and (
-            identity is None or setup.authority_public_key is None
-        ):
-            raise InvalidMessage("the active model needs an identity and the authority's key")
+        _check_shape(setup)
+        policy.check_setup(setup)
+        if policy.threat_model is ThreatModel.ACTIVE and identity is None:
+            raise InvalidMessage("the active model needs this device's enrolment identity")
         self._setup = setup
+        self._policy = policy
         self._rng = rng
         self._identity = identity
+        self._digest = setup_digest(setup)
         self._stage = ClientStage.CREATED
-        self._neighbours = tuple(sorted(setup.neighbours))
+        self._holders = choose_holders(setup.participants, setup.node_id, setup.degree, rng)
         self._enc = AgreementKeyPair.generate(rng)
         self._mask = AgreementKeyPair.generate(rng)
         self._self_seed = rng.random_bytes(SEED_BYTES)
         self._adverts: dict[int, KeyAdvertisement] = {}
         self._share_keys: dict[int, bytes] = {}
         self._enc_loaded: X25519PrivateKey | None = None
-        self._partners: tuple[int, ...] = ()
         self._held: dict[int, npt.NDArray[np.uint32]] = {}
+        self._masked_with: tuple[int, ...] = ()
+        self._rejected: tuple[int, ...] = ()
         self._survivors: tuple[int, ...] = ()
+        self._required_survivors = 0
 
     @property
     def stage(self) -> ClientStage:
@@ -137,6 +173,15 @@ class ClientSession:
         """The server's setup for this client."""
         return self._setup
 
+    @property
+    def holders(self) -> tuple[int, ...]:
+        """The holders this client drew."""
+        return self._holders
+
+    def require_survivors(self, count: int) -> None:
+        """Reveal nothing unless at least ``count`` clients are in the sum (e.g. for DP noise)."""
+        self._required_survivors = max(self._required_survivors, count)
+
     def export_state(self) -> bytes:
         """Return the session's full state, secrets included, to resume it in another process.
 
@@ -144,24 +189,32 @@ class ClientSession:
         -----
         The bytes hold this round's private keys, self-mask seed and the shares
         held for neighbours: keep them on the device (Flower's ``Context.state``
-        stays on the node) and never log or send them.
+        stays on the node) and never log or send them. The policy is not in
+        them: :meth:`restore` takes the device's own again.
         """
         return _export(self)
 
     @classmethod
     def restore(
-        cls, state: bytes, *, rng: RandomSource, identity: NodeIdentity | None = None
+        cls,
+        state: bytes,
+        *,
+        policy: ProtocolPolicy,
+        rng: RandomSource,
+        identity: NodeIdentity | None = None,
     ) -> ClientSession:
-        """Resume a session from :meth:`export_state`'s bytes.
+        """Resume a session from :meth:`export_state`'s bytes under the device's policy.
 
         Raises
         ------
         InvalidMessage
             If the state is malformed or the active model lacks an identity.
+        PolicyViolation
+            If the saved setup is outside ``policy``.
         """
-        session = _restore(state, rng, identity)
-        if session._setup.threat_model is ThreatModel.ACTIVE and identity is None:
-            raise InvalidMessage("the active model needs an identity")
+        session = _restore(state, policy, rng, identity)
+        if policy.threat_model is ThreatModel.ACTIVE and identity is None:
+            raise InvalidMessage("the active model needs this device's enrolment identity")
         return session
 
     def _expect(self, stage: ClientStage) -> None:
@@ -171,7 +224,7 @@ class ClientSession:
             )
 
     def advertise(self) -> KeyAdvertisement:
-        """Stage 1: publish this round's public keys and the self-mask commitment."""
+        """Stage 1: publish this round's public keys, the self-mask commitment and the holders."""
         self._expect(ClientStage.CREATED)
         advert = KeyAdvertisement(
             node_id=self._setup.node_id,
@@ -180,6 +233,8 @@ class ClientSession:
             self_mask_commitment=self_mask_commitment(
                 self._setup.round_id, self._setup.node_id, self._self_seed
             ),
+            holders=self._holders,
+            setup_digest=self._digest,
         )
         if self._identity is not None:
             advert = replace(
@@ -197,15 +252,26 @@ class ClientSession:
         return self._enc_loaded
 
     def _check_advert(self, advert: KeyAdvertisement) -> None:
-        if advert.node_id not in self._neighbours:
+        me = self._setup.node_id
+        if advert.node_id == me or advert.node_id not in self._setup.participants:
+            raise InvalidMessage(f"advertisement from {advert.node_id}, not another participant")
+        if advert.node_id not in self._holders and me not in advert.holders:
             raise InvalidMessage(f"advertisement from {advert.node_id}, not a neighbour")
-        if len(advert.enc_public) != 32 or len(advert.mask_public) != 32:
+        if advert.setup_digest != self._digest:
+            raise InvalidMessage(
+                f"node {advert.node_id} was shown another round setup (participants, k, t or ring)"
+            )
+        holders = advert.holders
+        if len(holders) != self._setup.degree or advert.node_id in holders:
+            raise InvalidMessage(f"advertisement from {advert.node_id} names invalid holders")
+        if len(advert.enc_public) != KEY_BYTES or len(advert.mask_public) != KEY_BYTES:
             raise InvalidMessage(f"advertisement from {advert.node_id} has malformed keys")
-        if self._setup.threat_model is ThreatModel.ACTIVE:
+        if self._policy.threat_model is ThreatModel.ACTIVE:
             if advert.certificate is None or advert.signature is None:
                 raise CryptoError
-            assert self._setup.authority_public_key is not None
-            advert.certificate.verify(self._setup.authority_public_key)
+            authority = self._policy.authority_public_key
+            assert authority is not None  # the policy requires it in the active model
+            advert.certificate.verify(authority)
             verify_signature(
                 advert.certificate.public_key,
                 advert.signature,
@@ -232,6 +298,8 @@ class ClientSession:
         self._expect(ClientStage.ADVERTISED)
         adverts: dict[int, KeyAdvertisement] = {}
         enrolments: set[str] = set()
+        if self._identity is not None:
+            enrolments.add(self._identity.certificate.enrolment_id)
         for advert in request.adverts:
             if advert.node_id in adverts:
                 raise InvalidMessage(f"two advertisements for node {advert.node_id}")
@@ -241,20 +309,23 @@ class ClientSession:
                     raise InvalidMessage("one enrolled device appears twice among the neighbours")
                 enrolments.add(advert.certificate.enrolment_id)
             adverts[advert.node_id] = advert
-        if len(adverts) < self._setup.threshold:
+        threshold = self._setup.threshold
+        live_holders = [h for h in self._holders if h in adverts]
+        if len(live_holders) < threshold:
             raise ProtocolAbort(
                 "share-keys",
-                set(self._neighbours) - set(adverts),
-                f"{len(adverts)} neighbours advertised keys, threshold {self._setup.threshold}",
+                set(self._holders) - set(adverts),
+                f"{len(live_holders)} of this client's holders advertised keys, "
+                f"threshold {threshold}",
             )
         shares = split(
             [self._self_seed, self._mask.private],
-            threshold=self._setup.threshold,
-            num_shares=len(self._neighbours),
+            threshold=threshold,
+            num_shares=len(self._holders),
             rng=self._rng,
         )
         ciphertexts = {}
-        for row, holder in enumerate(self._neighbours):
+        for row, holder in enumerate(self._holders):
             if holder not in adverts:
                 continue
             key = self._share_key(holder, adverts[holder])
@@ -269,6 +340,22 @@ class ClientSession:
         self._stage = ClientStage.SHARED
         return EncryptedShares(node_id=self._setup.node_id, ciphertexts=ciphertexts)
 
+    def _open_bundle(self, sender: int, sealed: bytes | None) -> npt.NDArray[np.uint32] | None:
+        if sealed is None:
+            return None
+        me = self._setup.node_id
+        try:
+            key = self._share_key(sender, self._adverts[sender])
+            plain = open_sealed(key, sealed, share_associated_data(self.round_id, sender, me))
+        except CryptoError:
+            return None
+        if len(plain) != _BUNDLE.size:
+            return None
+        owner, holder, *values = _BUNDLE.unpack(plain)
+        if owner != sender or holder != me:
+            return None
+        return np.asarray(values, dtype=np.uint32)
+
     def masked_input(
         self,
         request: MaskedInputRequest,
@@ -276,10 +363,12 @@ class ClientSession:
         *,
         consume: bool = False,
     ) -> MaskedInput:
-        """Stage 3: store the shares received and send the update masked by every live pair.
+        """Stage 3: keep the shares received and send the update masked by every live partner.
 
-        With ``consume`` the masks are added to ``encoded`` in place (saving a
-        copy of the whole vector); the caller must not use it afterwards.
+        A partner that drew this client as a holder but whose bundle is missing
+        or does not open is rejected (reported, not masked with). With
+        ``consume`` the masks are added to ``encoded`` in place (saving a copy
+        of the whole vector); the caller must not use it afterwards.
         """
         self._expect(ClientStage.SHARED)
         encoding = self._setup.encoding
@@ -287,56 +376,73 @@ class ClientSession:
             raise InvalidMessage(
                 f"the encoded update must be {encoding.dtype} of length {self._setup.vector_length}"
             )
+        me = self._setup.node_id
+        partners = request.partners
+        if len(set(partners)) != len(partners) or not set(partners) <= set(self._adverts):
+            raise InvalidMessage("the partner list names clients that are not live neighbours")
+        senders = {p for p in partners if me in self._adverts[p].holders}
+        if not set(request.ciphertexts) <= senders:
+            raise InvalidMessage("bundles from clients that did not draw this one as a holder")
         held: dict[int, npt.NDArray[np.uint32]] = {}
-        for sender, sealed in request.ciphertexts.items():
-            if sender not in self._adverts:
-                raise InvalidMessage(f"shares from {sender}, who did not advertise to us")
-            key = self._share_key(sender, self._adverts[sender])
-            plain = open_sealed(
-                key,
-                sealed,
-                share_associated_data(self._setup.round_id, sender, self._setup.node_id),
-            )
-            if len(plain) != _BUNDLE.size:
-                raise CryptoError
-            owner, holder, *values = _BUNDLE.unpack(plain)
-            if owner != sender or holder != self._setup.node_id:
-                raise CryptoError
-            held[sender] = np.asarray(values, dtype=np.uint32)
-        if len(held) < self._setup.threshold:
+        rejected = []
+        for sender in sorted(senders):
+            share = self._open_bundle(sender, request.ciphertexts.get(sender))
+            if share is None:
+                rejected.append(sender)
+            else:
+                held[sender] = share
+        masked_with = tuple(p for p in sorted(partners) if p not in rejected)
+        live_holders = len(set(masked_with).intersection(self._holders))
+        if live_holders < self._setup.threshold:
             raise ProtocolAbort(
                 "masked-input",
-                set(self._adverts) - set(held),
-                f"shares from {len(held)} neighbours, threshold {self._setup.threshold}",
+                set(self._holders) - set(masked_with),
+                f"{live_holders} of this client's holders shared keys, "
+                f"threshold {self._setup.threshold}",
             )
         masks = [(self._self_seed, False)]
         mask_key = X25519PrivateKey.from_private_bytes(self._mask.private)
-        for partner in sorted(held):
+        for partner in masked_with:
             seed = pairwise_mask_seed(
                 mask_key,
                 self._adverts[partner].mask_public,
                 round_id=self._setup.round_id,
-                node=self._setup.node_id,
+                node=me,
                 peer=partner,
             )
-            masks.append((seed, not adds_pairwise_mask(self._setup.node_id, partner)))
+            masks.append((seed, not adds_pairwise_mask(me, partner)))
         masked = encoded if consume else encoded.copy()
         apply_masks(masked, masks)
         if encoding.ring_bits < masked.dtype.itemsize * 8:
             np.bitwise_and(masked, masked.dtype.type(encoding.ring_mask), out=masked)
         self._held = held
-        self._partners = tuple(sorted(held))
+        self._masked_with = masked_with
+        self._rejected = tuple(rejected)
         self._stage = ClientStage.MASKED
-        return MaskedInput(node_id=self._setup.node_id, vector=masked)
+        return MaskedInput(node_id=me, vector=masked, rejected=self._rejected)
 
     def _check_survivors(self, survivors: tuple[int, ...]) -> None:
-        if len(set(survivors)) != len(survivors) or self._setup.node_id not in survivors:
+        me = self._setup.node_id
+        if len(set(survivors)) != len(survivors) or me not in survivors:
             raise InvalidMessage("the survivor set must be distinct and include this node")
+        if not set(survivors) <= set(self._setup.participants):
+            raise InvalidMessage("the survivor set names clients outside the round")
+        if set(survivors).intersection(self._rejected):
+            raise InvalidMessage("the survivor set includes a client whose shares failed here")
+        self._policy.check_survivors(len(survivors), required=self._required_survivors)
+        kept = set(survivors).intersection(self._masked_with).intersection(self._holders)
+        if len(kept) < self._setup.threshold:
+            raise ProtocolAbort(
+                "unmask",
+                [],
+                f"{len(kept)} of this client's holders are in the survivor set, "
+                f"threshold {self._setup.threshold}",
+            )
 
     def confirm(self, request: ConsistencyRequest) -> ConsistencySignature:
         """Stage 4 (active model): sign the survivor set as shown to this client."""
         self._expect(ClientStage.MASKED)
-        if self._identity is None:
+        if self._identity is None or self._policy.threat_model is not ThreatModel.ACTIVE:
             raise InvalidMessage("the consistency check runs only in the active model")
         self._check_survivors(request.survivors)
         self._survivors = tuple(sorted(request.survivors))
@@ -346,39 +452,45 @@ class ClientSession:
             signature=self._identity.sign(survivors_message(self._setup.round_id, self._survivors)),
         )
 
+    def _count_confirmations(self, survivors: tuple[int, ...], request: UnmaskRequest) -> None:
+        # Only this client's own holders count: it drew them, so at most c_max
+        # of them collude; t signatures leave at least t - c_max honest ones
+        # that saw (and will act on) the very same set.
+        message = survivors_message(self._setup.round_id, survivors)
+        confirmed = 0
+        for signer, signature in request.signatures.items():
+            advert = self._adverts.get(signer)
+            if signer not in self._holders or advert is None or advert.certificate is None:
+                continue
+            verify_signature(advert.certificate.public_key, signature, message)
+            confirmed += 1
+        if confirmed < self._setup.threshold:
+            raise ProtocolAbort(
+                "unmask",
+                [],
+                f"{confirmed} of this client's holders confirmed the survivor set, "
+                f"threshold {self._setup.threshold}",
+            )
+
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
-        """Stage 5: reveal self-mask shares of surviving partners, key shares of dropped ones."""
-        active = self._setup.threat_model is ThreatModel.ACTIVE
+        """Stage 5: reveal self-mask shares of surviving senders, key shares of dropped ones."""
+        active = self._policy.threat_model is ThreatModel.ACTIVE
         self._expect(ClientStage.CONFIRMED if active else ClientStage.MASKED)
         self._check_survivors(request.survivors)
         survivors = tuple(sorted(request.survivors))
         if active:
             if survivors != self._survivors:
                 raise ProtocolAbort("unmask", [], "the server changed the survivor set")
-            message = survivors_message(self._setup.round_id, survivors)
-            confirmed = 0
-            for signer, signature in request.signatures.items():
-                advert = self._adverts.get(signer)
-                if advert is None or advert.certificate is None:
-                    continue  # not a neighbour: cannot check, does not count
-                verify_signature(advert.certificate.public_key, signature, message)
-                confirmed += 1
-            if confirmed < self._setup.threshold:
-                raise ProtocolAbort(
-                    "unmask",
-                    [],
-                    f"{confirmed} neighbours confirmed the survivor set, "
-                    f"threshold {self._setup.threshold}",
-                )
+            self._count_confirmations(survivors, request)
         live = set(survivors)
         self_mask_shares = {}
         mask_key_shares = {}
-        for partner in self._partners:
-            share = self._held[partner]
-            if partner in live:
-                self_mask_shares[partner] = share[:CHUNKS_PER_SECRET].copy()
+        for sender in sorted(self._held):
+            share = self._held[sender]
+            if sender in live:
+                self_mask_shares[sender] = share[:CHUNKS_PER_SECRET].copy()
             else:
-                mask_key_shares[partner] = share[CHUNKS_PER_SECRET:].copy()
+                mask_key_shares[sender] = share[CHUNKS_PER_SECRET:].copy()
         self._stage = ClientStage.DONE
         return UnmaskResponse(
             node_id=self._setup.node_id,
@@ -387,7 +499,7 @@ class ClientSession:
         )
 
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 
 
 def _export(session: ClientSession) -> bytes:
@@ -395,6 +507,7 @@ def _export(session: ClientSession) -> bytes:
     w.u8(_STATE_VERSION)
     w.section(wire.encode(session._setup))
     w.blob(session._stage.value.encode())
+    w.ids(session._holders)
     for pair in (session._enc, session._mask):
         w.fixed(pair.private, KEY_BYTES)
         w.fixed(pair.public, KEY_BYTES)
@@ -408,24 +521,33 @@ def _export(session: ClientSession) -> bytes:
         w.fixed(session._share_keys[node], KEY_BYTES)
     w.shares({n: s[:CHUNKS_PER_SECRET] for n, s in session._held.items()})
     w.shares({n: s[CHUNKS_PER_SECRET:] for n, s in session._held.items()})
+    w.ids(session._masked_with)
+    w.ids(session._rejected)
     w.ids(session._survivors)
+    w.u32(session._required_survivors)
     return w.getvalue()
 
 
-def _restore(state: bytes, rng: RandomSource, identity: NodeIdentity | None) -> ClientSession:
+def _restore(
+    state: bytes, policy: ProtocolPolicy, rng: RandomSource, identity: NodeIdentity | None
+) -> ClientSession:
     r = Reader(state)
     if r.u8() != _STATE_VERSION:
         raise InvalidMessage("unsupported client state version")
     setup = wire.decode(r.section(), RoundSetup)
+    _check_shape(setup)
+    policy.check_setup(setup)
     session = ClientSession.__new__(ClientSession)
     session._setup = setup
+    session._policy = policy
     session._rng = rng
     session._identity = identity
+    session._digest = setup_digest(setup)
     try:
         session._stage = ClientStage(r.blob().decode("ascii"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidMessage("invalid client state stage") from exc
-    session._neighbours = tuple(sorted(setup.neighbours))
+    session._holders = r.distinct_ids()
     # The public halves travel with the private ones: no scalar multiplication
     # per message (the state never leaves the device, so it is trusted).
     session._enc = AgreementKeyPair(private=r.fixed(KEY_BYTES), public=r.fixed(KEY_BYTES))
@@ -442,7 +564,9 @@ def _restore(state: bytes, rng: RandomSource, identity: NodeIdentity | None) -> 
     if set(self_part) != set(key_part):
         raise InvalidMessage("inconsistent client state")
     session._held = {n: np.concatenate([self_part[n], key_part[n]]) for n in self_part}
-    session._partners = tuple(sorted(session._held))
+    session._masked_with = r.distinct_ids()
+    session._rejected = r.distinct_ids()
     session._survivors = r.distinct_ids()
+    session._required_survivors = r.u32()
     r.finish()
     return session

@@ -14,6 +14,14 @@ No wrap-around: with at most ``max_clients`` clients of weight at most
 ``weight_cap``, every coordinate of the sum is below max_clients * weight_cap
 * 2^q <= 2^b because q = b - ceil(log2(max_clients * weight_cap + 1)).
 Per client and coordinate the rounding error of an in-range value is below 1/s.
+
+Conditional rounding (central DP under secure aggregation): stochastic rounding
+can push a clipped update's norm past its clip C (each coordinate moves by up
+to 1/s, so by up to sqrt(d)/s in L2). With ``l2_bound`` the encoder re-draws
+the rounding until the decoded values' L2 norm is at most that bound (Kairouz,
+Liu and Steinke, ICML 2021, section 4.1, in real units:
+:func:`conditional_rounding_bound`), so the bound is the sensitivity a DP
+mechanism on the sum can account for.
 """
 
 from __future__ import annotations
@@ -29,9 +37,13 @@ from fedge.errors import ConfigError
 from secure_agg.prg import SEED_BYTES, uniform_floats
 from secure_agg.randomness import RandomSource
 
-__all__ = ["EncodingConfig", "decode_sum", "encode"]
+__all__ = ["EncodingConfig", "conditional_rounding_bound", "decode_sum", "encode"]
 
 _MIN_QUANT_BITS = 4
+# Conditional rounding's beta = e^(-1/2) (Kairouz et al.): each try is kept with
+# probability >= 1 - beta ~ 0.39, so 200 tries all failing has probability < 1e-43.
+_LOG_INV_BETA = 0.5
+_MAX_ROUNDING_TRIES = 200
 _DTYPES = (np.uint8, np.uint16, np.uint32, np.uint64)
 
 
@@ -99,19 +111,78 @@ class EncodingConfig:
         return 1.0 / self.scale
 
 
+def conditional_rounding_bound(l2_clip: float, dimension: int, config: EncodingConfig) -> float:
+    """Return the L2 bound conditional rounding keeps a decoded, C-clipped update within.
+
+    B^2 = C^2 + d / (4 s^2) + sqrt(2 ln(1/beta)) (C / s + sqrt(d) / (2 s^2)), beta = e^(-1/2),
+    capped by C + sqrt(d) / s (every coordinate moves by less than 1/s).
+    """
+    if not (math.isfinite(l2_clip) and l2_clip > 0) or dimension < 1:
+        raise ConfigError("l2_clip must be > 0 and dimension >= 1")
+    step = config.error_bound  # 1 / s
+    conditional = math.sqrt(
+        l2_clip * l2_clip
+        + dimension * step * step / 4
+        + math.sqrt(2 * _LOG_INV_BETA) * (l2_clip * step + math.sqrt(dimension) * step * step / 2)
+    )
+    return min(conditional, l2_clip + math.sqrt(dimension) * step)
+
+
+def _levels(
+    flat: npt.NDArray[np.floating[Any]],
+    config: EncodingConfig,
+    rng: RandomSource,
+    l2_bound: float | None,
+    bounded: int,
+) -> npt.NDArray[np.float64]:
+    # In place on one float64 buffer: every pass over a million values counts.
+    scaled = np.empty(flat.shape[0], dtype=np.float64)
+    np.clip(flat, -config.clip_range, config.clip_range, out=scaled)
+    scaled += config.clip_range
+    scaled *= config.scale
+    top = float((1 << config.quant_bits) - 1)
+
+    def round_into(levels: npt.NDArray[np.float64]) -> None:
+        # + U[0, 1) then floor: unbiased stochastic rounding.
+        levels += uniform_floats(rng.random_bytes(SEED_BYTES), flat.shape[0])
+        np.floor(levels, out=levels)
+        np.minimum(levels, top, out=levels)  # guards the float edge case x == c, u -> 1
+
+    if l2_bound is None:
+        round_into(scaled)
+        return scaled
+    for _ in range(_MAX_ROUNDING_TRIES):
+        levels = scaled.copy()
+        round_into(levels)
+        decoded = levels[:bounded] / config.scale - config.clip_range
+        if float(np.linalg.norm(decoded)) <= l2_bound:
+            return levels
+    raise ConfigError("conditional rounding failed: the update is not clipped to its bound")
+
+
 def encode(
     values: npt.NDArray[np.floating[Any]],
     *,
     weight: int,
     config: EncodingConfig,
     rng: RandomSource,
+    l2_bound: float | None = None,
+    bounded_length: int | None = None,
 ) -> npt.NDArray[np.unsignedinteger[Any]]:
     """Return ``[w * v_1, ..., w * v_d, w]`` in the ring's dtype.
+
+    Parameters
+    ----------
+    l2_bound, bounded_length
+        Conditional rounding: re-draw the rounding until the first
+        ``bounded_length`` decoded values (all by default) have L2 norm at most
+        ``l2_bound`` (see :func:`conditional_rounding_bound`).
 
     Raises
     ------
     ConfigError
-        If the weight is outside [1, weight_cap] or a value is not finite.
+        If the weight is outside [1, weight_cap], a value is not finite, or
+        conditional rounding cannot meet the bound (the values exceed it).
     """
     if not 1 <= weight <= config.weight_cap:
         raise ConfigError(f"weight must be in [1, {config.weight_cap}], got {weight}")
@@ -120,16 +191,11 @@ def encode(
         flat = flat.astype(np.float64)
     if not np.isfinite(flat).all():
         raise ConfigError("cannot encode NaN or infinite values")
-    # In place on one float64 buffer: every pass over a million values counts.
-    levels = np.empty(flat.shape[0], dtype=np.float64)
-    np.clip(flat, -config.clip_range, config.clip_range, out=levels)
-    levels += config.clip_range
-    levels *= config.scale
-    # + U[0, 1): unbiased stochastic rounding.
-    levels += uniform_floats(rng.random_bytes(SEED_BYTES), flat.shape[0])
-    np.floor(levels, out=levels)
+    bounded = flat.shape[0] if bounded_length is None else bounded_length
+    if not 0 <= bounded <= flat.shape[0]:
+        raise ConfigError(f"bounded_length must be in [0, {flat.shape[0]}], got {bounded}")
+    levels = _levels(flat, config, rng, l2_bound, bounded)
     top = float((1 << config.quant_bits) - 1)
-    np.minimum(levels, top, out=levels)  # guards the float edge case x == c, u -> 1
     out = np.empty(flat.shape[0] + 1, dtype=config.dtype)
     if weight * top < 2.0**53:
         # Exact in float64: integers below 2^53 are represented exactly.

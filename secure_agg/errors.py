@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from fedge.errors import FedgeError
 
-__all__ = ["CryptoError", "InvalidMessage", "ProtocolAbort"]
+__all__ = ["CryptoError", "InvalidMessage", "PolicyViolation", "ProtocolAbort"]
 
 
 class CryptoError(FedgeError):
@@ -26,6 +26,10 @@ class CryptoError(FedgeError):
 
 class InvalidMessage(FedgeError, ValueError):  # noqa: N818 - name fixed by STYLE.md
     """A protocol message is malformed, out of order, replayed or out of range."""
+
+
+class PolicyViolation(FedgeError, ValueError):  # noqa: N818 - reads as what happened
+    """The server asked for something outside the device's own policy; nothing was revealed."""
 
 
 class ProtocolAbort(FedgeError, RuntimeError):  # noqa: N818 - name fixed by STYLE.md

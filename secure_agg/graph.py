@@ -1,19 +1,28 @@
-"""The SecAgg+ communication graph: a random Harary graph H(n, k).
+"""Who holds whose shares: every client draws its own holders, so no server can bias the graph.
 
-Nodes are placed on a ring in a uniformly random order and each is joined to
-the k/2 nodes on either side, so every node has exactly k neighbours and, for
-any fixed node, its neighbour set is a uniformly random k-subset of the others
-(Bell et al., CCS 2020, section 3). With k >= n - 1 the graph is complete: the
-classic SecAgg of Bonawitz et al.
+In SecAgg+ (Bell et al., CCS 2020) a client's security rests on how many of the
+clients holding its shares collude with the server. With a graph the server
+draws (or derives from values the server and colluding clients can re-draw
+until it suits them, such as a hash over advertisements they sign), an active
+server can surround a victim with corrupt holders. Here each client draws its k
+holders itself, uniformly from the round's other participants, with its own
+CSPRNG (a "random k-out graph"): the count of corrupt holders of an honest
+client is hypergeometric whatever the server does, which is what
+:func:`secure_agg.params.required_threshold` assumes.
+
+Two clients are *neighbours* (they mask their updates with each other) when
+either drew the other; a client sends shares only to the holders it drew.
+With k >= n - 1 every client holds every other's shares: the classic SecAgg of
+Bonawitz et al.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from secure_agg.randomness import RandomSource
 
-__all__ = ["harary_neighbours", "secure_shuffle"]
+__all__ = ["choose_holders", "neighbours_of", "secure_shuffle"]
 
 
 def secure_shuffle(items: Sequence[int], rng: RandomSource) -> list[int]:
@@ -31,35 +40,35 @@ def secure_shuffle(items: Sequence[int], rng: RandomSource) -> list[int]:
     return result
 
 
-def harary_neighbours(
-    node_ids: Sequence[int], degree: int, rng: RandomSource
-) -> dict[int, tuple[int, ...]]:
-    """Return each node's sorted neighbours in a random Harary graph of the given degree.
+def choose_holders(
+    participants: Sequence[int], node: int, degree: int, rng: RandomSource
+) -> tuple[int, ...]:
+    """Return ``degree`` holders drawn uniformly from the participants other than ``node``, sorted.
 
-    Parameters
-    ----------
-    node_ids
-        The round's participants (distinct).
-    degree
-        k, the number of neighbours; even, or at least ``len(node_ids) - 1``
-        (then every node neighbours every other).
-    rng
-        Source of the random ring order.
+    Raises
+    ------
+    ValueError
+        If ``node`` is not a participant or fewer than ``degree`` others exist.
     """
-    count = len(node_ids)
-    if len(set(node_ids)) != count:
-        raise ValueError("node ids must be distinct")
-    if count < 2:
-        raise ValueError("a graph needs at least two nodes")
-    if degree >= count - 1:
-        return {n: tuple(sorted(m for m in node_ids if m != n)) for n in node_ids}
-    if degree < 2 or degree % 2:
-        raise ValueError(f"degree must be even and >= 2 (or >= n - 1), got {degree}")
-    ring = secure_shuffle(node_ids, rng)
-    half = degree // 2
-    return {
-        node: tuple(
-            sorted(ring[(position + offset) % count] for offset in range(-half, half + 1) if offset)
-        )
-        for position, node in enumerate(ring)
-    }
+    others = [p for p in participants if p != node]
+    if len(others) != len(participants) - 1:
+        raise ValueError("the node must be exactly one of the participants")
+    if not 1 <= degree <= len(others):
+        raise ValueError(f"degree must be in [1, {len(others)}], got {degree}")
+    if degree == len(others):
+        return tuple(sorted(others))
+    return tuple(sorted(secure_shuffle(others, rng)[:degree]))
+
+
+def neighbours_of(
+    holders: Mapping[int, Iterable[int]], live: Iterable[int]
+) -> dict[int, tuple[int, ...]]:
+    """Return each live node's live neighbours: the holders it drew and those that drew it."""
+    alive = set(live)
+    out: dict[int, set[int]] = {node: set() for node in alive}
+    for node in alive:
+        for holder in holders[node]:
+            if holder in alive and holder != node:
+                out[node].add(holder)
+                out[holder].add(node)
+    return {node: tuple(sorted(peers)) for node, peers in out.items()}

@@ -19,11 +19,13 @@ from secure_agg.crypto import (
     signing_key_from_seed,
     verify_signature,
 )
+from secure_agg.errors import CryptoError
 from secure_agg.randomness import RandomSource
 
-__all__ = ["EnrolmentAuthority", "IdentityCertificate", "NodeIdentity"]
+__all__ = ["MAX_ENROLMENT_ID", "EnrolmentAuthority", "IdentityCertificate", "NodeIdentity"]
 
-_MAX_ENROLMENT_ID = 128
+MAX_ENROLMENT_ID = 128
+_MAX_ENROLMENT_BYTES = 4 * MAX_ENROLMENT_ID
 
 
 def _certificate_message(enrolment_id: str, public_key: bytes) -> bytes:
@@ -40,7 +42,19 @@ class IdentityCertificate:
     signature: bytes
 
     def verify(self, authority_public_key: bytes) -> None:
-        """Raise the opaque :class:`CryptoError` unless the authority signed this certificate."""
+        """Raise the opaque :class:`CryptoError` unless the authority signed this certificate.
+
+        A certificate whose fields are out of range (an enrolment id longer than
+        any the authority issues, a key of the wrong size) fails the same way,
+        before any length is packed into the signed message.
+        """
+        encoded = self.enrolment_id.encode("utf-8", errors="replace")
+        if (
+            not 0 < len(self.enrolment_id) <= MAX_ENROLMENT_ID
+            or len(encoded) > _MAX_ENROLMENT_BYTES
+            or len(self.public_key) != KEY_BYTES
+        ):
+            raise CryptoError
         verify_signature(
             authority_public_key,
             self.signature,
@@ -66,8 +80,8 @@ class EnrolmentAuthority:
 
     def enrol(self, enrolment_id: str, rng: RandomSource) -> NodeIdentity:
         """Create and certify a new device identity."""
-        if not 0 < len(enrolment_id) <= _MAX_ENROLMENT_ID:
-            raise ValueError(f"enrolment ids have 1..{_MAX_ENROLMENT_ID} characters")
+        if not 0 < len(enrolment_id) <= MAX_ENROLMENT_ID:
+            raise ValueError(f"enrolment ids have 1..{MAX_ENROLMENT_ID} characters")
         seed = rng.random_bytes(KEY_BYTES)
         public = signing_key_from_seed(seed).public_key().public_bytes_raw()
         signature = sign(self.signing_seed, _certificate_message(enrolment_id, public))

@@ -3,10 +3,15 @@
 Stages: advertise keys -> share keys -> masked input -> [consistency check] ->
 unmask. Adapters in ``fl_client``/``fl_server`` convert them to Flower records;
 the state machines validate them once, on arrival.
+
+The round setup carries no trust anchor: the threat model is there only so a
+device can refuse a round that runs another one, and the enrolment authority's
+key comes from the device's own policy (:mod:`secure_agg.policy`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -26,38 +31,91 @@ __all__ = [
     "EncryptedShares",
     "KeyAdvertisement",
     "MaskedInput",
+    "MaskedInputReport",
     "MaskedInputRequest",
     "RoundSetup",
     "ShareKeysRequest",
     "UnmaskRequest",
     "UnmaskResponse",
     "advert_message",
+    "setup_digest",
     "survivors_message",
 ]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RoundSetup:
-    """Server -> client: the round's parameters and this client's neighbours."""
+    """Server -> client: the round's parameters, the same for every participant but ``node_id``.
+
+    Parameters
+    ----------
+    round_id
+        The random id every key, share and signature of the round is bound to.
+    node_id
+        The recipient.
+    participants
+        Every client of the round, sorted; each draws its ``degree`` holders from them.
+    degree, threshold
+        k, the holders each client shares its secrets with, and t, the shares
+        that reconstruct one.
+    encoding, vector_length
+        The ring and the length of every masked vector.
+    threat_model
+        The model the server runs (a device refuses one its policy does not name).
+    """
 
     round_id: bytes
     node_id: int
-    neighbours: tuple[int, ...]
+    participants: tuple[int, ...]
+    degree: int
     threshold: int
     encoding: EncodingConfig
     vector_length: int
     threat_model: ThreatModel
-    authority_public_key: bytes | None = None
+
+
+def setup_digest(setup: RoundSetup) -> bytes:
+    """Return the SHA-256 of everything in a setup but the recipient.
+
+    Every advertisement carries (and, in the active model, signs) it, so a
+    server that shows different parameters or participants to different
+    clients is caught by any honest client that sees another's advertisement.
+    """
+    encoding = setup.encoding
+    return hashlib.sha256(
+        PROTOCOL_LABEL
+        + b"/setup"
+        + struct.pack(">B", len(setup.round_id))
+        + setup.round_id
+        + struct.pack(f">I{len(setup.participants)}Q", len(setup.participants), *setup.participants)
+        + struct.pack(
+            ">IIdBIIQ",
+            setup.degree,
+            setup.threshold,
+            encoding.clip_range,
+            encoding.ring_bits,
+            encoding.max_clients,
+            encoding.weight_cap,
+            setup.vector_length,
+        )
+        + setup.threat_model.value.encode()
+    ).digest()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KeyAdvertisement:
-    """Client -> server (relayed to neighbours): public keys and the self-mask commitment."""
+    """Client -> server (relayed to neighbours): keys, commitment, chosen holders, setup digest.
+
+    ``holders`` are the k clients this client drew to hold its shares; the
+    client and every holder mask their updates with each other.
+    """
 
     node_id: int
     enc_public: bytes
     mask_public: bytes
     self_mask_commitment: bytes
+    holders: tuple[int, ...]
+    setup_digest: bytes
     certificate: IdentityCertificate | None = None
     signature: bytes | None = None
 
@@ -72,6 +130,8 @@ def advert_message(round_id: bytes, advert: KeyAdvertisement) -> bytes:
         + advert.enc_public
         + advert.mask_public
         + advert.self_mask_commitment
+        + advert.setup_digest
+        + struct.pack(f">I{len(advert.holders)}Q", len(advert.holders), *advert.holders)
     )
 
 
@@ -83,14 +143,17 @@ def survivors_message(round_id: bytes, survivors: Sequence[int]) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class ShareKeysRequest:
-    """Server -> client: the advertisements of the client's neighbours that advertised."""
+    """Server -> client: the advertisements of the client's neighbours.
+
+    Its neighbours are its own holders and the clients that drew it as one.
+    """
 
     adverts: tuple[KeyAdvertisement, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class EncryptedShares:
-    """Client -> server: one sealed share bundle per neighbour, keyed by recipient."""
+    """Client -> server: one sealed share bundle per holder that advertised, keyed by recipient."""
 
     node_id: int
     ciphertexts: Mapping[int, bytes]
@@ -98,17 +161,35 @@ class EncryptedShares:
 
 @dataclass(frozen=True, slots=True)
 class MaskedInputRequest:
-    """Server -> client: the sealed bundles addressed to it, keyed by sender."""
+    """Server -> client: its neighbours that shared their keys, and the bundles addressed to it.
 
+    ``partners`` are the neighbours the client masks with; ``ciphertexts`` holds
+    one bundle from each partner that drew the client as a holder.
+    """
+
+    partners: tuple[int, ...]
     ciphertexts: Mapping[int, bytes]
 
 
 @dataclass(frozen=True, slots=True)
+class MaskedInputReport:
+    """Client -> server, beside the masked vector: the partners whose bundle it could not open.
+
+    Each is that sender's failure: the server drops it from the round, and the
+    client has not masked with it.
+    """
+
+    node_id: int
+    rejected: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class MaskedInput:
-    """Client -> server: the masked, encoded update."""
+    """Client -> server: the masked, encoded update and the partners it rejected."""
 
     node_id: int
     vector: npt.NDArray[np.unsignedinteger[Any]]
+    rejected: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

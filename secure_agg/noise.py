@@ -34,6 +34,12 @@ from secure_agg.randomness import RandomSource
 __all__ = ["discrete_gaussian", "discrete_gaussian_variance", "gaussian", "uniform53"]
 
 _MAX_SIGMA = 2.0**50  # samples stay below 2^53, exact in float64
+# sigma^2 must stay a normal double (a subnormal or zero sigma^2 turns the acceptance
+# probability into NaN, and no draw would ever be kept).
+_MIN_SIGMA = 2.0**-20
+# Each batch keeps about a third of its draws or more: hundreds of batches in a row
+# that keep nothing mean the arithmetic broke, not bad luck.
+_MAX_BATCHES = 1000
 _TWO_TO_MINUS_53 = 2.0**-53
 
 
@@ -75,7 +81,7 @@ def discrete_gaussian(sigma: float, size: int, rng: RandomSource) -> npt.NDArray
     Parameters
     ----------
     sigma
-        The scale, > 0 and finite (at most 2^50).
+        The scale, in [2^-20, 2^50].
     size
         How many samples, >= 0.
     rng
@@ -86,14 +92,16 @@ def discrete_gaussian(sigma: float, size: int, rng: RandomSource) -> npt.NDArray
     ConfigError
         If ``sigma`` or ``size`` is out of range.
     """
-    if not (math.isfinite(sigma) and 0 < sigma <= _MAX_SIGMA):
-        raise ConfigError(f"sigma must be a finite number in (0, 2^50], got {sigma}")
+    if not (math.isfinite(sigma) and _MIN_SIGMA <= sigma <= _MAX_SIGMA):
+        raise ConfigError(f"sigma must be a finite number in [2^-20, 2^50], got {sigma}")
     if size < 0:
         raise ConfigError(f"size must be >= 0, got {size}")
     t = math.floor(sigma) + 1
     out = np.empty(size, dtype=np.int64)
     filled = 0
-    while filled < size:
+    for _ in range(_MAX_BATCHES):
+        if filled >= size:
+            break
         need = size - filled
         # About 3/4 of the draws are kept for sigma >= 3 and over 1/3 below (measured);
         # draw a little more than that needs, and let the loop top up after an unlucky batch.
@@ -110,6 +118,8 @@ def discrete_gaussian(sigma: float, size: int, rng: RandomSource) -> npt.NDArray
         take = min(need, values.shape[0])
         out[filled : filled + take] = values[:take]
         filled += take
+    if filled < size:  # pragma: no cover - needs about 10^-400 luck
+        raise ConfigError(f"the discrete Gaussian sampler kept too few draws at sigma {sigma}")
     return out
 
 

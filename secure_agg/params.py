@@ -1,22 +1,28 @@
-"""Choose the SecAgg+ neighbour count k and threshold t from the round's size and risks.
+"""Choose the SecAgg+ holder count k and threshold t, and the least t a device accepts.
 
-Bell et al. (CCS 2020) pick k = O(log n) and t so that, with high probability,
-(a) every surviving client keeps at least t surviving neighbours (the round
-completes: correctness failure at most 2^-eta) and (b) no client's neighbours
-include enough corrupt clients to reveal its input (security failure at most
-2^-sigma). In a random Harary graph the neighbours of any fixed node are a
-uniformly random k-subset of the other n - 1 nodes, so the number of corrupt
-(or surviving) neighbours is hypergeometric; a union bound over the n nodes
-gives the round-level probabilities computed here exactly with integers.
+Every client secret-shares its self-mask seed and masking key among k
+*holders* it draws itself, uniformly from the round's other participants
+(:mod:`secure_agg.graph`), so the number of corrupt holders of a fixed client
+is hypergeometric whatever the server does. Bell et al. (CCS 2020) pick
+k = O(log n) and t so that (a) every surviving client keeps at least t
+surviving holders (the round completes: correctness failure at most 2^-eta)
+and (b) no client's holders include enough corrupt clients to reveal its input
+(security failure at most 2^-sigma); a union bound over the n clients gives
+the round-level probabilities computed here exactly with integers.
 
 Notes
 -----
-Security condition per threat model, for a node with c corrupt neighbours:
-- semi-honest server: c < t (corrupt clients alone cannot reconstruct);
-- active server: k + c < 2t. Honest neighbours reveal either the self-mask share
-  or the masking-key share of a node, never both; a server that lies about who
-  dropped needs t of each, so it needs honest + 2c >= 2t shares. The consistency
-  check stops it from showing different survivor sets to different clients.
+Security condition per threat model, for a client whose k holders include at
+most c_max corrupt ones (:func:`corrupt_holders_bound`):
+
+- semi-honest server: t > c_max (corrupt holders alone cannot reconstruct);
+- active server: k + c_max < 2t, i.e. t >= floor((k + c_max) / 2) + 1. Honest
+  holders reveal either the self-mask share or the masking-key share of a
+  client, never both; a server that lies about who dropped needs t of each, so
+  it needs (k - c_max) + 2 c_max >= 2t shares.
+
+The corrupt count is ceil(corrupt_fraction * n): rounding down would assume no
+corrupt client at all in rounds of fewer than 1 / corrupt_fraction clients.
 """
 
 from __future__ import annotations
@@ -28,7 +34,15 @@ from functools import cache
 
 from fedge.errors import ConfigError
 
-__all__ = ["NeighbourhoodParams", "ThreatModel", "choose_neighbourhood", "failure_log2"]
+__all__ = [
+    "NeighbourhoodParams",
+    "ThreatModel",
+    "choose_neighbourhood",
+    "corrupt_count",
+    "corrupt_holders_bound",
+    "failure_log2",
+    "required_threshold",
+]
 
 
 class ThreatModel(Enum):
@@ -40,7 +54,7 @@ class ThreatModel(Enum):
 
 @dataclass(frozen=True, slots=True)
 class NeighbourhoodParams:
-    """Neighbours per client and reconstruction threshold, with their failure bounds (log2)."""
+    """Holders per client and reconstruction threshold, with their failure bounds (log2)."""
 
     num_clients: int
     degree: int
@@ -50,7 +64,7 @@ class NeighbourhoodParams:
 
     @property
     def is_complete(self) -> bool:
-        """True when every client neighbours every other (classic SecAgg)."""
+        """True when every client shares with every other (classic SecAgg)."""
         return self.degree >= self.num_clients - 1
 
 
@@ -72,6 +86,51 @@ def _log2(probability: float) -> float:
     return -math.inf if probability <= 0 else math.log2(probability)
 
 
+def corrupt_count(num_clients: int, corrupt_fraction: float) -> int:
+    """Return how many of ``num_clients`` may be corrupt: ceil(fraction * n), exact for decimals."""
+    # round() first: 0.1 * 30 is 3.0000000000000004 in floating point, not 4 clients.
+    return math.ceil(round(corrupt_fraction * num_clients, 9))
+
+
+@cache
+def corrupt_holders_bound(
+    num_clients: int, degree: int, corrupt_fraction: float, security_log2: float
+) -> int:
+    """Return c_max: the most corrupt holders a client has, except with probability 2^-sigma.
+
+    The client's ``degree`` holders are a uniform sample of the other
+    ``num_clients - 1`` participants, of which ``corrupt_count(n, fraction)``
+    are corrupt (the client itself is honest).
+    """
+    others = num_clients - 1
+    draws = min(degree, others)
+    corrupt = min(corrupt_count(num_clients, corrupt_fraction), others)
+    limit = 2.0**-security_log2
+    for bound in range(draws + 1):
+        if _tail_at_least(others, corrupt, draws, bound + 1) <= limit:
+            return bound
+    return draws
+
+
+def required_threshold(
+    num_clients: int,
+    degree: int,
+    *,
+    corrupt_fraction: float,
+    threat_model: ThreatModel,
+    security_log2: float,
+) -> int:
+    """Return the least t that keeps a client's secrets safe (may exceed ``degree``: no safe t).
+
+    semi-honest: c_max + 1; active: floor((k + c_max) / 2) + 1 (see the module notes).
+    """
+    draws = min(degree, num_clients - 1)
+    c_max = corrupt_holders_bound(num_clients, draws, corrupt_fraction, security_log2)
+    if threat_model is ThreatModel.SEMI_HONEST:
+        return c_max + 1
+    return (draws + c_max) // 2 + 1
+
+
 def failure_log2(
     num_clients: int,
     degree: int,
@@ -84,11 +143,11 @@ def failure_log2(
     """Return log2 of the (security, correctness) failure probabilities of a round."""
     others = num_clients - 1
     draws = min(degree, others)
-    corrupt = math.floor(corrupt_fraction * num_clients)
-    dropped = math.ceil(dropout_fraction * num_clients)
+    corrupt = corrupt_count(num_clients, corrupt_fraction)
+    dropped = math.ceil(round(dropout_fraction * num_clients, 9))
     unsafe_from = threshold if threat_model is ThreatModel.SEMI_HONEST else 2 * threshold - draws
     security = num_clients * _tail_at_least(others, min(corrupt, others), draws, unsafe_from)
-    # Correctness fails when more than draws - threshold neighbours dropped.
+    # Correctness fails when more than draws - threshold holders dropped.
     correctness = num_clients * _tail_at_least(
         others, min(dropped, others), draws, draws - threshold + 1
     )
@@ -104,7 +163,7 @@ def choose_neighbourhood(
     sigma: int = 40,
     eta: int = 20,
 ) -> NeighbourhoodParams:
-    """Return the smallest even k (and a t for it) meeting both bounds.
+    """Return the smallest k (and the least safe t for it) meeting both bounds.
 
     Parameters
     ----------
@@ -135,23 +194,29 @@ def choose_neighbourhood(
             raise ConfigError(f"{name} must be in [0, 1), got {value}")
     if sigma < 1 or eta < 1:
         raise ConfigError("sigma and eta must be >= 1")
-    others = num_clients - 1
-    candidates = [*range(2, others, 2), others]
-    for degree in candidates:
-        for threshold in range(degree // 2 + 1, degree + 1):
-            security, correctness = failure_log2(
-                num_clients,
-                degree,
-                threshold,
-                dropout_fraction=dropout_fraction,
-                corrupt_fraction=corrupt_fraction,
-                threat_model=threat_model,
-            )
-            if security > -sigma:
-                continue  # a larger threshold is safer; keep looking
-            if correctness <= -eta:
-                return NeighbourhoodParams(num_clients, degree, threshold, security, correctness)
-            break  # larger thresholds only hurt correctness: try a larger degree
+    # The server's t must satisfy every device: each device checks t against
+    # the per-device bound; a union over the n clients makes it 2^-sigma per round.
+    per_device = sigma + math.log2(num_clients)
+    for degree in range(1, num_clients):
+        threshold = required_threshold(
+            num_clients,
+            degree,
+            corrupt_fraction=corrupt_fraction,
+            threat_model=threat_model,
+            security_log2=per_device,
+        )
+        if threshold > degree:
+            continue
+        security, correctness = failure_log2(
+            num_clients,
+            degree,
+            threshold,
+            dropout_fraction=dropout_fraction,
+            corrupt_fraction=corrupt_fraction,
+            threat_model=threat_model,
+        )
+        if security <= -sigma and correctness <= -eta:
+            return NeighbourhoodParams(num_clients, degree, threshold, security, correctness)
     raise ConfigError(
         f"no neighbourhood of {num_clients} clients tolerates {dropout_fraction:.0%} dropouts and "
         f"{corrupt_fraction:.0%} corrupt clients at sigma={sigma}, eta={eta}: "

@@ -1,18 +1,25 @@
 """The server side of a SecAgg+ round as a state machine.
 
-One :class:`ServerSession` per round: it builds the neighbour graph, relays
-keys and sealed shares, collects masked inputs and shares, and finally removes
-every mask to obtain the exact modular sum of the survivors' encoded inputs and
-nothing else. A client that sends a malformed or unverifiable message at any
-stage is treated as dropped at that stage; the round aborts only when some
-survivor no longer has ``threshold`` live neighbours.
+One :class:`ServerSession` per round: it hands every participant the same
+setup, relays keys and sealed shares along the holder graph the clients drew
+themselves, collects masked inputs and shares, and finally removes every mask
+to obtain the exact modular sum of the survivors' encoded inputs and nothing
+else.
+
+A client that sends a malformed or unverifiable message at any stage is
+treated as dropped at that stage, and so is a client whose shares do not
+reach every live holder it drew, or that a holder reports it could not open:
+its failure is its own, the others carry on. The round aborts only when some
+client whose masks must be removed no longer has ``threshold`` live holders,
+or when no set of shares reconstructs a committed secret (the sum would not
+be exact, and is never produced).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -20,10 +27,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from secure_agg.crypto import public_key_of, verify_signature
+from secure_agg.crypto import KEY_BYTES, public_key_of, verify_signature
 from secure_agg.encoding import EncodingConfig
 from secure_agg.errors import CryptoError, InvalidMessage, ProtocolAbort
-from secure_agg.graph import harary_neighbours
+from secure_agg.graph import neighbours_of
 from secure_agg.masking import adds_pairwise_mask, pairwise_mask_seed, self_mask_commitment
 from secure_agg.messages import (
     ConsistencyRequest,
@@ -37,6 +44,7 @@ from secure_agg.messages import (
     UnmaskRequest,
     UnmaskResponse,
     advert_message,
+    setup_digest,
     survivors_message,
 )
 from secure_agg.params import ThreatModel
@@ -82,9 +90,11 @@ class ServerSession:
     Parameters
     ----------
     participants
-        The node ids sampled for the round.
+        The node ids sampled for the round (distinct).
     degree, threshold
-        k and t (see :func:`secure_agg.params.choose_neighbourhood`).
+        k, the holders each client draws (at most n - 1: a larger k means the
+        classic SecAgg where every client holds every other's shares), and t (see
+        :func:`secure_agg.params.choose_neighbourhood`).
     encoding
         The ring and quantisation every client uses.
     vector_length
@@ -92,7 +102,7 @@ class ServerSession:
     threat_model
         Whether signatures and the consistency check are required.
     rng
-        Source of the round id and the graph.
+        Source of the round id.
     authority_public_key
         The enrolment authority's key (active model).
     """
@@ -109,29 +119,37 @@ class ServerSession:
         rng: RandomSource,
         authority_public_key: bytes | None = None,
     ) -> None:
-        if len(participants) > encoding.max_clients:
+        nodes = tuple(sorted(participants))
+        if len(set(nodes)) != len(nodes) or len(nodes) < 2:
+            raise InvalidMessage("a round needs two or more distinct participants")
+        if len(nodes) > encoding.max_clients:
             raise InvalidMessage(
-                f"{len(participants)} participants but the encoding allows {encoding.max_clients}"
+                f"{len(nodes)} participants but the encoding allows {encoding.max_clients}"
             )
+        degree = min(degree, len(nodes) - 1)  # k >= n - 1: every client holds every other's
+        if not 1 <= threshold <= degree:
+            raise InvalidMessage(f"need 1 <= threshold ({threshold}) <= degree ({degree})")
         if threat_model is ThreatModel.ACTIVE and authority_public_key is None:
             raise InvalidMessage("the active model needs the enrolment authority's key")
         self._round_id = rng.random_bytes(_ROUND_ID_BYTES)
-        self._graph = harary_neighbours(list(participants), degree, rng)
-        degree_used = len(next(iter(self._graph.values())))
-        if not 1 <= threshold <= degree_used:
-            raise InvalidMessage(f"threshold {threshold} outside [1, {degree_used}]")
+        self._participants = nodes
+        self._degree = degree
         self._threshold = threshold
         self._encoding = encoding
         self._length = vector_length
         self._threat = threat_model
         self._authority = authority_public_key
         self._stage = ServerStage.SETUP
+        self._digest = setup_digest(self._setup_for(nodes[0]))
         self._adverts: dict[int, KeyAdvertisement] = {}
+        self._neighbours: dict[int, tuple[int, ...]] = {}
         self._shared: set[int] = set()
+        self._partners: dict[int, tuple[int, ...]] = {}
         self._masked: dict[int, npt.NDArray[np.unsignedinteger[Any]]] = {}
+        self._rejected: dict[int, frozenset[int]] = {}
         self._survivors: tuple[int, ...] = ()
         self._signatures: dict[int, bytes] = {}
-        self.excluded: set[int] = set()
+        self.excluded: dict[int, str] = {}
 
     @property
     def round_id(self) -> bytes:
@@ -139,9 +157,23 @@ class ServerSession:
         return self._round_id
 
     @property
+    def degree(self) -> int:
+        """k, the holders each client draws."""
+        return self._degree
+
+    @property
     def neighbours(self) -> Mapping[int, tuple[int, ...]]:
-        """Each participant's neighbours."""
-        return self._graph
+        """Each live client's neighbours (known once the advertisements are in)."""
+        return self._neighbours
+
+    def identity_of(self, node: int) -> str | None:
+        """Return the enrolment id a live client's certified advertisement names, if any."""
+        advert = self._adverts.get(node)
+        return (
+            None
+            if advert is None or advert.certificate is None
+            else advert.certificate.enrolment_id
+        )
 
     def _expect(self, stage: ServerStage) -> None:
         if self._stage is not stage:
@@ -149,41 +181,64 @@ class ServerSession:
 
     def _exclude(self, node: int, reason: str) -> None:
         logger.warning("secure aggregation: excluding node %d: %s", node, reason)
-        self.excluded.add(node)
+        self.excluded.setdefault(node, reason)
 
-    def _require_live_neighbours(self, live: set[int], stage: str) -> None:
-        starved = [n for n in live if len(live.intersection(self._graph[n])) < self._threshold]
-        if starved:
-            raise ProtocolAbort(stage, starved, f"fewer than {self._threshold} live neighbours")
+    def _holders(self, node: int) -> tuple[int, ...]:
+        return self._adverts[node].holders
+
+    def _prune(self, live: set[int], stage: str) -> set[int]:
+        """Drop, until none is left, every client with fewer than t live holders."""
+        while True:
+            starved = [
+                n for n in live if len(live.intersection(self._holders(n))) < self._threshold
+            ]
+            if not starved:
+                break
+            for node in starved:
+                self._exclude(node, f"{stage}: fewer than {self._threshold} of its holders live")
+            live -= set(starved)
+        if len(live) < 2:
+            raise ProtocolAbort(stage, self._participants, f"{len(live)} clients left")
+        return live
+
+    def _setup_for(self, node: int) -> RoundSetup:
+        return RoundSetup(
+            round_id=self._round_id,
+            node_id=node,
+            participants=self._participants,
+            degree=self._degree,
+            threshold=self._threshold,
+            encoding=self._encoding,
+            vector_length=self._length,
+            threat_model=self._threat,
+        )
 
     def setups(self) -> dict[int, RoundSetup]:
         """Stage 0: the setup message of every participant."""
         self._expect(ServerStage.SETUP)
         self._stage = ServerStage.KEYS
-        return {
-            node: RoundSetup(
-                round_id=self._round_id,
-                node_id=node,
-                neighbours=neighbours,
-                threshold=self._threshold,
-                encoding=self._encoding,
-                vector_length=self._length,
-                threat_model=self._threat,
-                authority_public_key=self._authority,
-            )
-            for node, neighbours in self._graph.items()
-        }
+        return {node: self._setup_for(node) for node in self._participants}
 
-    def _valid_advert(self, node: int, advert: KeyAdvertisement) -> bool:
-        if advert.node_id != node or node not in self._graph:
-            return False
-        if len(advert.enc_public) != 32 or len(advert.mask_public) != 32:
-            return False
-        if len(advert.self_mask_commitment) != 32:
-            return False
+    def _advert_problem(self, node: int, advert: KeyAdvertisement) -> str | None:
+        if advert.node_id != node:
+            return "advertisement for another node"
+        if advert.setup_digest != self._digest:
+            return "advertisement for another round setup"
+        holders = advert.holders
+        if len(holders) != self._degree or node in holders:
+            return "invalid holders"
+        if not set(holders) <= set(self._participants):
+            return "holders outside the round"
+        lengths = (
+            len(advert.enc_public),
+            len(advert.mask_public),
+            len(advert.self_mask_commitment),
+        )
+        if lengths != (KEY_BYTES, KEY_BYTES, 32):
+            return "malformed keys"
         if self._threat is ThreatModel.ACTIVE:
             if advert.certificate is None or advert.signature is None:
-                return False
+                return "unsigned advertisement"
             assert self._authority is not None
             try:
                 advert.certificate.verify(self._authority)
@@ -193,82 +248,128 @@ class ServerSession:
                     advert_message(self._round_id, advert),
                 )
             except CryptoError:
-                return False
-        return True
+                return "invalid certificate or signature"
+        return None
 
     def receive_adverts(
         self, adverts: Mapping[int, KeyAdvertisement]
     ) -> dict[int, ShareKeysRequest]:
-        """Stage 1 -> 2: keep valid advertisements, relay each node its neighbours' ones."""
+        """Stage 1 -> 2: keep valid advertisements, relay each client its neighbours' ones."""
         self._expect(ServerStage.KEYS)
         enrolled: dict[str, int] = {}
+        members = set(self._participants)
         for node, advert in adverts.items():
-            if not self._valid_advert(node, advert):
-                self._exclude(node, "invalid key advertisement")
+            if node not in members:
+                continue
+            problem = self._advert_problem(node, advert)
+            if problem is not None:
+                self._exclude(node, f"advertise-keys: {problem}")
                 continue
             if advert.certificate is not None:
                 other = enrolled.setdefault(advert.certificate.enrolment_id, node)
                 if other != node:
-                    self._exclude(node, "device enrolled twice in the round")
+                    self._exclude(node, "advertise-keys: device enrolled twice in the round")
                     continue
             self._adverts[node] = advert
-        live = set(self._adverts)
-        self._require_live_neighbours(live, "advertise-keys")
+        live = self._prune(set(self._adverts), "advertise-keys")
+        self._neighbours = neighbours_of({n: self._holders(n) for n in live}, live)
         self._stage = ServerStage.SHARES
         return {
-            node: ShareKeysRequest(tuple(self._adverts[m] for m in self._graph[node] if m in live))
+            node: ShareKeysRequest(tuple(self._adverts[m] for m in self._neighbours[node]))
             for node in live
         }
 
     def receive_shares(
         self, shares: Mapping[int, EncryptedShares]
     ) -> dict[int, MaskedInputRequest]:
-        """Stage 2 -> 3: route each sealed bundle to its recipient."""
+        """Stage 2 -> 3: check each client shared with every live holder; route the bundles."""
         self._expect(ServerStage.SHARES)
-        inbox: dict[int, dict[int, bytes]] = {node: {} for node in self._adverts}
+        live = set(self._neighbours)
         for node, message in shares.items():
-            allowed = set(self._graph.get(node, ())) & set(self._adverts)
-            if node not in self._adverts or message.node_id != node:
-                self._exclude(node, "shares from a node that did not advertise")
+            if node not in live:
                 continue
-            if not set(message.ciphertexts) <= allowed:
-                self._exclude(node, "shares addressed to non-neighbours")
-                continue
-            self._shared.add(node)
+            expected = live.intersection(self._holders(node))
+            if message.node_id != node:
+                self._exclude(node, "share-keys: shares for another node")
+            elif set(message.ciphertexts) != expected:
+                missing = sorted(expected - set(message.ciphertexts))
+                self._exclude(node, f"share-keys: no shares for live holders {missing[:5]}")
+            else:
+                self._shared.add(node)
+        self._shared = self._prune(self._shared, "share-keys")
+        requests = {}
         for node in self._shared:
-            for recipient, sealed in shares[node].ciphertexts.items():
-                inbox[recipient][node] = sealed
-        self._require_live_neighbours(self._shared, "share-keys")
+            partners = tuple(p for p in self._neighbours[node] if p in self._shared)
+            self._partners[node] = partners
+            inbox = {
+                sender: shares[sender].ciphertexts[node]
+                for sender in partners
+                if node in self._holders(sender)
+            }
+            requests[node] = MaskedInputRequest(partners, inbox)
         self._stage = ServerStage.MASKED
-        return {
-            node: MaskedInputRequest({s: c for s, c in inbox[node].items() if s in self._shared})
-            for node in self._shared
-        }
+        return requests
+
+    def _masked_with(self, node: int) -> set[int]:
+        return set(self._partners[node]) - self._rejected[node]
+
+    def _check_reconstructable(self, survivors: set[int]) -> None:
+        # Every survivor's self-mask seed, and the masking key of every dropped
+        # client some survivor masked with, needs t shares from survivors: fail
+        # now, before asking anyone to reveal anything, if some cannot get them.
+        needed = set(survivors)
+        for node in self._shared - survivors:
+            if any(node in self._masked_with(s) for s in survivors):
+                needed.add(node)
+        starved = [
+            n for n in needed if len(survivors.intersection(self._holders(n))) < self._threshold
+        ]
+        if starved:
+            raise ProtocolAbort(
+                "masked-input", starved, f"fewer than {self._threshold} holders survived"
+            )
 
     def receive_masked(
         self, inputs: Mapping[int, MaskedInput]
     ) -> dict[int, ConsistencyRequest] | dict[int, UnmaskRequest]:
-        """Stage 3 -> 4 (or 5): keep well-formed masked inputs; announce the survivors."""
+        """Stage 3 -> 4 (or 5): keep well-formed masked inputs, drop rejected senders."""
         self._expect(ServerStage.MASKED)
+        accused: dict[int, int] = {}
         for node, message in inputs.items():
+            if node not in self._shared:
+                continue
             vector = message.vector
-            if node not in self._shared or message.node_id != node:
-                self._exclude(node, "masked input from a node that did not share keys")
+            senders = {p for p in self._partners[node] if node in self._holders(p)}
+            if message.node_id != node:
+                self._exclude(node, "masked-input: input for another node")
             elif vector.dtype != self._encoding.dtype or vector.shape != (self._length,):
-                self._exclude(node, "masked input of the wrong type or length")
+                self._exclude(node, "masked-input: masked input of the wrong type or length")
+            elif not set(message.rejected) <= senders:
+                self._exclude(node, "masked-input: rejects clients that sent it nothing")
             else:
                 self._masked[node] = vector
-        if not self._masked:
-            raise ProtocolAbort("masked-input", self._shared, "no masked input arrived")
-        # Each survivor's self-mask seed needs threshold shares from survivors: fail now,
-        # before asking anyone to reveal anything, if some survivor cannot get them.
-        self._require_live_neighbours(set(self._masked), "masked-input")
-        self._survivors = tuple(sorted(self._masked))
+                self._rejected[node] = frozenset(message.rejected)
+                for sender in message.rejected:
+                    accused.setdefault(sender, node)
+        for sender, reporter in sorted(accused.items()):
+            self._exclude(sender, f"share-keys: its shares did not open at node {reporter}")
+        for node in self._shared - set(self._masked):
+            self._rejected.setdefault(node, frozenset())
+        survivors = set(self._masked) - set(accused)
+        if len(survivors) < 2:
+            raise ProtocolAbort("masked-input", self._shared, f"{len(survivors)} masked inputs")
+        self._check_reconstructable(survivors)
+        self._survivors = tuple(sorted(survivors))
         if self._threat is ThreatModel.ACTIVE:
             self._stage = ServerStage.CONFIRMED
             return {node: ConsistencyRequest(self._survivors) for node in self._survivors}
         self._stage = ServerStage.DONE
         return {node: UnmaskRequest(self._survivors, {}) for node in self._survivors}
+
+    @property
+    def survivors(self) -> tuple[int, ...]:
+        """The clients whose masked inputs are in the sum (known after the masked inputs)."""
+        return self._survivors
 
     def receive_signatures(
         self, signatures: Mapping[int, ConsistencySignature]
@@ -276,16 +377,17 @@ class ServerSession:
         """Stage 4 -> 5 (active model): forward the valid signatures on the survivor set."""
         self._expect(ServerStage.CONFIRMED)
         message = survivors_message(self._round_id, self._survivors)
+        members = set(self._survivors)
         for node, reply in signatures.items():
             advert = self._adverts.get(node)
-            if node not in self._masked or reply.node_id != node or advert is None:
-                self._exclude(node, "consistency signature from a non-survivor")
+            if node not in members or reply.node_id != node or advert is None:
+                self._exclude(node, "consistency: signature from a non-survivor")
                 continue
             assert advert.certificate is not None
             try:
                 verify_signature(advert.certificate.public_key, reply.signature, message)
             except CryptoError:
-                self._exclude(node, "invalid consistency signature")
+                self._exclude(node, "consistency: invalid signature")
                 continue
             self._signatures[node] = reply.signature
         self._stage = ServerStage.DONE
@@ -295,9 +397,12 @@ class ServerSession:
         }
 
     def _reconstruct(
-        self, owner: int, shares: dict[int, npt.NDArray[np.uint32]], verify: Any
+        self,
+        owner: int,
+        shares: dict[int, npt.NDArray[np.uint32]],
+        verify: Callable[[bytes], bool],
     ) -> bytes:
-        order = self._graph[owner]
+        order = self._holders(owner)
         holders = sorted(shares)
         if len(holders) < self._threshold:
             raise ProtocolAbort(
@@ -321,21 +426,38 @@ class ServerSession:
         key_shares: dict[int, dict[int, npt.NDArray[np.uint32]]] = {n: {} for n in dropped}
         for holder, response in responses.items():
             if holder not in survivors or response.node_id != holder:
-                self._exclude(holder, "unmask response from a non-survivor")
+                self._exclude(holder, "unmask: response from a non-survivor")
                 continue
-            claimed = set(response.self_mask_shares) | set(response.mask_key_shares)
-            if set(response.self_mask_shares) & set(response.mask_key_shares) or not claimed <= set(
-                self._graph[holder]
+            owners_self, owners_key = set(response.self_mask_shares), set(response.mask_key_shares)
+            if (
+                owners_self & owners_key
+                or not owners_self <= survivors
+                or not owners_key <= dropped
             ):
-                self._exclude(holder, "malformed unmask response")
+                self._exclude(holder, "unmask: malformed response")
+                continue
+            if any(holder not in self._holders(o) for o in owners_self | owners_key):
+                self._exclude(holder, "unmask: shares it was never sent")
                 continue
             for owner, share in response.self_mask_shares.items():
-                if owner in survivors and _well_formed(share):
+                if _well_formed(share):
                     self_shares[owner][holder] = share
             for owner, share in response.mask_key_shares.items():
-                if owner in dropped and _well_formed(share):
+                if _well_formed(share):
                     key_shares[owner][holder] = share
         return self_shares, key_shares
+
+    def _self_seed_check(self, owner: int) -> Callable[[bytes], bool]:
+        commitment = self._adverts[owner].self_mask_commitment
+
+        def matches(seed: bytes) -> bool:
+            return self_mask_commitment(self._round_id, owner, seed) == commitment
+
+        return matches
+
+    def _mask_key_check(self, owner: int) -> Callable[[bytes], bool]:
+        public = self._adverts[owner].mask_public
+        return lambda private: _derives(private, public)
 
     def finish(self, responses: Mapping[int, UnmaskResponse]) -> UnmaskResult:
         """Stage 5: reconstruct seeds and keys, remove every mask, return the exact sum."""
@@ -345,25 +467,17 @@ class ServerSession:
         dropped = self._shared - survivors
         self_shares, key_shares = self._collect_shares(responses, survivors, dropped)
         total = np.zeros(self._length, dtype=self._encoding.dtype)
-        for vector in self._masked.values():
-            np.add(total, vector, out=total)
+        for node in self._survivors:
+            np.add(total, self._masked[node], out=total)
         masks: list[tuple[bytes, bool]] = []
         for owner in sorted(survivors):
-            commitment = self._adverts[owner].self_mask_commitment
-            seed = self._reconstruct(
-                owner,
-                self_shares[owner],
-                lambda s, o=owner, c=commitment: self_mask_commitment(self._round_id, o, s) == c,
-            )
+            seed = self._reconstruct(owner, self_shares[owner], self._self_seed_check(owner))
             masks.append((seed, True))
         for owner in sorted(dropped):
-            partners = [p for p in self._graph[owner] if p in survivors]
+            partners = [p for p in sorted(survivors) if owner in self._masked_with(p)]
             if not partners:
                 continue
-            public = self._adverts[owner].mask_public
-            private = self._reconstruct(
-                owner, key_shares[owner], lambda s, p=public: _derives(s, p)
-            )
+            private = self._reconstruct(owner, key_shares[owner], self._mask_key_check(owner))
             for partner in partners:
                 seed = pairwise_mask_seed(
                     private,

@@ -10,8 +10,9 @@ Notes
 -----
 Security: any ``threshold - 1`` shares of a chunk are uniformly distributed and
 independent of it (information-theoretic), so they reveal nothing about the
-secret. Polynomial coefficients are drawn from the caller's random source,
-64 bits reduced modulo p (statistical distance from uniform below 2^-32).
+secret. Polynomial coefficients are drawn from the caller's random source
+exactly uniformly: 31 random bits each, the one value >= p redrawn (rejection
+sampling; a 64-bit value reduced modulo p would carry a 2^-33 bias).
 Reference: A. Shamir, "How to share a secret", CACM 1979.
 """
 
@@ -31,6 +32,7 @@ __all__ = [
     "combine",
     "lagrange_at_zero",
     "split",
+    "uniform_field_elements",
 ]
 
 PRIME = (1 << 31) - 1
@@ -95,9 +97,8 @@ def split(
         raise ValueError("too many shares for the field")
     constant = _secrets_to_chunks(secrets)
     width = constant.shape[0]
-    raw = rng.random_bytes(8 * width * (threshold - 1))
-    coefficients = np.frombuffer(raw, dtype=np.uint64).reshape(threshold - 1, width) % np.uint64(
-        PRIME
+    coefficients = uniform_field_elements(rng, (threshold - 1) * width).reshape(
+        threshold - 1, width
     )
     xs = np.arange(1, num_shares + 1, dtype=np.uint64).reshape(-1, 1)
     prime = np.uint64(PRIME)
@@ -108,6 +109,18 @@ def split(
         accumulator = (accumulator * xs) % prime
     accumulator = (accumulator + constant) % prime
     return accumulator.astype(np.uint32)
+
+
+def uniform_field_elements(rng: RandomSource, count: int) -> npt.NDArray[np.uint64]:
+    """Return ``count`` elements drawn uniformly from GF(2^31 - 1) by rejection sampling."""
+    values = np.frombuffer(rng.random_bytes(4 * count), dtype=">u4").astype(np.uint64)
+    values &= np.uint64(0x7FFFFFFF)
+    while True:
+        bad = np.flatnonzero(values >= PRIME)
+        if bad.size == 0:
+            return values
+        fresh = np.frombuffer(rng.random_bytes(4 * bad.size), dtype=">u4").astype(np.uint64)
+        values[bad] = fresh & np.uint64(0x7FFFFFFF)
 
 
 def lagrange_at_zero(xs: Sequence[int]) -> list[int]:

@@ -19,12 +19,13 @@ import numpy.typing as npt
 
 from secure_agg.encoding import EncodingConfig
 from secure_agg.errors import InvalidMessage
-from secure_agg.identity import IdentityCertificate
+from secure_agg.identity import MAX_ENROLMENT_ID, IdentityCertificate
 from secure_agg.messages import (
     ConsistencyRequest,
     ConsistencySignature,
     EncryptedShares,
     KeyAdvertisement,
+    MaskedInputReport,
     MaskedInputRequest,
     RoundSetup,
     ShareKeysRequest,
@@ -41,7 +42,10 @@ _MAX_BLOB: Final = 1 << 16
 _MAX_VECTOR: Final = 1 << 31
 _VERSION: Final = 1
 _KEY: Final = 32
+_DIGEST: Final = 32
 _SIGNATURE: Final = 64
+# UTF-8 takes at most 4 bytes a character.
+_MAX_ENROLMENT_BYTES: Final = 4 * MAX_ENROLMENT_ID
 
 T = TypeVar("T")
 
@@ -190,7 +194,8 @@ class Reader:
 def _put_setup(w: Writer, m: RoundSetup) -> None:
     w.blob(m.round_id)
     w.u64(m.node_id)
-    w.ids(m.neighbours)
+    w.ids(m.participants)
+    w.u32(m.degree)
     w.u32(m.threshold)
     w.f64(m.encoding.clip_range)
     w.u8(m.encoding.ring_bits)
@@ -198,21 +203,22 @@ def _put_setup(w: Writer, m: RoundSetup) -> None:
     w.u32(m.encoding.weight_cap)
     w.u64(m.vector_length)
     w.blob(m.threat_model.value.encode())
-    w.blob(m.authority_public_key or b"")
 
 
 def _get_setup(r: Reader) -> RoundSetup:
-    round_id, node_id, neighbours, threshold = r.blob(), r.u64(), r.distinct_ids(), r.u32()
+    round_id, node_id, participants = r.blob(), r.u64(), r.distinct_ids()
+    degree, threshold = r.u32(), r.u32()
     clip, bits, max_clients, cap = r.f64(), r.u8(), r.u32(), r.u32()
     length = r.u64()
     threat = r.blob()
-    authority = r.blob()
     if not 16 <= len(round_id) <= 64:
         raise InvalidMessage("round id of the wrong size")
     if not 2 <= length <= _MAX_VECTOR:
         raise InvalidMessage(f"vector length {length} out of range")
-    if authority and len(authority) != _KEY:
-        raise InvalidMessage("authority key of the wrong size")
+    if len(participants) < 2 or node_id not in participants:
+        raise InvalidMessage("the participants must be two or more and include the recipient")
+    if not 1 <= threshold <= degree < len(participants):
+        raise InvalidMessage(f"degree {degree} and threshold {threshold} out of range")
     try:
         threat_model = ThreatModel(threat.decode("ascii"))
         encoding = EncodingConfig(
@@ -223,12 +229,12 @@ def _get_setup(r: Reader) -> RoundSetup:
     return RoundSetup(
         round_id=round_id,
         node_id=node_id,
-        neighbours=neighbours,
+        participants=participants,
+        degree=degree,
         threshold=threshold,
         encoding=encoding,
         vector_length=length,
         threat_model=threat_model,
-        authority_public_key=authority or None,
     )
 
 
@@ -237,6 +243,8 @@ def _put_advert(w: Writer, m: KeyAdvertisement) -> None:
     w.fixed(m.enc_public, _KEY)
     w.fixed(m.mask_public, _KEY)
     w.fixed(m.self_mask_commitment, _KEY)
+    w.ids(m.holders)
+    w.fixed(m.setup_digest, _DIGEST)
     if m.certificate is None or m.signature is None:
         w.u8(0)
         return
@@ -250,17 +258,28 @@ def _put_advert(w: Writer, m: KeyAdvertisement) -> None:
 def _get_advert(r: Reader) -> KeyAdvertisement:
     node_id = r.u64()
     enc, mask, commitment = r.fixed(_KEY), r.fixed(_KEY), r.fixed(_KEY)
+    holders, digest = r.distinct_ids(), r.fixed(_DIGEST)
     flag = r.u8()
     if flag == 0:
         return KeyAdvertisement(
-            node_id=node_id, enc_public=enc, mask_public=mask, self_mask_commitment=commitment
+            node_id=node_id,
+            enc_public=enc,
+            mask_public=mask,
+            self_mask_commitment=commitment,
+            holders=holders,
+            setup_digest=digest,
         )
     if flag != 1:
         raise InvalidMessage("invalid certificate flag")
+    raw_id = r.blob()
+    if not 0 < len(raw_id) <= _MAX_ENROLMENT_BYTES:
+        raise InvalidMessage(f"an enrolment id has 1..{MAX_ENROLMENT_ID} characters")
     try:
-        enrolment_id = r.blob().decode("utf-8")
+        enrolment_id = raw_id.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidMessage("enrolment id is not UTF-8") from exc
+    if len(enrolment_id) > MAX_ENROLMENT_ID:
+        raise InvalidMessage(f"an enrolment id has 1..{MAX_ENROLMENT_ID} characters")
     certificate = IdentityCertificate(
         enrolment_id=enrolment_id, public_key=r.fixed(_KEY), signature=r.fixed(_SIGNATURE)
     )
@@ -269,6 +288,8 @@ def _get_advert(r: Reader) -> KeyAdvertisement:
         enc_public=enc,
         mask_public=mask,
         self_mask_commitment=commitment,
+        holders=holders,
+        setup_digest=digest,
         certificate=certificate,
         signature=r.fixed(_SIGNATURE),
     )
@@ -311,6 +332,24 @@ def _get_encrypted(r: Reader) -> EncryptedShares:
     return EncryptedShares(node_id=r.u64(), ciphertexts=_get_blobs(r))
 
 
+def _put_masked_request(w: Writer, m: MaskedInputRequest) -> None:
+    w.ids(m.partners)
+    _put_blobs(w, m.ciphertexts)
+
+
+def _get_masked_request(r: Reader) -> MaskedInputRequest:
+    return MaskedInputRequest(r.distinct_ids(), _get_blobs(r))
+
+
+def _put_report(w: Writer, m: MaskedInputReport) -> None:
+    w.u64(m.node_id)
+    w.ids(m.rejected)
+
+
+def _get_report(r: Reader) -> MaskedInputReport:
+    return MaskedInputReport(node_id=r.u64(), rejected=r.distinct_ids())
+
+
 def _put_signatures(w: Writer, values: Mapping[int, bytes]) -> None:
     w.u32(len(values))
     for node in sorted(values):
@@ -349,11 +388,7 @@ _CODECS: dict[type[Any], _Codec] = {
     KeyAdvertisement: (2, _put_advert, _get_advert),
     ShareKeysRequest: (3, _put_share_keys, _get_share_keys),
     EncryptedShares: (4, _put_encrypted, _get_encrypted),
-    MaskedInputRequest: (
-        5,
-        lambda w, m: _put_blobs(w, m.ciphertexts),
-        lambda r: MaskedInputRequest(_get_blobs(r)),
-    ),
+    MaskedInputRequest: (5, _put_masked_request, _get_masked_request),
     ConsistencyRequest: (
         6,
         lambda w, m: w.ids(m.survivors),
@@ -366,6 +401,7 @@ _CODECS: dict[type[Any], _Codec] = {
     ),
     UnmaskRequest: (8, _put_unmask_request, _get_unmask_request),
     UnmaskResponse: (9, _put_unmask_response, _get_unmask_response),
+    MaskedInputReport: (10, _put_report, _get_report),
 }
 
 

@@ -17,7 +17,7 @@ from secure_agg.crypto import (
     verify_signature,
 )
 from secure_agg.errors import CryptoError, ProtocolAbort
-from secure_agg.graph import harary_neighbours, secure_shuffle
+from secure_agg.graph import choose_holders, neighbours_of, secure_shuffle
 from secure_agg.identity import EnrolmentAuthority
 from secure_agg.prg import add_mask, apply_masks, expand_mask, uniform_floats
 from secure_agg.randomness import DeterministicRandom, SystemRandomSource
@@ -216,29 +216,37 @@ def test_certificates_from_the_authority_verify_and_others_do_not() -> None:
         authority.enrol("", rng)
 
 
-def test_harary_graph_is_regular_symmetric_and_random() -> None:
+def test_each_client_draws_its_own_holders_uniformly() -> None:
     nodes = list(range(100, 130))
-    graph = harary_neighbours(nodes, 6, DeterministicRandom(6))
-    other = harary_neighbours(nodes, 6, DeterministicRandom(7))
+    first = choose_holders(nodes, 105, 6, DeterministicRandom(6))
+    other = choose_holders(nodes, 105, 6, DeterministicRandom(7))
 
-    assert all(len(neighbours) == 6 for neighbours in graph.values())
-    assert all(node not in graph[node] for node in nodes)
-    assert all(node in graph[peer] for node in nodes for peer in graph[node])
-    assert graph != other
+    assert len(first) == 6 and len(set(first)) == 6 and 105 not in first
+    assert set(first) <= set(nodes) and list(first) == sorted(first)
+    assert first != other
+    # Uniform over the 29 others: each is drawn with probability 6/29.
+    counts = dict.fromkeys(nodes, 0)
+    for seed in range(2000):
+        for holder in choose_holders(nodes, 105, 6, DeterministicRandom(seed)):
+            counts[holder] += 1
+    drawn = [counts[n] for n in nodes if n != 105]
+    expected = 2000 * 6 / 29
+    assert all(abs(c - expected) < 5 * (expected * (1 - 6 / 29)) ** 0.5 for c in drawn)
 
 
-def test_degree_at_least_n_minus_one_gives_the_complete_graph() -> None:
-    graph = harary_neighbours([1, 2, 3, 4], 10, DeterministicRandom(1))
+def test_degree_n_minus_one_draws_everybody_and_neighbours_are_symmetric() -> None:
+    assert choose_holders([1, 2, 3, 4], 1, 3, DeterministicRandom(1)) == (2, 3, 4)
+    graph = neighbours_of({1: (2,), 2: (3,), 3: (1,), 4: (1,)}, live=[1, 2, 3])
 
-    assert graph[1] == (2, 3, 4)
+    assert graph == {1: (2, 3), 2: (1, 3), 3: (1, 2)}
 
 
-def test_graph_validates_its_arguments() -> None:
+def test_holder_choice_validates_its_arguments() -> None:
     rng = DeterministicRandom(1)
-    with pytest.raises(ValueError, match="even"):
-        harary_neighbours(list(range(10)), 3, rng)
-    with pytest.raises(ValueError, match="distinct"):
-        harary_neighbours([1, 1, 2], 2, rng)
+    with pytest.raises(ValueError, match="degree"):
+        choose_holders(list(range(10)), 3, 10, rng)
+    with pytest.raises(ValueError, match="exactly one"):
+        choose_holders([1, 2, 3], 7, 1, rng)
 
 
 def test_secure_shuffle_is_a_permutation() -> None:

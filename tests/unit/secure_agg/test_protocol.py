@@ -14,11 +14,22 @@ from secure_agg.errors import CryptoError, InvalidMessage, ProtocolAbort
 from secure_agg.identity import EnrolmentAuthority
 from secure_agg.messages import ConsistencyRequest, MaskedInputRequest, UnmaskRequest
 from secure_agg.params import ThreatModel
+from secure_agg.policy import ProtocolPolicy
 from secure_agg.randomness import DeterministicRandom
 from secure_agg.server import ServerSession
 
 LENGTH = 64
 ENCODING = EncodingConfig(clip_range=1.0, ring_bits=32, max_clients=20, weight_cap=10)
+
+
+def _policy(threat: ThreatModel, authority: bytes | None) -> ProtocolPolicy:
+    # No corrupt client assumed: these tests choose small k and t on purpose.
+    return ProtocolPolicy(
+        threat_model=threat,
+        authority_public_key=authority if threat is ThreatModel.ACTIVE else None,
+        corrupt_fraction=0.0,
+        min_degree=1,
+    )
 
 
 def _round(
@@ -29,8 +40,12 @@ def _round(
     threat: ThreatModel = ThreatModel.SEMI_HONEST,
     drop_at: Mapping[str, Iterable[int]] | None = None,
     seed: int = 0,
+    excluded: list[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
-    """Run a round; return (unmasked total, expected sum of survivors, survivors)."""
+    """Run a round; return (unmasked total, expected sum of survivors, survivors).
+
+    ``excluded`` receives the clients the server left out without them dropping.
+    """
     drop = {stage: set(nodes) for stage, nodes in (drop_at or {}).items()}
     rng = DeterministicRandom(seed)
     authority = EnrolmentAuthority.generate(rng)
@@ -46,9 +61,11 @@ def _round(
         rng=rng,
         authority_public_key=authority.public_key,
     )
+    policy = _policy(threat, authority.public_key)
     clients = {
         n: ClientSession(
             setup,
+            policy=policy,
             rng=DeterministicRandom(seed * 10_000 + n),
             identity=authority.enrol(f"device-{n}", rng) if threat is ThreatModel.ACTIVE else None,
         )
@@ -88,6 +105,8 @@ def _round(
             if n not in drop.get("unmask", set())
         }
     )
+    if excluded is not None:
+        excluded.extend(result.excluded)
     expected = np.zeros(LENGTH, dtype=np.uint32)
     for n in result.survivors:
         expected = expected + inputs[n]
@@ -145,8 +164,8 @@ def test_active_model_with_a_dropout_in_the_consistency_check() -> None:
     np.testing.assert_array_equal(total, expected)
 
 
-def test_too_many_dropouts_abort_naming_the_starved_nodes() -> None:
-    with pytest.raises(ProtocolAbort, match="fewer than 5 live neighbours"):
+def test_too_many_dropouts_abort_the_round() -> None:
+    with pytest.raises(ProtocolAbort, match="share-keys: 0 clients left"):
         _round(8, degree=6, threshold=5, drop_at={"share": [1000, 1007, 1014]})
 
 
@@ -173,9 +192,11 @@ def _through_shares(
         rng=rng,
         authority_public_key=authority.public_key if active else None,
     )
+    policy = _policy(threat, authority.public_key)
     clients = {
         n: ClientSession(
             s,
+            policy=policy,
             rng=DeterministicRandom(n + seed),
             identity=authority.enrol(str(n), rng) if active else None,
         )
@@ -211,7 +232,7 @@ def test_a_client_refuses_to_reveal_without_enough_confirmations() -> None:
     signatures = {n: clients[n].confirm(ConsistencyRequest(survivors)).signature for n in (1, 2)}
     clients[3].confirm(ConsistencyRequest(survivors))
 
-    with pytest.raises(ProtocolAbort, match="2 neighbours confirmed"):
+    with pytest.raises(ProtocolAbort, match="2 of this client's holders confirmed"):
         clients[3].unmask(UnmaskRequest(survivors, signatures))
 
 
@@ -242,10 +263,12 @@ def test_messages_out_of_order_or_replayed_are_refused() -> None:
         rng=rng,
     )
     setups = server.setups()
-    client = ClientSession(setups[1], rng=DeterministicRandom(1))
+    client = ClientSession(
+        setups[1], policy=_policy(ThreatModel.SEMI_HONEST, None), rng=DeterministicRandom(1)
+    )
 
     with pytest.raises(InvalidMessage, match="out of order"):
-        client.masked_input(MaskedInputRequest({}), np.zeros(4, dtype=np.uint32))
+        client.masked_input(MaskedInputRequest((), {}), np.zeros(4, dtype=np.uint32))
     client.advertise()
     with pytest.raises(InvalidMessage, match="out of order"):
         client.advertise()
@@ -257,8 +280,29 @@ def test_shares_sealed_for_another_round_are_rejected() -> None:
     _, clients_a, _ = _through_shares(20, [1, 2, 3], degree=2, threshold=2)
     _, _, routed_b = _through_shares(21, [1, 2, 3], degree=2, threshold=2)
 
-    with pytest.raises(CryptoError):
+    # Neither bundle opens: both senders are rejected, and without them the
+    # client's own secrets have too few holders to go on.
+    with pytest.raises(ProtocolAbort, match="0 of this client's holders shared keys"):
         clients_a[1].masked_input(routed_b[1], np.zeros(4, dtype=np.uint32))
+
+
+def test_a_sender_whose_bundle_does_not_open_is_dropped_and_the_round_goes_on() -> None:
+    nodes = [1, 2, 3, 4, 5, 6]
+    server, clients, routed = _through_shares(22, nodes, degree=5, threshold=3)
+    inputs = {n: np.full(4, 10 * n, dtype=np.uint32) for n in nodes}
+    # Node 4 (or the network) spoils the bundle it sent to node 1.
+    spoiled = dict(routed[1].ciphertexts)
+    spoiled[4] = spoiled[4][:-1] + bytes([spoiled[4][-1] ^ 1])
+    routed[1] = MaskedInputRequest(routed[1].partners, spoiled)
+
+    masked = {n: clients[n].masked_input(routed[n], inputs[n]) for n in nodes}
+    requests = server.receive_masked(masked)
+    result = server.finish({n: clients[n].unmask(r) for n, r in requests.items()})  # type: ignore[arg-type]
+
+    assert masked[1].rejected == (4,)
+    assert result.survivors == (1, 2, 3, 5, 6) and 4 in result.excluded
+    assert "did not open at node 1" in server.excluded[4]
+    np.testing.assert_array_equal(result.total, sum(inputs[n] for n in result.survivors))
 
 
 def test_a_lying_share_holder_is_outvoted_by_the_commitment() -> None:

@@ -19,6 +19,7 @@ from secure_agg.messages import (
     EncryptedShares,
     KeyAdvertisement,
     MaskedInput,
+    MaskedInputReport,
     MaskedInputRequest,
     RoundSetup,
     ShareKeysRequest,
@@ -26,6 +27,7 @@ from secure_agg.messages import (
     UnmaskResponse,
 )
 from secure_agg.params import ThreatModel
+from secure_agg.policy import ProtocolPolicy
 from secure_agg.randomness import DeterministicRandom
 from secure_agg.server import ServerSession
 
@@ -57,16 +59,23 @@ def test_a_whole_active_round_through_bytes_and_restored_sessions() -> None:
         authority_public_key=authority.public_key,
     )
     states: dict[int, bytes] = {}
+    policy = ProtocolPolicy(
+        threat_model=ThreatModel.ACTIVE,
+        authority_public_key=authority.public_key,
+        corrupt_fraction=0.0,
+    )
 
     def step(node: int, stage: str, request: object) -> object:
-        session = ClientSession.restore(states[node], rng=rng, identity=identities[node])
+        session = ClientSession.restore(
+            states[node], policy=policy, rng=rng, identity=identities[node]
+        )
         out = getattr(session, stage)(_via_wire(request))
         states[node] = session.export_state()
         return _via_wire(out)
 
     adverts = {}
     for node, setup in server.setups().items():
-        session = ClientSession(_via_wire(setup), rng=rng, identity=identities[node])
+        session = ClientSession(_via_wire(setup), policy=policy, rng=rng, identity=identities[node])
         adverts[node] = _via_wire(session.advertise())
         states[node] = session.export_state()
     share_requests = server.receive_adverts(adverts)
@@ -77,7 +86,7 @@ def test_a_whole_active_round_through_bytes_and_restored_sessions() -> None:
     for n, request in masked_requests.items():
         if n == dropped:
             continue
-        session = ClientSession.restore(states[n], rng=rng, identity=identities[n])
+        session = ClientSession.restore(states[n], policy=policy, rng=rng, identity=identities[n])
         masked[n] = session.masked_input(_via_wire(request), inputs[n])
         states[n] = session.export_state()
     confirm = server.receive_masked(masked)
@@ -89,9 +98,8 @@ def test_a_whole_active_round_through_bytes_and_restored_sessions() -> None:
     expected = sum(inputs[n] for n in nodes if n != dropped)
     np.testing.assert_array_equal(result.total, expected)
     assert result.dropped == (dropped,)
-    assert ClientSession.restore(states[11], rng=rng, identity=identities[11]).stage is (
-        ClientStage.DONE
-    )
+    restored = ClientSession.restore(states[11], policy=policy, rng=rng, identity=identities[11])
+    assert restored.stage is ClientStage.DONE
 
 
 def _samples() -> list[object]:
@@ -102,6 +110,8 @@ def _samples() -> list[object]:
         enc_public=b"e" * 32,
         mask_public=b"m" * 32,
         self_mask_commitment=b"c" * 32,
+        holders=(1, 9),
+        setup_digest=b"d" * 32,
         certificate=identity.certificate,
         signature=b"s" * 64,
     )
@@ -110,7 +120,8 @@ def _samples() -> list[object]:
         RoundSetup(
             round_id=b"r" * 16,
             node_id=2**63,
-            neighbours=(1, 5, 9),
+            participants=(1, 5, 9, 2**63),
+            degree=2,
             threshold=2,
             encoding=ENCODING,
             vector_length=LENGTH,
@@ -125,11 +136,14 @@ def _samples() -> list[object]:
                     enc_public=b"e" * 32,
                     mask_public=b"m" * 32,
                     self_mask_commitment=b"c" * 32,
+                    holders=(),
+                    setup_digest=b"d" * 32,
                 ),
             )
         ),
         EncryptedShares(node_id=3, ciphertexts={1: b"abc", 9: b""}),
-        MaskedInputRequest({1: b"x" * 140}),
+        MaskedInputRequest((1, 4), {1: b"x" * 140}),
+        MaskedInputReport(node_id=3, rejected=(4, 5)),
         ConsistencyRequest((1, 2, 3)),
         ConsistencySignature(node_id=3, signature=b"z" * 64),
         UnmaskRequest((1, 2), {1: b"q" * 64}),
@@ -193,7 +207,8 @@ def test_a_setup_with_an_impossible_encoding_or_length_is_rejected() -> None:
     setup = _samples()[0]
     assert isinstance(setup, RoundSetup)
     data = bytearray(wire.encode(setup))
-    bits_at = 2 + 4 + 16 + 8 + 4 + 3 * 8 + 4 + 8  # tag, version, round id, node, ids, t, clip
+    # tag, version, round id, node, participants, k, t, clip
+    bits_at = 2 + 4 + 16 + 8 + 4 + 4 * 8 + 4 + 4 + 8
     data[bits_at] = 200
 
     with pytest.raises(InvalidMessage, match="ring_bits"):
@@ -213,11 +228,12 @@ def test_a_corrupt_client_state_is_rejected() -> None:
         threat_model=ThreatModel.SEMI_HONEST,
         rng=rng,
     )
-    session = ClientSession(server.setups()[1], rng=rng)
+    policy = ProtocolPolicy(threat_model=ThreatModel.SEMI_HONEST)
+    session = ClientSession(server.setups()[1], policy=policy, rng=rng)
     state = session.export_state()
 
     with pytest.raises(InvalidMessage, match="state version"):
-        ClientSession.restore(b"\x07" + state[1:], rng=rng)
+        ClientSession.restore(b"\x07" + state[1:], policy=policy, rng=rng)
     with pytest.raises(InvalidMessage):
-        ClientSession.restore(state[:-3], rng=rng)
-    assert ClientSession.restore(state, rng=rng).round_id == server.round_id
+        ClientSession.restore(state[:-3], policy=policy, rng=rng)
+    assert ClientSession.restore(state, policy=policy, rng=rng).round_id == server.round_id
