@@ -203,7 +203,8 @@ def ddg_rho(
     l2_sensitivity, l1_sensitivity
         How far one client's integer vector can move the sum, in L2 and L1.
     sigma
-        The scale of each client's discrete Gaussian noise.
+        The scale of each client's discrete Gaussian noise, >= 1/2 (where Kairouz
+        et al.'s Theorem 1 holds).
     num_clients
         n, the clients whose noise is in the sum (count only the survivors).
     dimension
@@ -213,6 +214,8 @@ def ddg_rho(
         math.isfinite(v) for v in (l2_sensitivity, l1_sensitivity, sigma)
     ):
         raise ConfigError("sensitivities and sigma must be finite numbers > 0")
+    if sigma < 0.5:
+        raise ConfigError(f"the discrete Gaussian bound needs sigma >= 1/2, got {sigma:.3g}")
     if num_clients < 1 or dimension < 1:
         raise ConfigError("num_clients and dimension must be >= 1")
     n = num_clients

@@ -8,11 +8,17 @@ with noise multiplier z (accounted by :mod:`strategies.accounting`).
 
 Adaptive clipping (Andrew, Thakkar, McMahan and Ramaswamy, NeurIPS 2021)
 moves C towards the ``target_quantile`` of the update norms: each client also
-contributes the bit b = [||update|| <= C]; the server adds N(0, sigma_b^2) to
-the bits' sum and sets C <- C exp(-eta (b_mean - gamma)). The bits are summed
-through secure aggregation, never sent in clear. To keep the round's privacy
-at z, the updates get noise multiplier z_u = (z^-2 - (2 sigma_b)^-2)^(-1/2)
-(the paper's Theorem 1: the pair is a Gaussian mechanism of multiplier z).
+contributes the *centred* bit b - 1/2, b = [||update|| <= C]; the server adds
+N(0, sigma_b^2) to the centred bits' sum, divides by the round's fixed
+expected count n (the clients sampled, never the survivors) and adds 1/2:
+b_mean = (sum (b_i - 1/2) + N(0, sigma_b^2)) / n + 1/2, then
+C <- C exp(-eta (b_mean - gamma)), as TFF's quantile estimator does. The bits
+are summed through secure aggregation, never sent in clear. Adding or
+removing a client moves the centred sum by 1/2 (a raw bit would move it by 1),
+so the count is a Gaussian mechanism of multiplier 2 sigma_b, and the updates
+get z_u = (z^-2 - (2 sigma_b)^-2)^(-1/2): together a Gaussian mechanism of
+multiplier z (the paper's Theorem 1). With raw bits the same z_u would leave
+the round at (z_u^-2 + sigma_b^-2)^(-1/2) < z.
 
 Local DP: every client clips its update to C and adds N(0, (z C)^2) itself, so
 what leaves the device is already private, whatever the server does. Two
@@ -34,6 +40,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedge.errors import ConfigError
+from secure_agg.encoding import EncodingConfig, conditional_rounding_bound
 from secure_agg.noise import gaussian
 from secure_agg.randomness import RandomSource
 from strategies.clipping import clip_l2
@@ -41,7 +48,10 @@ from strategies.records import checked_fields
 
 __all__ = [
     "CDP_RECORD_KEY",
+    "CENTRED_BITS_METRIC",
     "LDP_RECORD_KEY",
+    "MAX_ROUNDING_INFLATION",
+    "SENSITIVITY_METRIC",
     "UNCLIPPED_METRIC",
     "AdaptiveClipping",
     "CentralDpRound",
@@ -50,11 +60,18 @@ __all__ = [
     "add_central_noise",
     "local_privatise",
     "next_clip",
+    "secure_l2_bound",
 ]
 
 CDP_RECORD_KEY: Final = "fedge.cdp"
 LDP_RECORD_KEY: Final = "fedge.ldp"
 UNCLIPPED_METRIC: Final = "fedge-unclipped"
+# The secure aggregate reply's sum of the centred bits b - 1/2 (never one client's bit).
+CENTRED_BITS_METRIC: Final = "fedge-unclipped-centred-sum"
+# The secure aggregate reply's L2 sensitivity of one client (conditional rounding's bound).
+SENSITIVITY_METRIC: Final = "fedge-l2-sensitivity"
+# Rounding may cost at most this much noise: beyond it the ring is too narrow to be useful.
+MAX_ROUNDING_INFLATION: Final = 1.5
 _CDP_FIELDS: dict[str, type] = {"l2-clip": float, "noise-multiplier": float, "adaptive": bool}
 _LDP_FIELDS: dict[str, type] = {"l2-clip": float, "noise-multiplier": float}
 
@@ -213,6 +230,31 @@ class LocalDpSettings:
         )
 
 
+def secure_l2_bound(l2_clip: float, dimension: int, encoding: EncodingConfig) -> float:
+    """Return one client's L2 sensitivity in a central-DP round under secure aggregation.
+
+    Stochastic rounding to the ring can push a C-clipped update past C (each
+    coordinate moves by up to one quantisation step); clients round
+    conditionally (:func:`secure_agg.encoding.encode` with ``l2_bound``) so
+    their contribution stays within B = :func:`conditional_rounding_bound`, and
+    the server's noise is z * B, not z * C: the rounding error is inside the
+    accounted sensitivity.
+
+    Raises
+    ------
+    ConfigError
+        If B exceeds ``MAX_ROUNDING_INFLATION`` * C (the ring is too narrow).
+    """
+    bound = conditional_rounding_bound(l2_clip, dimension, encoding)
+    if bound > MAX_ROUNDING_INFLATION * l2_clip:
+        raise ConfigError(
+            f"a {encoding.ring_bits}-bit ring rounds a {dimension}-value update to "
+            f"{bound / l2_clip:.2f}x its clip (more than {MAX_ROUNDING_INFLATION}x): "
+            "widen the ring"
+        )
+    return bound
+
+
 def add_central_noise(
     mean_update: npt.NDArray[np.floating],
     *,
@@ -244,21 +286,24 @@ def add_central_noise(
 def next_clip(
     clip: float,
     *,
-    unclipped_sum: float,
-    num_clients: int,
+    centred_sum: float,
+    expected_clients: int,
     adaptive: AdaptiveClipping,
     rng: RandomSource,
 ) -> tuple[float, float]:
     """Return the next round's clip and the noisy fraction of unclipped updates it used.
 
-    ``unclipped_sum`` is the secure sum of the clients' bits b = [||update|| <= C].
+    ``centred_sum`` is the secure sum of the clients' centred bits b - 1/2,
+    b = [||update|| <= C]; ``expected_clients`` is the round's fixed count (the
+    clients sampled), the denominator whatever the number that survived.
     """
-    if num_clients < 1:
-        raise ConfigError(f"num_clients must be >= 1, got {num_clients}")
-    if not (math.isfinite(unclipped_sum) and -0.5 <= unclipped_sum <= num_clients + 0.5):
-        raise ConfigError(f"impossible count of unclipped updates {unclipped_sum}")
-    noisy = unclipped_sum + float(gaussian(adaptive.count_noise_std, 1, rng)[0])
-    fraction = noisy / num_clients
+    if expected_clients < 1:
+        raise ConfigError(f"expected_clients must be >= 1, got {expected_clients}")
+    half = expected_clients / 2
+    if not (math.isfinite(centred_sum) and -half - 0.5 <= centred_sum <= half + 0.5):
+        raise ConfigError(f"impossible sum of centred bits {centred_sum}")
+    noisy = centred_sum + float(gaussian(adaptive.count_noise_std, 1, rng)[0])
+    fraction = noisy / expected_clients + 0.5
     updated = clip * math.exp(-adaptive.learning_rate * (fraction - adaptive.target_quantile))
     return min(max(updated, adaptive.min_clip), adaptive.max_clip), fraction
 

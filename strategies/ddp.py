@@ -49,7 +49,6 @@ from strategies.rotation import padded_length, rotate, unrotate
 
 __all__ = [
     "DDP_RECORD_KEY",
-    "DP_SPEND_RECORD_KEY",
     "DdpConfig",
     "DistributedDpSettings",
     "choose_gamma",
@@ -58,8 +57,6 @@ __all__ = [
 ]
 
 DDP_RECORD_KEY = "fedge.ddp"
-# The server's announcement of a round's spend (``rho``) to the devices' own ledgers.
-DP_SPEND_RECORD_KEY = "fedge.dp-spend"
 _FIELDS = {
     "l2-clip": float,
     "noise-std": float,
@@ -70,6 +67,12 @@ _FIELDS = {
 }
 
 _DTYPES = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}
+# Bounds on what a round may ask of a device (every field arrives from the network).
+_MAX_DIMENSION = 1 << 28
+_MAX_CLIENTS = 1 << 20
+# Kairouz et al.'s bound (and the sampler's exactness argument) needs sigma >= 1/2.
+_MIN_SIGMA = 0.5
+_MAX_SIGMA = 2.0**50
 # Conditional rounding's beta_r = e^(-1/2) (Kairouz et al.): ln(1 / beta_r) = 1/2.
 _LOG_INV_BETA_R = 0.5
 _MAX_ROUNDING_TRIES = 200
@@ -137,11 +140,21 @@ class DdpConfig:
 
     def __post_init__(self) -> None:
         _check_common(l2_clip=self.l2_clip, noise_std=self.noise_std, ring_bits=self.ring_bits)
-        if self.dimension < 1 or self.expected_clients < 1:
-            raise ConfigError("dimension and expected_clients must be >= 1")
+        if not 1 <= self.dimension <= _MAX_DIMENSION:
+            raise ConfigError(f"dimension must be in [1, 2^28], got {self.dimension}")
+        if not 1 <= self.expected_clients <= _MAX_CLIENTS:
+            raise ConfigError(f"expected_clients must be in [1, 2^20], got {self.expected_clients}")
         if len(self.rotation_seed) != SEED_BYTES:
             raise ConfigError(f"rotation_seed must be {SEED_BYTES} bytes")
-        self.gamma  # noqa: B018 - validates that the ring can hold the sum
+        gamma = self.gamma  # validates that the ring can hold the sum
+        if not (math.isfinite(gamma) and gamma > 0):
+            raise ConfigError("the clip and noise give no usable scale for this ring")
+        sigma = self.noise_std / gamma
+        if not _MIN_SIGMA <= sigma <= _MAX_SIGMA:
+            raise ConfigError(
+                f"each client's noise is {sigma:.3g} integer steps at this ring and clip; "
+                "it must be in [1/2, 2^50]: raise the noise or widen the ring"
+            )
 
     def to_fields(self) -> dict[str, float | int | bytes]:
         """Return the config as flat fields (a Flower ConfigRecord's content)."""
@@ -228,29 +241,41 @@ class DistributedDpSettings:
         survivors all contribute (each adds z c / sqrt(expected survivors)).
     ring_bits
         Width of the secure sum, 8/16/32/64.
+    min_honest_contributors
+        The fewest honest clients whose noise the sum must hold (the devices'
+        policies must say the same); ``None``: the survivors expected from the
+        secure round's dropout fraction, less its corrupt ones.
     """
 
     l2_clip: float
     noise_multiplier: float
     ring_bits: int = 32
+    min_honest_contributors: int | None = None
 
     def __post_init__(self) -> None:
         _check_common(
             l2_clip=self.l2_clip, noise_multiplier=self.noise_multiplier, ring_bits=self.ring_bits
         )
+        honest = self.min_honest_contributors
+        if honest is not None and not 1 <= honest <= _MAX_CLIENTS:
+            raise ConfigError(f"min_honest_contributors must be in [1, 2^20], got {honest}")
 
     def for_round(
-        self, *, dimension: int, sampled: int, dropout_fraction: float, rotation_seed: bytes
+        self, *, dimension: int, sampled: int, min_honest: int, rotation_seed: bytes
     ) -> DdpConfig:
-        """Size each client's noise share for the survivors expected among ``sampled``.
+        """Size each client's noise share so ``min_honest`` honest clients give z * c.
 
-        If fewer survive, the sum carries less noise than z c: the accounting
-        must use the actual survivors (:func:`strategies.accounting.ddg_rho`).
+        ``min_honest`` is the fewest honest clients the devices' policies
+        assume are in the sum: the server refuses to unmask for fewer, and
+        every device charges itself the rho of exactly that many
+        (:meth:`fl_client.policy.DevicePolicy.distributed_rho`), so more
+        survivors only add noise. ``sampled`` sizes the ring.
         """
-        expected = max(1, math.floor(sampled * (1 - dropout_fraction)))
+        if not 1 <= min_honest <= sampled:
+            raise ConfigError(f"min_honest must be in [1, {sampled}], got {min_honest}")
         return DdpConfig(
             l2_clip=self.l2_clip,
-            noise_std=self.noise_multiplier * self.l2_clip / math.sqrt(expected),
+            noise_std=self.noise_multiplier * self.l2_clip / math.sqrt(min_honest),
             dimension=dimension,
             expected_clients=sampled,
             ring_bits=self.ring_bits,

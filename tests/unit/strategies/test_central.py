@@ -88,17 +88,21 @@ def test_adaptive_clipping_refuses_too_little_count_noise() -> None:
 def test_next_clip_follows_the_target_quantile_and_stays_in_bounds() -> None:
     adaptive = AdaptiveClipping(count_noise_std=0.01, learning_rate=0.2, max_clip=1.05)
     rng = DeterministicRandom(3)
-    # Every update fit: the clip is too large and shrinks by about exp(-0.2 * 0.5).
+    # Every update fit (centred sum +100 / 2): the clip is too large and shrinks by about
+    # exp(-0.2 * 0.5).
     smaller, fraction = next_clip(
-        1.0, unclipped_sum=100, num_clients=100, adaptive=adaptive, rng=rng
+        1.0, centred_sum=50, expected_clients=100, adaptive=adaptive, rng=rng
     )
     assert abs(fraction - 1.0) < 0.01
     assert math.isclose(smaller, math.exp(-0.1), rel_tol=1e-3)
     # None fit: it grows, but never past max_clip.
-    larger, _ = next_clip(1.0, unclipped_sum=0, num_clients=100, adaptive=adaptive, rng=rng)
+    larger, _ = next_clip(1.0, centred_sum=-50, expected_clients=100, adaptive=adaptive, rng=rng)
     assert larger == 1.05
+    # 80 of 100 survived, all fit: the fixed count still divides (as Andrew et al., TFF).
+    _, partial = next_clip(1.0, centred_sum=40, expected_clients=100, adaptive=adaptive, rng=rng)
+    assert abs(partial - 0.9) < 0.01
     with pytest.raises(ConfigError, match="impossible"):
-        next_clip(1.0, unclipped_sum=101, num_clients=100, adaptive=adaptive, rng=rng)
+        next_clip(1.0, centred_sum=51, expected_clients=100, adaptive=adaptive, rng=rng)
 
 
 def test_local_privatise_clips_then_adds_noise_of_z_c() -> None:
