@@ -19,7 +19,9 @@ from fl_client.budget import ClientBudget, ClientBudgetExhausted, ClientSpend, d
 from fl_client.device import DeviceKind, select_device
 from fl_client.messages import ARRAYS_KEY, METRICS_KEY, decode_train_instruction
 from fl_client.models import ModelName, build_model
+from fl_client.policy import DevicePolicy
 from fl_client.training import TrainConfig, TrainResult, train
+from secure_agg.errors import PolicyViolation
 from strategies.accounting import GaussianSteps
 from strategies.sample_dp import DPSGD_RECORD_KEY, SampleDpSettings
 
@@ -104,6 +106,7 @@ def make_client_app(
     mods: Sequence[Mod] = (),
     budget: ClientBudget | None = None,
     device: DeviceKind = DeviceKind.AUTO,
+    policy: DevicePolicy | None = None,
 ) -> ClientApp:
     """Build a Flower ClientApp that trains ``model`` on ``provider``'s partition.
 
@@ -121,6 +124,9 @@ def make_client_app(
         The device's own privacy budget: a DP-SGD round (``fedge.dpsgd``) past it
         is declined, and every DP-SGD round is recorded in the device's ledger
         (the other mechanisms are guarded by :func:`fl_client.budget.make_budget_mod`).
+    policy
+        The device's policy: a DP-SGD round (``fedge.dpsgd``) is checked against
+        its clip and noise bounds, and refused when the device has no policy.
     device
         Where non-private local training runs (:func:`fl_client.device.select_device`:
         CUDA, then MPS, then the CPU with ``AUTO``). DP-SGD stays on the CPU: its
@@ -160,7 +166,14 @@ def make_client_app(
                 device=chosen.device,
             )
         else:
-            settings = SampleDpSettings.from_fields(dpsgd)
+            try:
+                if policy is None:
+                    raise PolicyViolation("DP-SGD: this device has no policy to check the round")
+                settings = SampleDpSettings.from_fields(dpsgd)
+                policy.check_sample(settings)
+            except (ConfigError, PolicyViolation) as exc:
+                logger.warning("DP-SGD: refusing the round: %s", exc)
+                return declined(msg, exc)
             dp_config, spend = _dpsgd_plan(settings, len(images), instruction.config)
             ledger = None
             if budget is not None:

@@ -1,22 +1,23 @@
-"""The device's own privacy ledger: what each round it trained in cost it, and a mod that declines.
+"""The device's own lifetime privacy ledger, and a mod that declines rounds past its budget.
 
 The server's ledger (``fl_server.ledger``) guards the run; a device must not
-depend on it for its own guarantee. Each device keeps an append-only file of
-the rounds it contributed to (one JSON line per round, fsynced before the
-update leaves the device) and declines a round whose spend would take it past
-its own epsilon budget: the decline is an ordinary error reply, so the round
-continues without it.
+depend on it for its own guarantee. Each device keeps one append-only file of
+every round it contributed to, in every run of its life (one JSON line per
+round, fsynced before the update leaves the device; the file lives in the
+device's own directory, never in a run's), and declines a round whose spend
+would take it past its own lifetime epsilon budget: the decline is an ordinary
+error reply, so the round continues without it.
 
-What a round costs the device, from what the round asks of it (never from
-what the server claims it will do, where the device can compute it itself):
+What a round costs the device, from what the round asks of it and the
+device's own policy (never from what the server claims it will do):
 
 - central DP (``fedge.cdp``): the Gaussian mechanism of multiplier z on the
   rounds it takes part in, no amplification (the device knows it was sampled);
 - local DP (``fedge.ldp``): the Gaussian mechanism of multiplier z / 2;
 - distributed DP (``fedge.ddp``): rho of the distributed discrete Gaussian
-  with the noise of the clients the server expects to survive — the larger of
-  the server's announcement and the device's own bound with every sampled
-  client surviving, so a server cannot under-announce below what the device can check;
+  with only the noise of the policy's fewest honest contributors
+  (:meth:`fl_client.policy.DevicePolicy.distributed_rho`) — the worst case the
+  device allows, since it refuses to unmask for fewer;
 - sample-level DP-SGD: the device's own Opacus accounting (recorded by the train handler).
 
 A torn last line (a crash while appending) is dropped: the reply of that round
@@ -39,25 +40,20 @@ from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedge.errors import ConfigError, FedgeError, StorageError
-from strategies.accounting import (
-    AccountantKind,
-    GaussianSteps,
-    PrivacySpend,
-    ddg_rho,
-    spent_epsilon,
-)
+from fl_client.policy import DevicePolicy
+from secure_agg.errors import PolicyViolation
+from strategies.accounting import AccountantKind, GaussianSteps, PrivacySpend, spent_epsilon
 from strategies.central import CDP_RECORD_KEY, LDP_RECORD_KEY, CentralDpRound, LocalDpSettings
-from strategies.ddp import DDP_RECORD_KEY, DP_SPEND_RECORD_KEY, DdpConfig
-from strategies.rotation import padded_length
+from strategies.ddp import DDP_RECORD_KEY, DdpConfig
 
 __all__ = [
     "BUDGET_ERROR_CODE",
-    "DP_SPEND_RECORD_KEY",
     "ClientBudget",
     "ClientBudgetExhausted",
     "ClientLedger",
     "ClientSpend",
     "declined",
+    "device_name",
     "make_budget_mod",
     "round_spend",
 ]
@@ -102,15 +98,33 @@ class ClientBudget:
         if not 0 < self.delta < 1:
             raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
 
+    @classmethod
+    def for_policy(
+        cls,
+        policy: DevicePolicy,
+        directory: Path,
+        *,
+        accountant: AccountantKind = AccountantKind.RDP,
+    ) -> ClientBudget:
+        """Return the lifetime budget a device policy sets, with its ledgers in ``directory``.
+
+        Raises
+        ------
+        ConfigError
+            If the policy sets no lifetime budget.
+        """
+        if policy.lifetime_epsilon is None:
+            raise ConfigError("the device policy sets no lifetime epsilon budget")
+        return cls(
+            directory=directory,
+            epsilon=policy.lifetime_epsilon,
+            delta=policy.delta,
+            accountant=accountant,
+        )
+
     def ledger_for(self, context: Context) -> ClientLedger:
-        """Return the ledger of the device running ``context`` (by partition, else node id)."""
-        device = context.node_config.get("partition-id", context.node_id)
-        if isinstance(device, bool) or not isinstance(device, (int, str)):
-            raise ConfigError("the node config's partition-id must be an integer or a string")
-        name = str(device)
-        if not name.replace("-", "").isalnum():
-            raise ConfigError(f"unusable device name {name!r} for a ledger file")
-        return ClientLedger(self.directory / f"device-{name}.jsonl")
+        """Return the lifetime ledger of the device running ``context`` (:func:`device_name`)."""
+        return ClientLedger(self.directory / f"device-{device_name(context)}.jsonl")
 
     def check(self, ledger: ClientLedger, spend: ClientSpend) -> float:
         """Return the epsilon the round would bring the device to.
@@ -215,14 +229,24 @@ class ClientLedger:
                     os.fsync(handle.fileno())
 
 
-def _announced_rho(content: RecordDict) -> float:
-    record = content.config_records.get(DP_SPEND_RECORD_KEY)
-    if record is None:
-        return 0.0
-    value = record.get("rho")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError("the announced spend's 'rho' must be a finite number")
-    return max(0.0, float(value))
+def device_name(context: Context) -> str:
+    """Return the stable name of the device running ``context``.
+
+    Its ``device-id``, else its ``partition-id`` (simulations), else the node id.
+
+    Raises
+    ------
+    ConfigError
+        If the name cannot name a file.
+    """
+    config = context.node_config
+    device = config.get("device-id", config.get("partition-id", context.node_id))
+    if isinstance(device, bool) or not isinstance(device, (int, str)):
+        raise ConfigError("the node config's device-id or partition-id must be an integer or text")
+    name = str(device)
+    if not (0 < len(name) <= 128 and name.replace("-", "").replace("_", "").isalnum()):
+        raise ConfigError(f"unusable device name {name!r} for a ledger file")
+    return name
 
 
 def _participation(mechanism: str, noise_multiplier: float) -> ClientSpend:
@@ -231,31 +255,29 @@ def _participation(mechanism: str, noise_multiplier: float) -> ClientSpend:
     return ClientSpend(mechanism=mechanism, gaussian=event)
 
 
-def round_spend(content: RecordDict) -> ClientSpend | None:
+def round_spend(content: RecordDict, policy: DevicePolicy) -> ClientSpend | None:
     """Return what the round in ``content`` costs the device (None: no DP mechanism asked).
 
     Raises
     ------
     ConfigError
         If a DP record is malformed.
+    PolicyViolation
+        If a DP record is outside the device's policy.
     """
     records = content.config_records
     if CDP_RECORD_KEY in records:
         central = CentralDpRound.from_fields(records[CDP_RECORD_KEY])
+        policy.check_central(central)
         return _participation("central-gaussian", central.noise_multiplier)
     if LDP_RECORD_KEY in records:
         local = LocalDpSettings.from_fields(records[LDP_RECORD_KEY])
+        policy.check_local(local)
         return _participation("local-gaussian", local.accounted_noise_multiplier)
     if DDP_RECORD_KEY in records:
         ddp = DdpConfig.from_fields(records[DDP_RECORD_KEY])
-        own = ddg_rho(
-            l2_sensitivity=ddp.l2_sensitivity,
-            l1_sensitivity=ddp.l1_sensitivity,
-            sigma=ddp.sigma_integer,
-            num_clients=ddp.expected_clients,
-            dimension=padded_length(ddp.dimension),
-        )
-        return ClientSpend(mechanism="distributed-ddg", rho=max(own, _announced_rho(content)))
+        policy.check_distributed(ddp)
+        return ClientSpend(mechanism="distributed-ddg", rho=policy.distributed_rho(ddp))
     return None
 
 
@@ -274,8 +296,10 @@ def declined(msg: Message, reason: Exception) -> Message:
     )
 
 
-def make_budget_mod(budget: ClientBudget) -> Mod:
+def make_budget_mod(budget: ClientBudget, *, policy: DevicePolicy) -> Mod:
     """Return a mod that declines rounds past the device's budget and records the others.
+
+    ``policy`` bounds every DP parameter and fixes how distributed DP is charged.
 
     Place it inside the secure-aggregation mod (it must see the train message
     with its DP records) and outside the DP mod: ``[secagg, budget, dp]``.
@@ -285,12 +309,12 @@ def make_budget_mod(budget: ClientBudget) -> Mod:
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, context)
         try:
-            spend = round_spend(msg.content)
+            spend = round_spend(msg.content, policy)
             if spend is None:
                 return call_next(msg, context)
             ledger = budget.ledger_for(context)
             budget.check(ledger, spend)
-        except (ConfigError, StorageError, ClientBudgetExhausted) as exc:
+        except (ConfigError, PolicyViolation, StorageError, ClientBudgetExhausted) as exc:
             logger.warning("privacy budget: declining the round: %s", exc)
             return declined(msg, exc)
         reply = call_next(msg, context)

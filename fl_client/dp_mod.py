@@ -13,7 +13,8 @@ mod) hands on and rewrites the handler's reply:
 
 In both modes the reply's example count becomes 1 (the server averages
 unweighted, which the sensitivity bound needs) and the training loss is not
-sent: per-client metrics are outside the DP guarantee.
+sent: per-client metrics are outside the DP guarantee. A round whose clip or
+noise multiplier is outside the device's policy is refused before training.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from typing import Final
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from fedge.errors import ConfigError
+from fedge.errors import ConfigError, FedgeError
+from fl_client.policy import DevicePolicy
+from fl_client.refusals import RefusalRecorder, ignore_refusal
 from fl_client.updates import apply_update, flat_update
 from secure_agg.randomness import RandomSource, SystemRandomSource
 from strategies.central import (
@@ -54,10 +57,17 @@ def _single_key(records: Mapping[str, object], kind: str) -> str:
     return next(iter(records))
 
 
-def make_dp_mod(*, rng_factory: Callable[[], RandomSource] = SystemRandomSource) -> Mod:
+def make_dp_mod(
+    *,
+    policy: DevicePolicy,
+    rng_factory: Callable[[], RandomSource] = SystemRandomSource,
+    on_refusal: RefusalRecorder = ignore_refusal,
+) -> Mod:
     """Return the mod that applies central-DP clipping or local DP to the train reply.
 
-    Train messages without a ``fedge.cdp`` or ``fedge.ldp`` record pass through untouched.
+    Train messages without a ``fedge.cdp`` or ``fedge.ldp`` record pass through
+    untouched; the others are checked against ``policy`` first (required: no
+    default trusts the server's clip or noise).
     """
 
     def dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -72,6 +82,10 @@ def make_dp_mod(*, rng_factory: Callable[[], RandomSource] = SystemRandomSource)
                 raise ConfigError("a round asks for central and local DP at once")
             central = None if cdp_fields is None else CentralDpRound.from_fields(cdp_fields)
             local = None if ldp_fields is None else LocalDpSettings.from_fields(ldp_fields)
+            if central is not None:
+                policy.check_central(central)
+            if local is not None:
+                policy.check_local(local)
             inside_secure = SECURE_MARKER_KEY in msg.content.config_records
             if central is not None and central.adaptive and not inside_secure:
                 raise ConfigError(
@@ -112,8 +126,9 @@ def make_dp_mod(*, rng_factory: Callable[[], RandomSource] = SystemRandomSource)
                 }
             )
             return Message(content=content, reply_to=msg)
-        except ConfigError as exc:
+        except FedgeError as exc:
             logger.warning("differential privacy: refusing the round: %s", exc)
+            on_refusal(context, "differential privacy", str(exc))
             return Message(Error(code=DP_ERROR_CODE, reason=f"dp: {exc}"), reply_to=msg)
 
     return dp_mod

@@ -1,6 +1,6 @@
 """The client side of fedge secure aggregation as a Flower mod (Message API).
 
-Add it to any ClientApp (``ClientApp(mods=[make_secagg_mod()])``) whose train
+Add it to any ClientApp (``ClientApp(mods=[make_secagg_mod(policy=...)])``) whose train
 handler returns one ArrayRecord (the local model) and one MetricRecord with the
 example count. Train messages without the secure-aggregation envelope pass
 through untouched; with it the mod runs the train handler once, then answers
@@ -20,9 +20,15 @@ isolated ClientApps).
 
 Notes
 -----
-The client's metrics (loss, exact example count) are not sent: they would
-reveal per-client information the protocol hides. A failure at any stage is
-answered with an error reply and the round's secrets are wiped.
+The device trusts nothing the server says: every round is checked against the
+device's own :class:`fl_client.policy.DevicePolicy` (given to the mod, never
+read from a message) before a key is generated, and again before any share is
+revealed; a distributed-DP round must also fit the policy's DP bounds, and the
+device then reveals nothing unless the survivors hold the policy's fewest
+honest contributors. The client's metrics (loss, exact example count) are not
+sent: they would reveal per-client information the protocol hides. A failure
+or refusal at any stage is answered with an error reply, the round's secrets
+are wiped, and the reason is recorded (``on_refusal``).
 """
 
 from __future__ import annotations
@@ -47,24 +53,28 @@ from flwr.app import (
 )
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from fedge.errors import ConfigError
+from fedge.errors import ConfigError, FedgeError
 from fl_client.dp_mod import SECURE_MARKER_KEY, secure_marker
+from fl_client.policy import DevicePolicy
+from fl_client.refusals import RefusalRecorder, ignore_refusal
 from fl_client.updates import flat_update
 from secure_agg import wire
 from secure_agg.client import ClientSession
 from secure_agg.encoding import encode
 from secure_agg.envelope import RECORD_KEY, VECTOR_KEY, VECTOR_RECORD_KEY, Envelope, Stage
-from secure_agg.errors import CryptoError, InvalidMessage, ProtocolAbort
+from secure_agg.errors import InvalidMessage
 from secure_agg.identity import NodeIdentity
 from secure_agg.messages import (
     ConsistencyRequest,
+    MaskedInputReport,
     MaskedInputRequest,
     RoundSetup,
     ShareKeysRequest,
     UnmaskRequest,
 )
 from secure_agg.randomness import RandomSource, SystemRandomSource
-from strategies.central import CDP_RECORD_KEY, UNCLIPPED_METRIC
+from strategies.central import CDP_RECORD_KEY, UNCLIPPED_METRIC, CentralDpRound, secure_l2_bound
+from strategies.clipping import clip_l2
 from strategies.ddp import DDP_RECORD_KEY, DdpConfig, ddp_encode
 from strategies.rotation import padded_length
 
@@ -119,7 +129,7 @@ def _unclipped_bit(reply: Message) -> float | None:
 
 
 def _reply(
-    msg: Message, envelope: Envelope, vector: npt.NDArray[np.uint32] | None = None
+    msg: Message, envelope: Envelope, vector: npt.NDArray[np.unsignedinteger] | None = None
 ) -> Message:
     fields: dict[str, ConfigRecordValues] = {**envelope.to_fields()}
     content = RecordDict({RECORD_KEY: ConfigRecord(fields)})
@@ -139,14 +149,18 @@ def _save(context: Context, session: ClientSession) -> None:
 
 def make_secagg_mod(
     *,
+    policy: DevicePolicy,
     identities: IdentityProvider = _no_identity,
     rng_factory: Callable[[], RandomSource] = SystemRandomSource,
     weight_key: str = "num-examples",
+    on_refusal: RefusalRecorder = ignore_refusal,
 ) -> Mod:
     """Return a Flower mod that runs the client side of fedge secure aggregation.
 
     Parameters
     ----------
+    policy
+        The device's own policy (required: no default trusts the server).
     identities
         Gives the node its enrolment identity (active threat model).
     rng_factory
@@ -154,16 +168,61 @@ def make_secagg_mod(
         (tests inject seeded ones).
     weight_key
         The train reply's metric holding the example count (the FedAvg weight).
+    on_refusal
+        Told the stage and reason of every round the device leaves or refuses.
+
+    Raises
+    ------
+    ConfigError
+        If the policy allows no secure aggregation.
     """
+    protocol = policy.secure_protocol()
 
     def _start(msg: Message, envelope: Envelope, context: Context) -> Message:
         setup = wire.decode(envelope.payload, RoundSetup)
         if setup.round_id != envelope.round_id:
             raise InvalidMessage("the setup's round id differs from the envelope's")
-        session = ClientSession(setup, rng=rng_factory(), identity=identities(context))
+        session = ClientSession(
+            setup, policy=protocol, rng=rng_factory(), identity=identities(context)
+        )
         advert = session.advertise()
         _save(context, session)
         return _reply(msg, Envelope(Stage.SETUP, setup.round_id, wire.encode(advert)))
+
+    def _encode_central(
+        update: npt.NDArray[np.float64],
+        reply: Message,
+        central: CentralDpRound,
+        session: ClientSession,
+    ) -> npt.NDArray[np.unsignedinteger]:
+        setup = session.setup
+        encoding = setup.encoding
+        dimension = update.shape[0]
+        # Clipped again here: the DP mod's clipped update went through float32 weights,
+        # whose rounding can leave it a hair above C, past conditional rounding's bound.
+        update = clip_l2(update, central.l2_clip).update
+        bit = _unclipped_bit(reply)
+        if central.adaptive:
+            if bit is None:
+                raise ConfigError("adaptive clipping needs the DP mod's clipped-update bit")
+            # The centred bit b - 1/2, scaled to +-C: an exact ring level (no rounding),
+            # summed with the update and never seen alone (Andrew et al. 2021).
+            update = np.append(update, (2 * bit - 1) * encoding.clip_range)
+        if update.shape[0] + 1 != setup.vector_length:
+            raise InvalidMessage(
+                f"the model has {dimension} values, the round expects another length"
+            )
+        # Conditional rounding keeps the rounded update within the bound the server's
+        # noise is calibrated to (the rounding error inside the accounted sensitivity).
+        bound = secure_l2_bound(central.l2_clip, dimension, encoding)
+        return encode(
+            update,
+            weight=1,
+            config=encoding,
+            rng=rng_factory(),
+            l2_bound=bound,
+            bounded_length=dimension,
+        )
 
     def _train_and_mask(
         msg: Message,
@@ -171,17 +230,32 @@ def make_secagg_mod(
         context: Context,
         call_next: ClientAppCallable,
         session: ClientSession,
-    ) -> Message | npt.NDArray[np.uint32]:
+    ) -> Message | tuple[npt.NDArray[np.unsignedinteger], MaskedInputReport]:
         # Train only now, once the keys are agreed: the state between messages
         # never holds the update, and a device failing in training counts as a
         # masked-input dropout, which the protocol recovers from.
         request = wire.decode(envelope.payload, MaskedInputRequest)
-        ddp_fields = msg.content.config_records.get(DDP_RECORD_KEY)
-        ddp = None if ddp_fields is None else DdpConfig.from_fields(ddp_fields)
+        records = msg.content.config_records
+        ddp = (
+            None
+            if DDP_RECORD_KEY not in records
+            else DdpConfig.from_fields(records[DDP_RECORD_KEY])
+        )
+        central = (
+            None
+            if CDP_RECORD_KEY not in records
+            else CentralDpRound.from_fields(records[CDP_RECORD_KEY])
+        )
+        setup = session.setup
+        if ddp is not None:
+            # Before training: a round outside the policy costs nothing.
+            policy.check_distributed(ddp)
+            if padded_length(ddp.dimension) != setup.vector_length:
+                raise InvalidMessage("the distributed-DP dimension does not match the round")
+            session.require_survivors(policy.required_survivors(len(setup.participants)))
         stripped = RecordDict({k: v for k, v in msg.content.items() if k != RECORD_KEY})
         # Tells the DP mod it runs inside a secure round (its clipped bit may be summed).
         stripped[SECURE_MARKER_KEY] = secure_marker()
-        central = CDP_RECORD_KEY in msg.content.config_records
         train_msg = copy.copy(msg)
         train_msg.content = stripped
         reply = call_next(train_msg, context)
@@ -191,26 +265,22 @@ def make_secagg_mod(
             _only_arrays(stripped, "the train message"),
             _only_arrays(reply.content, "the train reply"),
         )
-        setup = session.setup
         if ddp is not None:
             # Distributed DP: clip, rotate, round and add this client's noise share
             # before masking; the unweighted sum the server unmasks is already private.
-            if padded_length(update.shape[0]) != setup.vector_length:
-                raise InvalidMessage("the model does not match the round's vector length")
-            noisy = ddp_encode(update, ddp, rng_factory())
-            return session.masked_input(request, noisy, consume=True).vector
-        bit = _unclipped_bit(reply) if central else None
-        if bit is not None:
-            # Adaptive clipping: the bit is summed with the update, never seen alone.
-            update = np.append(update, bit * setup.encoding.clip_range)
-        if update.shape[0] + 1 != setup.vector_length:
-            raise InvalidMessage(
-                f"the model has {update.shape[0]} values, "
-                f"the round expects {setup.vector_length - 1}"
-            )
-        weight = _weight(reply, weight_key, setup.encoding.weight_cap)
-        encoded = encode(update, weight=weight, config=setup.encoding, rng=rng_factory())
-        return session.masked_input(request, encoded, consume=True).vector
+            encoded = ddp_encode(update, ddp, rng_factory())
+        elif central is not None:
+            encoded = _encode_central(update, reply, central, session)
+        else:
+            if update.shape[0] + 1 != setup.vector_length:
+                raise InvalidMessage(
+                    f"the model has {update.shape[0]} values, "
+                    f"the round expects {setup.vector_length - 1}"
+                )
+            weight = _weight(reply, weight_key, setup.encoding.weight_cap)
+            encoded = encode(update, weight=weight, config=setup.encoding, rng=rng_factory())
+        masked = session.masked_input(request, encoded, consume=True)
+        return masked.vector, MaskedInputReport(node_id=masked.node_id, rejected=masked.rejected)
 
     def _continue(
         msg: Message, envelope: Envelope, context: Context, call_next: ClientAppCallable
@@ -219,8 +289,11 @@ def make_secagg_mod(
         if record is None:
             raise InvalidMessage(f"{envelope.stage.value} without a round in progress")
         state = record["state"]
-        assert isinstance(state, bytes)
-        session = ClientSession.restore(state, rng=rng_factory(), identity=identities(context))
+        if not isinstance(state, bytes):
+            raise InvalidMessage("the saved round state is damaged")
+        session = ClientSession.restore(
+            state, policy=protocol, rng=rng_factory(), identity=identities(context)
+        )
         if session.round_id != envelope.round_id:
             raise InvalidMessage("a message of another round (stale or replayed)")
         vector = None
@@ -232,7 +305,7 @@ def make_secagg_mod(
             if isinstance(masked, Message):
                 _clear(context)
                 return masked
-            vector = masked
+            vector, out = masked
         elif envelope.stage is Stage.CONSISTENCY:
             out = session.confirm(wire.decode(envelope.payload, ConsistencyRequest))
         elif envelope.stage is Stage.UNMASK:
@@ -243,8 +316,16 @@ def make_secagg_mod(
             _clear(context)
         else:
             _save(context, session)
-        payload = b"" if vector is not None else wire.encode(out)
+        payload = wire.encode(out)
         return _reply(msg, Envelope(envelope.stage, envelope.round_id, payload), vector)
+
+    def _refuse(msg: Message, context: Context, stage: str, reason: str) -> Message:
+        _clear(context)
+        logger.warning("secure aggregation: leaving the round at %s: %s", stage, reason)
+        on_refusal(context, f"secure-aggregation {stage}", reason)
+        return Message(
+            Error(code=SECAGG_ERROR_CODE, reason=f"secure aggregation: {reason}"), reply_to=msg
+        )
 
     def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
         if (
@@ -252,17 +333,18 @@ def make_secagg_mod(
             or RECORD_KEY not in msg.content.config_records
         ):
             return call_next(msg, context)
+        stage = "envelope"
         try:
             envelope = Envelope.from_fields(msg.content.config_records[RECORD_KEY])
+            stage = envelope.stage.value
             if envelope.stage is Stage.SETUP:
                 _clear(context)
                 return _start(msg, envelope, context)
             return _continue(msg, envelope, context, call_next)
-        except (InvalidMessage, CryptoError, ProtocolAbort, ConfigError) as exc:
-            _clear(context)
-            logger.warning("secure aggregation: leaving the round: %s", exc)
-            return Message(
-                Error(code=SECAGG_ERROR_CODE, reason=f"secure aggregation: {exc}"), reply_to=msg
-            )
+        except FedgeError as exc:
+            return _refuse(msg, context, stage, str(exc))
+        except Exception as exc:
+            logger.exception("secure aggregation: unexpected failure at %s", stage)
+            return _refuse(msg, context, stage, f"internal error ({type(exc).__name__})")
 
     return secagg_mod

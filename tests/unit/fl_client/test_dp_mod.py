@@ -29,8 +29,10 @@ from fl_client.budget import (
     round_spend,
 )
 from fl_client.dp_mod import DP_ERROR_CODE, SECURE_MARKER_KEY, make_dp_mod, secure_marker
+from fl_client.policy import DevicePolicy
+from fl_client.refusals import RefusalLog
 from secure_agg.randomness import DeterministicRandom
-from strategies.accounting import GaussianSteps, gaussian_epsilon
+from strategies.accounting import GaussianSteps, ddg_rho, gaussian_epsilon
 from strategies.central import (
     CDP_RECORD_KEY,
     LDP_RECORD_KEY,
@@ -38,9 +40,12 @@ from strategies.central import (
     CentralDpRound,
     LocalDpSettings,
 )
-from strategies.ddp import DDP_RECORD_KEY, DP_SPEND_RECORD_KEY, DdpConfig
+from strategies.ddp import DDP_RECORD_KEY, DdpConfig
+from strategies.rotation import padded_length
 
 STEP = 3.0  # every weight moves by this much in training: norm 3 * sqrt(4) = 6
+# A device that accepts clips up to 20 and noise multipliers from 0.5.
+POLICY = DevicePolicy(protocol=None, max_l2_clip=20.0, min_noise_multiplier=0.5)
 
 
 def _message(records: dict[str, ConfigRecord]) -> Message:
@@ -102,7 +107,7 @@ def _metrics(reply: Message) -> MetricRecord:
 def test_central_dp_clips_the_update_and_drops_per_client_metrics() -> None:
     central = CentralDpRound(l2_clip=1.5, noise_multiplier=1.0, adaptive=False)
     msg = _message({CDP_RECORD_KEY: ConfigRecord(dict(central.to_fields()))})
-    reply = make_dp_mod()(msg, _context(), _train)
+    reply = make_dp_mod(policy=POLICY)(msg, _context(), _train)
     assert not reply.has_error()
     weights = _weights(reply)
     assert np.isclose(np.linalg.norm(weights), 1.5, rtol=1e-6)
@@ -113,7 +118,7 @@ def test_central_dp_clips_the_update_and_drops_per_client_metrics() -> None:
 def test_adaptive_clipping_bit_is_refused_outside_secure_aggregation() -> None:
     central = CentralDpRound(l2_clip=1.5, noise_multiplier=1.0, adaptive=True)
     msg = _message({CDP_RECORD_KEY: ConfigRecord(dict(central.to_fields()))})
-    reply = make_dp_mod()(msg, _context(), _train)
+    reply = make_dp_mod(policy=POLICY)(msg, _context(), _train)
     assert reply.has_error() and reply.error.code == DP_ERROR_CODE
     assert "in clear" in str(reply.error.reason)
 
@@ -127,7 +132,7 @@ def test_adaptive_clipping_reports_the_bit_inside_a_secure_round(clip: float, bi
             SECURE_MARKER_KEY: secure_marker(),
         }
     )
-    reply = make_dp_mod()(msg, _context(), _train)
+    reply = make_dp_mod(policy=POLICY)(msg, _context(), _train)
     assert _metrics(reply)[UNCLIPPED_METRIC] == bit
 
 
@@ -135,25 +140,32 @@ def test_local_dp_sends_a_clipped_and_noised_update() -> None:
     local = LocalDpSettings(l2_clip=1.0, noise_multiplier=2.0)
     msg = _message({LDP_RECORD_KEY: ConfigRecord(dict(local.to_fields()))})
     first = _weights(
-        make_dp_mod(rng_factory=lambda: DeterministicRandom(1))(msg, _context(), _train)
+        make_dp_mod(policy=POLICY, rng_factory=lambda: DeterministicRandom(1))(
+            msg, _context(), _train
+        )
     )
     again = _weights(
-        make_dp_mod(rng_factory=lambda: DeterministicRandom(1))(msg, _context(), _train)
+        make_dp_mod(policy=POLICY, rng_factory=lambda: DeterministicRandom(1))(
+            msg, _context(), _train
+        )
     )
     other = _weights(
-        make_dp_mod(rng_factory=lambda: DeterministicRandom(2))(msg, _context(), _train)
+        make_dp_mod(policy=POLICY, rng_factory=lambda: DeterministicRandom(2))(
+            msg, _context(), _train
+        )
     )
     assert np.array_equal(first, again) and not np.array_equal(first, other)
     assert not np.allclose(first, 0.5)  # noise was added to the clipped update (0.5 each)
 
 
+def _must_not_train(msg: Message, context: Context) -> Message:
+    raise AssertionError("trained despite a bad record")
+
+
 def test_a_malformed_dp_record_is_refused_before_training() -> None:
     msg = _message({LDP_RECORD_KEY: ConfigRecord({"l2-clip": 1.0})})
 
-    def _must_not_train(msg: Message, context: Context) -> Message:
-        raise AssertionError("trained despite a bad record")
-
-    reply = make_dp_mod()(msg, _context(), _must_not_train)
+    reply = make_dp_mod(policy=POLICY)(msg, _context(), _must_not_train)
     assert reply.has_error() and reply.error.code == DP_ERROR_CODE
 
 
@@ -170,7 +182,7 @@ def test_a_device_declines_the_round_that_would_exceed_its_budget(tmp_path: Path
         [GaussianSteps(noise_multiplier=2.0, sample_rate=1.0, steps=2)], delta=1e-5
     )
     budget = ClientBudget(directory=tmp_path, epsilon=(one_round + two_rounds) / 2, delta=1e-5)
-    mod = make_budget_mod(budget)
+    mod = make_budget_mod(budget, policy=POLICY)
     trained: list[int] = []
 
     def _count(msg: Message, context: Context) -> Message:
@@ -196,7 +208,7 @@ def test_a_failed_training_costs_the_device_nothing(tmp_path: Path) -> None:
 
         return Message(Error(code=1, reason="out of memory"), reply_to=msg)
 
-    assert make_budget_mod(budget)(_central_msg(), _context(), _fail).has_error()
+    assert make_budget_mod(budget, policy=POLICY)(_central_msg(), _context(), _fail).has_error()
     assert budget.ledger_for(_context()).entries() == []
 
 
@@ -218,19 +230,53 @@ def test_the_device_ledger_drops_a_torn_line_and_refuses_damage(tmp_path: Path) 
         ledger.entries()
 
 
-def test_a_device_counts_distributed_dp_at_least_at_its_own_bound() -> None:
+def test_a_device_charges_distributed_dp_for_its_fewest_honest_contributors() -> None:
     ddp = DdpConfig(
         l2_clip=1.0, noise_std=0.5, dimension=100, expected_clients=10, rotation_seed=bytes(32)
     )
-    base = {DDP_RECORD_KEY: ConfigRecord(dict(ddp.to_fields()))}
-    own = round_spend(_message(base).content)
-    assert own is not None and own.rho > 0
-    # A server announcing less than the device can check is ignored; more is taken.
-    low = round_spend(_message({**base, DP_SPEND_RECORD_KEY: ConfigRecord({"rho": 1e-9})}).content)
-    high = round_spend(_message({**base, DP_SPEND_RECORD_KEY: ConfigRecord({"rho": 5.0})}).content)
-    assert low is not None and low.rho == own.rho
-    assert high is not None and high.rho == 5.0
-    assert round_spend(_message({}).content) is None
+    message = _message({DDP_RECORD_KEY: ConfigRecord(dict(ddp.to_fields()))})
+    policy = DevicePolicy(protocol=None, min_noise_multiplier=0.5, min_honest_contributors=4)
+
+    spend = round_spend(message.content, policy)
+
+    # The noise of 4 honest clients, whatever the server expects to survive (10 here).
+    assert spend is not None
+    assert spend.rho == ddg_rho(
+        l2_sensitivity=ddp.l2_sensitivity,
+        l1_sensitivity=ddp.l1_sensitivity,
+        sigma=ddp.sigma_integer,
+        num_clients=4,
+        dimension=padded_length(100),
+    )
+    more = DevicePolicy(protocol=None, min_noise_multiplier=0.5, min_honest_contributors=8)
+    assert spend.rho > round_spend(message.content, more).rho  # type: ignore[union-attr]
+    assert round_spend(_message({}).content, policy) is None
+
+
+@pytest.mark.parametrize(
+    ("central", "match"),
+    [
+        (CentralDpRound(l2_clip=50.0, noise_multiplier=1.0, adaptive=False), "clip 50 exceeds"),
+        (CentralDpRound(l2_clip=1.0, noise_multiplier=0.1, adaptive=False), "below the device"),
+    ],
+)
+def test_rounds_outside_the_policy_are_refused_before_training_and_recorded(
+    central: CentralDpRound, match: str, tmp_path: Path
+) -> None:
+    refusals = RefusalLog(tmp_path)
+    msg = _message({CDP_RECORD_KEY: ConfigRecord(dict(central.to_fields()))})
+
+    reply = make_dp_mod(policy=POLICY, on_refusal=refusals)(msg, _context(), _must_not_train)
+    budget = ClientBudget(directory=tmp_path, epsilon=100.0)
+    declined = make_budget_mod(budget, policy=POLICY)(msg, _context(), _must_not_train)
+
+    assert reply.has_error() and reply.error.code == DP_ERROR_CODE
+    assert declined.has_error() and declined.error.code == BUDGET_ERROR_CODE
+    for error in (reply.error.reason, declined.error.reason):
+        assert error is not None and match in error
+    [entry] = refusals.entries(_context())
+    assert entry["source"] == "differential privacy" and match in entry["reason"]
+    assert budget.ledger_for(_context()).entries() == []
 
 
 def test_ledger_lines_are_json_with_the_spend(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from flwr.app import (
     RecordDict,
 )
 
+from fl_client.policy import DevicePolicy
 from fl_client.secagg_mod import SECAGG_ERROR_CODE, make_secagg_mod
 from secure_agg import wire
 from secure_agg.encoding import EncodingConfig
@@ -23,10 +24,12 @@ from secure_agg.envelope import RECORD_KEY, Envelope, Stage
 from secure_agg.errors import InvalidMessage
 from secure_agg.messages import KeyAdvertisement, ShareKeysRequest
 from secure_agg.params import ThreatModel
+from secure_agg.policy import ProtocolPolicy
 from secure_agg.randomness import DeterministicRandom
 from secure_agg.server import ServerSession
 
 NODE = 7
+POLICY = DevicePolicy(protocol=ProtocolPolicy(threat_model=ThreatModel.SEMI_HONEST))
 
 
 def _message(content: RecordDict, message_type: str = MessageType.TRAIN) -> Message:
@@ -82,7 +85,7 @@ def _setup_message(server: ServerSession) -> Message:
 
 
 def test_messages_without_the_envelope_pass_through() -> None:
-    mod = make_secagg_mod()
+    mod = make_secagg_mod(policy=POLICY)
     msg = _message(RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(4, np.float32))})}))
 
     reply = mod(msg, _context(), _train)
@@ -98,7 +101,7 @@ def test_setup_answers_with_a_key_advertisement_only_and_does_not_train() -> Non
     server = _session()
     context = _context()
 
-    reply = make_secagg_mod(rng_factory=lambda: DeterministicRandom(2))(
+    reply = make_secagg_mod(policy=POLICY, rng_factory=lambda: DeterministicRandom(2))(
         _setup_message(server), context, _must_not_train
     )
 
@@ -116,7 +119,7 @@ def test_a_setup_for_another_round_id_is_refused() -> None:
     record = message.content.config_records[RECORD_KEY]
     record["round-id"] = b"z" * 16
 
-    reply = make_secagg_mod()(message, _context(), _must_not_train)
+    reply = make_secagg_mod(policy=POLICY)(message, _context(), _must_not_train)
 
     assert reply.has_error() and reply.error.code == SECAGG_ERROR_CODE
     assert "differs from the envelope" in (reply.error.reason or "")
@@ -125,7 +128,7 @@ def test_a_setup_for_another_round_id_is_refused() -> None:
 def test_a_stage_without_a_round_or_of_another_round_is_refused() -> None:
     server = _session()
     context = _context()
-    mod = make_secagg_mod()
+    mod = make_secagg_mod(policy=POLICY)
     request = wire.encode(ShareKeysRequest(()))
 
     def stage_message(round_id: bytes) -> Message:
