@@ -61,7 +61,12 @@ from fl_server.spend import SpendSink
 from secure_agg.noise import uniform53
 from secure_agg.randomness import RandomSource, SystemRandomSource
 from strategies.accounting import GaussianSteps, PrivacySpend
-from strategies.central import UNCLIPPED_METRIC, add_central_noise, next_clip
+from strategies.central import (
+    CENTRED_BITS_METRIC,
+    SENSITIVITY_METRIC,
+    add_central_noise,
+    next_clip,
+)
 from strategies.clipping import clip_l2
 
 __all__ = ["DifferentialPrivacy"]
@@ -154,6 +159,7 @@ class DifferentialPrivacy(Strategy):
         self.clip = dp.central.l2_clip if dp.central is not None else 0.0
         self.history: list[dict[str, Any]] = []
         self._globals: dict[int, ArrayRecord] = {}
+        self._sampled: dict[int, int] = {}
         if fraction is None and dp.mechanism is PrivacyMechanism.CENTRAL:
             self._amplification = Amplification(
                 False, 1.0, f"{type(strategy).__name__} samples its own way: accounted at rate 1"
@@ -263,6 +269,8 @@ class DifferentialPrivacy(Strategy):
             ]
         else:
             messages = list(self._strategy.configure_train(server_round, arrays, config, grid))
+        # Adaptive clipping divides by this fixed count, never by the survivors.
+        self._sampled = {server_round: len(messages)}
         key, record = self.dp.round_record(l2_clip=self.clip)
         for message in messages:
             content = RecordDict(dict(message.content))
@@ -335,24 +343,33 @@ class DifferentialPrivacy(Strategy):
         if count == 0:
             return None
         num_clients = survivors if secure else count
+        sensitivity = self.clip
+        if secure:
+            # Rounding to the ring may move a clipped update past C: devices round
+            # conditionally to the bound the secure Grid reports, and the noise is sized
+            # for it, so the rounding error is inside the accounted sensitivity.
+            if SENSITIVITY_METRIC not in metrics_of(valid[0]):
+                raise ConfigError("a secure central-DP aggregate must report its L2 sensitivity")
+            sensitivity = max(self.clip, number(metrics_of(valid[0]), SENSITIVITY_METRIC))
         noisy = add_central_noise(
             total if secure else total / count,
-            l2_clip=self.clip,
+            l2_clip=sensitivity,
             noise_multiplier=central.update_noise_multiplier,
-            # Divide like the sum: the noise on the sum stays exactly z_u C.
+            # Divide like the sum: the noise on the sum stays exactly z_u times the sensitivity.
             num_clients=num_clients,
             rng=self._rng,
         )
         details["l2_clip"] = self.clip
+        details["l2_sensitivity"] = sensitivity
         details["update_noise_multiplier"] = central.update_noise_multiplier
-        details["noise_std_of_sum"] = central.update_noise_multiplier * self.clip
+        details["noise_std_of_sum"] = central.update_noise_multiplier * sensitivity
         if central.adaptive is not None:
-            if not secure or UNCLIPPED_METRIC not in metrics_of(valid[0]):
+            if not secure or CENTRED_BITS_METRIC not in metrics_of(valid[0]):
                 raise ConfigError("adaptive clipping needs the secure sum of the clipped bits")
             self.clip, fraction = next_clip(
                 self.clip,
-                unclipped_sum=number(metrics_of(valid[0]), UNCLIPPED_METRIC),
-                num_clients=num_clients,
+                centred_sum=number(metrics_of(valid[0]), CENTRED_BITS_METRIC),
+                expected_clients=self._sampled.get(server_round, num_clients),
                 adaptive=central.adaptive,
                 rng=self._rng,
             )

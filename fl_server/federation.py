@@ -177,12 +177,18 @@ def _privacy_hooks(
         if stats.dp is None or stats.aborted is not None:
             return
         spend = RoundSpend(mechanism=_DDG, rho=stats.dp["rho"])
-        # Each survivor's noise-protected contribution costs it the same rho.
+        # Each survivor is charged what its own device charged itself: the rho of the
+        # fewest honest contributors the round had to hold (keyed by its enrolled identity).
         sink.spent(
             stats.server_round,
             spend,
-            {str(node): spend for node in stats.survivor_ids},
-            {"survivors": stats.survivors, "noise_std_of_sum": stats.dp["noise_std_of_sum"]},
+            dict.fromkeys(stats.survivor_subjects, spend),
+            {
+                "survivors": stats.survivors,
+                "min_honest_contributors": stats.dp["min_honest_contributors"],
+                "noise_std_of_sum": stats.dp["noise_std_of_sum"],
+                "honest_noise_std_of_sum": stats.dp["honest_noise_std_of_sum"],
+            },
         )
 
     return guard, on_secure

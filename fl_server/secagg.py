@@ -49,24 +49,36 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedge.errors import ConfigError
-from fl_server.secagg_config import SecAggConfig, SecAggRoundStats
+from fl_server.secagg_config import (
+    PARTICIPANTS_FIELD,
+    PARTICIPANTS_RECORD_KEY,
+    SecAggConfig,
+    SecAggRoundStats,
+)
 from secure_agg import wire
 from secure_agg.encoding import EncodingConfig, decode_sum
 from secure_agg.envelope import RECORD_KEY, VECTOR_KEY, VECTOR_RECORD_KEY, Envelope, Stage
-from secure_agg.errors import InvalidMessage, ProtocolAbort
+from secure_agg.errors import CryptoError, InvalidMessage, ProtocolAbort
 from secure_agg.messages import (
     ConsistencySignature,
     EncryptedShares,
     KeyAdvertisement,
     MaskedInput,
+    MaskedInputReport,
     UnmaskResponse,
 )
-from secure_agg.params import ThreatModel, choose_neighbourhood
+from secure_agg.params import ThreatModel, choose_neighbourhood, corrupt_count
 from secure_agg.randomness import RandomSource, SystemRandomSource
 from secure_agg.server import ServerSession
 from strategies.accounting import ddg_rho
-from strategies.central import CDP_RECORD_KEY, UNCLIPPED_METRIC, CentralDpRound
-from strategies.ddp import DDP_RECORD_KEY, DP_SPEND_RECORD_KEY, DdpConfig, ddp_decode_sum
+from strategies.central import (
+    CDP_RECORD_KEY,
+    CENTRED_BITS_METRIC,
+    SENSITIVITY_METRIC,
+    CentralDpRound,
+    secure_l2_bound,
+)
+from strategies.ddp import DDP_RECORD_KEY, DdpConfig, ddp_decode_sum
 from strategies.rotation import padded_length
 
 __all__ = [
@@ -143,6 +155,7 @@ class _Round:
             assert config.threshold is not None
             degree, threshold = config.degree, config.threshold
         self.ddp: DdpConfig | None = None
+        self.min_honest = 0
         self.train_content = self.content
         self.extra_metrics: dict[str, float] = {}
         cdp_fields = self.content.config_records.get(CDP_RECORD_KEY)
@@ -151,13 +164,17 @@ class _Round:
             if config.distributed_dp is not None:
                 raise ConfigError("a round cannot run central and distributed DP at once")
             # Central DP: unweighted clipped updates, whose coordinates lie in [-C, C];
-            # with adaptive clipping one more coordinate carries the bit (times C).
+            # with adaptive clipping one more coordinate carries the centred bit (times C).
             self.vector_length = self.length + (2 if self.central.adaptive else 1)
             self.encoding = EncodingConfig(
                 clip_range=self.central.l2_clip,
                 ring_bits=config.ring_bits,
                 max_clients=len(nodes),
                 weight_cap=1,
+            )
+            # Clients round conditionally to this bound; the noise is calibrated to it.
+            self.extra_metrics[SENSITIVITY_METRIC] = secure_l2_bound(
+                self.central.l2_clip, self.length, self.encoding
             )
         elif config.distributed_dp is None:
             self.vector_length = self.length + 1
@@ -168,11 +185,12 @@ class _Round:
                 weight_cap=config.weight_cap,
             )
         else:
+            self.min_honest = config.min_honest_contributors(len(nodes))
             # The rotation's signs are public: a fresh seed per round, sent to every client.
             self.ddp = config.distributed_dp.for_round(
                 dimension=self.length,
                 sampled=len(nodes),
-                dropout_fraction=config.dropout_fraction,
+                min_honest=self.min_honest,
                 rotation_seed=rng.random_bytes(32),
             )
             self.vector_length = padded_length(self.length)
@@ -182,11 +200,6 @@ class _Round:
             self.train_content = RecordDict(dict(self.content))
             fields: dict[str, ConfigRecordValues] = {**self.ddp.to_fields()}
             self.train_content[DDP_RECORD_KEY] = ConfigRecord(fields)
-            # What a device's own ledger should count: rho with the expected survivors.
-            expected = max(1, math.floor(len(nodes) * (1 - config.dropout_fraction)))
-            self.train_content[DP_SPEND_RECORD_KEY] = ConfigRecord(
-                {"rho": self._rho(expected, padded_length(self.length))}
-            )
         self.session = ServerSession(
             nodes,
             degree=degree,
@@ -200,7 +213,7 @@ class _Round:
         self.stats = SecAggRoundStats(
             server_round=_round_number(self.content),
             sampled=len(nodes),
-            degree=len(next(iter(self.session.neighbours.values()))),
+            degree=self.session.degree,
             threshold=threshold,
             ring_bits=self.encoding.ring_bits,
             quant_bits=self.encoding.quant_bits,
@@ -256,14 +269,16 @@ class _Round:
         return out
 
     def masked_vector(self, node: int, envelope: Envelope, reply: Message) -> MaskedInput:
-        del envelope
+        report = wire.decode(envelope.payload, MaskedInputReport)
+        if report.node_id != node:
+            raise InvalidMessage("masked-input report for another node")
         array = reply.content.array_records[VECTOR_RECORD_KEY][VECTOR_KEY]
         # Check the declared type and size before numpy allocates anything.
         if np.dtype(array.dtype) != self.encoding.dtype or tuple(array.shape) != (
             self.vector_length,
         ):
             raise InvalidMessage("masked vector of the wrong type or length")
-        return MaskedInput(node_id=node, vector=array.numpy())
+        return MaskedInput(node_id=node, vector=array.numpy(), rejected=report.rejected)
 
     def run(self) -> tuple[ArrayRecord, int]:
         def payload(kind: type[T]) -> Callable[[int, Envelope, Message], T]:
@@ -276,12 +291,24 @@ class _Round:
         masked_requests = session.receive_shares(shares)
         masked = self.exchange(Stage.MASKED_INPUT, masked_requests, self.masked_vector)
         after_masked = session.receive_masked(masked)
-        # The survivors (whose noise is in the sum) are fixed now: the round's spend.
-        rho = None if self.ddp is None else self._rho(len(after_masked))
-        if rho is not None and self.guard is not None:
-            # Nothing is revealed yet: a round whose real spend would break the
-            # budget stops here, before anyone unmasks.
-            self.guard(rho)
+        rho = None
+        if self.ddp is not None:
+            # The survivors (whose noise is in the sum) are fixed now. Every device refuses
+            # to unmask unless they hold its policy's fewest honest clients; the server
+            # refuses the same round first, before anyone is asked to reveal anything.
+            survivors = len(session.survivors)
+            honest = survivors - corrupt_count(len(self.by_node), self.config.corrupt_fraction)
+            if honest < self.min_honest:
+                raise ProtocolAbort(
+                    "masked-input",
+                    [],
+                    f"{survivors} survivors hold at most {max(honest, 0)} honest clients, "
+                    f"distributed DP needs {self.min_honest}",
+                )
+            rho = self._rho()
+            if self.guard is not None:
+                # A round whose spend would break the budget stops here, revealing nothing.
+                self.guard(rho)
         if self.config.threat_model is ThreatModel.ACTIVE:
             signatures = self.exchange(
                 Stage.CONSISTENCY, after_masked, payload(ConsistencySignature)
@@ -291,40 +318,45 @@ class _Round:
             unmask_requests = after_masked
         responses = self.exchange(Stage.UNMASK, unmask_requests, payload(UnmaskResponse))
         result = session.finish(responses)
-        for node in result.excluded:
-            self.stats.failures.setdefault(node, "excluded: invalid protocol message")
+        for node, reason in session.excluded.items():
+            self.stats.failures.setdefault(node, f"excluded: {reason}")
         if self.ddp is None or rho is None:
             mean, total_weight = decode_sum(result.total, config=self.encoding)
             if self.central is not None and self.central.adaptive:
-                # Only the sum of the bits is ever known, never one client's.
-                bits = float(mean[self.length]) / self.encoding.clip_range * total_weight
-                self.extra_metrics[UNCLIPPED_METRIC] = bits
+                # Only the sum of the centred bits b - 1/2 is ever known, never one client's.
+                scaled = float(mean[self.length]) / self.encoding.clip_range * total_weight
+                self.extra_metrics[CENTRED_BITS_METRIC] = scaled / 2
                 mean = mean[: self.length]
         else:
             survivors = len(result.survivors)
             mean = ddp_decode_sum(result.total, self.ddp, num_clients=survivors)
             total_weight = survivors
-            # Honest accounting: the noise of the clients that actually survived.
+            # What every device charged itself: the noise of the fewest honest clients.
             self.stats.dp = {
                 "rho": rho,
+                "min_honest_contributors": self.min_honest,
                 "noise_std_of_sum": self.ddp.noise_std * math.sqrt(survivors),
+                "honest_noise_std_of_sum": self.ddp.noise_std * math.sqrt(self.min_honest),
                 "l2_clip": self.ddp.l2_clip,
             }
         self.stats.survivors = len(result.survivors)
         self.stats.survivor_ids = sorted(result.survivors)
+        self.stats.survivor_subjects = [
+            session.identity_of(node) or str(node) for node in sorted(result.survivors)
+        ]
         self.stats.dropped = self.stats.sampled - len(result.survivors)
         self.stats.total_weight = total_weight
         self.stats.upload_bytes_per_client = self.uploaded / max(1, len(result.survivors))
         return self._apply(mean), total_weight
 
-    def _rho(self, survivors: int, dimension: int | None = None) -> float:
+    def _rho(self) -> float:
         assert self.ddp is not None
         return ddg_rho(
             l2_sensitivity=self.ddp.l2_sensitivity,
             l1_sensitivity=self.ddp.l1_sensitivity,
             sigma=self.ddp.sigma_integer,
-            num_clients=survivors,
-            dimension=dimension or self.vector_length,
+            num_clients=self.min_honest,
+            dimension=self.vector_length,
         )
 
     def _apply(self, mean: npt.NDArray[np.float64]) -> ArrayRecord:
@@ -447,7 +479,7 @@ class SecureAggregationGrid(Grid):
         )
         try:
             arrays, total_weight = secure.run()
-        except ProtocolAbort as exc:
+        except (ProtocolAbort, InvalidMessage, CryptoError) as exc:
             logger.warning("round %d: %s", secure.stats.server_round, exc)
             secure.stats.aborted = str(exc)
             self._report(secure.stats)
@@ -464,8 +496,13 @@ class SecureAggregationGrid(Grid):
                 **secure.extra_metrics,
             }
         )
+        # Who is inside the sum, for any DP wrapper's per-client accounting.
+        subjects = ConfigRecord({PARTICIPANTS_FIELD: list(secure.stats.survivor_subjects)})
         aggregate = Message(
-            content=RecordDict({_ARRAYS_KEY: arrays, _METRICS_KEY: metrics}), reply_to=template
+            content=RecordDict(
+                {_ARRAYS_KEY: arrays, _METRICS_KEY: metrics, PARTICIPANTS_RECORD_KEY: subjects}
+            ),
+            reply_to=template,
         )
         failed = [
             Message(Error(code=SECAGG_ABORT_CODE, reason=reason), reply_to=secure.by_node[node])

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from fedge.errors import ConfigError
 from secure_agg.encoding import EncodingConfig
-from secure_agg.params import ThreatModel
+from secure_agg.params import ThreatModel, corrupt_count
 from strategies.ddp import DistributedDpSettings
 
 __all__ = ["PARTICIPANTS_FIELD", "PARTICIPANTS_RECORD_KEY", "SecAggConfig", "SecAggRoundStats"]
@@ -87,6 +88,29 @@ class SecAggConfig:
             if not 0 <= value < 1:
                 raise ConfigError(f"{name} must be in [0, 1), got {value}")
 
+    def min_honest_contributors(self, sampled: int) -> int:
+        """Return the fewest honest clients a distributed-DP round of ``sampled`` must hold.
+
+        The configured number, else the survivors the dropout fraction leaves
+        less the corrupt ones (at least 1).
+
+        Raises
+        ------
+        ConfigError
+            If the number exceeds the clients sampled.
+        """
+        settings = self.distributed_dp
+        if settings is not None and settings.min_honest_contributors is not None:
+            honest = settings.min_honest_contributors
+        else:
+            expected = math.floor(round(sampled * (1 - self.dropout_fraction), 9))
+            honest = max(1, expected - corrupt_count(sampled, self.corrupt_fraction))
+        if honest > sampled:
+            raise ConfigError(
+                f"distributed DP needs {honest} honest clients but the round samples {sampled}"
+            )
+        return honest
+
 
 @dataclass(slots=True)
 class SecAggRoundStats:
@@ -107,3 +131,4 @@ class SecAggRoundStats:
     aborted: str | None = None
     dp: dict[str, float] | None = None
     survivor_ids: list[int] = field(default_factory=list)
+    survivor_subjects: list[str] = field(default_factory=list)

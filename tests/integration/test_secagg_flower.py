@@ -20,12 +20,14 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg
 
+from fl_client.policy import DevicePolicy
 from fl_client.secagg_mod import make_secagg_mod
 from fl_server.secagg import SecAggConfig, SecAggRoundStats, SecureAggregationGrid
 from secure_agg.encoding import EncodingConfig
 from secure_agg.envelope import RECORD_KEY, Stage
 from secure_agg.identity import EnrolmentAuthority, NodeIdentity
 from secure_agg.params import ThreatModel
+from secure_agg.policy import ProtocolPolicy
 from secure_agg.randomness import SystemRandomSource
 from simulations.offline import quiet_flower, ray_backend_config
 from strategies.ddp import DistributedDpSettings
@@ -35,6 +37,18 @@ pytestmark = pytest.mark.slow
 NUM_CLIENTS = 20
 SHAPES = {"conv": (4, 3, 5), "bias": (7,), "dense": (30, 20)}
 CLIP = 0.5
+
+
+def _policy(
+    threat: ThreatModel = ThreatModel.SEMI_HONEST,
+    authority: bytes | None = None,
+    *,
+    min_honest: int = 1,
+) -> DevicePolicy:
+    return DevicePolicy(
+        protocol=ProtocolPolicy(threat_model=threat, authority_public_key=authority),
+        min_honest_contributors=min_honest,
+    )
 
 
 def _update(partition: int) -> dict[str, np.ndarray]:
@@ -182,7 +196,10 @@ def test_secure_fedavg_with_dropouts_at_every_stage_matches_plaintext_fedavg(
         dropout_fraction=len(stages) / NUM_CLIENTS,  # the dropouts this test injects
         authority_public_key=authority.public_key,
     )
-    secure_app = _train_app(_dropping_mod(drop_at), make_secagg_mod(identities=identities))
+    policy = _policy(threat, authority.public_key if threat is ThreatModel.ACTIVE else None)
+    secure_app = _train_app(
+        _dropping_mod(drop_at), make_secagg_mod(policy=policy, identities=identities)
+    )
     secure, stats, seen = _simulate(secure_app, secure=config)
     plain_drop = {p: Stage.SETUP for p in lost}
     plain, _, _ = _simulate(_train_app(_dropping_mod(plain_drop)), secure=None)
@@ -212,7 +229,7 @@ def test_secure_fedavg_with_dropouts_at_every_stage_matches_plaintext_fedavg(
 
 def test_server_optimisers_compose_with_the_secure_grid() -> None:
     config = SecAggConfig(clip_range=CLIP, weight_cap=1000)
-    app = _train_app(make_secagg_mod())
+    app = _train_app(make_secagg_mod(policy=_policy()))
 
     def fedadam() -> FedAvg:
         return FedAdam(
@@ -246,17 +263,18 @@ def _zero_update_app(*mods: Any) -> ClientApp:
 
 def test_distributed_dp_with_dropouts_carries_the_configured_noise_and_no_more() -> None:
     # Three clients drop before their masked input, one while unmasking (four dropouts:
-    # the round tolerates 20 %). Noise shares are sized for 16 expected survivors, each
-    # z c / 4; the 17 that survive put z c sqrt(17/16) into the sum.
+    # the round tolerates 20 %). Noise shares are sized for the 14 honest clients the
+    # devices count on (16 expected survivors less 2 corrupt), each z c / sqrt(14); the
+    # 17 that survive put z c sqrt(17/14) into the sum.
     drop_at = {3: Stage.SETUP, 8: Stage.SHARE_KEYS, 12: Stage.MASKED_INPUT, 17: Stage.UNMASK}
     settings = DistributedDpSettings(l2_clip=2.0, noise_multiplier=0.5)
     config = SecAggConfig(distributed_dp=settings, dropout_fraction=0.2)
-    app = _zero_update_app(_dropping_mod(drop_at), make_secagg_mod())
+    app = _zero_update_app(_dropping_mod(drop_at), make_secagg_mod(policy=_policy(min_honest=14)))
 
     result, [stats], _ = _simulate(app, secure=config)
 
     noise = np.concatenate([(result[k] - 0.25).ravel() for k in SHAPES]).astype(np.float64)
-    summed = 0.5 * 2.0 * math.sqrt(17 / 16)
+    summed = 0.5 * 2.0 * math.sqrt(17 / 14)
     assert stats.survivors == 17
     assert stats.dp is not None
     assert stats.dp["noise_std_of_sum"] == pytest.approx(summed)

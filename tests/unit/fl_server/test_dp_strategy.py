@@ -32,7 +32,12 @@ from fl_server.privacy import ServerDp
 from fl_server.secagg_config import PARTICIPANTS_FIELD, PARTICIPANTS_RECORD_KEY
 from secure_agg.randomness import DeterministicRandom
 from strategies.accounting import GaussianSteps
-from strategies.central import CDP_RECORD_KEY, CentralDpSettings, LocalDpSettings
+from strategies.central import (
+    CDP_RECORD_KEY,
+    SENSITIVITY_METRIC,
+    CentralDpSettings,
+    LocalDpSettings,
+)
 from tests.unit.fl_server.test_privacy import Sink
 from tests.unit.fl_server.test_secagg_grid import (  # noqa: F401 - the fixture is autouse
     App,
@@ -126,7 +131,15 @@ def test_the_server_clips_a_plain_reply_whose_device_did_not() -> None:
 def _secure_reply(
     trained: ArrayRecord, survivors: int, subjects: list[str] | None, to: Message
 ) -> Message:
-    metrics = MetricRecord({"num-examples": survivors, "secagg-survivors": survivors})
+    # As the secure Grid reports it: the sum's size and each client's L2 sensitivity
+    # (conditional rounding's bound; 1.0001 C for a narrow ring here).
+    metrics = MetricRecord(
+        {
+            "num-examples": survivors,
+            "secagg-survivors": survivors,
+            SENSITIVITY_METRIC: CLIP * 1.0001,
+        }
+    )
     content = RecordDict({"arrays": trained, "metrics": metrics})
     if subjects is not None:
         content[PARTICIPANTS_RECORD_KEY] = ConfigRecord({PARTICIPANTS_FIELD: subjects})
@@ -171,7 +184,8 @@ def test_the_sink_charges_the_subjects_the_secure_aggregate_names() -> None:
     assert run_spend is not None and run_spend.gaussian == gaussian
     assert arrays is not None
     noise = arrays["w"].numpy().astype(np.float64) - 1.1
-    assert np.std(noise) == pytest.approx(Z * CLIP / 3, rel=0.1)
+    assert np.std(noise) == pytest.approx(Z * CLIP * 1.0001 / 3, rel=0.1)
+    assert strategy.history[-1]["l2_sensitivity"] == CLIP * 1.0001
 
 
 @pytest.mark.parametrize(

@@ -12,10 +12,13 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedge.errors import ConfigError
 from fl_client.dp_mod import make_dp_mod
+from fl_client.policy import DevicePolicy
 from fl_client.secagg_mod import make_secagg_mod
 from fl_server.dp_strategy import DifferentialPrivacy
 from fl_server.privacy import PrivacyMechanism, ServerDp, amplification
 from fl_server.secagg import SecAggConfig, SecAggRoundStats, SecureAggregationGrid
+from secure_agg.params import ThreatModel
+from secure_agg.policy import ProtocolPolicy
 from secure_agg.randomness import DeterministicRandom
 from strategies.accounting import GaussianSteps, PrivacySpend
 from strategies.central import (
@@ -32,6 +35,11 @@ from tests.unit.fl_server.test_secagg_grid import (  # noqa: F401 - the fixture 
 )
 
 NODES = list(range(201, 209))
+POLICY = DevicePolicy(
+    protocol=ProtocolPolicy(threat_model=ThreatModel.SEMI_HONEST),
+    max_l2_clip=1000.0,
+    min_noise_multiplier=0.5,
+)
 
 
 class Sink:
@@ -67,10 +75,10 @@ def _big_step(size: int, value: float) -> App:
 
 
 def _with_mods(train: App, *, secure: bool) -> App:
-    dp = make_dp_mod(rng_factory=lambda: DeterministicRandom(9))
+    dp = make_dp_mod(policy=POLICY, rng_factory=lambda: DeterministicRandom(9))
     if not secure:
         return lambda msg, context: dp(msg, context, train)
-    secagg = make_secagg_mod()
+    secagg = make_secagg_mod(policy=POLICY)
     return lambda msg, context: secagg(msg, context, lambda m, c: dp(m, c, train))
 
 
@@ -144,8 +152,11 @@ def test_adaptive_clipping_moves_the_clip_with_a_securely_summed_bit_count() -> 
     # Every update (norm 0.8) was clipped to 0.2: the mean is 0.2 / 8 per coordinate (plus noise).
     assert np.mean(update) == pytest.approx(0.2 / 8, abs=0.02)
     history = strategy.history[-1]
-    # No bit was 1: the noisy fraction is 0 +- 0.6 / 8, and the clip grows towards the norms.
+    # No bit was 1: the centred sum is -8 / 2, the noisy fraction 0 +- 0.6 / 8, and the
+    # clip grows towards the norms.
     assert abs(history["noisy_unclipped_fraction"]) < 4 * 0.6 / 8
+    # 32-bit ring: conditional rounding costs next to nothing over the clip.
+    assert 0.2 <= history["l2_sensitivity"] < 0.2 * 1.0001
     assert strategy.clip > 0.2 and history["next_l2_clip"] == strategy.clip
     # The bits only ever travelled inside masked vectors: no reply carried metrics.
     assert stats[-1].survivors == 8

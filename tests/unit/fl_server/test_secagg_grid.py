@@ -25,15 +25,25 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedge.errors import ConfigError
+from fl_client.policy import DevicePolicy
 from fl_client.secagg_mod import make_secagg_mod
 from fl_server.secagg import SecAggConfig, SecAggRoundStats, SecureAggregationGrid
 from secure_agg.encoding import EncodingConfig
 from secure_agg.envelope import VECTOR_KEY, VECTOR_RECORD_KEY
 from secure_agg.params import ThreatModel
+from secure_agg.policy import ProtocolPolicy
 from strategies.ddp import DistributedDpSettings
 
 App = Callable[[Message, Context], Message]
 NODES = list(range(101, 109))
+# The devices of these tests: semi-honest rounds, 10 % corrupt assumed (1 of 8), small
+# DP noise accepted, and distributed DP's fewest honest contributors as the server's
+# default for 8 sampled at 25 % dropout (6 expected survivors, 1 corrupt: 5).
+POLICY = DevicePolicy(
+    protocol=ProtocolPolicy(threat_model=ThreatModel.SEMI_HONEST),
+    min_noise_multiplier=0.01,
+    min_honest_contributors=5,
+)
 _ids = itertools.count()
 
 
@@ -117,7 +127,7 @@ def _train(msg: Message, context: Context) -> Message:
 
 
 def _honest() -> App:
-    mod = make_secagg_mod()
+    mod = make_secagg_mod(policy=POLICY)
     return lambda msg, context: mod(msg, context, _train)
 
 
@@ -155,7 +165,7 @@ def test_the_strategy_gets_the_weighted_mean_and_nothing_else() -> None:
 
 
 def _bad_vector(node: int) -> App:
-    mod = make_secagg_mod()
+    mod = make_secagg_mod(policy=POLICY)
 
     def app(msg: Message, context: Context) -> Message:
         reply = mod(msg, context, _train)
@@ -250,7 +260,7 @@ def _reshaping(msg: Message, context: Context) -> Message:
 
 def test_clients_failing_in_training_drop_at_masked_input_and_are_recovered() -> None:
     apps = {n: _honest() for n in NODES}
-    crash_mod, shape_mod = make_secagg_mod(), make_secagg_mod()
+    crash_mod, shape_mod = make_secagg_mod(policy=POLICY), make_secagg_mod(policy=POLICY)
     apps[102] = lambda msg, context: crash_mod(msg, context, _crashing)
     apps[106] = lambda msg, context: shape_mod(msg, context, _reshaping)
 
@@ -288,7 +298,7 @@ def _ddp_round(
 
 
 def _ddp_app(train: App) -> App:
-    mod = make_secagg_mod()
+    mod = make_secagg_mod(policy=POLICY)
     return lambda msg, context: mod(msg, context, train)
 
 
@@ -312,10 +322,12 @@ def test_distributed_dp_with_dropouts_carries_the_configured_noise_and_no_more()
 
     noise, stats = _ddp_round(apps, settings, 4096)
 
-    # 8 sampled, 25 % dropout expected: each client adds 1/sqrt(6); 6 survive, so the
-    # sum carries exactly z c = 1 and the mean 1/6 (float32 weights round a little).
+    # 8 sampled, 25 % dropout expected, 1 corrupt assumed: each client adds z c / sqrt(5),
+    # so the 5 honest clients the devices count on carry exactly z c = 1. 6 survive: the
+    # sum carries sqrt(6 / 5) and the mean sqrt(6 / 5) / 6 (float32 weights round a little).
     assert stats.survivors == 6
     assert stats.dp is not None
-    assert stats.dp["noise_std_of_sum"] == pytest.approx(1.0)
-    assert noise.std() == pytest.approx(1 / 6, rel=0.06)
+    assert stats.dp["honest_noise_std_of_sum"] == pytest.approx(1.0)
+    assert stats.dp["noise_std_of_sum"] == pytest.approx((6 / 5) ** 0.5)
+    assert noise.std() == pytest.approx((6 / 5) ** 0.5 / 6, rel=0.06)
     assert abs(noise.mean()) < 5 * (1 / 6) / 64
