@@ -30,8 +30,11 @@ data:
 ## demo: a 10-client federation on Fashion-MNIST (SecAgg+ and DP-SGD at epsilon 3), live, its signed
 ## variants, a device that verifies and serves one (drift check included), and the audit trail
 demo: setup
+	@# A fresh simulated fleet each time: a device's ledger spans its whole life, so devices
+	@# that already spent epsilon 3 in an earlier demo would (rightly) decline every round.
+	rm -rf runs/demo/devices
 	$(BIN)/fedge sim run --secure-agg --dp sample --epsilon 3 --client-epsilon 3 --batch-size 128 --lr 0.1 \
-		--variants final --out runs/demo/summary.json
+		--variants final --devices-dir runs/demo/devices --out runs/demo/summary.json
 	$(BIN)/fedge store variants cnn latest
 	$(BIN)/fedge store verify cnn latest
 	@echo "--- an edge device: verify and install the signed INT8 variant, then infer on it"

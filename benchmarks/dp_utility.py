@@ -37,6 +37,7 @@ from typing import Any
 from benchmarks._common import RESULTS, machine, peak_rss_mb, write
 from fl_client.models import ModelName, build_model
 from fl_client.training import TrainConfig
+from fl_server.secagg_config import SecAggConfig
 from simulations.config import SimConfig
 from simulations.modes import DpMode
 from simulations.partition import PartitionMode
@@ -79,25 +80,29 @@ def distributed_multiplier(
     rounds: int,
     dimension: int,
     sampled: int,
-    dropout_fraction: float,
+    min_honest: int,
     l2_clip: float,
     ring_bits: int,
 ) -> float:
-    """The DDG noise multiplier reaching ``epsilon`` after ``rounds``, every client surviving."""
+    """The DDG noise multiplier reaching ``epsilon`` after ``rounds``.
+
+    Charged as the devices and the server charge it: with only the noise of the
+    ``min_honest`` honest clients every round must hold.
+    """
 
     def epsilon_of(z: float) -> float:
         settings = DistributedDpSettings(l2_clip=l2_clip, noise_multiplier=z, ring_bits=ring_bits)
         config = settings.for_round(
             dimension=dimension,
             sampled=sampled,
-            dropout_fraction=dropout_fraction,
+            min_honest=min_honest,
             rotation_seed=bytes(32),
         )
         rho = ddg_rho(
             l2_sensitivity=config.l2_sensitivity,
             l1_sensitivity=config.l1_sensitivity,
             sigma=config.sigma_integer,
-            num_clients=sampled,
+            num_clients=min_honest,
             dimension=padded_length(dimension),
         )
         return zcdp_epsilon(rounds * rho, delta=delta)
@@ -202,7 +207,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rounds=args.rounds,
         dimension=dimension,
         sampled=args.per_round,
-        dropout_fraction=args.secagg_dropout,
+        min_honest=SecAggConfig(dropout_fraction=args.secagg_dropout).min_honest_contributors(
+            args.per_round
+        ),
         l2_clip=args.dp_clip,
         ring_bits=args.ring_bits,
     )

@@ -125,8 +125,11 @@ def _message_api_apps(  # noqa: PLR0917 - one benchmark's private helper
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg
 
+    from fl_client.policy import DevicePolicy
     from fl_client.secagg_mod import make_secagg_mod
     from fl_server.secagg import SecAggConfig, SecureAggregationGrid
+    from secure_agg.params import ThreatModel
+    from secure_agg.policy import ProtocolPolicy
     from strategies.ddp import DistributedDpSettings
 
     secure = variant in ("fedge_secaggplus", "fedge_secaggplus_ddp")
@@ -135,7 +138,23 @@ def _message_api_apps(  # noqa: PLR0917 - one benchmark's private helper
         if variant == "fedge_secaggplus_ddp"
         else None
     )
-    client = ClientApp(mods=[make_secagg_mod()] if secure else [])
+    config = SecAggConfig(
+        clip_range=0.01,
+        weight_cap=1,
+        degree=k,
+        threshold=t,
+        ring_bits=ring_bits,
+        distributed_dp=ddp,
+    )
+    # The devices accept the k and t compared with Flower's (no corrupt client assumed:
+    # this benchmark measures cost at equal k, not the threshold rule).
+    policy = DevicePolicy(
+        protocol=ProtocolPolicy(
+            threat_model=ThreatModel.SEMI_HONEST, corrupt_fraction=0.0, min_degree=1
+        ),
+        min_honest_contributors=config.min_honest_contributors(clients),
+    )
+    client = ClientApp(mods=[make_secagg_mod(policy=policy)] if secure else [])
 
     @client.train()
     def _train(msg: Message, context: Context) -> Message:
@@ -153,14 +172,6 @@ def _message_api_apps(  # noqa: PLR0917 - one benchmark's private helper
         counter.wrap(grid)
         used: Grid = grid
         if secure:
-            config = SecAggConfig(
-                clip_range=0.01,
-                weight_cap=1,
-                degree=k,
-                threshold=t,
-                ring_bits=ring_bits,
-                distributed_dp=ddp,
-            )
             used = SecureAggregationGrid(
                 grid, config, on_round=lambda stats: counter.stages.append(stats.stage_seconds)
             )

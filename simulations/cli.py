@@ -176,7 +176,16 @@ def run_command(
         float | None,
         typer.Option(
             "--client-epsilon",
-            help="With --dp: each device's own budget; a device declines rounds past it.",
+            help="With --dp: each device's lifetime budget (over every run it takes part in); "
+            "a device declines rounds past it.",
+        ),
+    ] = None,
+    devices_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--devices-dir",
+            help="The simulated devices' own state, kept across runs: lifetime privacy "
+            "ledgers and refusal logs [default: RUNS_DIR/devices].",
         ),
     ] = None,
     variants: Annotated[
@@ -242,6 +251,7 @@ def run_command(
         summary=out or runs_dir / run_id / "summary.json",
         models=runs_dir / run_id / "models",
         db_url=db_url or f"sqlite:///{runs_dir / 'fedge.db'}",
+        devices=devices_dir,
     )
     check_paths(paths)
     prepared = prepare_data(config)

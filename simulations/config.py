@@ -10,10 +10,12 @@ from typing import Any
 
 from fedge.errors import ConfigError
 from fl_client.models import ModelName
+from fl_client.policy import DevicePolicy
 from fl_client.training import TrainConfig
 from fl_server.privacy import ServerDp
 from fl_server.secagg import SecAggConfig
 from secure_agg.params import ThreatModel, choose_neighbourhood
+from secure_agg.policy import ProtocolPolicy
 from simulations.modes import DpMode, VariantRounds
 from simulations.partition import PartitionConfig, PartitionMode
 from strategies.central import AdaptiveClipping, CentralDpSettings, LocalDpSettings
@@ -226,6 +228,53 @@ class SimConfig:
             sample=sample,
             secure=self.secure_agg,
             poisson_sampling=self.poisson_sampling,
+        )
+
+    def device_policy(self, *, authority_public_key: bytes | None) -> DevicePolicy:
+        """Return the policy every simulated device is installed with (a deployment ships one).
+
+        It admits exactly this run's parameters: its threat model and authority,
+        its ring, the k and t the server chooses for the sampled clients, the
+        survivors the dropout fraction leaves, its clip and noise multiplier,
+        the fewest honest contributors of distributed DP, and ``client_epsilon``
+        as each device's lifetime budget. A server that asks for anything else
+        is refused by the devices.
+        """
+        protocol = None
+        honest = 1
+        if self.secure_agg:
+            secure = self.secure_config(authority_public_key=authority_public_key)
+            sampled = self.sampled_clients
+            chosen = choose_neighbourhood(
+                sampled,
+                dropout_fraction=secure.dropout_fraction,
+                corrupt_fraction=secure.corrupt_fraction,
+                threat_model=secure.threat_model,
+            )
+            tolerated = math.ceil(round(secure.dropout_fraction * sampled, 9))
+            protocol = ProtocolPolicy(
+                threat_model=self.threat_model,
+                authority_public_key=authority_public_key,
+                ring_bits=frozenset({self.ring_bits}),
+                min_degree=chosen.degree,
+                corrupt_fraction=secure.corrupt_fraction,
+                min_survivors=max(2, sampled - tolerated),
+            )
+            if self.dp is DpMode.DISTRIBUTED:
+                honest = secure.min_honest_contributors(sampled)
+        clip = self.dp_clip
+        if self.adaptive_clip:
+            clip = AdaptiveClipping().max_clip
+        noise = self.noise_multiplier
+        if self.dp is DpMode.SAMPLE and self.epsilon is not None:
+            noise = 1e-3  # the device derives its own DP-SGD noise from the target
+        return DevicePolicy(
+            protocol=protocol,
+            max_l2_clip=clip,
+            min_noise_multiplier=noise,
+            min_honest_contributors=honest,
+            lifetime_epsilon=self.client_epsilon,
+            delta=self.delta,
         )
 
     def partition_config(self) -> PartitionConfig:

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, Context
 from flwr.clientapp.typing import Mod
 from sqlalchemy.engine import make_url
 
@@ -25,6 +25,7 @@ from fl_client import build_model, make_client_app
 from fl_client.budget import ClientBudget, ClientLedger, make_budget_mod
 from fl_client.dp_mod import make_dp_mod
 from fl_client.messages import encode_train_config
+from fl_client.refusals import RefusalLog
 from fl_client.secagg_mod import make_secagg_mod
 from fl_client.training import evaluate
 from fl_server import Evaluation, FederationConfig, RoundObserver, RoundReport, make_server_app
@@ -33,11 +34,11 @@ from fl_server.checkpoints import CheckpointDir
 from fl_server.db import open_database, resolve_db_url
 from fl_server.ledger import PrivacyBudget, PrivacyLedger
 from fl_server.privacy import PrivacyMechanism, amplification
-from fl_server.secagg import SecAggConfig
 from fl_server.store.blobs import FileBlobStore
 from fl_server.store.keys import StoreKey
 from fl_server.store.publisher import RoundPublisher
 from fl_server.store.store import ModelStore, NewArtefact
+from secure_agg.identity import NodeIdentity
 from secure_agg.params import ThreatModel
 from simulations.config import DpMode, SimConfig
 from simulations.data import Split
@@ -72,7 +73,9 @@ def new_run_id(now: datetime | None = None) -> str:
 class RunPaths:
     """Where a run writes: its summary JSON, its checkpoints, its database, its model store.
 
-    ``store`` defaults to ``store/`` beside the run's directory (``runs/store``).
+    ``store`` defaults to ``store/`` beside the run's directory (``runs/store``),
+    and the simulated devices' own state (lifetime ledgers, refusals) to
+    ``devices/`` beside it: a device's budget spans every run it takes part in.
     """
 
     @property
@@ -80,10 +83,16 @@ class RunPaths:
         """The model store's directory (objects and signing key)."""
         return self.store or self.models.parent.parent / "store"
 
+    @property
+    def devices_dir(self) -> Path:
+        """The simulated devices' directory (one lifetime ledger per device, across runs)."""
+        return self.devices or self.models.parent.parent / "devices"
+
     summary: Path
     models: Path
     db_url: str
     store: Path | None = None
+    devices: Path | None = None
 
 
 @dataclass(slots=True)
@@ -457,7 +466,7 @@ def _accountant(config: SimConfig) -> AccountantKind:
 
 
 def _device_dir(paths: RunPaths) -> Path:
-    return paths.models.parent / "devices"
+    return paths.devices_dir
 
 
 def _simulate(
@@ -478,23 +487,31 @@ def _simulate(
 
     quiet_flower(verbose)
     initial = build_model(config.model, seed=config.seed)
-    secure, secure_mods = _secure_parts(config)
+    fleet = (
+        enrol_fleet(config.num_clients)
+        if config.secure_agg and config.threat_model is ThreatModel.ACTIVE
+        else None
+    )
+    authority = None if fleet is None else fleet.authority_public_key
+    # The devices' own policy, fixed before the server says anything.
+    policy = config.device_policy(authority_public_key=authority)
+    refusals = RefusalLog(_device_dir(paths))
     budget = (
         None
         if config.client_epsilon is None
-        else ClientBudget(
-            directory=_device_dir(paths),
-            epsilon=config.client_epsilon,
-            delta=config.delta,
-            accountant=_accountant(config),
-        )
+        else ClientBudget.for_policy(policy, _device_dir(paths), accountant=_accountant(config))
     )
     # Order matters: secure aggregation outermost, then the device's budget, then DP.
-    mods: tuple[Mod, ...] = secure_mods
+    mods: tuple[Mod, ...] = ()
+    secure = None
+    if config.secure_agg:
+        secure = config.secure_config(authority_public_key=authority)
+        identities = fleet if fleet is not None else _no_identity
+        mods += (make_secagg_mod(policy=policy, identities=identities, on_refusal=refusals),)
     if budget is not None:
-        mods += (make_budget_mod(budget),)
+        mods += (make_budget_mod(budget, policy=policy),)
     if config.dp in (DpMode.CENTRAL, DpMode.LOCAL):
-        mods += (make_dp_mod(),)
+        mods += (make_dp_mod(policy=policy, on_refusal=refusals),)
     sampled = config.sampled_clients
     server_app = make_server_app(
         FederationConfig(
@@ -515,7 +532,7 @@ def _simulate(
         dp=config.server_dp(),
     )
     client_app = make_client_app(
-        provider, model=config.model, num_threads=1, mods=mods, budget=budget
+        provider, model=config.model, num_threads=1, mods=mods, budget=budget, policy=policy
     )
     parallelism = min(config.parallelism, config.num_clients)
     logger.info(
@@ -537,14 +554,9 @@ def _simulate(
         _shutdown_ray()
 
 
-def _secure_parts(config: SimConfig) -> tuple[SecAggConfig | None, tuple[Mod, ...]]:
-    if not config.secure_agg:
-        return None, ()
-    if config.threat_model is ThreatModel.ACTIVE:
-        fleet = enrol_fleet(config.num_clients)
-        secure = config.secure_config(authority_public_key=fleet.authority_public_key)
-        return secure, (make_secagg_mod(identities=fleet),)
-    return config.secure_config(authority_public_key=None), (make_secagg_mod(),)
+def _no_identity(context: Context) -> NodeIdentity | None:
+    del context
+    return None
 
 
 def _shutdown_ray() -> None:
