@@ -19,7 +19,12 @@ from fl_server.checkpoints import CheckpointDir
 from fl_server.dp_strategy import DifferentialPrivacy
 from fl_server.ledger import BudgetExceeded, PrivacyBudget, RoundSpend
 from fl_server.privacy import ServerDp
-from fl_server.secagg import SecAggConfig, SecAggRoundStats, SecureAggregationGrid
+from fl_server.secagg import (
+    PrivacyGuard,
+    SecAggConfig,
+    SecAggRoundStats,
+    SecureAggregationGrid,
+)
 from fl_server.spend import LedgerSink
 
 __all__ = [
@@ -164,12 +169,13 @@ class _CountingFedAvg(FedAvg):
 
 def _privacy_hooks(
     privacy: PrivacyBudget | None, counts: _ReplyCounts, audit: AuditLog, run_id: str
-) -> tuple[Callable[[float], None] | None, Callable[[SecAggRoundStats], None]]:
+) -> tuple[PrivacyGuard | None, Callable[[SecAggRoundStats], None]]:
     if privacy is None:
         return None, counts.on_secure_round
     sink = LedgerSink(privacy, audit, run_id, _DDG)
 
-    def guard(rho: float) -> None:
+    def guard(rho: float, subjects: Sequence[str]) -> None:
+        del subjects  # the run's budget; per-client lifetime caps are checked by the sink
         sink.check(RoundSpend(mechanism=_DDG, rho=rho))
 
     def on_secure(stats: SecAggRoundStats) -> None:

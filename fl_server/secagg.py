@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, TypeVar
 
 import numpy as np
@@ -83,6 +83,7 @@ from strategies.rotation import padded_length
 
 __all__ = [
     "SECAGG_ABORT_CODE",
+    "PrivacyGuard",
     "SecAggConfig",
     "SecAggRoundStats",
     "SecureAggregationGrid",
@@ -95,6 +96,8 @@ SECAGG_ABORT_CODE: Final = 4302
 _ARRAYS_KEY: Final = "arrays"
 _METRICS_KEY: Final = "metrics"
 T = TypeVar("T")
+# Called with a distributed-DP round's rho and its survivors' subjects before unmasking.
+PrivacyGuard = Callable[[float, Sequence[str]], None]
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -129,7 +132,7 @@ class _Round:
         rng: RandomSource,
         *,
         timeout: float | None,
-        guard: Callable[[float], None] | None = None,
+        guard: PrivacyGuard | None = None,
     ) -> None:
         self.grid = grid
         self.guard = guard
@@ -307,8 +310,9 @@ class _Round:
                 )
             rho = self._rho()
             if self.guard is not None:
+                subjects = [session.identity_of(n) or str(n) for n in session.survivors]
                 # A round whose spend would break the budget stops here, revealing nothing.
-                self.guard(rho)
+                self.guard(rho, subjects)
         if self.config.threat_model is ThreatModel.ACTIVE:
             signatures = self.exchange(
                 Stage.CONSISTENCY, after_masked, payload(ConsistencySignature)
@@ -409,10 +413,11 @@ class SecureAggregationGrid(Grid):
     on_round
         Called with each round's statistics (progress displays, audit events).
     privacy_guard
-        With distributed DP: called with the round's real rho once the survivors
-        are known and before anything is unmasked; raising (e.g. the ledger's
-        ``BudgetExceeded``) stops the round with nothing revealed, and the
-        exception reaches the caller of ``send_and_receive``.
+        With distributed DP: called with the round's rho and the subjects of its
+        survivors (enrolment ids, else node ids) once they are known and before
+        anything is unmasked; raising (e.g. the ledger's ``BudgetExceeded``) stops
+        the round with nothing revealed, and the exception reaches the caller of
+        ``send_and_receive``.
     """
 
     def __init__(
@@ -422,7 +427,7 @@ class SecureAggregationGrid(Grid):
         *,
         rng: RandomSource | None = None,
         on_round: Callable[[SecAggRoundStats], None] | None = None,
-        privacy_guard: Callable[[float], None] | None = None,
+        privacy_guard: PrivacyGuard | None = None,
     ) -> None:
         self._inner = grid
         self._guard = privacy_guard
