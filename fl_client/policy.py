@@ -33,6 +33,7 @@ from secure_agg.policy import ProtocolPolicy
 from strategies.accounting import ddg_rho
 from strategies.central import CentralDpRound, LocalDpSettings
 from strategies.ddp import DdpConfig
+from strategies.records import check_noise_multiplier
 from strategies.rotation import padded_length
 from strategies.sample_dp import SampleDpSettings
 
@@ -72,12 +73,9 @@ class DevicePolicy:
     delta: float = 1e-5
 
     def __post_init__(self) -> None:
-        for name, value in (
-            ("max_l2_clip", self.max_l2_clip),
-            ("min_noise_multiplier", self.min_noise_multiplier),
-        ):
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"{name} must be a finite number > 0, got {value}")
+        if not (math.isfinite(self.max_l2_clip) and self.max_l2_clip > 0):
+            raise ConfigError(f"max_l2_clip must be a finite number > 0, got {self.max_l2_clip}")
+        check_noise_multiplier(self.min_noise_multiplier, "min_noise_multiplier")
         if self.min_honest_contributors < 1:
             raise ConfigError(
                 f"min_honest_contributors must be >= 1, got {self.min_honest_contributors}"

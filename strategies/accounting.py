@@ -30,6 +30,7 @@ from enum import Enum
 from typing import Any
 
 from fedge.errors import ConfigError
+from strategies.records import check_noise_multiplier
 
 __all__ = [
     "AccountantKind",
@@ -86,8 +87,7 @@ class GaussianSteps:
     steps: int
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
-            raise ConfigError(f"noise_multiplier must be > 0, got {self.noise_multiplier}")
+        check_noise_multiplier(self.noise_multiplier)
         if not 0 < self.sample_rate <= 1:
             raise ConfigError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
         if self.steps < 1:

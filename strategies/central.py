@@ -44,7 +44,7 @@ from secure_agg.encoding import EncodingConfig, conditional_rounding_bound
 from secure_agg.noise import gaussian
 from secure_agg.randomness import RandomSource
 from strategies.clipping import clip_l2
-from strategies.records import checked_fields
+from strategies.records import check_noise_multiplier, checked_fields
 
 __all__ = [
     "CDP_RECORD_KEY",
@@ -135,7 +135,7 @@ class CentralDpSettings:
 
     def __post_init__(self) -> None:
         _positive("l2_clip", self.l2_clip)
-        _positive("noise_multiplier", self.noise_multiplier)
+        check_noise_multiplier(self.noise_multiplier)
         if self.adaptive is not None:
             if 2 * self.adaptive.count_noise_std <= self.noise_multiplier:
                 raise ConfigError(
@@ -164,7 +164,7 @@ class CentralDpRound:
 
     def __post_init__(self) -> None:
         _positive("l2_clip", self.l2_clip)
-        _positive("noise_multiplier", self.noise_multiplier)
+        check_noise_multiplier(self.noise_multiplier)
 
     def to_fields(self) -> dict[str, float | bool]:
         """Return the flat fields of a Flower ConfigRecord."""
@@ -203,7 +203,7 @@ class LocalDpSettings:
 
     def __post_init__(self) -> None:
         _positive("l2_clip", self.l2_clip)
-        _positive("noise_multiplier", self.noise_multiplier)
+        check_noise_multiplier(self.noise_multiplier)
 
     @property
     def accounted_noise_multiplier(self) -> float:
@@ -273,7 +273,7 @@ def add_central_noise(
         If a parameter is out of range or the mean holds NaN or infinity.
     """
     _positive("l2_clip", l2_clip)
-    _positive("noise_multiplier", noise_multiplier)
+    check_noise_multiplier(noise_multiplier)
     if num_clients < 1:
         raise ConfigError(f"num_clients must be >= 1, got {num_clients}")
     flat = np.asarray(mean_update, dtype=np.float64).reshape(-1)

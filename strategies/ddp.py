@@ -44,7 +44,7 @@ from secure_agg.noise import discrete_gaussian, uniform53
 from secure_agg.prg import SEED_BYTES
 from secure_agg.randomness import RandomSource
 from strategies.clipping import clip_l2
-from strategies.records import checked_fields
+from strategies.records import check_noise_multiplier, checked_fields
 from strategies.rotation import padded_length, rotate, unrotate
 
 __all__ = [
@@ -253,9 +253,8 @@ class DistributedDpSettings:
     min_honest_contributors: int | None = None
 
     def __post_init__(self) -> None:
-        _check_common(
-            l2_clip=self.l2_clip, noise_multiplier=self.noise_multiplier, ring_bits=self.ring_bits
-        )
+        _check_common(l2_clip=self.l2_clip, ring_bits=self.ring_bits)
+        check_noise_multiplier(self.noise_multiplier)
         honest = self.min_honest_contributors
         if honest is not None and not 1 <= honest <= _MAX_CLIENTS:
             raise ConfigError(f"min_honest_contributors must be in [1, 2^20], got {honest}")

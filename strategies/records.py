@@ -7,12 +7,24 @@ exactly the expected fields, each of the expected type, before any config is bui
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import cast
 
 from fedge.errors import ConfigError
 
-__all__ = ["FieldValue", "checked_fields"]
+__all__ = [
+    "MAX_NOISE_MULTIPLIER",
+    "MIN_NOISE_MULTIPLIER",
+    "FieldValue",
+    "check_noise_multiplier",
+    "checked_fields",
+]
+
+# Noise multipliers outside these bounds protect nothing (below) or are typos (above),
+# and at the extremes the accountants overflow or divide by zero (1e-200 squared is 0).
+MIN_NOISE_MULTIPLIER = 1e-6
+MAX_NOISE_MULTIPLIER = 1e6
 
 FieldValue = float | int | bool | bytes
 
@@ -23,6 +35,20 @@ def _fits(value: object, kind: type) -> bool:
     if kind is bool:
         return isinstance(value, bool)
     return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def check_noise_multiplier(value: float, name: str = "noise_multiplier") -> None:
+    """Refuse a noise multiplier outside [1e-6, 1e6] (or not a finite number).
+
+    Raises
+    ------
+    ConfigError
+        Naming the parameter and the bounds.
+    """
+    if not (math.isfinite(value) and MIN_NOISE_MULTIPLIER <= value <= MAX_NOISE_MULTIPLIER):
+        raise ConfigError(
+            f"{name} must be in [{MIN_NOISE_MULTIPLIER:g}, {MAX_NOISE_MULTIPLIER:g}], got {value}"
+        )
 
 
 def checked_fields(

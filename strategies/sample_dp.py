@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Final, cast
 
 from fedge.errors import ConfigError
-from strategies.records import checked_fields
+from strategies.records import check_noise_multiplier, checked_fields
 
 __all__ = ["DPSGD_RECORD_KEY", "SampleDpSettings"]
 
@@ -63,6 +63,8 @@ class SampleDpSettings:
             raise ConfigError("max_grad_norm must be > 0")
         if (self.noise_multiplier > 0) == (self.target_epsilon > 0):
             raise ConfigError("give exactly one of noise_multiplier and target_epsilon (> 0)")
+        if self.noise_multiplier > 0:
+            check_noise_multiplier(self.noise_multiplier)
         if not 0 < self.delta < 1:
             raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
         if self.total_epochs < 1:

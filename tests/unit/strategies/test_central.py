@@ -10,6 +10,7 @@ import pytest
 from fedge.errors import ConfigError
 from secure_agg.noise import gaussian
 from secure_agg.randomness import DeterministicRandom
+from strategies.accounting import GaussianSteps
 from strategies.central import (
     AdaptiveClipping,
     CentralDpRound,
@@ -19,6 +20,7 @@ from strategies.central import (
     local_privatise,
     next_clip,
 )
+from strategies.ddp import DistributedDpSettings
 from strategies.sample_dp import SampleDpSettings
 
 
@@ -139,3 +141,16 @@ def test_sample_dp_needs_exactly_one_of_noise_and_target() -> None:
         SampleDpSettings(noise_multiplier=1.0, target_epsilon=3.0)
     with pytest.raises(ConfigError, match="exactly one"):
         SampleDpSettings()
+
+
+@pytest.mark.parametrize("z", [1e-200, 0.0, 1e300, math.inf, math.nan])
+def test_noise_multipliers_outside_the_bounds_are_refused_everywhere(z: float) -> None:
+    # 1e-200 squared is 0: it used to end in a ZeroDivisionError inside the accountant.
+    with pytest.raises(ConfigError, match=r"noise_multiplier must be in \[1e-06, 1e\+06\]"):
+        CentralDpSettings(l2_clip=1.0, noise_multiplier=z)
+    with pytest.raises(ConfigError, match="noise_multiplier must be in"):
+        LocalDpSettings(l2_clip=1.0, noise_multiplier=z)
+    with pytest.raises(ConfigError, match="noise_multiplier must be in"):
+        DistributedDpSettings(l2_clip=1.0, noise_multiplier=z)
+    with pytest.raises(ConfigError, match="noise_multiplier must be in"):
+        GaussianSteps(noise_multiplier=z, sample_rate=1.0, steps=1)
