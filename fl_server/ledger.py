@@ -6,18 +6,24 @@ mechanism such as the distributed discrete Gaussian, or a subsampled Gaussian
 event) and epsilon(delta) of *everything* the subject has spent so far,
 recomputed by composing all its entries (:func:`strategies.composed_epsilon`),
 so the stored totals never drift from the analysis. Before a round, the
-coordinator asks :meth:`PrivacyLedger.check` whether it fits the budget and
-refuses it if not; the ledger itself never deletes or rewrites an entry.
+coordinator asks :meth:`PrivacyLedger.check` whether it fits the run's budget
+and :meth:`PrivacyLedger.check_lifetime` whether it fits each participant's
+lifetime cap, and refuses it if not; the ledger itself never deletes or
+rewrites an entry.
+
+The stored totals are per run. A client's *lifetime* spend composes its rows
+of every run (:meth:`PrivacyLedger.lifetime_spent`): a subject is the client's
+enrolled identity, which outlives a run id, so a new run does not start it at zero.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, Select, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -35,6 +41,7 @@ __all__ = [
 ]
 
 RUN_SUBJECT = "run"
+_NAMED_IN_ERRORS = 5  # subjects a refusal names before "and N more"
 
 
 class BudgetExceeded(FedgeError):  # noqa: N818 - reads as what happened
@@ -91,6 +98,38 @@ def _epsilon(
         for r in rows
     ]
     return spent_epsilon([*spends, *([extra] if extra else [])], delta=delta, kind=kind)
+
+
+def _client_subjects(subjects: Sequence[str]) -> list[str]:
+    """Return ``subjects`` without repeats, each checked to be a client's subject."""
+    if isinstance(subjects, str):
+        raise ConfigError("subjects must be a sequence of client subjects, not one string")
+    unique = list(dict.fromkeys(subjects))
+    for subject in unique:
+        _check_client(subject)
+    return unique
+
+
+def _check_client(subject: str) -> None:
+    if not isinstance(subject, str) or not 0 < len(subject) <= 128:
+        raise ConfigError("a ledger subject has 1..128 characters")
+    if subject == RUN_SUBJECT:
+        raise ConfigError(
+            f"{RUN_SUBJECT!r} is the run-level subject: a lifetime total belongs to a client"
+        )
+
+
+def _lifetime_query(subject: str) -> Select[LedgerRow]:
+    """Select every row of ``subject``, of every run, in the order they were recorded."""
+    return select(LedgerRow).where(LedgerRow.subject == subject).order_by(LedgerRow.id)
+
+
+def _named(subjects: Sequence[str]) -> str:
+    """Name at most :data:`_NAMED_IN_ERRORS` subjects, then how many more there are."""
+    shown = ", ".join(subjects[:_NAMED_IN_ERRORS])
+    rest = len(subjects) - _NAMED_IN_ERRORS
+    noun = "client" if len(subjects) == 1 else "clients"
+    return f"{noun} {shown}" + (f" and {rest} more" if rest > 0 else "")
 
 
 def _new_row(
@@ -176,6 +215,109 @@ class PrivacyLedger:
             raise BudgetExceeded(
                 f"the next round would take {who} to epsilon {projected:.4g} > "
                 f"budget {budget:g} (delta {delta:g})"
+            )
+        return projected
+
+    def lifetime_entries(self, subject: str) -> list[LedgerEntry]:
+        """Return a client's entries of every run, in the order they were recorded.
+
+        Raises
+        ------
+        ConfigError
+            If ``subject`` is the run-level subject or not 1..128 characters.
+        """
+        _check_client(subject)
+        query = _lifetime_query(subject)
+        try:
+            with Session(self._engine) as session:
+                return [_entry(row) for row in session.scalars(query)]
+        except SQLAlchemyError as exc:
+            raise StorageError(f"cannot read the privacy ledger: {exc}") from exc
+
+    def lifetime_spent(self, subject: str, *, delta: float) -> float:
+        """Return epsilon(delta) of everything client ``subject`` has spent, over every run.
+
+        Every row of the subject is composed, whatever run it belongs to (the
+        stored totals are per run and stay so).
+
+        Raises
+        ------
+        ConfigError
+            If ``subject`` is the run-level subject or not 1..128 characters,
+            or ``delta`` is outside (0, 1).
+        """
+        _check_client(subject)
+        query = _lifetime_query(subject)
+        try:
+            with Session(self._engine) as session:
+                return _epsilon(list(session.scalars(query)), None, delta, self.accountant)
+        except SQLAlchemyError as exc:
+            raise StorageError(f"cannot read the privacy ledger: {exc}") from exc
+
+    def check_lifetime(
+        self,
+        subjects: Sequence[str],
+        spend: RoundSpend,
+        *,
+        budget: float,
+        delta: float,
+    ) -> dict[str, float]:
+        """Return the lifetime epsilon the round would bring each client in ``subjects`` to.
+
+        One query reads the rows of every subject, of every run; each subject's
+        rows are composed with ``spend`` added.
+
+        Raises
+        ------
+        BudgetExceeded
+            If any projection is above ``budget``; the message names the worst
+            (at most five, then how many more) and nothing is recorded.
+        ConfigError
+            If ``budget`` is not a finite number > 0, ``delta`` is outside (0, 1),
+            ``spend`` is not a spend, or a subject is the run-level one or not
+            1..128 characters.
+
+        Notes
+        -----
+        A subject is the client's enrolled identity where it has one, so the cap
+        holds across runs and run ids; a client known only by its Flower node id
+        is capped only as long as it keeps that id.
+        """
+        if not (math.isfinite(budget) and budget > 0):
+            raise ConfigError(
+                f"the lifetime epsilon budget must be a finite number > 0, got {budget}"
+            )
+        if not 0 < delta < 1:
+            raise ConfigError(f"delta must be in (0, 1), got {delta}")
+        if not isinstance(spend, RoundSpend):
+            raise ConfigError(f"spend must be a PrivacySpend, got {type(spend).__name__}")
+        wanted = _client_subjects(subjects)
+        if not wanted:
+            return {}
+        history: dict[str, list[LedgerRow]] = {subject: [] for subject in wanted}
+        query = (
+            select(LedgerRow)
+            .where(LedgerRow.subject.in_(wanted))
+            .order_by(LedgerRow.subject, LedgerRow.id)
+        )
+        try:
+            with Session(self._engine) as session:
+                for row in session.scalars(query):
+                    history[row.subject].append(row)
+        except SQLAlchemyError as exc:
+            raise StorageError(f"cannot read the privacy ledger: {exc}") from exc
+        projected = {
+            subject: _epsilon(rows, spend, delta, self.accountant)
+            for subject, rows in history.items()
+        }
+        over = sorted(
+            (subject for subject, epsilon in projected.items() if epsilon > budget),
+            key=lambda subject: (-projected[subject], subject),
+        )
+        if over:
+            raise BudgetExceeded(
+                f"the next round would take {_named(over)} past the lifetime budget "
+                f"{budget:g}: epsilon up to {projected[over[0]]:.4g} (delta {delta:g})"
             )
         return projected
 
@@ -324,11 +466,15 @@ class PrivacyBudget:
         The run's epsilon budget; ``None`` records spending without a limit.
     delta
         The delta every epsilon is computed at, in (0, 1).
+    client_lifetime_epsilon
+        Each client's cap over every run it took part in (its rows of the whole
+        ledger composed); ``None``: no cap.
     """
 
     ledger: PrivacyLedger
     epsilon: float | None
     delta: float
+    client_lifetime_epsilon: float | None = None
     exhausted: str | None = None
 
     def __post_init__(self) -> None:
@@ -336,3 +482,8 @@ class PrivacyBudget:
             raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
         if self.epsilon is not None and not (math.isfinite(self.epsilon) and self.epsilon > 0):
             raise ConfigError(f"the epsilon budget must be a finite number > 0, got {self.epsilon}")
+        lifetime = self.client_lifetime_epsilon
+        if lifetime is not None and not (math.isfinite(lifetime) and lifetime > 0):
+            raise ConfigError(
+                f"the client lifetime epsilon must be a finite number > 0, got {lifetime}"
+            )

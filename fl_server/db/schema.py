@@ -78,7 +78,7 @@ class LedgerRow(Base):
         BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
     )
     run_id: Mapped[str] = mapped_column(String(64), index=True)
-    subject: Mapped[str] = mapped_column(String(128))
+    subject: Mapped[str] = mapped_column(String(128), index=True)
     server_round: Mapped[int] = mapped_column(Integer)
     mechanism: Mapped[str] = mapped_column(String(32))
     rho: Mapped[float] = mapped_column(Float)
