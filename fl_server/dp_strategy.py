@@ -21,9 +21,12 @@ choose from: wrap a mean or a server optimiser.)
 
 Local and sample-level DP: the devices privatise; the wrapped strategy
 aggregates their replies as usual. Every spend goes to the ``sink`` (the
-ledger and the audit log): before a round for the budget check, after it for
-the run and each participant. In a secure round the participants are read from
-the aggregate reply (:func:`fl_server.participants.secure_participants`).
+ledger and the audit log): before a round for the run's budget check; once
+the round's participants are known, before its aggregate is computed or handed
+to the wrapped strategy, for each participant's lifetime cap
+(``SpendSink.check_participants``); after it, for the run and each participant.
+In a secure round the participants are read from the aggregate reply
+(:func:`fl_server.participants.secure_participants`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -135,7 +138,7 @@ class DifferentialPrivacy(Strategy):
         if not isinstance(dp, ServerDp):
             raise ConfigError(f"dp must be a ServerDp, got {type(dp).__name__}")
         if not isinstance(sink, SpendSink):
-            raise ConfigError("sink must be a SpendSink (with check and spent)")
+            raise ConfigError("sink must be a SpendSink (with check, check_participants and spent)")
         if on_replies is not None and not callable(on_replies):
             raise ConfigError("on_replies must be callable or None")
         if rng is not None and not callable(getattr(rng, "random_bytes", None)):
@@ -293,6 +296,10 @@ class DifferentialPrivacy(Strategy):
             self._on_replies(server_round, survivors, len(materialised) - len(valid))
         if not valid:
             return None, None
+        per_client = self._per_client(valid, ids, secure=secure)
+        # Nothing of the round is computed or handed on before every participant is known
+        # to fit its lifetime cap; a refusal stops the federation with nothing recorded.
+        self._check_participants(per_client)
         details: dict[str, Any] = {"participants": survivors}
         if self.dp.central is not None:
             aggregate = self._central(
@@ -303,7 +310,6 @@ class DifferentialPrivacy(Strategy):
             arrays, metrics = self._strategy.aggregate_train(server_round, [aggregate])
         else:
             arrays, metrics = self._strategy.aggregate_train(server_round, valid)
-        per_client = self._per_client(valid, ids, secure=secure)
         self._sink.spent(server_round, self._run_spend(), per_client, details)
         self.history.append({"round": server_round, **details})
         return arrays, metrics
@@ -388,6 +394,19 @@ class DifferentialPrivacy(Strategy):
             }
         )
         return aggregate
+
+    def _check_participants(self, per_client: Mapping[str, PrivacySpend]) -> None:
+        """Ask the sink about every participant's lifetime cap, once per distinct spend.
+
+        Central and local DP charge every participant alike (one call); DP-SGD
+        devices report their own spends, so each group of equal spends is checked
+        with its subjects.
+        """
+        groups: dict[PrivacySpend, list[str]] = {}
+        for subject, spend in per_client.items():
+            groups.setdefault(spend, []).append(subject)
+        for spend, subjects in groups.items():
+            self._sink.check_participants(subjects, spend)
 
     def _per_client(
         self, valid: list[Message], ids: list[str], *, secure: bool

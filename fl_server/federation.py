@@ -175,8 +175,11 @@ def _privacy_hooks(
     sink = LedgerSink(privacy, audit, run_id, _DDG)
 
     def guard(rho: float, subjects: Sequence[str]) -> None:
-        del subjects  # the run's budget; per-client lifetime caps are checked by the sink
-        sink.check(RoundSpend(mechanism=_DDG, rho=rho))
+        spend = RoundSpend(mechanism=_DDG, rho=rho)
+        sink.check(spend)
+        # Each survivor would be charged this rho (see on_secure): refused here, before
+        # anything is unmasked, if it would take one past its lifetime cap over all runs.
+        sink.check_participants(subjects, spend)
 
     def on_secure(stats: SecAggRoundStats) -> None:
         counts.on_secure_round(stats)
@@ -244,8 +247,11 @@ def make_server_app(
     privacy
         With differential privacy: every round's spend goes to this ledger (and
         the audit log), for the run and for each client that took part; a round
-        that would exceed the budget is refused (with distributed DP, before
-        anything is unmasked) and the federation ends there (``exhausted`` says why).
+        that would exceed the run's budget, or take a participant past its
+        ``client_lifetime_epsilon`` (composed over every run, keyed by the
+        client's enrolled identity), is refused (with distributed DP, before
+        anything is unmasked; otherwise before the round's aggregate is computed)
+        and the federation ends there (``exhausted`` says why).
     dp
         Central, local or sample-level DP (:class:`fl_server.dp_strategy.DifferentialPrivacy`
         around FedAvg);

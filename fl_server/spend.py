@@ -4,13 +4,15 @@ Every DP mechanism of a run records through one sink: the server-side wrapper
 (:class:`fl_server.dp_strategy.DifferentialPrivacy`: central, local and
 sample-level DP) and the secure Grid's distributed DP. :class:`LedgerSink`
 writes to the privacy ledger (the run and each participant) and appends one
-``privacy.spent`` audit event per round; a user's own sink (a metrics
-exporter, a second ledger) only has to implement the two methods.
+``privacy.spent`` audit event per round, and refuses a round that would take
+a participant past its lifetime cap (the budget's ``client_lifetime_epsilon``,
+composed over every run). A user's own sink (a metrics exporter, a second
+ledger) only has to implement the three methods.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from fl_server.audit import AuditEventKind, AuditLog
@@ -26,6 +28,15 @@ class SpendSink(Protocol):
 
     def check(self, spend: PrivacySpend) -> None:
         """Raise (e.g. ``BudgetExceeded``) if the round would exceed the run's budget."""
+        ...
+
+    def check_participants(self, subjects: Sequence[str], spend: PrivacySpend) -> None:
+        """Raise (e.g. ``BudgetExceeded``) if ``spend`` would take a participant past its cap.
+
+        Called once the round's participants are known (``subjects``: enrolment
+        ids, else Flower node ids as text) and before anything of the round is
+        released or recorded.
+        """
         ...
 
     def spent(
@@ -69,6 +80,18 @@ class LedgerSink:
         if self._budget.epsilon is not None:
             self._budget.ledger.check(
                 self._run_id, spend, budget=self._budget.epsilon, delta=self._budget.delta
+            )
+
+    def check_participants(self, subjects: Sequence[str], spend: PrivacySpend) -> None:
+        """Raise ``BudgetExceeded`` if ``spend`` would take a subject past its lifetime cap.
+
+        Does nothing without a ``client_lifetime_epsilon`` in the budget. The
+        refused round is recorded nowhere: the caller stops before :meth:`spent`.
+        """
+        cap = self._budget.client_lifetime_epsilon
+        if cap is not None:
+            self._budget.ledger.check_lifetime(
+                subjects, spend, budget=cap, delta=self._budget.delta
             )
 
     def spent(

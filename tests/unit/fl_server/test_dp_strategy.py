@@ -1,4 +1,5 @@
-"""The DP wrapper around any Flower strategy: validation, server optimisers, secure replies."""
+"""The DP wrapper around any Flower strategy: validation, server optimisers, secure replies,
+each participant's lifetime cap checked before anything of the round is released."""
 
 from __future__ import annotations
 
@@ -25,19 +26,24 @@ from flwr.serverapp.strategy import (
     FedAvgM,
     Strategy,
 )
+from sqlalchemy import Engine
 
 from fedge.errors import ConfigError
+from fl_server.audit import AuditEventKind, AuditLog
 from fl_server.dp_strategy import DifferentialPrivacy
+from fl_server.ledger import BudgetExceeded, PrivacyBudget, PrivacyLedger
 from fl_server.privacy import ServerDp
 from fl_server.secagg_config import PARTICIPANTS_FIELD, PARTICIPANTS_RECORD_KEY
+from fl_server.spend import LedgerSink
 from secure_agg.randomness import DeterministicRandom
-from strategies.accounting import GaussianSteps
+from strategies.accounting import GaussianSteps, PrivacySpend
 from strategies.central import (
     CDP_RECORD_KEY,
     SENSITIVITY_METRIC,
     CentralDpSettings,
     LocalDpSettings,
 )
+from strategies.sample_dp import SampleDpSettings
 from tests.unit.fl_server.test_privacy import Sink
 from tests.unit.fl_server.test_secagg_grid import (  # noqa: F401 - the fixture is autouse
     App,
@@ -292,7 +298,11 @@ POISSON = ServerDp(local=LocalDpSettings(l2_clip=1.0, noise_multiplier=1.0), poi
         ),
         (None, {}, "DifferentialPrivacy already adds differential privacy"),
         (FedAvg(), {"dp": "central"}, "^dp must be a ServerDp, got str$"),
-        (FedAvg(), {"sink": object()}, r"^sink must be a SpendSink \(with check and spent\)$"),
+        (
+            FedAvg(),
+            {"sink": object()},
+            r"^sink must be a SpendSink \(with check, check_participants and spent\)$",
+        ),
         (FedAvg(), {"on_replies": 3}, "^on_replies must be callable or None$"),
         (FedAvg(), {"rng": object()}, r"^rng must be a RandomSource \(with random_bytes\)$"),
         (_NoFraction(), {"dp": POISSON}, "fraction_train, and _NoFraction has none$"),
@@ -316,3 +326,108 @@ def test_a_strategy_without_a_fraction_claims_no_amplification() -> None:
     assert not strategy.amplification.claimed
     assert strategy.amplification.sample_rate == 1.0
     assert "_NoFraction samples its own way" in strategy.amplification.reason
+
+
+class _SpyFedAvg(FedAvg):
+    """FedAvg that counts what it was asked to aggregate."""
+
+    def __init__(self) -> None:
+        super().__init__(fraction_evaluate=0.0, min_train_nodes=3)
+        self.aggregated = 0
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self.aggregated += 1
+        return super().aggregate_train(server_round, replies)
+
+
+def _charged(noise_multiplier: float) -> PrivacySpend:
+    event = GaussianSteps(noise_multiplier=noise_multiplier, sample_rate=1.0, steps=1)
+    return PrivacySpend(mechanism="central-gaussian", gaussian=event)
+
+
+def test_a_participant_past_its_lifetime_cap_stops_the_round_with_nothing_recorded(
+    engine: Engine,
+) -> None:
+    ledger, audit = PrivacyLedger(engine), AuditLog(engine)
+    # device-b took part in three rounds of an earlier run; device-a and device-c never did.
+    for server_round in (1, 2, 3):
+        ledger.record_many("run-old", server_round, {"device-b": _charged(Z)}, delta=1e-5)
+    cap = ledger.lifetime_spent("device-b", delta=1e-5) + 0.01
+    budget = PrivacyBudget(ledger=ledger, epsilon=None, delta=1e-5, client_lifetime_epsilon=cap)
+    inner = _SpyFedAvg()
+    strategy = DifferentialPrivacy(
+        inner,
+        dp=SECURE,
+        sink=LedgerSink(budget, audit, "run-new", "central-gaussian"),
+        rng=DeterministicRandom(11),
+    )
+    grid = InProcessGrid({n: _stepping(0.0) for n in NODES[:3]})
+    messages = list(strategy.configure_train(1, _global(), ConfigRecord(), grid))
+    reply = _secure_reply(_global(), 3, ["device-a", "device-b", "device-c"], messages[0])
+
+    with pytest.raises(BudgetExceeded, match=r"take client device-b past the lifetime budget"):
+        strategy.aggregate_train(1, [reply])
+
+    # Nothing of the round was aggregated, handed on or recorded.
+    assert inner.aggregated == 0 and strategy.history == []
+    assert ledger.entries("run-new") == []
+    assert [e.run_id for e in ledger.lifetime_entries("device-b")] == ["run-old"] * 3
+    assert not [e for e in audit.iter(run_id="run-new") if e.kind is AuditEventKind.PRIVACY_SPENT]
+
+
+def test_every_participant_is_checked_before_the_round_with_the_spend_it_is_charged() -> None:
+    for dp, expected in (
+        (CENTRAL, Z),
+        (ServerDp(local=LocalDpSettings(l2_clip=CLIP, noise_multiplier=2.0)), 1.0),
+    ):
+        sink = Sink()
+        strategy = DifferentialPrivacy(_SpyFedAvg(), dp=dp, sink=sink, rng=DeterministicRandom(3))
+        grid = InProcessGrid({n: _stepping(0.01) for n in NODES[:3]})
+
+        messages = strategy.configure_train(1, _global(), ConfigRecord(), grid)
+        strategy.aggregate_train(1, list(grid.send_and_receive(messages)))
+
+        [(subjects, spend)] = sink.participants_checked
+        [(_, _, charged)] = sink.spends
+        assert sorted(subjects) == [str(n) for n in NODES[:3]] == sorted(charged)
+        assert spend.gaussian is not None and spend.gaussian.noise_multiplier == expected
+        assert all(each == spend for each in charged.values())
+
+
+def _reporting_dpsgd(noise_multiplier: float) -> App:
+    def train(msg: Message, context: Context) -> Message:
+        arrays = msg.content.array_records["arrays"]
+        metrics = MetricRecord(
+            {
+                "num-examples": 40,
+                "dp-noise-multiplier": noise_multiplier,
+                "dp-sample-rate": 0.05,
+                "dp-steps": 20,
+            }
+        )
+        return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+    return train
+
+
+def test_dp_sgd_devices_are_checked_with_the_spends_they_reported() -> None:
+    sink = Sink()
+    strategy = DifferentialPrivacy(
+        _SpyFedAvg(), dp=ServerDp(sample=SampleDpSettings(noise_multiplier=1.0)), sink=sink
+    )
+    noise = {NODES[0]: 1.0, NODES[1]: 1.5, NODES[2]: 1.0}
+    grid = InProcessGrid({n: _reporting_dpsgd(z) for n, z in noise.items()})
+
+    messages = strategy.configure_train(1, _global(), ConfigRecord(), grid)
+    strategy.aggregate_train(1, list(grid.send_and_receive(messages)))
+
+    checked = {
+        spend.gaussian.noise_multiplier: sorted(subjects)
+        for subjects, spend in sink.participants_checked
+        if spend.gaussian is not None
+    }
+    assert checked == {1.0: [str(NODES[0]), str(NODES[2])], 1.5: [str(NODES[1])]}
+    [(_, run_spend, charged)] = sink.spends
+    assert run_spend is None and sorted(charged) == sorted(str(n) for n in noise)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -45,6 +45,7 @@ POLICY = DevicePolicy(
 class Sink:
     def __init__(self, refuse_after: int | None = None) -> None:
         self.checked: list[PrivacySpend] = []
+        self.participants_checked: list[tuple[list[str], PrivacySpend]] = []
         self.spends: list[tuple[int, PrivacySpend | None, dict[str, PrivacySpend]]] = []
         self.refuse_after = refuse_after
 
@@ -52,6 +53,9 @@ class Sink:
         if self.refuse_after is not None and len(self.checked) >= self.refuse_after:
             raise RuntimeError("over budget")
         self.checked.append(spend)
+
+    def check_participants(self, subjects: Sequence[str], spend: PrivacySpend) -> None:
+        self.participants_checked.append((list(subjects), spend))
 
     def spent(
         self,

@@ -44,3 +44,26 @@ def test_a_round_past_the_budget_is_refused(engine: Engine) -> None:
 
     with pytest.raises(BudgetExceeded, match="would take the run to epsilon"):
         sink.check(ROUND)
+
+
+def test_participants_are_checked_against_their_lifetime_cap_only_when_there_is_one(
+    engine: Engine,
+) -> None:
+    ledger, audit = PrivacyLedger(engine), AuditLog(engine)
+    for run_id in ("run-a", "run-b"):
+        ledger.record_many(run_id, 1, {"device-a": ROUND}, delta=1e-5)
+    uncapped = LedgerSink(
+        PrivacyBudget(ledger=ledger, epsilon=None, delta=1e-5), audit, "run-c", "x"
+    )
+    capped = LedgerSink(
+        PrivacyBudget(ledger=ledger, epsilon=None, delta=1e-5, client_lifetime_epsilon=5.0),
+        audit,
+        "run-c",
+        "x",
+    )
+
+    uncapped.check_participants(["device-a", "device-b"], ROUND)  # no cap: nothing to refuse
+    capped.check_participants(["device-b"], ROUND)  # one round at z = 1 fits a cap of 5
+    with pytest.raises(BudgetExceeded, match=r"take client device-a past the lifetime budget 5"):
+        capped.check_participants(["device-b", "device-a"], ROUND)  # its third round does not
+    assert ledger.entries("run-c") == []
