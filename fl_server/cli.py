@@ -9,7 +9,7 @@ import typer
 from fedge.errors import AuditIntegrityError
 from fl_server.audit import AuditLog
 from fl_server.db import DB_URL_ENV, open_database
-from fl_server.ledger import RUN_SUBJECT, PrivacyLedger
+from fl_server.ledger import RUN_SUBJECT, LedgerEntry, PrivacyLedger
 
 __all__ = ["audit_app", "ledger_app"]
 
@@ -76,13 +76,45 @@ def ledger_show_command(
     show_all: Annotated[
         bool, typer.Option("--all", help="Show every client's rounds too.")
     ] = False,
+    subject: Annotated[
+        str | None,
+        typer.Option(
+            "--subject",
+            help="Show this client (its enrolment id, else its node id) in every run: its "
+            "epsilon per run and its lifetime epsilon across runs, which "
+            "--client-lifetime-epsilon caps.",
+        ),
+    ] = None,
+    delta: Annotated[
+        float | None,
+        typer.Option(
+            "--delta",
+            help="With --subject: the lifetime epsilon's delta (default: the newest row's).",
+        ),
+    ] = None,
 ) -> None:
     """Print a run's privacy spending round by round (epsilon at delta so far), and its clients.
 
     By default: the run's own rows, then a summary of the clients charged (how
-    many, the median and the worst client's epsilon).
+    many, the median and the worst client's epsilon). With ``--subject``: one
+    client's total in each run it took part in, and over all of them.
     """
+    if subject is not None and (run_id is not None or client is not None or show_all):
+        raise typer.BadParameter(
+            "it shows one client across every run: drop --run-id, --client and --all",
+            param_hint="--subject",
+        )
+    if delta is not None and subject is None:
+        raise typer.BadParameter(
+            "the lifetime epsilon's delta needs --subject", param_hint="--delta"
+        )
     engine = open_database(db_url)
+    if subject is not None:
+        try:
+            _show_subject(PrivacyLedger(engine), subject, delta)
+        finally:
+            engine.dispose()
+        return
     try:
         ledger = PrivacyLedger(engine)
         chosen = run_id or ledger.latest_run_id()
@@ -117,3 +149,28 @@ def ledger_show_command(
             f"clients charged: {len(latest)}; epsilon median {ordered[len(ordered) // 2]:.4f}, "
             f"worst {latest[worst]:.4f} (client {worst}); --client ID or --all for their rounds"
         )
+
+
+def _show_subject(ledger: PrivacyLedger, subject: str, delta: float | None) -> None:
+    """Print one client's stored total in each run and its lifetime epsilon over all runs."""
+    entries = ledger.lifetime_entries(subject)
+    if not entries:
+        typer.echo(f"client {subject} was never charged")
+        return
+    at = entries[-1].delta if delta is None else delta
+    lifetime = ledger.lifetime_spent(subject, delta=at)
+    runs: dict[str, list[LedgerEntry]] = {}
+    for entry in entries:  # in recorded order: a run's last entry holds its total
+        runs.setdefault(entry.run_id, []).append(entry)
+    typer.echo(f"subject {subject}")
+    typer.echo(f"{'run':<24} {'rounds':>6}  {'mechanism':<16} epsilon in the run (delta)")
+    for run, rows in runs.items():
+        mechanisms = ",".join(dict.fromkeys(row.mechanism for row in rows))
+        total = rows[-1]
+        typer.echo(
+            f"{run:<24} {len(rows):>6}  {mechanisms:<16} {total.epsilon:.4f} ({total.delta:g})"
+        )
+    typer.echo(
+        f"lifetime epsilon {lifetime:.4f} (delta {at:g}) over {len(runs)} runs, "
+        f"{len(entries)} rounds"
+    )

@@ -180,6 +180,17 @@ def run_command(
             "a device declines rounds past it.",
         ),
     ] = None,
+    client_lifetime_epsilon: Annotated[
+        float | None,
+        typer.Option(
+            "--client-lifetime-epsilon",
+            help="With --dp: each client's cap in the server's ledger, over every run in "
+            "the database it took part in; the server refuses a round that would take a "
+            "participant past it and the run stops there. Clients are keyed by their "
+            "enrolled identity (--secure-agg, active threat model); other runs charge node "
+            "ids, which every simulation draws afresh. See `fedge ledger show --subject ID`.",
+        ),
+    ] = None,
     devices_dir: Annotated[
         Path | None,
         typer.Option(
@@ -244,6 +255,7 @@ def run_command(
         adaptive_clip=adaptive_clip,
         poisson_sampling=poisson_sampling,
         client_epsilon=client_epsilon,
+        client_lifetime_epsilon=client_lifetime_epsilon,
         variants=variants,
     )
     run_id = new_run_id()

@@ -92,6 +92,10 @@ class SimConfig:
         Which published rounds also get ONNX variants (FP32, FP16, INT8, INT4), measured.
     client_epsilon
         Each device's own budget: a device declines rounds past it (``None``: no device ledger).
+    client_lifetime_epsilon
+        Each client's cap in the server's ledger, over every run it took part in
+        (keyed by its enrolled identity): the server refuses a round that would
+        take a participant past it (``None``: no cap).
     """
 
     num_clients: int = 10
@@ -119,6 +123,7 @@ class SimConfig:
     adaptive_clip: bool = False
     poisson_sampling: bool = False
     client_epsilon: float | None = None
+    client_lifetime_epsilon: float | None = None
     variants: VariantRounds = VariantRounds.OFF
 
     def __post_init__(self) -> None:
@@ -164,6 +169,12 @@ class SimConfig:
                 raise ConfigError("--client-epsilon needs a --dp mechanism")
             if not (math.isfinite(self.client_epsilon) and self.client_epsilon > 0):
                 raise ConfigError(f"client_epsilon must be > 0, got {self.client_epsilon}")
+        lifetime = self.client_lifetime_epsilon
+        if lifetime is not None:
+            if self.dp is DpMode.OFF:
+                raise ConfigError("--client-lifetime-epsilon needs a --dp mechanism")
+            if not (math.isfinite(lifetime) and lifetime > 0):
+                raise ConfigError(f"client_lifetime_epsilon must be > 0, got {lifetime}")
         if self.dp is not DpMode.OFF and self.dp is not DpMode.DISTRIBUTED:
             # Validates clip, noise, adaptive clipping and its need for secure aggregation.
             self.server_dp()

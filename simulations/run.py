@@ -319,6 +319,7 @@ def run_federation(
                 # Sample-level DP: epsilon is each device's DP-SGD target, not a run budget.
                 epsilon=None if config.dp is DpMode.SAMPLE else config.epsilon,
                 delta=config.delta,
+                client_lifetime_epsilon=config.client_lifetime_epsilon,
             )
             if config.dp is not DpMode.OFF
             else None

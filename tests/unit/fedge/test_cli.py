@@ -45,7 +45,15 @@ def test_sim_run_help_documents_the_flags() -> None:
     result = _fedge("sim", "run", "--help")
 
     assert result.returncode == 0
-    for flag in ("--clients", "--rounds", "--seed", "--out", "--data-dir", "--alpha"):
+    for flag in (
+        "--clients",
+        "--rounds",
+        "--seed",
+        "--out",
+        "--data-dir",
+        "--alpha",
+        "--client-lifetime-epsilon",
+    ):
         assert flag in result.stdout
 
 
@@ -195,6 +203,52 @@ def test_ledger_show_prints_a_runs_spending_round_by_round(tmp_path: Path) -> No
     assert [line.split()[:2] for line in one[2:]] == [["9", "2"]]
     every = _fedge("ledger", "show", "--db-url", url, "--all").stdout.splitlines()
     assert len(every) == 2 + 2 + 3 + 1
+
+
+def test_ledger_show_subject_prints_a_clients_runs_and_lifetime_epsilon(tmp_path: Path) -> None:
+    from fl_server.db import open_database
+    from fl_server.ledger import PrivacyLedger, RoundSpend
+    from strategies.accounting import GaussianSteps, spent_epsilon
+
+    url = f"sqlite:///{tmp_path / 'fedge.db'}"
+    ddg = RoundSpend(mechanism="distributed-ddg", rho=0.05)
+    central = RoundSpend(
+        mechanism="central-gaussian",
+        gaussian=GaussianSteps(noise_multiplier=2.0, sample_rate=1.0, steps=1),
+    )
+    engine = open_database(url)
+    try:
+        ledger = PrivacyLedger(engine)
+        for server_round in (1, 2):
+            ledger.record_many("run-a", server_round, {"sim-device-3": ddg}, delta=1e-5)
+        ledger.record_many(
+            "run-b", 1, {"sim-device-3": central, "sim-device-4": central}, delta=1e-5
+        )
+    finally:
+        engine.dispose()
+
+    shown = _fedge("ledger", "show", "--db-url", url, "--subject", "sim-device-3")
+    never = _fedge("ledger", "show", "--db-url", url, "--subject", "nobody")
+
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0] == "subject sim-device-3"
+    assert [line.split()[:3] for line in lines[2:4]] == [
+        ["run-a", "2", "distributed-ddg"],
+        ["run-b", "1", "central-gaussian"],
+    ]
+    assert lines[3].endswith(f"{spent_epsilon([central], delta=1e-5):.4f} (1e-05)")
+    lifetime = spent_epsilon([ddg, ddg, central], delta=1e-5)
+    assert lines[4] == f"lifetime epsilon {lifetime:.4f} (delta 1e-05) over 2 runs, 3 rounds"
+    assert never.stdout.strip() == "client nobody was never charged"
+    _assert_one_clear_line(
+        _fedge("ledger", "show", "--db-url", url, "--subject", "run"),
+        "'run' is the run-level subject",
+    )
+    _assert_one_clear_line(
+        _fedge("ledger", "show", "--db-url", url, "--subject", "x", "--all"),
+        "--subject.*drop --run-id, --client and --all",
+    )
 
 
 def test_distributed_dp_without_a_valid_delta_is_one_clear_line() -> None:

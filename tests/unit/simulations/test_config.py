@@ -44,6 +44,15 @@ def test_secure_settings_are_validated_and_serialised() -> None:
         ({"client_epsilon": 1.0}, "needs a --dp"),
         ({"epsilon": 3.0}, "^--epsilon needs a --dp mechanism$"),
         ({"dp": DpMode.CENTRAL, "client_epsilon": 0.0}, "client_epsilon"),
+        ({"client_lifetime_epsilon": 1.0}, "^--client-lifetime-epsilon needs a --dp mechanism$"),
+        (
+            {"dp": DpMode.CENTRAL, "client_lifetime_epsilon": 0.0},
+            "^client_lifetime_epsilon must be > 0, got 0.0$",
+        ),
+        (
+            {"dp": DpMode.CENTRAL, "client_lifetime_epsilon": float("inf")},
+            "^client_lifetime_epsilon must be > 0, got inf$",
+        ),
         ({"dp": DpMode.CENTRAL, "noise_multiplier": 0.0}, "noise_multiplier"),
         ({"dp": DpMode.DISTRIBUTED}, "--secure-agg"),
     ],
@@ -68,3 +77,10 @@ def test_each_dp_mode_builds_its_server_settings() -> None:
     fixed = SimConfig(dp=DpMode.SAMPLE, noise_multiplier=1.1).server_dp()
     assert fixed is not None and fixed.sample is not None
     assert fixed.sample.noise_multiplier == 1.1 and fixed.sample.target_epsilon == 0
+
+
+def test_a_client_lifetime_cap_is_kept_and_serialised() -> None:
+    config = SimConfig(dp=DpMode.CENTRAL, client_lifetime_epsilon=20.0)
+
+    assert config.to_json()["client_lifetime_epsilon"] == 20.0
+    assert SimConfig(dp=DpMode.CENTRAL).to_json()["client_lifetime_epsilon"] is None
