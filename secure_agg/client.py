@@ -18,7 +18,8 @@ Privacy invariants kept here, not trusted to the server:
   client received (and, in the active model, be signed by an identity the
   pinned authority certified);
 - for each sender whose shares it holds, a client reveals either the self-mask
-  share (sender survived) or the masking-key share (sender dropped), never both;
+  share (sender survived) or the masking-key share (sender dropped), never both,
+  and the pairwise seeds only of partners outside the survivor set;
 - it reveals nothing for a survivor set below the policy's minimum, or one in
   which fewer than t of its own holders survived with its masks; in the active
   model, nothing unless t of its own holders signed the very set it was shown.
@@ -491,11 +492,26 @@ class ClientSession:
                 self_mask_shares[sender] = share[:CHUNKS_PER_SECRET].copy()
             else:
                 mask_key_shares[sender] = share[CHUNKS_PER_SECRET:].copy()
+        # The masks shared with partners outside the sum: what their keys would reveal.
+        me = self._setup.node_id
+        mask_key = X25519PrivateKey.from_private_bytes(self._mask.private)
+        seeds = {
+            partner: pairwise_mask_seed(
+                mask_key,
+                self._adverts[partner].mask_public,
+                round_id=self._setup.round_id,
+                node=me,
+                peer=partner,
+            )
+            for partner in self._masked_with
+            if partner not in live
+        }
         self._stage = ClientStage.DONE
         return UnmaskResponse(
-            node_id=self._setup.node_id,
+            node_id=me,
             self_mask_shares=self_mask_shares,
             mask_key_shares=mask_key_shares,
+            pairwise_seeds=seeds,
         )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -217,8 +217,16 @@ class UnmaskRequest:
 
 @dataclass(frozen=True, slots=True)
 class UnmaskResponse:
-    """Client -> server: self-mask shares of survivors, masking-key shares of the dropped."""
+    """Client -> server: self-mask shares of survivors, masking-key shares of the dropped.
+
+    ``pairwise_seeds`` holds the seed of the mask this client shares with each
+    partner it masked with that is not in the survivor set: with them the server
+    removes those masks even when the dropped partner's key cannot be rebuilt
+    (its bundles were bad). They reveal nothing the dropped partner's key would
+    not: the masks of a client outside the sum.
+    """
 
     node_id: int
     self_mask_shares: Mapping[int, npt.NDArray[np.uint32]]
     mask_key_shares: Mapping[int, npt.NDArray[np.uint32]]
+    pairwise_seeds: Mapping[int, bytes] = field(default_factory=dict)

@@ -313,21 +313,28 @@ class ServerSession:
     def _masked_with(self, node: int) -> set[int]:
         return set(self._partners[node]) - self._rejected[node]
 
-    def _check_reconstructable(self, survivors: set[int]) -> None:
-        # Every survivor's self-mask seed, and the masking key of every dropped
-        # client some survivor masked with, needs t shares from survivors: fail
-        # now, before asking anyone to reveal anything, if some cannot get them.
-        needed = set(survivors)
-        for node in self._shared - survivors:
-            if any(node in self._masked_with(s) for s in survivors):
-                needed.add(node)
-        starved = [
-            n for n in needed if len(survivors.intersection(self._holders(n))) < self._threshold
-        ]
-        if starved:
-            raise ProtocolAbort(
-                "masked-input", starved, f"fewer than {self._threshold} holders survived"
-            )
+    def _holding(self, owner: int, survivors: set[int]) -> int:
+        """How many survivors hold a usable share of ``owner``'s secrets."""
+        return sum(
+            1
+            for holder in survivors.intersection(self._holders(owner))
+            if owner not in self._rejected[holder]
+        )
+
+    def _reconstructable(self, survivors: set[int]) -> set[int]:
+        """Leave out, until none is left, every survivor whose self-mask cannot be rebuilt.
+
+        A survivor's self-mask seed needs t usable shares held by survivors; one
+        short of them is treated as dropped (its honest holders reveal its key
+        share, never its self-mask share, so it stays private). Nobody is asked
+        to reveal anything before this holds.
+        """
+        survivors = set(survivors)
+        while starved := [n for n in survivors if self._holding(n, survivors) < self._threshold]:
+            for node in sorted(starved):
+                self._exclude(node, f"masked-input: fewer than {self._threshold} holders left")
+            survivors -= set(starved)
+        return survivors
 
     def receive_masked(
         self, inputs: Mapping[int, MaskedInput]
@@ -355,10 +362,11 @@ class ServerSession:
             self._exclude(sender, f"share-keys: its shares did not open at node {reporter}")
         for node in self._shared - set(self._masked):
             self._rejected.setdefault(node, frozenset())
-        survivors = set(self._masked) - set(accused)
+        survivors = self._reconstructable(set(self._masked) - set(accused))
         if len(survivors) < 2:
-            raise ProtocolAbort("masked-input", self._shared, f"{len(survivors)} masked inputs")
-        self._check_reconstructable(survivors)
+            raise ProtocolAbort(
+                "masked-input", self._shared, f"{len(survivors)} usable masked inputs"
+            )
         self._survivors = tuple(sorted(survivors))
         if self._threat is ThreatModel.ACTIVE:
             self._stage = ServerStage.CONFIRMED
@@ -420,10 +428,13 @@ class ServerSession:
     def _collect_shares(
         self, responses: Mapping[int, UnmaskResponse], survivors: set[int], dropped: set[int]
     ) -> tuple[
-        dict[int, dict[int, npt.NDArray[np.uint32]]], dict[int, dict[int, npt.NDArray[np.uint32]]]
+        dict[int, dict[int, npt.NDArray[np.uint32]]],
+        dict[int, dict[int, npt.NDArray[np.uint32]]],
+        dict[int, dict[int, bytes]],
     ]:
         self_shares: dict[int, dict[int, npt.NDArray[np.uint32]]] = {n: {} for n in survivors}
         key_shares: dict[int, dict[int, npt.NDArray[np.uint32]]] = {n: {} for n in dropped}
+        seeds: dict[int, dict[int, bytes]] = {n: {} for n in dropped}
         for holder, response in responses.items():
             if holder not in survivors or response.node_id != holder:
                 self._exclude(holder, "unmask: response from a non-survivor")
@@ -439,13 +450,18 @@ class ServerSession:
             if any(holder not in self._holders(o) for o in owners_self | owners_key):
                 self._exclude(holder, "unmask: shares it was never sent")
                 continue
+            if not set(response.pairwise_seeds) <= dropped & self._masked_with(holder):
+                self._exclude(holder, "unmask: seeds of clients it did not mask with")
+                continue
+            for partner, seed in response.pairwise_seeds.items():
+                seeds[partner][holder] = seed
             for owner, share in response.self_mask_shares.items():
                 if _well_formed(share):
                     self_shares[owner][holder] = share
             for owner, share in response.mask_key_shares.items():
                 if _well_formed(share):
                     key_shares[owner][holder] = share
-        return self_shares, key_shares
+        return self_shares, key_shares, seeds
 
     def _self_seed_check(self, owner: int) -> Callable[[bytes], bool]:
         commitment = self._adverts[owner].self_mask_commitment
@@ -454,6 +470,41 @@ class ServerSession:
             return self_mask_commitment(self._round_id, owner, seed) == commitment
 
         return matches
+
+    def _dropped_masks(
+        self,
+        owner: int,
+        partners: list[int],
+        key_shares: dict[int, npt.NDArray[np.uint32]],
+        revealed: dict[int, bytes],
+    ) -> list[tuple[bytes, bool]]:
+        """Return how to undo the masks a dropped client shares with surviving partners.
+
+        From its rebuilt masking key when t of its holders sent usable key
+        shares; else from the seeds the partners revealed (its own bundles were
+        bad, so its key cannot be rebuilt); else the sum cannot be exact.
+        """
+        try:
+            private = self._reconstruct(owner, key_shares, self._mask_key_check(owner))
+        except ProtocolAbort:
+            if not set(partners) <= set(revealed):
+                raise ProtocolAbort(
+                    "unmask", [owner], "neither its key nor its partners' seeds remove its masks"
+                ) from None
+            seeds = {partner: revealed[partner] for partner in partners}
+        else:
+            seeds = {
+                partner: pairwise_mask_seed(
+                    private,
+                    self._adverts[partner].mask_public,
+                    round_id=self._round_id,
+                    node=owner,
+                    peer=partner,
+                )
+                for partner in partners
+            }
+        # Undo what each surviving partner did with the mask.
+        return [(seeds[p], adds_pairwise_mask(p, owner)) for p in partners]
 
     def _mask_key_check(self, owner: int) -> Callable[[bytes], bool]:
         public = self._adverts[owner].mask_public
@@ -465,7 +516,7 @@ class ServerSession:
             raise InvalidMessage(f"out of order: cannot finish at {self._stage.value}")
         survivors = set(self._survivors)
         dropped = self._shared - survivors
-        self_shares, key_shares = self._collect_shares(responses, survivors, dropped)
+        self_shares, key_shares, revealed = self._collect_shares(responses, survivors, dropped)
         total = np.zeros(self._length, dtype=self._encoding.dtype)
         for node in self._survivors:
             np.add(total, self._masked[node], out=total)
@@ -475,20 +526,12 @@ class ServerSession:
             masks.append((seed, True))
         for owner in sorted(dropped):
             partners = [p for p in sorted(survivors) if owner in self._masked_with(p)]
-            if not partners:
-                continue
-            private = self._reconstruct(owner, key_shares[owner], self._mask_key_check(owner))
-            for partner in partners:
-                seed = pairwise_mask_seed(
-                    private,
-                    self._adverts[partner].mask_public,
-                    round_id=self._round_id,
-                    node=owner,
-                    peer=partner,
+            if partners:
+                masks.extend(
+                    self._dropped_masks(owner, partners, key_shares[owner], revealed[owner])
                 )
-                # Undo what the surviving partner did with this mask.
-                masks.append((seed, adds_pairwise_mask(partner, owner)))
-        # Every seed is verified before any mask is removed: one fused pass.
+        # Every seed is in hand (self-mask seeds and rebuilt keys verified against their
+        # commitments) before any mask is removed: one fused pass.
         apply_masks(total, masks)
         if self._encoding.ring_bits < total.dtype.itemsize * 8:
             np.bitwise_and(total, total.dtype.type(self._encoding.ring_mask), out=total)

@@ -370,10 +370,19 @@ def _put_unmask_response(w: Writer, m: UnmaskResponse) -> None:
     w.u64(m.node_id)
     w.shares(m.self_mask_shares)
     w.shares(m.mask_key_shares)
+    w.u32(len(m.pairwise_seeds))
+    for node in sorted(m.pairwise_seeds):
+        w.u64(node)
+        w.fixed(m.pairwise_seeds[node], _KEY)
 
 
 def _get_unmask_response(r: Reader) -> UnmaskResponse:
-    return UnmaskResponse(node_id=r.u64(), self_mask_shares=r.shares(), mask_key_shares=r.shares())
+    return UnmaskResponse(
+        node_id=r.u64(),
+        self_mask_shares=r.shares(),
+        mask_key_shares=r.shares(),
+        pairwise_seeds=_get_blobs(r, _KEY),
+    )
 
 
 def _put_signature(w: Writer, m: ConsistencySignature) -> None:

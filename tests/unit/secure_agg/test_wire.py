@@ -147,7 +147,12 @@ def _samples() -> list[object]:
         ConsistencyRequest((1, 2, 3)),
         ConsistencySignature(node_id=3, signature=b"z" * 64),
         UnmaskRequest((1, 2), {1: b"q" * 64}),
-        UnmaskResponse(node_id=3, self_mask_shares={1: share}, mask_key_shares={2: share + 1}),
+        UnmaskResponse(
+            node_id=3,
+            self_mask_shares={1: share},
+            mask_key_shares={2: share + 1},
+            pairwise_seeds={4: b"p" * 32},
+        ),
     ]
 
 
@@ -158,6 +163,7 @@ def test_every_message_round_trips(message: object) -> None:
     if isinstance(message, UnmaskResponse):
         assert isinstance(decoded, UnmaskResponse)
         assert decoded.node_id == message.node_id
+        assert decoded.pairwise_seeds == message.pairwise_seeds
         for got, want in (
             (decoded.self_mask_shares, message.self_mask_shares),
             (decoded.mask_key_shares, message.mask_key_shares),
