@@ -284,3 +284,33 @@ def test_ledger_lines_are_json_with_the_spend(tmp_path: Path) -> None:
     ledger.record(2, ClientSpend(mechanism="distributed-ddg", rho=0.25))
     line = json.loads(ledger.path.read_text())
     assert line["round"] == 2 and line["rho"] == 0.25 and line["noise_multiplier"] is None
+
+
+def test_a_device_ledger_spans_runs_and_restarts(tmp_path: Path) -> None:
+    one_round = gaussian_epsilon(
+        [GaussianSteps(noise_multiplier=2.0, sample_rate=1.0, steps=1)], delta=1e-5
+    )
+    two_rounds = gaussian_epsilon(
+        [GaussianSteps(noise_multiplier=2.0, sample_rate=1.0, steps=2)], delta=1e-5
+    )
+    lifetime = DevicePolicy(protocol=None, lifetime_epsilon=(one_round + two_rounds) / 2)
+
+    def run(run_id: int) -> Message:
+        # A new run of the federation and a restarted device process: new objects, same
+        # device directory and device id.
+        budget = ClientBudget.for_policy(lifetime, tmp_path / "devices")
+        context = Context(
+            run_id=run_id,
+            node_id=9000 + run_id,  # Flower draws new node ids every run
+            node_config={"partition-id": 2},
+            state=RecordDict(),
+            run_config={},
+        )
+        return make_budget_mod(budget, policy=POLICY)(_central_msg(), context, _step)
+
+    assert not run(1).has_error()
+    second = run(2)
+
+    assert second.has_error() and "declining" in (second.error.reason or "")
+    entries = ClientLedger(tmp_path / "devices" / "device-2.jsonl").entries()
+    assert len(entries) == 1
