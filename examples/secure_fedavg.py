@@ -19,8 +19,10 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
 
+from fl_client.policy import DevicePolicy
 from fl_client.secagg_mod import make_secagg_mod
 from fl_server.secagg import SecAggConfig, SecAggRoundStats, SecureAggregationGrid
+from secure_agg import ProtocolPolicy, ThreatModel
 from simulations.offline import apply_offline_env, quiet_flower, ray_backend_config
 
 NUM_CLIENTS = 10
@@ -33,7 +35,12 @@ def private_update(partition: int) -> np.ndarray:
 
 
 # --- the client: an ordinary train handler, plus fedge's mod -----------------------
-client_app = ClientApp(mods=[make_secagg_mod()])
+# The device's own policy, fixed on the device: a semi-honest server, 10 % of the
+# clients assumed to collude with it (the threshold rule), at least 8 in every sum.
+policy = DevicePolicy(
+    protocol=ProtocolPolicy(threat_model=ThreatModel.SEMI_HONEST, min_survivors=8)
+)
+client_app = ClientApp(mods=[make_secagg_mod(policy=policy)])
 
 
 @client_app.train()
