@@ -307,8 +307,8 @@ def _mutations(data: bytes, rng: DeterministicRandom, count: int) -> list[bytes]
     return out
 
 
-def _honest_round_messages() -> dict[str, tuple[bytes, type[object]]]:
-    """One honest (semi-honest) round in memory: a real example of every stage's message."""
+def _fresh_round() -> tuple[ServerSession, dict[int, RoundSetup], dict[int, ClientSession]]:
+    """A semi-honest round of five clients in memory, at its start."""
     nodes = [1, 2, 3, 4, 5]
     encoding = EncodingConfig(clip_range=0.5, ring_bits=32, max_clients=5, weight_cap=1)
     server = ServerSession(
@@ -324,6 +324,12 @@ def _honest_round_messages() -> dict[str, tuple[bytes, type[object]]]:
     clients = {
         n: ClientSession(s, policy=SEMI, rng=DeterministicRandom(n)) for n, s in setups.items()
     }
+    return server, setups, clients
+
+
+def _honest_round_messages() -> dict[str, tuple[bytes, type[object]]]:
+    """One honest (semi-honest) round in memory: a real example of every stage's message."""
+    server, setups, clients = _fresh_round()
     adverts = {n: c.advertise() for n, c in clients.items()}
     share_requests = server.receive_adverts(adverts)
     shares = {n: clients[n].share_keys(r) for n, r in share_requests.items()}
@@ -364,21 +370,7 @@ def test_mutated_messages_of_every_stage_raise_only_fedge_errors(stage: str) -> 
 
 def _feed(stage: str, message: object) -> None:
     """Hand ``message`` to the party that receives it in a fresh round; only FedgeError."""
-    nodes = [1, 2, 3, 4, 5]
-    encoding = EncodingConfig(clip_range=0.5, ring_bits=32, max_clients=5, weight_cap=1)
-    server = ServerSession(
-        nodes,
-        degree=4,
-        threshold=3,
-        encoding=encoding,
-        vector_length=8,
-        threat_model=ThreatModel.SEMI_HONEST,
-        rng=DeterministicRandom(3),
-    )
-    setups = server.setups()
-    clients = {
-        n: ClientSession(s, policy=SEMI, rng=DeterministicRandom(n)) for n, s in setups.items()
-    }
+    server, _, clients = _fresh_round()
     try:
         if stage == "setup":
             assert isinstance(message, RoundSetup)
