@@ -28,7 +28,8 @@ data:
 	@scripts/ensure-data.sh
 
 ## demo: a 10-client federation on Fashion-MNIST (SecAgg+ and DP-SGD at epsilon 3), live, its signed
-## variants, a device that verifies and serves one (drift check included), and the audit trail
+## variants, a device that verifies and serves one (drift check included), the audit trail, and the
+## same devices declining a second run once their own lifetime budgets are spent
 demo: setup
 	@# A fresh simulated fleet each time: a device's ledger spans its whole life, so devices
 	@# that already spent epsilon 3 in an earlier demo would (rightly) decline every round.
@@ -47,6 +48,10 @@ demo: setup
 	$(BIN)/fedge client infer cnn --input runs/demo/brighter.npz --store-key runs/demo/store.pub --cache-dir runs/demo/device
 	$(BIN)/fedge audit list --last 4
 	$(BIN)/fedge audit verify
+	@echo "--- the same devices in a new run: each has spent its lifetime epsilon 3 and declines (its own ledger)"
+	$(BIN)/fedge sim run --secure-agg --dp sample --epsilon 3 --client-epsilon 3 --batch-size 128 --lr 0.1 --rounds 1 \
+		--devices-dir runs/demo/devices --out runs/demo/second-run.json > runs/demo/second-run.log 2>&1
+	$(BIN)/fedge client ledger --devices-dir runs/demo/devices --accountant prv
 
 ## test: the whole test suite (PostgreSQL tests run when FEDGE_TEST_POSTGRES_URL is set)
 test: setup

@@ -34,7 +34,7 @@ import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
@@ -45,6 +45,9 @@ from secure_agg.errors import PolicyViolation
 from strategies.accounting import AccountantKind, GaussianSteps, PrivacySpend, spent_epsilon
 from strategies.central import CDP_RECORD_KEY, LDP_RECORD_KEY, CentralDpRound, LocalDpSettings
 from strategies.ddp import DDP_RECORD_KEY, DdpConfig
+
+if TYPE_CHECKING:  # the refusal log names devices with this module's device_name
+    from fl_client.refusals import RefusalRecorder
 
 __all__ = [
     "BUDGET_ERROR_CODE",
@@ -296,10 +299,13 @@ def declined(msg: Message, reason: Exception) -> Message:
     )
 
 
-def make_budget_mod(budget: ClientBudget, *, policy: DevicePolicy) -> Mod:
+def make_budget_mod(
+    budget: ClientBudget, *, policy: DevicePolicy, on_refusal: RefusalRecorder | None = None
+) -> Mod:
     """Return a mod that declines rounds past the device's budget and records the others.
 
-    ``policy`` bounds every DP parameter and fixes how distributed DP is charged.
+    ``policy`` bounds every DP parameter and fixes how distributed DP is charged;
+    ``on_refusal`` is told why a round was declined.
 
     Place it inside the secure-aggregation mod (it must see the train message
     with its DP records) and outside the DP mod: ``[secagg, budget, dp]``.
@@ -316,6 +322,8 @@ def make_budget_mod(budget: ClientBudget, *, policy: DevicePolicy) -> Mod:
             budget.check(ledger, spend)
         except (ConfigError, PolicyViolation, StorageError, ClientBudgetExhausted) as exc:
             logger.warning("privacy budget: declining the round: %s", exc)
+            if on_refusal is not None:
+                on_refusal(context, "privacy budget", str(exc))
             return declined(msg, exc)
         reply = call_next(msg, context)
         if reply.has_error():

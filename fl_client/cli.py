@@ -8,6 +8,8 @@
   really used, accuracy (with labels), latency percentiles, input drift against
   the reference shipped with the model, and what the edge filter would send.
 - ``fedge client serve``: the local inference server on the current model.
+- ``fedge client ledger``: what each device's own lifetime privacy ledger says
+  it has spent, and the rounds it refused and why (read-only).
 """
 
 from __future__ import annotations
@@ -301,3 +303,47 @@ def serve_command(
                 time.sleep(3600)
         except KeyboardInterrupt:
             typer.echo("stopped")
+
+
+@client_app.command("ledger")
+def ledger_command(
+    devices_dir: Annotated[
+        Path,
+        typer.Option(
+            "--devices-dir",
+            help="The devices' directory (lifetime ledgers device-*.jsonl, refusal logs).",
+        ),
+    ] = Path("runs/devices"),
+    delta: Annotated[float, typer.Option("--delta", help="The delta epsilon is stated at.")] = (
+        1e-5
+    ),
+    accountant: Annotated[
+        str, typer.Option("--accountant", help="rdp, or prv (tighter, for DP-SGD devices).")
+    ] = "rdp",
+) -> None:
+    """Show each device's lifetime epsilon from its own ledger, and what it refused (read-only)."""
+    from fl_client.budget import ClientLedger
+    from fl_client.refusals import read_refusals
+    from strategies.accounting import AccountantKind
+
+    try:
+        kind = AccountantKind(accountant)
+    except ValueError:
+        raise ConfigError("--accountant must be rdp or prv") from None
+    if not 0 < delta < 1:
+        raise ConfigError(f"--delta must be in (0, 1), got {delta}")
+    ledgers = sorted(devices_dir.glob("device-*.jsonl")) if devices_dir.is_dir() else []
+    if not ledgers:
+        typer.echo(f"no device ledgers in {devices_dir}")
+        return
+    for path in ledgers:
+        name = path.stem.removeprefix("device-")
+        ledger = ClientLedger(path)
+        rounds = len(ledger.entries())
+        epsilon = ledger.epsilon(delta, kind=kind)
+        refusals = read_refusals(devices_dir / f"refusals-{name}.jsonl")
+        line = f"device {name}: {rounds} rounds, lifetime epsilon {epsilon:.3f} at delta {delta:g}"
+        if refusals:
+            last = refusals[-1]
+            line += f"; {len(refusals)} refused, last: {last.get('reason', '?')}"
+        typer.echo(line)

@@ -19,7 +19,7 @@ from flwr.app import Context
 from fedge.errors import StorageError
 from fl_client.budget import device_name
 
-__all__ = ["RefusalLog", "RefusalRecorder", "ignore_refusal"]
+__all__ = ["RefusalLog", "RefusalRecorder", "ignore_refusal", "read_refusals"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,29 @@ def ignore_refusal(context: Context, source: str, reason: str) -> None:
     del context, source, reason
 
 
+def read_refusals(path: Path) -> list[dict[str, str]]:
+    """Return the refusals recorded in ``path``, oldest first (none if it does not exist).
+
+    A torn last line (a crash while appending) and damaged lines are skipped:
+    the log is a record for people, not an input to any decision.
+    """
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").split("\n")
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise StorageError(f"cannot read the refusal log {path}: {exc}") from exc
+    out = []
+    for line in lines[:-1]:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            out.append({str(k): str(v) for k, v in entry.items()})
+    return out
+
+
 class RefusalLog:
     """Append each refusal to ``<directory>/refusals-<device>.jsonl`` (fsynced).
 
@@ -54,11 +77,7 @@ class RefusalLog:
 
     def entries(self, context: Context) -> list[dict[str, str]]:
         """Return the recorded refusals of a device, oldest first (a torn last line dropped)."""
-        try:
-            lines = self.path_for(context).read_text(encoding="utf-8").split("\n")
-        except FileNotFoundError:
-            return []
-        return [json.loads(line) for line in lines[:-1] if line]
+        return read_refusals(self.path_for(context))
 
     def __call__(self, context: Context, source: str, reason: str) -> None:
         """Append one refusal."""

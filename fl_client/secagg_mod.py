@@ -303,7 +303,9 @@ def make_secagg_mod(
         elif envelope.stage is Stage.MASKED_INPUT:
             masked = _train_and_mask(msg, envelope, context, call_next, session)
             if isinstance(masked, Message):
+                # Training (or an inner mod: the budget, DP) declined: leave the round.
                 _clear(context)
+                on_refusal(context, "secure-aggregation masked-input", masked.error.reason or "")
                 return masked
             vector, out = masked
         elif envelope.stage is Stage.CONSISTENCY:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -14,6 +17,7 @@ from strategies.accounting import GaussianSteps
 __all__ = [
     "DPSGD_METRICS",
     "flat",
+    "log_failures",
     "metrics_of",
     "number",
     "only_arrays",
@@ -21,6 +25,8 @@ __all__ = [
     "same_layout",
     "unflatten",
 ]
+
+logger = logging.getLogger("fl_server")
 
 # What a device reports of its own DP-SGD spend (plain rounds only).
 DPSGD_METRICS = ("dp-noise-multiplier", "dp-sample-rate", "dp-steps")
@@ -108,3 +114,15 @@ def reported_dpsgd(reply: Message) -> GaussianSteps | None:
         )
     except (OverflowError, TypeError, ValueError) as exc:  # ConfigError is a ValueError
         raise ConfigError(str(exc)) from None
+
+
+def log_failures(server_round: int, replies: Iterable[Message]) -> int:
+    """Log a round's failed replies once per distinct reason; return how many failed.
+
+    A secure round that aborts fails every client with the same reason: one line, not n.
+    """
+    reasons = Counter(r.error.reason or "?" for r in replies if r.has_error())
+    for reason, count in reasons.items():
+        who = "a client" if count == 1 else f"{count} clients"
+        logger.warning("round %d: %s failed: %s", server_round, who, reason)
+    return sum(reasons.values())

@@ -51,6 +51,7 @@ from flwr.serverapp.strategy import (
 from fedge.errors import ConfigError
 from fl_server._dp_records import (
     flat,
+    log_failures,
     metrics_of,
     number,
     only_arrays,
@@ -287,9 +288,7 @@ class DifferentialPrivacy(Strategy):
         """Aggregate as the mode needs (central: one noisy reply), record the spend."""
         materialised = list(replies)
         valid = [r for r in materialised if not r.has_error()]
-        for reply in materialised:
-            if reply.has_error():
-                logger.warning("round %d: a client failed: %s", server_round, reply.error.reason)
+        log_failures(server_round, materialised)
         who = round_participants(valid, secure_run=self.dp.secure)
         secure, survivors, ids = who.secure, who.count, who.subjects
         if self._on_replies is not None:

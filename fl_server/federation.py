@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedge.errors import ConfigError
+from fl_server._dp_records import log_failures
 from fl_server.audit import AuditEventKind, AuditLog
 from fl_server.checkpoints import CheckpointDir
 from fl_server.dp_strategy import DifferentialPrivacy
@@ -159,11 +160,8 @@ class _CountingFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         materialised = list(replies)
-        failures = sum(1 for reply in materialised if reply.has_error())
+        failures = log_failures(server_round, materialised)
         self._counts.replies[server_round] = (len(materialised) - failures, failures)
-        for reply in materialised:
-            if reply.has_error():
-                logger.warning("round %d: a client failed: %s", server_round, reply.error.reason)
         return super().aggregate_train(server_round, materialised)
 
 

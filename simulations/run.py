@@ -510,7 +510,7 @@ def _simulate(
         identities = fleet if fleet is not None else _no_identity
         mods += (make_secagg_mod(policy=policy, identities=identities, on_refusal=refusals),)
     if budget is not None:
-        mods += (make_budget_mod(budget, policy=policy),)
+        mods += (make_budget_mod(budget, policy=policy, on_refusal=refusals),)
     if config.dp in (DpMode.CENTRAL, DpMode.LOCAL):
         mods += (make_dp_mod(policy=policy, on_refusal=refusals),)
     sampled = config.sampled_clients

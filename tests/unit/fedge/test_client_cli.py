@@ -150,3 +150,33 @@ def test_edge_bench_reports_the_provider_that_really_ran(published: dict[str, Pa
     assert [r["provider"] for r in rows] == ["CPUExecutionProvider"]
     assert all(r["p50_ms"] > 0 and r["throughput_b64"] > 0 for r in rows)
     _assert_one_clear_line(_fedge("edge", "bench", "/nonexistent.onnx"), "nonexistent")
+
+
+def test_client_ledger_shows_each_devices_lifetime_spend_and_refusals(tmp_path: Path) -> None:
+    from fl_client.budget import ClientLedger, ClientSpend
+    from strategies.accounting import GaussianSteps
+
+    devices = tmp_path / "devices"
+    spend = ClientSpend(
+        mechanism="central-gaussian",
+        gaussian=GaussianSteps(noise_multiplier=2.0, sample_rate=1.0, steps=1),
+    )
+    for number in (1, 2):  # two rounds, in two runs: one lifetime ledger
+        ClientLedger(devices / "device-7.jsonl").record(number, spend)
+    (devices / "refusals-7.jsonl").write_text(
+        json.dumps({"at": "t", "source": "privacy budget", "reason": "over its budget 3"}) + "\n"
+    )
+
+    shown = _fedge("client", "ledger", "--devices-dir", str(devices))
+    missing = _fedge("client", "ledger", "--devices-dir", str(tmp_path / "none"))
+    bad = _fedge("client", "ledger", "--devices-dir", str(devices), "--accountant", "gdp")
+
+    assert shown.returncode == 0, shown.stderr
+    assert re.match(
+        r"device 7: 2 rounds, lifetime epsilon \d+\.\d{3} at delta 1e-05; 1 refused, "
+        r"last: over its budget 3",
+        shown.stdout,
+    )
+    assert missing.returncode == 0 and "no device ledgers" in missing.stdout
+    assert not (tmp_path / "none").exists()  # read-only: nothing created
+    _assert_one_clear_line(bad, "--accountant must be rdp or prv")
