@@ -21,7 +21,14 @@ from secure_agg.graph import choose_holders, neighbours_of, secure_shuffle
 from secure_agg.identity import EnrolmentAuthority
 from secure_agg.prg import add_mask, apply_masks, expand_mask, uniform_floats
 from secure_agg.randomness import DeterministicRandom, SystemRandomSource
-from secure_agg.shamir import CHUNKS_PER_SECRET, PRIME, combine, lagrange_at_zero, split
+from secure_agg.shamir import (
+    CHUNKS_PER_SECRET,
+    PRIME,
+    combine,
+    lagrange_at_zero,
+    split,
+    uniform_field_elements,
+)
 
 SEED = bytes(range(32))
 
@@ -262,3 +269,30 @@ def test_protocol_abort_names_stage_and_nodes() -> None:
 
     assert error.node_ids == (3, 5)
     assert str(error) == "secure aggregation aborted in unmask: too few shares (nodes 3, 5)"
+
+
+class _Scripted:
+    """A random source that replays given bytes, then a seeded stream."""
+
+    def __init__(self, first: bytes) -> None:
+        self._first = first
+        self._rest = DeterministicRandom(4)
+
+    def random_bytes(self, count: int) -> bytes:
+        head, self._first = self._first[:count], self._first[count:]
+        return head + self._rest.random_bytes(count - len(head))
+
+
+def test_share_coefficients_are_exactly_uniform_by_rejection() -> None:
+    # 0x7FFFFFFF (and 0xFFFFFFFF, equal to it in 31 bits) is p itself: redrawn, never
+    # reduced to 0; every other 31-bit value is kept as it is.
+    first = bytes.fromhex("7fffffffffffffff000000057ffffffe")
+    values = uniform_field_elements(_Scripted(first), 4)
+
+    assert values[2] == 5 and values[3] == PRIME - 1
+    assert values[0] < PRIME and values[1] < PRIME
+    assert values[0] != 0 or values[1] != 0  # redrawn from the stream, not reduced
+    many = uniform_field_elements(DeterministicRandom(8), 200_000)
+    assert int(many.max()) < PRIME
+    # The top bit of 31 is set about half the time (no modulo bias towards small values).
+    assert abs(float(np.mean(many >= (1 << 30))) - 0.5) < 0.01

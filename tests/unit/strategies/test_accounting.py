@@ -104,6 +104,10 @@ def test_invalid_accounting_arguments_are_refused() -> None:
         ddg_rho(l2_sensitivity=1, l1_sensitivity=1, sigma=0, num_clients=2, dimension=2)
     with pytest.raises(ConfigError, match="num_clients"):
         ddg_rho(l2_sensitivity=1, l1_sensitivity=1, sigma=1, num_clients=0, dimension=2)
+    # Kairouz et al.'s Theorem 1 holds for sigma >= 1/2 only.
+    with pytest.raises(ConfigError, match=r"needs sigma >= 1/2, got 0\.49"):
+        ddg_rho(l2_sensitivity=1, l1_sensitivity=1, sigma=0.49, num_clients=2, dimension=2)
+    assert ddg_rho(l2_sensitivity=1, l1_sensitivity=1, sigma=0.5, num_clients=2, dimension=2) > 0
     assert math.isfinite(zcdp_epsilon(0.5, delta=DELTA))
 
 
