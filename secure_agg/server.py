@@ -186,16 +186,35 @@ class ServerSession:
     def _holders(self, node: int) -> tuple[int, ...]:
         return self._adverts[node].holders
 
+    def _holding(self, owner: int, live: set[int]) -> int:
+        """How many live clients hold a usable share of ``owner``'s secrets.
+
+        Before the masked inputs every live holder counts; after them, not one
+        that reported ``owner``'s bundle as unopenable.
+        """
+        return sum(
+            1
+            for holder in live.intersection(self._holders(owner))
+            if owner not in self._rejected.get(holder, ())
+        )
+
     def _prune(self, live: set[int], stage: str) -> set[int]:
-        """Drop, until none is left, every client with fewer than t live holders."""
-        while True:
-            starved = [
-                n for n in live if len(live.intersection(self._holders(n))) < self._threshold
-            ]
-            if not starved:
-                break
-            for node in starved:
-                self._exclude(node, f"{stage}: fewer than {self._threshold} of its holders live")
+        """Leave out, until none is left, every client with fewer than t usable live holders.
+
+        Such a client's secrets could not be rebuilt: it is treated as dropped (after
+        the masked inputs its honest holders then reveal its key share, never its
+        self-mask share, so it stays private). Nobody is asked to reveal anything
+        before this holds.
+
+        Raises
+        ------
+        ProtocolAbort
+            If fewer than two clients are left.
+        """
+        live = set(live)
+        while starved := [n for n in live if self._holding(n, live) < self._threshold]:
+            for node in sorted(starved):
+                self._exclude(node, f"{stage}: fewer than {self._threshold} usable holders left")
             live -= set(starved)
         if len(live) < 2:
             raise ProtocolAbort(stage, self._participants, f"{len(live)} clients left")
@@ -313,29 +332,6 @@ class ServerSession:
     def _masked_with(self, node: int) -> set[int]:
         return set(self._partners[node]) - self._rejected[node]
 
-    def _holding(self, owner: int, survivors: set[int]) -> int:
-        """How many survivors hold a usable share of ``owner``'s secrets."""
-        return sum(
-            1
-            for holder in survivors.intersection(self._holders(owner))
-            if owner not in self._rejected[holder]
-        )
-
-    def _reconstructable(self, survivors: set[int]) -> set[int]:
-        """Leave out, until none is left, every survivor whose self-mask cannot be rebuilt.
-
-        A survivor's self-mask seed needs t usable shares held by survivors; one
-        short of them is treated as dropped (its honest holders reveal its key
-        share, never its self-mask share, so it stays private). Nobody is asked
-        to reveal anything before this holds.
-        """
-        survivors = set(survivors)
-        while starved := [n for n in survivors if self._holding(n, survivors) < self._threshold]:
-            for node in sorted(starved):
-                self._exclude(node, f"masked-input: fewer than {self._threshold} holders left")
-            survivors -= set(starved)
-        return survivors
-
     def receive_masked(
         self, inputs: Mapping[int, MaskedInput]
     ) -> dict[int, ConsistencyRequest] | dict[int, UnmaskRequest]:
@@ -360,13 +356,7 @@ class ServerSession:
                     accused.setdefault(sender, node)
         for sender, reporter in sorted(accused.items()):
             self._exclude(sender, f"share-keys: its shares did not open at node {reporter}")
-        for node in self._shared - set(self._masked):
-            self._rejected.setdefault(node, frozenset())
-        survivors = self._reconstructable(set(self._masked) - set(accused))
-        if len(survivors) < 2:
-            raise ProtocolAbort(
-                "masked-input", self._shared, f"{len(survivors)} usable masked inputs"
-            )
+        survivors = self._prune(set(self._masked) - set(accused), "masked-input")
         self._survivors = tuple(sorted(survivors))
         if self._threat is ThreatModel.ACTIVE:
             self._stage = ServerStage.CONFIRMED
