@@ -14,6 +14,7 @@ from pathlib import Path
 
 __all__ = [
     "TEMPORARY_SUFFIX",
+    "append_synced",
     "create_synced",
     "fsync_directory",
     "hash_file",
@@ -57,6 +58,16 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view[:_WRITE_SLICE]) :]
+
+
+def append_synced(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Append ``data`` to ``path`` (created with ``mode`` if missing), fsynced."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, mode)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def create_synced(path: Path, data: bytes, mode: int) -> None:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Final
 from flwr.app import Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
+from edge_runtime.durable import append_synced
 from fedge.errors import ConfigError, FedgeError, StorageError
 from fl_client.policy import DevicePolicy
 from secure_agg.errors import PolicyViolation
@@ -212,12 +213,7 @@ class ClientLedger:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._drop_torn_tail()
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            append_synced(self.path, data)
         except OSError as exc:
             raise StorageError(f"cannot write the device ledger {self.path}: {exc}") from exc
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
 from flwr.app import Context
 
+from edge_runtime.durable import append_synced
 from fedge.errors import StorageError
 from fl_client.budget import device_name
 
@@ -90,11 +90,6 @@ class RefusalLog:
         try:
             path = self.path_for(context)
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            append_synced(path, data)
         except (OSError, StorageError) as exc:
             logger.error("cannot record a refusal in %s: %s", self.directory, exc)
