@@ -310,9 +310,8 @@ class _Round:
                 )
             rho = self._rho()
             if self.guard is not None:
-                subjects = [session.identity_of(n) or str(n) for n in session.survivors]
                 # A round whose spend would break the budget stops here, revealing nothing.
-                self.guard(rho, subjects)
+                self.guard(rho, self._subjects(session.survivors))
         if self.config.threat_model is ThreatModel.ACTIVE:
             signatures = self.exchange(
                 Stage.CONSISTENCY, after_masked, payload(ConsistencySignature)
@@ -345,13 +344,15 @@ class _Round:
             }
         self.stats.survivors = len(result.survivors)
         self.stats.survivor_ids = sorted(result.survivors)
-        self.stats.survivor_subjects = [
-            session.identity_of(node) or str(node) for node in sorted(result.survivors)
-        ]
+        self.stats.survivor_subjects = self._subjects(result.survivors)
         self.stats.dropped = self.stats.sampled - len(result.survivors)
         self.stats.total_weight = total_weight
         self.stats.upload_bytes_per_client = self.uploaded / max(1, len(result.survivors))
         return self._apply(mean), total_weight
+
+    def _subjects(self, nodes: Iterable[int]) -> list[str]:
+        """Name clients as the ledgers do: the enrolment id they advertised, else the node id."""
+        return [self.session.identity_of(node) or str(node) for node in sorted(nodes)]
 
     def _rho(self) -> float:
         assert self.ddp is not None
