@@ -12,6 +12,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from fedge.errors import ConfigError
 from secure_agg.crypto import (
     KEY_BYTES,
     PROTOCOL_LABEL,
@@ -79,17 +80,44 @@ class EnrolmentAuthority:
         return signing_key_from_seed(self.signing_seed).public_key().public_bytes_raw()
 
     def enrol(self, enrolment_id: str, rng: RandomSource) -> NodeIdentity:
-        """Create and certify a new device identity."""
-        if not 0 < len(enrolment_id) <= MAX_ENROLMENT_ID:
-            raise ValueError(f"enrolment ids have 1..{MAX_ENROLMENT_ID} characters")
+        """Create and certify a new device identity (simulations: the authority sees the key)."""
         seed = rng.random_bytes(KEY_BYTES)
         public = signing_key_from_seed(seed).public_key().public_bytes_raw()
-        signature = sign(self.signing_seed, _certificate_message(enrolment_id, public))
-        return NodeIdentity(
-            signing_seed=seed,
-            certificate=IdentityCertificate(
-                enrolment_id=enrolment_id, public_key=public, signature=signature
-            ),
+        return NodeIdentity(signing_seed=seed, certificate=self.certify(enrolment_id, public))
+
+    def certify(self, enrolment_id: str, public_key: bytes) -> IdentityCertificate:
+        """Certify an identity key the device generated itself.
+
+        Parameters
+        ----------
+        enrolment_id
+            The device's id, 1..``MAX_ENROLMENT_ID`` characters.
+        public_key
+            The device's raw 32-byte Ed25519 public key.
+
+        Returns
+        -------
+        IdentityCertificate
+            The authority's signature binding ``enrolment_id`` to ``public_key``.
+
+        Raises
+        ------
+        ConfigError
+            If the id is empty or too long, or the key does not have 32 bytes.
+
+        Notes
+        -----
+        In a deployment the device makes its own key pair and sends only the
+        public half, so the authority (and the coordinator next to it) never
+        holds a private identity key it could impersonate a device with.
+        """
+        if not 0 < len(enrolment_id) <= MAX_ENROLMENT_ID:
+            raise ConfigError(f"enrolment ids have 1..{MAX_ENROLMENT_ID} characters")
+        if not isinstance(public_key, bytes) or len(public_key) != KEY_BYTES:
+            raise ConfigError(f"an identity public key has exactly {KEY_BYTES} bytes")
+        signature = sign(self.signing_seed, _certificate_message(enrolment_id, public_key))
+        return IdentityCertificate(
+            enrolment_id=enrolment_id, public_key=public_key, signature=signature
         )
 
 
