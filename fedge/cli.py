@@ -2,43 +2,139 @@
 
 Every failure fedge expects (bad flags, bad values, missing data) ends with one
 line on stderr and a non-zero exit code, never a traceback.
+
+Each group is mounted lazily (:data:`MOUNTS`): its module, and with it torch,
+Flower or ONNX Runtime, is imported only when a command of that group runs, so
+``fedge --help`` and ``fedge version`` start at once. The root listing shows the
+help text recorded here (a test keeps it equal to the group's own). To mount a
+new group, add a :class:`Mount`.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from difflib import get_close_matches
+from pathlib import Path
+from typing import Annotated, NoReturn
 
 import click
 import typer
-from rich.logging import RichHandler
+from typer.core import TyperGroup
 
-from edge_runtime.cli import edge_app
 from fedge.errors import FedgeError
+from fedge.home import HOME_ENV, HOME_HELP
 from fedge.version import code_version
-from fl_client.cli import client_app
-from fl_server.cli import audit_app, ledger_app
-from fl_server.store.cli import store_app
-from simulations.cli import app as sim_app
 
-__all__ = ["app", "main"]
+__all__ = ["MOUNTS", "Mount", "app", "main"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Mount:
+    """A command group imported on first use: ``module.attribute`` is a ``typer.Typer``."""
+
+    module: str
+    attribute: str
+    help: str
+
+
+MOUNTS: Mapping[str, Mount] = {
+    "sim": Mount(
+        module="simulations.cli",
+        attribute="app",
+        help="Run simulated federations on Flower's simulation engine (Ray).",
+    ),
+    "audit": Mount(
+        module="fl_server.cli",
+        attribute="audit_app",
+        help="Read and verify the tamper-evident audit log.",
+    ),
+    "ledger": Mount(
+        module="fl_server.cli",
+        attribute="ledger_app",
+        help="Show what each run spent of its privacy budget.",
+    ),
+    "store": Mount(
+        module="fl_server.store.cli",
+        attribute="store_app",
+        help="The model store: signed, versioned global models and their artefacts.",
+    ),
+    "client": Mount(
+        module="fl_client.cli",
+        attribute="client_app",
+        help="An edge device: its verified model cache and local inference.",
+    ),
+    "edge": Mount(
+        module="edge_runtime.cli",
+        attribute="edge_app",
+        help="Device-side tools: benchmark models on this machine's providers.",
+    ),
+}
+
+
+def load_group(name: str) -> click.Command:
+    """Import the group mounted as ``name`` and return its click command."""
+    mount = MOUNTS[name]
+    sub_app = getattr(importlib.import_module(mount.module), mount.attribute)
+    group = typer.main.get_group(sub_app)
+    group.name = name
+    return group
+
+
+class _LazyGroup(TyperGroup):
+    """The root group: lists the mounts from :data:`MOUNTS`, imports one when it runs."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*MOUNTS, *(name for name in self.commands if name not in MOUNTS)]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        loaded = self.commands.get(cmd_name)
+        if loaded is not None or cmd_name not in MOUNTS:
+            return loaded
+        # Listed in help without importing it: a stand-in with the recorded help.
+        return click.Command(cmd_name, help=MOUNTS[cmd_name].help)
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        if args and args[0] in MOUNTS and args[0] not in self.commands:
+            self.add_command(load_group(args[0]), args[0])
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as exc:
+            # Typer suggests only among the groups already imported.
+            matches = get_close_matches(args[0], self.list_commands(ctx)) if args else []
+            if not matches or "Did you mean" in exc.message:
+                raise
+            suggestions = ", ".join(repr(match) for match in matches)
+            message = f"{exc.message.rstrip('.')}. Did you mean {suggestions}?"
+            raise click.UsageError(message, ctx=exc.ctx) from None
+
 
 app = typer.Typer(
     name="fedge",
     help="fedge: privacy-centred federated learning for edge fleets, built on Flower.",
+    cls=_LazyGroup,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.add_typer(sim_app, name="sim")
-app.add_typer(audit_app, name="audit")
-app.add_typer(ledger_app, name="ledger")
-app.add_typer(store_app, name="store")
-app.add_typer(client_app, name="client")
-app.add_typer(edge_app, name="edge")
+
+
+@app.callback()
+def root_callback(
+    home: Annotated[Path | None, typer.Option("--home", help=HOME_HELP)] = None,
+) -> None:
+    """fedge: privacy-centred federated learning for edge fleets, built on Flower."""
+    if home is not None:
+        # Every command (and a simulation's worker processes) resolves the home
+        # from the environment; a command's own --home still wins.
+        os.environ[HOME_ENV] = str(home)
+
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -52,6 +148,8 @@ def version_command() -> None:
 
 
 def _configure_logging() -> None:
+    from rich.logging import RichHandler
+
     level_name = os.environ.get("FEDGE_LOG_LEVEL", "WARNING").upper()
     level = logging.getLevelNamesMapping().get(level_name, logging.WARNING)
     logging.basicConfig(
@@ -74,9 +172,17 @@ def _exit_now(status: int) -> NoReturn:
     os._exit(status)
 
 
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return its exit status."""
     _configure_logging()
+    saved_home = os.environ.get(HOME_ENV)
     try:
         result = app(
             args=list(argv) if argv is not None else None,
@@ -98,6 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FedgeError as exc:
         _error(str(exc))
         return EXIT_FAILURE
+    finally:
+        _restore_env(HOME_ENV, saved_home)
     if result == EXIT_INTERRUPTED:
         # Typer turns Ctrl-C into a plain exit status of 130.
         _error("interrupted")
