@@ -18,7 +18,6 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from difflib import get_close_matches
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -104,15 +103,13 @@ class _LazyGroup(TyperGroup):
         if args and args[0] in MOUNTS and args[0] not in self.commands:
             self.add_command(load_group(args[0]), args[0])
         try:
-            return super().resolve_command(ctx, args)
-        except click.UsageError as exc:
-            # Typer suggests only among the groups already imported.
-            matches = get_close_matches(args[0], self.list_commands(ctx)) if args else []
-            if not matches or "Did you mean" in exc.message:
-                raise
-            suggestions = ", ".join(repr(match) for match in matches)
-            message = f"{exc.message.rstrip('.')}. Did you mean {suggestions}?"
-            raise click.UsageError(message, ctx=exc.ctx) from None
+            # Not Typer's override: it adds a second "Did you mean" to click's own.
+            return click.Group.resolve_command(self, ctx, args)
+        except click.exceptions.NoSuchCommand as exc:
+            # Suggest among every mount, not only the groups already imported.
+            raise click.exceptions.NoSuchCommand(
+                exc.command_name, possibilities=self.list_commands(ctx), ctx=exc.ctx
+            ) from None
 
 
 app = typer.Typer(
@@ -172,6 +169,10 @@ def _exit_now(status: int) -> NoReturn:
     os._exit(status)
 
 
+def _help_hint(exc: click.UsageError) -> str:
+    return f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+
+
 def _restore_env(name: str, value: str | None) -> None:
     if value is None:
         os.environ.pop(name, None)
@@ -191,9 +192,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except click.exceptions.NoArgsIsHelpError:
         return EXIT_USAGE
+    except click.exceptions.NoSuchCommand as exc:
+        # Typer adds "Did you mean" to the message and click again when formatting.
+        clean = click.exceptions.NoSuchCommand(
+            exc.command_name, possibilities=exc.possibilities, ctx=exc.ctx
+        )
+        _error(f"{clean.format_message()}{_help_hint(exc)}")
+        return EXIT_USAGE
     except click.UsageError as exc:
-        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-        _error(f"{exc.format_message()}{hint}")
+        _error(f"{exc.format_message()}{_help_hint(exc)}")
         return EXIT_USAGE
     except click.ClickException as exc:
         _error(exc.format_message())
