@@ -10,7 +10,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
@@ -41,7 +41,7 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.close()
 
 
-def open_database(url: str | None = None) -> Engine:
+def open_database(url: str | None = None, *, create: bool = True) -> Engine:
     """Create an engine for ``url`` and upgrade its schema to the newest migration.
 
     Parameters
@@ -50,13 +50,18 @@ def open_database(url: str | None = None) -> Engine:
         A SQLAlchemy URL (``sqlite:///path.db``, ``postgresql+psycopg://...``);
         ``None`` resolves it with :func:`resolve_db_url`. A SQLite file's parent
         directory is created.
+    create
+        ``False`` for readers: a database that does not exist yet (no SQLite
+        file, or no fedge schema in it) is an error instead of being created,
+        and no directory is made.
 
     Raises
     ------
     ConfigError
         If the URL cannot be parsed.
     StorageError
-        If the database cannot be reached or migrated.
+        If the database cannot be reached or migrated, or, with ``create=False``,
+        does not exist.
     """
     resolved = resolve_db_url(url)
     try:
@@ -66,8 +71,15 @@ def open_database(url: str | None = None) -> Engine:
     if parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")
     is_sqlite = parsed.get_backend_name() == "sqlite"
+    shown = parsed.render_as_string(hide_password=True)
+    missing = StorageError(
+        f"no fedge database at {shown}; run `fedge server init` or `fedge sim run` first"
+    )
     if is_sqlite and parsed.database not in (None, "", ":memory:"):
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        if not create and not Path(parsed.database).is_file():
+            raise missing
+        if create:
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     try:
         engine = create_engine(parsed, pool_pre_ping=not is_sqlite)
     except (ArgumentError, ImportError) as exc:
@@ -78,11 +90,12 @@ def open_database(url: str | None = None) -> Engine:
     config.set_main_option("script_location", "fl_server.db:migrations")
     try:
         with engine.begin() as connection:
+            if not create and not inspect(connection).has_table("alembic_version"):
+                engine.dispose()
+                raise missing
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
     except SQLAlchemyError as exc:
         engine.dispose()
-        raise StorageError(
-            f"cannot open database {parsed.render_as_string(hide_password=True)}: {exc}"
-        ) from exc
+        raise StorageError(f"cannot open database {shown}: {exc}") from exc
     return engine
