@@ -1,4 +1,9 @@
-"""``fedge store``: list, show, verify, tag, export, gc and serve model versions; print the key."""
+"""``fedge store``: list, show, verify, tag, export, gc and serve model versions; print the key.
+
+The store is created by whatever publishes to it (``fedge sim run``, the
+coordinator); these commands only open an existing one and fail with one line
+when there is none, creating no database, directory or signing key.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +13,21 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from edge_runtime.durable import write_atomically
 from fedge.errors import ConfigError, StorageError
-from fl_server.audit import AuditLog
-from fl_server.db import DB_URL_ENV, open_database
-from fl_server.store.blobs import FileBlobStore
-from fl_server.store.keys import StoreKey
-from fl_server.store.store import ModelStore
+from fedge.home import HOME_HELP, FedgeHome, check_writable_directory, check_writable_file
+from fl_server.db import DB_URL_ENV
+
+if TYPE_CHECKING:
+    from fl_server.store.store import ModelStore
 
 __all__ = ["STORE_DIR_ENV", "open_store", "store_app"]
 
 STORE_DIR_ENV = "FEDGE_STORE_DIR"
-_DEFAULT_DIR = Path("runs/store")
+_KEY_FILE = "store-key.pem"
 
 store_app = typer.Typer(
     help="The model store: signed, versioned global models and their artefacts.",
@@ -33,7 +37,7 @@ store_app = typer.Typer(
 _DbUrl = Annotated[
     str | None,
     typer.Option(
-        "--db-url", envvar=DB_URL_ENV, help="The database [default: sqlite:///runs/fedge.db]."
+        "--db-url", envvar=DB_URL_ENV, help="The database (default: HOME/fedge.db, SQLite)."
     ),
 ]
 _StoreDir = Annotated[
@@ -41,20 +45,67 @@ _StoreDir = Annotated[
     typer.Option(
         "--store-dir",
         envvar=STORE_DIR_ENV,
-        help="Where the objects and the signing key live [default: runs/store].",
+        help="Where the objects and the signing key live (default: HOME/store).",
     ),
 ]
+_Home = Annotated[Path | None, typer.Option("--home", help=HOME_HELP)]
+_Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 _Model = Annotated[str, typer.Argument(help="The model's name.")]
 _Ref = Annotated[str, typer.Argument(help="A version number, an alias, or 'latest'.")]
 
 
+def _store_root(store_dir: Path | None, home: Path | None) -> Path:
+    return store_dir or FedgeHome.resolve(home).store_dir
+
+
+def _existing_key_path(root: Path) -> Path:
+    """Return the signing key's path in ``root``; fail if there is none (never create one)."""
+    path = root / _KEY_FILE
+    if path.exists() and not path.is_file():
+        raise StorageError(f"the store key {path} is not a file")
+    if not path.exists():
+        raise StorageError(
+            f"no model store at {root} (no {_KEY_FILE}); run `fedge sim run` or "
+            "`fedge server init` first"
+        )
+    return path
+
+
 @contextmanager
-def open_store(db_url: str | None, store_dir: Path | None) -> Iterator[ModelStore]:
-    """Open the store (objects under ``store_dir``, its key in ``store_dir/store-key.pem``)."""
-    root = store_dir or _DEFAULT_DIR
-    engine = open_database(db_url)
+def open_store(
+    db_url: str | None,
+    store_dir: Path | None,
+    *,
+    home: Path | None = None,
+    create: bool = True,
+) -> Iterator[ModelStore]:
+    """Open the store (objects under ``store_dir``, its key in ``store_dir/store-key.pem``).
+
+    Parameters
+    ----------
+    db_url, store_dir
+        Explicit locations; ``None`` takes the fedge home's (``home``, else
+        ``$FEDGE_HOME``, else ``~/.fedge``).
+    create
+        ``False``: the database and the signing key must exist already; nothing
+        is created.
+
+    Raises
+    ------
+    StorageError
+        If ``create`` is ``False`` and there is no database or no key.
+    """
+    from fl_server.audit import AuditLog
+    from fl_server.db import open_database
+    from fl_server.store.blobs import FileBlobStore
+    from fl_server.store.keys import StoreKey
+    from fl_server.store.store import ModelStore
+
+    root = _store_root(store_dir, home)
+    engine = open_database(db_url or FedgeHome.resolve(home).db_url, create=create)
     try:
-        key = StoreKey.load_or_create(root / "store-key.pem")
+        key_path = root / _KEY_FILE if create else _existing_key_path(root)
+        key = StoreKey.load_or_create(key_path)
         yield ModelStore(engine, FileBlobStore(root), key, audit=AuditLog(engine))
     finally:
         engine.dispose()
@@ -65,14 +116,31 @@ def list_command(
     model: Annotated[str | None, typer.Argument(help="Only this model.")] = None,
     db_url: _DbUrl = None,
     store_dir: _StoreDir = None,
+    home: _Home = None,
+    as_json: _Json = False,
 ) -> None:
     """One line per version: model, version, parent, round, epsilon, artefacts, aliases."""
-    with open_store(db_url, store_dir) as store:
+    with open_store(db_url, store_dir, home=home, create=False) as store:
         versions = store.versions(model)
         aliases: dict[tuple[str, int], list[str]] = {}
         for name in {v.manifest.model for v in versions}:
             for alias, number in store.aliases(name).items():
                 aliases.setdefault((name, number), []).append(alias)
+    if as_json:
+        rows = [
+            {
+                "model": v.manifest.model,
+                "version": v.manifest.version,
+                "parent": v.manifest.parent,
+                "server_round": v.manifest.metadata.get("server_round"),
+                "dp_epsilon": v.manifest.metadata.get("dp_epsilon"),
+                "artefacts": [a.name for a in v.offered()],
+                "aliases": sorted(aliases.get((v.manifest.model, v.manifest.version), [])),
+            }
+            for v in versions
+        ]
+        typer.echo(json.dumps(rows, indent=2))
+        return
     if not versions:
         typer.echo("no versions stored")
         return
@@ -93,10 +161,14 @@ def list_command(
 
 @store_app.command("show")
 def show_command(
-    model: _Model, ref: _Ref = "latest", db_url: _DbUrl = None, store_dir: _StoreDir = None
+    model: _Model,
+    ref: _Ref = "latest",
+    db_url: _DbUrl = None,
+    store_dir: _StoreDir = None,
+    home: _Home = None,
 ) -> None:
     """Print a version's signed manifest, the status and quality of each artefact."""
-    with open_store(db_url, store_dir) as store:
+    with open_store(db_url, store_dir, home=home, create=False) as store:
         version = store.get(model, ref)
     document = {
         **version.signed.to_json(),
@@ -112,11 +184,33 @@ def _cell(quality: dict[str, float], key: str, width: int, digits: int) -> str:
 
 @store_app.command("variants")
 def variants_command(
-    model: _Model, ref: _Ref = "latest", db_url: _DbUrl = None, store_dir: _StoreDir = None
+    model: _Model,
+    ref: _Ref = "latest",
+    db_url: _DbUrl = None,
+    store_dir: _StoreDir = None,
+    home: _Home = None,
+    as_json: _Json = False,
 ) -> None:
     """Print a version's artefacts: precision, status, size, accuracy, agreement, p50."""
-    with open_store(db_url, store_dir) as store:
+    with open_store(db_url, store_dir, home=home, create=False) as store:
         version = store.get(model, ref)
+    if as_json:
+        document = {
+            "model": model,
+            "version": version.manifest.version,
+            "artefacts": [
+                {
+                    "name": entry.name,
+                    "precision": entry.precision.value,
+                    "status": version.statuses[entry.name],
+                    "size": entry.size,
+                    "quality": dict(version.quality.get(entry.name, {})),
+                }
+                for entry in version.manifest.artefacts
+            ],
+        }
+        typer.echo(json.dumps(document, indent=2))
+        return
     typer.echo(f"{model} v{version.manifest.version}")
     typer.echo(
         f"{'artefact':<26} {'precision':<9} {'status':<9} {'KB':>8} {'accuracy':>8} "
@@ -139,19 +233,24 @@ def diff_command(
     b: Annotated[str, typer.Argument(help="The second version.")],
     db_url: _DbUrl = None,
     store_dir: _StoreDir = None,
+    home: _Home = None,
 ) -> None:
     """Print what differs between two versions: metadata and artefact digests (JSON)."""
-    with open_store(db_url, store_dir) as store:
+    with open_store(db_url, store_dir, home=home, create=False) as store:
         difference = store.diff(model, a, b)
     typer.echo(json.dumps(difference, indent=2, sort_keys=True))
 
 
 @store_app.command("verify")
 def verify_command(
-    model: _Model, ref: _Ref = "latest", db_url: _DbUrl = None, store_dir: _StoreDir = None
+    model: _Model,
+    ref: _Ref = "latest",
+    db_url: _DbUrl = None,
+    store_dir: _StoreDir = None,
+    home: _Home = None,
 ) -> None:
     """Check the manifest's signature and re-hash every artefact; exit 1 on any failure."""
-    with open_store(db_url, store_dir) as store:
+    with open_store(db_url, store_dir, home=home, create=False) as store:
         report = store.verify(model, ref)
     typer.echo(f"{model} v{report.version}: signature {'ok' if report.signature_ok else 'BAD'}")
     for name, status in report.artefacts.items():
@@ -167,9 +266,10 @@ def tag_command(
     ref: _Ref,
     db_url: _DbUrl = None,
     store_dir: _StoreDir = None,
+    home: _Home = None,
 ) -> None:
     """Point an alias at a version, atomically."""
-    with open_store(db_url, store_dir) as store:
+    with open_store(db_url, store_dir, home=home, create=False) as store:
         version = store.resolve(model, ref)
         previous = store.tag(model, alias, version)
     moved = "" if previous is None else f" (was v{previous})"
@@ -183,15 +283,22 @@ def export_command(
     destination: Annotated[Path, typer.Argument(help="A directory to write the artefacts to.")],
     db_url: _DbUrl = None,
     store_dir: _StoreDir = None,
+    home: _Home = None,
 ) -> None:
     """Write a version's offered artefacts (verified) and its signed manifest to a directory."""
-    destination.mkdir(parents=True, exist_ok=True)
-    with open_store(db_url, store_dir) as store:
+    from edge_runtime.durable import write_atomically
+
+    check_writable_directory(destination, option="DESTINATION")
+    with open_store(db_url, store_dir, home=home, create=False) as store:
         version = store.get(model, ref)
-        for entry in version.offered():
-            store.blobs.export(entry.digest, destination / entry.name)
-    document = json.dumps(version.signed.to_json(), indent=2, sort_keys=True) + "\n"
-    write_atomically(destination / "manifest.json", document.encode())
+        document = json.dumps(version.signed.to_json(), indent=2, sort_keys=True) + "\n"
+        try:
+            destination.mkdir(parents=True, exist_ok=True)
+            for entry in version.offered():
+                store.blobs.export(entry.digest, destination / entry.name)
+            write_atomically(destination / "manifest.json", document.encode())
+        except OSError as exc:
+            raise StorageError(f"cannot write to {destination}: {exc}") from exc
     typer.echo(f"{model} v{version.manifest.version} -> {destination}")
 
 
@@ -202,16 +309,25 @@ def key_command(
         Path | None,
         typer.Option("--out", help="Also write the public key (64 hex digits) to this file."),
     ] = None,
+    home: _Home = None,
 ) -> None:
     """Print the store's public signing key: the trust anchor devices verify manifests with.
 
     Only the public half is printed; the private key never leaves store-key.pem.
+    The key is made by whatever first publishes to the store; this never makes one.
     """
-    key = StoreKey.load_or_create((store_dir or _DEFAULT_DIR) / "store-key.pem")
+    from fl_server.store.keys import StoreKey
+
+    if out is not None:
+        check_writable_file(out, option="--out")
+    key = StoreKey.load_or_create(_existing_key_path(_store_root(store_dir, home)))
     public = key.public_key_bytes().hex()
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(public + "\n")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(public + "\n")
+        except OSError as exc:
+            raise StorageError(f"cannot write --out {out}: {exc}") from exc
     typer.echo(f"{public}  (key id {key.key_id})")
 
 
@@ -223,9 +339,10 @@ def gc_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count.")] = False,
     db_url: _DbUrl = None,
     store_dir: _StoreDir = None,
+    home: _Home = None,
 ) -> None:
     """Delete versions beyond the newest N (aliased ones stay) and unreferenced objects."""
-    with open_store(db_url, store_dir) as store:
+    with open_store(db_url, store_dir, home=home, create=False) as store:
         counts = store.gc(keep_last=keep_last, dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
     typer.echo(
@@ -249,6 +366,7 @@ def serve_command(
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port.")] = 8443,
     db_url: _DbUrl = None,
     store_dir: _StoreDir = None,
+    home: _Home = None,
 ) -> None:
     """Serve signed manifests and artefacts to enrolled devices over HTTPS until Ctrl-C.
 
@@ -264,7 +382,7 @@ def serve_command(
     if len(authority) != 32:
         raise ConfigError("--authority-key must be 64 hex digits (an Ed25519 public key)")
     context = tls_context(tls_cert, tls_key)
-    with open_store(db_url, store_dir) as store:
+    with open_store(db_url, store_dir, home=home, create=False) as store:
         server = StoreServer(
             store, authority_public_key=authority, tls=context, host=host, port=port
         )
