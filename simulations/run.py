@@ -2,47 +2,38 @@
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
 import logging
-import os
-import secrets
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord, Context
-from flwr.clientapp.typing import Mod
-from sqlalchemy.engine import make_url
+from flwr.app import ArrayRecord
+from flwr.serverapp import ServerApp
 
-from fedge.errors import ConfigError, StorageError
-from fedge.version import code_version
+from fedge.errors import ConfigError
 from fl_client import build_model, make_client_app
-from fl_client.budget import ClientBudget, ClientLedger, make_budget_mod
-from fl_client.dp_mod import make_dp_mod
+from fl_client.budget import ClientBudget, ClientLedger
+from fl_client.composition import device_mods
 from fl_client.messages import encode_train_config
 from fl_client.refusals import RefusalLog
-from fl_client.secagg_mod import make_secagg_mod
 from fl_client.training import evaluate
-from fl_server import Evaluation, FederationConfig, RoundObserver, RoundReport, make_server_app
-from fl_server.audit import AuditEventKind, AuditLog, canonical_json
-from fl_server.checkpoints import CheckpointDir
-from fl_server.db import open_database, resolve_db_url
-from fl_server.ledger import PrivacyBudget, PrivacyLedger
-from fl_server.privacy import PrivacyMechanism, amplification
-from fl_server.store.blobs import FileBlobStore
-from fl_server.store.keys import StoreKey
-from fl_server.store.publisher import RoundPublisher
-from fl_server.store.store import ModelStore, NewArtefact
-from secure_agg.identity import NodeIdentity
+from fl_server import Evaluation, FederationConfig, RoundObserver, RoundReport
+from fl_server.coordinator import (
+    PrivacyPlan,
+    RunLocation,
+    RunPlan,
+    new_run_id,
+    run_coordinated,
+)
+from fl_server.db import resolve_db_url
+from fl_server.privacy import PrivacyMechanism
+from fl_server.run_summary import RunSummary
+from fl_server.store.store import NewArtefact
 from secure_agg.params import ThreatModel
 from simulations.config import DpMode, SimConfig
 from simulations.data import Split
-from simulations.enrolment import enrol_fleet
+from simulations.enrolment import SimulatedFleet, enrol_fleet
 from simulations.modes import VariantRounds
 from simulations.offline import apply_offline_env, quiet_flower, ray_backend_config
 from simulations.partition import label_skew
@@ -52,21 +43,14 @@ from strategies.accounting import AccountantKind
 __all__ = [
     "PreparedData",
     "RunPaths",
-    "SimSummary",
+    "RunSummary",
     "check_paths",
     "new_run_id",
     "prepare_data",
-    "privacy_report",
     "run_federation",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def new_run_id(now: datetime | None = None) -> str:
-    """Return a sortable, unique run id such as ``20261127T053000Z-9f3a1c``."""
-    moment = (now or datetime.now(UTC)).astimezone(UTC)
-    return f"{moment:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -93,107 +77,6 @@ class RunPaths:
     db_url: str
     store: Path | None = None
     devices: Path | None = None
-
-
-@dataclass(slots=True)
-class SimSummary:
-    """The run's record, rewritten atomically after every round."""
-
-    run_id: str
-    config: dict[str, Any]
-    config_sha256: str
-    data: dict[str, Any]
-    db_url: str
-    status: str = "running"
-    initial_accuracy: float | None = None
-    rounds: list[dict[str, Any]] = field(default_factory=list)
-    wall_seconds: float = 0.0
-    audit_head: str | None = None
-    error: str | None = None
-    privacy: dict[str, Any] | None = None
-
-    @property
-    def final_accuracy(self) -> float | None:
-        """The accuracy of the last round's global model."""
-        return self.rounds[-1]["accuracy"] if self.rounds else None
-
-    def to_json(self) -> dict[str, Any]:
-        """Return the JSON document written to disk."""
-        return {
-            "run_id": self.run_id,
-            "status": self.status,
-            "final_accuracy": self.final_accuracy,
-            "initial_accuracy": self.initial_accuracy,
-            "rounds": self.rounds,
-            "config": self.config,
-            "config_sha256": self.config_sha256,
-            "data": self.data,
-            "wall_seconds": round(self.wall_seconds, 3),
-            "audit": {"db_url": self.db_url, "head_hash": self.audit_head},
-            "code_version": code_version(),
-            "error": self.error,
-            "privacy": self.privacy,
-        }
-
-
-def _write_json_atomically(path: Path, document: dict[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(document, handle, indent=2, sort_keys=False)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        temporary.replace(path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
-        raise StorageError(f"cannot write summary {path}: {exc}") from exc
-
-
-class _SummaryWriter:
-    """Keeps the summary file current: one atomic rewrite per round."""
-
-    def __init__(
-        self,
-        summary: SimSummary,
-        path: Path,
-        started: float,
-        versions: dict[int, int] | None = None,
-    ) -> None:
-        self.summary = summary
-        self._path = path
-        self._started = started
-        self._versions = versions if versions is not None else {}
-
-    def on_round(self, report: RoundReport) -> None:
-        if report.server_round == 0:
-            self.summary.initial_accuracy = report.accuracy
-        else:
-            self.summary.rounds.append(
-                {
-                    "round": report.server_round,
-                    "accuracy": report.accuracy,
-                    "loss": report.loss,
-                    "seconds": round(report.seconds, 3),
-                    "replies": report.num_replies,
-                    "failures": report.num_failures,
-                    "model_sha256": report.model_sha256,
-                    "model_path": report.model_path,
-                    "secure_aggregation": report.secure_aggregation,
-                    "store_version": self._versions.get(report.server_round),
-                }
-            )
-        self.flush()
-
-    def flush(self) -> None:
-        self.summary.wall_seconds = time.perf_counter() - self._started
-        _write_json_atomically(self._path, self.summary.to_json())
-
-
-def _redacted(db_url: str) -> str:
-    return make_url(db_url).render_as_string(hide_password=True)
 
 
 def _make_evaluator(config: SimConfig, test: Split) -> Any:
@@ -248,7 +131,7 @@ def run_federation(
     prepared: PreparedData | None = None,
     observers: Sequence[RoundObserver] = (),
     verbose: bool = False,
-) -> SimSummary:
+) -> RunSummary:
     """Train ``config.model`` with FedAvg across simulated clients and record everything.
 
     Each round's global model is evaluated on the test split, saved with its
@@ -280,104 +163,89 @@ def run_federation(
         If the database, checkpoints or summary cannot be written.
     """
     apply_offline_env()
-    started = time.perf_counter()
     if prepared is None:
         prepared = prepare_data(config)
-    provider, test, data_stats = prepared.provider, prepared.test, prepared.stats
-    config_json = config.to_json()
-    config_sha256 = hashlib.sha256(canonical_json(config_json).encode()).hexdigest()
+    provider, test = prepared.provider, prepared.test
+    plan = RunPlan(
+        run_id=run_id,
+        model_name=config.model.value,
+        federation=FederationConfig(
+            num_rounds=config.num_rounds,
+            fraction_train=config.fraction_train,
+            min_train_nodes=config.sampled_clients,
+            min_available_nodes=config.num_clients,
+        ),
+        initial_arrays=ArrayRecord(build_model(config.model, seed=config.seed).state_dict()),
+        train_config=encode_train_config(config.train, seed=config.seed),
+        evaluate=_make_evaluator(config, test),
+        config_json=config.to_json(),
+        data_stats=prepared.stats,
+        # Filled in by _simulate, once the simulated fleet is enrolled.
+        secure=None,
+        dp=config.server_dp(),
+        privacy=_privacy_plan(config),
+        variants=None if config.variants is VariantRounds.OFF else _variant_builder(config, test),
+        variant_rounds=range(1, config.num_rounds + 1)
+        if config.variants is VariantRounds.EVERY
+        else (config.num_rounds,),
+    )
+    fleet = (
+        enrol_fleet(config.num_clients)
+        if config.secure_agg and config.threat_model is ThreatModel.ACTIVE
+        else None
+    )
+    authority = None if fleet is None else fleet.authority_public_key
+    if config.secure_agg:
+        plan = replace(plan, secure=config.secure_config(authority_public_key=authority))
+    location = RunLocation(
+        summary=paths.summary, models=paths.models, db_url=paths.db_url, store_dir=paths.store_dir
+    )
 
-    engine = open_database(paths.db_url)
-    try:
-        audit = AuditLog(engine)
-        summary = SimSummary(
+    def host(server_app: ServerApp) -> None:
+        _simulate(
+            config=config,
+            provider=provider,
+            paths=paths,
             run_id=run_id,
-            config=config_json,
-            config_sha256=config_sha256,
-            data=data_stats,
-            db_url=_redacted(paths.db_url),
+            server_app=server_app,
+            fleet=fleet,
+            verbose=verbose,
         )
-        store = ModelStore(
-            engine,
-            FileBlobStore(paths.store_dir),
-            StoreKey.load_or_create(paths.store_dir / "store-key.pem"),
-            audit=audit,
-        )
-        audit.append(
-            AuditEventKind.RUN_STARTED,
-            {
-                "config": config_json,
-                "config_sha256": config_sha256,
-                "code_version": code_version(),
-                "data": {k: v for k, v in data_stats.items() if k != "client_sizes"},
-            },
-            run_id=run_id,
-        )
-        privacy = (
-            PrivacyBudget(
-                ledger=PrivacyLedger(engine, accountant=_accountant(config)),
-                # Sample-level DP: epsilon is each device's DP-SGD target, not a run budget.
-                epsilon=None if config.dp is DpMode.SAMPLE else config.epsilon,
-                delta=config.delta,
-                client_lifetime_epsilon=config.client_lifetime_epsilon,
-            )
-            if config.dp is not DpMode.OFF
-            else None
-        )
-        publisher = RoundPublisher(
-            store,
-            model=config.model.value,
-            run_id=run_id,
-            privacy=_spent_so_far(privacy, run_id),
-            variants=None
-            if config.variants is VariantRounds.OFF
-            else _variant_builder(config, test),
-            variant_rounds=range(1, config.num_rounds + 1)
-            if config.variants is VariantRounds.EVERY
-            else (config.num_rounds,),
-        )
-        writer = _SummaryWriter(summary, paths.summary, started, publisher.versions)
-        writer.flush()
-        try:
-            _simulate(
-                config=config,
-                provider=provider,
-                test=test,
-                paths=paths,
-                run_id=run_id,
-                audit=audit,
-                observers=[publisher, writer, *observers],
-                verbose=verbose,
-                privacy=privacy,
-            )
-        except BaseException as exc:
-            summary.status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            summary.error = str(exc) or type(exc).__name__
-            head = audit.append(
-                AuditEventKind.RUN_FAILED,
-                {"status": summary.status, "error": summary.error, "rounds": len(summary.rounds)},
-                run_id=run_id,
-            )
-            summary.audit_head = head.record_hash
-            writer.flush()
-            raise
-        summary.status = "completed"
-        if privacy is not None:
-            summary.privacy = privacy_report(config, privacy, run_id, paths)
-        head = audit.append(
-            AuditEventKind.RUN_COMPLETED,
-            {
-                "final_accuracy": summary.final_accuracy,
-                "rounds": len(summary.rounds),
-                "wall_seconds": round(time.perf_counter() - started, 3),
-            },
-            run_id=run_id,
-        )
-        summary.audit_head = head.record_hash
-        writer.flush()
-        return summary
-    finally:
-        engine.dispose()
+
+    return run_coordinated(
+        plan,
+        location,
+        host,
+        observers=observers,
+        device_epsilons=lambda: _device_epsilons(config, paths, config.delta),
+        privacy_extra={
+            "device_ledgers": None if config.client_epsilon is None else str(paths.devices_dir)
+        },
+    )
+
+
+def _privacy_plan(config: SimConfig) -> PrivacyPlan | None:
+    if config.dp is DpMode.OFF:
+        return None
+    return PrivacyPlan(
+        mechanism=_MECHANISMS[config.dp],
+        # Sample-level DP: epsilon is each device's DP-SGD target, not a run budget.
+        epsilon=None if config.dp is DpMode.SAMPLE else config.epsilon,
+        delta=config.delta,
+        client_lifetime_epsilon=config.client_lifetime_epsilon,
+        client_budget=config.client_epsilon,
+        accountant=_accountant(config),
+        poisson_sampling=config.poisson_sampling,
+        fraction_train=config.fraction_train,
+    )
+
+
+_MECHANISMS = {
+    DpMode.CENTRAL: PrivacyMechanism.CENTRAL,
+    DpMode.DISTRIBUTED: PrivacyMechanism.DISTRIBUTED,
+    DpMode.LOCAL: PrivacyMechanism.LOCAL,
+    DpMode.SAMPLE: PrivacyMechanism.SAMPLE,
+}
 
 
 def _variant_builder(config: SimConfig, test: Split) -> Callable[[RoundReport], list[NewArtefact]]:
@@ -399,65 +267,13 @@ def _variant_builder(config: SimConfig, test: Split) -> Callable[[RoundReport], 
     return build
 
 
-def _spent_so_far(
-    privacy: PrivacyBudget | None, run_id: str
-) -> Callable[[], tuple[float | None, float] | None] | None:
-    if privacy is None:
-        return None
-    budget = privacy
-
-    def spent() -> tuple[float | None, float]:
-        # Client-level runs: the run's epsilon; DP-SGD: the worst device the server has seen.
-        worst = budget.ledger.max_subject_epsilon(run_id)
-        run_level = budget.ledger.spent(run_id, delta=budget.delta)
-        return (run_level or (worst[1] if worst else None)), budget.delta
-
-    return spent
-
-
-def privacy_report(
-    config: SimConfig, privacy: PrivacyBudget, run_id: str, paths: RunPaths
-) -> dict[str, Any]:
-    """Return the summary's privacy section: what was spent, and which claim it rests on."""
-    mechanism = {
-        DpMode.CENTRAL: PrivacyMechanism.CENTRAL,
-        DpMode.DISTRIBUTED: PrivacyMechanism.DISTRIBUTED,
-        DpMode.LOCAL: PrivacyMechanism.LOCAL,
-        DpMode.SAMPLE: PrivacyMechanism.SAMPLE,
-    }[config.dp]
-    worst = privacy.ledger.max_subject_epsilon(run_id)
-    claim = amplification(
-        mechanism, poisson_sampling=config.poisson_sampling, fraction=config.fraction_train
-    )
-    devices = _device_epsilons(config, paths, privacy.delta)
-    run_epsilon = (
-        (worst[1] if worst else max(devices.values(), default=None))
-        if mechanism is PrivacyMechanism.SAMPLE
-        else privacy.ledger.spent(run_id, delta=privacy.delta)
-    )
-    return {
-        "mechanism": mechanism.value,
-        "level": "example" if mechanism is PrivacyMechanism.SAMPLE else "client",
-        "epsilon": run_epsilon,
-        "delta": privacy.delta,
-        "budget": privacy.epsilon,
-        "stopped": privacy.exhausted,
-        "amplification": claim.to_json(),
-        "max_client_epsilon": None if worst is None else worst[1],
-        "client_budget": config.client_epsilon,
-        "device_ledgers": None if config.client_epsilon is None else str(_device_dir(paths)),
-        # What the devices' own ledgers say (in secure rounds the server cannot know it).
-        "max_device_epsilon": max(devices.values(), default=None),
-    }
-
-
 def _device_epsilons(config: SimConfig, paths: RunPaths, delta: float) -> dict[str, float]:
     if config.client_epsilon is None:
         return {}
     kind = _accountant(config)
     return {
         path.stem: ClientLedger(path).epsilon(delta, kind=kind)
-        for path in sorted(_device_dir(paths).glob("device-*.jsonl"))
+        for path in sorted(paths.devices_dir.glob("device-*.jsonl"))
     }
 
 
@@ -466,71 +282,36 @@ def _accountant(config: SimConfig) -> AccountantKind:
     return AccountantKind.PRV if config.dp is DpMode.SAMPLE else AccountantKind.RDP
 
 
-def _device_dir(paths: RunPaths) -> Path:
-    return paths.devices_dir
-
-
 def _simulate(
     *,
     config: SimConfig,
     provider: FashionMnistPartitions,
-    test: Split,
     paths: RunPaths,
     run_id: str,
-    audit: AuditLog,
-    observers: Sequence[RoundObserver],
+    server_app: ServerApp,
+    fleet: SimulatedFleet | None,
     verbose: bool,
-    privacy: PrivacyBudget | None,
 ) -> None:
     # Imported here: Flower's simulation module pulls in Ray, which the rest of
     # fedge (and `fedge --help`) should not pay for.
     from flwr.simulation import run_simulation
 
     quiet_flower(verbose)
-    initial = build_model(config.model, seed=config.seed)
-    fleet = (
-        enrol_fleet(config.num_clients)
-        if config.secure_agg and config.threat_model is ThreatModel.ACTIVE
-        else None
-    )
     authority = None if fleet is None else fleet.authority_public_key
     # The devices' own policy, fixed before the server says anything.
     policy = config.device_policy(authority_public_key=authority)
-    refusals = RefusalLog(_device_dir(paths))
     budget = (
         None
         if config.client_epsilon is None
-        else ClientBudget.for_policy(policy, _device_dir(paths), accountant=_accountant(config))
+        else ClientBudget.for_policy(policy, paths.devices_dir, accountant=_accountant(config))
     )
-    # Order matters: secure aggregation outermost, then the device's budget, then DP.
-    mods: tuple[Mod, ...] = ()
-    secure = None
-    if config.secure_agg:
-        secure = config.secure_config(authority_public_key=authority)
-        identities = fleet if fleet is not None else _no_identity
-        mods += (make_secagg_mod(policy=policy, identities=identities, on_refusal=refusals),)
-    if budget is not None:
-        mods += (make_budget_mod(budget, policy=policy, on_refusal=refusals),)
-    if config.dp in (DpMode.CENTRAL, DpMode.LOCAL):
-        mods += (make_dp_mod(policy=policy, on_refusal=refusals),)
-    sampled = config.sampled_clients
-    server_app = make_server_app(
-        FederationConfig(
-            num_rounds=config.num_rounds,
-            fraction_train=config.fraction_train,
-            min_train_nodes=sampled,
-            min_available_nodes=config.num_clients,
-        ),
-        initial_arrays=ArrayRecord(initial.state_dict()),
-        train_config=encode_train_config(config.train, seed=config.seed),
-        evaluate=_make_evaluator(config, test),
-        checkpoints=CheckpointDir(paths.models),
-        audit=audit,
-        run_id=run_id,
-        observers=observers,
-        secure=secure,
-        privacy=privacy,
-        dp=config.server_dp(),
+    mods = device_mods(
+        policy,
+        secure=config.secure_agg,
+        identities=fleet,
+        budget=budget,
+        client_dp=config.dp in (DpMode.CENTRAL, DpMode.LOCAL),
+        on_refusal=RefusalLog(paths.devices_dir),
     )
     client_app = make_client_app(
         provider, model=config.model, num_threads=1, mods=mods, budget=budget, policy=policy
@@ -553,11 +334,6 @@ def _simulate(
         )
     finally:
         _shutdown_ray()
-
-
-def _no_identity(context: Context) -> NodeIdentity | None:
-    del context
-    return None
 
 
 def _shutdown_ray() -> None:
