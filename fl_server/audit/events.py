@@ -42,6 +42,10 @@ class AuditEventKind(Enum):
     MODEL_PUBLISHED = "store.published"
     ALIAS_MOVED = "store.alias_moved"
     STORE_GC = "store.gc"
+    ENROLMENT_TOKENS_CREATED = "enrolment.tokens_created"
+    DEVICE_ENROLLED = "device.enrolled"
+    DEVICE_NODE_REGISTERED = "device.node_registered"
+    DEVICE_REVOKED = "device.revoked"
 
 
 @dataclass(frozen=True, slots=True)

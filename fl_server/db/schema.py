@@ -25,6 +25,8 @@ __all__ = [
     "AuditHeadRow",
     "AuditRecordRow",
     "Base",
+    "DeviceRow",
+    "EnrolmentTokenRow",
     "LedgerRow",
     "ModelVersionRow",
 ]
@@ -146,3 +148,39 @@ class AliasRow(Base):
     alias: Mapped[str] = mapped_column(String(32), primary_key=True)
     version: Mapped[int] = mapped_column(Integer)
     updated_at: Mapped[str] = mapped_column(String(40))
+
+
+class EnrolmentTokenRow(Base):
+    """A one-time enrolment token: only its SHA-256 is stored, never the token."""
+
+    __tablename__ = "enrolment_tokens"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[str] = mapped_column(String(40))
+    expires_at: Mapped[str] = mapped_column(String(40))
+    used_at: Mapped[str | None] = mapped_column(String(40))
+    created_by: Mapped[str | None] = mapped_column(String(128))
+
+
+class DeviceRow(Base):
+    """An enrolled (or revoked) device: its keys, its Flower node and how it enrolled."""
+
+    __tablename__ = "devices"
+
+    device_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    supernode_public_key: Mapped[str] = mapped_column(Text)
+    supernode_key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    identity_public_key: Mapped[str] = mapped_column(String(64), unique=True)
+    node_id: Mapped[int | None] = mapped_column(BigInteger, unique=True)
+    enrolled_at: Mapped[str] = mapped_column(String(40))
+    token_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"),
+        ForeignKey("enrolment_tokens.id"),
+        unique=True,
+    )
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    revoked_at: Mapped[str | None] = mapped_column(String(40))
+    reason: Mapped[str | None] = mapped_column(Text)
