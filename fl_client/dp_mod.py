@@ -20,7 +20,9 @@ noise multiplier is outside the device's policy is refused before training.
 from __future__ import annotations
 
 import copy
+import hmac
 import logging
+import secrets
 from collections.abc import Callable, Mapping
 from typing import Final
 
@@ -48,6 +50,10 @@ logger = logging.getLogger(__name__)
 
 DP_ERROR_CODE: Final = 4311
 SECURE_MARKER_KEY: Final = "fedge.secure-inner"
+# The marker is a secret of this process, not a flag: a server that writes a record
+# under SECURE_MARKER_KEY into a plain train message cannot guess it, so it cannot
+# make the device send its adaptive-clipping bit in clear.
+_MARKER_SECRET: Final = secrets.token_bytes(32)
 _WEIGHT_KEY: Final = "num-examples"
 
 
@@ -86,7 +92,7 @@ def make_dp_mod(
                 policy.check_central(central)
             if local is not None:
                 policy.check_local(local)
-            inside_secure = SECURE_MARKER_KEY in msg.content.config_records
+            inside_secure = _is_secure_marker(msg.content.config_records.get(SECURE_MARKER_KEY))
             if central is not None and central.adaptive and not inside_secure:
                 raise ConfigError(
                     "adaptive clipping sends a clipped-update bit: refused outside secure "
@@ -135,5 +141,15 @@ def make_dp_mod(
 
 
 def secure_marker() -> ConfigRecord:
-    """Return the record the secure-aggregation mod adds to the train message it hands on."""
-    return ConfigRecord({"inside": True})
+    """Return the record the secure-aggregation mod adds to the train message it hands on.
+
+    It carries a secret of this process: only a mod of this device can make it.
+    """
+    return ConfigRecord({"secret": _MARKER_SECRET})
+
+
+def _is_secure_marker(record: ConfigRecord | None) -> bool:
+    if record is None or set(record.keys()) != {"secret"}:
+        return False
+    secret = record["secret"]
+    return isinstance(secret, bytes) and hmac.compare_digest(secret, _MARKER_SECRET)

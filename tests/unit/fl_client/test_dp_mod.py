@@ -123,6 +123,25 @@ def test_adaptive_clipping_bit_is_refused_outside_secure_aggregation() -> None:
     assert "in clear" in str(reply.error.reason)
 
 
+@pytest.mark.parametrize(
+    "forged",
+    [
+        ConfigRecord({"inside": True}),
+        ConfigRecord({"secret": b"\x00" * 32}),
+        ConfigRecord({"secret": b"\x00" * 32, "extra": 1}),
+    ],
+)
+def test_a_server_cannot_forge_the_secure_round_marker(forged: ConfigRecord) -> None:
+    # A hostile server writes the marker into a plain round to get the bit in clear.
+    central = CentralDpRound(l2_clip=1.5, noise_multiplier=1.0, adaptive=True)
+    msg = _message(
+        {CDP_RECORD_KEY: ConfigRecord(dict(central.to_fields())), SECURE_MARKER_KEY: forged}
+    )
+    reply = make_dp_mod(policy=POLICY)(msg, _context(), _train)
+    assert reply.has_error() and reply.error.code == DP_ERROR_CODE
+    assert "in clear" in str(reply.error.reason)
+
+
 @pytest.mark.parametrize(("clip", "bit"), [(1.5, 0.0), (10.0, 1.0)])
 def test_adaptive_clipping_reports_the_bit_inside_a_secure_round(clip: float, bit: float) -> None:
     central = CentralDpRound(l2_clip=clip, noise_multiplier=1.0, adaptive=True)
