@@ -10,6 +10,9 @@
 - ``fedge client serve``: the local inference server on the current model.
 - ``fedge client ledger``: what each device's own lifetime privacy ledger says
   it has spent, and the rounds it refused and why (read-only).
+
+The cache and the devices' directory default to the fedge home's
+(:mod:`fedge.home`); listings take ``--json``.
 """
 
 from __future__ import annotations
@@ -17,22 +20,26 @@ from __future__ import annotations
 import json
 import logging
 import time
+import zipfile
+import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
-import numpy as np
 import typer
 
-from fedge.errors import ConfigError, DataError
+from fedge.errors import ConfigError, DataError, StorageError
+from fedge.home import HOME_HELP, FedgeHome
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from edge_runtime.cache import ModelCache
+    from edge_runtime.manifest import SignedManifest
 
 __all__ = ["CACHE_DIR_ENV", "STORE_KEY_ENV", "client_app"]
 
 CACHE_DIR_ENV = "FEDGE_CACHE_DIR"
 STORE_KEY_ENV = "FEDGE_STORE_KEY"
-_DEFAULT_CACHE = Path("runs/device/cache")
 _DRIFT_REFERENCE = "drift-reference.json"
 
 client_app = typer.Typer(
@@ -46,9 +53,13 @@ client_app.add_typer(models_app, name="models")
 _CacheDir = Annotated[
     Path | None,
     typer.Option(
-        "--cache-dir", envvar=CACHE_DIR_ENV, help="The model cache [default: runs/device/cache]."
+        "--cache-dir",
+        envvar=CACHE_DIR_ENV,
+        help="The model cache (default: HOME/client/cache).",
     ),
 ]
+_Home = Annotated[Path | None, typer.Option("--home", help=HOME_HELP)]
+_Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 _StoreKey = Annotated[
     str,
     typer.Option(
@@ -64,8 +75,13 @@ _Model = Annotated[str, typer.Argument(help="The model's name.")]
 def _trusted_key(value: str) -> bytes:
     text = value.strip()
     candidate = Path(text)
+    if len(text) != 64 and candidate.is_dir():
+        raise ConfigError(f"--store-key {text} is a directory; give 64 hex digits or a file")
     if len(text) != 64 and candidate.is_file():
-        text = next(iter(candidate.read_text().split()), "")
+        try:
+            text = next(iter(candidate.read_text().split()), "")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read --store-key {candidate}: {exc}") from exc
     try:
         key = bytes.fromhex(text)
     except ValueError:
@@ -75,30 +91,82 @@ def _trusted_key(value: str) -> bytes:
     return key
 
 
-def _cache(cache_dir: Path | None, store_key: str) -> ModelCache:
+def _cache_dir(cache_dir: Path | None, home: Path | None) -> Path:
+    return cache_dir or FedgeHome.resolve(home).cache_dir
+
+
+def _cache(cache_dir: Path | None, store_key: str, home: Path | None) -> ModelCache:
     from edge_runtime.cache import ModelCache
 
-    return ModelCache(cache_dir or _DEFAULT_CACHE, trusted_key=_trusted_key(store_key))
+    return ModelCache(_cache_dir(cache_dir, home), trusted_key=_trusted_key(store_key))
 
 
 @models_app.command("list")
-def list_command(store_key: _StoreKey, cache_dir: _CacheDir = None) -> None:
+def list_command(
+    store_key: _StoreKey,
+    cache_dir: _CacheDir = None,
+    home: _Home = None,
+    as_json: _Json = False,
+) -> None:
     """List each model's current version (re-verified) and the versions kept for rollback."""
-    cache = _cache(cache_dir, store_key)
-    models = cache.models()
-    if not models:
-        typer.echo(f"no models installed in {cache_dir or _DEFAULT_CACHE}")
+    root = _cache_dir(cache_dir, home)
+    trusted = _trusted_key(store_key)
+    rows: list[dict[str, Any]] = []
+    if root.is_dir():  # an absent cache is listed as empty, not created
+        cache = _cache(cache_dir, trusted.hex(), home)
+        for model in cache.models():
+            current = cache.current(model)
+            if current is None:
+                continue
+            rows.append(
+                {
+                    "model": model,
+                    "version": current.version,
+                    "artefact": current.artefact,
+                    "precision": current.entry.precision.value,
+                    "kept": list(cache.versions(model)),
+                }
+            )
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo(f"no models installed in {root}")
         return
     typer.echo(f"{'model':12} {'current':>7}  {'artefact':26} {'precision':9}  kept")
-    for model in models:
-        current = cache.current(model)
-        if current is None:
-            continue
-        kept = ", ".join(f"v{v}" for v in cache.versions(model))
+    for row in rows:
+        kept = ", ".join(f"v{v}" for v in row["kept"])
         typer.echo(
-            f"{model:12} {'v' + str(current.version):>7}  {current.artefact:26} "
-            f"{current.entry.precision.value:9}  {kept}"
+            f"{row['model']:12} {'v' + str(row['version']):>7}  {row['artefact']:26} "
+            f"{row['precision']:9}  {kept}"
         )
+
+
+def _read_bundle(bundle: Path) -> SignedManifest:
+    """Parse a bundle's signed manifest (its signature is checked on install)."""
+    from edge_runtime.manifest import SignedManifest
+
+    hint = "write one with `fedge store export`"
+    if not bundle.is_dir():
+        what = "does not exist" if not bundle.exists() else "is not a directory"
+        raise DataError(f"bundle {bundle} {what} ({hint})")
+    path = bundle / "manifest.json"
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{bundle} has no manifest.json ({hint})") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is not a signed manifest: nested too deeply") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"{path} is not a signed manifest: {exc}") from exc
+    try:
+        return SignedManifest.from_json(document)
+    except RecursionError:
+        raise ConfigError(f"{path} is not a signed manifest: nested too deeply") from None
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ConfigError(f"{path} is not a signed manifest: {exc}") from exc
 
 
 @models_app.command("install")
@@ -118,6 +186,7 @@ def install_command(
         bool, typer.Option("--allow-downgrade", help="Accept a version older than the current.")
     ] = False,
     cache_dir: _CacheDir = None,
+    home: _Home = None,
 ) -> None:
     """Verify a bundle's signed manifest and digests, then install it and make it current.
 
@@ -125,21 +194,14 @@ def install_command(
     beside it. A bundle that does not verify changes nothing.
     """
     from edge_runtime.fetch import DEFAULT_PREFER
-    from edge_runtime.manifest import SignedManifest
 
-    cache = _cache(cache_dir, store_key)
-    try:
-        signed = SignedManifest.from_json(json.loads((bundle / "manifest.json").read_text()))
-    except FileNotFoundError:
-        raise DataError(
-            f"{bundle} has no manifest.json (write one with `fedge store export`)"
-        ) from None
-    except ValueError as exc:
-        raise ConfigError(f"{bundle / 'manifest.json'} is not a signed manifest: {exc}") from exc
+    _trusted_key(store_key)
+    signed = _read_bundle(bundle)
     names = [a.name for a in signed.manifest.artefacts if (bundle / a.name).is_file()]
     choice = artefact or next((n for n in DEFAULT_PREFER if n in names), None)
     if choice is None or choice not in names:
         raise ConfigError(f"{bundle} holds none of {artefact or DEFAULT_PREFER}; it has {names}")
+    cache = _cache(cache_dir, store_key, home)
     if _DRIFT_REFERENCE in names:
         cache.stage(signed, _DRIFT_REFERENCE, bundle / _DRIFT_REFERENCE)
     installed = cache.install(signed, choice, bundle / choice, allow_downgrade=allow_downgrade)
@@ -155,14 +217,17 @@ def rollback_command(
     store_key: _StoreKey,
     to: Annotated[int | None, typer.Option("--to", min=1, help="A kept version.")] = None,
     cache_dir: _CacheDir = None,
+    home: _Home = None,
 ) -> None:
     """Switch back to the previous kept version (or --to one): a pointer swap, instant."""
-    installed = _cache(cache_dir, store_key).rollback(model, to)
+    installed = _cache(cache_dir, store_key, home).rollback(model, to)
     typer.echo(f"{model} -> v{installed.version} {installed.artefact}")
 
 
 def _load_inputs(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     """Read images (uint8 (N, 28, 28) or float (N, 1, 28, 28)) and optional labels."""
+    import numpy as np
+
     labels: np.ndarray | None = None
     try:
         loaded = np.load(path, allow_pickle=False)
@@ -179,7 +244,8 @@ def _load_inputs(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         raise DataError(
             f"{path} does not exist (write held-out images with `fedge sim samples`)"
         ) from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        # A truncated or corrupt archive fails in any of these, depending on where.
         raise DataError(f"cannot read {path} as .npz or .npy: {exc}") from exc
     if images.ndim not in (3, 4) or len(images) == 0:
         raise ConfigError(f"{path}: images must be (N, H, W) or (N, C, H, W), got {images.shape}")
@@ -210,8 +276,11 @@ def infer_command(
     ] = "auto",
     threads: Annotated[int, typer.Option("--threads", min=1, help="ORT intra-op threads.")] = 1,
     cache_dir: _CacheDir = None,
+    home: _Home = None,
 ) -> None:
     """Run the current model on the images one at a time: provider, accuracy, latency, drift."""
+    import numpy as np
+
     from edge_runtime.drift import DriftConfig, DriftDetector
     from edge_runtime.drift_reference import ReferenceStats
     from edge_runtime.edge_filter import measure_egress
@@ -221,7 +290,8 @@ def infer_command(
     # This command prints the provider fallback and the drift verdict itself.
     for name in ("edge_runtime.providers", "edge_runtime.drift"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    cache = _cache(cache_dir, store_key)
+    images, labels = _load_inputs(inputs)  # bad input fails before the cache is opened
+    cache = _cache(cache_dir, store_key, home)
     installed = cache.current(model)
     if installed is None:
         raise ConfigError(f"no {model} installed (see `fedge client models install`)")
@@ -236,7 +306,6 @@ def infer_command(
         require=required,
         intra_op_threads=threads,
     )
-    images, labels = _load_inputs(inputs)
     started = time.perf_counter()
     logits = np.concatenate([predictor.predict(images[i : i + 1]) for i in range(len(images))])
     seconds = time.perf_counter() - started
@@ -283,13 +352,14 @@ def serve_command(
     tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="PEM certificate.")] = None,
     tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM private key.")] = None,
     cache_dir: _CacheDir = None,
+    home: _Home = None,
 ) -> None:
     """Serve the current model until Ctrl-C: POST /v1/predict, GET /v1/health, /v1/metrics."""
     from edge_runtime.predictor import Predictor
     from edge_runtime.server import InferenceServer
     from edge_runtime.tls import tls_context
 
-    installed = _cache(cache_dir, store_key).current(model)
+    installed = _cache(cache_dir, store_key, home).current(model)
     if installed is None:
         raise ConfigError(f"no {model} installed (see `fedge client models install`)")
     if (tls_cert is None) != (tls_key is None):
@@ -308,18 +378,21 @@ def serve_command(
 @client_app.command("ledger")
 def ledger_command(
     devices_dir: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             "--devices-dir",
-            help="The devices' directory (lifetime ledgers device-*.jsonl, refusal logs).",
+            help="The devices' directory (lifetime ledgers device-*.jsonl, refusal logs) "
+            "(default: HOME/devices).",
         ),
-    ] = Path("runs/devices"),
+    ] = None,
     delta: Annotated[float, typer.Option("--delta", help="The delta epsilon is stated at.")] = (
         1e-5
     ),
     accountant: Annotated[
         str, typer.Option("--accountant", help="rdp, or prv (tighter, for DP-SGD devices).")
     ] = "rdp",
+    home: _Home = None,
+    as_json: _Json = False,
 ) -> None:
     """Show each device's lifetime epsilon from its own ledger, and what it refused (read-only)."""
     from fl_client.budget import ClientLedger
@@ -332,18 +405,39 @@ def ledger_command(
         raise ConfigError("--accountant must be rdp or prv") from None
     if not 0 < delta < 1:
         raise ConfigError(f"--delta must be in (0, 1), got {delta}")
-    ledgers = sorted(devices_dir.glob("device-*.jsonl")) if devices_dir.is_dir() else []
-    if not ledgers:
-        typer.echo(f"no device ledgers in {devices_dir}")
-        return
-    for path in ledgers:
+    directory = devices_dir or FedgeHome.resolve(home).devices_dir
+    if not directory.is_dir():
+        what = "is not a directory" if directory.exists() else "does not exist"
+        raise StorageError(
+            f"no device ledgers: {directory} {what}; run `fedge sim run` first "
+            "(or give --devices-dir)"
+        )
+    rows: list[dict[str, Any]] = []
+    for path in sorted(directory.glob("device-*.jsonl")):
         name = path.stem.removeprefix("device-")
         ledger = ClientLedger(path)
-        rounds = len(ledger.entries())
-        epsilon = ledger.epsilon(delta, kind=kind)
-        refusals = read_refusals(devices_dir / f"refusals-{name}.jsonl")
-        line = f"device {name}: {rounds} rounds, lifetime epsilon {epsilon:.3f} at delta {delta:g}"
-        if refusals:
-            last = refusals[-1]
-            line += f"; {len(refusals)} refused, last: {last.get('reason', '?')}"
+        refusals = read_refusals(directory / f"refusals-{name}.jsonl")
+        rows.append(
+            {
+                "device": name,
+                "rounds": len(ledger.entries()),
+                "epsilon": ledger.epsilon(delta, kind=kind),
+                "delta": delta,
+                "refused": len(refusals),
+                "last_refusal": refusals[-1].get("reason") if refusals else None,
+            }
+        )
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo(f"no device ledgers in {directory}")
+        return
+    for row in rows:
+        line = (
+            f"device {row['device']}: {row['rounds']} rounds, lifetime epsilon "
+            f"{row['epsilon']:.3f} at delta {delta:g}"
+        )
+        if row["refused"]:
+            line += f"; {row['refused']} refused, last: {row['last_refusal'] or '?'}"
         typer.echo(line)
