@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import numpy as np
 import typer
 
-from edge_runtime.latency import time_session_runs
 from fedge.errors import ConfigError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["bench_model", "edge_app"]
 
@@ -19,6 +20,10 @@ edge_app = typer.Typer(help="Device-side tools: benchmark models on this machine
 
 
 def _median_s(session: Any, batch: np.ndarray, runs: int) -> tuple[float, float]:
+    import numpy as np
+
+    from edge_runtime.latency import time_session_runs
+
     samples = time_session_runs(session, batch, runs)
     return statistics.median(samples), float(np.quantile(samples, 0.99))
 
@@ -35,6 +40,8 @@ def bench_model(model: Path, *, runs: int = 200, threads: int = 1) -> list[dict[
     ConfigError
         If ``runs`` < 10 or the model's input has fixed, non-batch dynamic dims.
     """
+    import numpy as np
+
     from edge_runtime.providers import installed_providers, open_session
 
     if runs < 10:

@@ -31,6 +31,7 @@ This module imports only the standard library: ``fedge --help`` must stay fast.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,11 +123,26 @@ def _existing_ancestor(path: Path) -> Path:
     return current
 
 
+def _check_directory(path: Path, label: str, *, label_names_path: bool) -> None:
+    directory = path if path.exists() else _existing_ancestor(path)
+    if not directory.is_dir():
+        if label_names_path and directory is path:
+            raise ConfigError(f"{label} is not a directory")
+        raise ConfigError(f"{label}: {directory} is not a directory")
+    # os.access alone says yes to root on a read-only mount or in /proc: try it.
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".fedge-probe-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(f"{label}: cannot write in {directory} ({reason})") from None
+
+
 def check_writable_directory(path: Path, *, option: str) -> None:
     """Fail unless ``path`` is a directory fedge may write to, or one it can create.
 
-    Checks without writing anything, so a command can refuse bad paths before it
-    starts (and before it logs that it started).
+    Creates nothing (a probe file is made and removed at once), so a command
+    can refuse bad paths before it starts, and before it logs that it started.
 
     Raises
     ------
@@ -134,17 +150,7 @@ def check_writable_directory(path: Path, *, option: str) -> None:
         If ``path`` is not a directory, or it (or the directory it would be
         created in) is not writable.
     """
-    if path.exists():
-        if not path.is_dir():
-            raise ConfigError(f"{option} {path} is not a directory")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ConfigError(f"{option} {path} is not writable")
-        return
-    ancestor = _existing_ancestor(path)
-    if not ancestor.is_dir():
-        raise ConfigError(f"{option} {path}: {ancestor} is not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ConfigError(f"{option} {path}: cannot create it, {ancestor} is not writable")
+    _check_directory(path, f"{option} {path}", label_names_path=True)
 
 
 def check_writable_file(path: Path, *, option: str) -> None:
@@ -156,8 +162,9 @@ def check_writable_file(path: Path, *, option: str) -> None:
         If ``path`` is a directory, an existing file that is not writable, or
         its directory cannot be written or created.
     """
+    label = f"{option} {path}"
     if path.is_dir():
-        raise ConfigError(f"{option} {path} is a directory; give a file path")
+        raise ConfigError(f"{label} is a directory; give a file path")
     if path.exists() and not os.access(path, os.W_OK):
-        raise ConfigError(f"{option} {path} is not writable")
-    check_writable_directory(path.parent, option=option)
+        raise ConfigError(f"{label} is not writable")
+    _check_directory(path.parent, label, label_names_path=False)

@@ -1,17 +1,27 @@
-"""``fedge sim``: run federations on Flower's simulation engine."""
+"""``fedge sim``: run federations on Flower's simulation engine.
+
+A run's default paths come from the fedge home (:mod:`fedge.home`): the database
+``HOME/fedge.db``, the model store ``HOME/store``, the run's own directory
+``HOME/runs/RUN_ID`` and the simulated devices' state ``HOME/devices``. Every
+path is checked before the run starts (and before ``run.started`` is logged).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fedge.errors import ConfigError
+from fedge.errors import ConfigError, StorageError
+from fedge.home import HOME_HELP, FedgeHome, check_writable_directory, check_writable_file
 from secure_agg.params import ThreatModel
 from simulations.data import DATA_DIR_ENV
 from simulations.modes import DpMode, VariantRounds
 from simulations.partition import PartitionMode
+
+if TYPE_CHECKING:
+    from simulations.run import RunPaths
 
 __all__ = ["app"]
 
@@ -64,19 +74,30 @@ def run_command(
     ] = None,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Summary JSON path [default: RUNS_DIR/RUN_ID/summary.json]."),
+        typer.Option("--out", help="Summary JSON path (default: RUNS_DIR/RUN_ID/summary.json)."),
     ] = None,
     runs_dir: Annotated[
-        Path, typer.Option("--runs-dir", help="Where runs keep their checkpoints.")
-    ] = Path("runs"),
+        Path | None,
+        typer.Option("--runs-dir", help="Where runs keep their checkpoints (default: HOME/runs)."),
+    ] = None,
     db_url: Annotated[
         str | None,
         typer.Option(
             "--db-url",
             envvar="FEDGE_DB_URL",
-            help="Database for the audit log [default: sqlite:///runs/fedge.db].",
+            help="Database for the audit log, the privacy ledger and the model store's "
+            "index (default: HOME/fedge.db, SQLite).",
         ),
     ] = None,
+    store_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--store-dir",
+            envvar="FEDGE_STORE_DIR",
+            help="The model store the run publishes to (default: HOME/store).",
+        ),
+    ] = None,
+    home: Annotated[Path | None, typer.Option("--home", help=HOME_HELP)] = None,
     parallelism: Annotated[
         int | None,
         typer.Option("--parallel", min=1, help="Clients trained at once [default: CPU cores]."),
@@ -196,7 +217,7 @@ def run_command(
         typer.Option(
             "--devices-dir",
             help="The simulated devices' own state, kept across runs: lifetime privacy "
-            "ledgers and refusal logs [default: RUNS_DIR/devices].",
+            "ledgers and refusal logs (default: HOME/devices).",
         ),
     ] = None,
     variants: Annotated[
@@ -259,12 +280,16 @@ def run_command(
         variants=variants,
     )
     run_id = new_run_id()
+    state = FedgeHome.resolve(home)
+    runs = runs_dir or state.runs_dir
     paths = RunPaths(
-        summary=out or runs_dir / run_id / "summary.json",
-        models=runs_dir / run_id / "models",
-        db_url=db_url or f"sqlite:///{runs_dir / 'fedge.db'}",
-        devices=devices_dir,
+        summary=out or runs / run_id / "summary.json",
+        models=runs / run_id / "models",
+        db_url=db_url or state.db_url,
+        store=store_dir or state.store_dir,
+        devices=devices_dir or state.devices_dir,
     )
+    _check_writable(paths, runs_dir=runs)
     check_paths(paths)
     prepared = prepare_data(config)
     console = Console(stderr=True)
@@ -294,6 +319,23 @@ def run_command(
         f"{outcome} in {summary.wall_seconds:.1f} s; "
         f"summary {paths.summary}; audit head {summary.audit_head}"
     )
+
+
+def _check_writable(paths: RunPaths, *, runs_dir: Path) -> None:
+    """Fail before the run starts (nothing written, nothing logged) if a path is unusable."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    check_writable_directory(runs_dir, option="--runs-dir")
+    check_writable_file(paths.summary, option="--out")
+    check_writable_directory(paths.store_dir, option="--store-dir")
+    check_writable_directory(paths.devices_dir, option="--devices-dir")
+    try:
+        url = make_url(paths.db_url)
+    except ArgumentError as exc:
+        raise ConfigError(f"invalid database URL {paths.db_url!r}: {exc}") from exc
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        check_writable_file(Path(url.database), option="--db-url")
 
 
 def _privacy_line(privacy: dict[str, Any]) -> str:
@@ -355,6 +397,7 @@ def samples_command(
 
     from simulations.data import load_fashion_mnist
 
+    check_writable_file(out, option="--out")
     test = load_fashion_mnist(data_dir).test
     if offset + count > len(test.labels):
         raise ConfigError(
@@ -362,7 +405,10 @@ def samples_command(
         )
     images = test.images[offset : offset + count].astype(np.int16)
     images = np.clip(images + round(brightness * 255), 0, 255).astype(np.uint8)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, images=images, labels=test.labels[offset : offset + count])
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(out, images=images, labels=test.labels[offset : offset + count])
+    except OSError as exc:
+        raise StorageError(f"cannot write --out {out}: {exc}") from exc
     shift = f", brightness {brightness:+.2f}" if brightness else ""
     typer.echo(f"wrote {count} test images{shift} to {out}")
