@@ -310,12 +310,26 @@ def run_serverapp_in_process(
         raise
     except Exception as err:
         details = f"ServerApp failed with exception: {err}"
-        if stop.is_set() or lost.is_set():
+        if stop.is_set() or lost.is_set() or _run_not_running(err):
             status = SubStatus.STOPPED
             raise ServerAppStoppedError("the run was stopped while the ServerApp ran") from err
         raise ServerAppRunError(details) from err
     finally:
         _finish(grid, client, heartbeat=heartbeat, context=context, status=status, details=details)
+
+
+def _run_not_running(error: BaseException | None) -> bool:
+    """Return whether `error` or one of its causes is the SuperLink's HTTP 401 or 403.
+
+    Once a run stops (e.g. through the Control API) the Runtime API revokes the task's
+    token (401) and refuses the run (403). Flower's own retry policy answers a 401 by
+    sending ``SIGINT`` to its own process; here it ends the ServerApp as stopped.
+    """
+    while error is not None:
+        if isinstance(error, httpx.HTTPStatusError) and error.response.status_code in (401, 403):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _finish(
@@ -342,6 +356,6 @@ def _finish(
         client.PushTaskOutput(request)
         logger.info("ServerApp task finished: %s", status)
     except httpx.HTTPError as err:
-        logger.error("could not push the ServerApp task output: %s", err)
+        logger.warning("could not push the ServerApp task output: %s", err)
     client.close()
     grid.close()

@@ -38,8 +38,8 @@ __all__ = [
     "RegisteredNode",
     "SuperLinkConfig",
     "SuperLinkError",
+    "build_fab",
     "start_superlink",
-    "subprocess_env",
 ]
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class SuperLinkConfig:
         return argv
 
 
-def subprocess_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def _subprocess_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Return this process's environment with Flower's telemetry and update check off."""
     env = dict(os.environ)
     env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"})
@@ -172,7 +172,7 @@ def start_superlink(
     config.log_file.parent.mkdir(parents=True, exist_ok=True)
     with config.log_file.open("ab") as log:
         process = subprocess.Popen(
-            config.argv(), stdout=log, stderr=subprocess.STDOUT, env=subprocess_env(env)
+            config.argv(), stdout=log, stderr=subprocess.STDOUT, env=_subprocess_env(env)
         )
     host, port = config.address.rsplit(":", 1)
     deadline = time.monotonic() + timeout

@@ -4,7 +4,9 @@
 SuperNode authentication; the ServerApp and both ClientApps run in this process through
 fedge's long-running executors. Two rounds go to every node; each reply carries
 node-specific numbers and a counter kept in ``context.state``, which proves the state
-persists across a run's messages. An unregistered key is refused.
+persists across a run's messages; a round in which the apps raise gets Error replies
+and the executors keep serving. An unregistered key is refused, and a run stopped
+through the Control API stops the in-process ServerApp.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl_client.clientapp_runner import serve_clientapp_in_process
 from fl_client.supernode import SuperNodeConfig, SuperNodeError, start_supernode
-from fl_server.serverapp_runner import run_serverapp_in_process
+from fl_server.serverapp_runner import ServerAppStoppedError, run_serverapp_in_process
 from fl_server.superlink import ControlClient, SuperLinkConfig, start_superlink
 
 pytestmark = [
@@ -44,7 +46,6 @@ pytestmark = [
 
 BIN = Path(sys.executable).parent
 DEVICE_NUMBERS = (7, 11)
-ROUNDS = 2
 logger = logging.getLogger(__name__)
 
 
@@ -190,6 +191,8 @@ def _client_app() -> ClientApp:
 
     @app.train()
     def train(message: Message, context: Context) -> Message:
+        if message.content.config_records["config"].get("fail"):
+            raise RuntimeError("this round fails on purpose")
         previous = context.state.metric_records.get("calls")
         calls = (int(cast(int, previous["n"])) if previous else 0) + 1
         context.state["calls"] = MetricRecord({"n": calls})
@@ -219,9 +222,10 @@ def _server_app(
             assert time.monotonic() < deadline, f"only nodes {node_ids} came online"
             time.sleep(0.2)
         for round_number in range(1, int(context.run_config["rounds"]) + 1):
+            fail = round_number == context.run_config["fail-round"]
             messages = [
                 Message(
-                    RecordDict({"config": ConfigRecord({"round": round_number})}),
+                    RecordDict({"config": ConfigRecord({"round": round_number, "fail": fail})}),
                     dst_node_id=node_id,
                     message_type="train",
                 )
@@ -232,6 +236,10 @@ def _server_app(
             latencies.append(time.perf_counter() - started)
             assert len(replies) == len(node_ids)
             for reply in replies:
+                if fail:
+                    assert reply.has_error()
+                    assert "fails on purpose" in (reply.error.reason or "")
+                    continue
                 assert not reply.has_error(), reply.error
                 metrics = reply.content.metric_records["metrics"]
                 results.setdefault(round_number, {})[reply.metadata.src_node_id] = {
@@ -271,7 +279,7 @@ def stop_event() -> Iterator[threading.Event]:
     stop.set()
 
 
-def test_two_rounds_over_tls_with_node_auth_and_in_process_executors(
+def test_rounds_over_tls_with_node_auth_and_in_process_executors(
     link: Link,
     spawn_node: Callable[[str, dict[str, int]], tuple[SuperNodeConfig, subprocess.Popen[bytes]]],
     stop_event: threading.Event,
@@ -303,7 +311,7 @@ def test_two_rounds_over_tls_with_node_auth_and_in_process_executors(
 
         results: dict[int, dict[int, dict[str, float]]] = {}
         latencies: list[float] = []
-        run_id = control.start_run({"rounds": ROUNDS})
+        run_id = control.start_run({"rounds": 3, "fail-round": 2})
         timer = threading.Timer(120, stop_event.set)
         timer.start()
         try:
@@ -331,11 +339,57 @@ def test_two_rounds_over_tls_with_node_auth_and_in_process_executors(
     by_device = {int(r["device"]): r for r in results[1].values()}
     assert sorted(by_device) == sorted(DEVICE_NUMBERS)
     assert sorted(results[1]) == sorted(node_ids)
-    for round_number in (1, 2):
+    # Round 2 raised in every app (Error replies); the executors kept serving round 3.
+    assert sorted(results) == [1, 3]
+    for round_number, calls in ((1, 1), (3, 2)):
         for node_id, metrics in results[round_number].items():
-            assert metrics["calls"] == round_number, "context.state did not persist"
+            assert metrics["calls"] == calls, "context.state did not persist"
             assert metrics["echo-round"] == round_number
             assert metrics["node-id-low"] == node_id % 1_000_003
     assert statuses[node_ids[0]] == "unregistered"
     logger.warning("round trips: %s", ", ".join(f"{t:.2f} s" for t in latencies))
     print("round trips (s):", [round(t, 2) for t in latencies])
+
+
+def test_stopping_a_run_stops_the_in_process_serverapp(link: Link) -> None:
+    ca = link.pki.ca.read_bytes()
+    started = threading.Event()
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        started.set()
+        while True:  # waits for nodes that never come, until the run is stopped
+            grid.get_node_ids()
+            time.sleep(0.2)
+
+    stop = threading.Event()
+    outcome: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            run_serverapp_in_process(
+                app,
+                runtime_address=link.config.address,
+                root_certificates=ca,
+                superexec_auth_secret=link.secret,
+                stop=stop,
+                poll_interval=0.05,
+            )
+        except BaseException as err:
+            outcome.append(err)
+
+    with ControlClient(link.config.address, root_certificates=ca) as control:
+        run_id = control.start_run({})
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        try:
+            assert started.wait(timeout=30)
+            control.stop_run(run_id)
+            thread.join(timeout=30)
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], ServerAppStoppedError), repr(outcome[0])
