@@ -43,7 +43,9 @@ def test_certify_matches_enrol_for_the_same_key() -> None:
     assert certificate == identity.certificate
 
 
-@pytest.mark.parametrize("enrolment_id", ["", "x" * (MAX_ENROLMENT_ID + 1), "é" * (MAX_ENROLMENT_ID + 1)])
+@pytest.mark.parametrize(
+    "enrolment_id", ["", "x" * (MAX_ENROLMENT_ID + 1), "é" * (MAX_ENROLMENT_ID + 1)]
+)
 def test_certify_refuses_an_empty_or_long_id(enrolment_id: str) -> None:
     authority = EnrolmentAuthority.generate(DeterministicRandom(1))
 
