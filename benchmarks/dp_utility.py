@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._common import RESULTS, machine, peak_rss_mb, write
-from fl_client.models import ModelName, build_model
+from edge_runtime.models import ModelName, build_model
 from fl_client.training import TrainConfig
 from fl_server.secagg_config import SecAggConfig
 from simulations.config import SimConfig

@@ -50,7 +50,7 @@ from edge_runtime.quantize import Precision, build_variant, evaluate_onnx, top1_
 from fedge.errors import ConfigError, DataError
 from fl_client.compress import prune_structured
 from fl_client.distill import DistillConfig, distill
-from fl_client.models import ModelName, build_model
+from edge_runtime.models import ModelName, build_model
 from fl_client.training import TrainConfig, evaluate, images_to_tensor, train
 from simulations.data import FashionMNIST, load_fashion_mnist
 

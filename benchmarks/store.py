@@ -112,7 +112,7 @@ def _variants(repeats: int) -> dict[str, Any]:
     import numpy as np
 
     from fedge.errors import FedgeError
-    from fl_client.models import ModelName, build_model
+    from edge_runtime.models import ModelName, build_model
     from fl_server.checkpoints import weights_to_npz
     from simulations.data import load_fashion_mnist
     from simulations.variants import build_model_variants

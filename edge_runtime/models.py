@@ -14,9 +14,12 @@ statistics across examples.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import Enum
 from typing import ClassVar
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from torch import nn
 
@@ -179,3 +182,57 @@ def build_model(name: ModelName, *, seed: int | None = None) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return _REGISTRY[name]()
+
+
+_CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True, slots=True)
+class EvalResult:
+    """Loss and accuracy of a model on a labelled set."""
+
+    num_examples: int
+    loss: float
+    accuracy: float
+
+
+def images_to_tensor(images: npt.NDArray[np.uint8]) -> torch.Tensor:
+    """Turn uint8 images (N, 28, 28) into float32 (N, 1, 28, 28) in [0, 1]."""
+    if images.ndim != 3:
+        raise ConfigError(f"images must have shape (N, H, W), got {images.shape}")
+    return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32) / 255.0).unsqueeze(1)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    images: npt.NDArray[np.uint8],
+    labels: npt.NDArray[np.integer],
+    *,
+    batch_size: int = 1000,
+    device: torch.device | None = None,
+) -> EvalResult:
+    """Return the mean cross-entropy loss and the accuracy of ``model`` on the examples.
+
+    ``device`` as in :func:`train`: the model comes back on the CPU.
+    """
+    if len(images) == 0:
+        raise ConfigError("cannot evaluate on an empty set")
+    device = device or _CPU
+    inputs = images_to_tensor(images)
+    targets = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    model.to(device)
+    try:
+        model.eval()
+        loss_sum = 0.0
+        correct = 0
+        for start in range(0, len(inputs), batch_size):
+            logits = model(inputs[start : start + batch_size].to(device))
+            batch_targets = targets[start : start + batch_size].to(device)
+            loss_sum += float(nn.functional.cross_entropy(logits, batch_targets, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == batch_targets).sum())
+    finally:
+        model.to(_CPU)
+    return EvalResult(
+        num_examples=len(inputs), loss=loss_sum / len(inputs), accuracy=correct / len(inputs)
+    )

@@ -13,7 +13,7 @@ Notes
 (Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017). fedge's models have
 no BatchNorm scale to rank by (DP-SGD refuses BatchNorm).
 
-**GroupNorm**: :class:`~fl_client.models.FashionCNN` normalises groups of
+**GroupNorm**: :class:`~edge_runtime.models.FashionCNN` normalises groups of
 consecutive channels together. Pruning keeps the group count and the same number of
 channels in every group, the highest-norm ones *of that group*: a survivor is never
 normalised with another group's channels, and filter norms are only compared where
@@ -39,7 +39,7 @@ from torch import nn
 
 from fedge.errors import ConfigError
 from fl_client.distill import DistillConfig, distill
-from fl_client.models import FashionCNN, FashionMLP
+from edge_runtime.models import FashionCNN, FashionMLP
 
 __all__ = ["compress", "prunable_layers", "prune_structured"]
 

@@ -9,12 +9,21 @@ here, so the training code only ever sees typed values.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fedge.errors import ConfigError
-from fl_client.training import TrainConfig
+from strategies.train_config import (
+    BATCH_SIZE,
+    LEARNING_RATE,
+    LOCAL_EPOCHS,
+    MOMENTUM,
+    SEED,
+    SERVER_ROUND,
+    TrainConfig,
+    train_fields,
+)
 
 __all__ = [
     "ARRAYS_KEY",
@@ -29,13 +38,6 @@ ARRAYS_KEY: Final = "arrays"
 CONFIG_KEY: Final = "config"
 METRICS_KEY: Final = "metrics"
 
-_LOCAL_EPOCHS: Final = "local-epochs"
-_BATCH_SIZE: Final = "batch-size"
-_LEARNING_RATE: Final = "learning-rate"
-_MOMENTUM: Final = "momentum"
-_SEED: Final = "seed"
-_SERVER_ROUND: Final = "server-round"
-
 
 @dataclass(frozen=True, slots=True)
 class TrainInstruction:
@@ -49,15 +51,8 @@ class TrainInstruction:
 
 def encode_train_config(config: TrainConfig, *, seed: int) -> ConfigRecord:
     """Return the ConfigRecord the server sends with every training request."""
-    return ConfigRecord(
-        {
-            _LOCAL_EPOCHS: config.local_epochs,
-            _BATCH_SIZE: config.batch_size,
-            _LEARNING_RATE: config.learning_rate,
-            _MOMENTUM: config.momentum,
-            _SEED: seed,
-        }
-    )
+    fields: dict[str, Any] = dict(train_fields(config, seed=seed))
+    return ConfigRecord(fields)
 
 
 def _int(record: ConfigRecord, key: str, default: int) -> int:
@@ -96,13 +91,13 @@ def decode_train_instruction(content: RecordDict) -> TrainInstruction:
     record = content.config_records.get(CONFIG_KEY, ConfigRecord())
     defaults = TrainConfig()
     config = TrainConfig(
-        local_epochs=_int(record, _LOCAL_EPOCHS, defaults.local_epochs),
-        batch_size=_int(record, _BATCH_SIZE, defaults.batch_size),
-        learning_rate=_float(record, _LEARNING_RATE, defaults.learning_rate),
-        momentum=_float(record, _MOMENTUM, defaults.momentum),
+        local_epochs=_int(record, LOCAL_EPOCHS, defaults.local_epochs),
+        batch_size=_int(record, BATCH_SIZE, defaults.batch_size),
+        learning_rate=_float(record, LEARNING_RATE, defaults.learning_rate),
+        momentum=_float(record, MOMENTUM, defaults.momentum),
     )
-    seed = _int(record, _SEED, 0)
-    server_round = _int(record, _SERVER_ROUND, 0)
+    seed = _int(record, SEED, 0)
+    server_round = _int(record, SERVER_ROUND, 0)
     if seed < 0 or server_round < 0:
         raise ConfigError("train config 'seed' and 'server-round' must be >= 0")
     return TrainInstruction(arrays=arrays, config=config, seed=seed, server_round=server_round)

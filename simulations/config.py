@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fedge.errors import ConfigError
-from fl_client.models import ModelName
+from edge_runtime.models import ModelName
 from fl_client.policy import DevicePolicy
 from fl_client.training import TrainConfig
 from fl_server.privacy import ServerDp

@@ -25,7 +25,7 @@ from edge_runtime.drift_reference import REFERENCE_ARTEFACT_NAME, ReferenceStats
 from edge_runtime.latency import time_session_runs
 from edge_runtime.manifest import ArtefactFormat
 from edge_runtime.manifest import Precision as StorePrecision
-from fl_client.models import ModelName, build_model
+from edge_runtime.models import ModelName, build_model
 from fl_client.training import images_to_tensor
 from fl_server.checkpoints import load_weights
 from fl_server.store.store import NewArtefact

@@ -22,7 +22,7 @@ from edge_runtime.quantize import (
     top1_agreement,
 )
 from fedge.errors import ConfigError, DataError
-from fl_client.models import ModelName, build_model
+from edge_runtime.models import ModelName, build_model
 
 NUM_IMAGES = 256
 

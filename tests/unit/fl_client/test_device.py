@@ -9,7 +9,7 @@ import torch
 from fedge.errors import ConfigError
 from fl_client import device as device_module
 from fl_client.device import DeviceKind, select_device
-from fl_client.models import ModelName, build_model
+from edge_runtime.models import ModelName, build_model
 from fl_client.training import TrainConfig, evaluate, train
 
 

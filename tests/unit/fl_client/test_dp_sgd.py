@@ -18,7 +18,7 @@ from fl_client.dp_sgd import (
     planned_spend,
     train_private,
 )
-from fl_client.models import ModelName, build_model
+from edge_runtime.models import ModelName, build_model
 from fl_client.training import TrainConfig, evaluate
 from secure_agg.randomness import DeterministicRandom
 from strategies.accounting import AccountantKind, GaussianSteps, gaussian_epsilon

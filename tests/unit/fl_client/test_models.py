@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fedge.errors import ConfigError
-from fl_client.models import FashionCNN, FashionMLP, ModelName, build_model
+from edge_runtime.models import FashionCNN, FashionMLP, ModelName, build_model
 
 # The FashionCNN checkpoints already published hold exactly these tensors.
 CNN_STATE = {

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fedge.errors import ConfigError
-from fl_client.models import FashionCNN, ModelName, build_model
+from edge_runtime.models import FashionCNN, ModelName, build_model
 from fl_client.training import TrainConfig, evaluate, images_to_tensor, train
 from tests.helpers import stripes
 

@@ -10,7 +10,7 @@ from edge_runtime import Precision
 from edge_runtime.drift import DriftConfig, DriftDetector
 from edge_runtime.drift_reference import ReferenceStats
 from edge_runtime.manifest import ArtefactFormat
-from fl_client.models import ModelName, build_model
+from edge_runtime.models import ModelName, build_model
 from fl_server.checkpoints import CheckpointDir
 from simulations.variants import VariantPolicy, build_model_variants
 
