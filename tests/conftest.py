@@ -46,6 +46,14 @@ def make_synthetic_fashion(
     return directory
 
 
+@pytest.fixture(autouse=True)
+def fedge_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point ``FEDGE_HOME`` at a per-test directory (not created): no test writes to ~/.fedge."""
+    home = tmp_path / "fedge-home"
+    monkeypatch.setenv("FEDGE_HOME", str(home))
+    return home
+
+
 @pytest.fixture
 def fashion_dir(tmp_path: Path) -> Path:
     return make_synthetic_fashion(tmp_path / "fashion")

@@ -36,7 +36,7 @@ def _sim_command(tmp_path: Path, out: Path, *extra: str) -> list[str]:
         "run",
         "--out",
         str(out),
-        "--runs-dir",
+        "--home",
         str(tmp_path / "runs"),
         *extra,
     ]
