@@ -30,6 +30,8 @@ data:
 ## demo: a 10-client federation on Fashion-MNIST (SecAgg+ and DP-SGD at epsilon 3), live, its signed
 ## variants, a device that verifies and serves one (drift check included), the audit trail, and the
 ## same devices declining a second run once their own lifetime budgets are spent
+## (the demo's fedge home, its database, store and runs, is runs/demo/home, not ~/.fedge)
+demo: export FEDGE_HOME := $(CURDIR)/runs/demo/home
 demo: setup
 	@# A fresh simulated fleet each time: a device's ledger spans its whole life, so devices
 	@# that already spent epsilon 3 in an earlier demo would (rightly) decline every round.
