@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from edge_runtime.processes import console_script, die_with_parent
 from fedge.errors import ConfigError, FedgeError
 
 __all__ = ["SuperNodeConfig", "SuperNodeError", "format_node_config", "start_supernode"]
@@ -110,7 +111,7 @@ class SuperNodeConfig:
     runtime_host: str = "127.0.0.1"
     superexec_auth_secret_file: Path | None = None
     node_config: Mapping[str, NodeConfigValue] = field(default_factory=lambda: MappingProxyType({}))
-    executable: str = "flower-supernode"
+    executable: str = field(default_factory=lambda: console_script("flower-supernode"))
 
     def __post_init__(self) -> None:
         if not 1 <= self.runtime_port <= 65535:
@@ -195,7 +196,11 @@ def start_supernode(
     config.log_file.parent.mkdir(parents=True, exist_ok=True)
     with config.log_file.open("ab") as log:
         process = subprocess.Popen(
-            config.argv(), stdout=log, stderr=subprocess.STDOUT, env=process_env
+            config.argv(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=process_env,
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - only prctl, no locks taken
         )
     host, port = config.runtime_address.rsplit(":", 1)
     deadline = time.monotonic() + timeout

@@ -23,7 +23,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -31,6 +31,7 @@ from typing import Any, Self
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from edge_runtime.processes import console_script, die_with_parent
 from fedge.errors import ConfigError, FedgeError
 
 __all__ = [
@@ -85,7 +86,7 @@ class SuperLinkConfig:
     host: str = "127.0.0.1"
     database: Path | None = None
     superexec_auth_secret_file: Path | None = None
-    executable: str = "flower-superlink"
+    executable: str = field(default_factory=lambda: console_script("flower-superlink"))
 
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
@@ -172,7 +173,11 @@ def start_superlink(
     config.log_file.parent.mkdir(parents=True, exist_ok=True)
     with config.log_file.open("ab") as log:
         process = subprocess.Popen(
-            config.argv(), stdout=log, stderr=subprocess.STDOUT, env=_subprocess_env(env)
+            config.argv(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_subprocess_env(env),
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - only prctl, no locks taken
         )
     host, port = config.address.rsplit(":", 1)
     deadline = time.monotonic() + timeout

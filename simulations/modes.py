@@ -4,17 +4,9 @@ from __future__ import annotations
 
 from enum import Enum
 
+from strategies.dp_mode import DpMode
+
 __all__ = ["DpMode", "VariantRounds"]
-
-
-class DpMode(Enum):
-    """Which differential privacy a simulated federation runs with."""
-
-    OFF = "off"
-    CENTRAL = "central"
-    DISTRIBUTED = "distributed"
-    LOCAL = "local"
-    SAMPLE = "sample"
 
 
 class VariantRounds(Enum):

@@ -4,7 +4,7 @@ Notes
 -----
 The file holds a format line and the 32-byte Ed25519 seed in hex. It is
 written 0600 and refused when group or others can read or write it
-(:mod:`fl_server.secret_files`). Whoever reads it can certify identities, so
+(:mod:`edge_runtime.secret_files`). Whoever reads it can certify identities, so
 it belongs on the machine that enrols devices, not on every coordinator.
 """
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edge_runtime.secret_files import read_secret, write_secret
 from fedge.errors import ConfigError
-from fl_server.secret_files import read_secret, write_secret
 from secure_agg.crypto import KEY_BYTES
 from secure_agg.identity import EnrolmentAuthority
 

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from edge_runtime.secret_files import read_secret, write_secret
 from fedge.errors import ConfigError
 from fl_server.enrolment import read_authority, write_authority
-from fl_server.secret_files import read_secret, write_secret
 from secure_agg.identity import EnrolmentAuthority
 from secure_agg.randomness import DeterministicRandom
 

@@ -1,0 +1,61 @@
+"""Child processes that never outlive their parent.
+
+A supervisor (``fedge server start``, ``fedge client start``) runs Flower's
+SuperLink or SuperNode and fedge's gateway as child processes. A supervisor
+killed with SIGKILL runs no clean-up code, so on Linux each child asks the
+kernel to send it SIGTERM when its parent dies (``prctl(PR_SET_PDEATHSIG)``);
+elsewhere the children rely on the supervisor's normal shutdown.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["console_script", "die_with_parent", "stop_process"]
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Ask the kernel to SIGTERM this process when its parent exits (Linux; a no-op elsewhere).
+
+    Pass as ``preexec_fn`` to :class:`subprocess.Popen`. The parent must be
+    the process (and thread) that stays alive for the child's lifetime.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:  # pragma: no cover
+        return
+    # The parent may have died between fork and prctl: then we were reparented.
+    if os.getppid() == 1:  # pragma: no cover - a race
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def stop_process(process: subprocess.Popen[bytes], *, grace_s: float = 10.0) -> int:
+    """Send SIGTERM, wait up to ``grace_s`` seconds, then SIGKILL; return the exit code."""
+    if process.poll() is None:
+        process.terminate()
+        deadline = time.monotonic() + grace_s
+        while process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if process.poll() is None:
+            process.kill()
+    return process.wait()
+
+
+def console_script(name: str) -> str:
+    """Return the path of console script ``name`` next to this Python, else ``name`` (on PATH).
+
+    A virtual environment's scripts (``flower-superlink``, ...) sit beside its
+    ``python``; finding them there works without an activated environment.
+    """
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.is_file() else name

@@ -1,0 +1,187 @@
+"""``fedge client start``: the enrolled device's SuperNode and its long-running ClientApp.
+
+One process per device: it starts Flower's SuperNode (TLS to the gateway,
+node authentication with the enrolment key, ``process`` isolation, runtime API
+on loopback behind the device's SuperExec secret) and serves every ClientApp
+task in this process, so torch and the model are loaded once, not per message.
+
+The ClientApp is the device's own installed fedge code (never code from the
+server), trains on the device's own data (``--data``: the local ``.npz``
+format), and runs every round through the device's policy: secure aggregation
+with its enrolled identity, its lifetime budget, client-level DP. SIGTERM or
+SIGINT stops it cleanly; the SuperNode never outlives it.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import numpy.typing as npt
+from flwr.app import Context
+
+from edge_runtime.local_data import load_examples
+from edge_runtime.models import ModelName
+from edge_runtime.processes import stop_process
+from edge_runtime.secret_files import read_secret
+from fedge.errors import ConfigError
+from fl_client.app import make_client_app
+from fl_client.budget import ClientBudget
+from fl_client.clientapp_runner import serve_clientapp_in_process
+from fl_client.composition import device_mods
+from fl_client.device import DeviceKind
+from fl_client.device_home import DeviceHome
+from fl_client.refusals import RefusalLog
+from fl_client.supernode import SuperNodeConfig, SuperNodeError, start_supernode
+from secure_agg.identity import NodeIdentity
+
+__all__ = ["LocalExamples", "serve_device"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalExamples:
+    """The device's own examples, served whatever partition the node config names."""
+
+    images: npt.NDArray[np.uint8]
+    labels: npt.NDArray[np.int64]
+
+    def __call__(
+        self, partition_id: int, num_partitions: int
+    ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.integer]]:
+        """Return every local example (a device is its own single partition)."""
+        del partition_id, num_partitions
+        return self.images, self.labels
+
+
+@contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _set(signum: int, frame: object) -> None:
+        del frame
+        logger.info("received %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, _set) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _gateway_address(server_url: str) -> str:
+    parts = urlsplit(server_url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ConfigError(f"the enrolled server URL {server_url!r} is not https://host:port")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{host}:{parts.port or 443}"
+
+
+def serve_device(
+    directory: Path,
+    data: Path,
+    *,
+    model: ModelName = ModelName.CNN,
+    runtime_port: int = 9094,
+    device: DeviceKind = DeviceKind.AUTO,
+    stop: threading.Event | None = None,
+) -> int:
+    """Serve the enrolled device in ``directory`` until stopped; return the tasks handled.
+
+    Raises
+    ------
+    ConfigError
+        If the device is not enrolled or its state is damaged.
+    DataError
+        If the local data is missing or malformed (checked before anything starts).
+    SuperNodeError
+        If the SuperNode does not start (e.g. the device was revoked).
+    """
+    home = DeviceHome(directory)
+    record = home.require_enrolled()
+    policy = home.load_policy()
+    identity = home.identity()
+    secret = read_secret(home.superexec_secret)
+    images, labels = load_examples(data)
+    logger.info("device %s: %d local examples", record.device_id, len(images))
+
+    def identities(context: Context) -> NodeIdentity | None:
+        del context
+        return identity
+
+    budget = (
+        None if policy.lifetime_epsilon is None else ClientBudget.for_policy(policy, home.ledger)
+    )
+    home.ledger.mkdir(parents=True, exist_ok=True)
+    mods = device_mods(
+        policy,
+        secure=policy.protocol is not None,
+        identities=identities,
+        budget=budget,
+        on_refusal=RefusalLog(home.ledger),
+    )
+    client_app = make_client_app(
+        LocalExamples(images, labels),
+        model=model,
+        mods=mods,
+        budget=budget,
+        policy=policy,
+        device=device,
+    )
+    config = SuperNodeConfig(
+        superlink_address=_gateway_address(record.server_url),
+        root_certificates=home.ca_cert,
+        auth_private_key=home.supernode_key,
+        runtime_port=runtime_port,
+        log_file=home.logs / "supernode.log",
+        superexec_auth_secret_file=home.superexec_secret,
+        node_config={"device-id": record.device_id, "partition-id": 0, "num-partitions": 1},
+    )
+    stopping = stop or threading.Event()
+    supernode = start_supernode(config)
+    watcher = threading.Thread(
+        target=_watch, args=(supernode, stopping), name="supernode-watch", daemon=True
+    )
+    watcher.start()
+    try:
+        with _stop_on_signals(stopping):
+            handled = serve_clientapp_in_process(
+                client_app,
+                runtime_address=config.runtime_address,
+                superexec_auth_secret=secret,
+                stop=stopping,
+            )
+    finally:
+        stopping.set()
+        code = stop_process(supernode)
+    if supernode_died.get(id(supernode)):
+        raise SuperNodeError(
+            f"the SuperNode exited (code {code}): revoked, or the server is gone; "
+            f"see {config.log_file}"
+        )
+    return handled
+
+
+supernode_died: dict[int, bool] = {}
+
+
+def _watch(process: subprocess.Popen[bytes], stop: threading.Event) -> None:
+    while not stop.wait(0.5):
+        if process.poll() is not None:
+            supernode_died[id(process)] = True
+            logger.error("the SuperNode exited with code %s: stopping", process.returncode)
+            stop.set()
+            return

@@ -1,0 +1,147 @@
+"""``fedge server init DIR``: make a deployment directory with its keys, certificates and config.
+
+Everything is made once, here, with the OS CSPRNG (``cryptography`` and
+``secrets``): a private CA and the server's TLS certificate, the enrolment
+authority's key (read later only by the gateway process), the store's signing
+key, the coordinator's secret for the SuperLink, the database (migrated), and
+``fedge-server.toml``. Secret files are 0600. An existing deployment is never
+overwritten, and a directory that is not empty is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import shutil
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from edge_runtime.local_data import load_examples
+from edge_runtime.secret_files import write_secret
+from fedge.errors import ConfigError, DataError
+from fl_server.db import open_database
+from fl_server.deployment import (
+    DeploymentConfig,
+    DeploymentLayout,
+    render_config,
+)
+from fl_server.enrolment.authority import write_authority
+from fl_server.pki import (
+    certificate_to_pem,
+    create_ca,
+    issue_server_certificate,
+    load_certificate_pem,
+    private_key_to_pem,
+)
+from fl_server.store.keys import StoreKey
+from secure_agg.identity import EnrolmentAuthority
+from secure_agg.randomness import SystemRandomSource
+
+__all__ = ["ca_fingerprint", "init_deployment"]
+
+_CA_DAYS = 3650
+_SERVER_DAYS = 825
+
+
+def ca_fingerprint(ca_pem: bytes) -> str:
+    """Return ``sha256:HEX`` of the CA certificate's PEM (what devices pin at enrolment)."""
+    der = load_certificate_pem(ca_pem).public_bytes(Encoding.DER)
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def init_deployment(
+    root: Path,
+    *,
+    sans: tuple[str, ...] = ("localhost", "127.0.0.1"),
+    public_url: str | None = None,
+    address: str | None = None,
+    database_url: str = "",
+    eval_data: Path | None = None,
+    config: DeploymentConfig | None = None,
+    now: datetime | None = None,
+) -> DeploymentLayout:
+    """Create the deployment directory ``root`` and return its layout.
+
+    Parameters
+    ----------
+    root
+        The directory; created, or an existing empty one.
+    sans
+        The names and addresses devices reach the server by (the certificate's SANs).
+    public_url
+        The URL devices enrol with; default ``https://<first SAN>:<port>``.
+    address
+        Where the gateway listens (``host:port``); default ``0.0.0.0:9443``.
+    database_url
+        A PostgreSQL URL; empty: SQLite in the directory.
+    eval_data
+        The server's held-out set (an ``.npz`` in the local data format), copied in.
+    config
+        A starting configuration (its ``server`` section is replaced by the above).
+    now
+        The time the certificates start (tests).
+
+    Raises
+    ------
+    ConfigError
+        If ``root`` is a file or a non-empty directory, or a SAN or URL is malformed.
+    DataError
+        If ``eval_data`` is not a valid local data file.
+    """
+    moment = now or datetime.now(UTC)
+    layout = DeploymentLayout(root)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{root} is not a directory")
+    if layout.config.exists():
+        raise ConfigError(f"{root} is already a fedge deployment ({layout.config.name} exists)")
+    if root.exists() and any(root.iterdir()):
+        raise ConfigError(f"{root} is not empty; give a new or empty directory")
+    if eval_data is not None:
+        load_examples(eval_data)  # refuse a bad file before anything is written
+    base = config or DeploymentConfig()
+    port = (address or base.server.address).rpartition(":")[2]
+    server = replace(
+        base.server,
+        sans=tuple(sans),
+        address=address or base.server.address,
+        public_url=public_url or f"https://{_host_for_url(sans[0])}:{port}",
+        database_url=database_url,
+    )
+    chosen = replace(base, server=server)
+    ca_key, ca_cert = create_ca("fedge deployment CA", valid_days=_CA_DAYS, now=moment)
+    server_key, server_cert = issue_server_certificate(
+        ca_key, ca_cert, sans=list(sans), valid_days=_SERVER_DAYS, now=moment
+    )
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        root.chmod(0o700)
+        layout.tls.mkdir(exist_ok=True)
+        layout.state.mkdir(mode=0o700, exist_ok=True)
+        layout.logs.mkdir(exist_ok=True)
+        layout.runs.mkdir(exist_ok=True)
+        layout.ca_cert.write_bytes(certificate_to_pem(ca_cert))
+        write_secret(layout.ca_key, private_key_to_pem(ca_key))
+        layout.server_cert.write_bytes(certificate_to_pem(server_cert))
+        write_secret(layout.server_key, private_key_to_pem(server_key))
+        authority = EnrolmentAuthority.generate(SystemRandomSource())
+        write_authority(layout.authority_key, authority)
+        layout.authority_public_key.write_text(authority.public_key.hex() + "\n", encoding="ascii")
+        write_secret(layout.superexec_secret, secrets.token_bytes(32))
+        StoreKey.load_or_create(layout.store / "store-key.pem")
+        if eval_data is not None:
+            shutil.copyfile(eval_data, root / chosen.evaluation.data)
+        open_database(layout.database_url(chosen)).dispose()
+        # Written last: its presence says the directory is complete.
+        layout.config.write_text(render_config(chosen), encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot create the deployment in {root}: {exc}") from None
+    except DataError:
+        raise
+    return layout
+
+
+def _host_for_url(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,211 @@
+"""``fedge server start DIR``: the cloud side of a deployment as one supervised process tree.
+
+The supervisor (this process) starts:
+
+1. Flower's SuperLink on loopback (TLS, SuperNode authentication, ``process``
+   isolation, state in ``state/superlink.db``);
+2. the gateway (``python -m fl_server.gateway DIR``), the one public port;
+
+then submits a Flower run through the SuperLink's Control API and executes
+the fedge ServerApp for it in this process through the coordinator (database,
+audit, ledger, store, summary). On SIGTERM or SIGINT the run is recorded as
+interrupted, the Flower run is stopped, and both children are terminated and
+waited for. Each child also gets SIGTERM from the kernel if the supervisor dies
+without cleaning up (SIGKILL), so no process outlives it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from flwr.serverapp import ServerApp
+
+from edge_runtime.processes import die_with_parent, stop_process
+from edge_runtime.secret_files import read_secret
+from fedge.errors import ConfigError, FedgeError
+from fl_server.audit import AuditLog
+from fl_server.coordinator import RunLocation, new_run_id, run_coordinated
+from fl_server.db import open_database
+from fl_server.deployment import DeploymentConfig, DeploymentLayout, load_config, split_address
+from fl_server.deployment_plan import build_plan
+from fl_server.enrolment.registry import DeviceRegistry, DeviceStatus
+from fl_server.federation import RoundObserver
+from fl_server.run_summary import RunSummary
+from fl_server.serverapp_runner import run_serverapp_in_process
+from fl_server.superlink import ControlClient, SuperLinkConfig, start_superlink
+
+__all__ = ["ServerProcesses", "serve_deployment", "supervised_processes"]
+
+logger = logging.getLogger(__name__)
+
+_GATEWAY_START_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServerProcesses:
+    """The supervised children and what the coordinator needs to reach them."""
+
+    superlink: subprocess.Popen[bytes]
+    gateway: subprocess.Popen[bytes]
+    superlink_address: str
+    ca_pem: bytes
+
+
+def _wait_for_gateway(process: subprocess.Popen[bytes], url: str, ca: Path, log: Path) -> None:
+    deadline = time.monotonic() + _GATEWAY_START_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise FedgeError(f"the gateway exited with code {process.returncode}:\n{tail}")
+        try:
+            if httpx.get(f"{url}/v1/fedge/ca.pem", verify=str(ca), timeout=1.0).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise FedgeError(f"the gateway did not answer on {url} within {_GATEWAY_START_S:.0f} s")
+
+
+@contextmanager
+def supervised_processes(
+    layout: DeploymentLayout, config: DeploymentConfig
+) -> Iterator[ServerProcesses]:
+    """Start the SuperLink and the gateway; stop both (SIGTERM, then SIGKILL) on exit.
+
+    Raises
+    ------
+    FedgeError
+        If either does not start (with the tail of its log).
+    """
+    layout.logs.mkdir(parents=True, exist_ok=True)
+    superlink = start_superlink(
+        SuperLinkConfig(
+            port=config.server.superlink_port,
+            ssl_certfile=layout.server_cert,
+            ssl_keyfile=layout.server_key,
+            ssl_ca_certfile=layout.ca_cert,
+            log_file=layout.logs / "superlink.log",
+            database=layout.superlink_db,
+            superexec_auth_secret_file=layout.superexec_secret,
+        )
+    )
+    gateway: subprocess.Popen[bytes] | None = None
+    try:
+        gateway_log = layout.logs / "gateway.log"
+        with gateway_log.open("ab") as log:
+            gateway = subprocess.Popen(
+                [sys.executable, "-m", "fl_server.gateway", str(layout.root)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,  # noqa: PLW1509 - only prctl, no locks taken
+            )
+        host, port = split_address(config.server.address, "server.address")
+        local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104
+        _wait_for_gateway(gateway, f"https://{local}:{port}", layout.ca_cert, gateway_log)
+        yield ServerProcesses(
+            superlink=superlink,
+            gateway=gateway,
+            superlink_address=f"127.0.0.1:{config.server.superlink_port}",
+            ca_pem=layout.ca_cert.read_bytes(),
+        )
+    finally:
+        if gateway is not None:
+            stop_process(gateway)
+        stop_process(superlink)
+
+
+def _write_current_run(layout: DeploymentLayout, run_id: str, flower_run: int) -> None:
+    document = {"run_id": run_id, "flower_run_id": flower_run, "status": "running"}
+    path = layout.current_run
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(document) + "\n", encoding="utf-8")
+    temporary.replace(path)
+
+
+def _unregister_revoked(
+    layout: DeploymentLayout, config: DeploymentConfig, control: ControlClient
+) -> None:
+    """Remove from the SuperLink every node whose device was revoked while it was down."""
+    engine = open_database(layout.database_url(config), create=False)
+    try:
+        revoked = DeviceRegistry(engine, AuditLog(engine)).list(status=DeviceStatus.REVOKED)
+    finally:
+        engine.dispose()
+    registered = {node.node_id: node.status for node in control.list_nodes()}
+    for device in revoked:
+        if device.node_id is not None and registered.get(device.node_id) not in (
+            None,
+            "unregistered",
+        ):
+            control.unregister_node(device.node_id)
+            logger.info("removed revoked device %s (node %d)", device.device_id, device.node_id)
+
+
+def serve_deployment(
+    root: Path, *, observers: Sequence[RoundObserver] = (), run_id: str | None = None
+) -> RunSummary:
+    """Run the deployment's configured federation to its end and return its summary.
+
+    Raises
+    ------
+    ConfigError
+        If ``root`` is not a deployment or its configuration or secrets are bad.
+    DataError
+        If the evaluation set is missing or malformed.
+    FedgeError
+        If a supervised process does not start, or the run fails.
+    """
+    layout = DeploymentLayout(root)
+    layout.require_initialised()
+    config = load_config(layout.config)
+    secret = read_secret(layout.superexec_secret)
+    chosen_run = run_id or new_run_id()
+    plan = build_plan(config, layout, chosen_run)  # bad data fails before anything starts
+    run_dir = layout.runs / chosen_run
+    location = RunLocation(
+        summary=run_dir / "summary.json",
+        models=run_dir / "models",
+        db_url=layout.database_url(config),
+        store_dir=layout.store,
+    )
+    stop = threading.Event()
+    with supervised_processes(layout, config) as processes:
+        with ControlClient(processes.superlink_address, root_certificates=processes.ca_pem) as c:
+            _unregister_revoked(layout, config, c)
+            flower_run = c.start_run({"fedge-run-id": chosen_run})
+        _write_current_run(layout, chosen_run, flower_run)
+        logger.info("run %s: Flower run %d submitted", chosen_run, flower_run)
+
+        def host(server_app: ServerApp) -> None:
+            result = run_serverapp_in_process(
+                server_app,
+                runtime_address=processes.superlink_address,
+                root_certificates=processes.ca_pem,
+                superexec_auth_secret=secret,
+                stop=stop,
+            )
+            if result is None:
+                raise ConfigError("the SuperLink handed out no run")
+
+        try:
+            return run_coordinated(plan, location, host, observers=observers)
+        finally:
+            stop.set()
+            try:
+                with ControlClient(
+                    processes.superlink_address, root_certificates=processes.ca_pem
+                ) as control:
+                    control.stop_run(flower_run)
+            except FedgeError:
+                pass  # a finished run cannot be stopped
+            layout.current_run.unlink(missing_ok=True)

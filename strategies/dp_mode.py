@@ -1,0 +1,22 @@
+"""Which differential privacy a federation runs with: one enum for every side and command."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+__all__ = ["DpMode"]
+
+
+class DpMode(Enum):
+    """The DP mode of a run (``fedge sim run --dp``, a deployment's ``[privacy] mode``).
+
+    ``CENTRAL``: devices clip, the server adds Gaussian noise; ``DISTRIBUTED``:
+    devices add discrete Gaussian noise under secure aggregation; ``LOCAL``:
+    devices clip and noise their own updates; ``SAMPLE``: DP-SGD on every device.
+    """
+
+    OFF = "off"
+    CENTRAL = "central"
+    DISTRIBUTED = "distributed"
+    LOCAL = "local"
+    SAMPLE = "sample"
