@@ -42,6 +42,11 @@ class Mount:
 
 
 MOUNTS: Mapping[str, Mount] = {
+    "server": Mount(
+        module="fl_server.deploy_cli",
+        attribute="server_app",
+        help="Run a fedge deployment: init, start, enrolment tokens, devices.",
+    ),
     "sim": Mount(
         module="simulations.cli",
         attribute="app",
@@ -65,7 +70,7 @@ MOUNTS: Mapping[str, Mount] = {
     "client": Mount(
         module="fl_client.cli",
         attribute="client_app",
-        help="An edge device: its verified model cache and local inference.",
+        help="An edge device: enrol, start, its verified model cache and local inference.",
     ),
     "edge": Mount(
         module="edge_runtime.cli",

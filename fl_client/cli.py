@@ -29,6 +29,7 @@ import typer
 
 from fedge.errors import ConfigError, DataError, StorageError
 from fedge.home import HOME_HELP, FedgeHome
+from fl_client.deploy_cli import enroll_command, start_command
 
 if TYPE_CHECKING:
     import numpy as np
@@ -43,8 +44,11 @@ STORE_KEY_ENV = "FEDGE_STORE_KEY"
 _DRIFT_REFERENCE = "drift-reference.json"
 
 client_app = typer.Typer(
-    help="An edge device: its verified model cache and local inference.", no_args_is_help=True
+    help="An edge device: enrol, start, its verified model cache and local inference.",
+    no_args_is_help=True,
 )
+client_app.command("enroll")(enroll_command)
+client_app.command("start")(start_command)
 models_app = typer.Typer(
     help="The device's model cache: list, install (verified), roll back.", no_args_is_help=True
 )
