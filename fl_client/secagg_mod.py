@@ -25,8 +25,11 @@ device's own :class:`fl_client.policy.DevicePolicy` (given to the mod, never
 read from a message) before a key is generated, and again before any share is
 revealed; a distributed-DP round must also fit the policy's DP bounds, and the
 device then reveals nothing unless the survivors hold the policy's fewest
-honest contributors. The client's metrics (loss, exact example count) are not
-sent: they would reveal per-client information the protocol hides. A failure
+honest contributors. In the active model a neighbour whose certificate has
+expired on the device's own clock (``clock``), or whose enrolment id is on the
+device's own verified revocation list (``revocations``), is refused exactly
+like a forged one, before any share is sent. The client's metrics (loss, exact
+example count) are not sent: they would reveal per-client information the protocol hides. A failure
 or refusal at any stage is answered with an error reply, the round's secrets
 are wiped, and the reason is recorded (``on_refusal``).
 """
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from collections.abc import Callable
 from typing import Final, Protocol
 
@@ -57,6 +61,7 @@ from fedge.errors import ConfigError, FedgeError
 from fl_client.dp_mod import SECURE_MARKER_KEY, secure_marker
 from fl_client.policy import DevicePolicy
 from fl_client.refusals import RefusalRecorder, ignore_refusal
+from fl_client.revocations import RevocationProvider, nothing_revoked
 from fl_client.updates import flat_update
 from secure_agg import wire
 from secure_agg.client import ClientSession
@@ -66,12 +71,14 @@ from secure_agg.errors import InvalidMessage
 from secure_agg.identity import NodeIdentity
 from secure_agg.messages import (
     ConsistencyRequest,
+    EncryptedShares,
     MaskedInputReport,
     MaskedInputRequest,
     RoundSetup,
     ShareKeysRequest,
     UnmaskRequest,
 )
+from secure_agg.params import ThreatModel
 from secure_agg.randomness import RandomSource, SystemRandomSource
 from strategies.central import CDP_RECORD_KEY, UNCLIPPED_METRIC, CentralDpRound, secure_l2_bound
 from strategies.clipping import clip_l2
@@ -154,6 +161,8 @@ def make_secagg_mod(
     rng_factory: Callable[[], RandomSource] = SystemRandomSource,
     weight_key: str = "num-examples",
     on_refusal: RefusalRecorder = ignore_refusal,
+    revocations: RevocationProvider = nothing_revoked,
+    clock: Callable[[], float] = time.time,
 ) -> Mod:
     """Return a Flower mod that runs the client side of fedge secure aggregation.
 
@@ -170,6 +179,12 @@ def make_secagg_mod(
         The train reply's metric holding the example count (the FedAvg weight).
     on_refusal
         Told the stage and reason of every round the device leaves or refuses.
+    revocations
+        The enrolment ids the device treats as revoked: its own verified list
+        (a :class:`fl_client.revocations.RevocationStore`), never the server's word.
+    clock
+        The device's own clock in Unix seconds, against which neighbours'
+        certificate expiries are checked (a server's time is never used).
 
     Raises
     ------
@@ -282,6 +297,15 @@ def make_secagg_mod(
         masked = session.masked_input(request, encoded, consume=True)
         return masked.vector, MaskedInputReport(node_id=masked.node_id, rejected=masked.rejected)
 
+    def _share_keys(
+        envelope: Envelope, context: Context, session: ClientSession
+    ) -> EncryptedShares:
+        request = wire.decode(envelope.payload, ShareKeysRequest)
+        if protocol.threat_model is not ThreatModel.ACTIVE:
+            return session.share_keys(request)
+        # The device's own clock and revocation list, read as the certificates arrive.
+        return session.share_keys(request, now=int(clock()), revoked=revocations(context))
+
     def _continue(
         msg: Message, envelope: Envelope, context: Context, call_next: ClientAppCallable
     ) -> Message:
@@ -299,7 +323,7 @@ def make_secagg_mod(
         vector = None
         out: object = None
         if envelope.stage is Stage.SHARE_KEYS:
-            out = session.share_keys(wire.decode(envelope.payload, ShareKeysRequest))
+            out = _share_keys(envelope, context, session)
         elif envelope.stage is Stage.MASKED_INPUT:
             masked = _train_and_mask(msg, envelope, context, call_next, session)
             if isinstance(masked, Message):

@@ -14,34 +14,16 @@ operating system's CSPRNG): times are ``now=`` parameters, never the wall clock.
 
 Notes
 -----
-Revocation list format (version 1). ``build_revocation_list`` returns the
-UTF-8 JSON envelope ``{"body": BODY, "signature": HEX}``, where ``BODY`` is a
-string holding canonical JSON (sorted keys, no spaces, ASCII)::
-
-    {"format": "fedge-revocation-list/v1", "issued_at": ISO-8601 UTC,
-     "revoked": [{"device_id": ..., "revoked_at": ...}, ...] (sorted by id),
-     "sequence": N}
-
-and ``HEX`` is the Ed25519 signature of ``REVOCATION_LIST_LABEL + BODY`` by the
-authority. The label keeps a revocation-list signature from ever being valid as
-an identity certificate or any other authority signature, and vice versa.
-
-The sequence number orders lists: the registry issues a larger number whenever
-the revoked set grows, and only ever one revoked set per number. A device keeps
-the largest sequence it has accepted and passes it as ``min_sequence``, so a
-server (the adversary) cannot replay an older list to un-revoke a device; a list
-issued in the future is refused too, and ``max_age`` bounds how stale a list
-may be. Every failure (bad signature, malformed body, replayed or stale list)
-raises the same opaque :class:`~secure_agg.errors.CryptoError`.
+The revocation list (its format, the sequence rule against replays, and the
+opaque failures) lives in :mod:`secure_agg.revocation`, so that devices can
+verify it without importing the cloud side; this module re-exports its names.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
@@ -50,9 +32,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedge.errors import ConfigError
-from secure_agg.crypto import sign, verify_signature
-from secure_agg.errors import CryptoError
-from secure_agg.identity import EnrolmentAuthority
+from secure_agg.revocation import (
+    REVOCATION_LIST_FORMAT,
+    REVOCATION_LIST_LABEL,
+    RevocationList,
+    RevokedDevice,
+    build_revocation_list,
+    verify_revocation_list,
+)
 
 __all__ = [
     "MAX_VALID_DAYS",
@@ -76,16 +63,11 @@ __all__ = [
 
 MAX_VALID_DAYS = 3650
 NIST_CURVES: tuple[type[ec.EllipticCurve], ...] = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
-REVOCATION_LIST_FORMAT = "fedge-revocation-list/v1"
-REVOCATION_LIST_LABEL = b"fedge/revocation-list/v1\x00"
 
 _MAX_SANS = 64
 _MAX_PEM_BYTES = 16 * 1024
-_MAX_LIST_BYTES = 16 * 1024 * 1024
 _MAX_COMMON_NAME = 64
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-# A device's clock may run a little ahead of the authority's.
-_CLOCK_SKEW = timedelta(minutes=5)
 
 PrivateKey = ec.EllipticCurvePrivateKey
 
@@ -397,186 +379,3 @@ def load_nist_public_key_pem(data: str | bytes) -> ec.EllipticCurvePublicKey:
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, NIST_CURVES):
         raise ConfigError("the public key is not an EC key on a NIST curve (P-256/384/521)")
     return key
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RevokedDevice:
-    """One entry of a revocation list."""
-
-    device_id: str
-    revoked_at: datetime
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RevocationList:
-    """A verified revocation list: its order number, issue time and revoked devices."""
-
-    sequence: int
-    issued_at: datetime
-    revoked: tuple[RevokedDevice, ...]
-
-    @property
-    def device_ids(self) -> frozenset[str]:
-        """The ids of every revoked device."""
-        return frozenset(entry.device_id for entry in self.revoked)
-
-
-def _iso(moment: datetime) -> str:
-    return _check_now(moment).isoformat(timespec="microseconds")
-
-
-def build_revocation_list(
-    authority: EnrolmentAuthority,
-    revoked: Iterable[RevokedDevice],
-    *,
-    sequence: int,
-    now: datetime,
-) -> bytes:
-    """Sign the list of ``revoked`` devices with the enrolment authority's key.
-
-    Parameters
-    ----------
-    authority
-        The secure-aggregation enrolment authority (the key devices pin).
-    revoked
-        Every revoked device; ids must be unique.
-    sequence
-        The list's order number (>= 0); see the module notes.
-    now
-        The issue time (timezone-aware).
-
-    Returns
-    -------
-    bytes
-        The signed envelope described in the module notes.
-
-    Raises
-    ------
-    ConfigError
-        If the sequence is negative, an id repeats or is empty, or a time is naive.
-    """
-    if isinstance(sequence, bool) or not isinstance(sequence, int) or sequence < 0:
-        raise ConfigError(f"sequence must be a non-negative integer, got {sequence!r}")
-    entries = sorted(revoked, key=lambda entry: entry.device_id)
-    ids = [entry.device_id for entry in entries]
-    if len(set(ids)) != len(ids):
-        raise ConfigError("a device appears twice in the revocation list")
-    if not all(isinstance(device_id, str) and device_id for device_id in ids):
-        raise ConfigError("a revoked device id is empty")
-    body = json.dumps(
-        {
-            "format": REVOCATION_LIST_FORMAT,
-            "issued_at": _iso(now),
-            "revoked": [
-                {"device_id": entry.device_id, "revoked_at": _iso(entry.revoked_at)}
-                for entry in entries
-            ],
-            "sequence": sequence,
-        },
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=True,
-    )
-    signature = sign(authority.signing_seed, REVOCATION_LIST_LABEL + body.encode("ascii"))
-    envelope = {"body": body, "signature": signature.hex()}
-    return json.dumps(envelope, sort_keys=True, separators=(",", ":")).encode("ascii")
-
-
-def _parse_time(value: object) -> datetime:
-    if not isinstance(value, str):
-        raise CryptoError
-    moment = datetime.fromisoformat(value)  # ValueError is turned opaque by the caller
-    if moment.tzinfo is None:
-        raise CryptoError
-    return moment
-
-
-def _parse_body(body: str) -> RevocationList:
-    content = json.loads(body)
-    if not isinstance(content, dict) or set(content) != {
-        "format",
-        "issued_at",
-        "revoked",
-        "sequence",
-    }:
-        raise CryptoError
-    sequence = content["sequence"]
-    if content["format"] != REVOCATION_LIST_FORMAT or type(sequence) is not int or sequence < 0:
-        raise CryptoError
-    if not isinstance(content["revoked"], list):
-        raise CryptoError
-    entries: list[RevokedDevice] = []
-    for item in content["revoked"]:
-        if not isinstance(item, dict) or set(item) != {"device_id", "revoked_at"}:
-            raise CryptoError
-        if not isinstance(item["device_id"], str) or not item["device_id"]:
-            raise CryptoError
-        entries.append(
-            RevokedDevice(device_id=item["device_id"], revoked_at=_parse_time(item["revoked_at"]))
-        )
-    if len({entry.device_id for entry in entries}) != len(entries):
-        raise CryptoError
-    return RevocationList(
-        sequence=sequence, issued_at=_parse_time(content["issued_at"]), revoked=tuple(entries)
-    )
-
-
-def verify_revocation_list(
-    data: bytes,
-    authority_public_key: bytes,
-    *,
-    now: datetime,
-    min_sequence: int = 0,
-    max_age: timedelta | None = None,
-) -> RevocationList:
-    """Check a revocation list's signature and freshness; return what it revokes.
-
-    Parameters
-    ----------
-    data
-        The envelope from :func:`build_revocation_list`.
-    authority_public_key
-        The enrolment authority's raw Ed25519 key, as pinned in the device policy.
-    now
-        The verifier's time (timezone-aware).
-    min_sequence
-        The largest sequence the verifier has accepted before: an older list is
-        refused (a replay could otherwise un-revoke a device).
-    max_age
-        When given, a list issued longer ago than this is refused.
-
-    Returns
-    -------
-    RevocationList
-        The verified list; ``device_ids`` is the revoked set.
-
-    Raises
-    ------
-    CryptoError
-        Opaquely, if the signature, format, sequence or issue time is not acceptable.
-    ConfigError
-        If ``now`` is naive (a caller bug, not an attack).
-    """
-    moment = _check_now(now)
-    try:
-        if not isinstance(data, bytes) or len(data) > _MAX_LIST_BYTES:
-            raise CryptoError
-        envelope = json.loads(data)
-        if not isinstance(envelope, dict) or set(envelope) != {"body", "signature"}:
-            raise CryptoError
-        body, signature = envelope["body"], envelope["signature"]
-        if not isinstance(body, str) or not isinstance(signature, str):
-            raise CryptoError
-        verify_signature(
-            authority_public_key,
-            bytes.fromhex(signature),
-            REVOCATION_LIST_LABEL + body.encode("utf-8"),
-        )
-        parsed = _parse_body(body)
-    except (ValueError, TypeError, UnicodeError, RecursionError) as exc:
-        raise CryptoError from exc
-    if parsed.sequence < min_sequence or parsed.issued_at > moment + _CLOCK_SKEW:
-        raise CryptoError
-    if max_age is not None and parsed.issued_at < moment - max_age:
-        raise CryptoError
-    return parsed

@@ -16,7 +16,8 @@ Privacy invariants kept here, not trusted to the server:
   so the server cannot surround it with corrupt ones;
 - every neighbour's advertisement must carry the digest of the very setup this
   client received (and, in the active model, be signed by an identity the
-  pinned authority certified);
+  pinned authority certified, whose certificate has not expired on the
+  device's own clock and is not on the device's own revocation list);
 - for each sender whose shares it holds, a client reveals either the self-mask
   share (sender survived) or the masking-key share (sender dropped), never both,
   and the pairwise seeds only of partners outside the survivor set;
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import struct
+from collections.abc import Set
 from dataclasses import replace
 from enum import Enum
 from typing import Any
@@ -252,7 +254,9 @@ class ClientSession:
             self._enc_loaded = X25519PrivateKey.from_private_bytes(self._enc.private)
         return self._enc_loaded
 
-    def _check_advert(self, advert: KeyAdvertisement) -> None:
+    def _check_advert(
+        self, advert: KeyAdvertisement, *, now: int | None, revoked: Set[str]
+    ) -> None:
         me = self._setup.node_id
         if advert.node_id == me or advert.node_id not in self._setup.participants:
             raise InvalidMessage(f"advertisement from {advert.node_id}, not another participant")
@@ -270,9 +274,8 @@ class ClientSession:
         if self._policy.threat_model is ThreatModel.ACTIVE:
             if advert.certificate is None or advert.signature is None:
                 raise CryptoError
-            authority = self._policy.authority_public_key
-            assert authority is not None  # the policy requires it in the active model
-            advert.certificate.verify(authority)
+            # Forged, expired and revoked certificates fail alike (opaquely).
+            self._policy.check_certificate(advert.certificate, now=now, revoked=revoked)
             verify_signature(
                 advert.certificate.public_key,
                 advert.signature,
@@ -294,8 +297,42 @@ class ClientSession:
         self._share_keys[peer] = key
         return key
 
-    def share_keys(self, request: ShareKeysRequest) -> EncryptedShares:
-        """Stage 2: check the neighbours' keys, secret-share the self-mask seed and masking key."""
+    def share_keys(
+        self,
+        request: ShareKeysRequest,
+        *,
+        now: int | None = None,
+        revoked: Set[str] = frozenset(),
+    ) -> EncryptedShares:
+        """Stage 2: check the neighbours' keys, secret-share the self-mask seed and masking key.
+
+        Parameters
+        ----------
+        request
+            The neighbours' advertisements, as the server relays them.
+        now
+            The device's own clock in Unix seconds (never a time from the
+            server); ``None``: the device has none, and any neighbour whose
+            certificate expires is refused.
+        revoked
+            The enrolment ids on the device's latest verified revocation list.
+
+        Returns
+        -------
+        EncryptedShares
+            One sealed share bundle per holder that advertised.
+
+        Raises
+        ------
+        CryptoError
+            In the active model, if a neighbour's certificate is missing,
+            forged, expired or revoked, or its signature does not verify: the
+            client shares nothing in this round.
+        InvalidMessage
+            If an advertisement is malformed, repeated or not a neighbour's.
+        ProtocolAbort
+            If fewer than t of this client's holders advertised.
+        """
         self._expect(ClientStage.ADVERTISED)
         adverts: dict[int, KeyAdvertisement] = {}
         enrolments: set[str] = set()
@@ -304,7 +341,7 @@ class ClientSession:
         for advert in request.adverts:
             if advert.node_id in adverts:
                 raise InvalidMessage(f"two advertisements for node {advert.node_id}")
-            self._check_advert(advert)
+            self._check_advert(advert, now=now, revoked=revoked)
             if advert.certificate is not None:
                 if advert.certificate.enrolment_id in enrolments:
                     raise InvalidMessage("one enrolled device appears twice among the neighbours")

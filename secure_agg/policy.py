@@ -20,16 +20,24 @@ What the policy pins, and why each matters against an active server:
   single client's update as "the sum".
 - ``ring_bits``, ``max_participants``, ``max_vector_length``: bounds on the work
   and memory a round may demand of the device.
+- ``require_certificate_expiry``: a neighbour certificate that never expires
+  (version 1) is refused, so a stolen identity key stops working by itself.
+
+A neighbour's certificate is checked (:meth:`ProtocolPolicy.check_certificate`)
+against the pinned authority, the device's *own* clock and the revocation list
+the device itself verified: a server cannot supply the time or the list.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Set
 from dataclasses import dataclass, field
 
 from fedge.errors import ConfigError
 from secure_agg.crypto import KEY_BYTES
-from secure_agg.errors import PolicyViolation
+from secure_agg.errors import CryptoError, PolicyViolation
+from secure_agg.identity import IdentityCertificate
 from secure_agg.messages import RoundSetup
 from secure_agg.params import ThreatModel, corrupt_count, required_threshold
 
@@ -62,6 +70,8 @@ class ProtocolPolicy:
         The fewest clients in the sum before the device reveals anything.
     max_participants, max_vector_length
         The largest round and update the device accepts.
+    require_certificate_expiry
+        Refuse neighbours whose certificate never expires (version 1).
     """
 
     threat_model: ThreatModel
@@ -73,6 +83,7 @@ class ProtocolPolicy:
     min_survivors: int = 2
     max_participants: int = 100_000
     max_vector_length: int = 1 << 28
+    require_certificate_expiry: bool = False
 
     def __post_init__(self) -> None:
         if self.threat_model is ThreatModel.ACTIVE and self.authority_public_key is None:
@@ -93,6 +104,8 @@ class ProtocolPolicy:
             raise ConfigError("max_participants must be >= min_survivors")
         if self.max_vector_length < 2:
             raise ConfigError("max_vector_length must be >= 2")
+        if self.require_certificate_expiry and self.authority_public_key is None:
+            raise ConfigError("require_certificate_expiry needs the enrolment authority's key")
 
     def least_threshold(self, num_clients: int, degree: int) -> int:
         """Return the least t the device accepts with ``degree`` holders among ``num_clients``."""
@@ -166,3 +179,49 @@ class ProtocolPolicy:
             raise PolicyViolation(
                 f"{survivors} survivors; the device unmasks only for at least {least}"
             )
+
+    def check_certificate(
+        self,
+        certificate: IdentityCertificate | None,
+        *,
+        now: int | None,
+        revoked: Set[str] = frozenset(),
+    ) -> None:
+        """Refuse a neighbour's certificate the device cannot accept.
+
+        Parameters
+        ----------
+        certificate
+            The certificate a neighbour's advertisement carries (``None``: none).
+        now
+            The device's own clock in Unix seconds (never a server's); ``None``
+            when it has none, and then a certificate that expires is refused.
+        revoked
+            The enrolment ids of the device's latest verified revocation list.
+
+        Raises
+        ------
+        CryptoError
+            Opaquely, if the certificate is missing, not signed by the pinned
+            authority, expired (or expiring with no clock), revoked, or never
+            expires while the policy requires an expiry.
+        ConfigError
+            If the policy pins no authority or ``now`` is not an integer.
+
+        Notes
+        -----
+        Revoked, expired and forged certificates fail with the same error, so a
+        neighbour (or the server relaying it) learns nothing about which check
+        failed, and the device treats them all alike: refused before anything
+        is revealed.
+        """
+        authority = self.authority_public_key
+        if authority is None:
+            raise ConfigError("checking a certificate needs the enrolment authority's key")
+        if certificate is None:
+            raise CryptoError
+        certificate.verify_at_time(authority, now)
+        if self.require_certificate_expiry and certificate.expires_at is None:
+            raise CryptoError
+        if certificate.enrolment_id in revoked:
+            raise CryptoError

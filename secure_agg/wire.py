@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from secure_agg.encoding import EncodingConfig
 from secure_agg.errors import InvalidMessage
-from secure_agg.identity import MAX_ENROLMENT_ID, IdentityCertificate
+from secure_agg.identity import MAX_ENROLMENT_ID, MAX_EXPIRES_AT, IdentityCertificate
 from secure_agg.messages import (
     ConsistencyRequest,
     ConsistencySignature,
@@ -248,10 +248,14 @@ def _put_advert(w: Writer, m: KeyAdvertisement) -> None:
     if m.certificate is None or m.signature is None:
         w.u8(0)
         return
-    w.u8(1)
+    # Flag 1: a version-1 certificate (no expiry); flag 2: version 2, its expiry last.
+    expires_at = m.certificate.expires_at
+    w.u8(1 if expires_at is None else 2)
     w.blob(m.certificate.enrolment_id.encode("utf-8"))
     w.fixed(m.certificate.public_key, _KEY)
     w.fixed(m.certificate.signature, _SIGNATURE)
+    if expires_at is not None:
+        w.u64(expires_at)
     w.fixed(m.signature, _SIGNATURE)
 
 
@@ -269,7 +273,7 @@ def _get_advert(r: Reader) -> KeyAdvertisement:
             holders=holders,
             setup_digest=digest,
         )
-    if flag != 1:
+    if flag not in (1, 2):
         raise InvalidMessage("invalid certificate flag")
     raw_id = r.blob()
     if not 0 < len(raw_id) <= _MAX_ENROLMENT_BYTES:
@@ -280,8 +284,17 @@ def _get_advert(r: Reader) -> KeyAdvertisement:
         raise InvalidMessage("enrolment id is not UTF-8") from exc
     if len(enrolment_id) > MAX_ENROLMENT_ID:
         raise InvalidMessage(f"an enrolment id has 1..{MAX_ENROLMENT_ID} characters")
+    public_key, cert_signature = r.fixed(_KEY), r.fixed(_SIGNATURE)
+    expires_at = None
+    if flag == 2:
+        expires_at = r.u64()
+        if not 0 < expires_at <= MAX_EXPIRES_AT:
+            raise InvalidMessage(f"a certificate expiry is in 1..{MAX_EXPIRES_AT}")
     certificate = IdentityCertificate(
-        enrolment_id=enrolment_id, public_key=r.fixed(_KEY), signature=r.fixed(_SIGNATURE)
+        enrolment_id=enrolment_id,
+        public_key=public_key,
+        signature=cert_signature,
+        expires_at=expires_at,
     )
     return KeyAdvertisement(
         node_id=node_id,
