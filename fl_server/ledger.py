@@ -19,7 +19,7 @@ enrolled identity, which outlives a run id, so a new run does not start it at ze
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -28,6 +28,8 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from fedge.errors import ConfigError, FedgeError, StorageError
+from fl_server.audit import AuditEventKind, AuditLog
+from fl_server.audit.events import JSONValue
 from fl_server.db.schema import LedgerRow
 from strategies.accounting import AccountantKind, PrivacySpend, spent_epsilon
 
@@ -41,6 +43,7 @@ __all__ = [
 ]
 
 RUN_SUBJECT = "run"
+_ROUND_ATTEMPTS = 5
 _NAMED_IN_ERRORS = 5  # subjects a refusal names before "and N more"
 
 
@@ -385,36 +388,97 @@ class PrivacyLedger:
         if any(not 0 < len(subject) <= 128 for subject in spends):
             raise ConfigError("a ledger subject has 1..128 characters")
         now = datetime.now(UTC).isoformat(timespec="microseconds")
-        totals: dict[str, float] = {}
         try:
             with Session(self._engine) as session, session.begin():
-                query = select(LedgerRow).where(
-                    LedgerRow.run_id == run_id, LedgerRow.subject.in_(list(spends))
-                )
-                history: dict[str, list[LedgerRow]] = {subject: [] for subject in spends}
-                for row in session.scalars(query):
-                    history[row.subject].append(row)
-                for subject, spend in spends.items():
-                    epsilon = _epsilon(history[subject], spend, delta, self.accountant)
-                    session.add(
-                        _new_row(
-                            run_id,
-                            subject,
-                            server_round,
-                            spend,
-                            delta=delta,
-                            epsilon=epsilon,
-                            recorded_at=now,
-                        )
-                    )
-                    totals[subject] = epsilon
-                session.flush()
+                totals = self._add_rows(session, run_id, server_round, spends, delta=delta, now=now)
         except IntegrityError as exc:
             raise StorageError(
                 f"round {server_round} of run {run_id} is already in the ledger for a subject"
             ) from exc
         except SQLAlchemyError as exc:
             raise StorageError(f"cannot write the privacy ledger: {exc}") from exc
+        return totals
+
+    def record_round(
+        self,
+        run_id: str,
+        server_round: int,
+        spends: Mapping[str, RoundSpend],
+        *,
+        delta: float,
+        audit: AuditLog,
+        payload: Callable[[dict[str, float]], Mapping[str, JSONValue]],
+    ) -> dict[str, float]:
+        """Store one round's rows (run and participants) and its audit event in ONE transaction.
+
+        ``spends`` maps each subject (:data:`RUN_SUBJECT` for the run itself) to
+        its spend; ``payload`` turns the new totals into the ``privacy.spent``
+        event's payload. A crash leaves either the rows and the event, or neither.
+
+        Raises
+        ------
+        StorageError
+            If a subject already has this round or the database fails.
+        """
+        if server_round < 0 or not 0 < len(run_id) <= 64:
+            raise ConfigError("invalid run id or round for the privacy ledger")
+        if any(not 0 < len(subject) <= 128 for subject in spends):
+            raise ConfigError("a ledger subject has 1..128 characters")
+        if audit.engine is not self._engine:
+            raise ConfigError("the ledger and its audit log must share one database")
+        now = datetime.now(UTC).isoformat(timespec="microseconds")
+        for attempt in range(_ROUND_ATTEMPTS):
+            try:
+                with Session(self._engine) as session, session.begin():
+                    totals = self._add_rows(
+                        session, run_id, server_round, spends, delta=delta, now=now
+                    )
+                    audit.append_in(
+                        session, AuditEventKind.PRIVACY_SPENT, payload(totals), run_id=run_id
+                    )
+                    return totals
+            except IntegrityError as exc:
+                # Another writer moved the audit head first: retry; a duplicate row fails again.
+                if attempt + 1 == _ROUND_ATTEMPTS:
+                    raise StorageError(
+                        f"round {server_round} of run {run_id} is already in the ledger"
+                    ) from exc
+            except SQLAlchemyError as exc:
+                raise StorageError(f"cannot write the privacy ledger: {exc}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _add_rows(
+        self,
+        session: Session,
+        run_id: str,
+        server_round: int,
+        spends: Mapping[str, RoundSpend],
+        *,
+        delta: float,
+        now: str,
+    ) -> dict[str, float]:
+        query = select(LedgerRow).where(
+            LedgerRow.run_id == run_id, LedgerRow.subject.in_(list(spends))
+        )
+        history: dict[str, list[LedgerRow]] = {subject: [] for subject in spends}
+        for row in session.scalars(query):
+            history[row.subject].append(row)
+        totals: dict[str, float] = {}
+        for subject, spend in spends.items():
+            epsilon = _epsilon(history[subject], spend, delta, self.accountant)
+            session.add(
+                _new_row(
+                    run_id,
+                    subject,
+                    server_round,
+                    spend,
+                    delta=delta,
+                    epsilon=epsilon,
+                    recorded_at=now,
+                )
+            )
+            totals[subject] = epsilon
+        session.flush()
         return totals
 
     def max_subject_epsilon(self, run_id: str) -> tuple[str, float] | None:

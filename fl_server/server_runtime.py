@@ -34,12 +34,14 @@ from edge_runtime.processes import die_with_parent, stop_process
 from edge_runtime.secret_files import read_secret
 from fedge.errors import ConfigError, FedgeError
 from fl_server.audit import AuditLog
-from fl_server.coordinator import RunLocation, new_run_id, run_coordinated
+from fl_server.coordinator import RunLocation, RunPlan, new_run_id, run_coordinated
 from fl_server.db import open_database
 from fl_server.deployment import DeploymentConfig, DeploymentLayout, load_config, split_address
 from fl_server.deployment_plan import build_plan
 from fl_server.enrolment.registry import DeviceRegistry, DeviceStatus
 from fl_server.federation import RoundObserver
+from fl_server.ledger import PrivacyLedger
+from fl_server.metrics import DeviceCounts, RunMetrics
 from fl_server.run_summary import RunSummary
 from fl_server.serverapp_runner import run_serverapp_in_process
 from fl_server.superlink import ControlClient, SuperLinkConfig, start_superlink
@@ -132,6 +134,32 @@ def _write_current_run(layout: DeploymentLayout, run_id: str, flower_run: int) -
     temporary.replace(path)
 
 
+def _epsilon_spent(
+    layout: DeploymentLayout, config: DeploymentConfig, plan: RunPlan
+) -> float | None:
+    assert plan.privacy is not None
+    engine = open_database(layout.database_url(config), create=False)
+    try:
+        ledger = PrivacyLedger(engine, accountant=plan.privacy.accountant)
+        spent = ledger.spent(plan.run_id, delta=plan.privacy.delta)
+        if spent is None:
+            worst = ledger.max_subject_epsilon(plan.run_id)
+            spent = None if worst is None else worst[1]
+        return spent
+    finally:
+        engine.dispose()
+
+
+def _device_counts(layout: DeploymentLayout, config: DeploymentConfig) -> DeviceCounts:
+    engine = open_database(layout.database_url(config), create=False)
+    try:
+        devices = DeviceRegistry(engine, AuditLog(engine)).list()
+    finally:
+        engine.dispose()
+    revoked = sum(1 for d in devices if d.status is DeviceStatus.REVOKED)
+    return DeviceCounts(enrolled=len(devices) - revoked, revoked=revoked)
+
+
 def _unregister_revoked(
     layout: DeploymentLayout, config: DeploymentConfig, control: ControlClient
 ) -> None:
@@ -179,7 +207,16 @@ def serve_deployment(
         store_dir=layout.store,
     )
     stop = threading.Event()
-    with supervised_processes(layout, config) as processes:
+    metrics = RunMetrics(
+        run_id=chosen_run,
+        model=config.federation.model.value,
+        devices=lambda: _device_counts(layout, config),
+        epsilon=None if plan.privacy is None else lambda: _epsilon_spent(layout, config, plan),
+    )
+    with (
+        supervised_processes(layout, config) as processes,
+        metrics.serve(config.server.metrics_address),
+    ):
         with ControlClient(processes.superlink_address, root_certificates=processes.ca_pem) as c:
             _unregister_revoked(layout, config, c)
             flower_run = c.start_run({"fedge-run-id": chosen_run})
@@ -198,7 +235,7 @@ def serve_deployment(
                 raise ConfigError("the SuperLink handed out no run")
 
         try:
-            return run_coordinated(plan, location, host, observers=observers)
+            return run_coordinated(plan, location, host, observers=[metrics, *observers])
         finally:
             stop.set()
             try:

@@ -15,8 +15,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-from fl_server.audit import AuditEventKind, AuditLog
-from fl_server.ledger import PrivacyBudget
+from fedge.errors import ConfigError
+from fl_server.audit import AuditLog
+from fl_server.ledger import RUN_SUBJECT, PrivacyBudget
 from strategies.accounting import PrivacySpend
 
 __all__ = ["LedgerSink", "SpendSink"]
@@ -110,16 +111,27 @@ class LedgerSink:
             "budget": self._budget.epsilon,
             **details,
         }
+        spends: dict[str, PrivacySpend] = dict(participants)
         if spend is not None:
-            entry = ledger.record(self._run_id, server_round, spend, delta=delta)
-            payload["epsilon"] = entry.epsilon
+            if RUN_SUBJECT in spends:
+                raise ConfigError(f"a participant may not be named {RUN_SUBJECT!r}")
+            spends[RUN_SUBJECT] = spend
             if spend.rho > 0:
                 payload["rho"] = spend.rho
             if spend.gaussian is not None:
                 payload["noise_multiplier"] = spend.gaussian.noise_multiplier
                 payload["sample_rate"] = spend.gaussian.sample_rate
-        totals = ledger.record_many(self._run_id, server_round, participants, delta=delta)
-        if totals:
-            payload["max_client_epsilon"] = max(totals.values())
-            payload["clients_charged"] = len(totals)
-        self._audit.append(AuditEventKind.PRIVACY_SPENT, payload, run_id=self._run_id)
+
+        def event(totals: dict[str, float]) -> dict[str, Any]:
+            clients = {k: v for k, v in totals.items() if k != RUN_SUBJECT}
+            if RUN_SUBJECT in totals:
+                payload["epsilon"] = totals[RUN_SUBJECT]
+            if clients:
+                payload["max_client_epsilon"] = max(clients.values())
+                payload["clients_charged"] = len(clients)
+            return payload
+
+        # The run's row, every participant's row and the audit event: one transaction.
+        ledger.record_round(
+            self._run_id, server_round, spends, delta=delta, audit=self._audit, payload=event
+        )

@@ -67,3 +67,27 @@ def test_participants_are_checked_against_their_lifetime_cap_only_when_there_is_
     with pytest.raises(BudgetExceeded, match=r"take client device-a past the lifetime budget 5"):
         capped.check_participants(["device-b", "device-a"], ROUND)  # its third round does not
     assert ledger.entries("run-c") == []
+
+
+def test_a_failed_audit_write_leaves_no_ledger_row(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The round's run row, participant rows and audit event are one transaction: a crash
+    # (here, the audit write failing) must not leave spend without its event, or the reverse.
+    ledger, audit = PrivacyLedger(engine), AuditLog(engine)
+    sink = LedgerSink(
+        PrivacyBudget(ledger=ledger, epsilon=50.0, delta=1e-5), audit, "run-a", "central-gaussian"
+    )
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(audit, "append_in", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        sink.spent(1, ROUND, {"device-a": ROUND}, {})
+
+    assert ledger.entries("run-a") == []
+    assert not [e for e in audit.iter(run_id="run-a")]
+    monkeypatch.undo()
+    sink.spent(1, ROUND, {"device-a": ROUND}, {})  # round 1 is still free
+    assert [e.server_round for e in ledger.entries("run-a", subject="device-a")] == [1]
