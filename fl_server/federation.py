@@ -20,6 +20,7 @@ from fl_server.checkpoints import CheckpointDir
 from fl_server.dp_strategy import DifferentialPrivacy
 from fl_server.ledger import BudgetExceeded, PrivacyBudget, RoundSpend
 from fl_server.privacy import ServerDp
+from fl_server.rounds import run_rounds
 from fl_server.secagg import (
     PrivacyGuard,
     SecAggConfig,
@@ -214,6 +215,7 @@ def make_server_app(
     secure: SecAggConfig | None = None,
     privacy: PrivacyBudget | None = None,
     dp: ServerDp | None = None,
+    first_round: int = 1,
 ) -> ServerApp:
     """Build a ServerApp that runs FedAvg and records every round.
 
@@ -254,9 +256,15 @@ def make_server_app(
         Central, local or sample-level DP (:class:`fl_server.dp_strategy.DifferentialPrivacy`
         around FedAvg);
         distributed DP is configured in ``secure`` instead. Needs ``privacy``.
+    first_round
+        The first round to train (a resumed run continues its numbering);
+        ``initial_arrays`` is then the model of round ``first_round - 1``,
+        which is evaluated but not recorded again.
     """
     if dp is not None and privacy is None:
         raise ConfigError("a DP run needs a privacy ledger")
+    if first_round < 1:
+        raise ConfigError(f"first_round must be >= 1, got {first_round}")
     app = ServerApp()
     counts = _ReplyCounts()
 
@@ -289,6 +297,10 @@ def make_server_app(
         def _evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             nonlocal round_started
             evaluation = evaluate(arrays)
+            if 0 < server_round == first_round - 1:
+                # A resumed run's starting model: saved, audited and reported before the crash.
+                round_started = time.perf_counter()
+                return MetricRecord({"accuracy": evaluation.accuracy, "loss": evaluation.loss})
             saved = checkpoints.save(
                 server_round, dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True))
             )
@@ -336,14 +348,17 @@ def make_server_app(
             return MetricRecord({"accuracy": evaluation.accuracy, "loss": evaluation.loss})
 
         try:
-            strategy.start(
-                grid=grid,
-                initial_arrays=initial_arrays,
-                num_rounds=config.num_rounds,
-                timeout=config.round_timeout_s,
-                train_config=train_config,
-                evaluate_fn=_evaluate,
-            )
+            if first_round <= config.num_rounds:
+                run_rounds(
+                    strategy,
+                    grid,
+                    initial_arrays=initial_arrays,
+                    first_round=first_round,
+                    last_round=config.num_rounds,
+                    timeout=config.round_timeout_s,
+                    train_config=train_config,
+                    evaluate_fn=_evaluate,
+                )
         except BudgetExceeded as exc:
             # A clean stop: the refused round revealed nothing and spent nothing.
             assert privacy is not None
