@@ -44,6 +44,7 @@ __all__ = ["ca_fingerprint", "init_deployment"]
 
 _CA_DAYS = 3650
 _SERVER_DAYS = 825
+_LOOPBACK = "127.0.0.1"
 
 
 def ca_fingerprint(ca_pem: bytes) -> str:
@@ -103,9 +104,12 @@ def init_deployment(
         load_examples(eval_data)  # refuse a bad file before anything is written
     base = config or DeploymentConfig()
     port = (address or base.server.address).rpartition(":")[2]
+    # The supervisor, the gateway and `fedge server revoke` reach the SuperLink (and the
+    # gateway) on 127.0.0.1 and verify its certificate, so it always names loopback too.
+    cert_sans = tuple(dict.fromkeys([*sans, _LOOPBACK]))
     server = replace(
         base.server,
-        sans=tuple(sans),
+        sans=cert_sans,
         address=address or base.server.address,
         public_url=public_url or f"https://{_host_for_url(sans[0])}:{port}",
         database_url=database_url,
@@ -113,7 +117,7 @@ def init_deployment(
     chosen = replace(base, server=server)
     ca_key, ca_cert = create_ca("fedge deployment CA", valid_days=_CA_DAYS, now=moment)
     server_key, server_cert = issue_server_certificate(
-        ca_key, ca_cert, sans=list(sans), valid_days=_SERVER_DAYS, now=moment
+        ca_key, ca_cert, sans=list(cert_sans), valid_days=_SERVER_DAYS, now=moment
     )
     try:
         root.mkdir(parents=True, exist_ok=True)
