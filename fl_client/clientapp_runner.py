@@ -36,6 +36,8 @@ __all__ = ["serve_clientapp_in_process"]
 
 logger = logging.getLogger(__name__)
 
+_PULL_MAX_TIME_S = 120.0
+_PULL_MAX_TRIES = 60
 _ACQUIRE_TASK_METHOD = "/flwr.proto.Runtime/AcquireTask"
 _RETRYABLE_STATUS = frozenset({502, 503, 504})
 
@@ -146,6 +148,11 @@ def _pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context]:
             client.ConfirmMessageReceived, node, context.run_id
         ),
         return_type=Message,
+        # Flower waits up to two hours for a message's objects; a message of a run the
+        # server abandoned (it crashed mid-round) never completes, and would hold this
+        # device's only executor that long.
+        max_time=_PULL_MAX_TIME_S,
+        max_tries_per_object=_PULL_MAX_TRIES,
     )
     message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower sets it
     return message, context

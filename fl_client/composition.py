@@ -21,6 +21,7 @@ from fl_client.budget import ClientBudget, make_budget_mod
 from fl_client.dp_mod import make_dp_mod
 from fl_client.policy import DevicePolicy
 from fl_client.refusals import RefusalRecorder, ignore_refusal
+from fl_client.revocations import RevocationProvider, nothing_revoked
 from fl_client.secagg_mod import IdentityProvider, make_secagg_mod
 from secure_agg.randomness import RandomSource, SystemRandomSource
 
@@ -36,6 +37,7 @@ def device_mods(
     client_dp: bool = True,
     on_refusal: RefusalRecorder = ignore_refusal,
     rng_factory: Callable[[], RandomSource] = SystemRandomSource,
+    revocations: RevocationProvider = nothing_revoked,
 ) -> tuple[Mod, ...]:
     """Return the device's mods, outermost first, for ``ClientApp(mods=...)``.
 
@@ -55,14 +57,26 @@ def device_mods(
         Where every refused round is recorded.
     rng_factory
         The CSPRNG for masks and noise (tests inject seeded ones).
+    revocations
+        The device's own verified revocation list (active threat model): a
+        neighbour on it is refused like one with a forged certificate.
     """
     mods: list[Mod] = []
     if secure:
         mods.append(
-            make_secagg_mod(policy=policy, on_refusal=on_refusal, rng_factory=rng_factory)
+            make_secagg_mod(
+                policy=policy,
+                on_refusal=on_refusal,
+                rng_factory=rng_factory,
+                revocations=revocations,
+            )
             if identities is None
             else make_secagg_mod(
-                policy=policy, identities=identities, on_refusal=on_refusal, rng_factory=rng_factory
+                policy=policy,
+                identities=identities,
+                on_refusal=on_refusal,
+                rng_factory=rng_factory,
+                revocations=revocations,
             )
         )
     if budget is not None:

@@ -175,6 +175,7 @@ def policy_to_json(policy: DevicePolicy) -> dict[str, Any]:
             "min_survivors": protocol.min_survivors,
             "max_participants": protocol.max_participants,
             "max_vector_length": protocol.max_vector_length,
+            "require_certificate_expiry": protocol.require_certificate_expiry,
         },
         "max_l2_clip": policy.max_l2_clip,
         "min_noise_multiplier": policy.min_noise_multiplier,
@@ -206,6 +207,7 @@ def policy_from_json(raw: dict[str, Any]) -> DevicePolicy:
             min_survivors=int(protocol_raw["min_survivors"]),
             max_participants=int(protocol_raw["max_participants"]),
             max_vector_length=int(protocol_raw["max_vector_length"]),
+            require_certificate_expiry=bool(protocol_raw.get("require_certificate_expiry", False)),
         )
     lifetime = raw["lifetime_epsilon"]
     return DevicePolicy(

@@ -32,7 +32,7 @@ from edge_runtime.local_data import load_examples
 from edge_runtime.models import ModelName
 from edge_runtime.processes import stop_process
 from edge_runtime.secret_files import read_secret
-from fedge.errors import ConfigError
+from fedge.errors import ConfigError, FedgeError
 from fl_client.app import make_client_app
 from fl_client.budget import ClientBudget
 from fl_client.clientapp_runner import serve_clientapp_in_process
@@ -40,7 +40,9 @@ from fl_client.composition import device_mods
 from fl_client.device import DeviceKind
 from fl_client.device_home import DeviceHome
 from fl_client.refusals import RefusalLog
+from fl_client.revocations import RevocationStore, nothing_revoked
 from fl_client.supernode import SuperNodeConfig, SuperNodeError, start_supernode
+from secure_agg.errors import CryptoError
 from secure_agg.identity import NodeIdentity
 
 __all__ = ["LocalExamples", "serve_device"]
@@ -126,12 +128,18 @@ def serve_device(
         None if policy.lifetime_epsilon is None else ClientBudget.for_policy(policy, home.ledger)
     )
     home.ledger.mkdir(parents=True, exist_ok=True)
+    revocations = (
+        None
+        if policy.protocol is None or policy.protocol.authority_public_key is None
+        else RevocationStore(home.root, policy=policy.secure_protocol())
+    )
     mods = device_mods(
         policy,
         secure=policy.protocol is not None,
         identities=identities,
         budget=budget,
         on_refusal=RefusalLog(home.ledger),
+        revocations=nothing_revoked if revocations is None else revocations,
     )
     client_app = make_client_app(
         LocalExamples(images, labels),
@@ -156,14 +164,36 @@ def serve_device(
         target=_watch, args=(supernode, stopping), name="supernode-watch", daemon=True
     )
     watcher.start()
-    try:
-        with _stop_on_signals(stopping):
-            handled = serve_clientapp_in_process(
+    if revocations is not None:
+        refresher = threading.Thread(
+            target=_refresh_revocations,
+            args=(record.server_url, home.ca_cert.read_bytes(), revocations, stopping),
+            name="revocation-refresh",
+            daemon=True,
+        )
+        refresher.start()
+    handled: list[int] = []
+    # The executor runs on a daemon thread: a stop (SIGTERM, Ctrl-C, the SuperNode gone)
+    # gives the task in hand a grace period, then the process leaves even if a pull of a
+    # dead run's message still blocks it.
+    executor = threading.Thread(
+        target=lambda: handled.append(
+            serve_clientapp_in_process(
                 client_app,
                 runtime_address=config.runtime_address,
                 superexec_auth_secret=secret,
                 stop=stopping,
             )
+        ),
+        name="clientapp-executor",
+        daemon=True,
+    )
+    try:
+        with _stop_on_signals(stopping):
+            executor.start()
+            while executor.is_alive() and not stopping.wait(0.5):
+                pass
+            executor.join(timeout=_STOP_GRACE_S)
     finally:
         stopping.set()
         code = stop_process(supernode)
@@ -172,10 +202,38 @@ def serve_device(
             f"the SuperNode exited (code {code}): revoked, or the server is gone; "
             f"see {config.log_file}"
         )
-    return handled
+    return handled[0] if handled else 0
 
+
+_STOP_GRACE_S = 10.0
 
 supernode_died: dict[int, bool] = {}
+
+_REVOCATION_REFRESH_S = 30.0
+
+
+def _refresh_revocations(
+    server_url: str, ca_pem: bytes, store: RevocationStore, stop: threading.Event
+) -> None:
+    """Fetch the authority-signed revocation list now and then; keep only a newer valid one."""
+    import ssl
+
+    import httpx
+
+    context = ssl.create_default_context(cadata=ca_pem.decode("ascii"))
+    while not stop.is_set():
+        try:
+            answer = httpx.get(f"{server_url}/v1/fedge/revocations", verify=context, timeout=10.0)
+            if answer.status_code == 200:
+                store.accept(answer.content)
+        except httpx.HTTPError as exc:
+            logger.debug("revocation list not fetched: %s", exc)
+        except FedgeError as exc:
+            # A list that does not verify, or is older than the one kept, is ignored.
+            logger.warning("revocation list refused: %s", exc)
+        except CryptoError:
+            logger.warning("revocation list refused: it does not verify or is older")
+        stop.wait(_REVOCATION_REFRESH_S)
 
 
 def _watch(process: subprocess.Popen[bytes], stop: threading.Event) -> None:

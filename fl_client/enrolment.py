@@ -19,6 +19,7 @@ import json
 import re
 import secrets
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,8 @@ def _device_policy(authority: bytes, choices: PolicyChoices) -> DevicePolicy:
             authority_public_key=authority,
             min_degree=choices.min_degree,
             min_survivors=choices.min_survivors,
+            # The deployment's authority issues expiring certificates only.
+            require_certificate_expiry=True,
         ),
         max_l2_clip=choices.max_l2_clip,
         min_noise_multiplier=choices.min_noise_multiplier,
@@ -129,8 +132,10 @@ def _checked_reply(raw: object, identity_public: bytes) -> tuple[str, int, bytes
         raise EnrolmentError("the server's enrolment reply names no valid device")
     if certificate.enrolment_id != device_id or certificate.public_key != identity_public:
         raise EnrolmentError("the certificate is not for this device's key")
+    if certificate.expires_at is None:
+        raise EnrolmentError("the certificate has no expiry (this server is too old or forged)")
     try:
-        certificate.verify(authority)
+        certificate.verify_at_time(authority, int(time.time()))
     except CryptoError:
         raise EnrolmentError("the certificate does not verify with the authority key") from None
     return device_id, node_id, authority, certificate
