@@ -3,11 +3,12 @@
 The header a device sends (``Authorization``)::
 
     Fedge-Device id=<b64 enrolment id>, key=<b64 public key>, cert=<b64 authority
-    signature>, ts=<unix seconds>, sig=<b64 signature>
+    signature>[, exp=<certificate expiry, unix seconds>], ts=<unix seconds>, sig=<b64 signature>
 
 ``sig`` is the device's Ed25519 signature over
 ``fedge/request/v1``, the method, the target and ``ts``, joined by newlines; the server checks the
-authority's certificate on (id, key), the signature, and that ``ts`` is within
+authority's certificate on (id, key[, exp]) — an expiring certificate only
+until its expiry on the server's clock — the signature, and that ``ts`` is within
 ``max_skew_s`` of its clock. TLS protects the channel; the signature says which
 enrolled device asks. A captured header can be replayed for the same request
 within the skew window, which for idempotent downloads of fleet-wide artefacts
@@ -55,10 +56,11 @@ def authorization_header(
     """Return the ``Authorization`` value of a request signed by ``identity``."""
     certificate = identity.certificate
     signature = identity.sign(_message(method, target, timestamp))
+    expiry = "" if certificate.expires_at is None else f"exp={certificate.expires_at}, "
     return (
         f"{SCHEME} id={_b64(certificate.enrolment_id.encode())}, "
         f"key={_b64(certificate.public_key)}, cert={_b64(certificate.signature)}, "
-        f"ts={timestamp}, sig={_b64(signature)}"
+        f"{expiry}ts={timestamp}, sig={_b64(signature)}"
     )
 
 
@@ -88,7 +90,10 @@ def verify_authorization(
         if match is None or match.group(1) in fields:
             raise CryptoError()
         fields[match.group(1)] = match.group(2)
-    if set(fields) != {"id", "key", "cert", "ts", "sig"} or not fields["ts"].isdigit():
+    required = {"id", "key", "cert", "ts", "sig"}
+    if set(fields) - {"exp"} != required or not fields["ts"].isdigit():
+        raise CryptoError()
+    if "exp" in fields and not fields["exp"].isdigit():
         raise CryptoError()
     try:
         enrolment_id = base64.b64decode(fields["id"], validate=True).decode("utf-8")
@@ -101,8 +106,11 @@ def verify_authorization(
     if abs(now - timestamp) > max_skew_s:
         raise CryptoError()
     certificate = IdentityCertificate(
-        enrolment_id=enrolment_id, public_key=public_key, signature=cert_signature
+        enrolment_id=enrolment_id,
+        public_key=public_key,
+        signature=cert_signature,
+        expires_at=int(fields["exp"]) if "exp" in fields else None,
     )
-    certificate.verify(authority_public_key)
+    certificate.verify_at_time(authority_public_key, int(now))
     verify_signature(public_key, signature, _message(method, target, timestamp))
     return AuthenticatedDevice(enrolment_id=enrolment_id, public_key=public_key)

@@ -29,7 +29,7 @@ import logging
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import Enum
 
 from cryptography.hazmat.primitives import serialization
@@ -51,12 +51,13 @@ from fl_server.pki import (
 from secure_agg.crypto import KEY_BYTES
 from secure_agg.identity import EnrolmentAuthority, IdentityCertificate
 
-__all__ = ["Device", "DeviceRegistry", "DeviceStatus", "Enrolment"]
+__all__ = ["CERTIFICATE_DAYS", "Device", "DeviceRegistry", "DeviceStatus", "Enrolment"]
 
 logger = logging.getLogger(__name__)
 
 _DEVICE_ID = re.compile(r"^dev-[0-9a-f]{16}$")
 _DEVICE_ID_BYTES = 8
+CERTIFICATE_DAYS = 365
 _NODE_ID_LIMIT = 2**64  # Flower node ids are unsigned 64-bit integers
 _MAX_REASON = 500
 
@@ -161,6 +162,7 @@ class DeviceRegistry:
         identity_public_key: bytes,
         authority: EnrolmentAuthority,
         now: datetime,
+        certificate_days: int = CERTIFICATE_DAYS,
     ) -> Enrolment:
         """Spend ``token`` to enrol a device with the keys it generated itself.
 
@@ -177,6 +179,9 @@ class DeviceRegistry:
             The enrolment authority that certifies the identity key.
         now
             The enrolment time (timezone-aware).
+        certificate_days
+            How long the identity certificate is valid (1..3650 days); devices
+            refuse it afterwards on their own clocks.
 
         Returns
         -------
@@ -206,6 +211,9 @@ class DeviceRegistry:
         if not isinstance(authority, EnrolmentAuthority):
             raise ConfigError("authority must be an EnrolmentAuthority")
         identity_hex = identity_public_key.hex()
+        if not 1 <= certificate_days <= 3650:
+            raise ConfigError(f"certificate_days must be in [1, 3650], got {certificate_days}")
+        expires_at = int((moment + timedelta(days=certificate_days)).timestamp())
 
         def work(session: Session) -> Enrolment:
             # The token first: without a valid one nothing else is looked up.
@@ -223,7 +231,7 @@ class DeviceRegistry:
             if taken:
                 raise EnrolmentRefused("a key of this device is already enrolled or was revoked")
             device_id = "dev-" + secrets.token_hex(_DEVICE_ID_BYTES)
-            certificate = authority.certify(device_id, identity_public_key)
+            certificate = authority.certify(device_id, identity_public_key, expires_at=expires_at)
             session.add(
                 DeviceRow(
                     device_id=device_id,
