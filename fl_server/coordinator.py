@@ -49,7 +49,7 @@ from fl_server.federation import (
     RoundReport,
     make_server_app,
 )
-from fl_server.ledger import PrivacyBudget, PrivacyLedger
+from fl_server.ledger import RUN_SUBJECT, PrivacyBudget, PrivacyLedger
 from fl_server.privacy import PrivacyMechanism, ServerDp, amplification
 from fl_server.run_summary import RunStatus, RunSummary, SummaryWriter
 from fl_server.secagg import SecAggConfig
@@ -57,10 +57,11 @@ from fl_server.store.blobs import FileBlobStore
 from fl_server.store.keys import StoreKey
 from fl_server.store.publisher import RoundPublisher
 from fl_server.store.store import ModelStore, NewArtefact
-from strategies.accounting import AccountantKind
+from strategies.accounting import AccountantKind, PrivacySpend
 
 __all__ = [
     "PrivacyPlan",
+    "Resume",
     "RunInterrupted",
     "RunLocation",
     "RunPlan",
@@ -200,6 +201,25 @@ class RunLocation:
     store_dir: Path
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Resume:
+    """Where a crashed run stopped: continue it instead of starting afresh.
+
+    Parameters
+    ----------
+    summary
+        The summary the crashed process left (its rounds so far).
+    last_round
+        The last round whose model was saved and published (0: none).
+    arrays
+        That round's model (the checkpoint, its SHA-256 checked).
+    """
+
+    summary: RunSummary
+    last_round: int
+    arrays: ArrayRecord
+
+
 def _redacted(db_url: str) -> str:
     return make_url(db_url).render_as_string(hide_password=True)
 
@@ -212,6 +232,7 @@ def run_coordinated(
     observers: Sequence[RoundObserver] = (),
     device_epsilons: Callable[[], dict[str, float]] | None = None,
     privacy_extra: Mapping[str, Any] | None = None,
+    resume: Resume | None = None,
 ) -> RunSummary:
     """Run one federation: record it, publish it, account it; ``host`` executes the ServerApp.
 
@@ -235,6 +256,10 @@ def run_coordinated(
         a deployment cannot), for the summary's privacy section.
     privacy_extra
         Further fields of the summary's privacy section (where the devices' ledgers lie).
+    resume
+        Continue a crashed run: the round that was in flight is abandoned and
+        charged as much as the run's last recorded round (the ledger never
+        under-counts), and training continues after it from the last model.
 
     Raises
     ------
@@ -247,12 +272,16 @@ def run_coordinated(
     engine = open_database(location.db_url)
     try:
         audit = AuditLog(engine)
-        summary = RunSummary(
-            run_id=plan.run_id,
-            config=plan.config_json,
-            config_sha256=plan.config_sha256,
-            data=plan.data_stats,
-            db_url=_redacted(location.db_url),
+        summary = (
+            RunSummary(
+                run_id=plan.run_id,
+                config=plan.config_json,
+                config_sha256=plan.config_sha256,
+                data=plan.data_stats,
+                db_url=_redacted(location.db_url),
+            )
+            if resume is None
+            else resume.summary
         )
         store = ModelStore(
             engine,
@@ -260,16 +289,17 @@ def run_coordinated(
             StoreKey.load_or_create(location.store_dir / "store-key.pem"),
             audit=audit,
         )
-        audit.append(
-            AuditEventKind.RUN_STARTED,
-            {
-                "config": plan.config_json,
-                "config_sha256": plan.config_sha256,
-                "code_version": code_version(),
-                "data": {k: v for k, v in plan.data_stats.items() if k != "client_sizes"},
-            },
-            run_id=plan.run_id,
-        )
+        if resume is None:
+            audit.append(
+                AuditEventKind.RUN_STARTED,
+                {
+                    "config": plan.config_json,
+                    "config_sha256": plan.config_sha256,
+                    "code_version": code_version(),
+                    "data": {k: v for k, v in plan.data_stats.items() if k != "client_sizes"},
+                },
+                run_id=plan.run_id,
+            )
         budget = (
             None
             if plan.privacy is None
@@ -288,11 +318,27 @@ def run_coordinated(
             variants=plan.variants,
             variant_rounds=plan.variant_rounds,
         )
+        first_round = 1
+        if resume is not None:
+            if resume.summary.config_sha256 != plan.config_sha256:
+                raise ConfigError(
+                    f"run {plan.run_id} was started with another configuration; "
+                    "restore it, or start a new run"
+                )
+            first_round = _resume(resume, plan, audit, budget)
+            publisher.resume(
+                {
+                    int(r["round"]): int(r["store_version"])
+                    for r in resume.summary.rounds
+                    if r.get("store_version") is not None
+                }
+            )
+            summary.status, summary.error = RunStatus.RUNNING, None
         writer = SummaryWriter(summary, location.summary, started, publisher.versions)
         writer.flush()
         server_app = make_server_app(
             plan.federation,
-            initial_arrays=plan.initial_arrays,
+            initial_arrays=plan.initial_arrays if resume is None else resume.arrays,
             train_config=plan.train_config,
             evaluate=plan.evaluate,
             checkpoints=CheckpointDir(location.models),
@@ -302,6 +348,7 @@ def run_coordinated(
             secure=plan.secure,
             privacy=budget,
             dp=plan.dp,
+            first_round=first_round,
         )
         try:
             with _sigterm_interrupts():
@@ -337,6 +384,60 @@ def run_coordinated(
         return summary
     finally:
         engine.dispose()
+
+
+def _resume(resume: Resume, plan: RunPlan, audit: AuditLog, budget: PrivacyBudget | None) -> int:
+    """Abandon the round that was in flight, charge it, record the resumption; return the next."""
+    abandoned = resume.last_round + 1
+    charged: dict[str, PrivacySpend] = {}
+    if budget is not None and abandoned <= plan.federation.num_rounds:
+        ledger = budget.ledger
+        if not ledger.round_spends(plan.run_id, abandoned):
+            # What the abandoned round might have cost: as much as the last recorded one, for
+            # the run and every subject it charged (who took part in the lost round is unknown).
+            charged = ledger.round_spends(plan.run_id, resume.last_round)
+            if charged:
+                mechanism = next(iter(charged.values())).mechanism
+
+                def payload(totals: dict[str, float]) -> dict[str, Any]:
+                    clients = [v for k, v in totals.items() if k != RUN_SUBJECT]
+                    return {
+                        "round": abandoned,
+                        "mechanism": mechanism,
+                        "delta": budget.delta,
+                        "budget": budget.epsilon,
+                        "abandoned": True,
+                        "charged_as_round": resume.last_round,
+                        "epsilon": totals.get(RUN_SUBJECT),
+                        "max_client_epsilon": max(clients, default=None),
+                        "clients_charged": len(clients),
+                    }
+
+                ledger.record_round(
+                    plan.run_id,
+                    abandoned,
+                    charged,
+                    delta=budget.delta,
+                    audit=audit,
+                    payload=payload,
+                )
+    audit.append(
+        AuditEventKind.RUN_RESUMED,
+        {
+            "after_round": resume.last_round,
+            "abandoned_round": abandoned,
+            "subjects_charged_for_abandoned_round": len(charged),
+            "code_version": code_version(),
+        },
+        run_id=plan.run_id,
+    )
+    logger.warning(
+        "run %s: resuming after round %d; round %d was abandoned",
+        plan.run_id,
+        resume.last_round,
+        abandoned,
+    )
+    return abandoned + 1
 
 
 def _spent_so_far(

@@ -31,7 +31,7 @@ from fedge.errors import ConfigError, FedgeError, StorageError
 from fl_server.audit import AuditEventKind, AuditLog
 from fl_server.audit.events import JSONValue
 from fl_server.db.schema import LedgerRow
-from strategies.accounting import AccountantKind, PrivacySpend, spent_epsilon
+from strategies.accounting import AccountantKind, GaussianSteps, PrivacySpend, spent_epsilon
 
 __all__ = [
     "RUN_SUBJECT",
@@ -480,6 +480,38 @@ class PrivacyLedger:
             totals[subject] = epsilon
         session.flush()
         return totals
+
+    def round_spends(self, run_id: str, server_round: int) -> dict[str, RoundSpend]:
+        """Return what round ``server_round`` of ``run_id`` cost each subject (run included).
+
+        Raises
+        ------
+        StorageError
+            If the database cannot be read.
+        """
+        query = select(LedgerRow).where(
+            LedgerRow.run_id == run_id, LedgerRow.server_round == server_round
+        )
+        try:
+            with Session(self._engine) as session:
+                rows = list(session.scalars(query))
+        except SQLAlchemyError as exc:
+            raise StorageError(f"cannot read the privacy ledger: {exc}") from exc
+        spends: dict[str, RoundSpend] = {}
+        for row in rows:
+            gaussian = (
+                None
+                if row.noise_multiplier is None or row.sample_rate is None or row.steps is None
+                else GaussianSteps(
+                    noise_multiplier=row.noise_multiplier,
+                    sample_rate=row.sample_rate,
+                    steps=row.steps,
+                )
+            )
+            spends[row.subject] = RoundSpend(
+                mechanism=row.mechanism, rho=row.rho, gaussian=gaussian
+            )
+        return spends
 
     def max_subject_epsilon(self, run_id: str) -> tuple[str, float] | None:
         """Return the client (not the run) with the largest stored epsilon, or None."""

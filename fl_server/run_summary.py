@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedge.errors import StorageError
+from fedge.errors import ConfigError, StorageError
 from fedge.version import code_version
 from fl_server.federation import RoundReport
 
@@ -43,6 +43,36 @@ class RunSummary:
     audit_head: str | None = None
     error: str | None = None
     privacy: dict[str, Any] | None = None
+
+    @classmethod
+    def from_json(cls, document: dict[str, Any]) -> RunSummary:
+        """Return the summary a previous process wrote (to resume its run).
+
+        Raises
+        ------
+        ConfigError
+            If the document is not a fedge run summary.
+        """
+        try:
+            rounds = document["rounds"]
+            if not isinstance(rounds, list) or not all(isinstance(r, dict) for r in rounds):
+                raise TypeError("rounds must be a list of objects")
+            return cls(
+                run_id=str(document["run_id"]),
+                config=dict(document["config"]),
+                config_sha256=str(document["config_sha256"]),
+                data=dict(document["data"]),
+                db_url=str(document["audit"]["db_url"]),
+                status=str(document["status"]),
+                initial_accuracy=document["initial_accuracy"],
+                rounds=rounds,
+                wall_seconds=float(document["wall_seconds"]),
+                audit_head=document["audit"]["head_hash"],
+                error=document["error"],
+                privacy=document["privacy"],
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"not a fedge run summary: {exc}") from None
 
     @property
     def final_accuracy(self) -> float | None:

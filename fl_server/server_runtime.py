@@ -16,6 +16,7 @@ without cleaning up (SIGKILL), so no process outlives it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import subprocess
@@ -28,13 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
+from flwr.app import Array, ArrayRecord
 from flwr.serverapp import ServerApp
 
 from edge_runtime.processes import die_with_parent, stop_process
 from edge_runtime.secret_files import read_secret
 from fedge.errors import ConfigError, FedgeError
 from fl_server.audit import AuditLog
-from fl_server.coordinator import RunLocation, RunPlan, new_run_id, run_coordinated
+from fl_server.checkpoints import load_weights
+from fl_server.coordinator import Resume, RunLocation, RunPlan, new_run_id, run_coordinated
 from fl_server.db import open_database
 from fl_server.deployment import DeploymentConfig, DeploymentLayout, load_config, split_address
 from fl_server.deployment_plan import build_plan
@@ -42,7 +46,7 @@ from fl_server.enrolment.registry import DeviceRegistry, DeviceStatus
 from fl_server.federation import RoundObserver
 from fl_server.ledger import PrivacyLedger
 from fl_server.metrics import DeviceCounts, RunMetrics
-from fl_server.run_summary import RunSummary
+from fl_server.run_summary import RunStatus, RunSummary
 from fl_server.serverapp_runner import run_serverapp_in_process
 from fl_server.superlink import ControlClient, SuperLinkConfig, start_superlink
 
@@ -150,6 +154,39 @@ def _epsilon_spent(
         engine.dispose()
 
 
+def _interrupted_run(layout: DeploymentLayout) -> tuple[str, int | None] | None:
+    """Return (run id, Flower run id) of a run a killed process left, or None."""
+    path = layout.current_run
+    if not path.exists():
+        return None
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        run_id = str(document["run_id"])
+        flower = document.get("flower_run_id")
+        flower_run = None if flower is None else int(flower)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} is damaged ({exc}); remove it to start a new run") from None
+    summary = layout.runs / run_id / "summary.json"
+    if not summary.exists():
+        return None  # killed before its first record: nothing to resume
+    return run_id, flower_run
+
+
+def _resume_point(location: RunLocation, plan: RunPlan) -> Resume | None:
+    try:
+        summary = RunSummary.from_json(json.loads(location.summary.read_text(encoding="utf-8")))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {location.summary} to resume: {exc}") from None
+    if summary.status != RunStatus.RUNNING:
+        return None
+    if not summary.rounds:
+        return Resume(summary=summary, last_round=0, arrays=plan.initial_arrays)
+    last = summary.rounds[-1]
+    weights = load_weights(Path(last["model_path"]), expected_sha256=str(last["model_sha256"]))
+    arrays = ArrayRecord({name: Array(np.asarray(value)) for name, value in weights.items()})
+    return Resume(summary=summary, last_round=int(last["round"]), arrays=arrays)
+
+
 def _device_counts(layout: DeploymentLayout, config: DeploymentConfig) -> DeviceCounts:
     engine = open_database(layout.database_url(config), create=False)
     try:
@@ -197,7 +234,8 @@ def serve_deployment(
     layout.require_initialised()
     config = load_config(layout.config)
     secret = read_secret(layout.superexec_secret)
-    chosen_run = run_id or new_run_id()
+    interrupted = _interrupted_run(layout)
+    chosen_run = interrupted[0] if interrupted else (run_id or new_run_id())
     plan = build_plan(config, layout, chosen_run)  # bad data fails before anything starts
     run_dir = layout.runs / chosen_run
     location = RunLocation(
@@ -206,6 +244,7 @@ def serve_deployment(
         db_url=layout.database_url(config),
         store_dir=layout.store,
     )
+    resume = None if interrupted is None else _resume_point(location, plan)
     stop = threading.Event()
     metrics = RunMetrics(
         run_id=chosen_run,
@@ -219,6 +258,9 @@ def serve_deployment(
     ):
         with ControlClient(processes.superlink_address, root_certificates=processes.ca_pem) as c:
             _unregister_revoked(layout, config, c)
+            if interrupted is not None and interrupted[1] is not None:
+                with contextlib.suppress(FedgeError):
+                    c.stop_run(interrupted[1])  # the crashed process's Flower run
             flower_run = c.start_run({"fedge-run-id": chosen_run})
         _write_current_run(layout, chosen_run, flower_run)
         logger.info("run %s: Flower run %d submitted", chosen_run, flower_run)
@@ -235,7 +277,9 @@ def serve_deployment(
                 raise ConfigError("the SuperLink handed out no run")
 
         try:
-            return run_coordinated(plan, location, host, observers=[metrics, *observers])
+            return run_coordinated(
+                plan, location, host, observers=[metrics, *observers], resume=resume
+            )
         finally:
             stop.set()
             try:

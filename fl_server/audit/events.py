@@ -37,6 +37,7 @@ class AuditEventKind(Enum):
     MODEL_SAVED = "model.saved"
     RUN_COMPLETED = "run.completed"
     RUN_FAILED = "run.failed"
+    RUN_RESUMED = "run.resumed"
     PRIVACY_SPENT = "privacy.spent"
     BUDGET_EXHAUSTED = "privacy.budget_exhausted"
     MODEL_PUBLISHED = "store.published"

@@ -50,6 +50,12 @@ class RoundPublisher:
         self.versions: dict[int, int] = {}
         self._last: int | None = None
 
+    def resume(self, versions: dict[int, int]) -> None:
+        """Continue a resumed run from its versions so far (the next one's parent: the last)."""
+        self.versions.update(versions)
+        if versions:
+            self._last = versions[max(versions)]
+
     def on_round(self, report: RoundReport) -> None:
         """Publish the round's weights (the checkpoint file, streamed into the store)."""
         spent = None if self._privacy is None else self._privacy()
