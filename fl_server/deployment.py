@@ -160,7 +160,7 @@ def _port(value: int, what: str) -> int:
 def split_address(address: str, what: str) -> tuple[str, int]:
     """Return (host, port) of ``host:port`` (``[v6]:port`` for IPv6), checked."""
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
+    if not sep or not host or not (port.isascii() and port.isdigit()):
         raise ConfigError(f"{what} must be host:port, got {address!r}")
     return host.strip("[]"), _port(int(port), what)
 
@@ -320,6 +320,8 @@ def _field_value(name: str, kind: type[Any], key: str, raw: object) -> object:
     expected = str(kind.__dataclass_fields__[key].type)
     if isinstance(value, bool) and "bool" not in expected:
         raise ConfigError(f"[{name}] {key} must be a number or text, not a boolean")
+    if expected == "bool" and not isinstance(value, bool):
+        raise ConfigError(f"[{name}] {key} must be true or false, got {raw!r}")
     if "float" in expected and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if expected == "str" and not isinstance(value, str):
