@@ -11,7 +11,7 @@ export FLWR_TELEMETRY_ENABLED ?= 0
 export FLWR_DISABLE_UPDATE_CHECK ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup data demo test test-fast lint format typecheck check lock clean
+.PHONY: setup data demo demo-fleet test test-fast lint format typecheck check lock clean
 
 ## setup: create .venv and install fedge (editable, dev extra) at the pinned versions; fetch the data
 setup: $(STAMP) data
@@ -54,6 +54,12 @@ demo: setup
 	$(BIN)/fedge sim run --secure-agg --dp sample --epsilon 3 --client-epsilon 3 --batch-size 128 --lr 0.1 --rounds 1 \
 		--devices-dir runs/demo/devices --out runs/demo/second-run.json > runs/demo/second-run.log 2>&1
 	$(BIN)/fedge client ledger --devices-dir runs/demo/devices --accountant prv
+
+## demo-fleet: a real deployment on loopback (runs/demo-fleet): fedge server init/start, three
+## devices enrolled with one-time tokens running fedge client start, secure rounds with DP-SGD on
+## every device, a revoked device refused, the audit trail verified; every process stopped on exit
+demo-fleet: setup
+	scripts/demo_fleet.sh
 
 ## test: the whole test suite (PostgreSQL tests run when FEDGE_TEST_POSTGRES_URL is set)
 test: setup
