@@ -18,6 +18,7 @@ import logging
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -159,15 +160,15 @@ def serve_device(
         node_config={"device-id": record.device_id, "partition-id": 0, "num-partitions": 1},
     )
     stopping = stop or threading.Event()
-    supernode = start_supernode(config)
-    watcher = threading.Thread(
-        target=_watch, args=(supernode, stopping), name="supernode-watch", daemon=True
-    )
+    ca_pem = home.ca_cert.read_bytes()
+    supervisor = _SuperNodeSupervisor(config, record.server_url, ca_pem, stopping)
+    supervisor.start_first()
+    watcher = threading.Thread(target=supervisor.run, name="supernode-supervisor", daemon=True)
     watcher.start()
     if revocations is not None:
         refresher = threading.Thread(
             target=_refresh_revocations,
-            args=(record.server_url, home.ca_cert.read_bytes(), revocations, stopping),
+            args=(record.server_url, ca_pem, revocations, stopping),
             name="revocation-refresh",
             daemon=True,
         )
@@ -196,18 +197,95 @@ def serve_device(
             executor.join(timeout=_STOP_GRACE_S)
     finally:
         stopping.set()
-        code = stop_process(supernode)
-    if supernode_died.get(id(supernode)):
-        raise SuperNodeError(
-            f"the SuperNode exited (code {code}): revoked, or the server is gone; "
-            f"see {config.log_file}"
-        )
+        watcher.join(timeout=_STOP_GRACE_S)
+        supervisor.stop()
+    if supervisor.refused is not None:
+        raise SuperNodeError(supervisor.refused)
     return handled[0] if handled else 0
 
 
 _STOP_GRACE_S = 10.0
+_MAX_BACKOFF_S = 60.0
+_STABLE_S = 60.0
+_REFUSALS = 3
 
-supernode_died: dict[int, bool] = {}
+
+class _SuperNodeSupervisor:
+    """Keep the SuperNode running while the server is away; stop for good when it refuses us.
+
+    Flower's SuperNode gives up after a few seconds when it cannot activate (the
+    server restarting, a network outage). The supervisor starts it again with
+    backoff while the server's gateway does not answer its health check; if the
+    gateway answers and the SuperNode still cannot stay up, the server refuses
+    this device (revoked, or never registered) and the device stops.
+    """
+
+    def __init__(
+        self, config: SuperNodeConfig, server_url: str, ca_pem: bytes, stop: threading.Event
+    ) -> None:
+        self._config = config
+        self._server_url = server_url
+        self._ca_pem = ca_pem
+        self._stop = stop
+        self._process: subprocess.Popen[bytes] | None = None
+        self.refused: str | None = None
+
+    def start_first(self) -> None:
+        """Start the SuperNode (raises SuperNodeError if it cannot even start)."""
+        self._process = start_supernode(self._config)
+
+    def _server_answers(self) -> bool:
+        import ssl
+
+        import httpx
+
+        context = ssl.create_default_context(cadata=self._ca_pem.decode("ascii"))
+        try:
+            answer = httpx.get(f"{self._server_url}/healthz", verify=context, timeout=5.0)
+        except httpx.HTTPError:
+            return False
+        return answer.status_code == 200
+
+    def run(self) -> None:
+        """Watch the SuperNode until stopped; restart it while the server is unreachable."""
+        backoff = 1.0
+        strikes = 0  # exits while the server answers: three in a row mean a refusal
+        started = time.monotonic()
+        while not self._stop.is_set():
+            process = self._process
+            if process is not None and process.poll() is None:
+                if time.monotonic() - started > _STABLE_S:
+                    strikes, backoff = 0, 1.0
+                self._stop.wait(0.5)
+                continue
+            code = None if process is None else process.returncode
+            if self._server_answers():
+                strikes += 1
+                if strikes >= _REFUSALS:
+                    self.refused = (
+                        f"the server refuses this device (SuperNode exit code {code}): "
+                        f"revoked, or not registered; see {self._config.log_file}"
+                    )
+                    logger.error("%s", self.refused)
+                    self._stop.set()
+                    return
+            else:
+                logger.warning("the server is unreachable; retrying in %.0f s", backoff)
+            if self._stop.wait(backoff):
+                return
+            backoff = min(backoff * 2, _MAX_BACKOFF_S)
+            try:
+                self._process = start_supernode(self._config)
+                started = time.monotonic()
+            except SuperNodeError as exc:
+                logger.warning("the SuperNode did not start: %s", str(exc).splitlines()[0])
+                self._process = None
+
+    def stop(self) -> None:
+        """Stop the SuperNode (SIGTERM, then SIGKILL)."""
+        if self._process is not None:
+            stop_process(self._process)
+
 
 _REVOCATION_REFRESH_S = 30.0
 
@@ -234,12 +312,3 @@ def _refresh_revocations(
         except CryptoError:
             logger.warning("revocation list refused: it does not verify or is older")
         stop.wait(_REVOCATION_REFRESH_S)
-
-
-def _watch(process: subprocess.Popen[bytes], stop: threading.Event) -> None:
-    while not stop.wait(0.5):
-        if process.poll() is not None:
-            supernode_died[id(process)] = True
-            logger.error("the SuperNode exited with code %s: stopping", process.returncode)
-            stop.set()
-            return
