@@ -208,6 +208,7 @@ _STOP_GRACE_S = 10.0
 _MAX_BACKOFF_S = 60.0
 _STABLE_S = 60.0
 _REFUSALS = 3
+_REFUSAL_WINDOW_S = 75.0
 
 
 class _SuperNodeSupervisor:
@@ -249,7 +250,10 @@ class _SuperNodeSupervisor:
     def run(self) -> None:
         """Watch the SuperNode until stopped; restart it while the server is unreachable."""
         backoff = 1.0
-        strikes = 0  # exits while the server answers: three in a row mean a refusal
+        # Exits while the server answers: three in a row, spread over more than the
+        # SuperLink's 2 x 30 s online window (a node that restarts within it is refused
+        # activation for a while), mean a refusal.
+        strikes, first_strike = 0, 0.0
         started = time.monotonic()
         while not self._stop.is_set():
             process = self._process
@@ -261,7 +265,9 @@ class _SuperNodeSupervisor:
             code = None if process is None else process.returncode
             if self._server_answers():
                 strikes += 1
-                if strikes >= _REFUSALS:
+                if strikes == 1:
+                    first_strike = time.monotonic()
+                if strikes >= _REFUSALS and time.monotonic() - first_strike >= _REFUSAL_WINDOW_S:
                     self.refused = (
                         f"the server refuses this device (SuperNode exit code {code}): "
                         f"revoked, or not registered; see {self._config.log_file}"
