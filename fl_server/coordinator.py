@@ -233,6 +233,7 @@ def run_coordinated(
     device_epsilons: Callable[[], dict[str, float]] | None = None,
     privacy_extra: Mapping[str, Any] | None = None,
     resume: Resume | None = None,
+    subject_name: Callable[[str], str] | None = None,
 ) -> RunSummary:
     """Run one federation: record it, publish it, account it; ``host`` executes the ServerApp.
 
@@ -308,6 +309,7 @@ def run_coordinated(
                 epsilon=plan.privacy.epsilon,
                 delta=plan.privacy.delta,
                 client_lifetime_epsilon=plan.privacy.client_lifetime_epsilon,
+                subject_name=subject_name,
             )
         )
         publisher = RoundPublisher(

@@ -565,6 +565,10 @@ class PrivacyBudget:
     client_lifetime_epsilon
         Each client's cap over every run it took part in (its rows of the whole
         ledger composed); ``None``: no cap.
+    subject_name
+        Maps a participant as the round names it (a Flower node id in a plain
+        round) to the name the ledger keeps (the enrolled device id), so one id
+        names a device in every ledger; ``None``: kept as given.
     """
 
     ledger: PrivacyLedger
@@ -572,6 +576,7 @@ class PrivacyBudget:
     delta: float
     client_lifetime_epsilon: float | None = None
     exhausted: str | None = None
+    subject_name: Callable[[str], str] | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.delta < 1:

@@ -187,6 +187,27 @@ def _resume_point(location: RunLocation, plan: RunPlan) -> Resume | None:
     return Resume(summary=summary, last_round=int(last["round"]), arrays=arrays)
 
 
+class _DeviceNames:
+    """Name a Flower node by its enrolled device id (cached; unknown nodes keep their id)."""
+
+    def __init__(self, layout: DeploymentLayout, config: DeploymentConfig) -> None:
+        self._url = layout.database_url(config)
+        self._known: dict[str, str] = {}
+
+    def __call__(self, subject: str) -> str:
+        if subject in self._known or not subject.isdigit():
+            return self._known.get(subject, subject)
+        engine = open_database(self._url, create=False)
+        try:
+            device = DeviceRegistry(engine, AuditLog(engine)).device_for_node(int(subject))
+        finally:
+            engine.dispose()
+        if device is None:
+            return subject
+        self._known[subject] = device.device_id
+        return device.device_id
+
+
 def _device_counts(layout: DeploymentLayout, config: DeploymentConfig) -> DeviceCounts:
     engine = open_database(layout.database_url(config), create=False)
     try:
@@ -278,7 +299,12 @@ def serve_deployment(
 
         try:
             return run_coordinated(
-                plan, location, host, observers=[metrics, *observers], resume=resume
+                plan,
+                location,
+                host,
+                observers=[metrics, *observers],
+                resume=resume,
+                subject_name=_DeviceNames(layout, config),
             )
         finally:
             stop.set()

@@ -92,8 +92,12 @@ class LedgerSink:
         cap = self._budget.client_lifetime_epsilon
         if cap is not None:
             self._budget.ledger.check_lifetime(
-                subjects, spend, budget=cap, delta=self._budget.delta
+                [self._name(s) for s in subjects], spend, budget=cap, delta=self._budget.delta
             )
+
+    def _name(self, subject: str) -> str:
+        namer = self._budget.subject_name
+        return subject if namer is None else namer(subject)
 
     def spent(
         self,
@@ -111,7 +115,7 @@ class LedgerSink:
             "budget": self._budget.epsilon,
             **details,
         }
-        spends: dict[str, PrivacySpend] = dict(participants)
+        spends: dict[str, PrivacySpend] = {self._name(k): v for k, v in participants.items()}
         if spend is not None:
             if RUN_SUBJECT in spends:
                 raise ConfigError(f"a participant may not be named {RUN_SUBJECT!r}")

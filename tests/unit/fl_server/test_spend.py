@@ -91,3 +91,28 @@ def test_a_failed_audit_write_leaves_no_ledger_row(
     monkeypatch.undo()
     sink.spent(1, ROUND, {"device-a": ROUND}, {})  # round 1 is still free
     assert [e.server_round for e in ledger.entries("run-a", subject="device-a")] == [1]
+
+
+def test_participants_are_recorded_and_checked_under_their_enrolled_device_ids(
+    engine: Engine,
+) -> None:
+    # A plain round names clients by Flower node id; the ledger keeps the device id, so
+    # one id names a device in the server's ledger, the device's own and the audit trail.
+    ledger, audit = PrivacyLedger(engine), AuditLog(engine)
+    names = {"17": "dev-abc"}
+    budget = PrivacyBudget(
+        ledger=ledger,
+        epsilon=None,
+        delta=1e-5,
+        client_lifetime_epsilon=1.0,
+        subject_name=lambda s: names.get(s, s),
+    )
+    sink = LedgerSink(budget, audit, "run-a", "central-gaussian")
+
+    sink.spent(1, ROUND, {"17": ROUND, "18": ROUND}, {})
+
+    assert [e.server_round for e in ledger.entries("run-a", subject="dev-abc")] == [1]
+    assert ledger.entries("run-a", subject="17") == []
+    assert [e.server_round for e in ledger.entries("run-a", subject="18")] == [1]
+    with pytest.raises(BudgetExceeded, match="dev-abc"):
+        sink.check_participants(["17"], ROUND)
