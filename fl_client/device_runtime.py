@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import numpy.typing as npt
 from flwr.app import Context
+from flwr.clientapp import ClientApp
 
 from edge_runtime.local_data import load_examples
 from edge_runtime.models import ModelName
@@ -46,7 +47,7 @@ from fl_client.supernode import SuperNodeConfig, SuperNodeError, start_supernode
 from secure_agg.errors import CryptoError
 from secure_agg.identity import NodeIdentity
 
-__all__ = ["LocalExamples", "serve_device"]
+__all__ = ["LocalExamples", "device_client_app", "serve_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,31 +94,28 @@ def _gateway_address(server_url: str) -> str:
     return f"{host}:{parts.port or 443}"
 
 
-def serve_device(
-    directory: Path,
+def device_client_app(
+    home: DeviceHome,
     data: Path,
     *,
     model: ModelName = ModelName.CNN,
-    runtime_port: int = 9094,
     device: DeviceKind = DeviceKind.AUTO,
-    stop: threading.Event | None = None,
-) -> int:
-    """Serve the enrolled device in ``directory`` until stopped; return the tasks handled.
+) -> tuple[ClientApp, RevocationStore | None]:
+    """Return the enrolled device's ClientApp (its policy, identity, budget, data) and its list.
+
+    The mods come in their one order (:func:`fl_client.composition.device_mods`);
+    the revocation store is returned so the caller can keep it current.
 
     Raises
     ------
     ConfigError
         If the device is not enrolled or its state is damaged.
     DataError
-        If the local data is missing or malformed (checked before anything starts).
-    SuperNodeError
-        If the SuperNode does not start (e.g. the device was revoked).
+        If the local data is missing or malformed.
     """
-    home = DeviceHome(directory)
     record = home.require_enrolled()
     policy = home.load_policy()
     identity = home.identity()
-    secret = read_secret(home.superexec_secret)
     images, labels = load_examples(data)
     logger.info("device %s: %d local examples", record.device_id, len(images))
 
@@ -150,6 +148,33 @@ def serve_device(
         policy=policy,
         device=device,
     )
+    return client_app, revocations
+
+
+def serve_device(
+    directory: Path,
+    data: Path,
+    *,
+    model: ModelName = ModelName.CNN,
+    runtime_port: int = 9094,
+    device: DeviceKind = DeviceKind.AUTO,
+    stop: threading.Event | None = None,
+) -> int:
+    """Serve the enrolled device in ``directory`` until stopped; return the tasks handled.
+
+    Raises
+    ------
+    ConfigError
+        If the device is not enrolled or its state is damaged.
+    DataError
+        If the local data is missing or malformed (checked before anything starts).
+    SuperNodeError
+        If the SuperNode does not start (e.g. the device was revoked).
+    """
+    home = DeviceHome(directory)
+    record = home.require_enrolled()
+    secret = read_secret(home.superexec_secret)
+    client_app, revocations = device_client_app(home, data, model=model, device=device)
     config = SuperNodeConfig(
         superlink_address=_gateway_address(record.server_url),
         root_certificates=home.ca_cert,

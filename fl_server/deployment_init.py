@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from edge_runtime.local_data import load_examples
 from edge_runtime.secret_files import write_secret
-from fedge.errors import ConfigError, DataError
+from fedge.errors import ConfigError, StorageError
 from fl_server.db import open_database
 from fl_server.deployment import (
     DeploymentConfig,
@@ -140,11 +140,21 @@ def init_deployment(
         open_database(layout.database_url(chosen)).dispose()
         # Written last: its presence says the directory is complete.
         layout.config.write_text(render_config(chosen), encoding="utf-8")
-    except OSError as exc:
+    except (OSError, StorageError) as exc:
+        # The directory was new or empty: leave it so, and `init` can be run again.
+        _empty(root)
         raise ConfigError(f"cannot create the deployment in {root}: {exc}") from None
-    except DataError:
-        raise
     return layout
+
+
+def _empty(root: Path) -> None:
+    if not root.is_dir():
+        return
+    for entry in root.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def _host_for_url(host: str) -> str:
