@@ -1,4 +1,4 @@
-"""A client's update as one flat float64 vector: trained weights minus the global ones, and back."""
+"""A client's update as one flat float64 vector, on Flower's ArrayRecords (strategies.vectors)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,14 @@ import numpy as np
 import numpy.typing as npt
 from flwr.app import Array, ArrayRecord
 
-from fedge.errors import ConfigError
+from strategies import vectors
 
-__all__ = ["apply_update", "flat_update"]
+__all__ = ["apply_update", "as_arrays", "flat_update"]
+
+
+def as_arrays(record: ArrayRecord) -> dict[str, npt.NDArray[np.generic]]:
+    """Return the record's arrays by name, in its order."""
+    return {key: record[key].numpy() for key in record}
 
 
 def flat_update(sent: ArrayRecord, trained: ArrayRecord) -> npt.NDArray[np.float64]:
@@ -19,25 +24,7 @@ def flat_update(sent: ArrayRecord, trained: ArrayRecord) -> npt.NDArray[np.float
     ConfigError
         If the two records do not hold the same arrays in the same shapes.
     """
-    keys = list(sent.keys())
-    if list(trained.keys()) != keys:
-        raise ConfigError("the trained model's arrays differ from the global model's")
-    for key in keys:
-        if tuple(sent[key].shape) != tuple(trained[key].shape):
-            raise ConfigError(f"array {key!r} changed shape during training")
-    sizes = [int(np.prod(sent[key].shape)) for key in keys]
-    update = np.empty(sum(sizes), dtype=np.float64)
-    offset = 0
-    for key, size in zip(keys, sizes, strict=True):
-        # One pass per array, computed in float64 straight into the flat update.
-        np.subtract(
-            trained[key].numpy().reshape(-1),
-            sent[key].numpy().reshape(-1),
-            out=update[offset : offset + size],
-            dtype=np.float64,
-        )
-        offset += size
-    return update
+    return vectors.difference(as_arrays(sent), as_arrays(trained))
 
 
 def apply_update(sent: ArrayRecord, update: npt.NDArray[np.floating]) -> ArrayRecord:
@@ -48,17 +35,5 @@ def apply_update(sent: ArrayRecord, update: npt.NDArray[np.floating]) -> ArrayRe
     ConfigError
         If the update's length differs from the model's.
     """
-    flat = np.asarray(update).reshape(-1)
-    keys = list(sent.keys())
-    total = sum(int(np.prod(sent[key].shape)) for key in keys)
-    if flat.shape[0] != total:
-        raise ConfigError(f"the update has {flat.shape[0]} values, the model {total}")
-    out: dict[str, Array] = {}
-    offset = 0
-    for key in keys:
-        current = sent[key].numpy()
-        size = current.size
-        step = flat[offset : offset + size].reshape(current.shape)
-        out[key] = Array(np.asarray(current + step, dtype=current.dtype))
-        offset += size
-    return ArrayRecord(out)
+    applied = vectors.apply(as_arrays(sent), update)
+    return ArrayRecord({key: Array(value) for key, value in applied.items()})

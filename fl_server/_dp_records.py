@@ -12,6 +12,7 @@ import numpy.typing as npt
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
 from fedge.errors import ConfigError
+from strategies import vectors
 from strategies.accounting import GaussianSteps
 
 __all__ = [
@@ -76,23 +77,13 @@ def same_layout(model: ArrayRecord, template: ArrayRecord) -> bool:
 
 def flat(model: ArrayRecord) -> npt.NDArray[np.float64]:
     """Return every array of ``model`` in key order as one float64 vector."""
-    if not model:
-        return np.zeros(0, dtype=np.float64)
-    return np.concatenate([model[k].numpy().reshape(-1) for k in model]).astype(np.float64)
+    return vectors.flatten({k: model[k].numpy() for k in model})
 
 
 def unflatten(template: ArrayRecord, vector: np.ndarray[Any, Any]) -> ArrayRecord:
     """Return ``vector`` cut into ``template``'s keys, shapes and dtypes."""
-    out: dict[str, Array] = {}
-    offset = 0
-    for key in template:
-        current = template[key].numpy()
-        size = current.size
-        out[key] = Array(
-            np.asarray(vector[offset : offset + size].reshape(current.shape), dtype=current.dtype)
-        )
-        offset += size
-    return ArrayRecord(out)
+    arrays = vectors.unflatten({k: template[k].numpy() for k in template}, vector)
+    return ArrayRecord({key: Array(value) for key, value in arrays.items()})
 
 
 def reported_dpsgd(reply: Message) -> GaussianSteps | None:

@@ -70,6 +70,7 @@ from secure_agg.messages import (
 from secure_agg.params import ThreatModel, choose_neighbourhood, corrupt_count
 from secure_agg.randomness import RandomSource, SystemRandomSource
 from secure_agg.server import ServerSession
+from strategies import vectors
 from strategies.accounting import ddg_rho
 from strategies.central import (
     CDP_RECORD_KEY,
@@ -365,15 +366,8 @@ class _Round:
         )
 
     def _apply(self, mean: npt.NDArray[np.float64]) -> ArrayRecord:
-        updated: dict[str, Array] = {}
-        offset = 0
-        for key in self.keys:
-            current = self.arrays[key].numpy()
-            size = current.size
-            step = mean[offset : offset + size].reshape(current.shape)
-            updated[key] = Array(np.asarray(current + step, dtype=current.dtype))
-            offset += size
-        return ArrayRecord(updated)
+        updated = vectors.apply({key: self.arrays[key].numpy() for key in self.keys}, mean)
+        return ArrayRecord({key: Array(value) for key, value in updated.items()})
 
 
 def _round_number(content: RecordDict) -> int:
