@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from fedge.errors import ConfigError
 from strategies import vectors
 
-MODEL = {
+MODEL: dict[str, npt.NDArray[np.generic]] = {
     "w": np.arange(6, dtype=np.float32).reshape(2, 3),
     "b": np.array([0.5, -1.0], dtype=np.float64),
 }
@@ -23,7 +24,9 @@ def test_flatten_and_unflatten_round_trip_in_key_order_with_dtypes() -> None:
 
 
 def test_difference_then_apply_gives_the_trained_model() -> None:
-    trained = {k: v + np.asarray(1.5, dtype=v.dtype) for k, v in MODEL.items()}
+    trained: dict[str, npt.NDArray[np.generic]] = {
+        k: np.asarray(np.add(v, 1.5), dtype=v.dtype) for k, v in MODEL.items()
+    }
     update = vectors.difference(MODEL, trained)
     assert np.allclose(update, 1.5)
     applied = vectors.apply(MODEL, update)
@@ -38,7 +41,9 @@ def test_difference_then_apply_gives_the_trained_model() -> None:
         ({"w": MODEL["w"].reshape(3, 2), "b": MODEL["b"]}, "changed shape"),
     ],
 )
-def test_difference_refuses_other_layouts(trained: dict[str, np.ndarray], match: str) -> None:
+def test_difference_refuses_other_layouts(
+    trained: dict[str, npt.NDArray[np.generic]], match: str
+) -> None:
     with pytest.raises(ConfigError, match=match):
         vectors.difference(MODEL, trained)
 
