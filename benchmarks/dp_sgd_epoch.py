@@ -46,9 +46,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks._common import RESULTS, machine, peak_rss_mb, summary, write
+from edge_runtime.models import ModelName, build_model
 from fedge.errors import DataError
 from fl_client.dp_sgd import DpSgdConfig, GradSampleMode, planned_spend, train_private
-from edge_runtime.models import ModelName, build_model
 from fl_client.training import TrainConfig, images_to_tensor, train
 from simulations.data import load_fashion_mnist
 from strategies.accounting import gaussian_epsilon

@@ -46,11 +46,11 @@ from torch import nn
 
 from benchmarks._common import RESULTS, machine, peak_rss_mb, write
 from edge_runtime.export import export_onnx, strip_debug_metadata
+from edge_runtime.models import ModelName, build_model
 from edge_runtime.quantize import Precision, build_variant, evaluate_onnx, top1_agreement
 from fedge.errors import ConfigError, DataError
 from fl_client.compress import prune_structured
 from fl_client.distill import DistillConfig, distill
-from edge_runtime.models import ModelName, build_model
 from fl_client.training import TrainConfig, evaluate, images_to_tensor, train
 from simulations.data import FashionMNIST, load_fashion_mnist
 

@@ -111,8 +111,8 @@ def _variants(repeats: int) -> dict[str, Any]:
     """Time :func:`simulations.variants.build_model_variants` on the demo CNN."""
     import numpy as np
 
-    from fedge.errors import FedgeError
     from edge_runtime.models import ModelName, build_model
+    from fedge.errors import FedgeError
     from fl_server.checkpoints import weights_to_npz
     from simulations.data import load_fashion_mnist
     from simulations.variants import build_model_variants

@@ -14,11 +14,11 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from edge_runtime.models import ModelName, build_model
 from fedge.errors import ConfigError
 from fl_client.budget import ClientBudget, ClientBudgetExhausted, ClientSpend, declined
 from fl_client.device import DeviceKind, select_device
 from fl_client.messages import ARRAYS_KEY, METRICS_KEY, decode_train_instruction
-from edge_runtime.models import ModelName, build_model
 from fl_client.policy import DevicePolicy
 from fl_client.training import TrainConfig, TrainResult, train
 from secure_agg.errors import PolicyViolation

@@ -37,9 +37,9 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
+from edge_runtime.models import FashionCNN, FashionMLP
 from fedge.errors import ConfigError
 from fl_client.distill import DistillConfig, distill
-from edge_runtime.models import FashionCNN, FashionMLP
 
 __all__ = ["compress", "prunable_layers", "prune_structured"]
 

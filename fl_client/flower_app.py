@@ -39,7 +39,7 @@ def _node_paths(context: Context) -> tuple[str, str]:
     if not isinstance(device_dir, str) or not isinstance(data, str) or not device_dir or not data:
         raise ConfigError(
             "the node config must name the enrolled device and its data: "
-            "--node-config 'device-dir=\"DIR\" data=\"PATH\"'"
+            '--node-config \'device-dir="DIR" data="PATH"\''
         )
     return device_dir, data
 

@@ -39,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edge_runtime.export import export_onnx
 from edge_runtime.latency import time_session_runs
-from fl_client.device import DeviceKind, select_device
 from edge_runtime.models import ModelName, build_model
+from fl_client.device import DeviceKind, select_device
 from fl_client.training import TrainConfig, train
 
 

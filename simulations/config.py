@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedge.errors import ConfigError
 from edge_runtime.models import ModelName
+from fedge.errors import ConfigError
 from fl_client.policy import DevicePolicy
 from fl_client.training import TrainConfig
 from fl_server.privacy import ServerDp

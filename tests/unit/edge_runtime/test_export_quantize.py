@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge_runtime import export as export_module
 from edge_runtime.export import Exporter, ExportResult, export_onnx, load_onnx
+from edge_runtime.models import ModelName, build_model
 from edge_runtime.quantize import (
     Precision,
     build_variant,
@@ -22,7 +23,6 @@ from edge_runtime.quantize import (
     top1_agreement,
 )
 from fedge.errors import ConfigError, DataError
-from edge_runtime.models import ModelName, build_model
 
 NUM_IMAGES = 256
 

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from edge_runtime.export import export_onnx
+from edge_runtime.models import FashionCNN, FashionMLP
 from fedge.errors import ConfigError
 from fl_client.compress import compress, prunable_layers, prune_structured
 from fl_client.distill import DistillConfig, Optimiser, distill
-from edge_runtime.models import FashionCNN, FashionMLP
 from fl_client.training import TrainConfig, images_to_tensor, train
 from tests.helpers import stripes
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from edge_runtime.models import ModelName, build_model
 from fedge.errors import ConfigError
 from fl_client import device as device_module
 from fl_client.device import DeviceKind, select_device
-from edge_runtime.models import ModelName, build_model
 from fl_client.training import TrainConfig, evaluate, train
 
 

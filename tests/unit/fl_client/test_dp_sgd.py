@@ -9,6 +9,7 @@ import torch
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
+from edge_runtime.models import ModelName, build_model
 from fedge.errors import ConfigError
 from fl_client import per_example
 from fl_client.dp_sgd import (
@@ -18,7 +19,6 @@ from fl_client.dp_sgd import (
     planned_spend,
     train_private,
 )
-from edge_runtime.models import ModelName, build_model
 from fl_client.training import TrainConfig, evaluate
 from secure_agg.randomness import DeterministicRandom
 from strategies.accounting import AccountantKind, GaussianSteps, gaussian_epsilon

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from fedge.errors import ConfigError
 from edge_runtime.models import FashionCNN, FashionMLP, ModelName, build_model
+from fedge.errors import ConfigError
 
 # The FashionCNN checkpoints already published hold exactly these tensors.
 CNN_STATE = {

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedge.errors import ConfigError
 from edge_runtime.models import FashionCNN, ModelName, build_model
+from fedge.errors import ConfigError
 from fl_client.training import TrainConfig, evaluate, images_to_tensor, train
 from tests.helpers import stripes
 
