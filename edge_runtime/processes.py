@@ -13,12 +13,20 @@ import ctypes
 import ctypes.util
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-__all__ = ["console_script", "die_with_parent", "stop_process"]
+__all__ = [
+    "ProcessStartError",
+    "console_script",
+    "die_with_parent",
+    "log_tail",
+    "start_listening",
+    "stop_process",
+]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -59,3 +67,63 @@ def console_script(name: str) -> str:
     """
     candidate = Path(sys.executable).parent / name
     return str(candidate) if candidate.is_file() else name
+
+
+class ProcessStartError(RuntimeError):
+    """A child exited, or never listened on its port; the message ends with its log tail."""
+
+
+def log_tail(path: Path, chars: int = 4000) -> str:
+    """Return the last ``chars`` characters of a log file (``<no log>`` if unreadable)."""
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")[-chars:]
+    except OSError:
+        return "<no log>"
+
+
+def start_listening(
+    argv: list[str],
+    *,
+    address: str,
+    log_file: Path,
+    env: dict[str, str],
+    timeout: float,
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` (output appended to ``log_file``) and wait until ``address`` accepts.
+
+    The child dies with this process (:func:`die_with_parent`).
+
+    Raises
+    ------
+    ProcessStartError
+        If the child exits first, or ``address`` stays closed for ``timeout`` seconds
+        (the child is then stopped).
+    """
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("ab") as log:
+        process = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - only prctl, no locks taken
+        )
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    name = Path(argv[0]).name
+    while True:
+        if process.poll() is not None:
+            raise ProcessStartError(
+                f"{name} exited with code {process.returncode}:\n{log_tail(log_file)}"
+            )
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+                return process
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            stop_process(process)
+            raise ProcessStartError(
+                f"{name} did not listen on {address} within {timeout} s:\n{log_tail(log_file)}"
+            )
+        time.sleep(0.1)

@@ -21,15 +21,13 @@ import logging
 import math
 import os
 import re
-import socket
 import subprocess
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from edge_runtime.processes import console_script, die_with_parent
+from edge_runtime.processes import ProcessStartError, console_script, start_listening
 from fedge.errors import ConfigError, FedgeError
 
 __all__ = ["SuperNodeConfig", "SuperNodeError", "format_node_config", "start_supernode"]
@@ -39,7 +37,6 @@ logger = logging.getLogger(__name__)
 NodeConfigValue = bool | int | float | str
 """A value of a Flower node config (``UserConfigValue``)."""
 
-_LOG_TAIL_CHARS = 4000
 _NODE_CONFIG_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
@@ -153,13 +150,6 @@ class SuperNodeConfig:
         return argv
 
 
-def _log_tail(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8", errors="replace")[-_LOG_TAIL_CHARS:]
-    except OSError:
-        return "<no log>"
-
-
 def start_supernode(
     config: SuperNodeConfig,
     *,
@@ -193,36 +183,15 @@ def start_supernode(
     process_env = dict(os.environ)
     process_env.update(env or {})
     process_env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"})
-    config.log_file.parent.mkdir(parents=True, exist_ok=True)
-    with config.log_file.open("ab") as log:
-        process = subprocess.Popen(
+    try:
+        process = start_listening(
             config.argv(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            address=config.runtime_address,
+            log_file=config.log_file,
             env=process_env,
-            preexec_fn=die_with_parent,  # noqa: PLW1509 - only prctl, no locks taken
+            timeout=timeout,
         )
-    host, port = config.runtime_address.rsplit(":", 1)
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise SuperNodeError(
-                f"flower-supernode exited with code {process.returncode}:\n"
-                + _log_tail(config.log_file)
-            )
-        try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
-                logger.info(
-                    "SuperNode runtime API on %s (pid %d)", config.runtime_address, process.pid
-                )
-                return process
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            process.terminate()
-            process.wait(timeout=10)
-            raise SuperNodeError(
-                f"flower-supernode did not listen on {config.runtime_address} within "
-                f"{timeout} s:\n" + _log_tail(config.log_file)
-            )
-        time.sleep(0.1)
+    except ProcessStartError as exc:
+        raise SuperNodeError(str(exc)) from None
+    logger.info("SuperNode runtime API on %s (pid %d)", config.runtime_address, process.pid)
+    return process

@@ -19,9 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import socket
 import subprocess
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +29,7 @@ from typing import Any, Self
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from edge_runtime.processes import console_script, die_with_parent
+from edge_runtime.processes import ProcessStartError, console_script, start_listening
 from fedge.errors import ConfigError, FedgeError
 
 __all__ = [
@@ -48,7 +46,6 @@ logger = logging.getLogger(__name__)
 RunConfigValue = bool | int | float | str
 """A value of a Flower run config (``UserConfigValue``)."""
 
-_LOG_TAIL_CHARS = 4000
 _APP_NAME = "fedge"
 
 
@@ -135,13 +132,6 @@ def _subprocess_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _log_tail(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8", errors="replace")[-_LOG_TAIL_CHARS:]
-    except OSError:
-        return "<no log>"
-
-
 def start_superlink(
     config: SuperLinkConfig,
     *,
@@ -170,37 +160,18 @@ def start_superlink(
         If the process exits or the port stays closed for `timeout` seconds; the
         message carries the tail of the log file.
     """
-    config.log_file.parent.mkdir(parents=True, exist_ok=True)
-    with config.log_file.open("ab") as log:
-        process = subprocess.Popen(
+    try:
+        process = start_listening(
             config.argv(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
+            address=config.address,
+            log_file=config.log_file,
             env=_subprocess_env(env),
-            preexec_fn=die_with_parent,  # noqa: PLW1509 - only prctl, no locks taken
+            timeout=timeout,
         )
-    host, port = config.address.rsplit(":", 1)
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise SuperLinkError(
-                f"flower-superlink exited with code {process.returncode}:\n"
-                + _log_tail(config.log_file)
-            )
-        try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
-                logger.info("SuperLink listening on %s (pid %d)", config.address, process.pid)
-                return process
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            process.terminate()
-            process.wait(timeout=10)
-            raise SuperLinkError(
-                f"flower-superlink did not listen on {config.address} within {timeout} s:\n"
-                + _log_tail(config.log_file)
-            )
-        time.sleep(0.1)
+    except ProcessStartError as exc:
+        raise SuperLinkError(str(exc)) from None
+    logger.info("SuperLink listening on %s (pid %d)", config.address, process.pid)
+    return process
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
