@@ -368,16 +368,23 @@ def run_coordinated(
             writer.flush()
             raise
         summary.status = RunStatus.COMPLETED
+        aborted = _every_round_aborted(summary)
+        if aborted is not None:
+            # Nothing was aggregated: the model never moved. Say so instead of "completed".
+            summary.status = RunStatus.FAILED
+            summary.error = f"every secure round aborted: {aborted}"
         if plan.privacy is not None and budget is not None:
             summary.privacy = privacy_report(
                 plan.privacy, budget, plan.run_id, device_epsilons() if device_epsilons else {}
             ) | dict(privacy_extra or {})
+        failed = summary.status == RunStatus.FAILED
         head = audit.append(
-            AuditEventKind.RUN_COMPLETED,
+            AuditEventKind.RUN_FAILED if failed else AuditEventKind.RUN_COMPLETED,
             {
                 "final_accuracy": summary.final_accuracy,
                 "rounds": len(summary.rounds),
                 "wall_seconds": round(time.perf_counter() - started, 3),
+                **({"status": summary.status, "error": summary.error} if failed else {}),
             },
             run_id=plan.run_id,
         )
@@ -386,6 +393,14 @@ def run_coordinated(
         return summary
     finally:
         engine.dispose()
+
+
+def _every_round_aborted(summary: RunSummary) -> str | None:
+    """Return the first abort reason if the run had rounds and every one of them aborted."""
+    reasons = [(r.get("secure_aggregation") or {}).get("aborted") for r in summary.rounds]
+    if not reasons or not all(reasons):
+        return None
+    return str(reasons[0])
 
 
 def _resume(resume: Resume, plan: RunPlan, audit: AuditLog, budget: PrivacyBudget | None) -> int:

@@ -234,16 +234,28 @@ class SecureSection:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PrivacySection:
-    """``[privacy]``: the DP mode and the run's budget."""
+    """``[privacy]``: the DP mode and the run's budget.
+
+    ``min_honest_contributors`` (distributed DP): each device adds noise as if only
+    this many of a round's devices were honest. It must not exceed the devices' own
+    policy (2 unless their owners set more at enrolment), or they refuse every round:
+    a device checks the noise it would add against its own worst case.
+    """
 
     mode: DpMode = DpMode.DISTRIBUTED
-    epsilon: float | None = 8.0
+    epsilon: float | None = 10.0
     delta: float = 1e-5
     clip: float = 1.0
     noise_multiplier: float = 1.0
     client_lifetime_epsilon: float | None = None
+    min_honest_contributors: int = 2
 
     def __post_init__(self) -> None:
+        if not 1 <= self.min_honest_contributors <= 1 << 20:
+            raise ConfigError(
+                "privacy.min_honest_contributors must be in [1, 2^20], "
+                f"got {self.min_honest_contributors}"
+            )
         if not 0 < self.delta < 1:
             raise ConfigError(f"privacy.delta must be in (0, 1), got {self.delta}")
         for name in ("epsilon", "client_lifetime_epsilon"):

@@ -78,6 +78,7 @@ def _secure(config: DeploymentConfig, authority: bytes) -> SecAggConfig | None:
                 l2_clip=privacy.clip,
                 noise_multiplier=privacy.noise_multiplier,
                 ring_bits=secure.ring_bits,
+                min_honest_contributors=privacy.min_honest_contributors,
             )
             if privacy.mode is DpMode.DISTRIBUTED
             else None

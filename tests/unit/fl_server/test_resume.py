@@ -318,3 +318,26 @@ def test_resuming_from_no_versions_starts_a_new_lineage(engine: Engine, tmp_path
 
     assert publisher.versions == {1: 1}
     assert store.get("cnn", 1).manifest.parent is None
+
+
+def test_a_run_whose_every_secure_round_aborted_is_not_called_completed() -> None:
+    from fl_server.coordinator import _every_round_aborted
+
+    def summary(*aborted: str | None) -> RunSummary:
+        rounds = [
+            {"round": i + 1, "secure_aggregation": {"aborted": reason}}
+            for i, reason in enumerate(aborted)
+        ]
+        return RunSummary(
+            run_id="r", config={}, config_sha256="x", data={}, db_url="", rounds=rounds
+        )
+
+    assert _every_round_aborted(summary("too few survivors", "too few survivors")) == (
+        "too few survivors"
+    )
+    assert _every_round_aborted(summary("too few survivors", None)) is None
+    assert _every_round_aborted(summary()) is None
+    plain = RunSummary(
+        run_id="r", config={}, config_sha256="x", data={}, db_url="", rounds=[{"round": 1}]
+    )
+    assert _every_round_aborted(plain) is None
