@@ -14,12 +14,13 @@ SIGINT stops it cleanly; the SuperNode never outlives it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,7 +187,14 @@ def serve_device(
     )
     stopping = stop or threading.Event()
     ca_pem = home.ca_cert.read_bytes()
-    supervisor = _SuperNodeSupervisor(config, record.server_url, ca_pem, stopping)
+    supervisor = _SuperNodeSupervisor(
+        config,
+        record.server_url,
+        ca_pem,
+        stopping,
+        revoked=lambda: _revoked_now(record.server_url, ca_pem, revocations, record.device_id),
+        last_active=home.root / "last-active",
+    )
     supervisor.start_first()
     watcher = threading.Thread(target=supervisor.run, name="supernode-supervisor", daemon=True)
     watcher.start()
@@ -231,9 +239,10 @@ def serve_device(
 
 _STOP_GRACE_S = 10.0
 _MAX_BACKOFF_S = 60.0
-_STABLE_S = 60.0
+_ACTIVATED_S = 20.0
 _REFUSALS = 3
 _REFUSAL_WINDOW_S = 75.0
+_ANSWERING_RETRY_S = 5.0
 
 
 class _SuperNodeSupervisor:
@@ -247,8 +256,17 @@ class _SuperNodeSupervisor:
     """
 
     def __init__(
-        self, config: SuperNodeConfig, server_url: str, ca_pem: bytes, stop: threading.Event
+        self,
+        config: SuperNodeConfig,
+        server_url: str,
+        ca_pem: bytes,
+        stop: threading.Event,
+        *,
+        revoked: Callable[[], bool] = lambda: False,
+        last_active: Path | None = None,
     ) -> None:
+        self._revoked = revoked
+        self._last_active = last_active
         self._config = config
         self._server_url = server_url
         self._ca_pem = ca_pem
@@ -272,27 +290,51 @@ class _SuperNodeSupervisor:
             return False
         return answer.status_code == 200
 
+    def _active_recently(self) -> bool:
+        """Whether the SuperNode was connected within the SuperLink's online window."""
+        if self._last_active is None:
+            return False
+        try:
+            last = float(self._last_active.read_text(encoding="ascii"))
+        except (OSError, ValueError):
+            return False
+        return time.time() - last < _REFUSAL_WINDOW_S
+
+    def _mark_active(self) -> None:
+        if self._last_active is not None:
+            with contextlib.suppress(OSError):
+                self._last_active.write_text(f"{time.time():.0f}", encoding="ascii")
+
     def run(self) -> None:
-        """Watch the SuperNode until stopped; restart it while the server is unreachable."""
+        """Watch the SuperNode until stopped; restart it while the server is unreachable.
+
+        A SuperNode that stays up past its activation is marked active (on disk, so a
+        restarted device knows too). When it exits while the server answers, three
+        failures mean a refusal, but not while the node was active within the
+        SuperLink's online window (2 x 30 s): the SuperLink refuses to activate a node
+        it still counts online, so a quick restart looks like a refusal for a minute.
+        """
         backoff = 1.0
-        # Exits while the server answers: three in a row, spread over more than the
-        # SuperLink's 2 x 30 s online window (a node that restarts within it is refused
-        # activation for a while), mean a refusal.
-        strikes, first_strike = 0, 0.0
+        strikes = 0
         started = time.monotonic()
         while not self._stop.is_set():
             process = self._process
             if process is not None and process.poll() is None:
-                if time.monotonic() - started > _STABLE_S:
+                if time.monotonic() - started > _ACTIVATED_S:
                     strikes, backoff = 0, 1.0
-                self._stop.wait(0.5)
+                    self._mark_active()
+                self._stop.wait(0.5 if strikes else 5.0)
                 continue
             code = None if process is None else process.returncode
-            if self._server_answers():
+            answers = self._server_answers()
+            if answers and self._revoked():
+                self.refused = "this device was revoked (it is on the authority-signed list)"
+                logger.error("%s", self.refused)
+                self._stop.set()
+                return
+            if answers:
                 strikes += 1
-                if strikes == 1:
-                    first_strike = time.monotonic()
-                if strikes >= _REFUSALS and time.monotonic() - first_strike >= _REFUSAL_WINDOW_S:
+                if strikes >= _REFUSALS and not self._active_recently():
                     self.refused = (
                         f"the server refuses this device (SuperNode exit code {code}): "
                         f"revoked, or not registered; see {self._config.log_file}"
@@ -300,11 +342,12 @@ class _SuperNodeSupervisor:
                     logger.error("%s", self.refused)
                     self._stop.set()
                     return
+                wait = _ANSWERING_RETRY_S  # the server is up: retry soon, count strikes
             else:
                 logger.warning("the server is unreachable; retrying in %.0f s", backoff)
-            if self._stop.wait(backoff):
+                wait, backoff = backoff, min(backoff * 2, _MAX_BACKOFF_S)
+            if self._stop.wait(wait):
                 return
-            backoff = min(backoff * 2, _MAX_BACKOFF_S)
             try:
                 self._process = start_supernode(self._config)
                 started = time.monotonic()
@@ -321,20 +364,40 @@ class _SuperNodeSupervisor:
 _REVOCATION_REFRESH_S = 30.0
 
 
-def _refresh_revocations(
-    server_url: str, ca_pem: bytes, store: RevocationStore, stop: threading.Event
-) -> None:
-    """Fetch the authority-signed revocation list now and then; keep only a newer valid one."""
+def _fetch_revocations(server_url: str, ca_pem: bytes, store: RevocationStore) -> None:
     import ssl
 
     import httpx
 
     context = ssl.create_default_context(cadata=ca_pem.decode("ascii"))
+    answer = httpx.get(f"{server_url}/v1/fedge/revocations", verify=context, timeout=10.0)
+    if answer.status_code == 200:
+        store.accept(answer.content)
+
+
+def _revoked_now(
+    server_url: str, ca_pem: bytes, store: RevocationStore | None, device_id: str
+) -> bool:
+    """Return whether this device is on the authority-signed list (fetched now, verified)."""
+    if store is None:
+        return False
+    try:
+        _fetch_revocations(server_url, ca_pem, store)
+        return device_id in store.revoked_ids()
+    except Exception as exc:  # a failed check is not a refusal; the slower rule still holds
+        logger.debug("revocation check failed: %s", exc)
+        return False
+
+
+def _refresh_revocations(
+    server_url: str, ca_pem: bytes, store: RevocationStore, stop: threading.Event
+) -> None:
+    """Fetch the authority-signed revocation list now and then; keep only a newer valid one."""
+    import httpx
+
     while not stop.is_set():
         try:
-            answer = httpx.get(f"{server_url}/v1/fedge/revocations", verify=context, timeout=10.0)
-            if answer.status_code == 200:
-                store.accept(answer.content)
+            _fetch_revocations(server_url, ca_pem, store)
         except httpx.HTTPError as exc:
             logger.debug("revocation list not fetched: %s", exc)
         except FedgeError as exc:

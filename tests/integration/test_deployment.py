@@ -151,7 +151,11 @@ def _first_run(
 def _rogue_device(fleet: Fleet) -> str:
     """A copy of an enrolled device's state with a SuperNode key nobody registered."""
     rogue = fleet.device_dir("rogue")
-    shutil.copytree(fleet.device_dir("d0"), rogue, ignore=shutil.ignore_patterns("ledger", "logs"))
+    shutil.copytree(
+        fleet.device_dir("d0"),
+        rogue,
+        ignore=shutil.ignore_patterns("ledger", "logs", "last-active"),
+    )
     key = ec.generate_private_key(ec.SECP384R1())
     (rogue / "supernode.key").write_bytes(
         key.private_bytes(
@@ -164,7 +168,9 @@ def _rogue_device(fleet: Fleet) -> str:
 
 
 def _refused_start(fleet: Fleet, name: str, data: Path) -> tuple[int, str]:
-    code = fleet.start_device(name, data).wait(timeout=120)
+    # A revoked device sees itself on the signed list at once; a never-registered key is
+    # refused after three failed activations (see fl_client.device_runtime).
+    code = fleet.start_device(name, data).wait(timeout=180)
     log = fleet.device_dir(name) / "logs" / "supernode.log"
     return code, log.read_text(errors="replace")
 
