@@ -478,7 +478,9 @@ def run_loopback(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         tokens = json.loads(_run(create, env, phase))
         phase = "fedge server start"
         rss.roots.append(
-            processes.start([fedge, "server", "start", str(server_dir)], logs / "server.log").pid
+            processes.start(
+                [fedge, "server", "start", str(server_dir), "--exit-when-done"], logs / "server.log"
+            ).pid
         )
         server = processes.started[0]
         url = f"https://localhost:{gateway}"

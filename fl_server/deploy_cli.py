@@ -104,18 +104,32 @@ def init_command(
 
 
 @server_app.command("start")
-def start_command(directory: _Dir = None, home: _Home = None) -> None:
+def start_command(
+    directory: _Dir = None,
+    home: _Home = None,
+    exit_when_done: Annotated[
+        bool,
+        typer.Option(
+            "--exit-when-done",
+            help="Exit when the run ends (default: keep serving enrolment, health and "
+            "metrics until SIGTERM).",
+        ),
+    ] = False,
+) -> None:
     """Start the SuperLink, the gateway and the coordinator; run the configured federation."""
     import logging
 
+    from fl_server.run_summary import RunSummary
     from fl_server.server_runtime import serve_deployment
 
+    def report(summary: RunSummary) -> None:
+        typer.echo(
+            f"run {summary.run_id}: {summary.status}, {len(summary.rounds)} rounds, "
+            f"final accuracy {summary.final_accuracy}"
+        )
+
     logging.getLogger("fl_server").setLevel(logging.INFO)
-    summary = serve_deployment(_root(directory, home))
-    typer.echo(
-        f"run {summary.run_id}: {summary.status}, {len(summary.rounds)} rounds, "
-        f"final accuracy {summary.final_accuracy}"
-    )
+    serve_deployment(_root(directory, home), keep_serving=not exit_when_done, on_run_end=report)
 
 
 @token_app.command("create")

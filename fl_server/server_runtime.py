@@ -19,11 +19,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,9 +239,19 @@ def _unregister_revoked(
 
 
 def serve_deployment(
-    root: Path, *, observers: Sequence[RoundObserver] = (), run_id: str | None = None
+    root: Path,
+    *,
+    observers: Sequence[RoundObserver] = (),
+    run_id: str | None = None,
+    keep_serving: bool = False,
+    on_run_end: Callable[[RunSummary], None] | None = None,
 ) -> RunSummary:
     """Run the deployment's configured federation to its end and return its summary.
+
+    With ``keep_serving`` the SuperLink, the gateway (enrolment, revocations,
+    health) and the metrics stay up after the run until SIGTERM or SIGINT, as a
+    long-running service (a container that exited would be restarted and start a
+    new run); ``on_run_end`` is told the summary as soon as the run ends.
 
     Raises
     ------
@@ -298,7 +309,7 @@ def serve_deployment(
                 raise ConfigError("the SuperLink handed out no run")
 
         try:
-            return run_coordinated(
+            summary = run_coordinated(
                 plan,
                 location,
                 host,
@@ -316,3 +327,29 @@ def serve_deployment(
             except FedgeError:
                 pass  # a finished run cannot be stopped
             layout.current_run.unlink(missing_ok=True)
+        if on_run_end is not None:
+            on_run_end(summary)
+        if keep_serving:
+            logger.info("run %s ended (%s); serving until SIGTERM", chosen_run, summary.status)
+            _wait_for_signal()
+        return summary
+
+
+def _wait_for_signal() -> None:
+    """Block until SIGTERM or SIGINT (main thread), restoring the handlers after."""
+    done = threading.Event()
+
+    def _stop(signum: int, frame: object) -> None:
+        del signum, frame
+        done.set()
+
+    if threading.current_thread() is not threading.main_thread():
+        done.wait()
+        return
+    previous = {number: signal.signal(number, _stop) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not done.wait(1.0):
+            pass
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)

@@ -72,7 +72,7 @@ sed -i \
 grep -E '^\[|^(rounds|clients_per_round|mode|epsilon|threat_model) =' "$config"
 
 step "fedge server start (SuperLink on loopback, gateway on :$gateway_port, coordinator)"
-"$FEDGE" server start "$SERVER" >"$ROOT/server.log" 2>&1 &
+"$FEDGE" server start "$SERVER" --exit-when-done >"$ROOT/server.log" 2>&1 &
 server=$!
 pids+=("$server")
 url="https://localhost:$gateway_port"
@@ -127,7 +127,7 @@ step "fedge server revoke $revoked_id (charlie: lost)"
 "$FEDGE" server revoke "$revoked_id" --dir "$SERVER" --reason lost
 # Stop the devices; start the server again (a new run waits for devices) to show the refusal.
 for pid in "${pids[@]:1}"; do kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
-"$FEDGE" server start "$SERVER" >>"$ROOT/server.log" 2>&1 &
+"$FEDGE" server start "$SERVER" --exit-when-done >>"$ROOT/server.log" 2>&1 &
 pids+=("$!")
 wait_gateway "$url"
 step "charlie tries to come back: fedge client start (refused)"

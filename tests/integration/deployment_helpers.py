@@ -249,7 +249,7 @@ class Fleet:
 
     def start_server(self) -> subprocess.Popen[bytes]:
         """``fedge server start`` in the background."""
-        return self.spawn("server", "server", "start", str(self.server_dir))
+        return self.spawn("server", "server", "start", str(self.server_dir), "--exit-when-done")
 
     def start_device(self, name: str, data: Path) -> subprocess.Popen[bytes]:
         """``fedge client start`` device ``name`` on ``data`` in the background."""
