@@ -149,16 +149,39 @@ def version_command() -> None:
     typer.echo(f"fedge {code_version()}")
 
 
-def _configure_logging() -> None:
-    from rich.logging import RichHandler
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (``FEDGE_LOG_FORMAT=json``)."""
 
+    def format(self, record: logging.LogRecord) -> str:
+        """Return the record as one line of JSON."""
+        import json
+
+        document = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process,
+        }
+        if record.exc_info:
+            document["error"] = self.formatException(record.exc_info)
+        return json.dumps(document, ensure_ascii=False)
+
+
+def _configure_logging() -> None:
     level_name = os.environ.get("FEDGE_LOG_LEVEL", "WARNING").upper()
     level = logging.getLevelNamesMapping().get(level_name, logging.WARNING)
-    logging.basicConfig(
-        level=level,
-        format="%(message)s",
-        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
-    )
+    handler: logging.Handler
+    if os.environ.get("FEDGE_LOG_FORMAT", "").lower() == "json":
+        # For log shippers (Loki, CloudWatch, ...): machine-readable lines on stderr.
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        from rich.logging import RichHandler
+
+        handler = RichHandler(show_path=False, rich_tracebacks=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def _error(message: str) -> None:
