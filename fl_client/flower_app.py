@@ -28,9 +28,10 @@ app = ClientApp()
 
 
 @cache
-def _device_app(device_dir: str, data: str) -> ClientApp:
-    client_app, _revocations = device_client_app(DeviceHome(Path(device_dir)), Path(data))
-    return client_app
+def _device_app(device_dir: str, data: str) -> tuple[ClientApp, str]:
+    home = DeviceHome(Path(device_dir))
+    client_app, _revocations = device_client_app(home, Path(data))
+    return client_app, home.require_enrolled().device_id
 
 
 def _node_paths(context: Context) -> tuple[str, str]:
@@ -46,5 +47,9 @@ def _node_paths(context: Context) -> tuple[str, str]:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Hand the message to the device's own ClientApp."""
-    return _device_app(*_node_paths(context))(msg, context)
+    """Hand the message to the device's own ClientApp, named by its enrolled device id."""
+    client_app, device_id = _device_app(*_node_paths(context))
+    # As `fedge client start` sets them: the device is its own single partition, and its
+    # ledger and refusals are named by its device id.
+    context.node_config.update({"device-id": device_id, "partition-id": 0, "num-partitions": 1})
+    return client_app(msg, context)
