@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import zipfile
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from flwr.app import Context, RecordDict
@@ -51,3 +51,19 @@ def test_the_client_app_needs_the_device_and_its_data(tmp_path: Path) -> None:
     assert client_module._node_paths(_context(**{"device-dir": "d", "data": "x"})) == ("d", "x")
     with pytest.raises(ConfigError, match="not enrolled"):
         client_module._device_app(str(tmp_path), str(tmp_path / "x.npz"))
+
+
+def test_the_client_app_names_the_device_and_makes_it_one_partition(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[dict[str, object]] = []
+
+    def device_app(message: object, context: Context) -> str:
+        seen.append(dict(context.node_config))
+        return "reply"
+
+    monkeypatch.setattr(client_module, "_device_app", lambda d, p: (device_app, "dev-abc"))
+    context = _context(**{"device-dir": "d", "data": "x"})
+    assert cast(Any, client_module.train(cast(Any, "message"), context)) == "reply"
+    assert seen[0]["device-id"] == "dev-abc"
+    assert (seen[0]["partition-id"], seen[0]["num-partitions"]) == (0, 1)
