@@ -53,9 +53,12 @@ _CHUNK = 1 << 20
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    # The enrolled device id (the same id as in the registry, the ledgers and the audit
+    # trail) of the request being served; "-" until its signature verifies.
+    device_id = "-"
 
     def log_message(self, format: str, *args: Any) -> None:
-        logger.info("store server: " + format, *args)
+        logger.info("store server: device %s: " + format, self.device_id, *args)
 
     def _send_json(self, status: HTTPStatus, document: dict[str, Any]) -> None:
         body = json.dumps(document, sort_keys=True).encode()
@@ -81,6 +84,7 @@ class _Handler(BaseHTTPRequestHandler):
         except CryptoError:
             self._error(HTTPStatus.UNAUTHORIZED, "a request signed by an enrolled device is needed")
             return
+        self.device_id = device.enrolment_id
         path, query = urlsplit(target).path, parse_qs(urlsplit(target).query)
         try:
             if path == "/v1/health":

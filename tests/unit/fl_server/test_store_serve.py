@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import ssl
 import time
 from collections.abc import Iterator
@@ -150,3 +151,15 @@ def test_requests_without_a_valid_device_signature_are_refused(fleet: Fleet) -> 
     connection.request("GET", "/v1/health")
     assert connection.getresponse().status == 401
     connection.close()
+
+
+def test_the_access_log_names_the_enrolled_device(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="fl_server.store.serve"):
+        status, _, _ = fleet.get("/v1/models/cnn/manifest?ref=latest")
+        fleet.get("/v1/health", timestamp=0)  # refused: an unsigned (stale) request
+    assert status == 200
+    lines = [r.getMessage() for r in caplog.records if "store server: device" in r.getMessage()]
+    assert any(f"device {fleet.device.certificate.enrolment_id}: " in line for line in lines)
+    assert any("device -: " in line and "401" in line for line in lines)
