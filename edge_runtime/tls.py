@@ -1,4 +1,4 @@
-"""Server TLS contexts (TLS 1.2 or later) for fedge's HTTPS endpoints, cloud and device alike."""
+"""TLS contexts (TLS 1.2 or later) for fedge's HTTPS endpoints and their clients."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fedge.errors import ConfigError
 
-__all__ = ["tls_context"]
+__all__ = ["pinned_client_context", "tls_context"]
 
 
 def tls_context(certificate: Path, private_key: Path) -> ssl.SSLContext:
@@ -25,3 +25,8 @@ def tls_context(certificate: Path, private_key: Path) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as error:
         raise ConfigError(f"cannot load the TLS certificate or key: {error}") from error
     return context
+
+
+def pinned_client_context(ca_pem: bytes) -> ssl.SSLContext:
+    """Return a client TLS context that trusts only the CA ``ca_pem`` (a deployment's own)."""
+    return ssl.create_default_context(cadata=ca_pem.decode("ascii"))

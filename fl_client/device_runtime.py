@@ -35,6 +35,7 @@ from edge_runtime.local_data import load_examples
 from edge_runtime.models import ModelName
 from edge_runtime.processes import stop_process
 from edge_runtime.secret_files import read_secret
+from edge_runtime.tls import pinned_client_context
 from fedge.errors import ConfigError, FedgeError
 from fl_client.app import make_client_app
 from fl_client.budget import ClientBudget
@@ -279,11 +280,9 @@ class _SuperNodeSupervisor:
         self._process = start_supernode(self._config)
 
     def _server_answers(self) -> bool:
-        import ssl
-
         import httpx
 
-        context = ssl.create_default_context(cadata=self._ca_pem.decode("ascii"))
+        context = pinned_client_context(self._ca_pem)
         try:
             answer = httpx.get(f"{self._server_url}/healthz", verify=context, timeout=5.0)
         except httpx.HTTPError:
@@ -365,11 +364,9 @@ _REVOCATION_REFRESH_S = 30.0
 
 
 def _fetch_revocations(server_url: str, ca_pem: bytes, store: RevocationStore) -> None:
-    import ssl
-
     import httpx
 
-    context = ssl.create_default_context(cadata=ca_pem.decode("ascii"))
+    context = pinned_client_context(ca_pem)
     answer = httpx.get(f"{server_url}/v1/fedge/revocations", verify=context, timeout=10.0)
     if answer.status_code == 200:
         store.accept(answer.content)
@@ -400,9 +397,9 @@ def _refresh_revocations(
             _fetch_revocations(server_url, ca_pem, store)
         except httpx.HTTPError as exc:
             logger.debug("revocation list not fetched: %s", exc)
-        except FedgeError as exc:
-            # A list that does not verify, or is older than the one kept, is ignored.
-            logger.warning("revocation list refused: %s", exc)
         except CryptoError:
+            # A list that does not verify, or is older than the one kept, is ignored.
             logger.warning("revocation list refused: it does not verify or is older")
+        except FedgeError as exc:
+            logger.warning("revocation list refused: %s", exc)
         stop.wait(_REVOCATION_REFRESH_S)

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from edge_runtime.secret_files import write_secret
+from edge_runtime.tls import pinned_client_context
 from fedge.errors import ConfigError, FedgeError
 from fl_client.device_home import (
     DeviceHome,
@@ -176,7 +177,7 @@ def enrol_device(
     identity_seed = secrets.token_bytes(32)
     identity_public = signing_key_from_seed(identity_seed).public_key().public_bytes_raw()
     try:
-        with httpx.Client(verify=_ssl(ca_pem), timeout=_TIMEOUT) as client:
+        with httpx.Client(verify=pinned_client_context(ca_pem), timeout=_TIMEOUT) as client:
             answer = client.post(
                 f"{server_url}/v1/fedge/enroll",
                 json={
@@ -224,9 +225,3 @@ def enrol_device(
             shutil.rmtree(directory, ignore_errors=True)
         raise ConfigError(f"cannot write the device's state to {directory}: {exc}") from None
     return record
-
-
-def _ssl(ca_pem: bytes) -> Any:
-    import ssl
-
-    return ssl.create_default_context(cadata=ca_pem.decode("ascii"))

@@ -30,7 +30,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import httpx
 from starlette.applications import Starlette
@@ -39,6 +38,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from edge_runtime.secret_files import read_secret
+from edge_runtime.tls import pinned_client_context
 from fedge.errors import ConfigError, FedgeError
 from fl_server.audit import AuditLog
 from fl_server.db import open_database
@@ -81,20 +81,13 @@ class Gateway:
         self.clock = clock
         self.fleet = httpx.AsyncClient(
             base_url=f"https://{superlink_address}",
-            verify=_ssl_context(ca_pem),
+            verify=pinned_client_context(ca_pem),
             timeout=httpx.Timeout(600.0, connect=10.0),
         )
 
     async def close(self) -> None:
         """Close the connection pool to the SuperLink."""
         await self.fleet.aclose()
-
-
-def _ssl_context(ca_pem: bytes) -> Any:
-    import ssl
-
-    context = ssl.create_default_context(cadata=ca_pem.decode("ascii"))
-    return context
 
 
 def _error(status: int, message: str) -> JSONResponse:
