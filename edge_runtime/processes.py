@@ -9,14 +9,18 @@ elsewhere the children rely on the supervisor's normal shutdown.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = [
@@ -25,10 +29,36 @@ __all__ = [
     "die_with_parent",
     "log_tail",
     "start_listening",
+    "stop_on_signals",
     "stop_process",
 ]
 
+logger = logging.getLogger(__name__)
+
 _PR_SET_PDEATHSIG = 1
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """Set ``stop`` on SIGTERM or SIGINT while inside (main thread only; else a no-op).
+
+    The previous handlers are restored on the way out.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _set(signum: int, frame: object) -> None:
+        del frame
+        logger.info("received %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {number: signal.signal(number, _set) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def die_with_parent() -> None:

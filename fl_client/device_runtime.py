@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -33,7 +31,7 @@ from flwr.clientapp import ClientApp
 
 from edge_runtime.local_data import load_examples
 from edge_runtime.models import ModelName
-from edge_runtime.processes import stop_process
+from edge_runtime.processes import stop_on_signals, stop_process
 from edge_runtime.secret_files import read_secret
 from edge_runtime.tls import pinned_client_context
 from fedge.errors import ConfigError, FedgeError
@@ -67,25 +65,6 @@ class LocalExamples:
         """Return every local example (a device is its own single partition)."""
         del partition_id, num_partitions
         return self.images, self.labels
-
-
-@contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _set(signum: int, frame: object) -> None:
-        del frame
-        logger.info("received %s: stopping", signal.Signals(signum).name)
-        stop.set()
-
-    previous = {s: signal.signal(s, _set) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
 
 
 def _gateway_address(server_url: str) -> str:
@@ -224,7 +203,7 @@ def serve_device(
         daemon=True,
     )
     try:
-        with _stop_on_signals(stopping):
+        with stop_on_signals(stopping):
             executor.start()
             while executor.is_alive() and not stopping.wait(0.5):
                 pass

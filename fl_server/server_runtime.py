@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import signal
 import subprocess
 import sys
 import threading
@@ -27,14 +26,16 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import httpx
 import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp import ServerApp
+from sqlalchemy import Engine
 
-from edge_runtime.processes import die_with_parent, stop_process
+from edge_runtime.processes import die_with_parent, log_tail, stop_on_signals, stop_process
 from edge_runtime.secret_files import read_secret
 from fedge.errors import ConfigError, FedgeError
 from fl_server.audit import AuditLog
@@ -47,7 +48,7 @@ from fl_server.enrolment.registry import DeviceRegistry, DeviceStatus
 from fl_server.federation import RoundObserver
 from fl_server.ledger import PrivacyLedger
 from fl_server.metrics import DeviceCounts, RunMetrics
-from fl_server.run_summary import RunStatus, RunSummary
+from fl_server.run_summary import RunStatus, RunSummary, write_json_atomically
 from fl_server.serverapp_runner import run_serverapp_in_process
 from fl_server.superlink import ControlClient, SuperLinkConfig, start_superlink
 
@@ -72,8 +73,7 @@ def _wait_for_gateway(process: subprocess.Popen[bytes], url: str, ca: Path, log:
     deadline = time.monotonic() + _GATEWAY_START_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-            raise FedgeError(f"the gateway exited with code {process.returncode}:\n{tail}")
+            raise FedgeError(f"the gateway exited with code {process.returncode}:\n{log_tail(log)}")
         try:
             if httpx.get(f"{url}/v1/fedge/ca.pem", verify=str(ca), timeout=1.0).is_success:
                 return
@@ -133,26 +133,16 @@ def supervised_processes(
 
 def _write_current_run(layout: DeploymentLayout, run_id: str, flower_run: int) -> None:
     document = {"run_id": run_id, "flower_run_id": flower_run, "status": "running"}
-    path = layout.current_run
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(document) + "\n", encoding="utf-8")
-    temporary.replace(path)
+    write_json_atomically(layout.current_run, document)
 
 
-def _epsilon_spent(
-    layout: DeploymentLayout, config: DeploymentConfig, plan: RunPlan
-) -> float | None:
+def _epsilon_spent(ledger: PrivacyLedger, plan: RunPlan) -> float | None:
     assert plan.privacy is not None
-    engine = open_database(layout.database_url(config), create=False)
-    try:
-        ledger = PrivacyLedger(engine, accountant=plan.privacy.accountant)
-        spent = ledger.spent(plan.run_id, delta=plan.privacy.delta)
-        if spent is None:
-            worst = ledger.max_subject_epsilon(plan.run_id)
-            spent = None if worst is None else worst[1]
-        return spent
-    finally:
-        engine.dispose()
+    spent = ledger.spent(plan.run_id, delta=plan.privacy.delta)
+    if spent is None:
+        worst = ledger.max_subject_epsilon(plan.run_id)
+        spent = None if worst is None else worst[1]
+    return spent
 
 
 def _interrupted_run(layout: DeploymentLayout) -> tuple[str, int | None] | None:
@@ -191,43 +181,38 @@ def _resume_point(location: RunLocation, plan: RunPlan) -> Resume | None:
 class _DeviceNames:
     """Name a Flower node by its enrolled device id (cached; unknown nodes keep their id)."""
 
-    def __init__(self, layout: DeploymentLayout, config: DeploymentConfig) -> None:
-        self._url = layout.database_url(config)
+    def __init__(self, registry: DeviceRegistry) -> None:
+        self._registry = registry
         self._known: dict[str, str] = {}
 
     def __call__(self, subject: str) -> str:
         if subject in self._known or not subject.isdigit():
             return self._known.get(subject, subject)
-        engine = open_database(self._url, create=False)
-        try:
-            device = DeviceRegistry(engine, AuditLog(engine)).device_for_node(int(subject))
-        finally:
-            engine.dispose()
+        device = self._registry.device_for_node(int(subject))
         if device is None:
             return subject
         self._known[subject] = device.device_id
         return device.device_id
 
 
-def _device_counts(layout: DeploymentLayout, config: DeploymentConfig) -> DeviceCounts:
-    engine = open_database(layout.database_url(config), create=False)
+@contextmanager
+def _reading(url: str) -> Iterator[Engine]:
+    engine = open_database(url, create=False)
     try:
-        devices = DeviceRegistry(engine, AuditLog(engine)).list()
+        yield engine
     finally:
         engine.dispose()
+
+
+def _device_counts(registry: DeviceRegistry) -> DeviceCounts:
+    devices = registry.list()
     revoked = sum(1 for d in devices if d.status is DeviceStatus.REVOKED)
     return DeviceCounts(enrolled=len(devices) - revoked, revoked=revoked)
 
 
-def _unregister_revoked(
-    layout: DeploymentLayout, config: DeploymentConfig, control: ControlClient
-) -> None:
+def _unregister_revoked(registry: DeviceRegistry, control: ControlClient) -> None:
     """Remove from the SuperLink every node whose device was revoked while it was down."""
-    engine = open_database(layout.database_url(config), create=False)
-    try:
-        revoked = DeviceRegistry(engine, AuditLog(engine)).list(status=DeviceStatus.REVOKED)
-    finally:
-        engine.dispose()
+    revoked = registry.list(status=DeviceStatus.REVOKED)
     registered = {node.node_id: node.status for node in control.list_nodes()}
     for device in revoked:
         if device.node_id is not None and registered.get(device.node_id) not in (
@@ -277,79 +262,65 @@ def serve_deployment(
         store_dir=layout.store,
     )
     resume = None if interrupted is None else _resume_point(location, plan)
-    stop = threading.Event()
-    metrics = RunMetrics(
-        run_id=chosen_run,
-        model=config.federation.model.value,
-        devices=lambda: _device_counts(layout, config),
-        epsilon=None if plan.privacy is None else lambda: _epsilon_spent(layout, config, plan),
-    )
-    with (
-        supervised_processes(layout, config) as processes,
-        metrics.serve(config.server.metrics_address),
-    ):
-        with ControlClient(processes.superlink_address, root_certificates=processes.ca_pem) as c:
-            _unregister_revoked(layout, config, c)
+    # One read connection pool for the supervisor's own lookups (device names, metrics).
+    with _reading(location.db_url) as reader:
+        registry = DeviceRegistry(reader, AuditLog(reader))
+        stop = threading.Event()
+        privacy = plan.privacy
+        metrics = RunMetrics(
+            run_id=chosen_run,
+            model=config.federation.model.value,
+            devices=lambda: _device_counts(registry),
+            epsilon=None
+            if privacy is None
+            else partial(
+                _epsilon_spent, PrivacyLedger(reader, accountant=privacy.accountant), plan
+            ),
+        )
+        with (
+            supervised_processes(layout, config) as processes,
+            metrics.serve(config.server.metrics_address),
+            ControlClient(processes.superlink_address, root_certificates=processes.ca_pem) as c,
+        ):
+            _unregister_revoked(registry, c)
             if interrupted is not None and interrupted[1] is not None:
                 with contextlib.suppress(FedgeError):
                     c.stop_run(interrupted[1])  # the crashed process's Flower run
             flower_run = c.start_run({"fedge-run-id": chosen_run})
-        _write_current_run(layout, chosen_run, flower_run)
-        logger.info("run %s: Flower run %d submitted", chosen_run, flower_run)
+            _write_current_run(layout, chosen_run, flower_run)
+            logger.info("run %s: Flower run %d submitted", chosen_run, flower_run)
 
-        def host(server_app: ServerApp) -> None:
-            result = run_serverapp_in_process(
-                server_app,
-                runtime_address=processes.superlink_address,
-                root_certificates=processes.ca_pem,
-                superexec_auth_secret=secret,
-                stop=stop,
-            )
-            if result is None:
-                raise ConfigError("the SuperLink handed out no run")
+            def host(server_app: ServerApp) -> None:
+                result = run_serverapp_in_process(
+                    server_app,
+                    runtime_address=processes.superlink_address,
+                    root_certificates=processes.ca_pem,
+                    superexec_auth_secret=secret,
+                    stop=stop,
+                )
+                if result is None:
+                    raise ConfigError("the SuperLink handed out no run")
 
-        try:
-            summary = run_coordinated(
-                plan,
-                location,
-                host,
-                observers=[metrics, *observers],
-                resume=resume,
-                subject_name=_DeviceNames(layout, config),
-            )
-        finally:
-            stop.set()
             try:
-                with ControlClient(
-                    processes.superlink_address, root_certificates=processes.ca_pem
-                ) as control:
-                    control.stop_run(flower_run)
-            except FedgeError:
-                pass  # a finished run cannot be stopped
-            layout.current_run.unlink(missing_ok=True)
-        if on_run_end is not None:
-            on_run_end(summary)
-        if keep_serving:
-            logger.info("run %s ended (%s); serving until SIGTERM", chosen_run, summary.status)
-            _wait_for_signal()
-        return summary
-
-
-def _wait_for_signal() -> None:
-    """Block until SIGTERM or SIGINT (main thread), restoring the handlers after."""
-    done = threading.Event()
-
-    def _stop(signum: int, frame: object) -> None:
-        del signum, frame
-        done.set()
-
-    if threading.current_thread() is not threading.main_thread():
-        done.wait()
-        return
-    previous = {number: signal.signal(number, _stop) for number in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        while not done.wait(1.0):
-            pass
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+                summary = run_coordinated(
+                    plan,
+                    location,
+                    host,
+                    observers=[metrics, *observers],
+                    resume=resume,
+                    subject_name=_DeviceNames(registry),
+                )
+            finally:
+                stop.set()
+                with contextlib.suppress(FedgeError):  # a finished run cannot be stopped
+                    c.stop_run(flower_run)
+                layout.current_run.unlink(missing_ok=True)
+            if on_run_end is not None:
+                on_run_end(summary)
+            if keep_serving:
+                logger.info("run %s ended (%s); serving until SIGTERM", chosen_run, summary.status)
+                done = threading.Event()
+                with stop_on_signals(done):
+                    while not done.wait(1.0):
+                        pass
+            return summary
