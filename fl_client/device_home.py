@@ -120,7 +120,7 @@ class DeviceHome:
         seed = read_secret(self.identity_key)
         try:
             raw = json.loads(self.identity_certificate.read_text(encoding="utf-8"))
-            certificate = certificate_from_json(raw)
+            certificate = IdentityCertificate.from_json(raw)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{self.identity_certificate} is damaged: {exc}") from None
         return NodeIdentity(signing_seed=seed, certificate=certificate)
@@ -131,31 +131,6 @@ class DeviceHome:
             return policy_from_json(json.loads(self.policy.read_text(encoding="utf-8")))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{self.policy} is damaged or missing: {exc}") from None
-
-
-def certificate_to_json(certificate: IdentityCertificate) -> dict[str, Any]:
-    """Return the certificate as JSON (hex bytes)."""
-    document: dict[str, Any] = {
-        "enrolment_id": certificate.enrolment_id,
-        "public_key": certificate.public_key.hex(),
-        "signature": certificate.signature.hex(),
-    }
-    expires = getattr(certificate, "expires_at", None)
-    if expires is not None:
-        document["expires_at"] = expires
-    return document
-
-
-def certificate_from_json(raw: dict[str, Any]) -> IdentityCertificate:
-    """Return the certificate of a JSON document (its signature is not checked here)."""
-    fields: dict[str, Any] = {
-        "enrolment_id": str(raw["enrolment_id"]),
-        "public_key": bytes.fromhex(str(raw["public_key"])),
-        "signature": bytes.fromhex(str(raw["signature"])),
-    }
-    if raw.get("expires_at") is not None:
-        fields["expires_at"] = int(raw["expires_at"])
-    return IdentityCertificate(**fields)
 
 
 def policy_to_json(policy: DevicePolicy) -> dict[str, Any]:

@@ -36,13 +36,12 @@ from fedge.errors import ConfigError, FedgeError
 from fl_client.device_home import (
     DeviceHome,
     DeviceRecord,
-    certificate_from_json,
-    certificate_to_json,
     policy_to_json,
 )
 from fl_client.policy import DevicePolicy
 from secure_agg.crypto import signing_key_from_seed
 from secure_agg.errors import CryptoError
+from secure_agg.identity import IdentityCertificate
 from secure_agg.params import ThreatModel
 from secure_agg.policy import ProtocolPolicy
 
@@ -126,7 +125,7 @@ def _checked_reply(raw: object, identity_public: bytes) -> tuple[str, int, bytes
         device_id = str(raw["device_id"])
         node_id = int(raw["node_id"])
         authority = bytes.fromhex(str(raw["authority_public_key"]))
-        certificate = certificate_from_json(raw["certificate"])
+        certificate = IdentityCertificate.from_json(raw["certificate"])
     except (KeyError, TypeError, ValueError) as exc:
         raise EnrolmentError(f"the server's enrolment reply is malformed: {exc}") from None
     if not _DEVICE_ID.fullmatch(device_id) or not 0 <= node_id < 2**64:
@@ -215,7 +214,7 @@ def enrol_device(
         write_secret(home.identity_key, identity_seed)
         write_secret(home.superexec_secret, secrets.token_bytes(32))
         home.identity_certificate.write_text(
-            json.dumps(certificate_to_json(certificate), indent=2) + "\n", encoding="utf-8"
+            json.dumps(certificate.to_json(), indent=2) + "\n", encoding="utf-8"
         )
         home.policy.write_text(json.dumps(policy_to_json(policy), indent=2) + "\n", "utf-8")
         # Written last: its presence says the enrolment is complete.

@@ -187,22 +187,12 @@ def build_app(gateway: Gateway) -> Starlette:
                 enrolment.device_id, "SuperLink registration failed", now=gateway.clock()
             )
             return _error(503, "the server could not register the device; ask for a new token")
-        certificate = enrolment.certificate
         return JSONResponse(
             {
                 "device_id": enrolment.device_id,
                 "node_id": node_id,
                 "authority_public_key": gateway.authority.public_key.hex(),
-                "certificate": {
-                    "enrolment_id": certificate.enrolment_id,
-                    "public_key": certificate.public_key.hex(),
-                    "signature": certificate.signature.hex(),
-                    **(
-                        {"expires_at": certificate.expires_at}
-                        if hasattr(certificate, "expires_at")
-                        else {}
-                    ),
-                },
+                "certificate": enrolment.certificate.to_json(),
             }
         )
 

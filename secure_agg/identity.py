@@ -25,6 +25,7 @@ policy may refuse version-1 certificates altogether
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from fedge.errors import ConfigError
@@ -79,6 +80,34 @@ class IdentityCertificate:
     public_key: bytes
     signature: bytes
     expires_at: int | None = None
+
+    def to_json(self) -> dict[str, str | int]:
+        """Return the certificate as JSON values (bytes as hex; no expiry key for version 1)."""
+        document: dict[str, str | int] = {
+            "enrolment_id": self.enrolment_id,
+            "public_key": self.public_key.hex(),
+            "signature": self.signature.hex(),
+        }
+        if self.expires_at is not None:
+            document["expires_at"] = self.expires_at
+        return document
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, object]) -> IdentityCertificate:
+        """Return the certificate of a JSON document; its signature is not checked here.
+
+        Raises
+        ------
+        KeyError, TypeError, ValueError
+            If a field is missing or malformed.
+        """
+        expires = raw.get("expires_at")
+        return cls(
+            enrolment_id=str(raw["enrolment_id"]),
+            public_key=bytes.fromhex(str(raw["public_key"])),
+            signature=bytes.fromhex(str(raw["signature"])),
+            expires_at=None if expires is None else int(str(expires)),
+        )
 
     def verify(self, authority_public_key: bytes) -> None:
         """Raise the opaque :class:`CryptoError` unless the authority signed this certificate.

@@ -27,7 +27,6 @@ from fedge.errors import ConfigError
 from fl_client.device_home import (
     DeviceHome,
     DeviceRecord,
-    certificate_to_json,
     policy_from_json,
     policy_to_json,
 )
@@ -279,7 +278,7 @@ def _reply(
         "device_id": device_id,
         "node_id": node_id,
         "authority_public_key": authority.public_key.hex(),
-        "certificate": certificate_to_json(certificate),
+        "certificate": certificate.to_json(),
     }
 
 
