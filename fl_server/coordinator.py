@@ -465,10 +465,7 @@ def _spent_so_far(
     privacy = budget
 
     def spent() -> tuple[float | None, float]:
-        # Client-level runs: the run's epsilon; DP-SGD: the worst device the server has seen.
-        worst = privacy.ledger.max_subject_epsilon(run_id)
-        run_level = privacy.ledger.spent(run_id, delta=privacy.delta)
-        return (run_level or (worst[1] if worst else None)), privacy.delta
+        return privacy.ledger.run_epsilon(run_id, delta=privacy.delta), privacy.delta
 
     return spent
 

@@ -307,7 +307,6 @@ _SECTIONS: dict[str, type[Any]] = {
     "privacy": PrivacySection,
     "evaluation": EvaluationSection,
 }
-_TOML_NAMES = {"training": {"learning_rate": "learning_rate"}}
 _ENUMS: dict[str, type[Any]] = {
     "model": ModelName,
     "threat_model": ThreatModel,

@@ -513,6 +513,18 @@ class PrivacyLedger:
             )
         return spends
 
+    def run_epsilon(self, run_id: str, *, delta: float) -> float | None:
+        """Return the run's epsilon so far: its own spend, else its worst participant's.
+
+        Client-level mechanisms charge the run itself; with sample-level DP only
+        participants are charged, and the worst of them stands for the run.
+        """
+        run_level = self.spent(run_id, delta=delta)
+        if run_level:
+            return run_level
+        worst = self.max_subject_epsilon(run_id)
+        return None if worst is None else worst[1]
+
     def max_subject_epsilon(self, run_id: str) -> tuple[str, float] | None:
         """Return the client (not the run) with the largest stored epsilon, or None."""
         query = (

@@ -136,15 +136,6 @@ def _write_current_run(layout: DeploymentLayout, run_id: str, flower_run: int) -
     write_json_atomically(layout.current_run, document)
 
 
-def _epsilon_spent(ledger: PrivacyLedger, plan: RunPlan) -> float | None:
-    assert plan.privacy is not None
-    spent = ledger.spent(plan.run_id, delta=plan.privacy.delta)
-    if spent is None:
-        worst = ledger.max_subject_epsilon(plan.run_id)
-        spent = None if worst is None else worst[1]
-    return spent
-
-
 def _interrupted_run(layout: DeploymentLayout) -> tuple[str, int | None] | None:
     """Return (run id, Flower run id) of a run a killed process left, or None."""
     path = layout.current_run
@@ -274,7 +265,9 @@ def serve_deployment(
             epsilon=None
             if privacy is None
             else partial(
-                _epsilon_spent, PrivacyLedger(reader, accountant=privacy.accountant), plan
+                PrivacyLedger(reader, accountant=privacy.accountant).run_epsilon,
+                chosen_run,
+                delta=privacy.delta,
             ),
         )
         with (

@@ -255,3 +255,21 @@ def test_a_budget_refuses_an_invalid_client_lifetime_epsilon(engine: Engine, cap
         PrivacyBudget(
             ledger=PrivacyLedger(engine), epsilon=None, delta=DELTA, client_lifetime_epsilon=cap
         )
+
+
+def test_a_runs_epsilon_is_its_own_spend_else_its_worst_participants(engine: Engine) -> None:
+    ledger = PrivacyLedger(engine)
+    spend = RoundSpend(
+        mechanism="dp-sgd", gaussian=GaussianSteps(noise_multiplier=1.0, sample_rate=0.1, steps=10)
+    )
+    assert ledger.run_epsilon("run-a", delta=1e-5) is None
+    # Sample-level DP: only participants are charged; the worst stands for the run.
+    totals = ledger.record_many("run-a", 1, {"dev-1": spend, "dev-2": spend}, delta=1e-5)
+    assert ledger.run_epsilon("run-a", delta=1e-5) == max(totals.values())
+    # Client-level DP: the run's own row is its epsilon.
+    central = RoundSpend(
+        mechanism="central-gaussian",
+        gaussian=GaussianSteps(noise_multiplier=1.0, sample_rate=1.0, steps=1),
+    )
+    entry = ledger.record("run-b", 1, central, delta=1e-5)
+    assert ledger.run_epsilon("run-b", delta=1e-5) == pytest.approx(entry.epsilon)
