@@ -7,11 +7,12 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord
 
 from edge_runtime.local_data import load_examples
-from edge_runtime.models import build_model, evaluate
+from edge_runtime.models import build_model
 from fedge.errors import ConfigError, DataError
 from fl_server.coordinator import PrivacyPlan, RunPlan
 from fl_server.deployment import DeploymentConfig, DeploymentLayout
-from fl_server.federation import Evaluation, FederationConfig
+from fl_server.evaluation import central_evaluator
+from fl_server.federation import FederationConfig
 from fl_server.privacy import PrivacyMechanism, ServerDp
 from fl_server.secagg import SecAggConfig
 from secure_agg.params import ThreatModel
@@ -23,13 +24,6 @@ from strategies.sample_dp import SampleDpSettings
 from strategies.train_config import train_fields
 
 __all__ = ["authority_public_key", "build_plan", "config_json"]
-
-_MECHANISMS = {
-    DpMode.CENTRAL: PrivacyMechanism.CENTRAL,
-    DpMode.DISTRIBUTED: PrivacyMechanism.DISTRIBUTED,
-    DpMode.LOCAL: PrivacyMechanism.LOCAL,
-    DpMode.SAMPLE: PrivacyMechanism.SAMPLE,
-}
 
 
 def authority_public_key(layout: DeploymentLayout) -> bytes:
@@ -135,19 +129,13 @@ def build_plan(config: DeploymentConfig, layout: DeploymentLayout, run_id: str) 
     images, labels = load_examples(eval_path)
     images, labels = images[: config.evaluation.examples], labels[: config.evaluation.examples]
     model = build_model(federation.model, seed=federation.seed)
-    scratch = build_model(federation.model)
-
-    def _evaluate(arrays: ArrayRecord) -> Evaluation:
-        scratch.load_state_dict(arrays.to_torch_state_dict(), strict=True)
-        result = evaluate(scratch, images, labels)
-        return Evaluation(loss=result.loss, accuracy=result.accuracy)
 
     mode = config.privacy.mode
     privacy = (
         None
         if mode is DpMode.OFF
         else PrivacyPlan(
-            mechanism=_MECHANISMS[mode],
+            mechanism=PrivacyMechanism.of(mode),
             # Sample-level DP: epsilon is each device's DP-SGD target, not a run budget.
             epsilon=None if mode is DpMode.SAMPLE else config.privacy.epsilon,
             delta=config.privacy.delta,
@@ -169,7 +157,7 @@ def build_plan(config: DeploymentConfig, layout: DeploymentLayout, run_id: str) 
         ),
         initial_arrays=ArrayRecord(model.state_dict()),
         train_config=ConfigRecord(fields),
-        evaluate=_evaluate,
+        evaluate=central_evaluator(federation.model, images, labels),
         config_json=config_json(config),
         data_stats={"evaluation_examples": len(images)},
         secure=_secure(config, authority_public_key(layout)),

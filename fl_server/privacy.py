@@ -35,6 +35,7 @@ from strategies.central import (
     CentralDpSettings,
     LocalDpSettings,
 )
+from strategies.dp_mode import DpMode
 from strategies.sample_dp import DPSGD_RECORD_KEY, SampleDpSettings
 
 __all__ = ["Amplification", "PrivacyMechanism", "ServerDp", "amplification"]
@@ -47,6 +48,27 @@ class PrivacyMechanism(Enum):
     DISTRIBUTED = "distributed-ddg"
     LOCAL = "local-gaussian"
     SAMPLE = "dp-sgd"
+
+    @classmethod
+    def of(cls, mode: DpMode) -> PrivacyMechanism:
+        """Return the mechanism of a run's DP mode.
+
+        Raises
+        ------
+        ConfigError
+            For ``DpMode.OFF`` (no mechanism).
+        """
+        if mode is DpMode.OFF:
+            raise ConfigError("a run without DP has no privacy mechanism")
+        return _MECHANISM_OF[mode]
+
+
+_MECHANISM_OF = {
+    DpMode.CENTRAL: PrivacyMechanism.CENTRAL,
+    DpMode.DISTRIBUTED: PrivacyMechanism.DISTRIBUTED,
+    DpMode.LOCAL: PrivacyMechanism.LOCAL,
+    DpMode.SAMPLE: PrivacyMechanism.SAMPLE,
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -17,8 +17,7 @@ from fl_client.budget import ClientBudget, ClientLedger
 from fl_client.composition import device_mods
 from fl_client.messages import encode_train_config
 from fl_client.refusals import RefusalLog
-from fl_client.training import evaluate
-from fl_server import Evaluation, FederationConfig, RoundObserver, RoundReport
+from fl_server import FederationConfig, RoundObserver, RoundReport
 from fl_server.coordinator import (
     PrivacyPlan,
     RunLocation,
@@ -27,6 +26,7 @@ from fl_server.coordinator import (
     run_coordinated,
 )
 from fl_server.db import resolve_db_url
+from fl_server.evaluation import central_evaluator
 from fl_server.privacy import PrivacyMechanism
 from fl_server.run_summary import RunSummary
 from fl_server.store.store import NewArtefact
@@ -77,17 +77,6 @@ class RunPaths:
     db_url: str
     store: Path | None = None
     devices: Path | None = None
-
-
-def _make_evaluator(config: SimConfig, test: Split) -> Any:
-    model = build_model(config.model)
-
-    def _evaluate(arrays: ArrayRecord) -> Evaluation:
-        model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
-        result = evaluate(model, test.images, test.labels)
-        return Evaluation(loss=result.loss, accuracy=result.accuracy)
-
-    return _evaluate
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +166,7 @@ def run_federation(
         ),
         initial_arrays=ArrayRecord(build_model(config.model, seed=config.seed).state_dict()),
         train_config=encode_train_config(config.train, seed=config.seed),
-        evaluate=_make_evaluator(config, test),
+        evaluate=central_evaluator(config.model, test.images, test.labels),
         config_json=config.to_json(),
         data_stats=prepared.stats,
         # Filled in by _simulate, once the simulated fleet is enrolled.
@@ -228,7 +217,7 @@ def _privacy_plan(config: SimConfig) -> PrivacyPlan | None:
     if config.dp is DpMode.OFF:
         return None
     return PrivacyPlan(
-        mechanism=_MECHANISMS[config.dp],
+        mechanism=PrivacyMechanism.of(config.dp),
         # Sample-level DP: epsilon is each device's DP-SGD target, not a run budget.
         epsilon=None if config.dp is DpMode.SAMPLE else config.epsilon,
         delta=config.delta,
@@ -238,14 +227,6 @@ def _privacy_plan(config: SimConfig) -> PrivacyPlan | None:
         poisson_sampling=config.poisson_sampling,
         fraction_train=config.fraction_train,
     )
-
-
-_MECHANISMS = {
-    DpMode.CENTRAL: PrivacyMechanism.CENTRAL,
-    DpMode.DISTRIBUTED: PrivacyMechanism.DISTRIBUTED,
-    DpMode.LOCAL: PrivacyMechanism.LOCAL,
-    DpMode.SAMPLE: PrivacyMechanism.SAMPLE,
-}
 
 
 def _variant_builder(config: SimConfig, test: Split) -> Callable[[RoundReport], list[NewArtefact]]:

@@ -267,3 +267,14 @@ def test_a_round_with_failed_clients_updates_the_model_and_charges_only_survivor
     assert event is not None and sorted(participants) == sorted(
         str(n) for n in NODES if n not in (203, 207)
     )
+
+
+def test_each_dp_mode_names_one_mechanism_and_off_names_none() -> None:
+    from fl_server.privacy import PrivacyMechanism
+    from strategies.dp_mode import DpMode
+
+    named = {mode: PrivacyMechanism.of(mode) for mode in DpMode if mode is not DpMode.OFF}
+    assert len(set(named.values())) == len(named) == len(PrivacyMechanism)
+    assert named[DpMode.DISTRIBUTED] is PrivacyMechanism.DISTRIBUTED
+    with pytest.raises(ConfigError, match="no privacy mechanism"):
+        PrivacyMechanism.of(DpMode.OFF)
