@@ -102,7 +102,7 @@ def latest_checked(engine: Engine, count: int, *, run_id: str | None) -> list[Li
     from sqlalchemy.exc import SQLAlchemyError
     from sqlalchemy.orm import Session
 
-    from fl_server.audit.events import GENESIS_HASH, record_hash
+    from fl_server.audit.events import GENESIS_HASH, parse_canonical, record_hash
     from fl_server.db.schema import AuditRecordRow
 
     query = select(AuditRecordRow)
@@ -127,7 +127,7 @@ def latest_checked(engine: Engine, count: int, *, run_id: str | None) -> list[Li
     for row in reversed(rows):
         problem = None
         try:
-            payload: Any = json.loads(row.payload)
+            payload: Any = parse_canonical(row.payload)
             digest = record_hash(
                 seq=row.seq,
                 recorded_at=row.recorded_at,
@@ -136,9 +136,9 @@ def latest_checked(engine: Engine, count: int, *, run_id: str | None) -> list[Li
                 payload_json=row.payload,
                 prev_hash=row.prev_hash,
             )
-        except ValueError:
+        except ValueError as exc:  # ConfigError from parse_canonical is one
             payload, digest = row.payload, ""
-            problem = "its payload is not valid JSON"
+            problem = f"its payload is not canonical JSON ({exc})"
         if problem is None and digest != row.record_hash:
             problem = "its content does not match its hash"
         elif problem is None and before.get(row.seq - 1) != row.prev_hash:

@@ -19,6 +19,7 @@ __all__ = [
     "AuditEventKind",
     "JSONValue",
     "canonical_json",
+    "parse_canonical",
     "record_hash",
 ]
 
@@ -94,6 +95,47 @@ def canonical_json(value: object) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def _refuse_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    mapping: dict[str, object] = {}
+    for key, value in pairs:
+        if key in mapping:
+            raise ConfigError(f"duplicate key {key!r}")
+        mapping[key] = value
+    return mapping
+
+
+def _refuse_constant(name: str) -> object:
+    raise ConfigError(f"{name} is not a JSON number")
+
+
+def parse_canonical(text: str) -> object:
+    """Parse JSON that :func:`canonical_json` wrote, refusing anything it would not write.
+
+    A duplicated key is refused, not resolved: two parsers that keep the first
+    and the last value would read two different payloads under one hash. Text
+    that is valid JSON but not in canonical form (spaces, unsorted keys,
+    ``NaN``) is refused too, so one stored payload has exactly one reading.
+
+    Raises
+    ------
+    ConfigError
+        If ``text`` is not JSON, repeats a key or is not canonical.
+    """
+    try:
+        value = json.loads(
+            text, object_pairs_hook=_refuse_duplicates, parse_constant=_refuse_constant
+        )
+    except ConfigError:
+        raise
+    except ValueError as exc:  # JSONDecodeError is one
+        raise ConfigError(f"not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError("JSON nested too deeply") from exc
+    if canonical_json(value) != text:
+        raise ConfigError("JSON not in canonical form (sorted keys, no spaces)")
+    return value
+
+
 def record_hash(
     *,
     seq: int,
@@ -103,14 +145,20 @@ def record_hash(
     payload_json: str,
     prev_hash: str,
 ) -> str:
-    """Return the SHA-256 (hex) of a record's canonical content, its predecessor's hash included."""
+    """Return the SHA-256 (hex) of a record's canonical content, its predecessor's hash included.
+
+    Raises
+    ------
+    ConfigError
+        If ``payload_json`` is not canonical JSON (:func:`parse_canonical`).
+    """
     content = canonical_json(
         {
             "seq": seq,
             "recorded_at": recorded_at,
             "kind": kind,
             "run_id": run_id,
-            "payload": json.loads(payload_json),
+            "payload": parse_canonical(payload_json),
             "prev_hash": prev_hash,
         }
     )

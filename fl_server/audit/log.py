@@ -33,6 +33,7 @@ from fl_server.audit.events import (
     AuditEventKind,
     JSONValue,
     canonical_json,
+    parse_canonical,
     record_hash,
 )
 from fl_server.db.schema import AuditHeadRow, AuditRecordRow
@@ -301,8 +302,8 @@ def _check_row(row: AuditRecordRow, expected_seq: int, prev_hash: str) -> str:
             payload_json=row.payload,
             prev_hash=row.prev_hash,
         )
-    except (ValueError, ConfigError):
-        return f"record {row.seq} holds a payload that is not valid JSON"
+    except ConfigError as exc:
+        return f"record {row.seq} holds a payload that is not canonical JSON ({exc})"
     if digest != row.record_hash:
         return f"record {row.seq} was modified: its content does not match its hash"
     return ""
@@ -315,12 +316,18 @@ def _to_event(row: AuditRecordRow) -> AuditEvent:
         raise StorageError(
             f"audit record {row.seq} has unknown kind {row.kind!r} (written by a newer fedge?)"
         ) from exc
+    try:
+        payload = parse_canonical(row.payload)
+    except ConfigError as exc:
+        raise StorageError(f"audit record {row.seq} holds a damaged payload: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise StorageError(f"audit record {row.seq} holds a payload that is not a JSON object")
     return AuditEvent(
         seq=row.seq,
         recorded_at=datetime.fromisoformat(row.recorded_at),
         kind=kind,
         run_id=row.run_id,
-        payload=json.loads(row.payload),
+        payload=payload,
         prev_hash=row.prev_hash,
         record_hash=row.record_hash,
     )
