@@ -15,6 +15,19 @@ gateway in front. The gateway serves:
 - ``GET /v1/fedge/revocations``: the authority-signed revocation list;
 - ``GET /healthz``: 200 while the SuperLink answers (for load balancers; no auth).
 
+Refusals are audited (``enrolment.refused``, ``auth.failed``) with a reason
+category and the peer address, never what the caller sent, through a
+:class:`~fl_server.enrolment.refusals.RefusalRecorder` that bounds how many
+records a flood can add. The device is answered exactly as before: the audit
+trail is the only place the reason is told. Authentication failures the gateway
+sees are unknown routes or methods and the SuperLink's refusals of proxied Fleet
+requests: ``401`` (Flower's node authentication: a bad signature, a stale
+timestamp or a key that does not own the node id) and ``412`` on
+``register-node`` / ``activate-node`` (a SuperNode key the SuperLink does not
+know: never enrolled, or unregistered after revocation). The gateway asks for no
+client certificate: a device is authenticated by its token, then by its
+SuperNode key.
+
 It runs in its own process (``python -m fl_server.gateway DIR``): only this
 process reads the enrolment authority's key, never the coordinator.
 """
@@ -22,9 +35,13 @@ process reads the enrolment authority's key, never the coordinator.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import base64
+import binascii
 import contextlib
 import json
 import logging
+import re
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -33,6 +50,7 @@ from pathlib import Path
 
 import httpx
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -40,11 +58,13 @@ from starlette.routing import Route
 from edge_runtime.secret_files import read_secret
 from edge_runtime.tls import pinned_client_context
 from fedge.errors import ConfigError, FedgeError
-from fl_server.audit import AuditLog
+from fl_server.audit import AuditEventKind, AuditLog
+from fl_server.audit.events import JSONValue
 from fl_server.db import open_database
 from fl_server.deployment import DeploymentLayout, load_config, split_address
 from fl_server.enrolment.authority import read_authority
-from fl_server.enrolment.registry import DeviceRegistry
+from fl_server.enrolment.refusals import RefusalRecorder
+from fl_server.enrolment.registry import DeviceRegistry, supernode_key_sha256
 from fl_server.enrolment.tokens import EnrolmentRefused
 from fl_server.superlink import ControlClient, SuperLinkError
 from secure_agg.identity import EnrolmentAuthority
@@ -59,6 +79,14 @@ _MAX_FLEET_BYTES = 512 * 1024 * 1024
 _DROPPED_HEADERS = frozenset(
     {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "upgrade"}
 )
+# Flower's Fleet routes are lower-case words joined by dashes; anything else is not named.
+_FLEET_ROUTE = re.compile(r"^/v1/fleet/([a-z]+(?:-[a-z]+){0,5})$")
+# The SuperLink answers these for a SuperNode key it does not know (node auth is on).
+_UNKNOWN_NODE_ROUTES = frozenset({"register-node", "activate-node"})
+# A base64 PEM public key of a NIST curve is well under this.
+_MAX_PUBLIC_KEY_HEADER = 4096
+_PUBLIC_KEY_HEADER = "flwr-public-key"
+_FLUSH_EVERY_S = 10.0
 
 
 class Gateway:
@@ -72,9 +100,11 @@ class Gateway:
         ca_pem: bytes,
         superlink_address: str,
         control: Callable[[], ControlClient],
+        refusals: RefusalRecorder,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.registry = registry
+        self.refusals = refusals
         self.authority = authority
         self.ca_pem = ca_pem
         self.control = control
@@ -86,12 +116,44 @@ class Gateway:
         )
 
     async def close(self) -> None:
-        """Close the connection pool to the SuperLink."""
+        """Close the connection pool to the SuperLink; write the pending refusal summaries."""
         await self.fleet.aclose()
+        self.refusals.close()
 
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+def _peer(request: Request) -> str | None:
+    return None if request.client is None else request.client.host
+
+
+def _claimed_key_sha256(request: Request) -> str | None:
+    """Return the fingerprint of the SuperNode key a Fleet request claims, if it parses.
+
+    The key is public (it names the device in ``device.enrolled``); the header is
+    caller input, so anything malformed or oversized is simply not named.
+    """
+    header = request.headers.get(_PUBLIC_KEY_HEADER)
+    if header is None or len(header) > _MAX_PUBLIC_KEY_HEADER:
+        return None
+    try:
+        pem = base64.b64decode(header, validate=True).decode("ascii")
+        return supernode_key_sha256(pem)
+    except (binascii.Error, UnicodeDecodeError, ConfigError):
+        return None
+
+
+def _fleet_refusal(path: str, status: int) -> tuple[str, str] | None:
+    """Return (reason, route) when the SuperLink's answer is an authentication failure."""
+    match = _FLEET_ROUTE.match(path)
+    route = match.group(1) if match else "other"
+    if status == 401:
+        return "fleet_node_signature", route
+    if status == 412 and route in _UNKNOWN_NODE_ROUTES:
+        return "fleet_unknown_node", route
+    return None
 
 
 async def _read_limited(request: Request, limit: int) -> bytes | None:
@@ -158,9 +220,13 @@ def build_app(gateway: Gateway) -> Starlette:
         signed = gateway.registry.revocation_list(gateway.authority, now=gateway.clock())
         return Response(signed, media_type="application/json")
 
+    def refused(reason: str, request: Request, **details: JSONValue) -> None:
+        gateway.refusals.record(AuditEventKind.ENROLMENT_REFUSED, reason, _peer(request), details)
+
     async def enrol(request: Request) -> Response:
         body = await _read_limited(request, _MAX_ENROL_BYTES)
         if body is None:
+            refused("request_too_large", request)
             return _error(413, "the enrolment request is too large")
         try:
             token, supernode_pem, identity_key = _enrol_fields(body)
@@ -172,8 +238,10 @@ def build_app(gateway: Gateway) -> Starlette:
                 now=gateway.clock(),
             )
         except EnrolmentRefused as exc:
+            refused(exc.reason.value, request, token_id=exc.token_id)
             return _error(403, str(exc))
         except ConfigError as exc:
+            refused("malformed_request", request)
             return _error(400, str(exc))
         try:
             with gateway.control() as control:
@@ -208,9 +276,34 @@ def build_app(gateway: Gateway) -> Starlette:
         except httpx.HTTPError as exc:
             logger.warning("fleet request %s failed upstream: %s", request.url.path, exc)
             return _error(502, "the SuperLink is unavailable")
+        refusal = _fleet_refusal(request.url.path, upstream.status_code)
+        if refusal is not None:
+            reason, route = refusal
+            gateway.refusals.record(
+                AuditEventKind.AUTH_FAILED,
+                reason,
+                _peer(request),
+                {
+                    "route": route,
+                    "status": upstream.status_code,
+                    "supernode_key_sha256": _claimed_key_sha256(request),
+                },
+            )
         passed = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROPPED_HEADERS}
         passed.pop("content-encoding", None)
         return Response(upstream.content, status_code=upstream.status_code, headers=passed)
+
+    async def unrouted(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        gateway.refusals.record(
+            AuditEventKind.AUTH_FAILED,
+            "unknown_route" if exc.status_code == 404 else "method_not_allowed",
+            _peer(request),
+            {"method": request.method if request.method.isalpha() else "other"},
+        )
+        return JSONResponse(
+            {"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+        )
 
     return Starlette(
         routes=[
@@ -220,6 +313,7 @@ def build_app(gateway: Gateway) -> Starlette:
             Route("/v1/fedge/revocations", revocations, methods=["GET"]),
             Route("/v1/fleet/{path:path}", fleet, methods=["POST"]),
         ],
+        exception_handlers={404: unrouted, 405: unrouted},
         lifespan=_lifespan(gateway),
     )
 
@@ -228,9 +322,20 @@ def _lifespan(gateway: Gateway) -> Callable[[Starlette], AbstractAsyncContextMan
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         del app
+
+        async def flush_summaries() -> None:
+            # A window's summary is written soon after it ends, not only at the next refusal.
+            while True:
+                await asyncio.sleep(_FLUSH_EVERY_S)
+                gateway.refusals.flush()
+
+        flusher = asyncio.create_task(flush_summaries())
         try:
             yield
         finally:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
             await gateway.close()
 
     return lifespan
@@ -256,8 +361,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"fedge gateway: error: {exc}\n")
         return 1
     superlink = f"127.0.0.1:{config.server.superlink_port}"
+    audit = AuditLog(engine)
     gateway = Gateway(
-        registry=DeviceRegistry(engine, AuditLog(engine)),
+        registry=DeviceRegistry(engine, audit),
+        refusals=RefusalRecorder(audit),
         authority=authority,
         ca_pem=ca_pem,
         superlink_address=superlink,

@@ -48,6 +48,12 @@ class AuditEventKind(Enum):
     DEVICE_ENROLLED = "device.enrolled"
     DEVICE_NODE_REGISTERED = "device.node_registered"
     DEVICE_REVOKED = "device.revoked"
+    ENROLMENT_REFUSED = "enrolment.refused"
+    AUTH_FAILED = "auth.failed"
+    AUDIT_SUPPRESSED = "audit.suppressed"
+    CONFIG_LOADED = "config.loaded"
+    CONFIG_CHANGED = "config.changed"
+    KEY_CREATED = "key.created"
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,9 +11,10 @@ Each change (enrolment, node registration, revocation) and its audit event
 commit in one transaction: either both are stored or neither is. Enrolment
 also spends the token in that transaction, so a refused enrolment (a bad key,
 a key already enrolled, a database error) leaves the token usable, no device
-row and no audit event. Refused *tokens* are logged, not audited: anyone can
-present a token, and an unauthenticated caller must not be able to grow the
-tamper-evident chain.
+row and no audit event here. Refusals are audited by the caller that knows who
+asked (the gateway, through :class:`fl_server.enrolment.refusals.RefusalRecorder`,
+which bounds how fast an unauthenticated caller can grow the chain); the
+exception carries the server-side reason for it.
 
 A revoked key never enrols again, since a revoked device is presumed
 compromised. Revocation is permanent, so the number of revoked devices only
@@ -33,6 +34,7 @@ from datetime import datetime, timedelta
 from enum import Enum
 
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Engine, Select, func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -41,7 +43,7 @@ from fedge.errors import ConfigError, StorageError
 from fl_server.audit import AuditEventKind, AuditLog
 from fl_server.db.schema import DeviceRow
 from fl_server.enrolment._db import check_now, in_transaction, stored_time
-from fl_server.enrolment.tokens import EnrolmentRefused, redeem
+from fl_server.enrolment.tokens import EnrolmentRefused, RefusalReason, redeem
 from fl_server.pki import (
     RevokedDevice,
     build_revocation_list,
@@ -51,7 +53,14 @@ from fl_server.pki import (
 from secure_agg.crypto import KEY_BYTES
 from secure_agg.identity import EnrolmentAuthority, IdentityCertificate
 
-__all__ = ["CERTIFICATE_DAYS", "Device", "DeviceRegistry", "DeviceStatus", "Enrolment"]
+__all__ = [
+    "CERTIFICATE_DAYS",
+    "Device",
+    "DeviceRegistry",
+    "DeviceStatus",
+    "Enrolment",
+    "supernode_key_sha256",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +105,26 @@ class Enrolment:
     device_id: str
     certificate: IdentityCertificate
     enrolled_at: datetime
+
+
+def _fingerprint(key: ec.EllipticCurvePublicKey) -> str:
+    der = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).hexdigest()
+
+
+def supernode_key_sha256(pem: str) -> str:
+    """Return the SHA-256 (hex) of a SuperNode key's DER SubjectPublicKeyInfo.
+
+    This is how the registry and its audit events name a SuperNode key.
+
+    Raises
+    ------
+    ConfigError
+        If ``pem`` is not a PEM EC public key on a NIST curve.
+    """
+    return _fingerprint(load_nist_public_key_pem(pem))
 
 
 def _to_stored_node_id(node_id: int) -> int:
@@ -201,11 +230,7 @@ class DeviceRegistry:
         moment = check_now(now)
         supernode_key = load_nist_public_key_pem(supernode_public_key_pem)
         supernode_pem = public_key_to_pem(supernode_key)
-        fingerprint = hashlib.sha256(
-            supernode_key.public_bytes(
-                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-        ).hexdigest()
+        fingerprint = _fingerprint(supernode_key)
         if not isinstance(identity_public_key, bytes) or len(identity_public_key) != KEY_BYTES:
             raise ConfigError(f"an identity public key has exactly {KEY_BYTES} bytes")
         if not isinstance(authority, EnrolmentAuthority):
@@ -229,7 +254,11 @@ class DeviceRegistry:
                 )
             )
             if taken:
-                raise EnrolmentRefused("a key of this device is already enrolled or was revoked")
+                raise EnrolmentRefused(
+                    "a key of this device is already enrolled or was revoked",
+                    reason=RefusalReason.KEY_TAKEN,
+                    token_id=token_id,
+                )
             device_id = "dev-" + secrets.token_hex(_DEVICE_ID_BYTES)
             certificate = authority.certify(device_id, identity_public_key, expires_at=expires_at)
             session.add(

@@ -8,7 +8,9 @@ Notes
 -----
 Every refusal of a token, whether unknown, expired or already used, raises
 :class:`EnrolmentRefused` with one and the same message, so a caller cannot
-learn which tokens exist. Redemption is a single conditional ``UPDATE ...
+learn which tokens exist. The exception also carries the server-side
+:class:`RefusalReason` (and the token's id when the token exists) for the
+audit trail; neither is ever sent to the device. Redemption is a single conditional ``UPDATE ...
 WHERE used_at IS NULL``: of concurrent redeems of one token exactly one
 changes a row, on PostgreSQL (row lock, re-checked predicate) and SQLite
 (single writer) alike.
@@ -20,8 +22,9 @@ import hashlib
 import logging
 import secrets
 from datetime import datetime, timedelta
+from enum import Enum
 
-from sqlalchemy import Engine, update
+from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from fedge.errors import ConfigError, FedgeError
@@ -35,6 +38,7 @@ __all__ = [
     "MAX_TOKEN_LIFETIME",
     "TOKEN_PREFIX",
     "EnrolmentRefused",
+    "RefusalReason",
     "create_tokens",
     "redeem",
 ]
@@ -50,11 +54,33 @@ _MAX_TOKEN_CHARS = 128
 _MAX_CREATED_BY = 128
 
 
-class EnrolmentRefused(FedgeError, PermissionError):  # noqa: N818 - reads as what happened
-    """An enrolment was refused; for a token, without saying why."""
+class RefusalReason(Enum):
+    """Why the server refused an enrolment: for the audit trail, never for the device."""
 
-    def __init__(self, message: str = INVALID_TOKEN_MESSAGE) -> None:
+    MALFORMED = "malformed_token"
+    UNKNOWN = "unknown_token"
+    EXPIRED = "expired_token"
+    USED = "used_token"
+    KEY_TAKEN = "key_taken"
+
+
+class EnrolmentRefused(FedgeError, PermissionError):  # noqa: N818 - reads as what happened
+    """An enrolment was refused; for a token, without saying why.
+
+    ``reason`` and ``token_id`` (the id of a token that exists) are for the
+    server's audit trail; the message is all a device is told.
+    """
+
+    def __init__(
+        self,
+        message: str = INVALID_TOKEN_MESSAGE,
+        *,
+        reason: RefusalReason = RefusalReason.UNKNOWN,
+        token_id: int | None = None,
+    ) -> None:
         super().__init__(message)
+        self.reason = reason
+        self.token_id = token_id
 
 
 def _token_hash(token: str) -> str:
@@ -175,7 +201,7 @@ def redeem(session: Session, token: str, *, now: datetime) -> int:
     ------
     EnrolmentRefused
         With the same message whether the token is malformed, unknown, expired
-        or already used.
+        or already used; its ``reason`` tells which (for the audit trail).
     ConfigError
         If ``now`` is naive.
     """
@@ -185,7 +211,7 @@ def redeem(session: Session, token: str, *, now: datetime) -> int:
         or not token.startswith(TOKEN_PREFIX)
         or len(token) > _MAX_TOKEN_CHARS
     ):
-        raise EnrolmentRefused
+        raise EnrolmentRefused(reason=RefusalReason.MALFORMED)
     statement = (
         update(EnrolmentTokenRow)
         .where(
@@ -202,5 +228,24 @@ def redeem(session: Session, token: str, *, now: datetime) -> int:
     # (PostgreSQL re-checks the WHERE on the locked row) or runs first.
     token_id = session.execute(statement).scalar_one_or_none()
     if token_id is None:
-        raise EnrolmentRefused
+        raise _refusal(session, token, moment)
     return token_id
+
+
+def _refusal(session: Session, token: str, moment: str) -> EnrolmentRefused:
+    """Say why ``token`` was not redeemed (the same message to the device either way)."""
+    row = session.execute(
+        select(EnrolmentTokenRow.id, EnrolmentTokenRow.used_at, EnrolmentTokenRow.expires_at).where(
+            EnrolmentTokenRow.token_hash == _token_hash(token)
+        )
+    ).one_or_none()
+    if row is None:
+        return EnrolmentRefused(reason=RefusalReason.UNKNOWN)
+    token_id, used_at, expires_at = row
+    if used_at is not None:
+        return EnrolmentRefused(reason=RefusalReason.USED, token_id=token_id)
+    if expires_at <= moment:
+        return EnrolmentRefused(reason=RefusalReason.EXPIRED, token_id=token_id)
+    # Unused and unexpired now but not redeemed a moment ago: a concurrent redeem won
+    # and rolled back, which leaves it usable; report it as used, the closest reading.
+    return EnrolmentRefused(reason=RefusalReason.USED, token_id=token_id)

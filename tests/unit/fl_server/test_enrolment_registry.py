@@ -19,6 +19,8 @@ from fl_server.enrolment import (
     EnrolmentRefused,
     create_tokens,
 )
+from fl_server.enrolment.registry import supernode_key_sha256
+from fl_server.enrolment.tokens import RefusalReason
 from fl_server.pki import public_key_to_pem, verify_revocation_list
 from secure_agg.crypto import signing_key_from_seed
 from secure_agg.errors import CryptoError
@@ -235,7 +237,7 @@ def test_a_key_already_enrolled_is_refused_and_the_token_stays_unused(
     _enrol(registry, authority, first, pem=pem, identity=_identity(1))
     events_before = len(audit.latest(100))
 
-    with pytest.raises(EnrolmentRefused, match="already enrolled or was revoked"):
+    with pytest.raises(EnrolmentRefused, match="already enrolled or was revoked") as caught:
         _enrol(
             registry,
             authority,
@@ -244,9 +246,24 @@ def test_a_key_already_enrolled_is_refused_and_the_token_stays_unused(
             identity=_identity(1) if reuse == "identity" else _identity(2),
         )
 
+    assert caught.value.reason is RefusalReason.KEY_TAKEN
+    assert caught.value.token_id is not None
     assert _counts(engine) == (1, 1)
     assert len(audit.latest(100)) == events_before
     _enrol(registry, authority, second, identity=_identity(3))  # the token still works
+
+
+def test_supernode_key_sha256_is_the_registrys_fingerprint(
+    engine: Engine, audit: AuditLog, registry: DeviceRegistry, authority: EnrolmentAuthority
+) -> None:
+    (token,) = _tokens(engine, audit, 1)
+    pem = _supernode_pem()
+    _enrol(registry, authority, token, pem=pem)
+
+    (event,) = [e for e in audit.iter() if e.kind is AuditEventKind.DEVICE_ENROLLED]
+    assert supernode_key_sha256(pem) == event.payload["supernode_key_sha256"]
+    with pytest.raises(ConfigError):
+        supernode_key_sha256("not a key")
 
 
 def test_a_revoked_key_cannot_enrol_again(

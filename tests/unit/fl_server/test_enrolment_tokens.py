@@ -11,6 +11,7 @@ from fedge.errors import ConfigError
 from fl_server.audit import AuditEventKind, AuditLog
 from fl_server.db.schema import EnrolmentTokenRow
 from fl_server.enrolment import INVALID_TOKEN_MESSAGE, EnrolmentRefused, create_tokens, redeem
+from fl_server.enrolment.tokens import RefusalReason
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 EXPIRES = NOW + timedelta(days=1)
@@ -74,6 +75,30 @@ def test_a_token_works_until_just_before_it_expires(engine: Engine, audit: Audit
     _redeem(engine, first, now=EXPIRES - timedelta(microseconds=1))
     with pytest.raises(EnrolmentRefused, match=OPAQUE):
         _redeem(engine, second, now=EXPIRES)
+
+
+def test_a_refusal_says_why_to_the_server_only(engine: Engine, audit: AuditLog) -> None:
+    used, expired = create_tokens(engine, 2, expires_at=EXPIRES, now=NOW, audit=audit)
+    used_id = _redeem(engine, used)
+    expired_id = used_id + 1
+
+    refusals: list[EnrolmentRefused] = []
+    for token, now in (
+        (used, NOW),
+        (expired, EXPIRES),
+        ("fet_unknown", NOW),
+        ("unprefixed", NOW),
+    ):
+        with pytest.raises(EnrolmentRefused, match=OPAQUE) as caught:
+            _redeem(engine, token, now=now)
+        refusals.append(caught.value)
+
+    assert [(r.reason, r.token_id) for r in refusals] == [
+        (RefusalReason.USED, used_id),
+        (RefusalReason.EXPIRED, expired_id),
+        (RefusalReason.UNKNOWN, None),
+        (RefusalReason.MALFORMED, None),
+    ]
 
 
 @pytest.mark.parametrize("token", ["fet_unknown", "unprefixed", "fet_" + "x" * 200, "", 42])

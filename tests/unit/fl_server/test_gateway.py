@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import socket
@@ -11,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, cast
 
+import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from sqlalchemy import Engine, func, select
@@ -20,6 +22,8 @@ from fedge.errors import ConfigError
 from fl_server.audit import AuditEventKind, AuditLog
 from fl_server.db.schema import DeviceRow, EnrolmentTokenRow
 from fl_server.enrolment import INVALID_TOKEN_MESSAGE, DeviceRegistry, DeviceStatus, create_tokens
+from fl_server.enrolment.refusals import RefusalLimits, RefusalRecorder
+from fl_server.enrolment.registry import supernode_key_sha256
 from fl_server.gateway import Gateway, build_app
 from fl_server.pki import certificate_to_pem, create_ca, public_key_to_pem
 from fl_server.superlink import ControlClient, SuperLinkError
@@ -104,22 +108,31 @@ def _gateway(
     authority: EnrolmentAuthority,
     ca_pem: bytes,
     factory: Callable[[], ControlClient],
+    audit: AuditLog,
+    *,
+    superlink_address: str | None = None,
+    limits: RefusalLimits | None = None,
 ) -> Gateway:
     return Gateway(
         registry=registry,
         authority=authority,
         ca_pem=ca_pem,
-        superlink_address=f"127.0.0.1:{_closed_port()}",
+        superlink_address=superlink_address or f"127.0.0.1:{_closed_port()}",
         control=factory,
+        refusals=RefusalRecorder(audit, limits=limits, clock=lambda: NOW),
         clock=lambda: NOW,
     )
 
 
 @pytest.fixture
 def client(
-    registry: DeviceRegistry, authority: EnrolmentAuthority, ca_pem: bytes, control: FakeControl
+    registry: DeviceRegistry,
+    authority: EnrolmentAuthority,
+    ca_pem: bytes,
+    control: FakeControl,
+    audit: AuditLog,
 ) -> Iterator[TestClient]:
-    gateway = _gateway(registry, authority, ca_pem, lambda: cast("ControlClient", control))
+    gateway = _gateway(registry, authority, ca_pem, lambda: cast("ControlClient", control), audit)
     with TestClient(build_app(gateway)) as test_client:
         yield test_client
 
@@ -272,6 +285,9 @@ def test_a_malformed_request_is_a_400_and_spends_nothing(
     assert re.search(match, answer.json()["error"])
     assert _counts(engine) == (0, 0)
     assert control.registered == []
+    (event,) = audit.latest(1)
+    assert event.kind is AuditEventKind.ENROLMENT_REFUSED
+    assert dict(event.payload) == {"reason": "malformed_request", "peer": "testclient"}
     # The token was not spent: it still enrols.
     assert client.post(ENROL, json=_request(token)).status_code == 200
 
@@ -281,12 +297,19 @@ def test_a_malformed_request_is_a_400_and_spends_nothing(
     [b"[" * 200_000 + b"]" * 200_000, b'{"token": "' + b"a" * 20_000 + b'"}'],
     ids=["200k-deep", "over-long"],
 )
-def test_an_oversized_request_is_a_413(client: TestClient, engine: Engine, body: bytes) -> None:
+def test_an_oversized_request_is_a_413(
+    client: TestClient, engine: Engine, audit: AuditLog, body: bytes
+) -> None:
     answer = client.post(ENROL, content=body)
 
     assert answer.status_code == 413
     assert answer.json() == {"error": "the enrolment request is too large"}
     assert _counts(engine) == (0, 0)
+    (event,) = audit.latest(1)
+    assert (event.kind, dict(event.payload)) == (
+        AuditEventKind.ENROLMENT_REFUSED,
+        {"reason": "request_too_large", "peer": "testclient"},
+    )
 
 
 def test_a_lying_content_length_is_a_413(client: TestClient, engine: Engine) -> None:
@@ -309,7 +332,7 @@ def test_a_superlink_failure_is_a_503_and_the_device_ends_revoked(
     error: Exception,
 ) -> None:
     control = FakeControl(error=error)
-    gateway = _gateway(registry, authority, ca_pem, lambda: cast("ControlClient", control))
+    gateway = _gateway(registry, authority, ca_pem, lambda: cast("ControlClient", control), audit)
 
     with TestClient(build_app(gateway)) as client:
         answer = client.post(ENROL, json=_request(_token(engine, audit)))
@@ -338,7 +361,7 @@ def test_a_control_factory_that_cannot_connect_is_a_503(
     def unreachable() -> ControlClient:
         raise SuperLinkError("Control API unreachable")
 
-    gateway = _gateway(registry, authority, ca_pem, unreachable)
+    gateway = _gateway(registry, authority, ca_pem, unreachable, audit)
 
     with TestClient(build_app(gateway)) as client:
         answer = client.post(ENROL, json=_request(_token(engine, audit)))
@@ -400,3 +423,230 @@ def test_only_the_documented_methods_are_routed(client: TestClient) -> None:
     assert client.get(ENROL).status_code == 405
     assert client.post("/v1/fedge/ca.pem").status_code == 405
     assert client.get("/v1/control/list-nodes").status_code == 404
+
+
+def _refusals(audit: AuditLog) -> list[dict[str, object]]:
+    return [
+        dict(event.payload)
+        for event in audit.iter()
+        if event.kind is AuditEventKind.ENROLMENT_REFUSED
+    ]
+
+
+def _trail_text(audit: AuditLog) -> str:
+    return "\n".join(json.dumps(dict(event.payload)) for event in audit.iter())
+
+
+def test_token_refusals_are_audited_by_reason_without_the_token(
+    client: TestClient, engine: Engine, audit: AuditLog
+) -> None:
+    used = _token(engine, audit)
+    assert client.post(ENROL, json=_request(used, seed=1)).status_code == 200
+    (expired,) = create_tokens(
+        engine, 1, expires_at=NOW - timedelta(seconds=1), now=NOW - timedelta(days=1), audit=audit
+    )
+    unknown = "fet_" + "B" * 43
+    used_id = next(
+        e.payload["token_id"] for e in audit.iter() if e.kind is AuditEventKind.DEVICE_ENROLLED
+    )
+    expired_id = audit.latest(1)[0].payload["token_ids"][0]  # type: ignore[index]
+
+    answers = [
+        client.post(ENROL, json=_request(token, seed=seed))
+        for seed, token in ((2, used), (3, expired), (4, unknown), (5, "not-a-token"))
+    ]
+
+    assert [a.status_code for a in answers] == [403] * 4
+    assert all(a.json() == {"error": INVALID_TOKEN_MESSAGE} for a in answers)
+    assert _refusals(audit) == [
+        {"reason": "used_token", "peer": "testclient", "token_id": used_id},
+        {"reason": "expired_token", "peer": "testclient", "token_id": expired_id},
+        {"reason": "unknown_token", "peer": "testclient", "token_id": None},
+        {"reason": "malformed_token", "peer": "testclient", "token_id": None},
+    ]
+    trail = _trail_text(audit)
+    for token in (used, expired, unknown, "not-a-token"):
+        assert token not in trail
+
+
+def test_a_taken_key_is_audited_and_leaves_the_token_usable(
+    client: TestClient, engine: Engine, audit: AuditLog
+) -> None:
+    first = _request(_token(engine, audit), seed=1)
+    assert client.post(ENROL, json=first).status_code == 200
+    second = _token(engine, audit)
+    token_id = audit.latest(1)[0].payload["token_ids"][0]  # type: ignore[index]
+
+    answer = client.post(
+        ENROL,
+        json={**_request(second, seed=9), "identity_public_key": first["identity_public_key"]},
+    )
+
+    assert answer.status_code == 403
+    assert answer.json() == {"error": "a key of this device is already enrolled or was revoked"}
+    assert _refusals(audit) == [{"reason": "key_taken", "peer": "testclient", "token_id": token_id}]
+    assert _counts(engine) == (1, 1)  # the second token is still unused
+
+
+def test_a_refusal_flood_adds_a_bounded_number_of_records(
+    registry: DeviceRegistry,
+    authority: EnrolmentAuthority,
+    ca_pem: bytes,
+    engine: Engine,
+    audit: AuditLog,
+) -> None:
+    control = FakeControl()
+    limits = RefusalLimits(events_per_window=3)
+    gateway = _gateway(
+        registry, authority, ca_pem, lambda: cast("ControlClient", control), audit, limits=limits
+    )
+    before = audit.verify().records_checked
+
+    with TestClient(build_app(gateway)) as client:
+        answers = [client.post(ENROL, json=_request("fet_" + "C" * 43)) for _ in range(40)]
+        assert len(_refusals(audit)) == 3
+
+    # Shutting down wrote the window's summary: 3 records + 1, not 40.
+    assert {a.status_code for a in answers} == {403}
+    assert audit.verify().records_checked == before + 4
+    summary = audit.latest(1)[0]
+    assert summary.kind is AuditEventKind.AUDIT_SUPPRESSED
+    assert dict(summary.payload) == {
+        "kind": "enrolment.refused",
+        "suppressed": 37,
+        "limit": 3,
+        "window_start": NOW.isoformat(timespec="microseconds"),
+        "window_end": NOW.isoformat(timespec="microseconds"),
+        "reasons": {"unknown_token": 37},
+        "peers": {"testclient": 37},
+        "other_peers": 0,
+    }
+
+
+def test_unknown_routes_and_methods_are_audited_as_auth_failures(
+    client: TestClient, audit: AuditLog
+) -> None:
+    missing = client.post("/v1/control/start-run", content=b"x")
+    wrong = client.get(ENROL)
+
+    assert missing.status_code == 404
+    assert wrong.status_code == 405
+    assert "POST" in wrong.headers["allow"]
+    failures = [dict(e.payload) for e in audit.iter() if e.kind is AuditEventKind.AUTH_FAILED]
+    assert failures == [
+        {"reason": "unknown_route", "peer": "testclient", "method": "POST"},
+        {"reason": "method_not_allowed", "peer": "testclient", "method": "GET"},
+    ]
+
+
+def _superlink_answering(status: int) -> httpx.MockTransport:
+    def answer(request: httpx.Request) -> httpx.Response:
+        del request
+        return httpx.Response(status, json={"detail": "Invalid SuperNode authentication"})
+
+    return httpx.MockTransport(answer)
+
+
+@pytest.mark.parametrize(
+    ("route", "status", "reason"),
+    [
+        ("pull-messages", 401, "fleet_node_signature"),
+        ("activate-node", 401, "fleet_node_signature"),
+        ("activate-node", 412, "fleet_unknown_node"),
+        ("register-node", 412, "fleet_unknown_node"),
+    ],
+)
+def test_a_superlink_authentication_refusal_is_audited_and_passed_on(
+    registry: DeviceRegistry,
+    authority: EnrolmentAuthority,
+    ca_pem: bytes,
+    audit: AuditLog,
+    route: str,
+    status: int,
+    reason: str,
+) -> None:
+    gateway = _gateway(registry, authority, ca_pem, lambda: cast("ControlClient", None), audit)
+    gateway.fleet = httpx.AsyncClient(
+        base_url="https://superlink", transport=_superlink_answering(status)
+    )
+    pem = public_key_to_pem(ec.generate_private_key(ec.SECP384R1()).public_key())
+    header = base64.b64encode(pem.encode("ascii")).decode("ascii")
+
+    with TestClient(build_app(gateway)) as client:
+        answer = client.post(
+            f"/v1/fleet/{route}",
+            content=b"\x00",
+            headers={"flwr-public-key": header, "flwr-signature": "c2lnbmF0dXJl"},
+        )
+
+    assert answer.status_code == status
+    assert answer.json() == {"detail": "Invalid SuperNode authentication"}
+    (event,) = [e for e in audit.iter() if e.kind is AuditEventKind.AUTH_FAILED]
+    assert dict(event.payload) == {
+        "reason": reason,
+        "peer": "testclient",
+        "route": route,
+        "status": status,
+        "supernode_key_sha256": supernode_key_sha256(pem),
+    }
+    assert "c2lnbmF0dXJl" not in _trail_text(audit)
+
+
+@pytest.mark.parametrize(
+    ("route", "status"),
+    [
+        ("pull-messages", 200),
+        ("push-messages", 412),
+        ("pull-messages", 500),
+    ],
+)
+def test_other_superlink_answers_are_not_auth_failures(
+    registry: DeviceRegistry,
+    authority: EnrolmentAuthority,
+    ca_pem: bytes,
+    audit: AuditLog,
+    route: str,
+    status: int,
+) -> None:
+    gateway = _gateway(registry, authority, ca_pem, lambda: cast("ControlClient", None), audit)
+    gateway.fleet = httpx.AsyncClient(
+        base_url="https://superlink", transport=_superlink_answering(status)
+    )
+
+    with TestClient(build_app(gateway)) as client:
+        answer = client.post(f"/v1/fleet/{route}", content=b"\x00")
+
+    assert answer.status_code == status
+    assert not [e for e in audit.iter() if e.kind is AuditEventKind.AUTH_FAILED]
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, "not base64!", base64.b64encode(b"not a key").decode(), "QQ==" * 2000],
+    ids=["missing", "not-base64", "not-a-key", "oversized"],
+)
+def test_a_malformed_claimed_key_is_not_named(
+    registry: DeviceRegistry,
+    authority: EnrolmentAuthority,
+    ca_pem: bytes,
+    audit: AuditLog,
+    header: str | None,
+) -> None:
+    gateway = _gateway(registry, authority, ca_pem, lambda: cast("ControlClient", None), audit)
+    gateway.fleet = httpx.AsyncClient(
+        base_url="https://superlink", transport=_superlink_answering(401)
+    )
+    headers = {} if header is None else {"flwr-public-key": header}
+
+    with TestClient(build_app(gateway)) as client:
+        answer = client.post("/v1/fleet/pull-messages", content=b"", headers=headers)
+
+    assert answer.status_code == 401
+    (event,) = [e for e in audit.iter() if e.kind is AuditEventKind.AUTH_FAILED]
+    assert dict(event.payload) == {
+        "reason": "fleet_node_signature",
+        "peer": "testclient",
+        "route": "pull-messages",
+        "status": 401,
+        "supernode_key_sha256": None,
+    }
