@@ -18,6 +18,9 @@ Layout::
                               checkpoint)        [--runs-dir, --out]
         devices/              the simulated devices' own state across runs: lifetime
                               ledgers device-*.jsonl, refusals-*.jsonl  [--devices-dir]
+        audit/                the audit trail's anchors: checkpoint-key.pem (signs
+                              checkpoints, mode 600), checkpoint-key.pub, and
+                              checkpoints.jsonl (every signed checkpoint, appended)
         client/cache/         this device's verified model cache (``fedge client``)
                               [--cache-dir, $FEDGE_CACHE_DIR]
 
@@ -109,6 +112,11 @@ class FedgeHome:
     def devices_dir(self) -> Path:
         """The simulated devices' own state (lifetime ledgers, refusal logs)."""
         return self.root / "devices"
+
+    @property
+    def audit_dir(self) -> Path:
+        """The audit trail's anchors: the checkpoint key and the checkpoint file."""
+        return self.root / "audit"
 
     @property
     def cache_dir(self) -> Path:

@@ -7,7 +7,20 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["__version__", "code_version"]
+__all__ = ["PROVENANCE_PACKAGES", "__version__", "code_version", "package_versions"]
+
+# The packages whose versions decide what a run computed: recorded with every run.
+PROVENANCE_PACKAGES = (
+    "flwr",
+    "torch",
+    "opacus",
+    "numpy",
+    "scipy",
+    "cryptography",
+    "onnx",
+    "onnxruntime",
+    "sqlalchemy",
+)
 
 try:
     __version__: str = metadata.version("fedge")
@@ -46,3 +59,15 @@ def code_version() -> str:
     if not commit:
         return __version__
     return f"{__version__}+g{commit}{'.dirty' if dirty else ''}"
+
+
+@functools.cache
+def package_versions() -> dict[str, str]:
+    """Return the installed version of each of :data:`PROVENANCE_PACKAGES` ("absent" if missing)."""
+    versions = {}
+    for name in PROVENANCE_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions

@@ -21,6 +21,8 @@ from fl_server.db import DB_URL_ENV
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
+    from fl_server.audit.trust import AuditTrust
+    from fl_server.audit.verify import TrailVerification
     from fl_server.ledger import LedgerEntry, PrivacyLedger
 
 __all__ = ["audit_app", "ledger_app"]
@@ -57,21 +59,176 @@ def open_existing(db_url: str | None, home: Path | None) -> Engine:
 
 
 @audit_app.command("verify")
-def verify_command(db_url: _DbUrl = None, home: _Home = None) -> None:
-    """Re-hash the whole chain; exit 1 naming the first bad record if it does not verify."""
-    from fl_server.audit import AuditLog
+def verify_command(
+    db_url: _DbUrl = None,
+    home: _Home = None,
+    checkpoint_files: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--checkpoint",
+            help="A checkpoint file kept outside the system (`fedge audit checkpoint --out`); "
+            "repeatable. The chain must still reach it and match it.",
+        ),
+    ] = None,
+    expect_head: Annotated[
+        str | None,
+        typer.Option(
+            "--expect-head",
+            help="A head hash kept from earlier (a run summary's audit_head): it must still be "
+            "in the chain.",
+        ),
+    ] = None,
+    public_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--public-key",
+            help="Trust only checkpoints signed by this key (64 hex digits; default: "
+            "HOME/audit/checkpoint-key.pub).",
+        ),
+    ] = None,
+    store_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--store-key",
+            help="Also check each model version's manifest signature with the store's public "
+            "key (`fedge store key --out FILE`).",
+        ),
+    ] = None,
+    as_json: _Json = False,
+) -> None:
+    """Verify the whole trail; exit 1 naming the first bad record if it does not verify.
 
+    Checks every record's link and hash, the head, every signed checkpoint (the
+    database's, HOME/audit/checkpoints.jsonl and each --checkpoint file: a cut
+    tail or a rewrite is named against them), the privacy ledger against the
+    privacy.spent events that state its rows, and each model version's epsilon
+    against the run's epsilon in the trail when it was published.
+    """
+    from fl_server.audit.checkpoints import load_checkpoint_file, read_public_key
+    from fl_server.audit.trust import AuditTrust
+    from fl_server.audit.verify import SourcedCheckpoint, verify_trail
+
+    if expect_head is not None and not _is_digest(expect_head):
+        raise typer.BadParameter(
+            "a head hash is 64 lowercase hex digits", param_hint="--expect-head"
+        )
+    trust = AuditTrust(FedgeHome.resolve(home).audit_dir)
     engine = open_existing(db_url, home)
     try:
-        report = AuditLog(engine).verify()
+        sourced, unreadable = trust.checkpoints(engine)
+        exported: list[str] = []
+        # Trusted: the pinned key (else the home's), and the keys of the files kept outside.
+        pinned = read_public_key(public_key) if public_key else trust.trusted_key()
+        keys = set() if pinned is None else {pinned}
+        for path in checkpoint_files or []:
+            checkpoint, hashes = load_checkpoint_file(path)
+            sourced.append(SourcedCheckpoint(checkpoint, f"file:{path}"))
+            keys.add(bytes.fromhex(checkpoint.public_key))
+            if len(hashes) > len(exported):
+                exported = hashes
+        result = verify_trail(
+            engine,
+            checkpoints=sourced,
+            trusted_keys=keys or None,
+            record_hashes=exported,
+            expect_head=expect_head,
+            store_public_key=read_public_key(store_key) if store_key else None,
+        )
     finally:
         engine.dispose()
-    if not report.ok:
-        raise AuditIntegrityError(
-            f"audit chain broken at record {report.first_bad_seq}: {report.reason} "
-            f"({report.records_checked} records verified before it)"
+    if not keys and result.checkpoints_checked:
+        unreadable.append(
+            "no trusted checkpoint key (HOME/audit/checkpoint-key.pub is missing): checkpoints "
+            "signed by any key were accepted; pin one with --public-key"
         )
-    typer.echo(f"audit chain verified: {report.records_checked} records, head {report.head_hash}")
+    if as_json:
+        typer.echo(json.dumps(result.to_json() | {"unreadable_checkpoints": unreadable}, indent=2))
+    else:
+        _print_verification(result, unreadable)
+    if not result.ok:
+        more = (
+            f" (and {len(result.problems) - 1} more problems)" if len(result.problems) > 1 else ""
+        )
+        raise AuditIntegrityError(f"audit trail does not verify: {result.reason}{more}")
+
+
+def _is_digest(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+def _print_verification(result: TrailVerification, unreadable: list[str]) -> None:
+    for problem in result.problems:
+        where = f"record {problem.seq}: " if problem.seq is not None else ""
+        typer.echo(f"FAILED {problem.part}: {where}{problem.message}")
+    for line in unreadable:
+        typer.echo(f"unreadable checkpoint: {line}")
+    if not result.ok:
+        return
+    typer.echo(f"audit chain verified: {result.records_checked} records, head {result.head_hash}")
+    if result.checkpoint is not None:
+        cp = result.checkpoint
+        typer.echo(
+            f"checked against {result.checkpoints_checked} signed checkpoints; newest matched: "
+            f"record {cp['seq']} signed at {cp['signed_at']} by key {cp['key_id']} "
+            f"({cp['source']})"
+        )
+    typer.echo(
+        f"privacy ledger: {result.ledger_rows_checked} rows stated by "
+        f"{result.spent_events_checked} privacy.spent events; model store: "
+        f"{result.store_versions_checked} versions' epsilon match the trail"
+    )
+    for warning in result.warnings:
+        typer.echo(f"warning: {warning}")
+
+
+@audit_app.command("checkpoint")
+def checkpoint_command(
+    db_url: _DbUrl = None,
+    home: _Home = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Also export the checkpoint, with every record's hash, to this file for "
+            "safekeeping outside the system (`fedge audit verify --checkpoint FILE`).",
+        ),
+    ] = None,
+) -> None:
+    """Sign a checkpoint of the chain's head now and append it to HOME/audit/checkpoints.jsonl.
+
+    The chain is verified first: a checkpoint is never signed over a damaged
+    trail. The key (HOME/audit/checkpoint-key.pem) is created on first use.
+    """
+    from fl_server.audit.chain import ChainWalker
+    from fl_server.audit.checkpoints import checkpoint_now, write_checkpoint_file
+    from fl_server.audit.trust import AuditTrust
+    from fl_server.audit.verify import verify_trail
+
+    trust = AuditTrust(FedgeHome.resolve(home).audit_dir)
+    engine = open_existing(db_url, home)
+    try:
+        sourced, _ = trust.checkpoints(engine)
+        result = verify_trail(engine, checkpoints=sourced, trusted_keys=_trusted(trust))
+        if not result.ok:
+            raise AuditIntegrityError(
+                f"refusing to sign a checkpoint over a trail that does not verify: {result.reason}"
+            )
+        checkpoint = checkpoint_now(engine, trust.signer(), [trust.anchor], reason="manual")
+        if out is not None:
+            hashes = [row.record_hash for row in ChainWalker(engine).walk()][: checkpoint.seq]
+            write_checkpoint_file(out, checkpoint, hashes)
+    finally:
+        engine.dispose()
+    typer.echo(
+        f"checkpoint: record {checkpoint.seq}, head {checkpoint.head_hash}, signed at "
+        f"{checkpoint.signed_at} by key {checkpoint.key_id}"
+        + (f"; exported to {out}" if out is not None else "")
+    )
+
+
+def _trusted(trust: AuditTrust) -> list[bytes] | None:
+    key = trust.trusted_key()
+    return None if key is None else [key]
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,11 +35,14 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import ServerApp
+from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
-from fedge.errors import ConfigError
-from fedge.version import code_version
+from fedge.errors import ConfigError, FedgeError
+from fedge.version import code_version, package_versions
 from fl_server.audit import AuditEventKind, AuditLog, canonical_json
+from fl_server.audit.checkpoints import Checkpoint
+from fl_server.audit.trust import AuditTrust, Checkpointer, trusted
 from fl_server.checkpoints import CheckpointDir
 from fl_server.db import open_database
 from fl_server.federation import (
@@ -199,6 +202,8 @@ class RunLocation:
     models: Path
     db_url: str
     store_dir: Path
+    audit_dir: Path | None = None
+    """Where the audit checkpoint key and anchor live (``None``: no checkpoints are signed)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -273,6 +278,11 @@ def run_coordinated(
     engine = open_database(location.db_url)
     try:
         audit = AuditLog(engine)
+        checkpointer = (
+            None
+            if location.audit_dir is None
+            else Checkpointer(engine, AuditTrust(location.audit_dir))
+        )
         summary = (
             RunSummary(
                 run_id=plan.run_id,
@@ -297,6 +307,7 @@ def run_coordinated(
                     "config": plan.config_json,
                     "config_sha256": plan.config_sha256,
                     "code_version": code_version(),
+                    "packages": package_versions(),
                     "data": {k: v for k, v in plan.data_stats.items() if k != "client_sizes"},
                 },
                 run_id=plan.run_id,
@@ -305,7 +316,11 @@ def run_coordinated(
             None
             if plan.privacy is None
             else PrivacyBudget(
-                ledger=PrivacyLedger(engine, accountant=plan.privacy.accountant),
+                ledger=PrivacyLedger(
+                    engine,
+                    accountant=plan.privacy.accountant,
+                    checkpoints=_known_checkpoints(engine, location, checkpointer),
+                ),
                 epsilon=plan.privacy.epsilon,
                 delta=plan.privacy.delta,
                 client_lifetime_epsilon=plan.privacy.client_lifetime_epsilon,
@@ -346,7 +361,7 @@ def run_coordinated(
             checkpoints=CheckpointDir(location.models),
             audit=audit,
             run_id=plan.run_id,
-            observers=[publisher, writer, *observers],
+            observers=[publisher, writer, *([checkpointer] if checkpointer else []), *observers],
             secure=plan.secure,
             privacy=budget,
             dp=plan.dp,
@@ -365,6 +380,7 @@ def run_coordinated(
                 run_id=plan.run_id,
             )
             summary.audit_head = head.record_hash
+            _checkpoint_run_end(checkpointer)
             writer.flush()
             raise
         summary.status = RunStatus.COMPLETED
@@ -389,10 +405,33 @@ def run_coordinated(
             run_id=plan.run_id,
         )
         summary.audit_head = head.record_hash
+        _checkpoint_run_end(checkpointer)
         writer.flush()
         return summary
     finally:
         engine.dispose()
+
+
+def _known_checkpoints(
+    engine: Engine, location: RunLocation, checkpointer: Checkpointer | None
+) -> list[Checkpoint]:
+    """Return the checkpoints, signed by this home's key, the chain must still reach."""
+    if checkpointer is None or location.audit_dir is None:
+        return []
+    found, problems = AuditTrust(location.audit_dir).checkpoints(engine)
+    for problem in problems:
+        logger.warning("unreadable audit checkpoint: %s", problem)
+    return trusted(found, checkpointer.public_key)
+
+
+def _checkpoint_run_end(checkpointer: Checkpointer | None) -> None:
+    """Sign the head at a run's end; a failure is logged, never masks the run's outcome."""
+    if checkpointer is None:
+        return
+    try:
+        checkpointer.checkpoint("run-end")
+    except FedgeError as exc:
+        logger.error("could not sign the audit checkpoint at the run's end: %s", exc)
 
 
 def _every_round_aborted(summary: RunSummary) -> str | None:

@@ -46,6 +46,7 @@ def main(grid: Grid, context: Context) -> None:
         models=run_dir / "models",
         db_url=layout.database_url(config),
         store_dir=layout.store,
+        audit_dir=layout.root / "audit",
     )
 
     def host(server_app: ServerApp) -> None:

@@ -29,9 +29,18 @@ from sqlalchemy.orm import Session
 
 from fedge.errors import ConfigError, FedgeError, StorageError
 from fl_server.audit import AuditEventKind, AuditLog
+from fl_server.audit.checkpoints import Checkpoint
 from fl_server.audit.events import JSONValue
-from fl_server.db.schema import LedgerRow
-from strategies.accounting import AccountantKind, GaussianSteps, PrivacySpend, spent_epsilon
+from fl_server.db.schema import AuditHeadRow, LedgerRow
+from fl_server.ledger_binding import (
+    LEDGER_SECTION,
+    Charge,
+    ChargeKey,
+    VerifiedSpends,
+    check_rows,
+    ledger_section,
+)
+from strategies.accounting import AccountantKind, PrivacySpend, spent_epsilon
 
 __all__ = [
     "RUN_SUBJECT",
@@ -83,23 +92,11 @@ def _entry(row: LedgerRow) -> LedgerEntry:
 
 
 def _epsilon(
-    rows: list[LedgerRow],
+    spends: Sequence[RoundSpend],
     extra: RoundSpend | None,
     delta: float,
     kind: AccountantKind = AccountantKind.RDP,
 ) -> float:
-    spends = [
-        RoundSpend.from_json(
-            {
-                "mechanism": r.mechanism,
-                "rho": r.rho,
-                "noise_multiplier": r.noise_multiplier,
-                "sample_rate": r.sample_rate,
-                "steps": r.steps,
-            }
-        )
-        for r in rows
-    ]
     return spent_epsilon([*spends, *([extra] if extra else [])], delta=delta, kind=kind)
 
 
@@ -162,31 +159,62 @@ def _new_row(
 
 
 class PrivacyLedger:
-    """Record and check privacy spending in the fedge database (SQLite or PostgreSQL)."""
+    """Record and check privacy spending in the fedge database (SQLite or PostgreSQL).
 
-    def __init__(self, engine: Engine, *, accountant: AccountantKind = AccountantKind.RDP) -> None:
+    Every figure a budget check or a total uses comes from the ``privacy.spent``
+    events of the audit chain, verified on the way (:class:`VerifiedSpends`);
+    the rows it reads are compared with them first, so an edited, deleted or
+    inserted row raises :class:`~fedge.errors.AuditIntegrityError` instead of
+    changing a total.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        accountant: AccountantKind = AccountantKind.RDP,
+        checkpoints: Sequence[Checkpoint] = (),
+    ) -> None:
         """Use ``engine``; Gaussian-only subjects are accounted with ``accountant``.
 
         Zero-concentrated spends (distributed DP) and mixes always compose as RDP.
+        ``checkpoints`` (signatures already checked against a trusted key) are
+        what the chain must still reach: a tail cut off with its events is
+        detected against them.
         """
         self._engine = engine
         self.accountant = accountant
+        self._verified = VerifiedSpends(engine, checkpoints=checkpoints)
 
-    def _rows(self, session: Session, run_id: str, subject: str) -> list[LedgerRow]:
-        query = (
-            select(LedgerRow)
-            .where(LedgerRow.run_id == run_id, LedgerRow.subject == subject)
-            .order_by(LedgerRow.server_round)
-        )
-        return list(session.scalars(query))
+    def _verified_spends(
+        self, subjects: Sequence[str], run_id: str | None
+    ) -> dict[str, list[RoundSpend]]:
+        """Return each subject's verified spends (in ``run_id``, else every run).
+
+        Raises
+        ------
+        AuditIntegrityError
+            If the trail does not verify or the rows disagree with it.
+        """
+        self._verified.refresh()
+        query = select(LedgerRow).where(LedgerRow.subject.in_(list(subjects)))
+        if run_id is not None:
+            query = query.where(LedgerRow.run_id == run_id)
+        try:
+            with Session(self._engine) as session:
+                rows = list(session.scalars(query))
+        except SQLAlchemyError as exc:
+            raise StorageError(f"cannot read the privacy ledger: {exc}") from exc
+        check_rows(rows, self._verified.subject_charges(subjects, run_id))
+        return {
+            subject: [c.spend for c in self._verified.charges(subject, run_id).values()]
+            for subject in subjects
+        }
 
     def spent(self, run_id: str, *, delta: float, subject: str = RUN_SUBJECT) -> float:
         """Return epsilon(delta) of everything ``subject`` has spent in ``run_id``."""
-        try:
-            with Session(self._engine) as session:
-                return _epsilon(self._rows(session, run_id, subject), None, delta, self.accountant)
-        except SQLAlchemyError as exc:
-            raise StorageError(f"cannot read the privacy ledger: {exc}") from exc
+        spends = self._verified_spends([subject], run_id)[subject]
+        return _epsilon(spends, None, delta, self.accountant)
 
     def check(
         self,
@@ -203,16 +231,13 @@ class PrivacyLedger:
         ------
         BudgetExceeded
             If that is above ``budget``.
+        AuditIntegrityError
+            If the trail or the rows behind the total do not verify.
         """
         if not (math.isfinite(budget) and budget > 0):
             raise ConfigError(f"the epsilon budget must be a finite number > 0, got {budget}")
-        try:
-            with Session(self._engine) as session:
-                projected = _epsilon(
-                    self._rows(session, run_id, subject), spend, delta, self.accountant
-                )
-        except SQLAlchemyError as exc:
-            raise StorageError(f"cannot read the privacy ledger: {exc}") from exc
+        spends = self._verified_spends([subject], run_id)[subject]
+        projected = _epsilon(spends, spend, delta, self.accountant)
         if projected > budget:
             who = "the run" if subject == RUN_SUBJECT else f"client {subject}"
             raise BudgetExceeded(
@@ -228,8 +253,11 @@ class PrivacyLedger:
         ------
         ConfigError
             If ``subject`` is the run-level subject or not 1..128 characters.
+        AuditIntegrityError
+            If the rows disagree with the audit trail.
         """
         _check_client(subject)
+        self._verified_spends([subject], None)
         query = _lifetime_query(subject)
         try:
             with Session(self._engine) as session:
@@ -240,22 +268,17 @@ class PrivacyLedger:
     def lifetime_spent(self, subject: str, *, delta: float) -> float:
         """Return epsilon(delta) of everything client ``subject`` has spent, over every run.
 
-        Every row of the subject is composed, whatever run it belongs to (the
-        stored totals are per run and stay so).
-
         Raises
         ------
         ConfigError
             If ``subject`` is the run-level subject or not 1..128 characters,
             or ``delta`` is outside (0, 1).
+        AuditIntegrityError
+            If the trail or the rows behind the total do not verify.
         """
         _check_client(subject)
-        query = _lifetime_query(subject)
-        try:
-            with Session(self._engine) as session:
-                return _epsilon(list(session.scalars(query)), None, delta, self.accountant)
-        except SQLAlchemyError as exc:
-            raise StorageError(f"cannot read the privacy ledger: {exc}") from exc
+        spends = self._verified_spends([subject], None)[subject]
+        return _epsilon(spends, None, delta, self.accountant)
 
     def check_lifetime(
         self,
@@ -267,8 +290,7 @@ class PrivacyLedger:
     ) -> dict[str, float]:
         """Return the lifetime epsilon the round would bring each client in ``subjects`` to.
 
-        One query reads the rows of every subject, of every run; each subject's
-        rows are composed with ``spend`` added.
+        Each subject's verified spends of every run are composed with ``spend`` added.
 
         Raises
         ------
@@ -279,6 +301,8 @@ class PrivacyLedger:
             If ``budget`` is not a finite number > 0, ``delta`` is outside (0, 1),
             ``spend`` is not a spend, or a subject is the run-level one or not
             1..128 characters.
+        AuditIntegrityError
+            If the trail or the rows behind the totals do not verify.
 
         Notes
         -----
@@ -297,21 +321,10 @@ class PrivacyLedger:
         wanted = _client_subjects(subjects)
         if not wanted:
             return {}
-        history: dict[str, list[LedgerRow]] = {subject: [] for subject in wanted}
-        query = (
-            select(LedgerRow)
-            .where(LedgerRow.subject.in_(wanted))
-            .order_by(LedgerRow.subject, LedgerRow.id)
-        )
-        try:
-            with Session(self._engine) as session:
-                for row in session.scalars(query):
-                    history[row.subject].append(row)
-        except SQLAlchemyError as exc:
-            raise StorageError(f"cannot read the privacy ledger: {exc}") from exc
+        history = self._verified_spends(wanted, None)
         projected = {
-            subject: _epsilon(rows, spend, delta, self.accountant)
-            for subject, rows in history.items()
+            subject: _epsilon(spends, spend, delta, self.accountant)
+            for subject, spends in history.items()
         }
         over = sorted(
             (subject for subject, epsilon in projected.items() if epsilon > budget),
@@ -333,38 +346,26 @@ class PrivacyLedger:
         delta: float,
         subject: str = RUN_SUBJECT,
     ) -> LedgerEntry:
-        """Store the round's spend and the subject's new total; each round once per subject.
+        """Store one subject's spend for a round, with its own ``privacy.spent`` event.
 
         Raises
         ------
         StorageError
             If the round is already recorded for this subject or the database fails.
         """
-        if server_round < 0 or not 0 < len(subject) <= 128 or not 0 < len(run_id) <= 64:
+        if not 0 < len(subject) <= 128:
             raise ConfigError("invalid run id, subject or round for the privacy ledger")
-        try:
-            with Session(self._engine) as session, session.begin():
-                epsilon = _epsilon(
-                    self._rows(session, run_id, subject), spend, delta, self.accountant
-                )
-                row = _new_row(
-                    run_id,
-                    subject,
-                    server_round,
-                    spend,
-                    delta=delta,
-                    epsilon=epsilon,
-                    recorded_at=datetime.now(UTC).isoformat(timespec="microseconds"),
-                )
-                session.add(row)
-                session.flush()
-                return _entry(row)
-        except IntegrityError as exc:
-            raise StorageError(
-                f"round {server_round} of run {run_id} is already in the ledger for {subject}"
-            ) from exc
-        except SQLAlchemyError as exc:
-            raise StorageError(f"cannot write the privacy ledger: {exc}") from exc
+        totals = self.record_many(run_id, server_round, {subject: spend}, delta=delta)
+        return LedgerEntry(
+            run_id=run_id,
+            subject=subject,
+            server_round=server_round,
+            mechanism=spend.mechanism,
+            rho=spend.rho,
+            delta=delta,
+            epsilon=totals[subject],
+            recorded_at=datetime.now(UTC).isoformat(timespec="microseconds"),
+        )
 
     def record_many(
         self,
@@ -374,7 +375,7 @@ class PrivacyLedger:
         *,
         delta: float,
     ) -> dict[str, float]:
-        """Store one round's spend for many subjects in one transaction; return their totals.
+        """Store one round's spend for many subjects, with one ``privacy.spent`` event.
 
         Raises
         ------
@@ -383,21 +384,18 @@ class PrivacyLedger:
         """
         if not spends:
             return {}
-        if server_round < 0 or not 0 < len(run_id) <= 64:
-            raise ConfigError("invalid run id or round for the privacy ledger")
-        if any(not 0 < len(subject) <= 128 for subject in spends):
-            raise ConfigError("a ledger subject has 1..128 characters")
-        now = datetime.now(UTC).isoformat(timespec="microseconds")
-        try:
-            with Session(self._engine) as session, session.begin():
-                totals = self._add_rows(session, run_id, server_round, spends, delta=delta, now=now)
-        except IntegrityError as exc:
-            raise StorageError(
-                f"round {server_round} of run {run_id} is already in the ledger for a subject"
-            ) from exc
-        except SQLAlchemyError as exc:
-            raise StorageError(f"cannot write the privacy ledger: {exc}") from exc
-        return totals
+
+        def payload(totals: dict[str, float]) -> dict[str, JSONValue]:
+            return {"round": server_round, "delta": delta, "subjects": len(totals)}
+
+        return self.record_round(
+            run_id,
+            server_round,
+            spends,
+            delta=delta,
+            audit=AuditLog(self._engine),
+            payload=payload,
+        )
 
     def record_round(
         self,
@@ -413,12 +411,17 @@ class PrivacyLedger:
 
         ``spends`` maps each subject (:data:`RUN_SUBJECT` for the run itself) to
         its spend; ``payload`` turns the new totals into the ``privacy.spent``
-        event's payload. A crash leaves either the rows and the event, or neither.
+        event's payload, to which the ledger adds its own ``ledger`` section:
+        exactly the rows written, which is what binds them to the chain. Totals
+        compose the subject's *verified* earlier spends. A crash leaves either
+        the rows and the event, or neither.
 
         Raises
         ------
         StorageError
             If a subject already has this round or the database fails.
+        AuditIntegrityError
+            If the trail or the subjects' rows do not verify.
         """
         if server_round < 0 or not 0 < len(run_id) <= 64:
             raise ConfigError("invalid run id or round for the privacy ledger")
@@ -430,12 +433,22 @@ class PrivacyLedger:
         for attempt in range(_ROUND_ATTEMPTS):
             try:
                 with Session(self._engine) as session, session.begin():
+                    # Hold the head (PostgreSQL) so no other writer appends between the
+                    # verification below and this round's event.
+                    session.execute(
+                        select(AuditHeadRow).where(AuditHeadRow.id == 1).with_for_update()
+                    )
+                    history = self._verified_spends(list(spends), run_id)
                     totals = self._add_rows(
-                        session, run_id, server_round, spends, delta=delta, now=now
+                        session, run_id, server_round, spends, history, delta=delta, now=now
                     )
-                    audit.append_in(
-                        session, AuditEventKind.PRIVACY_SPENT, payload(totals), run_id=run_id
+                    content = dict(payload(totals))
+                    if LEDGER_SECTION in content:
+                        raise ConfigError(f"the payload may not set {LEDGER_SECTION!r}")
+                    content[LEDGER_SECTION] = ledger_section(
+                        server_round, spends, totals, delta=delta
                     )
+                    audit.append_in(session, AuditEventKind.PRIVACY_SPENT, content, run_id=run_id)
                     return totals
             except IntegrityError as exc:
                 # Another writer moved the audit head first: retry; a duplicate row fails again.
@@ -453,16 +466,11 @@ class PrivacyLedger:
         run_id: str,
         server_round: int,
         spends: Mapping[str, RoundSpend],
+        history: Mapping[str, Sequence[RoundSpend]],
         *,
         delta: float,
         now: str,
     ) -> dict[str, float]:
-        query = select(LedgerRow).where(
-            LedgerRow.run_id == run_id, LedgerRow.subject.in_(list(spends))
-        )
-        history: dict[str, list[LedgerRow]] = {subject: [] for subject in spends}
-        for row in session.scalars(query):
-            history[row.subject].append(row)
         totals: dict[str, float] = {}
         for subject, spend in spends.items():
             epsilon = _epsilon(history[subject], spend, delta, self.accountant)
@@ -481,37 +489,33 @@ class PrivacyLedger:
         session.flush()
         return totals
 
-    def round_spends(self, run_id: str, server_round: int) -> dict[str, RoundSpend]:
-        """Return what round ``server_round`` of ``run_id`` cost each subject (run included).
-
-        Raises
-        ------
-        StorageError
-            If the database cannot be read.
-        """
-        query = select(LedgerRow).where(
-            LedgerRow.run_id == run_id, LedgerRow.server_round == server_round
-        )
+    def _verified_run(
+        self, run_id: str, server_round: int | None = None
+    ) -> dict[ChargeKey, Charge]:
+        """Return a run's verified charges (of one round), its rows checked against them."""
+        self._verified.refresh()
+        query = select(LedgerRow).where(LedgerRow.run_id == run_id)
+        if server_round is not None:
+            query = query.where(LedgerRow.server_round == server_round)
         try:
             with Session(self._engine) as session:
                 rows = list(session.scalars(query))
         except SQLAlchemyError as exc:
             raise StorageError(f"cannot read the privacy ledger: {exc}") from exc
-        spends: dict[str, RoundSpend] = {}
-        for row in rows:
-            gaussian = (
-                None
-                if row.noise_multiplier is None or row.sample_rate is None or row.steps is None
-                else GaussianSteps(
-                    noise_multiplier=row.noise_multiplier,
-                    sample_rate=row.sample_rate,
-                    steps=row.steps,
-                )
-            )
-            spends[row.subject] = RoundSpend(
-                mechanism=row.mechanism, rho=row.rho, gaussian=gaussian
-            )
-        return spends
+        expected = self._verified.run_charges(run_id, server_round)
+        check_rows(rows, expected)
+        return expected
+
+    def round_spends(self, run_id: str, server_round: int) -> dict[str, RoundSpend]:
+        """Return what round ``server_round`` of ``run_id`` cost each subject (run included).
+
+        Raises
+        ------
+        AuditIntegrityError
+            If the trail or the round's rows do not verify.
+        """
+        charges = self._verified_run(run_id, server_round)
+        return {key.subject: charge.spend for key, charge in charges.items()}
 
     def run_epsilon(self, run_id: str, *, delta: float) -> float | None:
         """Return the run's epsilon so far: its own spend, else its worst participant's.
@@ -526,19 +530,16 @@ class PrivacyLedger:
         return None if worst is None else worst[1]
 
     def max_subject_epsilon(self, run_id: str) -> tuple[str, float] | None:
-        """Return the client (not the run) with the largest stored epsilon, or None."""
-        query = (
-            select(LedgerRow.subject, LedgerRow.epsilon)
-            .where(LedgerRow.run_id == run_id, LedgerRow.subject != RUN_SUBJECT)
-            .order_by(LedgerRow.epsilon.desc())
-            .limit(1)
-        )
-        try:
-            with Session(self._engine) as session:
-                row = session.execute(query).first()
-        except SQLAlchemyError as exc:
-            raise StorageError(f"cannot read the privacy ledger: {exc}") from exc
-        return None if row is None else (str(row[0]), float(row[1]))
+        """Return the client (not the run) with the largest verified epsilon, or None."""
+        clients = [
+            (charge.epsilon, key.subject)
+            for key, charge in self._verified_run(run_id).items()
+            if key.subject != RUN_SUBJECT
+        ]
+        if not clients:
+            return None
+        epsilon, subject = max(clients, key=lambda item: (item[0], item[1]))
+        return subject, epsilon
 
     def latest_run_id(self) -> str | None:
         """Return the run of the newest entry, or None for an empty ledger."""
@@ -550,7 +551,14 @@ class PrivacyLedger:
             raise StorageError(f"cannot read the privacy ledger: {exc}") from exc
 
     def entries(self, run_id: str, *, subject: str | None = None) -> list[LedgerEntry]:
-        """Return a run's entries in round order (every subject unless one is named)."""
+        """Return a run's entries in round order (every subject unless one is named).
+
+        Raises
+        ------
+        AuditIntegrityError
+            If the trail or the run's rows do not verify.
+        """
+        self._verified_run(run_id)
         query = select(LedgerRow).where(LedgerRow.run_id == run_id)
         if subject is not None:
             query = query.where(LedgerRow.subject == subject)

@@ -288,6 +288,7 @@ def run_command(
         db_url=db_url or state.db_url,
         store=store_dir or state.store_dir,
         devices=devices_dir or state.devices_dir,
+        audit=state.audit_dir,
     )
     _check_writable(paths, runs_dir=runs)
     check_paths(paths)

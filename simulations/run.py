@@ -72,11 +72,17 @@ class RunPaths:
         """The simulated devices' directory (one lifetime ledger per device, across runs)."""
         return self.devices or self.models.parent.parent / "devices"
 
+    @property
+    def audit_dir(self) -> Path:
+        """The audit checkpoint key and anchor (:class:`fl_server.audit.trust.AuditTrust`)."""
+        return self.audit or self.models.parent.parent / "audit"
+
     summary: Path
     models: Path
     db_url: str
     store: Path | None = None
     devices: Path | None = None
+    audit: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +193,11 @@ def run_federation(
     if config.secure_agg:
         plan = replace(plan, secure=config.secure_config(authority_public_key=authority))
     location = RunLocation(
-        summary=paths.summary, models=paths.models, db_url=paths.db_url, store_dir=paths.store_dir
+        summary=paths.summary,
+        models=paths.models,
+        db_url=paths.db_url,
+        store_dir=paths.store_dir,
+        audit_dir=paths.audit_dir,
     )
 
     def host(server_app: ServerApp) -> None:
