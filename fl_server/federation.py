@@ -1,17 +1,35 @@
-"""The fedge ServerApp: FedAvg rounds with central evaluation, checkpoints and audit events."""
+"""The fedge ServerApp: FedAvg rounds with central evaluation, checkpoints and audit events.
+
+Each ``round.completed`` event counts who the round asked (``sampled``), whose
+replies it used (``completed``; for a secure round, the survivors inside the
+sum), the difference (``dropped``) and, of those, how many devices refused by
+their own policy (``refused``: {category: count}, from the error code of their
+reply). The counts are taken on the Grid the ServerApp receives, beneath any
+secure-aggregation or DP wrapper, so they mean the same for every mode.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.supercore.run import Run
 
 from fedge.errors import ConfigError
 from fl_server._dp_records import log_failures
@@ -30,17 +48,29 @@ from fl_server.secagg import (
 from fl_server.spend import LedgerSink
 
 __all__ = [
+    "REFUSAL_CATEGORIES",
     "CentralEvaluator",
     "Evaluation",
     "FederationConfig",
     "RoundObserver",
     "RoundReport",
+    "RoundTally",
     "make_server_app",
 ]
 
 logger = logging.getLogger(__name__)
 
 _DDG = "distributed-ddg"
+
+# The error codes a device's own mods answer with when its policy refuses a round
+# (fl_client.secagg_mod.SECAGG_ERROR_CODE, fl_client.dp_mod.DP_ERROR_CODE,
+# fl_client.budget.BUDGET_ERROR_CODE; fl_server may not import fl_client, a test
+# holds the two sides together). Any other error is a drop, not a refusal.
+REFUSAL_CATEGORIES: dict[int, str] = {
+    4301: "secure_aggregation",
+    4311: "differential_privacy",
+    4312: "privacy_budget",
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -148,6 +178,89 @@ class _ReplyCounts:
             "aborted": stats.aborted,
         }
         return stats.survivors, stats.sampled - stats.survivors, summary
+
+
+@dataclass(frozen=True, slots=True)
+class RoundTally:
+    """Who a round asked and which of them refused by their own policy."""
+
+    sampled: int
+    refused: dict[str, int]
+
+
+class _TallyGrid(Grid):
+    """Count the nodes each round's train messages go to and the policy refusals they answer.
+
+    Everything sent between two :meth:`take` calls belongs to one round (the
+    round loop evaluates after every round). A node counts once however many
+    messages a round sends it (a secure round has several stages), and only its
+    first error reply is read: a node that refuses leaves the round.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._inner = grid
+        self._asked: set[int] = set()
+        self._errors: dict[int, int] = {}
+
+    def take(self) -> RoundTally:
+        """Return the tally since the last call and start a new one."""
+        refused = Counter(
+            REFUSAL_CATEGORIES[code] for code in self._errors.values() if code in REFUSAL_CATEGORIES
+        )
+        tally = RoundTally(sampled=len(self._asked), refused=dict(sorted(refused.items())))
+        self._asked = set()
+        self._errors = {}
+        return tally
+
+    def set_run(self, run: Run) -> None:
+        """Set the run on the wrapped Grid."""
+        self._inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        """The wrapped Grid's run."""
+        return self._inner.run
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        """Create a message through the wrapped Grid."""
+        return self._inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Return the connected nodes."""
+        return self._inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Push messages unchanged (not counted: fedge's rounds use send_and_receive)."""
+        return self._inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Pull replies unchanged."""
+        return self._inner.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Send through the wrapped Grid, counting train messages and their error replies."""
+        outgoing = list(messages)
+        asked = {
+            m.metadata.dst_node_id for m in outgoing if m.metadata.message_type == MessageType.TRAIN
+        }
+        self._asked |= asked
+        replies = list(self._inner.send_and_receive(outgoing, timeout=timeout))
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if node in asked and node not in self._errors and reply.has_error():
+                code = reply.error.code
+                # Device input: a code that is not an int is simply not a known refusal.
+                self._errors[node] = code if isinstance(code, int) else -1
+        return replies
 
 
 class _CountingFedAvg(FedAvg):
@@ -271,6 +384,8 @@ def make_server_app(
     @app.main()
     def _main(grid: Grid, context: Context) -> None:
         del context
+        tally = _TallyGrid(grid)
+        grid = tally
         if secure is not None:
             guard, on_secure = _privacy_hooks(privacy, counts, audit, run_id)
             grid = SecureAggregationGrid(grid, secure, on_round=on_secure, privacy_guard=guard)
@@ -296,6 +411,7 @@ def make_server_app(
 
         def _evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             nonlocal round_started
+            round_tally = tally.take()
             evaluation = evaluate(arrays)
             if 0 < server_round == first_round - 1:
                 # A resumed run's starting model: saved, audited and reported before the crash.
@@ -325,6 +441,10 @@ def make_server_app(
                         "loss": evaluation.loss,
                         "replies": ok,
                         "failures": failed,
+                        "sampled": round_tally.sampled,
+                        "completed": ok,
+                        "dropped": max(round_tally.sampled - ok, 0),
+                        "refused": round_tally.refused,
                         "model_sha256": saved.sha256,
                         "seconds": round(seconds, 3),
                         "secure_aggregation": secure_summary,
