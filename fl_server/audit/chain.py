@@ -42,6 +42,8 @@ class CheckedRow:
     record_hash: str
     payload: dict[str, object] | None
     problem: str
+    problem_seq: int
+    """Where the problem is: the record itself, or the missing record before it."""
 
 
 def _problem(row: AuditRecordRow, expected_seq: int, prev_hash: str) -> tuple[str, object]:
@@ -121,6 +123,7 @@ class ChainWalker:
                     record_hash=row.record_hash,
                     payload=payload if isinstance(payload, dict) and not problem else None,
                     problem=problem,
+                    problem_seq=min(row.seq, expected_seq),
                 )
                 # Continue from the record as stored: one bad record is named once.
                 expected_seq, prev_hash = row.seq + 1, row.record_hash

@@ -188,7 +188,7 @@ class _Pass:
         if self.record_hashes:
             self.ours[row.seq] = row.record_hash
         if row.problem:
-            self.chain_problems.append(TrailProblem("chain", row.problem, row.seq))
+            self.chain_problems.append(TrailProblem("chain", row.problem, row.problem_seq))
         if row.record_hash == self.expect_head:
             self.expect_found = True
         for item in self.wanted.get(row.seq, []):
@@ -204,6 +204,16 @@ class _Pass:
                     self.matched = item
             return
         after = self.last_good_checkpoint
+        where = (
+            f"record {row.seq} differs from the checkpoint signed at "
+            f"{item.checkpoint.signed_at} ({item.source})"
+        )
+        if self.chain_problems:
+            # Explained by the damage already named: no new first bad record.
+            self.problems.append(
+                TrailProblem("checkpoint", f"{where}: the chain changed since it was signed")
+            )
+            return
         first = _first_rewritten(self.record_hashes, self.ours, after, row.seq)
         span = (
             f"record {first} is the first that differs from the exported hashes"
@@ -213,8 +223,7 @@ class _Pass:
         self.problems.append(
             TrailProblem(
                 "checkpoint",
-                f"record {row.seq} differs from the checkpoint signed at "
-                f"{item.checkpoint.signed_at} ({item.source}): the chain was rewritten; {span}",
+                f"{where}: the chain was rewritten; {span}",
                 first if first is not None else after + 1,
             )
         )
