@@ -5,7 +5,10 @@ Everything is made once, here, with the OS CSPRNG (``cryptography`` and
 authority's key (read later only by the gateway process), the store's signing
 key, the coordinator's secret for the SuperLink, the database (migrated), and
 ``fedge-server.toml``. Secret files are 0600. An existing deployment is never
-overwritten, and a directory that is not empty is refused.
+overwritten, and a directory that is not empty is refused. Every key made here
+is recorded as ``key.created`` (public key, key id or certificate fingerprint;
+never a private key or secret). fedge has no rotation command yet: a key is
+made once, here, or by the first publish to a store without one.
 """
 
 from __future__ import annotations
@@ -17,17 +20,22 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from edge_runtime.local_data import load_examples
+from edge_runtime.manifest import key_id_for
 from edge_runtime.secret_files import write_secret
 from fedge.errors import ConfigError, StorageError
+from fl_server.audit import AuditLog
 from fl_server.db import open_database
 from fl_server.deployment import (
     DeploymentConfig,
     DeploymentLayout,
     render_config,
 )
+from fl_server.deployment_audit import NewKey, record_keys
 from fl_server.enrolment.authority import write_authority
 from fl_server.pki import (
     certificate_to_pem,
@@ -134,10 +142,34 @@ def init_deployment(
         write_authority(layout.authority_key, authority)
         layout.authority_public_key.write_text(authority.public_key.hex() + "\n", encoding="ascii")
         write_secret(layout.superexec_secret, secrets.token_bytes(32))
-        StoreKey.load_or_create(layout.store / "store-key.pem")
+        store_key = StoreKey.load_or_create(layout.store / "store-key.pem")
         if eval_data is not None:
             shutil.copyfile(eval_data, root / chosen.evaluation.data)
-        open_database(layout.database_url(chosen)).dispose()
+        engine = open_database(layout.database_url(chosen))
+        try:
+            record_keys(
+                AuditLog(engine),
+                [
+                    _certificate_key("tls_ca", ca_cert),
+                    _certificate_key("tls_server", server_cert),
+                    NewKey(
+                        purpose="enrolment_authority",
+                        algorithm="ed25519",
+                        key_id=key_id_for(authority.public_key),
+                        public_key=authority.public_key.hex(),
+                    ),
+                    NewKey(
+                        purpose="store_signing",
+                        algorithm="ed25519",
+                        key_id=store_key.key_id,
+                        public_key=store_key.public_key_bytes().hex(),
+                    ),
+                    NewKey(purpose="superexec_secret", algorithm="random-256"),
+                ],
+                created_by="fedge server init",
+            )
+        finally:
+            engine.dispose()
         # Written last: its presence says the directory is complete.
         layout.config.write_text(render_config(chosen), encoding="utf-8")
     except (OSError, StorageError) as exc:
@@ -145,6 +177,24 @@ def init_deployment(
         _empty(root)
         raise ConfigError(f"cannot create the deployment in {root}: {exc}") from None
     return layout
+
+
+def _certificate_key(purpose: str, certificate: x509.Certificate) -> NewKey:
+    """Name a certificate's key by the certificate's SHA-256 fingerprint (what devices pin)."""
+    key = certificate.public_key()
+    # fl_server.pki makes EC keys only; anything else is named by its type.
+    algorithm = (
+        f"ecdsa-{key.curve.name}"
+        if isinstance(key, ec.EllipticCurvePublicKey)
+        else type(key).__name__
+    )
+    return NewKey(
+        purpose=purpose,
+        algorithm=algorithm,
+        key_id=f"{certificate.serial_number:x}",
+        fingerprint_sha256=hashlib.sha256(certificate.public_bytes(Encoding.DER)).hexdigest(),
+        not_after=certificate.not_valid_after_utc,
+    )
 
 
 def _empty(root: Path) -> None:

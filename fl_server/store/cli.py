@@ -105,8 +105,9 @@ def open_store(
     engine = open_database(db_url or FedgeHome.resolve(home).db_url, create=create)
     try:
         key_path = root / _KEY_FILE if create else _existing_key_path(root)
-        key = StoreKey.load_or_create(key_path)
-        yield ModelStore(engine, FileBlobStore(root), key, audit=AuditLog(engine))
+        audit = AuditLog(engine)
+        key = StoreKey.load_or_create(key_path, audit=audit if create else None)
+        yield ModelStore(engine, FileBlobStore(root), key, audit=audit)
     finally:
         engine.dispose()
 

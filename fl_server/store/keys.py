@@ -8,13 +8,16 @@ import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_runtime.manifest import SIGNING_CONTEXT, Manifest, SignedManifest, key_id_for
-from fedge.errors import ConfigError, StorageError
+from fedge.errors import ConfigError, FedgeError, StorageError
+
+if TYPE_CHECKING:
+    from fl_server.audit import AuditLog
 
 __all__ = ["StoreKey"]
 
@@ -35,8 +38,20 @@ class StoreKey:
         return cls(Ed25519PrivateKey.from_private_bytes(random_bytes(32)))
 
     @classmethod
-    def load_or_create(cls, path: Path) -> StoreKey:
+    def load_or_create(
+        cls, path: Path, *, audit: AuditLog | None = None, created_by: str = "fedge store"
+    ) -> StoreKey:
         """Load the key at ``path`` (PKCS8 PEM), or create it there with mode 0o600.
+
+        Parameters
+        ----------
+        path
+            The key file.
+        audit
+            Where to record ``key.created`` (key id and public key only) when
+            this call creates the key; ``None`` records nothing.
+        created_by
+            What created it, for that record.
 
         Raises
         ------
@@ -44,7 +59,8 @@ class StoreKey:
             If the file is readable or writable by group or others, or is not an
             unencrypted Ed25519 PKCS8 PEM key.
         StorageError
-            If the file cannot be read or written.
+            If the file cannot be read or written, or the new key cannot be
+            recorded (the key is then kept: it exists, and the message names it).
         """
         try:
             return cls._load(path)
@@ -75,7 +91,26 @@ class StoreKey:
             with contextlib.suppress(OSError):
                 temporary.unlink(missing_ok=True)
         _LOGGER.info("created store signing key %s at %s", key.key_id, path)
+        if audit is not None:
+            key._record_creation(audit, created_by)
         return key
+
+    def _record_creation(self, audit: AuditLog, created_by: str) -> None:
+        from fl_server.audit import AuditEventKind
+        from fl_server.deployment_audit import NewKey
+
+        record = NewKey(
+            purpose="store_signing",
+            algorithm="ed25519",
+            key_id=self.key_id,
+            public_key=self.public_key_bytes().hex(),
+        )
+        try:
+            audit.append(AuditEventKind.KEY_CREATED, {**record.payload(), "created_by": created_by})
+        except FedgeError as exc:
+            raise StorageError(
+                f"created store signing key {self.key_id} but could not audit it: {exc}"
+            ) from exc
 
     @classmethod
     def _load(cls, path: Path) -> StoreKey:

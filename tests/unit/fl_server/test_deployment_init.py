@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import stat
 from dataclasses import replace
@@ -16,6 +17,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from edge_runtime.secret_files import read_secret
 from fedge.errors import ConfigError, DataError
+from fl_server.audit import AuditEventKind, AuditLog
 from fl_server.coordinator import RunPlan
 from fl_server.db import open_database
 from fl_server.deployment import (
@@ -196,6 +198,51 @@ def test_the_database_is_created_and_migrated(layout: DeploymentLayout) -> None:
 
     assert {"alembic_version"} <= tables
     assert len(tables) > 1
+
+
+def test_init_records_every_key_it_makes_by_public_names_only(layout: DeploymentLayout) -> None:
+    engine = open_database(layout.database_url(load_config(layout.config)), create=False)
+    try:
+        events = list(AuditLog(engine).iter())
+    finally:
+        engine.dispose()
+    authority = read_authority(layout.authority_key)
+    store_key = StoreKey.load_or_create(layout.store / "store-key.pem")
+    ca = x509.load_pem_x509_certificate(layout.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(layout.server_cert.read_bytes())
+
+    assert [e.kind for e in events] == [AuditEventKind.KEY_CREATED] * 5
+    by_purpose = {e.payload["purpose"]: dict(e.payload) for e in events}
+    assert by_purpose["tls_ca"] == {
+        "purpose": "tls_ca",
+        "algorithm": "ecdsa-secp256r1",
+        "key_id": f"{ca.serial_number:x}",
+        "public_key": None,
+        "fingerprint_sha256": ca_fingerprint(layout.ca_cert.read_bytes()).removeprefix("sha256:"),
+        "not_after": ca.not_valid_after_utc.isoformat(),
+        "created_by": "fedge server init",
+    }
+    assert by_purpose["tls_server"]["key_id"] == f"{server.serial_number:x}"
+    assert by_purpose["tls_server"]["not_after"] == server.not_valid_after_utc.isoformat()
+    assert by_purpose["enrolment_authority"]["public_key"] == authority.public_key.hex()
+    assert by_purpose["enrolment_authority"]["algorithm"] == "ed25519"
+    assert (by_purpose["store_signing"]["key_id"], by_purpose["store_signing"]["public_key"]) == (
+        store_key.key_id,
+        store_key.public_key_bytes().hex(),
+    )
+    assert by_purpose["superexec_secret"] == {
+        "purpose": "superexec_secret",
+        "algorithm": "random-256",
+        "key_id": None,
+        "public_key": None,
+        "fingerprint_sha256": None,
+        "not_after": None,
+        "created_by": "fedge server init",
+    }
+    trail = json.dumps([dict(e.payload) for e in events])
+    assert authority.signing_seed.hex() not in trail
+    assert read_secret(layout.superexec_secret).hex() not in trail
+    assert layout.ca_key.read_text() not in trail
 
 
 def test_ca_fingerprint_is_sha256_of_the_der_and_stable(layout: DeploymentLayout) -> None:

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import Engine
 
 from edge_runtime.manifest import ArtefactFormat, Precision, verify_manifest
-from fedge.errors import ConfigError
+from fedge.errors import ConfigError, StorageError
 from fl_server.audit import AuditEventKind, AuditLog
 from fl_server.db import open_database
 from fl_server.store.blobs import FileBlobStore
@@ -248,3 +248,43 @@ def test_republished_bytes_are_protected_by_the_gc_grace_period(
 
     assert store.gc(keep_last=1)["objects_deleted"] == 0
     assert store.blobs.exists(old.digest)
+
+
+def test_a_created_store_key_is_audited_once_by_its_public_names(
+    engine: Engine, tmp_path: Path
+) -> None:
+    audit = AuditLog(engine)
+    path = tmp_path / "keys" / "store-key.pem"
+
+    key = StoreKey.load_or_create(path, audit=audit, created_by="test")
+    again = StoreKey.load_or_create(path, audit=audit, created_by="test")
+
+    assert again.key_id == key.key_id
+    (event,) = list(audit.iter())
+    assert event.kind is AuditEventKind.KEY_CREATED
+    assert dict(event.payload) == {
+        "purpose": "store_signing",
+        "algorithm": "ed25519",
+        "key_id": key.key_id,
+        "public_key": key.public_key_bytes().hex(),
+        "fingerprint_sha256": None,
+        "not_after": None,
+        "created_by": "test",
+    }
+    assert path.read_text(encoding="ascii").split("-----")[2].strip() not in str(event.payload)
+
+
+def test_a_store_key_that_cannot_be_audited_is_kept_and_named(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    audit = AuditLog(engine)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise StorageError("database down")
+
+    monkeypatch.setattr(audit, "append", broken)
+    path = tmp_path / "store-key.pem"
+
+    with pytest.raises(StorageError, match=r"created store signing key [0-9a-f]{16} but could not"):
+        StoreKey.load_or_create(path, audit=audit)
+    assert StoreKey.load_or_create(path, audit=audit).key_id  # kept; loading records nothing
