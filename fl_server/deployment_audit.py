@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 _ATTEMPTS = 20
 _REDACTED = "***"
+_SECRET_WORDS = ("pass", "secret", "key", "token")
 
 
 def _json_value(value: object) -> JSONValue:
@@ -63,9 +64,12 @@ def _redacted_url(url: str) -> str:
         parsed = make_url(url)
     except ArgumentError:
         return _REDACTED  # unparseable: it may hold anything, so nothing of it is kept
-    if parsed.password is None:
-        return parsed.render_as_string(hide_password=False)
-    return parsed.set(password=_REDACTED).render_as_string(hide_password=False)
+    # A driver option may carry a credential too (``?password=``, ``?sslkey=``).
+    query = {
+        name: _REDACTED if any(word in name.lower() for word in _SECRET_WORDS) else value
+        for name, value in parsed.query.items()
+    }
+    return parsed.set(query=query).render_as_string(hide_password=True)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,8 @@
 """``fedge server start DIR``: the cloud side of a deployment as one supervised process tree.
 
-The supervisor (this process) starts:
+The supervisor (this process) records the configuration in the audit trail
+(``config.loaded``, and ``config.changed`` when it differs from the last
+start's; see :mod:`fl_server.deployment_audit`), then starts:
 
 1. Flower's SuperLink on loopback (TLS, SuperNode authentication, ``process``
    isolation, state in ``state/superlink.db``);
@@ -43,6 +45,7 @@ from fl_server.checkpoints import load_weights
 from fl_server.coordinator import Resume, RunLocation, RunPlan, new_run_id, run_coordinated
 from fl_server.db import open_database
 from fl_server.deployment import DeploymentConfig, DeploymentLayout, load_config, split_address
+from fl_server.deployment_audit import record_config
 from fl_server.deployment_plan import build_plan
 from fl_server.enrolment.registry import DeviceRegistry, DeviceStatus
 from fl_server.federation import RoundObserver
@@ -255,7 +258,9 @@ def serve_deployment(
     resume = None if interrupted is None else _resume_point(location, plan)
     # One read connection pool for the supervisor's own lookups (device names, metrics).
     with _reading(location.db_url) as reader:
-        registry = DeviceRegistry(reader, AuditLog(reader))
+        audit = AuditLog(reader)
+        record_config(audit, config, run_id=chosen_run)
+        registry = DeviceRegistry(reader, audit)
         stop = threading.Event()
         privacy = plan.privacy
         metrics = RunMetrics(
