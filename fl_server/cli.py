@@ -7,25 +7,23 @@ one line instead of creating one.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fedge.errors import AuditIntegrityError, StorageError
-from fedge.home import HOME_HELP, FedgeHome
-from fl_server.db import DB_URL_ENV
+from fedge.errors import AuditIntegrityError
+from fedge.home import FedgeHome
+from fl_server.cli_options import DbUrlOption, HomeOption, JsonOption, open_existing
+from fl_server.reports.cli import report_command
 
 if TYPE_CHECKING:
-    from sqlalchemy import Engine
-
     from fl_server.audit.trust import AuditTrust
     from fl_server.audit.verify import TrailVerification
     from fl_server.ledger import LedgerEntry, PrivacyLedger
 
-__all__ = ["audit_app", "ledger_app"]
+__all__ = ["audit_app", "ledger_app", "open_existing"]
 
 audit_app = typer.Typer(help="Read and verify the tamper-evident audit log.", no_args_is_help=True)
 ledger_app = typer.Typer(
@@ -35,27 +33,12 @@ ledger_app = typer.Typer(
 # SQLite and PostgreSQL integers are signed 64-bit.
 _MAX_COUNT = 2**63 - 1
 
-_DbUrl = Annotated[
-    str | None,
-    typer.Option(
-        "--db-url", envvar=DB_URL_ENV, help="The database (default: HOME/fedge.db, SQLite)."
-    ),
-]
-_Home = Annotated[Path | None, typer.Option("--home", help=HOME_HELP)]
-_Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+_DbUrl = DbUrlOption
+_Home = HomeOption
+_Json = JsonOption
 
 
-def open_existing(db_url: str | None, home: Path | None) -> Engine:
-    """Open the database ``db_url`` (else the home's) for reading; never create one.
-
-    Raises
-    ------
-    StorageError
-        If there is no fedge database there.
-    """
-    from fl_server.db import open_database
-
-    return open_database(db_url or FedgeHome.resolve(home).db_url, create=False)
+audit_app.command("report")(report_command)
 
 
 @audit_app.command("verify")
@@ -104,9 +87,8 @@ def verify_command(
     privacy.spent events that state its rows, and each model version's epsilon
     against the run's epsilon in the trail when it was published.
     """
-    from fl_server.audit.checkpoints import load_checkpoint_file, read_public_key
-    from fl_server.audit.trust import AuditTrust
-    from fl_server.audit.verify import SourcedCheckpoint, verify_trail
+    from fl_server.audit.checkpoints import read_public_key
+    from fl_server.audit.trust import AuditTrust, verify_with_trust
 
     if expect_head is not None and not _is_digest(expect_head):
         raise typer.BadParameter(
@@ -115,32 +97,16 @@ def verify_command(
     trust = AuditTrust(FedgeHome.resolve(home).audit_dir)
     engine = open_existing(db_url, home)
     try:
-        sourced, unreadable = trust.checkpoints(engine)
-        exported: list[str] = []
-        # Trusted: the pinned key (else the home's), and the keys of the files kept outside.
-        pinned = read_public_key(public_key) if public_key else trust.trusted_key()
-        keys = set() if pinned is None else {pinned}
-        for path in checkpoint_files or []:
-            checkpoint, hashes = load_checkpoint_file(path)
-            sourced.append(SourcedCheckpoint(checkpoint, f"file:{path}"))
-            keys.add(bytes.fromhex(checkpoint.public_key))
-            if len(hashes) > len(exported):
-                exported = hashes
-        result = verify_trail(
+        result, unreadable = verify_with_trust(
             engine,
-            checkpoints=sourced,
-            trusted_keys=keys or None,
-            record_hashes=exported,
+            trust,
+            checkpoint_files=checkpoint_files or [],
+            public_key=read_public_key(public_key) if public_key else None,
             expect_head=expect_head,
             store_public_key=read_public_key(store_key) if store_key else None,
         )
     finally:
         engine.dispose()
-    if not keys and result.checkpoints_checked:
-        unreadable.append(
-            "no trusted checkpoint key (HOME/audit/checkpoint-key.pub is missing): checkpoints "
-            "signed by any key were accepted; pin one with --public-key"
-        )
     if as_json:
         typer.echo(json.dumps(result.to_json() | {"unreadable_checkpoints": unreadable}, indent=2))
     else:
@@ -149,7 +115,8 @@ def verify_command(
         more = (
             f" (and {len(result.problems) - 1} more problems)" if len(result.problems) > 1 else ""
         )
-        raise AuditIntegrityError(f"audit trail does not verify: {result.reason}{more}")
+        where = "" if result.first_bad_seq is None else f" at record {result.first_bad_seq}"
+        raise AuditIntegrityError(f"audit trail broken{where}: {result.reason}{more}")
 
 
 def _is_digest(text: str) -> bool:
@@ -231,88 +198,6 @@ def _trusted(trust: AuditTrust) -> list[bytes] | None:
     return None if key is None else [key]
 
 
-@dataclass(frozen=True, slots=True)
-class ListedRecord:
-    """One audit record as stored, and what is wrong with it (``None``: intact)."""
-
-    seq: int
-    recorded_at: str
-    kind: str
-    run_id: str | None
-    payload: Any
-    problem: str | None
-
-
-def latest_checked(engine: Engine, count: int, *, run_id: str | None) -> list[ListedRecord]:
-    """Return the newest ``count`` records, oldest first, each checked against its hash.
-
-    A damaged record (edited content, a broken link to its predecessor, a payload
-    that is not JSON) is returned as stored with its problem named, so a listing
-    can show it instead of failing on it.
-
-    Raises
-    ------
-    StorageError
-        If the database cannot be read.
-    """
-    from sqlalchemy import select
-    from sqlalchemy.exc import SQLAlchemyError
-    from sqlalchemy.orm import Session
-
-    from fl_server.audit.events import GENESIS_HASH, parse_canonical, record_hash
-    from fl_server.db.schema import AuditRecordRow
-
-    query = select(AuditRecordRow)
-    if run_id is not None:
-        query = query.where(AuditRecordRow.run_id == run_id)
-    try:
-        with Session(engine) as session:
-            rows = list(
-                session.execute(query.order_by(AuditRecordRow.seq.desc()).limit(count)).scalars()
-            )
-            wanted = {row.seq - 1 for row in rows}
-            links = session.execute(
-                select(AuditRecordRow.seq, AuditRecordRow.record_hash).where(
-                    AuditRecordRow.seq.in_(sorted(wanted))
-                )
-            )
-            before = {seq: digest for seq, digest in links}
-    except SQLAlchemyError as exc:
-        raise StorageError(f"cannot read the audit log: {exc}") from exc
-    before[0] = GENESIS_HASH
-    listed = []
-    for row in reversed(rows):
-        problem = None
-        try:
-            payload: Any = parse_canonical(row.payload)
-            digest = record_hash(
-                seq=row.seq,
-                recorded_at=row.recorded_at,
-                kind=row.kind,
-                run_id=row.run_id,
-                payload_json=row.payload,
-                prev_hash=row.prev_hash,
-            )
-        except ValueError as exc:  # ConfigError from parse_canonical is one
-            payload, digest = row.payload, ""
-            problem = f"its payload is not canonical JSON ({exc})"
-        if problem is None and digest != row.record_hash:
-            problem = "its content does not match its hash"
-        elif problem is None and before.get(row.seq - 1) != row.prev_hash:
-            problem = "it does not link to its predecessor"
-        listed.append(
-            ListedRecord(
-                seq=row.seq,
-                recorded_at=row.recorded_at,
-                kind=row.kind,
-                run_id=row.run_id,
-                payload=payload,
-                problem=problem,
-            )
-        )
-    return listed
-
-
 def _when(recorded_at: str) -> str:
     try:
         return f"{datetime.fromisoformat(recorded_at):%Y-%m-%d %H:%M:%S}"
@@ -337,13 +222,17 @@ def list_command(
     Each record is checked against its hash as it is listed; a damaged one is
     shown as stored, marked DAMAGED, and the command exits 1.
     """
+    from fl_server.audit.reading import checked_records
+
     engine = open_existing(db_url, home)
     try:
-        records = latest_checked(engine, last, run_id=run_id)
+        records = checked_records(engine, run_id=run_id, last=last)
     finally:
         engine.dispose()
     if as_json:
-        typer.echo(json.dumps([asdict(record) for record in records], indent=2))
+        fields = ("seq", "recorded_at", "kind", "run_id", "payload", "problem")
+        listed = [{name: getattr(record, name) for name in fields} for record in records]
+        typer.echo(json.dumps(listed, indent=2))
     for record in [] if as_json else records:
         if isinstance(record.payload, dict):
             payload = ", ".join(f"{key}={value}" for key, value in sorted(record.payload.items()))

@@ -297,7 +297,9 @@ def run_coordinated(
         store = ModelStore(
             engine,
             FileBlobStore(location.store_dir),
-            StoreKey.load_or_create(location.store_dir / "store-key.pem"),
+            StoreKey.load_or_create(
+                location.store_dir / "store-key.pem", audit=audit, created_by="fedge run"
+            ),
             audit=audit,
         )
         if resume is None:

@@ -29,6 +29,8 @@ from edge_runtime.manifest import key_id_for
 from edge_runtime.secret_files import write_secret
 from fedge.errors import ConfigError, StorageError
 from fl_server.audit import AuditLog
+from fl_server.audit.checkpoints import key_id as checkpoint_key_id
+from fl_server.audit.trust import AuditTrust
 from fl_server.db import open_database
 from fl_server.deployment import (
     DeploymentConfig,
@@ -143,6 +145,8 @@ def init_deployment(
         layout.authority_public_key.write_text(authority.public_key.hex() + "\n", encoding="ascii")
         write_secret(layout.superexec_secret, secrets.token_bytes(32))
         store_key = StoreKey.load_or_create(layout.store / "store-key.pem")
+        # Signs the trail's checkpoints; not the database credential (fl_server.audit.trust).
+        checkpoint_key = AuditTrust.of_home(layout.root).signer().public_key
         if eval_data is not None:
             shutil.copyfile(eval_data, root / chosen.evaluation.data)
         engine = open_database(layout.database_url(chosen))
@@ -163,6 +167,12 @@ def init_deployment(
                         algorithm="ed25519",
                         key_id=store_key.key_id,
                         public_key=store_key.public_key_bytes().hex(),
+                    ),
+                    NewKey(
+                        purpose="audit_checkpoint",
+                        algorithm="ed25519",
+                        key_id=checkpoint_key_id(checkpoint_key),
+                        public_key=checkpoint_key.hex(),
                     ),
                     NewKey(purpose="superexec_secret", algorithm="random-256"),
                 ],

@@ -17,6 +17,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedge.errors import ConfigError
+from fl_server.audit.trust import AuditTrust
 from fl_server.coordinator import RunLocation, new_run_id, run_coordinated
 from fl_server.deployment import DeploymentLayout, load_config
 from fl_server.deployment_plan import build_plan
@@ -46,7 +47,7 @@ def main(grid: Grid, context: Context) -> None:
         models=run_dir / "models",
         db_url=layout.database_url(config),
         store_dir=layout.store,
-        audit_dir=layout.root / "audit",
+        audit_dir=AuditTrust.of_home(layout.root).directory,
     )
 
     def host(server_app: ServerApp) -> None:

@@ -41,6 +41,7 @@ from edge_runtime.processes import die_with_parent, log_tail, stop_on_signals, s
 from edge_runtime.secret_files import read_secret
 from fedge.errors import ConfigError, FedgeError
 from fl_server.audit import AuditLog
+from fl_server.audit.trust import AuditTrust
 from fl_server.checkpoints import load_weights
 from fl_server.coordinator import Resume, RunLocation, RunPlan, new_run_id, run_coordinated
 from fl_server.db import open_database
@@ -254,6 +255,7 @@ def serve_deployment(
         models=run_dir / "models",
         db_url=layout.database_url(config),
         store_dir=layout.store,
+        audit_dir=AuditTrust.of_home(layout.root).directory,
     )
     resume = None if interrupted is None else _resume_point(location, plan)
     # One read connection pool for the supervisor's own lookups (device names, metrics).

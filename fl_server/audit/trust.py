@@ -28,13 +28,20 @@ from fl_server.audit.checkpoints import (
     CheckpointSigner,
     FileAnchor,
     checkpoint_now,
+    load_checkpoint_file,
     public_path,
     read_public_key,
     stored_checkpoints,
 )
-from fl_server.audit.verify import SourcedCheckpoint
+from fl_server.audit.verify import SourcedCheckpoint, TrailVerification, verify_trail
 
-__all__ = ["DEFAULT_INTERVAL", "AuditTrust", "Checkpointer", "trusted"]
+__all__ = [
+    "DEFAULT_INTERVAL",
+    "AuditTrust",
+    "Checkpointer",
+    "trusted",
+    "verify_with_trust",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -134,3 +141,55 @@ class Checkpointer:
         made = checkpoint_now(self._engine, self._signer, [self._trust.anchor], reason=reason)
         self._last = made.seq
         return made
+
+
+def verify_with_trust(
+    engine: Engine,
+    trust: AuditTrust,
+    *,
+    checkpoint_files: Sequence[Path] = (),
+    public_key: bytes | None = None,
+    expect_head: str | None = None,
+    store_public_key: bytes | None = None,
+) -> tuple[TrailVerification, list[str]]:
+    """Verify the trail against every checkpoint a home keeps and the files given.
+
+    Trusted keys: ``public_key`` if given, else the home's ``checkpoint-key.pub``,
+    plus the key of every checkpoint file (a file kept outside the system is
+    evidence by its custody). With no trusted key at all, any validly signed
+    checkpoint is accepted and a warning says so.
+
+    Returns
+    -------
+    tuple
+        The result, and notes on unreadable checkpoints or an unpinned key.
+
+    Raises
+    ------
+    ConfigError, StorageError
+        If a checkpoint file or key cannot be read or parsed.
+    """
+    sourced, notes = trust.checkpoints(engine)
+    exported: list[str] = []
+    pinned = public_key if public_key is not None else trust.trusted_key()
+    keys = set() if pinned is None else {pinned}
+    for path in checkpoint_files:
+        checkpoint, hashes = load_checkpoint_file(path)
+        sourced.append(SourcedCheckpoint(checkpoint, f"file:{path}"))
+        keys.add(bytes.fromhex(checkpoint.public_key))
+        if len(hashes) > len(exported):
+            exported = hashes
+    result = verify_trail(
+        engine,
+        checkpoints=sourced,
+        trusted_keys=keys or None,
+        record_hashes=exported,
+        expect_head=expect_head,
+        store_public_key=store_public_key,
+    )
+    if not keys and result.checkpoints_checked:
+        notes.append(
+            "no trusted checkpoint key (audit/checkpoint-key.pub is missing): checkpoints "
+            "signed by any key were accepted; pin one with --public-key"
+        )
+    return result, notes

@@ -8,7 +8,7 @@ comes from the privacy ledger (:meth:`fl_server.ledger.PrivacyLedger.run_epsilon
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -49,21 +49,24 @@ from fl_server.reports.terms import data_flows, regulatory_rows
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from fl_server.audit.log import VerifyReport
+    from fl_server.audit.verify import TrailVerification
+
 
 __all__ = ["build_fleet_report", "build_run_report", "verification_of"]
 
 
-def verification_of(report: VerifyReport) -> dict[str, Any]:
-    """Return an :meth:`AuditLog.verify` result as the mapping the builders take."""
-    return {
-        "ok": report.ok,
-        "records_checked": report.records_checked,
-        "head_hash": report.head_hash,
-        "first_bad_seq": report.first_bad_seq,
-        "reason": report.reason,
-        "checkpoint": None,
-        "ledger": None,
+def verification_of(result: TrailVerification, notes: Sequence[str] = ()) -> dict[str, Any]:
+    """Return a :func:`~fl_server.audit.verify.verify_trail` result as the mapping builders take.
+
+    Ledger and store problems (the ledger against its events, a version's epsilon
+    against the trail) are the report's "ledger" problems; the chain's and the
+    checkpoints' are its reason and first bad record.
+    """
+    document: dict[str, Any] = result.to_json()
+    bound = [p.message for p in result.problems if p.part in ("ledger", "store")]
+    return document | {
+        "ledger": {"ok": not bound, "problems": bound},
+        "notes": [*result.warnings, *notes],
     }
 
 

@@ -15,7 +15,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from fedge.errors import ConfigError, StorageError
-from fl_server.cli import _DbUrl, _Home, open_existing
+from fedge.home import FedgeHome
+from fl_server.cli_options import DbUrlOption as _DbUrl
+from fl_server.cli_options import HomeOption as _Home
+from fl_server.cli_options import open_existing
 
 if TYPE_CHECKING:
     from fl_server.reports.model import FleetReport, RunReport
@@ -135,7 +138,7 @@ def report_command(
     security events, the trail's verification and a regulatory mapping
     (evidence, not legal advice). A damaged trail is reported, not fatal.
     """
-    from fl_server.audit import AuditLog
+    from fl_server.audit.trust import AuditTrust, verify_with_trust
     from fl_server.reports.builder import (
         build_fleet_report,
         build_run_report,
@@ -153,7 +156,8 @@ def report_command(
     engine = open_existing(db_url, home)
     report: RunReport | FleetReport
     try:
-        verification = verification_of(AuditLog(engine).verify())
+        result, notes = verify_with_trust(engine, AuditTrust(FedgeHome.resolve(home).audit_dir))
+        verification = verification_of(result, notes)
         if fleet:
             report = build_fleet_report(engine, since=start, until=end, verification=verification)
             what = f"fleet summary of {len(report.runs)} runs"

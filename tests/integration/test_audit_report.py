@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fl_server.audit import AuditLog
 from fl_server.audit.reading import checked_records
+from fl_server.audit.verify import verify_trail
 from fl_server.db import open_database
 from fl_server.ledger import PrivacyLedger
 from fl_server.reports import SECTIONS, build_run_report, verification_of
@@ -61,7 +61,7 @@ def test_the_report_of_a_simulated_secure_dp_run(tmp_path: Path) -> None:
     engine = open_database(f"sqlite:///{home / 'fedge.db'}", create=False)
     try:
         report = build_run_report(
-            engine, run_id=run_id, verification=verification_of(AuditLog(engine).verify())
+            engine, run_id=run_id, verification=verification_of(verify_trail(engine))
         )
         ledger_epsilon = PrivacyLedger(engine).run_epsilon(run_id, delta=1e-5)
         rounds = [

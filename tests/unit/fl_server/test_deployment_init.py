@@ -18,6 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from edge_runtime.secret_files import read_secret
 from fedge.errors import ConfigError, DataError
 from fl_server.audit import AuditEventKind, AuditLog
+from fl_server.audit.trust import AuditTrust
 from fl_server.coordinator import RunPlan
 from fl_server.db import open_database
 from fl_server.deployment import (
@@ -70,6 +71,7 @@ def test_init_makes_every_file_with_private_modes_for_secrets(layout: Deployment
         layout.authority_key,
         layout.superexec_secret,
         layout.store / "store-key.pem",
+        AuditTrust.of_home(layout.root).key_path,
     ]
     public = [
         layout.config,
@@ -211,7 +213,7 @@ def test_init_records_every_key_it_makes_by_public_names_only(layout: Deployment
     ca = x509.load_pem_x509_certificate(layout.ca_cert.read_bytes())
     server = x509.load_pem_x509_certificate(layout.server_cert.read_bytes())
 
-    assert [e.kind for e in events] == [AuditEventKind.KEY_CREATED] * 5
+    assert [e.kind for e in events] == [AuditEventKind.KEY_CREATED] * 6
     by_purpose = {e.payload["purpose"]: dict(e.payload) for e in events}
     assert by_purpose["tls_ca"] == {
         "purpose": "tls_ca",
@@ -230,6 +232,9 @@ def test_init_records_every_key_it_makes_by_public_names_only(layout: Deployment
         store_key.key_id,
         store_key.public_key_bytes().hex(),
     )
+    checkpoint_key = AuditTrust.of_home(layout.root).trusted_key()
+    assert checkpoint_key is not None
+    assert by_purpose["audit_checkpoint"]["public_key"] == checkpoint_key.hex()
     assert by_purpose["superexec_secret"] == {
         "purpose": "superexec_secret",
         "algorithm": "random-256",

@@ -176,7 +176,15 @@ def populate(path: Path, config: dict[str, Any], *, blobs: Path) -> Populated:
             "cnn",
             [NewArtefact(name="weights.npz", data=f"weights-{server_round}".encode())],
             parent=parent,
-            info=VersionInfo(run_id=RUN, server_round=server_round, participants=alive),
+            info=VersionInfo(
+                run_id=RUN,
+                server_round=server_round,
+                participants=alive,
+                # As the coordinator's publisher: the run's epsilon so far, which verification
+                # cross-checks against the trail.
+                dp_epsilon=ledger.run_epsilon(RUN, delta=1e-5),
+                dp_delta=1e-5,
+            ),
         )
         parent = version.manifest.version
     audit.append(AuditEventKind.RUN_COMPLETED, {"final_accuracy": 0.8, "rounds": 3}, run_id=RUN)

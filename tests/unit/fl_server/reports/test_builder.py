@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from fedge.errors import ConfigError
-from fl_server.audit import AuditLog
 from fl_server.audit.reading import checked_records
+from fl_server.audit.verify import verify_trail
 from fl_server.ledger import PrivacyLedger
 from fl_server.reports import SECTIONS, build_fleet_report, build_run_report, verification_of
 from fl_server.reports.cli import validate_report
@@ -29,9 +29,10 @@ from tests.unit.fl_server.reports.conftest import (
 
 
 def _report(populated: Populated, run_id: str | None = RUN) -> RunReport:
-    log = AuditLog(populated.engine)
     return build_run_report(
-        populated.engine, run_id=run_id, verification=verification_of(log.verify())
+        populated.engine,
+        run_id=run_id,
+        verification=verification_of(verify_trail(populated.engine)),
     )
 
 
@@ -77,7 +78,7 @@ def test_a_secure_dp_run_has_every_section_and_the_ledgers_numbers(populated: Po
 
 
 def test_a_checkpoint_is_named_in_the_verification(populated: Populated) -> None:
-    verification = verification_of(AuditLog(populated.engine).verify()) | {
+    verification = verification_of(verify_trail(populated.engine)) | {
         "checkpoint": {
             "seq": 5,
             "head_hash": "ab" * 32,
@@ -142,7 +143,7 @@ def test_a_damaged_trail_is_marked_not_fatal(tmp_path: Path) -> None:
             made.engine,
             since=None,
             until=None,
-            verification=verification_of(AuditLog(made.engine).verify()),
+            verification=verification_of(verify_trail(made.engine)),
         )
     finally:
         made.engine.dispose()
@@ -163,7 +164,7 @@ def test_a_damaged_trail_is_marked_not_fatal(tmp_path: Path) -> None:
 
 
 def test_a_fleet_summary_covers_the_period(populated: Populated) -> None:
-    verification = verification_of(AuditLog(populated.engine).verify())
+    verification = verification_of(verify_trail(populated.engine))
     from datetime import UTC, datetime
 
     everything = build_fleet_report(
