@@ -29,7 +29,8 @@ data:
 
 ## demo: a 10-client federation on Fashion-MNIST (SecAgg+ and DP-SGD at epsilon 3), live, its signed
 ## variants, a device that verifies and serves one (drift check included), the audit trail, and the
-## same devices declining a second run once their own lifetime budgets are spent
+## same devices declining a second run once their own lifetime budgets are spent, and the run's
+## compliance report (HTML, PDF, JSON) checked against a signed audit checkpoint
 ## (the demo's fedge home, its database, store and runs, is runs/demo/home, not ~/.fedge)
 demo: export FEDGE_HOME := $(CURDIR)/runs/demo/home
 demo: setup
@@ -54,6 +55,13 @@ demo: setup
 	$(BIN)/fedge sim run --secure-agg --dp sample --epsilon 3 --client-epsilon 3 --batch-size 128 --lr 0.1 --rounds 1 \
 		--devices-dir runs/demo/devices --out runs/demo/second-run.json > runs/demo/second-run.log 2>&1
 	$(BIN)/fedge client ledger --devices-dir runs/demo/devices --accountant prv
+	@echo "--- the compliance report of the demo's run, its trail checked against a signed checkpoint kept outside"
+	$(BIN)/fedge audit checkpoint --out runs/demo/audit-checkpoint.json
+	$(BIN)/fedge audit verify --checkpoint runs/demo/audit-checkpoint.json
+	run=$$($(BIN)/python -c 'import json; print(json.load(open("runs/demo/summary.json"))["run_id"])') && \
+	$(BIN)/fedge audit report --run $$run --format html --out runs/demo/report.html && \
+	$(BIN)/fedge audit report --run $$run --format pdf --out runs/demo/report.pdf && \
+	$(BIN)/fedge audit report --run $$run --format json --out runs/demo/report.json
 
 ## demo-fleet: a real deployment on loopback (runs/demo-fleet): fedge server init/start, three
 ## devices enrolled with one-time tokens running fedge client start, secure rounds with DP-SGD on
