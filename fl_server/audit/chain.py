@@ -46,14 +46,25 @@ class CheckedRow:
     """Where the problem is: the record itself, or the missing record before it."""
 
 
-def _problem(row: AuditRecordRow, expected_seq: int, prev_hash: str) -> tuple[str, object]:
-    if row.seq != expected_seq:
-        return f"record {expected_seq} is missing (found record {row.seq} in its place)", None
-    if row.prev_hash != prev_hash:
-        return (
-            f"record {row.seq} does not link to its predecessor (inserted, removed or reordered)",
-            None,
-        )
+@dataclass(frozen=True, slots=True)
+class ContentCheck:
+    """A stored record checked on its own (its link to the predecessor is the caller's)."""
+
+    payload: object
+    """The parsed payload, or the stored text when it is not canonical JSON."""
+    json_error: str | None = None
+    hash_ok: bool = True
+
+    @property
+    def problem(self) -> str | None:
+        """What is wrong, phrased for a listing; ``None`` when intact."""
+        if self.json_error is not None:
+            return f"its payload is not canonical JSON ({self.json_error})"
+        return None if self.hash_ok else "its content does not match its hash"
+
+
+def check_content(row: AuditRecordRow) -> ContentCheck:
+    """Parse a record's payload strictly and re-hash its content."""
     try:
         payload = parse_canonical(row.payload)
         digest = record_hash(
@@ -65,10 +76,27 @@ def _problem(row: AuditRecordRow, expected_seq: int, prev_hash: str) -> tuple[st
             prev_hash=row.prev_hash,
         )
     except ConfigError as exc:
-        return f"record {row.seq} holds a payload that is not canonical JSON ({exc})", None
-    if digest != row.record_hash:
+        return ContentCheck(row.payload, json_error=str(exc))
+    return ContentCheck(payload, hash_ok=digest == row.record_hash)
+
+
+def _problem(row: AuditRecordRow, expected_seq: int, prev_hash: str) -> tuple[str, object]:
+    if row.seq != expected_seq:
+        return f"record {expected_seq} is missing (found record {row.seq} in its place)", None
+    if row.prev_hash != prev_hash:
+        return (
+            f"record {row.seq} does not link to its predecessor (inserted, removed or reordered)",
+            None,
+        )
+    checked = check_content(row)
+    if checked.json_error is not None:
+        return (
+            f"record {row.seq} holds a payload that is not canonical JSON ({checked.json_error})",
+            None,
+        )
+    if not checked.hash_ok:
         return f"record {row.seq} was modified: its content does not match its hash", None
-    return "", payload
+    return "", checked.payload
 
 
 class ChainWalker:

@@ -26,14 +26,12 @@ reports.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -47,22 +45,22 @@ from sqlalchemy.orm import Session
 
 from edge_runtime.secret_files import read_secret, write_secret
 from fedge.errors import ConfigError, StorageError
-from fl_server.audit.events import canonical_json, parse_canonical
+from fl_server.audit.events import canonical_json
 from fl_server.db.schema import AuditCheckpointRow, AuditHeadRow
+
+if TYPE_CHECKING:
+    from fl_server.audit.anchors import CheckpointAnchor
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "Checkpoint",
-    "CheckpointAnchor",
     "CheckpointSigner",
-    "FileAnchor",
     "checkpoint_now",
+    "is_hex",
     "key_id",
-    "load_checkpoint_file",
     "public_path",
     "read_public_key",
     "stored_checkpoints",
-    "write_checkpoint_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -81,7 +79,8 @@ def key_id(public_key: bytes) -> str:
     return hashlib.sha256(public_key).hexdigest()[:16]
 
 
-def _is_hex(value: object, length: int) -> bool:
+def is_hex(value: object, length: int) -> bool:
+    """Return whether ``value`` is a string of exactly ``length`` lowercase hex digits."""
     return isinstance(value, str) and len(value) == length and set(value) <= _HEX64
 
 
@@ -103,11 +102,11 @@ class Checkpoint:
     def __post_init__(self) -> None:
         if isinstance(self.seq, bool) or not isinstance(self.seq, int) or self.seq < 0:
             raise ConfigError(f"a checkpoint's seq must be an integer >= 0, got {self.seq!r}")
-        if not _is_hex(self.head_hash, 64):
+        if not is_hex(self.head_hash, 64):
             raise ConfigError("a checkpoint's head_hash must be 64 lowercase hex digits")
-        if not _is_hex(self.public_key, 64):
+        if not is_hex(self.public_key, 64):
             raise ConfigError("a checkpoint's public_key must be 64 lowercase hex digits")
-        if not _is_hex(self.signature, 128):
+        if not is_hex(self.signature, 128):
             raise ConfigError("a checkpoint's signature must be 128 lowercase hex digits")
         try:
             moment = datetime.fromisoformat(self.signed_at)
@@ -160,6 +159,35 @@ class Checkpoint:
             "public_key": self.public_key,
             "signature": self.signature,
         }
+
+    def to_row(self) -> AuditCheckpointRow:
+        """Return the database row that stores this checkpoint."""
+        return AuditCheckpointRow(
+            seq=self.seq,
+            head_hash=self.head_hash,
+            signed_at=self.signed_at,
+            reason=self.reason,
+            public_key=self.public_key,
+            signature=self.signature,
+        )
+
+    @classmethod
+    def from_row(cls, row: AuditCheckpointRow) -> Checkpoint:
+        """Parse a stored row (its fields are checked like any other input).
+
+        Raises
+        ------
+        ConfigError
+            If a field is malformed.
+        """
+        return cls(
+            seq=row.seq,
+            head_hash=row.head_hash,
+            signed_at=row.signed_at,
+            reason=row.reason,
+            public_key=row.public_key,
+            signature=row.signature,
+        )
 
     @classmethod
     def from_json(cls, document: object) -> Checkpoint:
@@ -301,83 +329,9 @@ def read_public_key(path: Path) -> bytes:
         text = path.read_text(encoding="ascii").strip().lower()
     except (OSError, UnicodeDecodeError) as exc:
         raise StorageError(f"cannot read the checkpoint public key {path}: {exc}") from exc
-    if not _is_hex(text, 64):
+    if not is_hex(text, 64):
         raise ConfigError(f"{path} does not hold an Ed25519 public key (64 hex digits)")
     return bytes.fromhex(text)
-
-
-class CheckpointAnchor(Protocol):
-    """An append-only place outside the database where checkpoints are kept.
-
-    An implementation must never drop or rewrite what it accepted; reading
-    returns every checkpoint in the order appended, and what it cannot parse
-    as a problem instead of failing (a damaged anchor is evidence too).
-    """
-
-    name: str
-
-    def append(self, checkpoint: Checkpoint) -> None:
-        """Keep ``checkpoint`` durably before returning."""
-
-    def read(self) -> tuple[list[Checkpoint], list[str]]:
-        """Return the checkpoints kept, and a description of every unreadable entry."""
-
-
-class FileAnchor:
-    """An anchor in a local JSON-lines file: appended, fsynced, never rewritten.
-
-    Put it on storage the database's writer cannot modify (another volume, a
-    host path mounted append-only, a synced WORM bucket) for it to add anything
-    beyond the database's own checkpoint table.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.name = f"file:{path}"
-
-    def append(self, checkpoint: Checkpoint) -> None:
-        """Append one line and fsync it (and the directory, on first creation)."""
-        line = (canonical_json(checkpoint.to_json()) + "\n").encode("utf-8")
-        created = not self.path.exists()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            try:
-                os.write(descriptor, line)
-                os.fsync(descriptor)
-            finally:
-                os.close(descriptor)
-            if created:
-                directory = os.open(self.path.parent, os.O_RDONLY)
-                try:
-                    os.fsync(directory)
-                finally:
-                    os.close(directory)
-        except OSError as exc:
-            raise StorageError(
-                f"cannot append to the checkpoint anchor {self.path}: {exc}"
-            ) from exc
-
-    def read(self) -> tuple[list[Checkpoint], list[str]]:
-        """Return the checkpoints in the file and its unreadable lines (none if it is missing)."""
-        if not self.path.exists():
-            return [], []
-        try:
-            if self.path.stat().st_size > _MAX_FILE_BYTES:
-                return [], [f"{self.path} is larger than {_MAX_FILE_BYTES} bytes"]
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as exc:
-            return [], [f"cannot read {self.path}: {exc}"]
-        found: list[Checkpoint] = []
-        problems: list[str] = []
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                found.append(Checkpoint.from_json(parse_canonical(line)))
-            except ConfigError as exc:
-                problems.append(f"{self.path} line {number}: {exc}")
-        return found, problems
 
 
 def checkpoint_now(
@@ -404,16 +358,7 @@ def checkpoint_now(
             if head is None:
                 raise StorageError("the audit log has no head row: is the database migrated?")
             checkpoint = signer.sign(head.seq, head.record_hash, reason=reason)
-            session.add(
-                AuditCheckpointRow(
-                    seq=checkpoint.seq,
-                    head_hash=checkpoint.head_hash,
-                    signed_at=checkpoint.signed_at,
-                    reason=checkpoint.reason,
-                    public_key=checkpoint.public_key,
-                    signature=checkpoint.signature,
-                )
-            )
+            session.add(checkpoint.to_row())
     except SQLAlchemyError as exc:
         raise StorageError(f"cannot store the audit checkpoint: {exc}") from exc
     for anchor in anchors:
@@ -444,85 +389,7 @@ def stored_checkpoints(engine: Engine) -> tuple[list[Checkpoint], list[str]]:
     problems: list[str] = []
     for row in rows:
         try:
-            found.append(
-                Checkpoint(
-                    seq=row.seq,
-                    head_hash=row.head_hash,
-                    signed_at=row.signed_at,
-                    reason=row.reason,
-                    public_key=row.public_key,
-                    signature=row.signature,
-                )
-            )
+            found.append(Checkpoint.from_row(row))
         except ConfigError as exc:
             problems.append(f"checkpoint row {row.id}: {exc}")
     return found, problems
-
-
-def write_checkpoint_file(path: Path, checkpoint: Checkpoint, record_hashes: Sequence[str]) -> None:
-    """Export ``checkpoint`` for safekeeping outside the system, with the chain's record hashes.
-
-    ``record_hashes`` (record 1 first, up to the checkpoint's record) are not
-    signed; they let a later verification name the first record a rewrite
-    changed. The signed head decides whether the chain verifies.
-
-    Raises
-    ------
-    ConfigError
-        If the hashes do not end at the checkpoint's record and hash.
-    StorageError
-        If the file cannot be written.
-    """
-    if len(record_hashes) != checkpoint.seq or (
-        record_hashes and record_hashes[-1] != checkpoint.head_hash
-    ):
-        raise ConfigError("the record hashes do not end at the checkpoint's head")
-    document = {
-        "format": CHECKPOINT_FORMAT,
-        "checkpoint": checkpoint.to_json(),
-        "record_hashes": list(record_hashes),
-    }
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with temporary.open("w", encoding="utf-8") as handle:
-            json.dump(document, handle, indent=1)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        temporary.replace(path)
-    except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        raise StorageError(f"cannot write the checkpoint file {path}: {exc}") from exc
-
-
-def load_checkpoint_file(path: Path) -> tuple[Checkpoint, list[str]]:
-    """Read a file :func:`write_checkpoint_file` wrote: the checkpoint and its record hashes.
-
-    Also accepts a bare checkpoint object (no record hashes).
-
-    Raises
-    ------
-    ConfigError
-        If the file is not a checkpoint or its record hashes are malformed.
-    StorageError
-        If it cannot be read.
-    """
-    try:
-        if path.stat().st_size > _MAX_FILE_BYTES:
-            raise ConfigError(f"{path} is larger than {_MAX_FILE_BYTES} bytes")
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise StorageError(f"cannot read the checkpoint file {path}: {exc}") from exc
-    except ValueError as exc:
-        raise ConfigError(f"{path} is not JSON: {exc}") from exc
-    if isinstance(document, dict) and "checkpoint" in document:
-        checkpoint = Checkpoint.from_json(document["checkpoint"])
-        hashes = document.get("record_hashes", [])
-    else:
-        checkpoint, hashes = Checkpoint.from_json(document), []
-    if not isinstance(hashes, list) or not all(_is_hex(h, 64) for h in hashes):
-        raise ConfigError(f"{path}: record_hashes must be a list of 64-hex-digit hashes")
-    if hashes and (len(hashes) != checkpoint.seq or hashes[-1] != checkpoint.head_hash):
-        raise ConfigError(f"{path}: the record hashes do not end at the checkpoint's head")
-    return checkpoint, hashes

@@ -27,8 +27,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from fedge.errors import ConfigError, StorageError
+from fl_server.audit.chain import ChainWalker, read_head
 from fl_server.audit.events import (
-    GENESIS_HASH,
     AuditEvent,
     AuditEventKind,
     JSONValue,
@@ -233,80 +233,48 @@ class AuditLog:
             raise StorageError(f"cannot read the audit log: {exc}") from exc
 
     def verify(self) -> VerifyReport:
-        """Re-hash the whole chain and check every link and the head.
+        """Re-hash the whole chain and check every link and the head (no checkpoints).
+
+        :func:`fl_server.audit.verify.verify_trail` checks the signed checkpoints,
+        the ledger and the store as well; this is the chain alone.
 
         Returns
         -------
         VerifyReport
             ``ok`` and the head hash, or the first bad record and why.
         """
-        expected_seq = 1
-        prev_hash = GENESIS_HASH
+        walker = ChainWalker(self._engine)
         checked = 0
-        try:
-            with Session(self._engine) as session:
-                head = session.get(AuditHeadRow, _HEAD_ID)
-                rows = session.execute(
-                    select(AuditRecordRow).order_by(AuditRecordRow.seq)
-                ).scalars()
-                for row in rows:
-                    problem = _check_row(row, expected_seq, prev_hash)
-                    if problem:
-                        return VerifyReport(
-                            ok=False,
-                            records_checked=checked,
-                            head_hash=prev_hash,
-                            first_bad_seq=min(expected_seq, row.seq),
-                            reason=problem,
-                        )
-                    checked += 1
-                    prev_hash = row.record_hash
-                    expected_seq += 1
-        except SQLAlchemyError as exc:
-            raise StorageError(f"cannot read the audit log: {exc}") from exc
+        for row in walker.walk():
+            if row.problem:
+                return VerifyReport(
+                    ok=False,
+                    records_checked=checked,
+                    head_hash=walker.position.record_hash,
+                    first_bad_seq=row.problem_seq,
+                    reason=row.problem,
+                )
+            checked += 1
+        last = walker.position
+        head = read_head(self._engine)
         if head is None:
-            return VerifyReport(
-                ok=False,
-                records_checked=checked,
-                head_hash=prev_hash,
-                first_bad_seq=expected_seq,
-                reason="the head row is missing",
+            reason = "the head row is missing"
+        elif head.seq > last.seq:
+            reason = (
+                f"the head names record {head.seq} but the chain ends at record {last.seq}: "
+                "records were removed from the end"
             )
-        if head.seq != checked or head.record_hash != prev_hash:
-            return VerifyReport(
-                ok=False,
-                records_checked=checked,
-                head_hash=prev_hash,
-                first_bad_seq=expected_seq,
-                reason=(
-                    f"the head names record {head.seq} but the chain ends at record {checked}: "
-                    "records were removed from the end"
-                    if head.seq > checked
-                    else f"the head (record {head.seq}) does not match the chain's last record"
-                ),
-            )
-        return VerifyReport(ok=True, records_checked=checked, head_hash=prev_hash)
-
-
-def _check_row(row: AuditRecordRow, expected_seq: int, prev_hash: str) -> str:
-    if row.seq != expected_seq:
-        return f"record {expected_seq} is missing (found record {row.seq} in its place)"
-    if row.prev_hash != prev_hash:
-        return f"record {row.seq} does not link to its predecessor (inserted, removed or reordered)"
-    try:
-        digest = record_hash(
-            seq=row.seq,
-            recorded_at=row.recorded_at,
-            kind=row.kind,
-            run_id=row.run_id,
-            payload_json=row.payload,
-            prev_hash=row.prev_hash,
+        elif (head.seq, head.record_hash) != (last.seq, last.record_hash):
+            reason = f"the head (record {head.seq}) does not match the chain's last record"
+        else:
+            return VerifyReport(ok=True, records_checked=checked, head_hash=last.record_hash)
+        return VerifyReport(
+            ok=False,
+            records_checked=checked,
+            head_hash=last.record_hash,
+            first_bad_seq=last.seq + 1,
+            reason=reason,
         )
-    except ConfigError as exc:
-        return f"record {row.seq} holds a payload that is not canonical JSON ({exc})"
-    if digest != row.record_hash:
-        return f"record {row.seq} was modified: its content does not match its hash"
-    return ""
 
 
 def _to_event(row: AuditRecordRow) -> AuditEvent:

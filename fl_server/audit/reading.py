@@ -117,37 +117,22 @@ def checked_records(
 
 def _checked(row: Any, predecessor_hash: str | None) -> CheckedRecord:
     """Check one stored row against its hash and its predecessor's hash."""
-    from fl_server.audit.events import parse_canonical, record_hash
+    from fl_server.audit.chain import check_content
 
-    problem: str | None = None
-    payload: Any
-    try:
-        payload = parse_canonical(row.payload)
-        digest = record_hash(
-            seq=row.seq,
-            recorded_at=row.recorded_at,
-            kind=row.kind,
-            run_id=row.run_id,
-            payload_json=row.payload,
-            prev_hash=row.prev_hash,
-        )
-    except ConfigError as exc:
-        payload, digest = row.payload, ""
-        problem = f"its payload is not canonical JSON ({exc})"
-    if problem is None and digest != row.record_hash:
-        problem = "its content does not match its hash"
-    elif problem is None and predecessor_hash is None:
+    checked = check_content(row)
+    problem = checked.problem
+    if problem is None and predecessor_hash is None:
         problem = f"its predecessor (record {row.seq - 1}) is missing"
     elif problem is None and predecessor_hash != row.prev_hash:
         problem = "it does not link to its predecessor"
-    elif problem is None and not isinstance(payload, dict):
+    elif problem is None and not isinstance(checked.payload, dict):
         problem = "its payload is not a JSON object"
     return CheckedRecord(
         seq=row.seq,
         recorded_at=row.recorded_at,
         kind=row.kind,
         run_id=row.run_id,
-        payload=payload,
+        payload=checked.payload,
         prev_hash=row.prev_hash,
         record_hash=row.record_hash,
         problem=problem,

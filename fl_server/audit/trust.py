@@ -22,13 +22,12 @@ from pathlib import Path
 
 from sqlalchemy import Engine
 
+from fl_server.audit.anchors import FileAnchor, load_checkpoint_file
 from fl_server.audit.chain import read_head
 from fl_server.audit.checkpoints import (
     Checkpoint,
     CheckpointSigner,
-    FileAnchor,
     checkpoint_now,
-    load_checkpoint_file,
     public_path,
     read_public_key,
     stored_checkpoints,

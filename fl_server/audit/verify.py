@@ -17,23 +17,19 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, select
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
+from sqlalchemy import Engine
 
-from edge_runtime.manifest import ManifestInvalid, SignedManifest, verify_manifest
-from fedge.errors import ConfigError, StorageError
+from fedge.errors import ConfigError
 from fl_server.audit.chain import ChainWalker, CheckedRow, read_head
 from fl_server.audit.checkpoints import Checkpoint
+from fl_server.audit.cross_checks import TrailProblem, ledger_problems, limited, store_problems
 from fl_server.audit.events import AuditEventKind
-from fl_server.db.schema import LedgerRow, ModelVersionRow
-from fl_server.ledger_binding import Charge, ChargeKey, charge_of_row, charges_in
+from fl_server.ledger_binding import Charge, ChargeKey, charges_in
 
 __all__ = ["SourcedCheckpoint", "TrailProblem", "TrailVerification", "verify_trail"]
 
@@ -49,15 +45,6 @@ class SourcedCheckpoint:
 
     checkpoint: Checkpoint
     source: str
-
-
-@dataclass(frozen=True, slots=True)
-class TrailProblem:
-    """One thing that does not verify: what part, which record (if one), and why."""
-
-    part: str  # "chain", "head", "checkpoint", "ledger", "store"
-    message: str
-    seq: int | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -125,13 +112,6 @@ class _Timeline:
         if run_level:
             return run_level
         return self.worst_client.get(run_id)
-
-
-def _limited(problems: list[TrailProblem], part: str) -> list[TrailProblem]:
-    if len(problems) <= _LISTED:
-        return problems
-    rest = len(problems) - _LISTED
-    return [*problems[:_LISTED], TrailProblem(part, f"... and {rest} more {part} problems")]
 
 
 def _trusted_checkpoints(
@@ -313,14 +293,14 @@ def verify_trail(
         last_seq, last_hash = row.seq, row.record_hash
         walk.visit(row)
     problems = [
-        *_limited(walk.chain_problems, "chain"),
+        *limited(walk.chain_problems, "chain"),
         *checkpoint_problems,
         *walk.problems,
         *_head_problems(engine, last_seq, last_hash, checked),
         *walk.cut_tail(last_seq),
     ]
-    rows_checked, ledger_problems = _ledger_problems(engine, walk.expected_charges)
-    versions_checked, store_problems = _store_problems(engine, walk.published, store_public_key)
+    rows_checked, ledger_found = ledger_problems(engine, walk.expected_charges)
+    versions_checked, store_found = store_problems(engine, walk.published, store_public_key)
     warnings = []
     if not valid:
         warnings.append(
@@ -332,7 +312,7 @@ def verify_trail(
         records_checked=checked,
         head_seq=last_seq,
         head_hash=last_hash,
-        problems=tuple(problems + ledger_problems + store_problems),
+        problems=tuple(problems + ledger_found + store_found),
         checkpoint=None
         if matched is None
         else matched.checkpoint.to_json() | {"source": matched.source},
@@ -382,113 +362,3 @@ def _head_problems(
             )
         ]
     return []
-
-
-def _ledger_problems(
-    engine: Engine, expected: Mapping[ChargeKey, Charge]
-) -> tuple[int, list[TrailProblem]]:
-    remaining = dict(expected)
-    problems: list[TrailProblem] = []
-    checked = 0
-    try:
-        with Session(engine) as session:
-            for row in session.scalars(select(LedgerRow).order_by(LedgerRow.id)):
-                checked += 1
-                key, charge = charge_of_row(row)
-                where = (
-                    f"ledger row {row.id} ({key.subject}, round {key.server_round}, "
-                    f"run {key.run_id})"
-                )
-                stated = remaining.pop(key, None)
-                if stated is None:
-                    problems.append(
-                        TrailProblem(
-                            "ledger", f"{where} is stated by no privacy.spent event: inserted"
-                        )
-                    )
-                elif stated != charge:
-                    problems.append(
-                        TrailProblem(
-                            "ledger", f"{where} differs from its privacy.spent event: edited"
-                        )
-                    )
-    except SQLAlchemyError as exc:
-        raise StorageError(f"cannot read the privacy ledger: {exc}") from exc
-    for key in remaining:
-        problems.append(
-            TrailProblem(
-                "ledger",
-                f"the row of {key.subject} in round {key.server_round} of run {key.run_id} is "
-                "missing from the ledger: deleted",
-            )
-        )
-    return checked, _limited(problems, "ledger")
-
-
-def _close(a: float | None, b: float | None) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
-
-
-def _store_problems(
-    engine: Engine,
-    published: Mapping[tuple[str, int], tuple[int, float | None]],
-    public_key: bytes | None,
-) -> tuple[int, list[TrailProblem]]:
-    problems: list[TrailProblem] = []
-    checked = 0
-    try:
-        with Session(engine) as session:
-            rows = list(session.scalars(select(ModelVersionRow).order_by(ModelVersionRow.id)))
-    except SQLAlchemyError as exc:
-        raise StorageError(f"cannot read the model store: {exc}") from exc
-    for row in rows:
-        checked += 1
-        name = f"{row.model} v{row.version}"
-        try:
-            signed = SignedManifest.from_json(json.loads(row.manifest))
-            manifest = signed.manifest
-            if public_key is not None:
-                verify_manifest(signed, public_key)
-        except (ValueError, ConfigError, ManifestInvalid) as exc:
-            problems.append(
-                TrailProblem("store", f"{name}: its signed manifest does not verify ({exc})")
-            )
-            continue
-        signed_epsilon = manifest.metadata.get("dp_epsilon")
-        if (manifest.model, manifest.version) != (row.model, row.version):
-            problems.append(
-                TrailProblem(
-                    "store",
-                    f"{name} holds the signed manifest of {manifest.model} v{manifest.version}",
-                )
-            )
-        if not _close(row.dp_epsilon, signed_epsilon):
-            problems.append(
-                TrailProblem(
-                    "store",
-                    f"{name}: its epsilon column ({row.dp_epsilon}) differs from its signed "
-                    f"manifest ({signed_epsilon}): edited",
-                )
-            )
-        event = published.get((row.model, row.version))
-        if event is None:
-            if row.run_id is not None:
-                problems.append(
-                    TrailProblem(
-                        "store", f"{name} of run {row.run_id} has no store.published event"
-                    )
-                )
-            continue
-        seq, trail_epsilon = event
-        if row.run_id is not None and not _close(signed_epsilon, trail_epsilon):
-            problems.append(
-                TrailProblem(
-                    "store",
-                    f"{name}: its signed epsilon ({signed_epsilon}) differs from the run's epsilon "
-                    f"in the trail when it was published ({trail_epsilon}, record {seq})",
-                    seq,
-                )
-            )
-    return checked, _limited(problems, "store")

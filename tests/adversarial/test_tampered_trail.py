@@ -18,10 +18,9 @@ from sqlalchemy.orm import Session
 
 from fedge.errors import AuditIntegrityError
 from fl_server.audit import AuditEventKind, AuditLog
+from fl_server.audit.anchors import load_checkpoint_file, write_checkpoint_file
 from fl_server.audit.checkpoints import (
     CheckpointSigner,
-    load_checkpoint_file,
-    write_checkpoint_file,
 )
 from fl_server.audit.events import (
     GENESIS_HASH,
