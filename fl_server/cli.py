@@ -166,8 +166,9 @@ def checkpoint_command(
     The chain is verified first: a checkpoint is never signed over a damaged
     trail. The key (HOME/audit/checkpoint-key.pem) is created on first use.
     """
+    from fl_server.audit.anchors import write_checkpoint_file
     from fl_server.audit.chain import ChainWalker
-    from fl_server.audit.checkpoints import checkpoint_now, write_checkpoint_file
+    from fl_server.audit.checkpoints import checkpoint_now
     from fl_server.audit.trust import AuditTrust
     from fl_server.audit.verify import verify_trail
 

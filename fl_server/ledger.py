@@ -28,6 +28,17 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from fedge.errors import ConfigError, FedgeError, StorageError
+from fl_server._ledger_rows import (
+    RUN_SUBJECT,
+    LedgerEntry,
+    check_client,
+    client_subjects,
+    composed,
+    entry_of,
+    lifetime_query,
+    named,
+    new_row,
+)
 from fl_server.audit import AuditEventKind, AuditLog
 from fl_server.audit.checkpoints import Checkpoint
 from fl_server.audit.events import JSONValue
@@ -40,7 +51,7 @@ from fl_server.ledger_binding import (
     check_rows,
     ledger_section,
 )
-from strategies.accounting import AccountantKind, PrivacySpend, spent_epsilon
+from strategies.accounting import AccountantKind, PrivacySpend
 
 __all__ = [
     "RUN_SUBJECT",
@@ -51,9 +62,7 @@ __all__ = [
     "RoundSpend",
 ]
 
-RUN_SUBJECT = "run"
 _ROUND_ATTEMPTS = 5
-_NAMED_IN_ERRORS = 5  # subjects a refusal names before "and N more"
 
 
 class BudgetExceeded(FedgeError):  # noqa: N818 - reads as what happened
@@ -62,100 +71,6 @@ class BudgetExceeded(FedgeError):  # noqa: N818 - reads as what happened
 
 # What one round spends: a zCDP rho, a (subsampled) Gaussian event, or both.
 RoundSpend = PrivacySpend
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerEntry:
-    """One stored round for one subject, with the subject's total after it."""
-
-    run_id: str
-    subject: str
-    server_round: int
-    mechanism: str
-    rho: float
-    delta: float
-    epsilon: float
-    recorded_at: str
-
-
-def _entry(row: LedgerRow) -> LedgerEntry:
-    return LedgerEntry(
-        run_id=row.run_id,
-        subject=row.subject,
-        server_round=row.server_round,
-        mechanism=row.mechanism,
-        rho=row.rho,
-        delta=row.delta,
-        epsilon=row.epsilon,
-        recorded_at=row.recorded_at,
-    )
-
-
-def _epsilon(
-    spends: Sequence[RoundSpend],
-    extra: RoundSpend | None,
-    delta: float,
-    kind: AccountantKind = AccountantKind.RDP,
-) -> float:
-    return spent_epsilon([*spends, *([extra] if extra else [])], delta=delta, kind=kind)
-
-
-def _client_subjects(subjects: Sequence[str]) -> list[str]:
-    """Return ``subjects`` without repeats, each checked to be a client's subject."""
-    if isinstance(subjects, str):
-        raise ConfigError("subjects must be a sequence of client subjects, not one string")
-    unique = list(dict.fromkeys(subjects))
-    for subject in unique:
-        _check_client(subject)
-    return unique
-
-
-def _check_client(subject: str) -> None:
-    if not isinstance(subject, str) or not 0 < len(subject) <= 128:
-        raise ConfigError("a ledger subject has 1..128 characters")
-    if subject == RUN_SUBJECT:
-        raise ConfigError(
-            f"{RUN_SUBJECT!r} is the run-level subject: a lifetime total belongs to a client"
-        )
-
-
-def _lifetime_query(subject: str) -> Select[LedgerRow]:
-    """Select every row of ``subject``, of every run, in the order they were recorded."""
-    return select(LedgerRow).where(LedgerRow.subject == subject).order_by(LedgerRow.id)
-
-
-def _named(subjects: Sequence[str]) -> str:
-    """Name at most :data:`_NAMED_IN_ERRORS` subjects, then how many more there are."""
-    shown = ", ".join(subjects[:_NAMED_IN_ERRORS])
-    rest = len(subjects) - _NAMED_IN_ERRORS
-    noun = "client" if len(subjects) == 1 else "clients"
-    return f"{noun} {shown}" + (f" and {rest} more" if rest > 0 else "")
-
-
-def _new_row(
-    run_id: str,
-    subject: str,
-    server_round: int,
-    spend: RoundSpend,
-    *,
-    delta: float,
-    epsilon: float,
-    recorded_at: str,
-) -> LedgerRow:
-    fields = spend.to_json()
-    return LedgerRow(
-        run_id=run_id,
-        subject=subject,
-        server_round=server_round,
-        mechanism=spend.mechanism,
-        rho=spend.rho,
-        noise_multiplier=fields["noise_multiplier"],
-        sample_rate=fields["sample_rate"],
-        steps=fields["steps"],
-        delta=delta,
-        epsilon=epsilon,
-        recorded_at=recorded_at,
-    )
 
 
 class PrivacyLedger:
@@ -196,16 +111,10 @@ class PrivacyLedger:
         AuditIntegrityError
             If the trail does not verify or the rows disagree with it.
         """
-        self._verified.refresh()
         query = select(LedgerRow).where(LedgerRow.subject.in_(list(subjects)))
         if run_id is not None:
             query = query.where(LedgerRow.run_id == run_id)
-        try:
-            with Session(self._engine) as session:
-                rows = list(session.scalars(query))
-        except SQLAlchemyError as exc:
-            raise StorageError(f"cannot read the privacy ledger: {exc}") from exc
-        check_rows(rows, self._verified.subject_charges(subjects, run_id))
+        self._check(query, lambda: self._verified.subject_charges(subjects, run_id))
         return {
             subject: [c.spend for c in self._verified.charges(subject, run_id).values()]
             for subject in subjects
@@ -214,7 +123,7 @@ class PrivacyLedger:
     def spent(self, run_id: str, *, delta: float, subject: str = RUN_SUBJECT) -> float:
         """Return epsilon(delta) of everything ``subject`` has spent in ``run_id``."""
         spends = self._verified_spends([subject], run_id)[subject]
-        return _epsilon(spends, None, delta, self.accountant)
+        return composed(spends, None, delta, self.accountant)
 
     def check(
         self,
@@ -237,7 +146,7 @@ class PrivacyLedger:
         if not (math.isfinite(budget) and budget > 0):
             raise ConfigError(f"the epsilon budget must be a finite number > 0, got {budget}")
         spends = self._verified_spends([subject], run_id)[subject]
-        projected = _epsilon(spends, spend, delta, self.accountant)
+        projected = composed(spends, spend, delta, self.accountant)
         if projected > budget:
             who = "the run" if subject == RUN_SUBJECT else f"client {subject}"
             raise BudgetExceeded(
@@ -256,12 +165,12 @@ class PrivacyLedger:
         AuditIntegrityError
             If the rows disagree with the audit trail.
         """
-        _check_client(subject)
+        check_client(subject)
         self._verified_spends([subject], None)
-        query = _lifetime_query(subject)
+        query = lifetime_query(subject)
         try:
             with Session(self._engine) as session:
-                return [_entry(row) for row in session.scalars(query)]
+                return [entry_of(row) for row in session.scalars(query)]
         except SQLAlchemyError as exc:
             raise StorageError(f"cannot read the privacy ledger: {exc}") from exc
 
@@ -276,9 +185,9 @@ class PrivacyLedger:
         AuditIntegrityError
             If the trail or the rows behind the total do not verify.
         """
-        _check_client(subject)
+        check_client(subject)
         spends = self._verified_spends([subject], None)[subject]
-        return _epsilon(spends, None, delta, self.accountant)
+        return composed(spends, None, delta, self.accountant)
 
     def check_lifetime(
         self,
@@ -318,12 +227,12 @@ class PrivacyLedger:
             raise ConfigError(f"delta must be in (0, 1), got {delta}")
         if not isinstance(spend, RoundSpend):
             raise ConfigError(f"spend must be a PrivacySpend, got {type(spend).__name__}")
-        wanted = _client_subjects(subjects)
+        wanted = client_subjects(subjects)
         if not wanted:
             return {}
         history = self._verified_spends(wanted, None)
         projected = {
-            subject: _epsilon(spends, spend, delta, self.accountant)
+            subject: composed(spends, spend, delta, self.accountant)
             for subject, spends in history.items()
         }
         over = sorted(
@@ -332,7 +241,7 @@ class PrivacyLedger:
         )
         if over:
             raise BudgetExceeded(
-                f"the next round would take {_named(over)} past the lifetime budget "
+                f"the next round would take {named(over)} past the lifetime budget "
                 f"{budget:g}: epsilon up to {projected[over[0]]:.4g} (delta {delta:g})"
             )
         return projected
@@ -473,9 +382,9 @@ class PrivacyLedger:
     ) -> dict[str, float]:
         totals: dict[str, float] = {}
         for subject, spend in spends.items():
-            epsilon = _epsilon(history[subject], spend, delta, self.accountant)
+            epsilon = composed(history[subject], spend, delta, self.accountant)
             session.add(
-                _new_row(
+                new_row(
                     run_id,
                     subject,
                     server_round,
@@ -493,18 +402,30 @@ class PrivacyLedger:
         self, run_id: str, server_round: int | None = None
     ) -> dict[ChargeKey, Charge]:
         """Return a run's verified charges (of one round), its rows checked against them."""
-        self._verified.refresh()
         query = select(LedgerRow).where(LedgerRow.run_id == run_id)
         if server_round is not None:
             query = query.where(LedgerRow.server_round == server_round)
+        return self._check(query, lambda: self._verified.run_charges(run_id, server_round))
+
+    def _check(
+        self, query: Select[LedgerRow], expected: Callable[[], dict[ChargeKey, Charge]]
+    ) -> dict[ChargeKey, Charge]:
+        """Refresh the verified trail, then check the rows ``query`` selects against it.
+
+        Raises
+        ------
+        AuditIntegrityError
+            If the trail does not verify or the rows differ from ``expected()``.
+        """
+        self._verified.refresh()
         try:
             with Session(self._engine) as session:
                 rows = list(session.scalars(query))
         except SQLAlchemyError as exc:
             raise StorageError(f"cannot read the privacy ledger: {exc}") from exc
-        expected = self._verified.run_charges(run_id, server_round)
-        check_rows(rows, expected)
-        return expected
+        charges = expected()
+        check_rows(rows, charges)
+        return charges
 
     def round_spends(self, run_id: str, server_round: int) -> dict[str, RoundSpend]:
         """Return what round ``server_round`` of ``run_id`` cost each subject (run included).
@@ -565,7 +486,7 @@ class PrivacyLedger:
         try:
             with Session(self._engine) as session:
                 rows = session.scalars(query.order_by(LedgerRow.subject, LedgerRow.server_round))
-                return [_entry(row) for row in rows]
+                return [entry_of(row) for row in rows]
         except SQLAlchemyError as exc:
             raise StorageError(f"cannot read the privacy ledger: {exc}") from exc
 
