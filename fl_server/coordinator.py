@@ -294,6 +294,25 @@ def run_coordinated(
             if resume is None
             else resume.summary
         )
+        budget = (
+            None
+            if plan.privacy is None
+            else PrivacyBudget(
+                ledger=PrivacyLedger(
+                    engine,
+                    accountant=plan.privacy.accountant,
+                    checkpoints=_known_checkpoints(engine, location, checkpointer),
+                ),
+                epsilon=plan.privacy.epsilon,
+                delta=plan.privacy.delta,
+                client_lifetime_epsilon=plan.privacy.client_lifetime_epsilon,
+                subject_name=subject_name,
+            )
+        )
+        if budget is not None:
+            # Before anything is recorded: a run never starts on a trail whose budgets
+            # cannot be trusted (a cut tail, edited or deleted ledger rows).
+            budget.ledger.verify_trail()
         store = ModelStore(
             engine,
             FileBlobStore(location.store_dir),
@@ -314,21 +333,6 @@ def run_coordinated(
                 },
                 run_id=plan.run_id,
             )
-        budget = (
-            None
-            if plan.privacy is None
-            else PrivacyBudget(
-                ledger=PrivacyLedger(
-                    engine,
-                    accountant=plan.privacy.accountant,
-                    checkpoints=_known_checkpoints(engine, location, checkpointer),
-                ),
-                epsilon=plan.privacy.epsilon,
-                delta=plan.privacy.delta,
-                client_lifetime_epsilon=plan.privacy.client_lifetime_epsilon,
-                subject_name=subject_name,
-            )
-        )
         publisher = RoundPublisher(
             store,
             model=plan.model_name,

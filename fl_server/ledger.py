@@ -101,6 +101,16 @@ class PrivacyLedger:
         self.accountant = accountant
         self._verified = VerifiedSpends(engine, checkpoints=checkpoints)
 
+    def verify_trail(self) -> None:
+        """Verify the chain (incrementally after the first call) against the known checkpoints.
+
+        Raises
+        ------
+        AuditIntegrityError
+            If the chain, its head or a checkpoint does not verify.
+        """
+        self._verified.refresh()
+
     def _verified_spends(
         self, subjects: Sequence[str], run_id: str | None
     ) -> dict[str, list[RoundSpend]]:

@@ -153,3 +153,32 @@ def test_verify_creates_nothing_in_a_home(
 
     assert code == 0
     assert not (fedge_home / "audit").exists()
+
+
+def test_a_private_run_refuses_to_start_on_a_cut_trail(
+    capsys: pytest.CaptureFixture[str], fedge_home: Path, fashion_dir: Path
+) -> None:
+    _home_with_a_run(fedge_home)
+    _run(capsys, "audit", "checkpoint")
+    _cut_tail(fedge_home, keep=3)  # the anchor file in the home still holds the checkpoint
+
+    code, _, err = _run(
+        capsys,
+        "sim",
+        "run",
+        "--clients",
+        "2",
+        "--rounds",
+        "1",
+        "--dp",
+        "central",
+        "--epsilon",
+        "5",
+        "--data-dir",
+        str(fashion_dir),
+    )
+
+    assert code == 1
+    assert "its tail was cut off" in err
+    # Nothing was recorded: the trail still ends where the attacker left it.
+    assert _head(fedge_home)[0] == 3
