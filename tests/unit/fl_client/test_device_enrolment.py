@@ -36,6 +36,7 @@ from fl_server.audit import AuditLog
 from fl_server.db import open_database
 from fl_server.deployment_init import ca_fingerprint
 from fl_server.enrolment import INVALID_TOKEN_MESSAGE, DeviceRegistry, create_tokens
+from fl_server.enrolment.refusals import RefusalRecorder
 from fl_server.gateway import Gateway, build_app
 from fl_server.pki import certificate_to_pem, create_ca
 from fl_server.superlink import ControlClient
@@ -113,7 +114,7 @@ def registry(engine: Engine) -> DeviceRegistry:
 
 @pytest.fixture
 def gateway_client(
-    registry: DeviceRegistry, authority: EnrolmentAuthority, ca_pem: bytes
+    registry: DeviceRegistry, authority: EnrolmentAuthority, ca_pem: bytes, engine: Engine
 ) -> Iterator[TestClient]:
     gateway = Gateway(
         registry=registry,
@@ -121,6 +122,7 @@ def gateway_client(
         ca_pem=ca_pem,
         superlink_address="127.0.0.1:9",
         control=lambda: cast("ControlClient", _Control()),
+        refusals=RefusalRecorder(AuditLog(engine)),
     )
     with TestClient(build_app(gateway), base_url=SERVER) as client:
         yield client
