@@ -147,5 +147,9 @@ step "fedge audit list --last 6"
 "$FEDGE" audit list --home "$SERVER" --last 6 | cut -c1-160
 step "fedge audit verify"
 "$FEDGE" audit verify --home "$SERVER"
+step "fedge audit report --fleet (both runs: HTML; the first run's report as PDF)"
+"$FEDGE" audit report --home "$SERVER" --fleet --format html --out "$ROOT/fleet-report.html"
+first_run=$(ls "$SERVER/runs" | sort | head -n 1)
+"$FEDGE" audit report --home "$SERVER" --run "$first_run" --format pdf --out "$ROOT/run-report.pdf"
 echo
 echo "demo-fleet: everything is in $ROOT (server logs in $SERVER/logs)"
