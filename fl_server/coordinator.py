@@ -406,6 +406,9 @@ def run_coordinated(
                 "final_accuracy": summary.final_accuracy,
                 "rounds": len(summary.rounds),
                 "wall_seconds": round(time.perf_counter() - started, 3),
+                # What the run claims, the devices' own ledgers included (sample-level DP
+                # under secure aggregation: the server ledger charges nobody).
+                **({"privacy": summary.privacy} if summary.privacy else {}),
                 **({"status": summary.status, "error": summary.error} if failed else {}),
             },
             run_id=plan.run_id,

@@ -10,7 +10,7 @@ norm), and only from intact records.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from fedge.errors import FedgeError
@@ -175,6 +175,17 @@ def run_epsilon(
         return None, f"the privacy ledger's epsilon cannot be verified: {exc}"
 
 
+def _device_epsilon(records: RunRecords) -> float | None:
+    """Return the worst device epsilon the run's end record states, if it states one."""
+    end = records.end
+    if end is None or end.problem is not None or not isinstance(end.payload, Mapping):
+        return None
+    privacy = end.payload.get("privacy")
+    if not isinstance(privacy, Mapping):
+        return None
+    return as_float(privacy.get("max_device_epsilon"))
+
+
 def dp_section(
     engine: Engine, records: RunRecords, view: ConfigView, rows: Sequence[LedgerRow]
 ) -> DifferentialPrivacy:
@@ -207,6 +218,13 @@ def dp_section(
         status = "exhausted: the run stopped before a round would exceed a budget"
     elif view.epsilon_budget is None:
         status = "no run budget set (spending recorded without a limit)"
+    elif total is None and _device_epsilon(records) is not None:
+        device = _device_epsilon(records)
+        status = (
+            "enforced by each device's own ledger: worst device "
+            + ("over" if device is not None and device > view.epsilon_budget else "within")
+            + " budget"
+        )
     elif total is not None and total > view.epsilon_budget:
         status = "over budget"
     else:
@@ -235,6 +253,7 @@ def dp_section(
         epsilon_budget=view.epsilon_budget,
         epsilon_total=total,
         epsilon_stored=max(stored, default=None),
+        device_epsilon=_device_epsilon(records),
         ledger_problem=problem,
         budget_status=status,
         per_round=_per_round(rows, records, run_level),

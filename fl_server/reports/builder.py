@@ -233,6 +233,7 @@ def build_run_report(
             secure.enabled,
             checked.statement,
             ledger_problem=privacy.ledger_problem,
+            device_epsilon=privacy.device_epsilon,
         ),
     )
     return RunReport(
@@ -274,6 +275,7 @@ def _statements(
     verified: str,
     *,
     ledger_problem: str | None,
+    device_epsilon: float | None = None,
 ) -> tuple[str, ...]:
     lines = []
     if mode == "off":
@@ -285,6 +287,12 @@ def _statements(
         )
     elif ledger_problem is not None:
         lines.append(f"Differential privacy ({mode}): {ledger_problem}.")
+    elif device_epsilon is not None:
+        lines.append(
+            f"Differential privacy ({mode}): worst device epsilon {device_epsilon:.4g}"
+            + (f" at delta {delta:g}" if delta is not None else "")
+            + " by the devices' own ledgers (the server ledger charges no one in this mode)."
+        )
     else:
         lines.append(f"Differential privacy ({mode}): no spending recorded in the ledger.")
     lines.append(

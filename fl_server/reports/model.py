@@ -278,6 +278,9 @@ class DifferentialPrivacy:
     epsilon_budget: float | None
     epsilon_total: float | None
     epsilon_stored: float | None
+    device_epsilon: float | None
+    """The worst device's epsilon as the devices' own ledgers state it (recorded in the
+    trail at the run's end); the server cannot verify it: each device enforces it."""
     ledger_problem: str | None
     budget_status: str
     per_round: tuple[DpRound, ...]

@@ -184,3 +184,46 @@ def test_the_schema_in_the_repo_describes_the_document() -> None:
             if field not in {"report_kind", "schema_version"}:
                 assert stored["properties"][field] == shape, f"{name}.{field}"
     assert np.all([name in schema["$defs"] for name in ("RunReport", "FleetReport")])
+
+
+def test_a_sample_level_run_states_the_devices_epsilon_and_renders_without_an_epsilon_plot(
+    tmp_path: Path,
+) -> None:
+    from fl_server.audit import AuditEventKind, AuditLog
+    from fl_server.audit.verify import verify_trail
+    from fl_server.db import open_database
+    from fl_server.reports import build_run_report, verification_of
+    from fl_server.reports.render_html import render_html
+    from tests.unit.fl_server.reports.conftest import sim_config
+
+    # DP-SGD on the devices under secure aggregation: the server ledger charges no one; the
+    # devices' own ledgers state the epsilon, recorded at the run's end (as make demo runs).
+    engine = open_database(f"sqlite:///{tmp_path / 'fedge.db'}")
+    audit = AuditLog(engine)
+    audit.append(
+        AuditEventKind.RUN_STARTED,
+        {"config": sim_config(dp="sample", epsilon=3.0), "config_sha256": "0" * 64},
+        run_id="run-s",
+    )
+    audit.append(
+        AuditEventKind.ROUND_COMPLETED,
+        {"round": 1, "accuracy": 0.7, "loss": 1.0, "replies": 4, "failures": 0},
+        run_id="run-s",
+    )
+    audit.append(
+        AuditEventKind.RUN_COMPLETED,
+        {"rounds": 1, "privacy": {"mechanism": "dp-sgd", "max_device_epsilon": 2.875}},
+        run_id="run-s",
+    )
+    report = build_run_report(
+        engine, run_id="run-s", verification=verification_of(verify_trail(engine))
+    )
+    engine.dispose()
+
+    html = render_html(report)
+
+    assert report.differential_privacy.device_epsilon == 2.875
+    assert report.differential_privacy.epsilon_total is None
+    assert "Worst device epsilon" in html and "2.875" in html
+    assert "within budget" in report.differential_privacy.budget_status
+    assert any("worst device epsilon 2.875" in s for s in report.summary.statements)
