@@ -175,7 +175,7 @@ def run_epsilon(
         return None, f"the privacy ledger's epsilon cannot be verified: {exc}"
 
 
-def _device_epsilon(records: RunRecords) -> float | None:
+def device_epsilon(records: RunRecords) -> float | None:
     """Return the worst device epsilon the run's end record states, if it states one."""
     end = records.end
     if end is None or end.problem is not None or not isinstance(end.payload, Mapping):
@@ -218,8 +218,8 @@ def dp_section(
         status = "exhausted: the run stopped before a round would exceed a budget"
     elif view.epsilon_budget is None:
         status = "no run budget set (spending recorded without a limit)"
-    elif total is None and _device_epsilon(records) is not None:
-        device = _device_epsilon(records)
+    elif total is None and device_epsilon(records) is not None:
+        device = device_epsilon(records)
         status = (
             "enforced by each device's own ledger: worst device "
             + ("over" if device is not None and device > view.epsilon_budget else "within")
@@ -253,7 +253,7 @@ def dp_section(
         epsilon_budget=view.epsilon_budget,
         epsilon_total=total,
         epsilon_stored=max(stored, default=None),
-        device_epsilon=_device_epsilon(records),
+        device_epsilon=device_epsilon(records),
         ledger_problem=problem,
         budget_status=status,
         per_round=_per_round(rows, records, run_level),

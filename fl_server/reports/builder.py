@@ -23,7 +23,12 @@ from fl_server.reports._gather import (
     run_records,
     trail,
 )
-from fl_server.reports._privacy import dp_section, run_epsilon, sample_withheld
+from fl_server.reports._privacy import (
+    device_epsilon,
+    dp_section,
+    run_epsilon,
+    sample_withheld,
+)
 from fl_server.reports._sections import (
     lineage_section,
     participants_section,
@@ -335,6 +340,7 @@ def build_fleet_report(
         accountant = AccountantKind.PRV if view.dp_mode == "sample" else AccountantKind.RDP
         epsilon, problem = run_epsilon(engine, records.run_id, accountant, delta if rows else None)
         subjects = {r.subject for r in rows if r.subject != "run"}
+        replies = [r.replies for r in rounds_of(records) if not r.damaged and r.replies is not None]
         listed.append(
             FleetRun(
                 run_id=records.run_id,
@@ -343,10 +349,11 @@ def build_fleet_report(
                 rounds=len([r for r in rounds_of(records) if not r.damaged]),
                 dp_mode=view.dp_mode,
                 epsilon=as_float(epsilon),
+                device_epsilon=device_epsilon(records),
                 ledger_problem=problem,
                 delta=delta if rows else None,
                 secure_aggregation=view.secure,
-                participants=len(subjects) or None,
+                participants=len(subjects) or max(replies, default=None),
                 damaged_records=len(records.damaged),
             )
         )

@@ -487,10 +487,13 @@ class FleetRun:
     rounds: int
     dp_mode: str
     epsilon: float | None
+    device_epsilon: float | None
+    """Sample-level DP: the worst device's epsilon by the devices' own ledgers (unverifiable)."""
     ledger_problem: str | None
     delta: float | None
     secure_aggregation: bool
     participants: int | None
+    """Distinct clients the ledger charged, else the most replies a round used."""
     damaged_records: int
 
 

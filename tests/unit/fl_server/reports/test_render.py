@@ -192,7 +192,7 @@ def test_a_sample_level_run_states_the_devices_epsilon_and_renders_without_an_ep
     from fl_server.audit import AuditEventKind, AuditLog
     from fl_server.audit.verify import verify_trail
     from fl_server.db import open_database
-    from fl_server.reports import build_run_report, verification_of
+    from fl_server.reports import build_fleet_report, build_run_report, verification_of
     from fl_server.reports.render_html import render_html
     from tests.unit.fl_server.reports.conftest import sim_config
 
@@ -215,9 +215,9 @@ def test_a_sample_level_run_states_the_devices_epsilon_and_renders_without_an_ep
         {"rounds": 1, "privacy": {"mechanism": "dp-sgd", "max_device_epsilon": 2.875}},
         run_id="run-s",
     )
-    report = build_run_report(
-        engine, run_id="run-s", verification=verification_of(verify_trail(engine))
-    )
+    verification = verification_of(verify_trail(engine))
+    report = build_run_report(engine, run_id="run-s", verification=verification)
+    fleet = build_fleet_report(engine, since=None, until=None, verification=verification)
     engine.dispose()
 
     html = render_html(report)
@@ -227,3 +227,4 @@ def test_a_sample_level_run_states_the_devices_epsilon_and_renders_without_an_ep
     assert "Worst device epsilon" in html and "2.875" in html
     assert "within budget" in report.differential_privacy.budget_status
     assert any("worst device epsilon 2.875" in s for s in report.summary.statements)
+    assert (fleet.runs[0].device_epsilon, fleet.runs[0].participants) == (2.875, 4)
