@@ -25,14 +25,13 @@ from flwr.app import (
     Message,
     MessageType,
     MetricRecord,
-    RecordDict,
 )
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, Strategy
-from flwr.supercore.run import Run
 
 from fedge.errors import ConfigError
 from fl_server._dp_records import log_failures
+from fl_server._grid import ForwardingGrid
 from fl_server.audit import AuditEventKind, AuditLog
 from fl_server.checkpoints import CheckpointDir
 from fl_server.dp_strategy import DifferentialPrivacy
@@ -188,7 +187,7 @@ class RoundTally:
     refused: dict[str, int]
 
 
-class _TallyGrid(Grid):
+class _TallyGrid(ForwardingGrid):
     """Count the nodes each round's train messages go to and the policy refusals they answer.
 
     Everything sent between two :meth:`take` calls belongs to one round (the
@@ -198,7 +197,7 @@ class _TallyGrid(Grid):
     """
 
     def __init__(self, grid: Grid) -> None:
-        self._inner = grid
+        super().__init__(grid)
         self._asked: set[int] = set()
         self._errors: dict[int, int] = {}
 
@@ -211,38 +210,6 @@ class _TallyGrid(Grid):
         self._asked = set()
         self._errors = {}
         return tally
-
-    def set_run(self, run: Run) -> None:
-        """Set the run on the wrapped Grid."""
-        self._inner.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        """The wrapped Grid's run."""
-        return self._inner.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """Create a message through the wrapped Grid."""
-        return self._inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """Return the connected nodes."""
-        return self._inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Push messages unchanged (not counted: fedge's rounds use send_and_receive)."""
-        return self._inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Pull replies unchanged."""
-        return self._inner.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

@@ -46,9 +46,9 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from fedge.errors import ConfigError
+from fl_server._grid import ForwardingGrid
 from fl_server.secagg_config import (
     PARTICIPANTS_FIELD,
     PARTICIPANTS_RECORD_KEY,
@@ -394,7 +394,7 @@ def _global_arrays(messages: list[Message]) -> ArrayRecord:
     return first
 
 
-class SecureAggregationGrid(Grid):
+class SecureAggregationGrid(ForwardingGrid):
     """A Grid that turns each training round into a fedge SecAgg+ round.
 
     Parameters
@@ -424,43 +424,11 @@ class SecureAggregationGrid(Grid):
         on_round: Callable[[SecAggRoundStats], None] | None = None,
         privacy_guard: PrivacyGuard | None = None,
     ) -> None:
-        self._inner = grid
+        super().__init__(grid)
         self._guard = privacy_guard
         self._config = config
         self._rng = rng or SystemRandomSource()
         self._on_round = on_round
-
-    def set_run(self, run: Run) -> None:
-        """Set the run on the wrapped Grid."""
-        self._inner.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        """The wrapped Grid's run."""
-        return self._inner.run
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        """Create a message through the wrapped Grid."""
-        return self._inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """Return the connected nodes."""
-        return self._inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Push messages unchanged (no secure aggregation on this low-level path)."""
-        return self._inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Pull replies unchanged."""
-        return self._inner.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

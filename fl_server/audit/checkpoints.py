@@ -68,6 +68,8 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "fedge-audit-checkpoint/v1"
 _HEX64 = frozenset("0123456789abcdef")
 _MAX_FILE_BYTES = 64 * 2**20
+# A checkpoint's fields, as its database row stores them (same names).
+_STORED = ("seq", "head_hash", "signed_at", "reason", "public_key", "signature")
 
 
 def _utc_now() -> datetime:
@@ -162,14 +164,7 @@ class Checkpoint:
 
     def to_row(self) -> AuditCheckpointRow:
         """Return the database row that stores this checkpoint."""
-        return AuditCheckpointRow(
-            seq=self.seq,
-            head_hash=self.head_hash,
-            signed_at=self.signed_at,
-            reason=self.reason,
-            public_key=self.public_key,
-            signature=self.signature,
-        )
+        return AuditCheckpointRow(**{name: getattr(self, name) for name in _STORED})
 
     @classmethod
     def from_row(cls, row: AuditCheckpointRow) -> Checkpoint:
@@ -180,14 +175,7 @@ class Checkpoint:
         ConfigError
             If a field is malformed.
         """
-        return cls(
-            seq=row.seq,
-            head_hash=row.head_hash,
-            signed_at=row.signed_at,
-            reason=row.reason,
-            public_key=row.public_key,
-            signature=row.signature,
-        )
+        return cls(**{name: getattr(row, name) for name in _STORED})
 
     @classmethod
     def from_json(cls, document: object) -> Checkpoint:

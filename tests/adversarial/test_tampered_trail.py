@@ -111,6 +111,22 @@ def _sql(engine: Engine, *statements: object) -> None:
             session.execute(statement)  # type: ignore[call-overload]
 
 
+def _cut_tail(engine: Engine, cut: int, *also: object) -> None:
+    """Delete records from ``cut`` on, move the head back to the record before, empty the
+    database's checkpoint table, and run ``also`` (matching edits), in one transaction."""
+    with Session(engine) as session:
+        keep = session.get(AuditRecordRow, cut - 1)
+        assert keep is not None
+        keep_hash = keep.record_hash
+    _sql(
+        engine,
+        delete(AuditRecordRow).where(AuditRecordRow.seq >= cut),
+        update(AuditHeadRow).values(seq=cut - 1, record_hash=keep_hash),
+        delete(AuditCheckpointRow),
+        *also,
+    )
+
+
 def _seq_of(engine: Engine, kind: AuditEventKind, nth: int = 1) -> int:
     with Session(engine) as session:
         seqs = list(
@@ -251,17 +267,11 @@ def test_a_cut_tail_with_the_head_moved_back_fails_against_the_checkpoint(
     engine: Engine, trail: AuditTrust
 ) -> None:
     cut = _seq_of(engine, AuditEventKind.PRIVACY_SPENT, 3)
-    with Session(engine) as session:
-        keep = session.get(AuditRecordRow, cut - 1)
-        assert keep is not None
-        keep_hash = keep.record_hash
-    _sql(
+    _cut_tail(
         engine,
-        delete(AuditRecordRow).where(AuditRecordRow.seq >= cut),
+        cut,
         delete(LedgerRow).where(LedgerRow.server_round >= 3),
         delete(ModelVersionRow).where(ModelVersionRow.version >= 3),
-        update(AuditHeadRow).values(seq=cut - 1, record_hash=keep_hash),
-        delete(AuditCheckpointRow),
     )
 
     without = verify_trail(engine)
@@ -383,17 +393,7 @@ def test_a_budget_is_checked_against_the_events_not_the_rows(
         ledger.check_lifetime(["dev-a"], SPEND, budget=spent, delta=DELTA)
     # Cutting the privacy.spent events off the tail (rows too) is caught by the checkpoint.
     cut = _seq_of(engine, AuditEventKind.PRIVACY_SPENT, 1)
-    with Session(engine) as session:
-        keep = session.get(AuditRecordRow, cut - 1)
-        assert keep is not None
-        keep_hash = keep.record_hash
-    _sql(
-        engine,
-        delete(AuditRecordRow).where(AuditRecordRow.seq >= cut),
-        delete(LedgerRow),
-        update(AuditHeadRow).values(seq=cut - 1, record_hash=keep_hash),
-        delete(AuditCheckpointRow),
-    )
+    _cut_tail(engine, cut, delete(LedgerRow))
     anchored, _ = trail.anchor.read()
     after_cut = PrivacyLedger(engine, checkpoints=anchored)
 
