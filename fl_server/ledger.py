@@ -19,12 +19,13 @@ enrolled identity, which outlives a run id, so a new run does not start it at ze
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import Engine, Select, select
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from fedge.errors import ConfigError, FedgeError, StorageError
@@ -62,7 +63,7 @@ __all__ = [
     "RoundSpend",
 ]
 
-_ROUND_ATTEMPTS = 5
+_ROUND_ATTEMPTS = 20
 
 
 class BudgetExceeded(FedgeError):  # noqa: N818 - reads as what happened
@@ -369,12 +370,17 @@ class PrivacyLedger:
                     )
                     audit.append_in(session, AuditEventKind.PRIVACY_SPENT, content, run_id=run_id)
                     return totals
-            except IntegrityError as exc:
-                # Another writer moved the audit head first: retry; a duplicate row fails again.
+            except (IntegrityError, OperationalError) as exc:
+                # Another writer (the gateway auditing a refusal, another run) moved the audit
+                # head first, or SQLite refused to upgrade a stale snapshot: retry on a fresh
+                # transaction; a duplicate row fails every time.
                 if attempt + 1 == _ROUND_ATTEMPTS:
-                    raise StorageError(
-                        f"round {server_round} of run {run_id} is already in the ledger"
-                    ) from exc
+                    if isinstance(exc, IntegrityError):
+                        raise StorageError(
+                            f"round {server_round} of run {run_id} is already in the ledger"
+                        ) from exc
+                    raise StorageError(f"cannot write the privacy ledger: {exc}") from exc
+                time.sleep(0.01 * (attempt + 1))
             except SQLAlchemyError as exc:
                 raise StorageError(f"cannot write the privacy ledger: {exc}") from exc
         raise AssertionError("unreachable")  # pragma: no cover

@@ -196,7 +196,7 @@ class VerifiedSpends:
             )
         walker = ChainWalker(self._engine, self._position)
         wanted = {c.seq: c for c in self._checkpoints if c.seq > self._position.seq}
-        for row in walker.walk():
+        for row in walker.walk(upto=head.seq):
             if row.problem:
                 raise AuditIntegrityError(f"the audit trail does not verify: {row.problem}")
             checkpoint = wanted.get(row.seq)

@@ -112,8 +112,11 @@ class ChainWalker:
         self.position = start or ChainPosition()
         self.damaged = False
 
-    def walk(self) -> Iterator[CheckedRow]:
-        """Yield every record after the start position in sequence order.
+    def walk(self, upto: int | None = None) -> Iterator[CheckedRow]:
+        """Yield every record after the start position (up to record ``upto``) in order.
+
+        A reader of a live database passes the head it read first as ``upto``:
+        records appended while it walks belong to the next walk.
 
         Raises
         ------
@@ -124,12 +127,10 @@ class ChainWalker:
         prev_hash = self.position.record_hash
         last_seq = self.position.seq
         while True:
-            query = (
-                select(AuditRecordRow)
-                .where(AuditRecordRow.seq > last_seq)
-                .order_by(AuditRecordRow.seq)
-                .limit(_BATCH)
-            )
+            query = select(AuditRecordRow).where(AuditRecordRow.seq > last_seq)
+            if upto is not None:
+                query = query.where(AuditRecordRow.seq <= upto)
+            query = query.order_by(AuditRecordRow.seq).limit(_BATCH)
             try:
                 with Session(self._engine) as session:
                     rows = list(session.scalars(query))
@@ -158,6 +159,22 @@ class ChainWalker:
             if len(rows) < _BATCH:
                 return
             last_seq = rows[-1].seq
+
+
+def records_after(engine: Engine, seq: int) -> bool:
+    """Return whether any record lies after record ``seq``.
+
+    Raises
+    ------
+    StorageError
+        If the database cannot be read.
+    """
+    query = select(AuditRecordRow.seq).where(AuditRecordRow.seq > seq).limit(1)
+    try:
+        with Session(engine) as session:
+            return session.scalars(query).first() is not None
+    except SQLAlchemyError as exc:
+        raise StorageError(f"cannot read the audit log: {exc}") from exc
 
 
 def read_head(engine: Engine) -> ChainPosition | None:

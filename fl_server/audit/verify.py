@@ -25,7 +25,13 @@ from typing import Any
 from sqlalchemy import Engine
 
 from fedge.errors import ConfigError
-from fl_server.audit.chain import ChainWalker, CheckedRow, read_head
+from fl_server.audit.chain import (
+    ChainPosition,
+    ChainWalker,
+    CheckedRow,
+    read_head,
+    records_after,
+)
 from fl_server.audit.checkpoints import Checkpoint
 from fl_server.audit.cross_checks import TrailProblem, ledger_problems, limited, store_problems
 from fl_server.audit.events import AuditEventKind
@@ -286,9 +292,10 @@ def verify_trail(
     for item in valid:
         wanted.setdefault(item.checkpoint.seq, []).append(item)
     walk = _Pass(wanted, record_hashes, expect_head, expect_found=expect_head is None)
+    head = read_head(engine)  # first: records appended while we walk are the next walk's
     walker = ChainWalker(engine)
     last_seq, last_hash, checked = 0, walker.position.record_hash, 0
-    for row in walker.walk():
+    for row in walker.walk(upto=None if head is None else head.seq):
         checked += 1
         last_seq, last_hash = row.seq, row.record_hash
         walk.visit(row)
@@ -296,7 +303,7 @@ def verify_trail(
         *limited(walk.chain_problems, "chain"),
         *checkpoint_problems,
         *walk.problems,
-        *_head_problems(engine, last_seq, last_hash, checked),
+        *_head_problems(engine, head, last_seq, last_hash, checked),
         *walk.cut_tail(last_seq),
     ]
     rows_checked, ledger_found = ledger_problems(engine, walk.expected_charges)
@@ -338,9 +345,8 @@ def _first_rewritten(
 
 
 def _head_problems(
-    engine: Engine, last_seq: int, last_hash: str, checked: int
+    engine: Engine, head: ChainPosition | None, last_seq: int, last_hash: str, checked: int
 ) -> list[TrailProblem]:
-    head = read_head(engine)
     if head is None:
         return [TrailProblem("head", "the head row is missing", last_seq + 1)]
     if head.seq > last_seq:
@@ -361,4 +367,15 @@ def _head_problems(
                 head.seq + 1,
             )
         ]
+    if records_after(engine, head.seq):
+        moved = read_head(engine)
+        if moved is not None and moved.seq == head.seq:
+            # Nobody appended since the head was read: the records past it were left behind.
+            return [
+                TrailProblem(
+                    "head",
+                    f"records lie after the head (record {head.seq}): the head was moved back",
+                    head.seq + 1,
+                )
+            ]
     return []

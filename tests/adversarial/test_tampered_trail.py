@@ -284,6 +284,21 @@ def test_a_cut_tail_with_the_head_moved_back_fails_against_the_checkpoint(
     assert "its tail was cut off" in result.reason
 
 
+def test_records_left_after_a_head_moved_back_are_named(engine: Engine, trail: AuditTrust) -> None:
+    with Session(engine) as session:
+        head = session.get(AuditHeadRow, 1)
+        assert head is not None
+        back = session.get(AuditRecordRow, head.seq - 2)
+        assert back is not None
+        seq, digest = back.seq, back.record_hash
+    _sql(engine, update(AuditHeadRow).values(seq=seq, record_hash=digest))
+
+    result = _verify(engine, trail)
+
+    assert result.first_bad_seq == seq + 1
+    assert any("records lie after the head" in p.message for p in result.problems)
+
+
 def test_a_trail_deleted_whole_with_its_head_reset_fails(engine: Engine, trail: AuditTrust) -> None:
     _sql(
         engine,

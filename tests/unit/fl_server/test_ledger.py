@@ -273,3 +273,39 @@ def test_a_runs_epsilon_is_its_own_spend_else_its_worst_participants(engine: Eng
     )
     entry = ledger.record("run-b", 1, central, delta=1e-5)
     assert ledger.run_epsilon("run-b", delta=1e-5) == pytest.approx(entry.epsilon)
+
+
+def test_rounds_recorded_while_another_process_appends_events_all_land_bound(
+    engine: Engine,
+) -> None:
+    # The gateway audits refusals while the coordinator records rounds: one database, two
+    # writers. Every round must land with its event, and the whole trail must verify.
+    import threading
+
+    from fl_server.audit import AuditEventKind, AuditLog
+    from fl_server.audit.verify import verify_trail
+
+    stop = threading.Event()
+    other = AuditLog(engine)
+
+    def gateway() -> None:
+        while not stop.is_set():
+            other.append(AuditEventKind.ENROLMENT_REFUSED, {"reason": "unknown_token"})
+
+    writer = threading.Thread(target=gateway)
+    writer.start()
+    ledger = PrivacyLedger(engine)
+    try:
+        for server_round in range(1, 9):
+            ledger.record_many("run-c", server_round, {"run": DDG, "dev-a": DDG}, delta=1e-5)
+            # Verifying a live trail judges the chain up to the head it read, no further.
+            live = verify_trail(engine)
+            assert live.ok, live.problems
+    finally:
+        stop.set()
+        writer.join()
+
+    result = verify_trail(engine)
+    assert result.ok, result.problems
+    assert result.ledger_rows_checked == 16 and result.spent_events_checked == 8
+    assert len(ledger.entries("run-c")) == 16
