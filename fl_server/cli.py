@@ -194,6 +194,37 @@ def checkpoint_command(
     )
 
 
+@audit_app.command("adopt-ledger")
+def adopt_ledger_command(db_url: _DbUrl = None, home: _Home = None) -> None:
+    """Bind privacy-ledger rows written before fedge bound them to the chain (an upgrade).
+
+    Each (run, round) group of rows that no chained event states gets one
+    privacy.ledger_adopted event stating them as they are now, so budget checks
+    accept them again. Run it once after upgrading, on a trail you trust: it
+    vouches for the rows' current values. Refused over a trail that does not verify.
+    """
+    from fl_server.audit import AuditLog
+    from fl_server.audit.trust import AuditTrust, trusted
+    from fl_server.ledger_binding import VerifiedSpends, adopt_unbound_rows
+
+    trust = AuditTrust(FedgeHome.resolve(home).audit_dir)
+    engine = open_existing(db_url, home)
+    try:
+        found, _ = trust.checkpoints(engine)
+        key = trust.trusted_key()
+        checkpoints = [] if key is None else trusted(found, key)
+        adopted = adopt_unbound_rows(
+            engine, VerifiedSpends(engine, checkpoints=checkpoints), AuditLog(engine)
+        )
+    finally:
+        engine.dispose()
+    typer.echo(
+        f"adopted {adopted} ledger rows into the audit chain"
+        if adopted
+        else "every ledger row is already stated by the audit chain: nothing to adopt"
+    )
+
+
 def _trusted(trust: AuditTrust) -> list[bytes] | None:
     key = trust.trusted_key()
     return None if key is None else [key]

@@ -15,28 +15,36 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
-from fedge.errors import AuditIntegrityError, ConfigError
+from fedge.errors import AuditIntegrityError, ConfigError, StorageError
 from fl_server.audit.chain import ChainPosition, ChainWalker, read_head
 from fl_server.audit.checkpoints import Checkpoint
 from fl_server.audit.events import AuditEventKind, JSONValue, canonical_json
+from fl_server.audit.log import AuditLog
 from fl_server.db.schema import LedgerRow
 from strategies.accounting import PrivacySpend
 
 __all__ = [
     "LEDGER_SECTION",
+    "STATING_KINDS",
     "Charge",
     "ChargeKey",
     "VerifiedSpends",
+    "adopt_unbound_rows",
     "charge_of_row",
     "charges_in",
     "check_rows",
     "ledger_section",
+    "unbound_rows",
 ]
 
 LEDGER_SECTION = "ledger"
-_SPENT = AuditEventKind.PRIVACY_SPENT.value
+# The events whose ledger section states rows: a round's spend, and rows written before the
+# ledger was bound to the chain that an operator adopted (`fedge audit adopt-ledger`).
+STATING_KINDS = frozenset({AuditEventKind.PRIVACY_SPENT.value, AuditEventKind.LEDGER_ADOPTED.value})
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +213,7 @@ class VerifiedSpends:
                     f"record {row.seq} differs from the checkpoint signed at "
                     f"{checkpoint.signed_at}: the chain was rewritten"
                 )
-            if row.kind == _SPENT and row.payload is not None:
+            if row.kind in STATING_KINDS and row.payload is not None:
                 try:
                     stated = charges_in(row.payload, row.run_id)
                 except ConfigError as exc:
@@ -245,6 +253,10 @@ class VerifiedSpends:
             for (run, server_round), charge in self.charges(subject, run_id).items()
         }
 
+    def all_charges(self) -> dict[ChargeKey, Charge]:
+        """Return every verified charge of every run."""
+        return {key: charge for charges in self._runs.values() for key, charge in charges.items()}
+
     def run_charges(self, run_id: str, server_round: int | None = None) -> dict[ChargeKey, Charge]:
         """Return the verified charges of a run (of one of its rounds when given)."""
         found = self._runs.get(run_id, {})
@@ -278,5 +290,68 @@ def check_rows(rows: Sequence[LedgerRow], expected: Mapping[ChargeKey, Charge]) 
         key = next(iter(stored))
         raise AuditIntegrityError(
             f"the privacy ledger holds a row of {key.subject} in round {key.server_round} of "
-            f"run {key.run_id} that no audit event records: it was inserted"
+            f"run {key.run_id} that no audit event records: it was inserted (or written by a "
+            "fedge older than the bound ledger: `fedge audit adopt-ledger`)"
         )
+
+
+def unbound_rows(engine: Engine, stated: Mapping[ChargeKey, Charge]) -> list[LedgerRow]:
+    """Return the ledger rows no chained event states, in the order they were written.
+
+    Raises
+    ------
+    StorageError
+        If the ledger cannot be read.
+    """
+    try:
+        with Session(engine) as session:
+            rows = list(session.scalars(select(LedgerRow).order_by(LedgerRow.id)))
+    except SQLAlchemyError as exc:
+        raise StorageError(f"cannot read the privacy ledger: {exc}") from exc
+    return [row for row in rows if charge_of_row(row)[0] not in stated]
+
+
+def adopt_unbound_rows(engine: Engine, verified: VerifiedSpends, audit: AuditLog) -> int:
+    """State every unbound ledger row in a chained ``privacy.ledger_adopted`` event.
+
+    For a database written before the ledger was bound to the chain (its
+    ``privacy.spent`` events have no ledger section): each (run, round) group of
+    rows gets one event stating them exactly, so budgets can be checked again.
+    The rows are adopted *as they are now*: the operator vouches that they
+    were not edited before adoption, and the event records when that happened.
+
+    Returns
+    -------
+    int
+        How many rows were adopted.
+
+    Raises
+    ------
+    AuditIntegrityError
+        If the chain does not verify (nothing is adopted over a damaged trail).
+    """
+    verified.refresh()
+    stated = verified.all_charges()
+    rows = unbound_rows(engine, stated)
+    groups: dict[tuple[str, int], list[LedgerRow]] = {}
+    for row in rows:
+        groups.setdefault((row.run_id, row.server_round), []).append(row)
+    for (run_id, server_round), members in groups.items():
+        charges = dict(charge_of_row(row) for row in members)
+        deltas = {charge.delta for charge in charges.values()}
+        if len(deltas) != 1:
+            raise ConfigError(
+                f"round {server_round} of run {run_id} has rows at several deltas: adopt by hand"
+            )
+        section = ledger_section(
+            server_round,
+            {key.subject: charge.spend for key, charge in charges.items()},
+            {key.subject: charge.epsilon for key, charge in charges.items()},
+            delta=deltas.pop(),
+        )
+        audit.append(
+            AuditEventKind.LEDGER_ADOPTED,
+            {"round": server_round, "rows": len(members), LEDGER_SECTION: section},
+            run_id=run_id,
+        )
+    return len(rows)

@@ -69,7 +69,9 @@ def ledger_problems(
                 if stated is None:
                     problems.append(
                         TrailProblem(
-                            "ledger", f"{where} is stated by no privacy.spent event: inserted"
+                            "ledger",
+                            f"{where} is stated by no privacy.spent event: inserted (or written "
+                            "by a fedge older than the bound ledger: `fedge audit adopt-ledger`)",
                         )
                     )
                 elif stated != charge:

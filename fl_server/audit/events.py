@@ -40,6 +40,7 @@ class AuditEventKind(Enum):
     RUN_FAILED = "run.failed"
     RUN_RESUMED = "run.resumed"
     PRIVACY_SPENT = "privacy.spent"
+    LEDGER_ADOPTED = "privacy.ledger_adopted"
     BUDGET_EXHAUSTED = "privacy.budget_exhausted"
     MODEL_PUBLISHED = "store.published"
     ALIAS_MOVED = "store.alias_moved"

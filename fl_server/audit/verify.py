@@ -35,13 +35,12 @@ from fl_server.audit.chain import (
 from fl_server.audit.checkpoints import Checkpoint
 from fl_server.audit.cross_checks import TrailProblem, ledger_problems, limited, store_problems
 from fl_server.audit.events import AuditEventKind
-from fl_server.ledger_binding import Charge, ChargeKey, charges_in
+from fl_server.ledger_binding import STATING_KINDS, Charge, ChargeKey, charges_in
 
 __all__ = ["SourcedCheckpoint", "TrailProblem", "TrailVerification", "verify_trail"]
 
 _RUN = "run"  # the ledger's run-level subject (fl_server.ledger.RUN_SUBJECT)
 _LISTED = 20  # problems of one kind listed before "and N more"
-_SPENT = AuditEventKind.PRIVACY_SPENT.value
 _PUBLISHED = AuditEventKind.MODEL_PUBLISHED.value
 
 
@@ -215,7 +214,7 @@ class _Pass:
         )
 
     def _fold(self, row: CheckedRow, payload: Mapping[str, object], run_id: str) -> None:
-        if row.kind == _SPENT:
+        if row.kind in STATING_KINDS:
             self.spent_events += 1
             try:
                 stated = charges_in(payload, run_id)

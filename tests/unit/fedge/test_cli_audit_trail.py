@@ -182,3 +182,50 @@ def test_a_private_run_refuses_to_start_on_a_cut_trail(
     assert "its tail was cut off" in err
     # Nothing was recorded: the trail still ends where the attacker left it.
     assert _head(fedge_home)[0] == 3
+
+
+def test_a_legacy_ledger_is_adopted_once_and_then_bound(
+    capsys: pytest.CaptureFixture[str], fedge_home: Path
+) -> None:
+    from sqlalchemy.orm import Session
+
+    from fl_server.db.schema import LedgerRow
+
+    # What fedge wrote before the ledger was bound: rows, and events without a ledger section.
+    engine = open_database(f"sqlite:///{fedge_home / 'fedge.db'}")
+    audit = AuditLog(engine)
+    with Session(engine) as session, session.begin():
+        for server_round, epsilon in ((1, 0.9), (2, 1.4)):
+            for subject in (RUN_SUBJECT, "dev-a"):
+                session.add(
+                    LedgerRow(
+                        run_id="old-run",
+                        subject=subject,
+                        server_round=server_round,
+                        mechanism="distributed-dgauss",
+                        rho=0.1,
+                        noise_multiplier=None,
+                        sample_rate=None,
+                        steps=None,
+                        delta=1e-5,
+                        epsilon=epsilon,
+                        recorded_at="2026-01-01T00:00:00+00:00",
+                    )
+                )
+            audit.append(AuditEventKind.PRIVACY_SPENT, {"round": server_round}, run_id="old-run")
+    refused = PrivacyLedger(engine)
+    with pytest.raises(Exception, match="no audit event records"):
+        refused.lifetime_spent("dev-a", delta=1e-5)
+
+    before, before_out, _ = _run(capsys, "audit", "verify")
+    code, out, _ = _run(capsys, "audit", "adopt-ledger")
+    again, again_out, _ = _run(capsys, "audit", "adopt-ledger")
+    after, _, _ = _run(capsys, "audit", "verify")
+    adopted = PrivacyLedger(engine).lifetime_spent("dev-a", delta=1e-5)
+    engine.dispose()
+
+    assert before == 1 and "stated by no privacy.spent event" in before_out
+    assert code == 0 and "adopted 4 ledger rows" in out
+    assert again == 0 and "nothing to adopt" in again_out
+    assert after == 0
+    assert adopted > 0
