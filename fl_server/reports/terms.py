@@ -266,6 +266,13 @@ _SECURITY_CATEGORIES = {
     "run.failed": "run failure",
     "run.resumed": "run resumption",
     "store.gc": "artefact deletion",
+    "enrolment.refused": "enrolment refusal",
+    "auth.failed": "authentication failure",
+    "audit.suppressed": "refusals summarised (flood limit)",
+    "config.loaded": "configuration",
+    "config.changed": "configuration change",
+    "key.created": "key creation",
+    "privacy.ledger_adopted": "ledger adoption (rows vouched for by an operator)",
 }
 
 # Kinds that are routine records of a run, not security events.
