@@ -46,7 +46,10 @@ logger = logging.getLogger(__name__)
 
 _MANIFEST = re.compile(r"^/v1/models/([A-Za-z0-9_.-]{1,64})/manifest$")
 _OBJECT = re.compile(r"^/v1/objects/([^/]*)$")
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# At most 19 digits a side (offsets fit in 63 bits): a 5,000-digit header is refused as
+# unsatisfiable instead of reaching int() (which raised past 4,300 digits and dropped the
+# connection without an answer).
+_RANGE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
 _CHUNK = 1 << 20
 
 
@@ -180,13 +183,33 @@ class _Server(ThreadingHTTPServer):
         self,
         address: tuple[str, int],
         store: ModelStore,
+        *,
         authority_public_key: bytes,
         clock: Callable[[], float],
+        tls: ssl.SSLContext,
+        socket_timeout_s: float,
     ) -> None:
         super().__init__(address, _Handler)
         self.store = store
         self.authority_public_key = authority_public_key
         self.clock = clock
+        self.tls = tls
+        self.socket_timeout_s = socket_timeout_s
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        # The TLS handshake runs here, in the connection's own thread and under a timeout:
+        # a client that connects and never finishes its handshake (or stalls mid-request)
+        # holds only its own thread, never the accept loop every device depends on.
+        request.settimeout(self.socket_timeout_s)
+        try:
+            wrapped = self.tls.wrap_socket(request, server_side=True)
+        except (OSError, ssl.SSLError) as error:
+            logger.debug("store server: TLS handshake with %s failed: %s", client_address[0], error)
+            return
+        try:
+            super().finish_request(wrapped, client_address)
+        finally:
+            self.shutdown_request(wrapped)
 
 
 class StoreServer:
@@ -202,6 +225,9 @@ class StoreServer:
         The server's TLS context (:func:`tls_context`); there is no plain-HTTP mode.
     host, port
         Where to listen (port 0: any free port, see :attr:`port`).
+    socket_timeout_s
+        How long one connection may stall (its TLS handshake, a request, a read)
+        before it is dropped; each connection runs in its own thread.
     """
 
     def __init__(
@@ -213,11 +239,20 @@ class StoreServer:
         host: str = "127.0.0.1",
         port: int = 0,
         clock: Callable[[], float] = time.time,
+        socket_timeout_s: float = 30.0,
     ) -> None:
         if len(authority_public_key) != 32:
             raise ConfigError("the enrolment authority's key must be 32 bytes (Ed25519)")
-        self._server = _Server((host, port), store, authority_public_key, clock)
-        self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
+        if not socket_timeout_s > 0:
+            raise ConfigError(f"socket_timeout_s must be > 0, got {socket_timeout_s}")
+        self._server = _Server(
+            (host, port),
+            store,
+            authority_public_key=authority_public_key,
+            clock=clock,
+            tls=tls,
+            socket_timeout_s=socket_timeout_s,
+        )
         self._thread: threading.Thread | None = None
 
     @property

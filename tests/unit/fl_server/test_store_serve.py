@@ -163,3 +163,41 @@ def test_the_access_log_names_the_enrolled_device(
     lines = [r.getMessage() for r in caplog.records if "store server: device" in r.getMessage()]
     assert any(f"device {fleet.device.certificate.enrolment_id}: " in line for line in lines)
     assert any("device -: " in line and "401" in line for line in lines)
+
+
+def test_an_idle_connection_that_never_shakes_hands_blocks_no_one(tmp_path: Path) -> None:
+    import socket
+
+    created = Fleet(tmp_path)
+    created.server = StoreServer(
+        created.store,
+        authority_public_key=created.authority.public_key,
+        tls=created.server._server.tls,  # the same TLS context
+        socket_timeout_s=2.0,
+    )
+    with created.server:
+        idle = socket.create_connection(("localhost", created.server.port))  # sends nothing
+        try:
+            started = time.monotonic()
+            status, _, body = created.get(f"/v1/objects/{created.digests['weights.npz']}")
+            waited = time.monotonic() - started
+        finally:
+            idle.close()
+    created.engine.dispose()
+
+    # Before, the handshake ran inside accept(): this request waited forever behind `idle`.
+    assert (status, body) == (200, WEIGHTS)
+    assert waited < 2.0
+
+
+@pytest.mark.parametrize(
+    "header", ["bytes=" + "9" * 5000 + "-", "bytes=-" + "1" * 20, "bytes=1-2,4-5"]
+)
+def test_a_malformed_or_huge_range_is_refused_with_416(fleet: Fleet, header: str) -> None:
+    status, headers, body = fleet.get(
+        f"/v1/objects/{fleet.digests['weights.npz']}", headers={"Range": header}
+    )
+
+    assert status == 416
+    assert headers["Content-Range"] == f"bytes */{len(WEIGHTS)}"
+    assert body == b""
