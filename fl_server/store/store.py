@@ -282,6 +282,14 @@ class ModelStore:
             raise StorageError(
                 f"{row.model} v{row.version}: stored manifest unreadable: {exc}"
             ) from exc
+        signed_as = (signed.manifest.model, signed.manifest.version)
+        if signed_as != (row.model, row.version):
+            # Another version's (validly signed) manifest moved into this row: serving it
+            # would freeze or roll back `latest` while every signature still verifies.
+            raise StorageError(
+                f"{row.model} v{row.version} holds the signed manifest of "
+                f"{signed_as[0]} v{signed_as[1]}: the store's index was tampered with"
+            )
         artefacts = session.scalars(
             select(ArtefactRow).where(ArtefactRow.version_id == row.id)
         ).all()

@@ -288,3 +288,29 @@ def test_a_store_key_that_cannot_be_audited_is_kept_and_named(
     with pytest.raises(StorageError, match=r"created store signing key [0-9a-f]{16} but could not"):
         StoreKey.load_or_create(path, audit=audit)
     assert StoreKey.load_or_create(path, audit=audit).key_id  # kept; loading records nothing
+
+
+def test_a_version_row_holding_another_versions_signed_manifest_is_refused(
+    engine: Engine, tmp_path: Path
+) -> None:
+    from sqlalchemy import select, update
+    from sqlalchemy.orm import Session
+
+    from fl_server.db.schema import ModelVersionRow
+
+    store = ModelStore(engine, FileBlobStore(tmp_path / "blobs"), StoreKey.generate())
+    store.publish("cnn", [_weights(b"1")])
+    store.publish("cnn", [_weights(b"2")], parent=1)
+    with Session(engine) as session, session.begin():
+        old = session.scalars(
+            select(ModelVersionRow.manifest).where(ModelVersionRow.version == 1)
+        ).one()
+        session.execute(
+            update(ModelVersionRow).where(ModelVersionRow.version == 2).values(manifest=old)
+        )
+
+    with pytest.raises(StorageError, match="cnn v2 holds the signed manifest of cnn v1"):
+        store.get("cnn", "latest")
+    with pytest.raises(StorageError, match="tampered"):
+        store.verify("cnn", 2)
+    assert store.get("cnn", 1).manifest.version == 1
