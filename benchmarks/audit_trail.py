@@ -62,6 +62,7 @@ from sqlalchemy import Engine, create_engine, select, text
 from sqlalchemy.orm import Session
 
 from benchmarks._common import RESULTS, machine, peak_rss_mb, summary, write
+from fl_server._ledger_rows import new_row
 from fl_server.audit import AuditEventKind, AuditLog
 from fl_server.audit.chain import read_head
 from fl_server.audit.events import JSONValue
@@ -70,6 +71,7 @@ from fl_server.audit.verify import SourcedCheckpoint, verify_trail
 from fl_server.db import open_database
 from fl_server.db.schema import LedgerRow
 from fl_server.ledger import RUN_SUBJECT, PrivacyLedger
+from fl_server.ledger_binding import charge_of_row
 from strategies.accounting import AccountantKind, PrivacySpend, spent_epsilon
 
 __all__ = ["main"]
@@ -141,15 +143,7 @@ def _database(pg_base: str | None, directory: Path, name: str) -> Iterator[Engin
 
 
 def _spend_of(row: LedgerRow) -> PrivacySpend:
-    return PrivacySpend.from_json(
-        {
-            "mechanism": row.mechanism,
-            "rho": row.rho,
-            "noise_multiplier": row.noise_multiplier,
-            "sample_rate": row.sample_rate,
-            "steps": row.steps,
-        }
-    )
+    return charge_of_row(row)[1].spend
 
 
 def _payload(server_round: int) -> Callable[[dict[str, float]], dict[str, JSONValue]]:
@@ -173,7 +167,6 @@ def _baseline_round(
 ) -> dict[str, float]:
     """The same rows and event, unbound: no ledger section, no verification, one transaction."""
     now = datetime.now(UTC).isoformat(timespec="microseconds")
-    fields = _SPEND.to_json()
     totals: dict[str, float] = {}
     with Session(engine) as session, session.begin():
         earlier: dict[str, list[PrivacySpend]] = {subject: [] for subject in subjects}
@@ -185,15 +178,11 @@ def _baseline_round(
                 [*earlier[subject], _SPEND], delta=_DELTA, kind=AccountantKind.RDP
             )
             session.add(
-                LedgerRow(
-                    run_id=run_id,
-                    subject=subject,
-                    server_round=server_round,
-                    mechanism=_SPEND.mechanism,
-                    rho=_SPEND.rho,
-                    noise_multiplier=fields["noise_multiplier"],
-                    sample_rate=fields["sample_rate"],
-                    steps=fields["steps"],
+                new_row(
+                    run_id,
+                    subject,
+                    server_round,
+                    _SPEND,
                     delta=_DELTA,
                     epsilon=epsilon,
                     recorded_at=now,

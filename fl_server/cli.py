@@ -19,7 +19,6 @@ from fl_server.cli_options import DbUrlOption, HomeOption, JsonOption, open_exis
 from fl_server.reports.cli import report_command
 
 if TYPE_CHECKING:
-    from fl_server.audit.trust import AuditTrust
     from fl_server.audit.verify import TrailVerification
     from fl_server.ledger import LedgerEntry, PrivacyLedger
 
@@ -166,24 +165,32 @@ def checkpoint_command(
     The chain is verified first: a checkpoint is never signed over a damaged
     trail. The key (HOME/audit/checkpoint-key.pem) is created on first use.
     """
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
     from fl_server.audit.anchors import write_checkpoint_file
-    from fl_server.audit.chain import ChainWalker
     from fl_server.audit.checkpoints import checkpoint_now
-    from fl_server.audit.trust import AuditTrust
-    from fl_server.audit.verify import verify_trail
+    from fl_server.audit.trust import AuditTrust, verify_with_trust
+    from fl_server.db.schema import AuditRecordRow
 
     trust = AuditTrust(FedgeHome.resolve(home).audit_dir)
     engine = open_existing(db_url, home)
     try:
-        sourced, _ = trust.checkpoints(engine)
-        result = verify_trail(engine, checkpoints=sourced, trusted_keys=_trusted(trust))
+        result, _ = verify_with_trust(engine, trust)
         if not result.ok:
             raise AuditIntegrityError(
                 f"refusing to sign a checkpoint over a trail that does not verify: {result.reason}"
             )
         checkpoint = checkpoint_now(engine, trust.signer(), [trust.anchor], reason="manual")
         if out is not None:
-            hashes = [row.record_hash for row in ChainWalker(engine).walk()][: checkpoint.seq]
+            # The chain was just verified: its stored hashes up to the checkpoint are exported.
+            query = (
+                select(AuditRecordRow.record_hash)
+                .where(AuditRecordRow.seq <= checkpoint.seq)
+                .order_by(AuditRecordRow.seq)
+            )
+            with Session(engine) as session:
+                hashes = list(session.scalars(query))
             write_checkpoint_file(out, checkpoint, hashes)
     finally:
         engine.dispose()
@@ -204,15 +211,13 @@ def adopt_ledger_command(db_url: _DbUrl = None, home: _Home = None) -> None:
     vouches for the rows' current values. Refused over a trail that does not verify.
     """
     from fl_server.audit import AuditLog
-    from fl_server.audit.trust import AuditTrust, trusted
+    from fl_server.audit.trust import AuditTrust
     from fl_server.ledger_binding import VerifiedSpends, adopt_unbound_rows
 
     trust = AuditTrust(FedgeHome.resolve(home).audit_dir)
     engine = open_existing(db_url, home)
     try:
-        found, _ = trust.checkpoints(engine)
-        key = trust.trusted_key()
-        checkpoints = [] if key is None else trusted(found, key)
+        checkpoints, _ = trust.trusted_checkpoints(engine, trust.trusted_key())
         adopted = adopt_unbound_rows(
             engine, VerifiedSpends(engine, checkpoints=checkpoints), AuditLog(engine)
         )
@@ -223,11 +228,6 @@ def adopt_ledger_command(db_url: _DbUrl = None, home: _Home = None) -> None:
         if adopted
         else "every ledger row is already stated by the audit chain: nothing to adopt"
     )
-
-
-def _trusted(trust: AuditTrust) -> list[bytes] | None:
-    key = trust.trusted_key()
-    return None if key is None else [key]
 
 
 def _when(recorded_at: str) -> str:

@@ -42,7 +42,7 @@ from fedge.errors import ConfigError, FedgeError
 from fedge.version import code_version, package_versions
 from fl_server.audit import AuditEventKind, AuditLog, canonical_json
 from fl_server.audit.checkpoints import Checkpoint
-from fl_server.audit.trust import AuditTrust, Checkpointer, trusted
+from fl_server.audit.trust import AuditTrust, Checkpointer
 from fl_server.checkpoints import CheckpointDir
 from fl_server.db import open_database
 from fl_server.federation import (
@@ -427,10 +427,12 @@ def _known_checkpoints(
     """Return the checkpoints, signed by this home's key, the chain must still reach."""
     if checkpointer is None or location.audit_dir is None:
         return []
-    found, problems = AuditTrust(location.audit_dir).checkpoints(engine)
+    found, problems = AuditTrust(location.audit_dir).trusted_checkpoints(
+        engine, checkpointer.public_key
+    )
     for problem in problems:
         logger.warning("unreadable audit checkpoint: %s", problem)
-    return trusted(found, checkpointer.public_key)
+    return found
 
 
 def _checkpoint_run_end(checkpointer: Checkpointer | None) -> None:

@@ -90,6 +90,16 @@ class AuditTrust:
         found += [SourcedCheckpoint(c, self.anchor.name) for c in anchored]
         return found, problems + anchor_problems
 
+    def trusted_checkpoints(
+        self, engine: Engine, key: bytes | None
+    ) -> tuple[list[Checkpoint], list[str]]:
+        """Return the checkpoints :meth:`checkpoints` finds that ``key`` validly signed.
+
+        ``None`` (no key known): none, since an unsigned claim is no evidence.
+        """
+        found, problems = self.checkpoints(engine)
+        return ([] if key is None else trusted(found, key)), problems
+
 
 def trusted(checkpoints: Sequence[SourcedCheckpoint], key: bytes) -> list[Checkpoint]:
     """Return the checkpoints validly signed by ``key`` (the others are not evidence)."""
