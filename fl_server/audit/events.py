@@ -55,6 +55,14 @@ class AuditEventKind(Enum):
     CONFIG_LOADED = "config.loaded"
     CONFIG_CHANGED = "config.changed"
     KEY_CREATED = "key.created"
+    # Model release and rollout (issue 15).
+    MODEL_DOWNLOADED = "store.downloaded"
+    RELEASE_REFUSED = "store.release_refused"
+    ROLLBACK_SIGNED = "store.rollback_signed"
+    ROLLOUT_STARTED = "rollout.started"
+    ROLLOUT_TRANSITION = "rollout.transition"
+    DEVICE_EVENTS_REJECTED = "device.events_rejected"
+    RETRAINING_REQUESTED = "retraining.requested"
 
 
 @dataclass(frozen=True, slots=True)

@@ -273,6 +273,11 @@ _SECURITY_CATEGORIES = {
     "config.changed": "configuration change",
     "key.created": "key creation",
     "privacy.ledger_adopted": "ledger adoption (rows vouched for by an operator)",
+    "store.release_refused": "release refused by policy",
+    "store.rollback_signed": "fleet rollback",
+    "rollout.transition": "rollout transition",
+    "device.events_rejected": "device events rejected (forged, replayed or malformed)",
+    "retraining.requested": "retraining requested (drift)",
 }
 
 # Kinds that are routine records of a run, not security events.
@@ -285,6 +290,8 @@ ROUTINE_KINDS = frozenset(
         "privacy.spent",
         "store.published",
         "store.alias_moved",
+        "store.downloaded",
+        "rollout.started",
     }
 )
 
