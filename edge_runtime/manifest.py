@@ -36,15 +36,20 @@ from edge_runtime._json import canonical_bytes as _canonical
 from fedge.errors import ConfigError, FedgeError
 
 __all__ = [
+    "OFFER_KEY",
     "SIGNING_CONTEXT",
     "ArtefactEntry",
     "ArtefactFormat",
+    "ArtefactOffer",
     "Manifest",
     "ManifestInvalid",
+    "OfferStatus",
     "Precision",
     "SignedManifest",
     "check_digest",
     "key_id_for",
+    "offer_of",
+    "offered_names",
     "verify_manifest",
 ]
 
@@ -59,6 +64,12 @@ _PUBLIC_KEY_BYTES = 32
 _MANIFEST_KEYS = frozenset({"model", "version", "parent", "artefacts", "metadata", "created_at"})
 _ARTEFACT_KEYS = frozenset({"name", "digest", "size", "format", "precision"})
 _SIGNED_KEYS = frozenset({"manifest", "signature", "key_id"})
+_OFFER_FIELDS = frozenset({"status", "quality"})
+
+# The metadata key under which a manifest signs, for each artefact, whether devices are
+# offered it and what it measured. Inside the signature, so a database edit can neither
+# move devices off a variant (flip it to rejected) nor dress up its accuracy.
+OFFER_KEY = "offer"
 
 
 class ArtefactFormat(Enum):
@@ -76,6 +87,21 @@ class Precision(Enum):
     FP16 = "fp16"
     INT8 = "int8"
     INT4 = "int4"
+
+
+class OfferStatus(Enum):
+    """Whether devices are offered an artefact (a rejected one is recorded, never offered)."""
+
+    OFFERED = "offered"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class ArtefactOffer:
+    """The signed status and measured quality of one artefact."""
+
+    status: OfferStatus
+    quality: Mapping[str, float]
 
 
 class ManifestInvalid(FedgeError):  # noqa: N818 - reads as what happened
@@ -206,6 +232,8 @@ class Manifest:
         if len(set(names)) != len(names):
             raise ConfigError(f"artefact names must be unique, got {sorted(names)}")
         object.__setattr__(self, "metadata", _frozen(_check_metadata(self.metadata)))
+        if OFFER_KEY in self.metadata:
+            _parse_offer(self.metadata[OFFER_KEY], names)
         _check_created_at(self.created_at)
 
     def to_json(self) -> dict[str, Any]:
@@ -257,6 +285,54 @@ def _check_metadata(metadata: object) -> dict[str, Any]:
     if round_tripped != plain:  # e.g. a non-string key, which JSON would turn into one
         raise ConfigError("metadata must be plain JSON (string keys, no NaN or infinity)")
     return plain  # type: ignore[no-any-return]
+
+
+def _parse_offer(raw: object, names: list[str]) -> dict[str, ArtefactOffer]:
+    """Validate the signed offer: one entry per artefact, a known status, finite numbers."""
+    if not isinstance(raw, Mapping) or sorted(raw) != sorted(names):
+        raise ConfigError(
+            f"metadata.{OFFER_KEY} must name exactly the artefacts {sorted(names)}, "
+            f"got {sorted(map(str, raw)) if isinstance(raw, Mapping) else type(raw).__name__}"
+        )
+    offers: dict[str, ArtefactOffer] = {}
+    for name, raw_entry in raw.items():
+        entry = _fields(f"metadata.{OFFER_KEY}.{name}", raw_entry, _OFFER_FIELDS)
+        try:
+            status = OfferStatus(entry["status"])
+        except ValueError:
+            raise ConfigError(
+                f"metadata.{OFFER_KEY}.{name}.status must be offered or rejected, "
+                f"got {entry['status']!r:.40}"
+            ) from None
+        quality = entry["quality"]
+        if not isinstance(quality, Mapping) or not all(
+            isinstance(value, int | float) and not isinstance(value, bool)
+            for value in quality.values()
+        ):
+            raise ConfigError(f"metadata.{OFFER_KEY}.{name}.quality must map names to numbers")
+        offers[name] = ArtefactOffer(
+            status, MappingProxyType({str(k): float(v) for k, v in quality.items()})
+        )
+    return offers
+
+
+def offer_of(manifest: Manifest) -> dict[str, ArtefactOffer] | None:
+    """Return each artefact's signed status and quality; ``None`` for a manifest without them.
+
+    A manifest signed before fedge put the offer inside the signature has none:
+    its statuses live only in the store's database (unsigned).
+    """
+    if OFFER_KEY not in manifest.metadata:
+        return None
+    return _parse_offer(manifest.metadata[OFFER_KEY], [a.name for a in manifest.artefacts])
+
+
+def offered_names(manifest: Manifest) -> list[str] | None:
+    """Return the names of the artefacts the signed manifest offers (``None``: not signed)."""
+    offers = offer_of(manifest)
+    if offers is None:
+        return None
+    return [a.name for a in manifest.artefacts if offers[a.name].status is OfferStatus.OFFERED]
 
 
 def _check_created_at(created_at: object) -> None:

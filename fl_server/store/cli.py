@@ -254,6 +254,8 @@ def verify_command(
     with open_store(db_url, store_dir, home=home, create=False) as store:
         report = store.verify(model, ref)
     typer.echo(f"{model} v{report.version}: signature {'ok' if report.signature_ok else 'BAD'}")
+    if report.problem is not None:
+        typer.echo(f"  {report.problem}")
     for name, status in report.artefacts.items():
         typer.echo(f"  {name}: {status}")
     if not report.ok:
@@ -291,7 +293,16 @@ def export_command(
 
     check_writable_directory(destination, option="DESTINATION")
     with open_store(db_url, store_dir, home=home, create=False) as store:
+        # The signature, the index against it and every object are checked before the
+        # first byte is written: a bundle is handed out whole and verified, or not at all.
         version = store.get(model, ref)
+        report = store.verify(model, version.manifest.version)
+        if not report.ok:
+            bad = {k: v for k, v in report.artefacts.items() if v != "ok"}
+            raise StorageError(
+                f"{model} v{report.version} did not verify ({report.problem or bad}); "
+                "nothing exported"
+            )
         document = json.dumps(version.signed.to_json(), indent=2, sort_keys=True) + "\n"
         try:
             destination.mkdir(parents=True, exist_ok=True)

@@ -85,6 +85,9 @@ class ModelVersion:
     signed: SignedManifest
     statuses: Mapping[str, str]
     quality: Mapping[str, Mapping[str, float]]
+    # False for a version published before statuses were signed (its statuses are the
+    # database's word only).
+    statuses_signed: bool = True
 
     @property
     def manifest(self) -> Manifest:
@@ -106,8 +109,13 @@ class VerifyReport:
     version: int
     signature_ok: bool
     artefacts: dict[str, str]
+    problem: str | None = None
 
     @property
     def ok(self) -> bool:
         """True when the signature and every artefact verified."""
-        return self.signature_ok and all(v == "ok" for v in self.artefacts.values())
+        return (
+            self.signature_ok
+            and self.problem is None
+            and all(v == "ok" for v in self.artefacts.values())
+        )

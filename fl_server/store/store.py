@@ -29,10 +29,12 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from edge_runtime.manifest import (
+    OFFER_KEY,
     ArtefactEntry,
     Manifest,
     ManifestInvalid,
     SignedManifest,
+    offer_of,
     verify_manifest,
 )
 from fedge.errors import ConfigError, StorageError
@@ -54,6 +56,7 @@ __all__ = [
     "ModelStore",
     "ModelVersion",
     "NewArtefact",
+    "StoreTampered",
     "VerifyReport",
     "VersionInfo",
 ]
@@ -88,6 +91,82 @@ def _finite_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
             raise ConfigError(f"metric {key!r} is not a finite number")
         out[str(key)] = float(value)
     return out
+
+
+class StoreTampered(StorageError):  # noqa: N818 - reads as what happened
+    """A stored version does not match its signed manifest (or the signature fails)."""
+
+    def __init__(self, message: str, *, signature_ok: bool = True) -> None:
+        super().__init__(message)
+        self.signature_ok = signature_ok
+
+
+_ROW_COLUMNS = ("run_id", "server_round", "dp_epsilon", "dp_delta", "participants")
+
+
+def _checked_version(
+    signed: SignedManifest, row: ModelVersionRow, rows: Sequence[ArtefactRow]
+) -> ModelVersion:
+    """Return the version with the signed statuses, refusing an index that disagrees.
+
+    Every searchable column of the version row and every artefact row must say what
+    the signed manifest says; a missing artefact row is damage, not a crash.
+    """
+    manifest = signed.manifest
+    where = f"{row.model} v{row.version}"
+    for column in _ROW_COLUMNS:
+        stored, signed_value = getattr(row, column), manifest.metadata.get(column)
+        if stored != signed_value:
+            raise StoreTampered(
+                f"{where}: the database says {column}={stored!r} but the signed manifest says "
+                f"{signed_value!r}: the store's index was tampered with"
+            )
+    by_name = {a.name: a for a in rows}
+    names = [a.name for a in manifest.artefacts]
+    if sorted(by_name) != sorted(names):
+        missing = sorted(set(names) - set(by_name))
+        extra = sorted(set(by_name) - set(names))
+        raise StoreTampered(
+            f"{where}: the database's artefact rows do not match the signed manifest "
+            f"(missing {missing}, not in the manifest {extra}): the store's index was "
+            "tampered with"
+        )
+    for entry in manifest.artefacts:
+        stored_row = by_name[entry.name]
+        if (stored_row.digest, stored_row.size, stored_row.format, stored_row.precision) != (
+            entry.digest,
+            entry.size,
+            entry.format.value,
+            entry.precision.value,
+        ):
+            raise StoreTampered(
+                f"{where}: the database's row of {entry.name} differs from the signed "
+                "manifest: the store's index was tampered with"
+            )
+    offers = offer_of(manifest)
+    if offers is None:  # signed before statuses were signed: the database is all there is
+        return ModelVersion(
+            signed=signed,
+            statuses={a.name: a.status for a in rows},
+            quality={a.name: json.loads(a.quality) for a in rows},
+            statuses_signed=False,
+        )
+    for name, offer in offers.items():
+        stored_row = by_name[name]
+        try:
+            quality = json.loads(stored_row.quality)
+        except ValueError:
+            quality = None
+        if stored_row.status != offer.status.value or quality != dict(offer.quality):
+            raise StoreTampered(
+                f"{where}: the database's status or quality of {name} differs from the signed "
+                "manifest: the store's index was tampered with"
+            )
+    return ModelVersion(
+        signed=signed,
+        statuses={name: offer.status.value for name, offer in offers.items()},
+        quality={name: dict(offer.quality) for name, offer in offers.items()},
+    )
 
 
 class ModelStore:
@@ -154,6 +233,11 @@ class ModelStore:
         metadata = {**info.to_json(), "code_version": code_version()}
         metadata["metrics"] = _finite_metrics(info.metrics)
         artefacts = [replace(a, quality=_finite_metrics(a.quality)) for a in artefacts]
+        # Status and measured quality are signed with the version: a database edit can
+        # then neither withdraw a variant from devices nor dress up its accuracy.
+        metadata[OFFER_KEY] = {
+            a.name: {"status": a.status, "quality": dict(a.quality)} for a in artefacts
+        }
         # Validate every name and the metadata before writing a single byte.
         Manifest(
             model=model,
@@ -279,25 +363,27 @@ class ModelStore:
         try:
             signed = SignedManifest.from_json(json.loads(row.manifest))
         except (ValueError, ConfigError, ManifestInvalid) as exc:
-            raise StorageError(
-                f"{row.model} v{row.version}: stored manifest unreadable: {exc}"
+            raise StoreTampered(
+                f"{row.model} v{row.version}: stored manifest unreadable: {exc}",
+                signature_ok=False,
             ) from exc
         signed_as = (signed.manifest.model, signed.manifest.version)
         if signed_as != (row.model, row.version):
             # Another version's (validly signed) manifest moved into this row: serving it
             # would freeze or roll back `latest` while every signature still verifies.
-            raise StorageError(
+            raise StoreTampered(
                 f"{row.model} v{row.version} holds the signed manifest of "
                 f"{signed_as[0]} v{signed_as[1]}: the store's index was tampered with"
             )
-        artefacts = session.scalars(
-            select(ArtefactRow).where(ArtefactRow.version_id == row.id)
-        ).all()
-        return ModelVersion(
-            signed=signed,
-            statuses={a.name: a.status for a in artefacts},
-            quality={a.name: json.loads(a.quality) for a in artefacts},
-        )
+        try:
+            verify_manifest(signed, self.public_key)
+        except ManifestInvalid as exc:
+            raise StoreTampered(
+                f"{row.model} v{row.version}: the stored manifest is refused: {exc}",
+                signature_ok=False,
+            ) from exc
+        rows = session.scalars(select(ArtefactRow).where(ArtefactRow.version_id == row.id)).all()
+        return _checked_version(signed, row, rows)
 
     def resolve(self, model: str, ref: int | str) -> int:
         """Return the version number ``ref`` names: a number, an alias, or ``latest``.
@@ -350,13 +436,28 @@ class ModelStore:
             raise StorageError(f"cannot read the model store: {exc}") from exc
 
     def is_offered(self, digest: str) -> bool:
-        """Say whether some version offers an artefact with this digest (what devices may fetch)."""
-        query = select(ArtefactRow.id).where(
-            ArtefactRow.digest == digest, ArtefactRow.status == ArtefactStatus.OFFERED
+        """Say whether some version's signed manifest offers an artefact with this digest.
+
+        The database only narrows the search: a row flipped to ``offered`` by hand does
+        not make a rejected variant fetchable, since the signed status decides.
+        """
+        query = (
+            select(ModelVersionRow)
+            .join(ArtefactRow, ArtefactRow.version_id == ModelVersionRow.id)
+            .where(ArtefactRow.digest == digest)
+            .distinct()
         )
         try:
             with Session(self._engine) as session:
-                return session.scalars(query.limit(1)).first() is not None
+                for row in session.scalars(query).all():
+                    try:
+                        version = self._load(session, row)
+                    except StorageError as exc:
+                        logger.error("store: %s", exc)
+                        continue
+                    if any(a.digest == digest for a in version.offered()):
+                        return True
+                return False
         except SQLAlchemyError as exc:
             raise StorageError(f"cannot read the model store: {exc}") from exc
 
@@ -413,7 +514,8 @@ class ModelStore:
         (None where one side lacks the key or the artefact).
         """
         left, right = self.get(model, a).manifest, self.get(model, b).manifest
-        keys = set(left.metadata) | set(right.metadata)
+        # The signed offer is per artefact: its differences are not version metadata.
+        keys = (set(left.metadata) | set(right.metadata)) - {OFFER_KEY}
         metadata = {
             key: [_plain(left.metadata.get(key)), _plain(right.metadata.get(key))]
             for key in sorted(keys)
@@ -430,12 +532,17 @@ class ModelStore:
 
     def verify(self, model: str, ref: int | str = "latest") -> VerifyReport:
         """Check the manifest's signature with the store's key and re-hash every artefact."""
-        stored = self.get(model, ref)
         try:
-            verify_manifest(stored.signed, self.public_key)
-            signature_ok = True
-        except ManifestInvalid:
-            signature_ok = False
+            stored = self.get(model, ref)
+        except StoreTampered as exc:
+            return VerifyReport(
+                model=model,
+                version=self.resolve(model, ref),
+                signature_ok=exc.signature_ok,
+                artefacts={},
+                problem=str(exc),
+            )
+        signature_ok = True
         results: dict[str, str] = {}
         for entry in stored.manifest.artefacts:
             try:
