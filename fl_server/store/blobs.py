@@ -9,10 +9,25 @@ Notes
 -----
 Every digest that reaches a path goes through :func:`check_digest` first, so a
 digest read from the network or a database can never name a file outside
-``objects/`` (``"../x"``, ``"/etc/passwd"``). Every read re-hashes the bytes: a
-blob that rotted on disk or was edited by hand raises :class:`BlobCorrupt` and
-is never returned. A write goes to ``tmp/`` first and is renamed into place only
-after ``fsync``, so a crash never leaves a partial object under its final name.
+``objects/`` (``"../x"``, ``"/etc/passwd"``). Every read (``get``, ``verify``,
+``export``) re-hashes the bytes: a blob that rotted on disk or was edited by hand
+raises :class:`BlobCorrupt` and is never returned. A write goes to ``tmp/`` first and is renamed into place only
+after ``fsync``, so a crash never leaves a partial object under its final name;
+the temporary files a killed writer leaves are removed by
+:meth:`FileBlobStore.remove_stale_temporaries` (``fedge store gc``).
+
+:meth:`FileBlobStore.open_verified` serves ranges of large objects without holding
+them in memory: it hashes the open file in full, then hands it out. The outcome
+of that hash is remembered for a short time (``verification_ttl_s``, 30 s by
+default) under the file's identity and change stamps (device, inode, size,
+modification and status-change times in nanoseconds), so a thousand devices
+fetching the same object at once cost one hash, not a thousand. Any write to the
+file, ``chmod`` or ``touch`` (even one that puts the modification time back: the
+status-change time cannot be set) and any replacement (a new inode) changes the
+stamp, so the next open hashes again. What the memo cannot see is bit rot that
+changes no stamp: the server misses it for at most ``verification_ttl_s``, while
+devices still check every download against the signed digest, so such bytes are
+refused there, never installed.
 """
 
 from __future__ import annotations
@@ -35,6 +50,7 @@ from typing import Protocol
 from edge_runtime.durable import fsync_directory, write_all
 from edge_runtime.manifest import check_digest
 from fedge.errors import ConfigError, StorageError
+from fl_server.store._verified import VerificationMemo, VerifiedBlob, file_stamp
 
 __all__ = [
     "BlobCorrupt",
@@ -42,6 +58,7 @@ __all__ = [
     "BlobRef",
     "BlobStore",
     "FileBlobStore",
+    "VerifiedBlob",
 ]
 
 _LOGGER = logging.getLogger(__name__)
@@ -111,6 +128,12 @@ class BlobStore(Protocol):
     def export(self, digest: str, destination: Path) -> None:
         """Copy a blob's verified bytes to ``destination`` atomically."""
 
+    def open_verified(self, digest: str) -> contextlib.AbstractContextManager[VerifiedBlob]:
+        """Open a blob whose SHA-256 was checked in full; read it while the context lasts."""
+
+    def remove_stale_temporaries(self, min_age_s: float, *, dry_run: bool = False) -> int:
+        """Remove (or only count) writes abandoned more than ``min_age_s`` ago."""
+
 
 class _Hasher:
     """SHA-256 fed from the caller's thread and computed on a worker thread.
@@ -147,6 +170,27 @@ def _hashing(size: int) -> Iterator[_Hasher]:
         yield _Hasher(executor)
 
 
+def _chunks_checked(source: io.FileIO, digest: str) -> Iterator[bytes]:
+    """Yield ``source`` in 1 MiB chunks, then raise :class:`BlobCorrupt` unless they match."""
+    try:
+        size = os.fstat(source.fileno()).st_size
+    except OSError as exc:
+        raise StorageError(f"cannot stat blob {digest}: {exc}") from exc
+    with _hashing(size) as hasher:
+        while True:
+            try:
+                chunk = source.read(_CHUNK)
+            except OSError as exc:
+                raise StorageError(f"cannot read blob {digest}: {exc}") from exc
+            if not chunk:
+                break
+            hasher.update(chunk)
+            yield chunk
+        actual = hasher.hexdigest()
+    if actual != digest:
+        raise BlobCorrupt(f"blob {digest} is corrupt: its content hashes to {actual}")
+
+
 def _same_content(first: Path, second: Path) -> bool:
     with open(first, "rb", buffering=0) as left, open(second, "rb", buffering=0) as right:
         if os.fstat(left.fileno()).st_size != os.fstat(right.fileno()).st_size:
@@ -168,9 +212,29 @@ class FileBlobStore:
         ``fsync`` objects and directories before a write returns (the default).
         ``False`` is for tests and throw-away stores: after a power cut an object
         may then be truncated, which reads detect as :class:`BlobCorrupt`.
+    verification_ttl_s
+        How long :meth:`open_verified` trusts a file it hashed, while none of its
+        stamps changes (see the module docstring); 0 hashes on every open.
+    clock
+        Monotonic seconds, for that expiry (injected so tests control time).
+
+    Raises
+    ------
+    ConfigError
+        If ``verification_ttl_s`` is negative.
+    StorageError
+        If the directories cannot be created.
     """
 
-    def __init__(self, root: Path, *, durable: bool = True) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        durable: bool = True,
+        verification_ttl_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._memo = VerificationMemo(verification_ttl_s, clock)
         self._root = root
         self._objects = root / "objects"
         self._temporary = root / "tmp"
@@ -269,28 +333,56 @@ class FileBlobStore:
                 temporary.unlink(missing_ok=True)
         return BlobRef(digest=digest, size=size)
 
-    def _verified_chunks(self, digest: str) -> Iterator[bytes]:
-        """Yield a blob in 1 MiB chunks, then raise :class:`BlobCorrupt` unless they match."""
+    def _open(self, digest: str) -> io.FileIO:
         path = self._path(digest)
         try:
-            source = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the with below
+            return open(path, "rb", buffering=0)
         except FileNotFoundError as exc:
             raise BlobMissing(f"blob {digest} is not in the store at {self._root}") from exc
         except OSError as exc:
             raise StorageError(f"cannot read blob {digest}: {exc}") from exc
-        with source, _hashing(os.fstat(source.fileno()).st_size) as hasher:
-            while True:
+
+    def _verified_chunks(self, digest: str) -> Iterator[bytes]:
+        """Yield a blob in 1 MiB chunks, then raise :class:`BlobCorrupt` unless they match."""
+        with self._open(digest) as source:
+            yield from _chunks_checked(source, digest)
+
+    @contextlib.contextmanager
+    def open_verified(self, digest: str) -> Iterator[VerifiedBlob]:
+        """Open a blob and check its SHA-256 in full before handing it out.
+
+        The file yielded is the one hashed (no second open a swap could slip
+        into), positioned at byte 0; nothing of it is held in memory. A recent
+        successful hash of the same file, unchanged, may stand in for a new one
+        (``verification_ttl_s``; see the module docstring for what that costs).
+
+        Raises
+        ------
+        ConfigError
+            If ``digest`` is malformed.
+        BlobMissing, BlobCorrupt, StorageError
+            If the blob is absent, does not hash to its digest, or cannot be read
+            (all before the context is entered).
+        """
+        with self._open(digest) as source:
+            try:
+                status = os.fstat(source.fileno())
+            except OSError as exc:
+                raise StorageError(f"cannot stat blob {digest}: {exc}") from exc
+
+            def hashes_right() -> bool:
+                source.seek(0)
                 try:
-                    chunk = source.read(_CHUNK)
-                except OSError as exc:
-                    raise StorageError(f"cannot read blob {digest}: {exc}") from exc
-                if not chunk:
-                    break
-                hasher.update(chunk)
-                yield chunk
-            actual = hasher.hexdigest()
-        if actual != digest:
-            raise BlobCorrupt(f"blob {digest} is corrupt: its content hashes to {actual}")
+                    for _ in _chunks_checked(source, digest):
+                        pass
+                except BlobCorrupt:
+                    return False
+                return True
+
+            if not self._memo.check(file_stamp(digest, status), hashes_right):
+                raise BlobCorrupt(f"blob {digest} is corrupt: it does not hash to its digest")
+            source.seek(0)
+            yield VerifiedBlob(file=source, size=status.st_size)
 
     def get(self, digest: str) -> bytes:
         """Return the bytes of a blob after checking their SHA-256.
@@ -388,24 +480,54 @@ class FileBlobStore:
             with contextlib.suppress(OSError):
                 temporary.unlink(missing_ok=True)
 
-    def clean_temporary(self, older_than_s: float, *, now: float | None = None) -> int:
-        """Remove temporary files a crashed writer left behind; return how many.
+    def remove_stale_temporaries(
+        self, min_age_s: float, *, dry_run: bool = False, now: float | None = None
+    ) -> int:
+        """Remove the temporary files of writes abandoned long ago; return how many.
+
+        A writer killed between creating ``tmp/<pid>-<random>.tmp`` and renaming it
+        into ``objects/`` leaves the file behind; nothing else ever removes it.
 
         Parameters
         ----------
-        older_than_s
-            Only files last modified more than this many seconds ago are removed,
-            so writes in progress survive.
+        min_age_s
+            Only files last modified more than this many seconds ago go: a write in
+            progress touches its file with every chunk, so it survives.
+        dry_run
+            Only count them.
         now
             The current time in seconds since the epoch (``time.time()`` if omitted).
+
+        Raises
+        ------
+        ConfigError
+            If ``min_age_s`` is negative.
+        StorageError
+            If the directory cannot be listed or a file cannot be removed.
         """
-        if older_than_s < 0:
-            raise ConfigError(f"older_than_s must be >= 0, got {older_than_s}")
-        cutoff = (time.time() if now is None else now) - older_than_s
+        if not min_age_s >= 0:
+            raise ConfigError(f"min_age_s must be >= 0, got {min_age_s}")
+        cutoff = (time.time() if now is None else now) - min_age_s
         removed = 0
-        for entry in self._temporary.iterdir():
-            with contextlib.suppress(FileNotFoundError):
-                if entry.name.endswith(_TEMPORARY_SUFFIX) and entry.stat().st_mtime < cutoff:
+        try:
+            entries = list(self._temporary.iterdir())
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            raise StorageError(f"cannot list {self._temporary}: {exc}") from exc
+        for entry in entries:
+            if not entry.name.endswith(_TEMPORARY_SUFFIX):
+                continue
+            try:
+                if not entry.is_file() or entry.stat().st_mtime >= cutoff:
+                    continue
+                if not dry_run:
                     entry.unlink()
-                    removed += 1
+            except FileNotFoundError:  # renamed into place or removed meanwhile
+                continue
+            except OSError as exc:
+                raise StorageError(f"cannot remove {entry}: {exc}") from exc
+            removed += 1
+        if removed and not dry_run:
+            self._sync_directory(self._temporary)
         return removed

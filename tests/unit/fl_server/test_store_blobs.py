@@ -237,13 +237,16 @@ def test_leftover_temporary_files_are_ignored_then_cleaned(store: FileBlobStore)
 
     assert list(store.digests()) == [ref.digest]
     assert store.get(ref.digest) == PAYLOAD
-    assert store.clean_temporary(3600, now=fresh.stat().st_mtime + 10) == 1
+    now = fresh.stat().st_mtime + 10
+    assert store.remove_stale_temporaries(3600, dry_run=True, now=now) == 1
+    assert leftover.exists()
+    assert store.remove_stale_temporaries(3600, now=now) == 1
     assert sorted(path.name for path in (store.root / "tmp").iterdir()) == ["456-cafe.tmp"]
 
 
-def test_clean_temporary_rejects_a_negative_age(store: FileBlobStore) -> None:
-    with pytest.raises(ConfigError, match="older_than_s must be >= 0"):
-        store.clean_temporary(-1)
+def test_remove_stale_temporaries_rejects_a_negative_age(store: FileBlobStore) -> None:
+    with pytest.raises(ConfigError, match="min_age_s must be >= 0"):
+        store.remove_stale_temporaries(-1)
 
 
 @pytest.mark.parametrize("data", [PAYLOAD, LARGE], ids=["small", "large"])
