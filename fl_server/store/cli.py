@@ -353,12 +353,17 @@ def gc_command(
     store_dir: _StoreDir = None,
     home: _Home = None,
 ) -> None:
-    """Delete versions beyond the newest N (aliased ones stay) and unreferenced objects."""
+    """Delete versions beyond the newest N (aliased ones stay), then unreferenced files.
+
+    Objects no version references and temporary files of abandoned writes go once
+    they are an hour old.
+    """
     with open_store(db_url, store_dir, home=home, create=False) as store:
         counts = store.gc(keep_last=keep_last, dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
     typer.echo(
-        f"{verb} {counts['versions_deleted']} versions and {counts['objects_deleted']} objects"
+        f"{verb} {counts['versions_deleted']} versions, {counts['objects_deleted']} objects "
+        f"and {counts['temporaries_deleted']} stale temporary files"
     )
 
 

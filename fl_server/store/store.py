@@ -559,6 +559,32 @@ class ModelStore:
             artefacts=results,
         )
 
+    def record_download(self, device: str, digest: str, size: int, *, ranged: bool) -> None:
+        """Append a ``store.downloaded`` event: ``device`` has received all of object ``digest``.
+
+        Parameters
+        ----------
+        device
+            The enrolled device's id (verified from its signed request).
+        digest
+            The object's SHA-256.
+        size
+            The bytes sent in the response that completed it (the whole object, or the
+            tail a resumed download asked for).
+        ranged
+            Whether that response was a range (a resumed download).
+
+        Raises
+        ------
+        ConfigError, StorageError
+            If the event is malformed or cannot be written (nothing without an audit log).
+        """
+        if self._audit is not None:
+            self._audit.append(
+                AuditEventKind.MODEL_DOWNLOADED,
+                {"device": device, "digest": digest, "bytes": size, "range": ranged},
+            )
+
     def gc(
         self, *, keep_last: int, dry_run: bool = False, min_age_s: float = 3600.0
     ) -> dict[str, int]:
@@ -566,14 +592,21 @@ class ModelStore:
 
         Versions beyond the newest ``keep_last`` of each model go, unless an alias
         names them. An unreferenced object younger than ``min_age_s`` stays: it
-        may belong to a publish whose transaction has not committed yet.
+        may belong to a publish whose transaction has not committed yet. The blob
+        store's temporary files untouched for ``min_age_s`` (writes a killed
+        publisher abandoned) go too.
 
-        Returns counts: ``versions_deleted``, ``objects_deleted``.
+        Returns counts: ``versions_deleted``, ``objects_deleted``,
+        ``temporaries_deleted`` (what would go, with ``dry_run``); the audit event
+        carries them.
         """
         if keep_last < 1:
             raise ConfigError(f"keep_last must be >= 1, got {keep_last}")
         doomed: list[int] = []
         cutoff = time.time() - min_age_s
+        # No row ever names a temporary file, so they go first, outside the transaction,
+        # and the count is exactly what was removed.
+        temporaries = self.blobs.remove_stale_temporaries(min_age_s, dry_run=dry_run)
         # Objects are listed and stat'ed before the transaction, so the database is
         # not held (on SQLite: write-locked against publishers) during the walk.
         aged = [digest for digest in self.blobs.digests() if self._older_than(digest, cutoff)]
@@ -594,7 +627,11 @@ class ModelStore:
                 session.execute(delete(ModelVersionRow).where(ModelVersionRow.id.in_(doomed)))
             referenced = set(session.scalars(select(ArtefactRow.digest)))
             unreferenced = [digest for digest in aged if digest not in referenced]
-            counts = {"versions_deleted": len(doomed), "objects_deleted": len(unreferenced)}
+            counts = {
+                "versions_deleted": len(doomed),
+                "objects_deleted": len(unreferenced),
+                "temporaries_deleted": temporaries,
+            }
             if not dry_run:
                 self._event(
                     session, AuditEventKind.STORE_GC, {"keep_last": keep_last, **counts}, None

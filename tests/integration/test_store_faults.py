@@ -82,7 +82,11 @@ def test_a_publish_killed_mid_transaction_leaves_no_version(db_url: str, tmp_pat
     audit_engine.dispose()
     assert store.publish("cnn", [NewArtefact(name="w.npz", data=b"ok")]).manifest.version == 1
     # The killed publish's object is unreferenced: GC removes it, keeps the good one.
-    assert store.gc(keep_last=5, min_age_s=0) == {"versions_deleted": 0, "objects_deleted": 1}
+    assert store.gc(keep_last=5, min_age_s=0) == {
+        "versions_deleted": 0,
+        "objects_deleted": 1,
+        "temporaries_deleted": 0,
+    }
     assert store.verify("cnn", 1).ok
 
 

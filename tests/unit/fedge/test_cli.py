@@ -294,7 +294,8 @@ def test_store_commands_list_verify_tag_export_and_gc(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "weights.npz").read_bytes() == b"w1"
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["manifest"]["version"] == 1
     gc = _fedge("store", "gc", "--keep-last", "1", env=env)
-    assert gc.stdout.strip() == "deleted 1 versions and 0 objects"  # v2; v1 is aliased
+    # v2 goes; v1 is aliased.
+    assert gc.stdout.strip() == "deleted 1 versions, 0 objects and 0 stale temporary files"
     # The public key devices trust: the one the manifests verify with.
     printed = _fedge("store", "key", "--out", str(tmp_path / "store.pub"), env=env)
     assert printed.returncode == 0, printed.stderr

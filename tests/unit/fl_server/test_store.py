@@ -131,10 +131,14 @@ def test_gc_keeps_the_last_versions_and_aliased_ones(store: ModelStore) -> None:
     orphan = store.blobs.put(b"never referenced")
 
     # A fresh unreferenced object may be an in-flight publish: it stays by default.
-    assert store.gc(keep_last=2, dry_run=True) == {"versions_deleted": 1, "objects_deleted": 0}
+    assert store.gc(keep_last=2, dry_run=True) == {
+        "versions_deleted": 1,
+        "objects_deleted": 0,
+        "temporaries_deleted": 0,
+    }
     counts = store.gc(keep_last=2, min_age_s=0)
 
-    assert counts == {"versions_deleted": 1, "objects_deleted": 2}
+    assert counts == {"versions_deleted": 1, "objects_deleted": 2, "temporaries_deleted": 0}
     assert [v.manifest.version for v in store.versions("cnn")] == [1, 3, 4]
     assert not store.blobs.exists(orphan.digest)
     assert all(store.verify("cnn", v).ok for v in (1, 3, 4))
@@ -203,7 +207,12 @@ def test_publish_tag_and_gc_are_audited_in_their_own_transaction(
         "version": 2,
         "previous": None,
     }
-    assert events[3].payload == {"keep_last": 1, "versions_deleted": 1, "objects_deleted": 1}
+    assert events[3].payload == {
+        "keep_last": 1,
+        "versions_deleted": 1,
+        "objects_deleted": 1,
+        "temporaries_deleted": 0,
+    }
     assert audit.verify().ok
 
 
