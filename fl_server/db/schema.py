@@ -26,6 +26,7 @@ __all__ = [
     "AuditHeadRow",
     "AuditRecordRow",
     "Base",
+    "DeviceEventRow",
     "DeviceRow",
     "EnrolmentTokenRow",
     "LedgerRow",
@@ -201,3 +202,22 @@ class DeviceRow(Base):
     status: Mapped[str] = mapped_column(String(16), index=True)
     revoked_at: Mapped[str | None] = mapped_column(String(40))
     reason: Mapped[str | None] = mapped_column(Text)
+
+
+class DeviceEventRow(Base):
+    """One signed event a device published over MQTT, stored once per (device, seq)."""
+
+    __tablename__ = "device_events"
+    __table_args__ = (UniqueConstraint("device_id", "seq"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    device_id: Mapped[str] = mapped_column(String(128))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    event_time: Mapped[float] = mapped_column(Float)
+    received_at: Mapped[str] = mapped_column(String(40), index=True)
+    body: Mapped[str] = mapped_column(Text)
+    certificate: Mapped[str] = mapped_column(Text)
+    signature: Mapped[str] = mapped_column(String(128))
