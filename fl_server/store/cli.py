@@ -381,14 +381,23 @@ def serve_command(
     ],
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Port.")] = 8443,
+    access_log: Annotated[
+        Path | None,
+        typer.Option(
+            "--access-log",
+            help="Append one line per request here (default: HOME/logs/store-access.log).",
+        ),
+    ] = None,
     db_url: _DbUrl = None,
     store_dir: _StoreDir = None,
     home: _Home = None,
 ) -> None:
     """Serve signed manifests and artefacts to enrolled devices over HTTPS until Ctrl-C.
 
-    GET /v1/health, /v1/models/MODEL/manifest?ref=REF, /v1/objects/SHA256 (Range, ETag);
-    every request signed by a device certified by --authority-key.
+    GET /v1/models/MODEL/manifest?ref=REF, /v1/objects/SHA256 (Range, ETag), each
+    signed by a device certified by --authority-key; GET or HEAD /v1/health unsigned.
+    Every request is appended to the access log (never its headers or signature), and
+    every completed download is recorded in the audit trail (store.downloaded).
     """
     from fl_server.store.serve import StoreServer, tls_context
 
@@ -398,12 +407,22 @@ def serve_command(
         authority = b""
     if len(authority) != 32:
         raise ConfigError("--authority-key must be 64 hex digits (an Ed25519 public key)")
+    log_path = access_log or FedgeHome.resolve(home).root / "logs" / "store-access.log"
+    check_writable_file(log_path, option="--access-log")
     context = tls_context(tls_cert, tls_key)
     with open_store(db_url, store_dir, home=home, create=False) as store:
         server = StoreServer(
-            store, authority_public_key=authority, tls=context, host=host, port=port
+            store,
+            authority_public_key=authority,
+            tls=context,
+            host=host,
+            port=port,
+            access_log=log_path,
         )
-        typer.echo(f"serving the model store on https://{host}:{server.port} (Ctrl-C stops)")
+        typer.echo(
+            f"serving the model store on https://{host}:{server.port} (Ctrl-C stops); "
+            f"access log {log_path}"
+        )
         with server:
             try:
                 while True:

@@ -6,44 +6,78 @@ for (a device on a flaky link resumes a 40 MB download instead of restarting
 it), and any CDN or S3-compatible front can take over later; Flower's message
 channel would carry them as one record per round trip with no resumption.
 
-Endpoints (every request signed by an enrolled device, see
-:mod:`secure_agg.request_auth`; TLS always on):
+Endpoints (TLS always on; every request but the health probe signed by an
+enrolled device, see :mod:`secure_agg.request_auth`, else 401):
 
-- ``GET /v1/health`` -> ``{"status": "ok"}``
+- ``GET /v1/health``, ``HEAD /v1/health`` -> ``{"status": "ok"}``, unsigned (for
+  load balancers; it says nothing but that the server answers).
 - ``GET /v1/models/<model>/manifest?ref=<number|alias|latest>`` -> the signed
   manifest and the offered artefacts; the device verifies the signature itself.
 - ``GET /v1/objects/<sha256>`` -> the bytes, ``ETag: "<sha256>"``, ``Range:
-  bytes=a-b`` -> 206, ``If-None-Match`` -> 304. Only objects of *offered*
-  artefacts are served; each object is re-hashed before its first byte is sent,
-  so a corrupt or missing object is answered 500 / 404, never served.
+  bytes=a-b`` -> 206 (416 if unsatisfiable), ``If-None-Match`` -> 304. Only
+  objects of *offered* artefacts are served. The object's SHA-256 is checked in
+  full before its first byte is sent (a corrupt or missing object is answered
+  500 / 404, never served), then only the requested range is read and sent, 1 MiB
+  at a time, from the file that was hashed: the server never holds an object in
+  memory (:meth:`~fl_server.store.blobs.FileBlobStore.open_verified`, whose
+  short-lived memo of recent hashes makes a thousand concurrent fetches cost one).
+- Any other method or path: 401 unsigned, else 405 / 404.
+
+Each request is written, after its response, as one line of the access log
+(logger ``fedge.store.access``, and appended to ``access_log`` when given)::
+
+    2026-05-01T10:00:00.123+00:00 10.0.0.7 device-17 GET /v1/objects/ab12... 206 1048576 4.2
+
+time (UTC), client address, enrolled device id (``-`` before a signature verifies),
+method, path without its query string, status, body bytes sent and milliseconds
+taken. Headers (the ``Authorization`` signature among them) and query strings are
+never logged; characters outside printable ASCII are percent-escaped, so a crafted
+path cannot forge a line.
+
+A device that received a whole object (a 200 whose body was fully written, or a
+206 reaching the last byte) is recorded in the store's audit trail as
+``store.downloaded`` (:meth:`ModelStore.record_download`). One background thread
+appends these, in order: a thousand concurrent downloads never race for the
+trail's head row, and a slow or failing database never holds up a download (a
+failed append is logged as an error; the download stands).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import os
+import queue
 import re
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
+from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from pathlib import Path
+from typing import IO, Any, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
 from edge_runtime.manifest import check_digest
 from edge_runtime.tls import tls_context
-from fedge.errors import ConfigError, FedgeError
-from fl_server.store.blobs import BlobCorrupt, BlobMissing
+from fedge.errors import ConfigError, FedgeError, StorageError
+from fl_server.store.blobs import BlobCorrupt, BlobMissing, VerifiedBlob
 from fl_server.store.store import ModelStore
 from secure_agg.errors import CryptoError
 from secure_agg.request_auth import verify_authorization
 
-__all__ = ["StoreServer", "tls_context"]
+__all__ = ["ACCESS_LOGGER", "StoreServer", "tls_context"]
 
 logger = logging.getLogger(__name__)
+ACCESS_LOGGER = "fedge.store.access"
+_access = logging.getLogger(ACCESS_LOGGER)
 
+_HEALTH = "/v1/health"
 _MANIFEST = re.compile(r"^/v1/models/([A-Za-z0-9_.-]{1,64})/manifest$")
 _OBJECT = re.compile(r"^/v1/objects/([^/]*)$")
 # At most 19 digits a side (offsets fit in 63 bits): a 5,000-digit header is refused as
@@ -51,17 +85,183 @@ _OBJECT = re.compile(r"^/v1/objects/([^/]*)$")
 # connection without an answer).
 _RANGE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
 _CHUNK = 1 << 20
+_MAX_LOGGED = 256  # characters of a path, method or device id in the access log
+# Completed downloads waiting for the audit writer; past this, handlers wait (backpressure).
+_MAX_PENDING_RECORDS = 10_000
+
+
+def _printable(text: str) -> str:
+    """Return ``text`` for one log field: no spaces, nothing outside printable ASCII."""
+    text = text[:_MAX_LOGGED] or "-"
+    return "".join(c if "!" <= c <= "~" else f"%{ord(c) & 0xFF:02X}" for c in text)
+
+
+class _AccessLog:
+    """One line per request to :data:`ACCESS_LOGGER` and, when ``path`` is set, to that file."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._lock = threading.Lock()
+        self._file: IO[str] | None = None
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        except OSError as exc:
+            raise StorageError(f"cannot open the access log {path}: {exc}") from exc
+        self._file = os.fdopen(fd, "a", encoding="ascii")
+        self._path = path
+
+    def write(self, line: str) -> None:
+        _access.info("%s", line)
+        if self._file is None:
+            return
+        # One write of the whole line under the lock, to a file opened O_APPEND: lines
+        # from concurrent requests (or another process) never interleave.
+        with self._lock:
+            try:
+                self._file.write(line + "\n")
+                self._file.flush()
+            except (OSError, ValueError) as exc:
+                logger.error("store server: cannot append to %s: %s", self._path, exc)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+
+
+class _Download(NamedTuple):
+    device: str
+    digest: str
+    size: int
+    ranged: bool
+
+
+class _DownloadRecorder:
+    """Append ``store.downloaded`` events from one thread, in the order downloads completed."""
+
+    def __init__(self, store: ModelStore) -> None:
+        self._store = store
+        self._queue: queue.Queue[_Download | None] = queue.Queue(_MAX_PENDING_RECORDS)
+        self._thread = threading.Thread(target=self._run, name="store-download-audit", daemon=True)
+        self._closed = False
+        self._thread.start()
+
+    def record(self, download: _Download) -> None:
+        if self._closed:  # a handler that outlived stop(): append from its own thread
+            self._append(download)
+        else:
+            self._queue.put(download)
+
+    def _append(self, download: _Download) -> None:
+        try:
+            self._store.record_download(
+                download.device, download.digest, download.size, ranged=download.ranged
+            )
+        except Exception:  # the download itself stands; the trail's writer is told why
+            logger.exception(
+                "store server: cannot record the download of %s by device %s in the audit trail",
+                download.digest,
+                download.device,
+            )
+
+    def _run(self) -> None:
+        while (download := self._queue.get()) is not None:
+            self._append(download)
+
+    def close(self, timeout_s: float) -> None:
+        """Append what is queued (for up to ``timeout_s``), then stop the thread."""
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            logger.error(
+                "store server: %d downloads were not yet recorded in the audit trail at stop",
+                self._queue.qsize(),
+            )
+
+
+class _CountingWriter(io.BufferedIOBase):
+    """The connection's writer, counting what was written (for the access log)."""
+
+    def __init__(self, inner: io.BufferedIOBase) -> None:
+        super().__init__()
+        self._inner = inner
+        self.written = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any, /) -> int:
+        count = self._inner.write(data)
+        self.written += count
+        return count
+
+    def flush(self) -> None:
+        self._inner.flush()
+
+    def close(self) -> None:
+        try:
+            super().close()  # flushes first
+        finally:
+            self._inner.close()
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
-    # The enrolled device id (the same id as in the registry, the ledgers and the audit
-    # trail) of the request being served; "-" until its signature verifies.
-    device_id = "-"
+
+    def setup(self) -> None:
+        super().setup()
+        self._counter = _CountingWriter(self.wfile)
+        self.wfile = self._counter
+
+    def handle_one_request(self) -> None:
+        # A keep-alive connection serves several requests with this one object: nothing
+        # of the previous request (its device above all) may leak into the next one's line.
+        # device_id: the enrolled device (the id of the registry, the ledgers and the audit
+        # trail) whose signature this request carries; "-" until one verifies.
+        self.device_id = "-"
+        self.command, self.path = "", ""
+        self._status: int | None = None
+        self._started: float | None = None
+        self._body_from: int | None = None
+        try:
+            super().handle_one_request()
+        finally:
+            if self._status is not None:
+                self._log_access()
+
+    def parse_request(self) -> bool:
+        self._started = time.monotonic()  # the request line is in: the request starts here
+        return super().parse_request()
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self._status = int(code)
+        if self._started is None:  # refused before parse_request (a 414)
+            self._started = time.monotonic()
+        super().send_response(code, message)
+
+    def end_headers(self) -> None:
+        super().end_headers()
+        self._body_from = self._counter.written
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        """Log nothing here: the access line is written once the body is out."""
 
     def log_message(self, format: str, *args: Any) -> None:
-        logger.info("store server: device %s: " + format, self.device_id, *args)
+        logger.debug("store server: %s: " + format, self.address_string(), *args)
+
+    def _log_access(self) -> None:
+        sent = 0 if self._body_from is None else self._counter.written - self._body_from
+        elapsed_ms = 0.0 if self._started is None else (time.monotonic() - self._started) * 1e3
+        moment = datetime.fromtimestamp(self.server.clock(), UTC).isoformat(timespec="milliseconds")
+        self.server.access_log.write(
+            f"{moment} {_printable(self.client_address[0])} {_printable(self.device_id)} "
+            f"{_printable(self.command)} {_printable(self.path.partition('?')[0])} "
+            f"{self._status} {sent} {elapsed_ms:.1f}"
+        )
 
     def _send_json(self, status: HTTPStatus, document: dict[str, Any]) -> None:
         body = json.dumps(document, sort_keys=True).encode()
@@ -69,30 +269,49 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def _error(self, status: HTTPStatus, message: str) -> None:
         self._send_json(status, {"error": message})
 
-    def do_GET(self) -> None:
-        target = self.path
+    def _authenticate(self) -> bool:
+        """Check the request's device signature; answer 401 and return False if it fails."""
         try:
             device = verify_authorization(
                 self.headers.get("Authorization"),
-                method="GET",
-                target=target,
+                method=self.command,
+                target=self.path,
                 authority_public_key=self.server.authority_public_key,
                 now=self.server.clock(),
             )
         except CryptoError:
             self._error(HTTPStatus.UNAUTHORIZED, "a request signed by an enrolled device is needed")
-            return
+            return False
         self.device_id = device.enrolment_id
-        path, query = urlsplit(target).path, parse_qs(urlsplit(target).query)
+        return True
+
+    def do_HEAD(self) -> None:
+        if self.path.partition("?")[0] == _HEALTH:
+            self._send_json(HTTPStatus.OK, {"status": "ok"})
+            return
+        if not self._authenticate():
+            return
+        self.send_response(HTTPStatus.METHOD_NOT_ALLOWED)
+        self.send_header("Allow", "GET")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        path, _, _ = self.path.partition("?")
+        if path == _HEALTH:  # unsigned: load balancers probe it
+            self._send_json(HTTPStatus.OK, {"status": "ok"})
+            return
+        if not self._authenticate():
+            return
+        query = parse_qs(urlsplit(self.path).query)
         try:
-            if path == "/v1/health":
-                self._send_json(HTTPStatus.OK, {"status": "ok"})
-            elif (match := _MANIFEST.match(path)) is not None:
+            if (match := _MANIFEST.match(path)) is not None:
                 self._manifest(match.group(1), query.get("ref", ["latest"])[0])
             elif (match := _OBJECT.match(path)) is not None:
                 self._object(match.group(1))
@@ -101,7 +320,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ConfigError as exc:
             self._error(HTTPStatus.NOT_FOUND, str(exc))
         except FedgeError as exc:
-            logger.error("store server: %s (device %s)", exc, device.enrolment_id)
+            logger.error("store server: %s (device %s)", exc, self.device_id)
             self._error(HTTPStatus.INTERNAL_SERVER_ERROR, str(exc))
 
     def _manifest(self, model: str, ref: str) -> None:
@@ -127,23 +346,30 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        try:
-            data = store.blobs.get(digest)  # re-hashed: a corrupt object is never sent
-        except BlobMissing:
-            self._error(HTTPStatus.NOT_FOUND, f"object {digest} is missing from the store")
-            return
-        except BlobCorrupt:
-            logger.error("store server: object %s is corrupt; not serving it", digest)
-            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"object {digest} failed verification")
-            return
-        start, end = 0, len(data) - 1
+        with ExitStack() as stack:
+            try:
+                # Hashed in full before the first byte goes out: a corrupt object is never sent.
+                blob = stack.enter_context(store.blobs.open_verified(digest))
+            except BlobMissing:
+                self._error(HTTPStatus.NOT_FOUND, f"object {digest} is missing from the store")
+                return
+            except BlobCorrupt:
+                logger.error("store server: object %s is corrupt; not serving it", digest)
+                self._error(
+                    HTTPStatus.INTERNAL_SERVER_ERROR, f"object {digest} failed verification"
+                )
+                return
+            self._send_object(digest, blob)
+
+    def _send_object(self, digest: str, blob: VerifiedBlob) -> None:
+        start, end = 0, blob.size - 1
         status = HTTPStatus.OK
         requested = self.headers.get("Range")
         if requested is not None:
-            parsed = _parse_range(requested, len(data))
+            parsed = _parse_range(requested, blob.size)
             if parsed is None:
                 self.send_response(HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Range", f"bytes */{blob.size}")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
@@ -151,15 +377,37 @@ class _Handler(BaseHTTPRequestHandler):
             status = HTTPStatus.PARTIAL_CONTENT
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("ETag", etag)
+        self.send_header("ETag", f'"{digest}"')
         self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Content-Length", str(end - start + 1))
+        self.send_header("Content-Length", str(max(0, end - start + 1)))
         if status is HTTPStatus.PARTIAL_CONTENT:
-            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+            self.send_header("Content-Range", f"bytes {start}-{end}/{blob.size}")
         self.end_headers()
-        view = memoryview(data)[start : end + 1]
-        for offset in range(0, len(view), _CHUNK):
-            self.wfile.write(view[offset : offset + _CHUNK])
+        complete = blob.size == 0 or self._send_range(digest, blob, start, end)
+        if complete and end == blob.size - 1:
+            self.server.downloads.record(
+                _Download(
+                    device=self.device_id,
+                    digest=digest,
+                    size=max(0, end - start + 1),
+                    ranged=status is HTTPStatus.PARTIAL_CONTENT,
+                )
+            )
+
+    def _send_range(self, digest: str, blob: VerifiedBlob, start: int, end: int) -> bool:
+        """Write bytes ``start``..``end``; return whether all were written."""
+        try:
+            for chunk in blob.read_range(start, end, chunk_size=_CHUNK):
+                self.wfile.write(chunk)
+        except StorageError as exc:  # headers are out: the connection is all we can drop
+            logger.error("store server: reading object %s failed mid-response: %s", digest, exc)
+            self.close_connection = True
+            return False
+        except OSError as exc:  # the device went away (or stalled past the socket timeout)
+            logger.debug("store server: sending %s to %s stopped: %s", digest, self.device_id, exc)
+            self.close_connection = True
+            return False
+        return True
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int] | None:
@@ -188,6 +436,7 @@ class _Server(ThreadingHTTPServer):
         clock: Callable[[], float],
         tls: ssl.SSLContext,
         socket_timeout_s: float,
+        access_log: _AccessLog,
     ) -> None:
         super().__init__(address, _Handler)
         self.store = store
@@ -195,6 +444,8 @@ class _Server(ThreadingHTTPServer):
         self.clock = clock
         self.tls = tls
         self.socket_timeout_s = socket_timeout_s
+        self.access_log = access_log
+        self.downloads = _DownloadRecorder(store)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         # The TLS handshake runs here, in the connection's own thread and under a timeout:
@@ -211,6 +462,14 @@ class _Server(ThreadingHTTPServer):
         finally:
             self.shutdown_request(wrapped)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A device that drops its connection is routine; anything else is a bug worth a trace.
+        error = sys.exc_info()[1]
+        level = logging.DEBUG if isinstance(error, OSError) else logging.ERROR
+        logger.log(
+            level, "store server: a request from %s failed", client_address[0], exc_info=True
+        )
+
 
 class StoreServer:
     """An HTTPS server of one model store, started in a background thread.
@@ -225,9 +484,21 @@ class StoreServer:
         The server's TLS context (:func:`tls_context`); there is no plain-HTTP mode.
     host, port
         Where to listen (port 0: any free port, see :attr:`port`).
+    clock
+        Seconds since the epoch: checks request timestamps, stamps access lines.
     socket_timeout_s
         How long one connection may stall (its TLS handshake, a request, a read)
         before it is dropped; each connection runs in its own thread.
+    access_log
+        A file to append the access log to (created with its directory, mode
+        0o640); the lines also go to the ``fedge.store.access`` logger either way.
+
+    Raises
+    ------
+    ConfigError
+        If the authority key is not 32 bytes or ``socket_timeout_s`` is not positive.
+    StorageError
+        If the access log cannot be opened.
     """
 
     def __init__(
@@ -240,19 +511,26 @@ class StoreServer:
         port: int = 0,
         clock: Callable[[], float] = time.time,
         socket_timeout_s: float = 30.0,
+        access_log: Path | None = None,
     ) -> None:
         if len(authority_public_key) != 32:
             raise ConfigError("the enrolment authority's key must be 32 bytes (Ed25519)")
         if not socket_timeout_s > 0:
             raise ConfigError(f"socket_timeout_s must be > 0, got {socket_timeout_s}")
-        self._server = _Server(
-            (host, port),
-            store,
-            authority_public_key=authority_public_key,
-            clock=clock,
-            tls=tls,
-            socket_timeout_s=socket_timeout_s,
-        )
+        log = _AccessLog(access_log)
+        try:
+            self._server = _Server(
+                (host, port),
+                store,
+                authority_public_key=authority_public_key,
+                clock=clock,
+                tls=tls,
+                socket_timeout_s=socket_timeout_s,
+                access_log=log,
+            )
+        except BaseException:
+            log.close()
+            raise
         self._thread: threading.Thread | None = None
 
     @property
@@ -266,11 +544,13 @@ class StoreServer:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop serving and close the socket."""
+        """Stop serving, close the socket, record the downloads still queued, close the log."""
         self._server.shutdown()
         self._server.server_close()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self._server.downloads.close(timeout_s=30)
+        self._server.access_log.close()
 
     def __enter__(self) -> StoreServer:
         self.start()

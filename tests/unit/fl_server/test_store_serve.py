@@ -139,30 +139,34 @@ def test_requests_without_a_valid_device_signature_are_refused(fleet: Fleet) -> 
     stranger = EnrolmentAuthority.generate(DeterministicRandom(9)).enrol(
         "x", DeterministicRandom(3)
     )
-    assert fleet.get("/v1/health")[0] == 200
-    assert fleet.get("/v1/health", identity=stranger)[0] == 401
-    assert fleet.get("/v1/health", timestamp=int(time.time()) - 3600)[0] == 401
+    manifest = "/v1/models/cnn/manifest?ref=latest"
+    assert fleet.get(manifest)[0] == 200
+    assert fleet.get(manifest, identity=stranger)[0] == 401
+    assert fleet.get(manifest, timestamp=int(time.time()) - 3600)[0] == 401
     # A signature for one request does not open another.
     digest = fleet.digests["weights.npz"]
-    assert fleet.get(f"/v1/objects/{digest}", signed_target="/v1/health")[0] == 401
-    connection = http.client.HTTPSConnection(
-        "localhost", fleet.server.port, context=fleet.client_tls, timeout=10
-    )
-    connection.request("GET", "/v1/health")
-    assert connection.getresponse().status == 401
-    connection.close()
+    assert fleet.get(f"/v1/objects/{digest}", signed_target=manifest)[0] == 401
+    for unsigned in (manifest, f"/v1/objects/{digest}", "/v1/nothing"):
+        connection = http.client.HTTPSConnection(
+            "localhost", fleet.server.port, context=fleet.client_tls, timeout=10
+        )
+        connection.request("GET", unsigned)
+        assert connection.getresponse().status == 401
+        connection.close()
 
 
 def test_the_access_log_names_the_enrolled_device(
     fleet: Fleet, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="fl_server.store.serve"):
+    with caplog.at_level(logging.INFO, logger="fedge.store.access"):
         status, _, _ = fleet.get("/v1/models/cnn/manifest?ref=latest")
-        fleet.get("/v1/health", timestamp=0)  # refused: an unsigned (stale) request
+        fleet.get("/v1/models/cnn/manifest", timestamp=0)  # refused: a stale signature
     assert status == 200
-    lines = [r.getMessage() for r in caplog.records if "store server: device" in r.getMessage()]
-    assert any(f"device {fleet.device.certificate.enrolment_id}: " in line for line in lines)
-    assert any("device -: " in line and "401" in line for line in lines)
+    lines = [r.getMessage().split() for r in caplog.records if r.name == "fedge.store.access"]
+    assert [(fields[2], fields[5]) for fields in lines] == [
+        (fleet.device.certificate.enrolment_id, "200"),
+        ("-", "401"),
+    ]
 
 
 def test_an_idle_connection_that_never_shakes_hands_blocks_no_one(tmp_path: Path) -> None:
