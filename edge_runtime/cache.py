@@ -14,13 +14,22 @@ The pointer is ``{"version": N, "artefact": NAME, "digest": SHA256, "previous":
 
 Notes
 -----
-Crash safety rests on two atomic renames. An install copies the artefact into a
-fresh staging directory while hashing it, compares size and SHA-256 with the
-signed manifest, fsyncs, and only then renames it to ``versions/<model>/<version>``
-(or renames the one file into a version directory already present): a version
-directory never holds unverified bytes. Then the pointer is replaced (temporary
-file, fsync, ``os.replace``, directory fsync). A SIGKILL or power cut at any
-point leaves the pointer naming the old or the new version, both complete.
+An install is one transaction. Every byte it is given is read and checked
+against the signed manifest first, including the bytes of a version that is
+already installed (a bundle is never taken on trust because its version is
+present); what is new is copied into a fresh staging directory while it is
+hashed, fsynced, and only then renamed to ``versions/<model>/<version>`` (or
+moved file by file into the version directory already there): a version
+directory never holds unverified bytes, nor a companion without its model.
+Then the pointer is replaced (temporary file, fsync, ``os.replace``, directory
+fsync). An exception at any step (a digest that does not match, a full disk, a
+``KeyboardInterrupt``) undoes the steps already taken, so the cache is as it was;
+a SIGKILL or power cut leaves the pointer naming the old or the new version,
+both complete, and the next open removes the staging leftovers.
+
+Blue-green: the version an install or rollback switches away from is never
+pruned, whatever ``keep`` says, so a rollback after an upgrade is a pointer swap
+that needs no network.
 
 Nothing from the network is trusted: every manifest must verify against the
 store's public key given at construction (provisioned with the device), and
@@ -41,11 +50,14 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 
 from edge_runtime.cache_records import (
     InstalledModel,
+    InstallOutcome,
+    InstallReport,
     ModelCorrupt,
     ModelRejected,
     PointerEntry,
@@ -61,6 +73,7 @@ from edge_runtime.durable import (
 )
 from edge_runtime.manifest import (
     ArtefactEntry,
+    ArtefactFormat,
     Manifest,
     ManifestInvalid,
     SignedManifest,
@@ -70,7 +83,15 @@ from edge_runtime.manifest import (
 )
 from fedge.errors import ConfigError, StorageError
 
-__all__ = ["InstalledModel", "ModelCache", "ModelCorrupt", "ModelRejected"]
+__all__ = [
+    "InstallOutcome",
+    "InstallReport",
+    "InstalledModel",
+    "ModelCache",
+    "ModelCorrupt",
+    "ModelRejected",
+    "PointerEntry",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +107,13 @@ class ModelCache:
     ----------
     root
         The cache directory; created if missing. Leftovers of a crashed install
-        are removed here.
+        (staging directories, pointer temporaries, stale downloads, version
+        directories with no model in them) are removed here.
     trusted_key
         The store's raw 32-byte Ed25519 public key; every manifest must verify with it.
     keep
         How many of the newest versions of each model stay installed (the current
-        one is always kept as well).
+        one, and the one a rollback would switch to, are always kept as well).
     _step_hook
         Tests only: called with the name of each step of a swap (``"copying"``,
         ``"staged"``, ``"renamed"``, ``"pointer-temp"``, ``"pointer-written"``,
@@ -166,8 +188,42 @@ class ModelCache:
             if entry.stat().st_mtime < cutoff:
                 entry.unlink()
                 removed += 1
+        for directory in self._partial_versions():
+            logger.warning("model cache: removing %s, which holds no model", directory)
+            shutil.rmtree(directory)
+            removed += 1
         if removed:
             logger.info("model cache: removed %d leftovers of interrupted installs", removed)
+
+    def _partial_versions(self) -> list[Path]:
+        """Return version directories no pointer names that hold no model to serve.
+
+        Older fedge versions staged a companion (``drift-reference.json``) into its
+        version directory before the model was verified; a failed install left that
+        directory behind, listed as installed.
+        """
+        partial = []
+        for model_directory in self._versions.iterdir():
+            try:
+                pointer = self._read_pointer(model_directory.name, strict=False)
+            except ConfigError:  # not a model name: not ours to remove
+                continue
+            named = set() if pointer is None else {e.version for e in (pointer[0], *pointer[1])}
+            for directory in model_directory.iterdir() if model_directory.is_dir() else ():
+                unnamed = directory.name.isdigit() and int(directory.name) not in named
+                if unnamed and not self._servable(directory):
+                    partial.append(directory)
+        return partial
+
+    def _servable(self, directory: Path) -> bool:
+        try:
+            manifest = self._read_signed(directory).manifest
+        except ModelCorrupt:
+            return False
+        return any(
+            a.format is not ArtefactFormat.JSON and (directory / a.name).is_file()
+            for a in manifest.artefacts
+        )
 
     def _directory(self, model: str, version: int) -> Path:
         return self._versions / check_name("model name", model) / str(version)
@@ -220,61 +276,103 @@ class ModelCache:
         self,
         signed: SignedManifest,
         artefact_name: str,
-        source: Path,
+        source: Path | None,
         *,
+        companions: Mapping[str, Path | None] | None = None,
         allow_downgrade: bool = False,
-    ) -> InstalledModel:
-        """Verify ``source`` against ``signed``, install it and make it current.
+    ) -> InstallReport:
+        """Verify an artefact (and its companions) against ``signed``, install it, make it current.
 
         Parameters
         ----------
         signed
             The version's signed manifest; it must verify with the trusted key.
         artefact_name
-            Which of the manifest's artefacts ``source`` holds.
+            Which of the manifest's artefacts is the model to serve.
         source
-            The artefact's bytes (copied; the file is left as it is).
+            The artefact's bytes (read and verified, even when this version is
+            installed already; copied only if the cache lacks a verified copy), or
+            ``None`` to use the copy in the cache (re-hashed first).
+        companions
+            Other artefacts of the version to install with it (name -> source, or
+            ``None`` for the copy in the cache), such as ``drift-reference.json``.
         allow_downgrade
             Accept a version older than the current one.
 
         Returns
         -------
-        InstalledModel
-            The new current model.
+        InstallReport
+            What was done: installed, re-activated or already current; the bytes
+            verified and written; the version kept for rollback.
 
         Raises
         ------
         ModelRejected
-            If the signature, the size or the SHA-256 does not match, the artefact
-            is not in the manifest or the version is an unallowed downgrade; the
-            previous model stays current.
+            If the signature, a size or a SHA-256 does not match, an artefact is not
+            in the manifest, the model is a JSON document, a ``None`` source has no
+            copy in the cache, or the version is an unallowed downgrade.
+        ModelCorrupt
+            If a ``None`` source's copy in the cache no longer verifies.
+        ConfigError
+            If the model is also named among its companions.
         StorageError
-            If ``source`` cannot be read or the cache cannot be written.
+            If a source cannot be read or the cache cannot be written.
+
+        Notes
+        -----
+        Whatever fails, even a ``KeyboardInterrupt``, the cache is left as it was:
+        the previous model stays current and nothing new stays on disk. Once the
+        pointer names the new version the install has happened; pruning old
+        versions comes after, and one it cannot remove is retried next time.
         """
-        manifest, entry = self._verified(signed, artefact_name)
+        manifest = self._verified(signed)
+        entry = self._entry(manifest, artefact_name)
+        if entry.format is ArtefactFormat.JSON:
+            raise ModelRejected(f"{entry.name} is a json document, not a model to serve")
+        parts: dict[str, tuple[ArtefactEntry, Path | None]] = {entry.name: (entry, source)}
+        for name, path in (companions or {}).items():
+            if name in parts:
+                raise ConfigError(f"{name} is the model; it cannot be its own companion")
+            parts[name] = (self._entry(manifest, name), path)
         with self._locked():
             self.check_upgrade(manifest, allow_downgrade=allow_downgrade)
-            directory = self._directory(manifest.model, manifest.version)
-            if not self._intact(directory, signed, entry):
-                self._stage(directory, signed, entry, source)
-            return self._switch(manifest, entry)
+            return self._transact(signed, entry, parts)
 
-    def stage(self, signed: SignedManifest, artefact_name: str, source: Path) -> None:
-        """Verify and store one artefact of a version *without* making anything current.
-
-        For the companions of a model (``drift-reference.json``): stage them first,
-        then :meth:`install` the model, so the version is complete when it switches.
+    def activate(
+        self,
+        signed: SignedManifest,
+        artefact_name: str,
+        *,
+        companions: tuple[str, ...] = (),
+        allow_downgrade: bool = False,
+    ) -> InstallReport:
+        """Make an already installed artefact current, after re-verifying it: a pointer swap.
 
         Raises
         ------
-        ModelRejected, StorageError
-            As :meth:`install`; nothing is stored.
+        ModelRejected
+            As :meth:`install`, or if the artefact is not installed.
+        ModelCorrupt
+            If the installed copy no longer verifies.
         """
-        manifest, entry = self._verified(signed, artefact_name)
-        with self._locked():
-            directory = self._directory(manifest.model, manifest.version)
-            if not self._intact(directory, signed, entry):
-                self._stage(directory, signed, entry, source)
+        return self.install(
+            signed,
+            artefact_name,
+            None,
+            companions=dict.fromkeys(companions),
+            allow_downgrade=allow_downgrade,
+        )
+
+    def missing(self, signed: SignedManifest, names: list[str]) -> list[str]:
+        """Return those of ``names`` the cache holds no verified copy of (under this manifest)."""
+        manifest = self._verified(signed)
+        directory = self._directory(manifest.model, manifest.version)
+        same = directory.is_dir() and self._same_manifest(directory, signed)
+        return [
+            name
+            for name in names
+            if not (same and self._hashes_to(directory / name, self._entry(manifest, name)))
+        ]
 
     def companion(self, installed: InstalledModel, artefact_name: str) -> Path | None:
         """Return a verified companion artefact of an installed version, or None if absent.
@@ -291,28 +389,6 @@ class ModelCache:
         if hash_file(path) != (entry.size, entry.digest):
             raise ModelCorrupt(f"{installed.model} v{installed.version} {artefact_name} is corrupt")
         return path
-
-    def activate(
-        self, signed: SignedManifest, artefact_name: str, *, allow_downgrade: bool = False
-    ) -> InstalledModel:
-        """Make an already installed artefact current, after verifying it.
-
-        Raises
-        ------
-        ModelRejected
-            As :meth:`install`, or if the artefact is not installed.
-        ModelCorrupt
-            If the installed copy no longer verifies.
-        """
-        manifest, entry = self._verified(signed, artefact_name)
-        with self._locked():
-            self.check_upgrade(manifest, allow_downgrade=allow_downgrade)
-            directory = self._directory(manifest.model, manifest.version)
-            if not (directory / entry.name).is_file():
-                raise ModelRejected(f"{manifest.model} v{manifest.version} {entry.name} is absent")
-            if not self._intact(directory, signed, entry):
-                raise ModelCorrupt(f"{manifest.model} v{manifest.version} is corrupt on disk")
-            return self._switch(manifest, entry)
 
     def rollback(self, model: str, to: int | None = None) -> InstalledModel:
         """Switch back to the previous version (or to version ``to``), a pointer swap.
@@ -343,7 +419,11 @@ class ModelCache:
                 target, history = previous[index], list(previous[index + 1 :])
             elif to in self.versions(model):
                 signed = self._read_signed(self._directory(model, to))
-                found = [a for a in signed.manifest.artefacts if self.has(model, to, a.name)]
+                found = [
+                    a
+                    for a in signed.manifest.artefacts
+                    if a.format is not ArtefactFormat.JSON and self.has(model, to, a.name)
+                ]
                 if not found:
                     raise ModelCorrupt(f"{model} version {to} has no installed artefact")
                 target = PointerEntry(to, found[0].name, found[0].digest)
@@ -351,56 +431,159 @@ class ModelCache:
             else:
                 raise ConfigError(f"{model} version {to} is not installed: {self.versions(model)}")
             installed = self._load(model, target)
-            self._write_pointer(model, target, history)
+            kept, _ = self._write_pointer(model, target, history)
+            self._prune(model, kept)
             logger.info("model cache: %s rolled back to version %d", model, target.version)
             return installed
 
-    def _verified(self, signed: SignedManifest, name: str) -> tuple[Manifest, ArtefactEntry]:
+    def _verified(self, signed: SignedManifest) -> Manifest:
         try:
-            manifest = verify_manifest(signed, self._key)
+            return verify_manifest(signed, self._key)
         except ManifestInvalid as exc:
             raise ModelRejected(f"refusing {signed.manifest.model}: {exc}") from exc
+
+    @staticmethod
+    def _entry(manifest: Manifest, name: str) -> ArtefactEntry:
         entry = next((a for a in manifest.artefacts if a.name == name), None)
         if entry is None:
             names = sorted(a.name for a in manifest.artefacts)
             raise ModelRejected(f"{name!r:.80} is not in the manifest (artefacts: {names})")
-        return manifest, entry
+        return entry
 
-    def _intact(self, directory: Path, signed: SignedManifest, entry: ArtefactEntry) -> bool:
-        """Say whether ``directory`` holds this manifest and a verified copy of ``entry``."""
-        path = directory / entry.name
-        if not path.is_file():
-            return False
-        expected = (entry.size, entry.digest)
-        if self._same_manifest(directory, signed) and hash_file(path) == expected:
-            return True
-        logger.warning("model cache: %s is corrupt on disk", path)
-        return False
-
-    def _stage(
-        self, directory: Path, signed: SignedManifest, entry: ArtefactEntry, source: Path
-    ) -> None:
-        staging = Path(tempfile.mkdtemp(prefix="install-", dir=self._staging))
+    @staticmethod
+    def _hashes_to(path: Path, entry: ArtefactEntry) -> bool:
         try:
-            staging.chmod(0o755)  # artefacts are not secret: a runtime user may read them
+            return path.is_file() and hash_file(path) == (entry.size, entry.digest)
+        except OSError:
+            return False
+
+    def _transact(
+        self,
+        signed: SignedManifest,
+        entry: ArtefactEntry,
+        parts: dict[str, tuple[ArtefactEntry, Path | None]],
+    ) -> InstallReport:
+        """Verify every part, put what is new in place, switch; undo all of it on any failure."""
+        manifest = signed.manifest
+        model, directory = manifest.model, self._directory(manifest.model, manifest.version)
+        same = directory.is_dir() and self._same_manifest(directory, signed)
+        before = self._read_pointer(model, strict=False)
+        new = PointerEntry(manifest.version, entry.name, entry.digest)
+        switch = before is None or before[0] != new
+        transaction = Path(tempfile.mkdtemp(prefix="install-", dir=self._staging))
+        undo: list[Callable[[], object]] = []
+        try:
             document = json.dumps(signed.to_json(), sort_keys=True, indent=2).encode()
-            create_synced(staging / _MANIFEST_FILE, document, 0o444)
-            self._copy_verified(source, staging / entry.name, entry)
-            fsync_directory(staging)
+            fresh = self._check_parts(transaction / "version", directory, same, parts, document)
             self._hook("staged")
-            if directory.is_dir() and not self._same_manifest(directory, signed):
-                logger.warning("model cache: %s conflicts with the new manifest", directory)
-                self._discard(directory)
-            if directory.is_dir():  # another artefact of this version: move the one file in
-                (staging / entry.name).replace(directory / entry.name)
-                fsync_directory(directory)
-            else:
-                directory.parent.mkdir(parents=True, exist_ok=True)
-                staging.rename(directory)
-                fsync_directory(directory.parent)
+            if fresh:
+                self._place(transaction, directory, same, fresh, undo)
             self._hook("renamed")
+            if switch:
+                history = [] if before is None else [before[0], *before[1]]
+                kept, previous = self._write_pointer(model, new, history, undo)
+                logger.info(
+                    "model cache: %s version %d (%s) is current", model, new.version, new.artefact
+                )
+            else:
+                kept, previous = set(), [] if before is None else list(before[1])
+        except BaseException:
+            for step in reversed(undo):
+                try:
+                    step()
+                except OSError as exc:  # pragma: no cover - a second failure while undoing
+                    logger.error("model cache: cannot undo a step of a failed install: %s", exc)
+            raise
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(transaction, ignore_errors=True)
+        if switch:
+            self._prune(model, kept)
+        return InstallReport(
+            outcome=InstallOutcome.INSTALLED
+            if entry.name in fresh
+            else InstallOutcome.REACTIVATED
+            if switch
+            else InstallOutcome.ALREADY_CURRENT,
+            current=InstalledModel(
+                model=model,
+                version=manifest.version,
+                artefact=entry.name,
+                path=directory / entry.name,
+                digest=entry.digest,
+                size=entry.size,
+                manifest=manifest,
+            ),
+            replaced=before[0] if switch and before is not None else None,
+            rollback=previous[0] if previous else None,
+            verified_bytes=sum(part.size for part, _ in parts.values()),
+            written_bytes=sum(parts[name][0].size for name in fresh),
+            companions=tuple(name for name in parts if name != entry.name),
+        )
+
+    def _check_parts(
+        self,
+        staged: Path,
+        directory: Path,
+        same: bool,
+        parts: dict[str, tuple[ArtefactEntry, Path | None]],
+        document: bytes,
+    ) -> list[str]:
+        """Verify every part; copy what the cache lacks into ``staged``; return those names."""
+        fresh: list[str] = []
+        for name, (entry, source) in parts.items():
+            installed = directory / name
+            where = f"{directory.parent.name} v{directory.name} {name}"
+            if source is None:
+                if not (same and installed.is_file()):
+                    raise ModelRejected(f"{where} is absent")
+                if not self._hashes_to(installed, entry):
+                    raise ModelCorrupt(f"{where} is corrupt on disk")
+                continue
+            if same and installed.is_file():
+                self._copy_verified(source, None, entry)  # never take a source on trust
+                if self._hashes_to(installed, entry):
+                    continue
+                logger.warning("model cache: %s is corrupt on disk; replacing it", installed)
+            if not fresh:
+                staged.mkdir()
+                staged.chmod(0o755)  # artefacts are not secret: a runtime user may read them
+                create_synced(staged / _MANIFEST_FILE, document, 0o444)
+            self._copy_verified(source, staged / name, entry)
+            fresh.append(name)
+        if fresh:
+            fsync_directory(staged)
+        return fresh
+
+    def _place(
+        self,
+        transaction: Path,
+        directory: Path,
+        same: bool,
+        fresh: list[str],
+        undo: list[Callable[[], object]],
+    ) -> None:
+        """Move the staged files into place, recording how to move each back."""
+        staged = transaction / "version"
+        if not same:
+            if directory.exists():  # another manifest of this version: set aside until done
+                logger.warning("model cache: %s conflicts with the new manifest", directory)
+                directory.rename(transaction / "displaced")
+                undo.append(partial((transaction / "displaced").rename, directory))
+            if not directory.parent.is_dir():
+                directory.parent.mkdir()
+                undo.append(directory.parent.rmdir)
+            staged.rename(directory)
+            undo.append(partial(directory.rename, staged))
+            fsync_directory(directory.parent)
+            return
+        for name in fresh:  # another artefact of a version already here: move files in
+            target = directory / name
+            if target.exists():  # a corrupt copy: set aside until done
+                target.rename(transaction / f"aside-{name}")
+                undo.append(partial((transaction / f"aside-{name}").rename, target))
+            (staged / name).rename(target)
+            undo.append(partial(target.rename, staged / name))
+        fsync_directory(directory)
 
     def _same_manifest(self, directory: Path, signed: SignedManifest) -> bool:
         try:
@@ -408,23 +591,29 @@ class ModelCache:
         except ModelCorrupt:
             return False
 
-    def _copy_verified(self, source: Path, destination: Path, entry: ArtefactEntry) -> None:
+    def _copy_verified(self, source: Path, destination: Path | None, entry: ArtefactEntry) -> None:
+        """Hash ``source`` (copied to ``destination`` if given); check it against ``entry``."""
         hasher, size = hashlib.sha256(), 0
         try:
             reader = open(source, "rb", buffering=0)  # noqa: SIM115 - closed by the with below
         except OSError as exc:
             raise StorageError(f"cannot read {source}: {exc}") from exc
         with reader:
-            fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+            fd = None
+            if destination is not None:
+                fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
             try:
                 while (chunk := reader.read(_CHUNK)) and size <= entry.size:
                     hasher.update(chunk)
-                    write_all(fd, chunk)
+                    if fd is not None:
+                        write_all(fd, chunk)
                     size += len(chunk)
                     self._hook("copying")
-                os.fsync(fd)
+                if fd is not None:
+                    os.fsync(fd)
             finally:
-                os.close(fd)
+                if fd is not None:
+                    os.close(fd)
         if size != entry.size:
             found = f"more than {entry.size}" if size > entry.size else str(size)
             raise ModelRejected(
@@ -436,37 +625,48 @@ class ModelCache:
                 f"the signed manifest says {entry.digest}"
             )
 
-    def _switch(self, manifest: Manifest, entry: ArtefactEntry) -> InstalledModel:
-        model = manifest.model
-        new = PointerEntry(manifest.version, entry.name, entry.digest)
-        pointer = self._read_pointer(model, strict=False)
-        history = [] if pointer is None else [pointer[0], *pointer[1]]
-        if pointer is None or pointer[0] != new:
-            self._write_pointer(model, new, [e for e in history if e != new])
-            logger.info(
-                "model cache: %s version %d (%s) is current", model, new.version, new.artefact
-            )
-        return InstalledModel(
-            model=model,
-            version=manifest.version,
-            artefact=entry.name,
-            path=self._directory(model, manifest.version) / entry.name,
-            digest=entry.digest,
-            size=entry.size,
-            manifest=manifest,
-        )
-
     def _write_pointer(
-        self, model: str, current: PointerEntry, history: list[PointerEntry]
-    ) -> None:
-        """Replace the pointer atomically, then prune versions beyond the newest ``keep``."""
+        self,
+        model: str,
+        current: PointerEntry,
+        history: list[PointerEntry],
+        undo: list[Callable[[], object]] | None = None,
+    ) -> tuple[set[int], list[PointerEntry]]:
+        """Replace the pointer atomically; return the versions to keep and the new history.
+
+        The newest ``keep`` versions are kept, and the current one, and the first
+        entry of the history (what :meth:`rollback` switches to): blue-green.
+        """
+        candidates = [
+            e
+            for e in dict.fromkeys(history)
+            if e != current and self.has(model, e.version, e.artefact)
+        ]
         kept = set(self.versions(model)[-self._keep :]) | {current.version}
-        candidates = dict.fromkeys(e for e in history if e != current and e.version in kept)
-        previous = [e for e in candidates if self.has(model, e.version, e.artefact)]
+        kept |= {e.version for e in candidates[:1]}
+        previous = [e for e in candidates if e.version in kept]
         document = {**current.to_json(), "previous": [e.to_json() for e in previous]}
+        path = self._current / f"{model}.json"
+        if undo is not None:
+            try:
+                old: bytes | None = path.read_bytes()
+            except FileNotFoundError:
+                old = None
+            undo.append(partial(self._restore_pointer, path, old))
         data = json.dumps(document, sort_keys=True, indent=2).encode()
-        write_atomically(self._current / f"{model}.json", data, self._hook)
+        write_atomically(path, data, self._hook)
         self._hook("pointer-written")
+        return kept, previous
+
+    def _restore_pointer(self, path: Path, old: bytes | None) -> None:
+        """Put back the pointer an install replaced (undo; a no-op if it never was)."""
+        if old is None:
+            path.unlink(missing_ok=True)
+        elif not path.is_file() or path.read_bytes() != old:
+            write_atomically(path, old)
+
+    def _prune(self, model: str, kept: set[int]) -> None:
+        """Remove the versions of ``model`` not in ``kept``; a failure is retried next time."""
         for version in self.versions(model):
             if version not in kept:
                 try:

@@ -5,8 +5,10 @@ Every request is signed with the device's enrolment identity
 must chain to the CA file the device was provisioned with; there is no plain-HTTP
 mode. Nothing the server says is trusted: :meth:`StoreClient.sync` verifies the
 manifest's signature with the store key the cache trusts before it downloads a
-byte, every download is checked against the signed size and SHA-256, and the
-cache re-verifies everything on install.
+byte, chooses only among the artefacts the *signed* manifest offers (the
+server's own ``offered`` list is an unsigned database column, used only for a
+manifest signed before fedge signed the offer), checks every download against
+the signed size and SHA-256, and the cache re-verifies everything on install.
 
 Notes
 -----
@@ -31,26 +33,39 @@ import re
 import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
-from edge_runtime.cache import InstalledModel, ModelCache, ModelCorrupt, ModelRejected
-from edge_runtime.manifest import ManifestInvalid, SignedManifest, check_digest, verify_manifest
+from edge_runtime.cache import InstallReport, ModelCache, ModelCorrupt, ModelRejected
+from edge_runtime.drift_reference import REFERENCE_ARTEFACT_NAME
+from edge_runtime.manifest import (
+    ManifestInvalid,
+    SignedManifest,
+    check_digest,
+    offered_names,
+    verify_manifest,
+)
 from fedge.errors import ConfigError, FedgeError, StorageError
 from secure_agg.identity import NodeIdentity
 from secure_agg.request_auth import authorization_header
 
 __all__ = [
+    "COMPANIONS",
     "DEFAULT_PREFER",
     "FetchError",
     "FetchNotFound",
     "FetchUnauthorized",
     "StoreClient",
+    "SyncReport",
 ]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PREFER = ("model-int8-static.onnx", "model-fp32.onnx")
+# Artefacts installed beside the model when offered: the drift reference (fedge client infer).
+COMPANIONS = (REFERENCE_ARTEFACT_NAME,)
 
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 _REF = re.compile(r"[A-Za-z0-9_\-]{1,64}")
@@ -69,6 +84,43 @@ class FetchUnauthorized(FetchError):  # noqa: N818 - reads as what happened
 
 class FetchNotFound(FetchError):  # noqa: N818 - reads as what happened
     """The store has no such model, version or offered object (404)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SyncReport:
+    """What :meth:`StoreClient.sync` did.
+
+    Attributes
+    ----------
+    install
+        What the cache did (installed, re-activated, already current; the version
+        kept for rollback; the bytes verified and written).
+    ref
+        The reference asked for (a number, an alias or ``latest``).
+    offered
+        The artefacts the choice was made among.
+    offer_signed
+        True if ``offered`` came from the signed manifest; False for a manifest
+        signed before fedge signed the offer (the store's unsigned list was used).
+    downloaded_bytes
+        The bytes fetched from the store (0 when the cache already held them).
+    """
+
+    install: InstallReport
+    ref: str
+    offered: tuple[str, ...]
+    offer_signed: bool
+    downloaded_bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the report as JSON values."""
+        return {
+            **self.install.to_json(),
+            "ref": self.ref,
+            "offered": list(self.offered),
+            "offer_signed": self.offer_signed,
+            "downloaded_bytes": self.downloaded_bytes,
+        }
 
 
 class _Retry(Exception):  # noqa: N818 - control flow inside this module only
@@ -383,6 +435,19 @@ class StoreClient:
             connection.close()
         return offset, hasher.hexdigest(), resumed
 
+    def _fetch_all(
+        self, cache: ModelCache, signed: SignedManifest, names: list[str], into: dict[str, Path]
+    ) -> int:
+        """Download the artefacts ``names`` not in ``into`` yet; return the bytes fetched."""
+        fetched = 0
+        for entry in signed.manifest.artefacts:
+            if entry.name in names and entry.name not in into:
+                destination = cache.download_path(entry.digest)
+                self.download(entry.digest, destination, expected_size=entry.size)
+                into[entry.name] = destination
+                fetched += entry.size
+        return fetched
+
     def sync(
         self,
         cache: ModelCache,
@@ -391,8 +456,8 @@ class StoreClient:
         ref: str = "latest",
         prefer: Sequence[str] = DEFAULT_PREFER,
         allow_downgrade: bool = False,
-    ) -> InstalledModel:
-        """Make the store's ``model@ref`` current in ``cache``, fetching it if needed.
+    ) -> SyncReport:
+        """Make the store's ``model@ref`` current in ``cache``, fetching what the cache lacks.
 
         Parameters
         ----------
@@ -402,13 +467,14 @@ class StoreClient:
             What to fetch (``ref``: a number, an alias or ``latest``).
         prefer
             Artefact names in order of preference; the first one offered is used.
+            Offered companions (:data:`COMPANIONS`) are installed with it.
         allow_downgrade
             Accept a version older than the current one.
 
         Returns
         -------
-        InstalledModel
-            The new current model.
+        SyncReport
+            What was fetched and what the cache did.
 
         Raises
         ------
@@ -421,32 +487,78 @@ class StoreClient:
 
         Notes
         -----
-        Whatever fails, the model that was current stays current.
+        Whatever fails, the model that was current stays current. The offer is
+        taken from the signed manifest when it carries one, so a store whose
+        database was edited can neither move devices off a variant nor onto a
+        rejected one.
         """
         if isinstance(prefer, str) or not prefer:
             raise ConfigError("prefer must be a non-empty sequence of artefact names")
-        signed, offered = self.manifest(model, ref)
+        signed, listed = self.manifest(model, ref)
         try:
             manifest = verify_manifest(signed, cache.trusted_key)
         except ManifestInvalid as exc:
             raise ModelRejected(f"the store's manifest of {model}@{ref} is refused: {exc}") from exc
+        signed_offer = offered_names(manifest)
+        if signed_offer is None:
+            logger.info(
+                "store client: %s v%d carries no signed offer; using the store's unsigned list",
+                model,
+                manifest.version,
+            )
+        elif set(signed_offer) != set(listed):
+            logger.warning(
+                "store client: the store lists %s for %s v%d but the signed manifest offers %s; "
+                "following the signed manifest",
+                sorted(listed),
+                model,
+                manifest.version,
+                sorted(signed_offer),
+            )
+        offered = listed if signed_offer is None else signed_offer
         name = next((n for n in prefer if n in offered), None)
         if name is None:
             raise ModelRejected(
                 f"{model} v{manifest.version} offers none of {list(prefer)} (offered: {offered})"
             )
         cache.check_upgrade(manifest, allow_downgrade=allow_downgrade)
-        if cache.has(model, manifest.version, name):
-            try:
-                return cache.activate(signed, name, allow_downgrade=allow_downgrade)
-            except ModelCorrupt as exc:
-                logger.warning("store client: %s; fetching it again", exc)
-        entry = next(a for a in manifest.artefacts if a.name == name)
-        destination = cache.download_path(entry.digest)
-        self.download(entry.digest, destination, expected_size=entry.size)
+        companions = [c for c in COMPANIONS if c in offered and c != name]
+        wanted = [name, *companions]
+        sources: dict[str, Path] = {}  # what was downloaded; the rest is in the cache
+
+        def install() -> InstallReport:
+            return cache.install(
+                signed,
+                name,
+                sources.get(name),
+                companions={c: sources.get(c) for c in companions},
+                allow_downgrade=allow_downgrade,
+            )
+
         try:
-            installed = cache.install(signed, name, destination, allow_downgrade=allow_downgrade)
+            downloaded = self._fetch_all(cache, signed, cache.missing(signed, wanted), sources)
+            try:
+                report = install()
+            except ModelCorrupt as exc:  # a cached copy rotted since it was checked
+                if set(sources) == set(wanted):
+                    raise
+                logger.warning("store client: %s; fetching it again", exc)
+                downloaded += self._fetch_all(cache, signed, wanted, sources)
+                report = install()
         finally:
-            destination.unlink(missing_ok=True)
-        logger.info("store client: installed %s v%d (%s)", model, installed.version, name)
-        return installed
+            for path in sources.values():
+                path.unlink(missing_ok=True)
+        logger.info(
+            "store client: %s v%d (%s): %s",
+            model,
+            report.current.version,
+            name,
+            report.outcome.value,
+        )
+        return SyncReport(
+            install=report,
+            ref=ref,
+            offered=tuple(offered),
+            offer_signed=signed_offer is not None,
+            downloaded_bytes=downloaded,
+        )

@@ -1,9 +1,13 @@
 """``fedge client``: an edge device's model cache and local inference.
 
-- ``fedge client models list|install|rollback``: the verified local model cache
-  (:class:`edge_runtime.cache.ModelCache`); ``install`` takes a bundle written by
-  ``fedge store export`` (sideloading, e.g. for air-gapped devices) and verifies
-  its signature with the store's public key (``fedge store key``).
+- ``fedge client models list|install|sync|rollback``: the verified local model
+  cache (:class:`edge_runtime.cache.ModelCache`); ``install`` takes a bundle
+  written by ``fedge store export`` (sideloading, e.g. for air-gapped devices),
+  ``sync`` fetches from ``fedge store serve`` over HTTPS with the device's
+  enrolled identity (:func:`fl_client.model_sync.sync_model`); both verify the
+  signature with the store's public key (``fedge store key``) and every byte
+  against it, and report what they did (installed, re-activated from the cache,
+  already current) and the version kept for rollback.
 - ``fedge client infer``: run the current model on images, report the provider
   really used, accuracy (with labels), latency percentiles, input drift against
   the reference shipped with the model, and what the edge filter would send.
@@ -34,13 +38,14 @@ from fl_client.deploy_cli import enroll_command, start_command
 if TYPE_CHECKING:
     import numpy as np
 
-    from edge_runtime.cache import ModelCache
-    from edge_runtime.manifest import SignedManifest
+    from edge_runtime.cache import InstallReport, ModelCache
+    from edge_runtime.manifest import Manifest, SignedManifest
 
-__all__ = ["CACHE_DIR_ENV", "STORE_KEY_ENV", "client_app"]
+__all__ = ["CACHE_DIR_ENV", "STORE_KEY_ENV", "STORE_URL_ENV", "client_app"]
 
 CACHE_DIR_ENV = "FEDGE_CACHE_DIR"
 STORE_KEY_ENV = "FEDGE_STORE_KEY"
+STORE_URL_ENV = "FEDGE_STORE_URL"
 _DRIFT_REFERENCE = "drift-reference.json"
 
 client_app = typer.Typer(
@@ -50,7 +55,8 @@ client_app = typer.Typer(
 client_app.command("enroll")(enroll_command)
 client_app.command("start")(start_command)
 models_app = typer.Typer(
-    help="The device's model cache: list, install (verified), roll back.", no_args_is_help=True
+    help="The device's model cache: list, install or sync (verified), roll back.",
+    no_args_is_help=True,
 )
 client_app.add_typer(models_app, name="models")
 
@@ -74,6 +80,9 @@ _StoreKey = Annotated[
     ),
 ]
 _Model = Annotated[str, typer.Argument(help="The model's name.")]
+_AllowDowngrade = Annotated[
+    bool, typer.Option("--allow-downgrade", help="Accept a version older than the current.")
+]
 
 
 def _trusted_key(value: str) -> bytes:
@@ -173,6 +182,36 @@ def _read_bundle(bundle: Path) -> SignedManifest:
         raise ConfigError(f"{path} is not a signed manifest: {exc}") from exc
 
 
+def _bundle_choice(manifest: Manifest, bundle: Path, artefact: str | None) -> tuple[str, list[str]]:
+    """Choose the model and its companions among the bundle's files the signed offer allows."""
+    from edge_runtime.fetch import COMPANIONS, DEFAULT_PREFER
+    from edge_runtime.manifest import offered_names
+
+    names = [a.name for a in manifest.artefacts if (bundle / a.name).is_file()]
+    offered = offered_names(manifest)
+    where = f"the signed manifest of {manifest.model} v{manifest.version}"
+    if offered is not None:
+        if artefact is not None and artefact not in offered:
+            from edge_runtime.cache import ModelRejected
+
+            listed = any(a.name == artefact for a in manifest.artefacts)
+            status = "rejected by" if listed else "not in"
+            raise ModelRejected(f"{artefact} is {status} {where} (offered: {', '.join(offered)})")
+        names = [n for n in names if n in offered]
+    choice = artefact or next((n for n in DEFAULT_PREFER if n in names), None)
+    if choice is None or choice not in names:
+        raise ConfigError(f"{bundle} holds none of {artefact or DEFAULT_PREFER}; it has {names}")
+    return choice, [c for c in COMPANIONS if c in names and c != choice]
+
+
+def _print_report(lines: list[str], document: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(document, indent=2))
+    else:
+        for line in lines:
+            typer.echo(line)
+
+
 @models_app.command("install")
 def install_command(
     bundle: Annotated[
@@ -183,36 +222,110 @@ def install_command(
         str | None,
         typer.Option(
             "--artefact",
-            help="Which artefact to serve [default: INT8 static if present, else FP32 ONNX].",
+            help="Which artefact to serve [default: INT8 static if offered, else FP32 ONNX]; "
+            "one the signed manifest rejects is refused.",
         ),
     ] = None,
-    allow_downgrade: Annotated[
-        bool, typer.Option("--allow-downgrade", help="Accept a version older than the current.")
-    ] = False,
+    allow_downgrade: _AllowDowngrade = False,
     cache_dir: _CacheDir = None,
     home: _Home = None,
+    as_json: _Json = False,
 ) -> None:
-    """Verify a bundle's signed manifest and digests, then install it and make it current.
+    """Verify a bundle's signed manifest and every byte, install it and make it current.
 
     The drift reference shipped with the version (drift-reference.json) is installed
-    beside it. A bundle that does not verify changes nothing.
+    with it. Reports whether the version was newly installed, re-activated from the
+    cache or already current, the bytes verified, and the version kept for rollback.
+    A bundle that does not verify changes nothing.
+    """
+    from edge_runtime.cache import ModelRejected
+    from edge_runtime.manifest import ManifestInvalid, verify_manifest
+
+    trusted = _trusted_key(store_key)
+    signed = _read_bundle(bundle)
+    try:  # before anything is chosen: the offer is read from a verified manifest only
+        manifest = verify_manifest(signed, trusted)
+    except ManifestInvalid as exc:
+        raise ModelRejected(f"refusing {bundle}: {exc}") from exc
+    choice, companions = _bundle_choice(manifest, bundle, artefact)
+    report: InstallReport = _cache(cache_dir, store_key, home).install(
+        signed,
+        choice,
+        bundle / choice,
+        companions={name: bundle / name for name in companions},
+        allow_downgrade=allow_downgrade,
+    )
+    _print_report(report.summary(), report.to_json(), as_json)
+
+
+@models_app.command("sync")
+def sync_command(
+    model: _Model,
+    store_key: _StoreKey,
+    store_url: Annotated[
+        str | None,
+        typer.Option(
+            "--store-url",
+            envvar=STORE_URL_ENV,
+            help="https://host:port of `fedge store serve` (may differ from the gateway).",
+        ),
+    ] = None,
+    ref: Annotated[
+        str,
+        typer.Option(
+            "--ref", help="A version number, an alias (e.g. production) or latest (the newest)."
+        ),
+    ] = "latest",
+    ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--ca", help="The store's TLS CA (default: the CA pinned at enrolment, DIR/ca.pem)."
+        ),
+    ] = None,
+    device_dir: Annotated[
+        Path | None,
+        typer.Option("--device-dir", help="The device's enrolment state (default: HOME/device)."),
+    ] = None,
+    prefer: Annotated[
+        str | None,
+        typer.Option(
+            "--prefer",
+            help="Artefact names in order of preference, comma-separated "
+            "[default: model-int8-static.onnx,model-fp32.onnx].",
+        ),
+    ] = None,
+    allow_downgrade: _AllowDowngrade = False,
+    cache_dir: _CacheDir = None,
+    home: _Home = None,
+    as_json: _Json = False,
+) -> None:
+    """Fetch MODEL from the model store over HTTPS as this enrolled device, verify, install.
+
+    Every request is signed with the device's enrolled identity; the manifest must
+    verify with --store-key and every byte with the manifest. Reports what was
+    downloaded, whether the version was newly installed, re-activated from the cache
+    or already current, and the version kept for rollback. A refusal changes nothing.
     """
     from edge_runtime.fetch import DEFAULT_PREFER
+    from fedge.home import resolve_home
+    from fl_client.model_sync import SyncConfig, sync_model
 
-    _trusted_key(store_key)
-    signed = _read_bundle(bundle)
-    names = [a.name for a in signed.manifest.artefacts if (bundle / a.name).is_file()]
-    choice = artefact or next((n for n in DEFAULT_PREFER if n in names), None)
-    if choice is None or choice not in names:
-        raise ConfigError(f"{bundle} holds none of {artefact or DEFAULT_PREFER}; it has {names}")
-    cache = _cache(cache_dir, store_key, home)
-    if _DRIFT_REFERENCE in names:
-        cache.stage(signed, _DRIFT_REFERENCE, bundle / _DRIFT_REFERENCE)
-    installed = cache.install(signed, choice, bundle / choice, allow_downgrade=allow_downgrade)
-    typer.echo(
-        f"installed {installed.model} v{installed.version} {installed.artefact} "
-        f"({installed.size:,} bytes, signature and SHA-256 verified)"
+    if not store_url:
+        raise ConfigError(f"give the model store's URL with --store-url or ${STORE_URL_ENV}")
+    order = DEFAULT_PREFER if prefer is None else tuple(n.strip() for n in prefer.split(","))
+    config = SyncConfig(
+        model=model,
+        store_url=store_url,
+        store_key=_trusted_key(store_key),
+        device_dir=device_dir or resolve_home(home) / "device",
+        cache_dir=_cache_dir(cache_dir, home),
+        ref=ref,
+        ca_file=ca,
+        prefer=order,
+        allow_downgrade=allow_downgrade,
     )
+    result = sync_model(config)
+    _print_report(result.summary(), result.to_json(), as_json)
 
 
 @models_app.command("rollback")

@@ -102,7 +102,7 @@ def test_sync_installs_the_preferred_offered_variant(fleet: Fleet) -> None:
     fleet.publish({INT8: blob("1-int8"), FP32: blob("1-fp32")}, rejected=frozenset({INT8}))
     client = fleet.client()
 
-    installed = client.sync(fleet.cache, "cnn")
+    installed = client.sync(fleet.cache, "cnn").install.current
 
     assert (installed.version, installed.artefact) == (1, FP32)  # the rejected INT8 is skipped
     assert installed.path.read_bytes() == blob("1-fp32")
@@ -110,11 +110,18 @@ def test_sync_installs_the_preferred_offered_variant(fleet: Fleet) -> None:
     assert fleet.object_requests() == [None]
 
     fleet.publish({INT8: blob("2-int8"), FP32: blob("2-fp32")})
-    assert client.sync(fleet.cache, "cnn").artefact == INT8  # now offered: preferred
-    assert client.sync(fleet.cache, "cnn").version == 2  # installed already: no download
+    assert (
+        client.sync(fleet.cache, "cnn").install.current.artefact == INT8
+    )  # now offered: preferred
+    assert (
+        client.sync(fleet.cache, "cnn").install.current.version == 2
+    )  # installed already: no download
     assert len(fleet.object_requests()) == 2
     assert (
-        client.sync(fleet.cache, "cnn", ref="1", prefer=[FP32], allow_downgrade=True).version == 1
+        client.sync(
+            fleet.cache, "cnn", ref="1", prefer=[FP32], allow_downgrade=True
+        ).install.current.version
+        == 1
     )
     assert len(fleet.object_requests()) == 2  # version 1 was still in the cache
     assert list((fleet.tmp_path / "device" / "downloads").iterdir()) == []
@@ -128,7 +135,7 @@ def test_a_partial_download_resumes_with_a_range(fleet: Fleet) -> None:
     half = len(data) // 2
     partial.write_bytes(data[:half])
 
-    installed = fleet.client().sync(fleet.cache, "cnn")
+    installed = fleet.client().sync(fleet.cache, "cnn").install.current
 
     assert fleet.object_requests() == [f"bytes={half}-"]  # only the second half was sent
     assert installed.path.read_bytes() == data
@@ -142,7 +149,7 @@ def test_a_resumed_download_that_does_not_verify_is_fetched_whole(fleet: Fleet) 
     partial = fleet.cache.download_path(digest).with_name(digest + ".partial")
     partial.write_bytes(b"\0" * 1000)  # not a prefix of the object
 
-    installed = fleet.client().sync(fleet.cache, "cnn")
+    installed = fleet.client().sync(fleet.cache, "cnn").install.current
 
     assert fleet.object_requests() == ["bytes=1000-", None]
     assert installed.path.read_bytes() == data

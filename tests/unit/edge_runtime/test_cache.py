@@ -75,9 +75,14 @@ def source(tmp_path: Path, data: bytes, label: str = "src") -> Path:
     return path
 
 
-def install(cache: ModelCache, tmp_path: Path, version: int, **kwargs: bool) -> InstalledModel:
+def install(
+    cache: ModelCache, tmp_path: Path, version: int, *, allow_downgrade: bool = False
+) -> InstalledModel:
     data = payload(version)
-    return cache.install(sign(version, {FP32: data}), FP32, source(tmp_path, data), **kwargs)
+    signed = sign(version, {FP32: data})
+    return cache.install(
+        signed, FP32, source(tmp_path, data), allow_downgrade=allow_downgrade
+    ).current
 
 
 @pytest.fixture
@@ -173,7 +178,7 @@ def test_rollback_walks_back_and_jumps_to_a_version(cache: ModelCache, tmp_path:
         cache.rollback("cnn", to=0)
 
 
-def test_only_the_newest_versions_and_the_current_one_are_kept(tmp_path: Path) -> None:
+def test_the_newest_the_current_and_the_previous_versions_are_kept(tmp_path: Path) -> None:
     cache = ModelCache(tmp_path / "cache", trusted_key=TRUSTED, keep=2)
     install(cache, tmp_path, 2)
     install(cache, tmp_path, 3)
@@ -182,9 +187,11 @@ def test_only_the_newest_versions_and_the_current_one_are_kept(tmp_path: Path) -
     assert cache.versions("cnn") == [1, 2, 3]
     assert cache.current("cnn").version == 1  # type: ignore[union-attr]
     install(cache, tmp_path, 4)
-    assert cache.versions("cnn") == [3, 4]
+    assert cache.versions("cnn") == [1, 3, 4]  # 1 was current: kept for an instant rollback
     pointer = json.loads((tmp_path / "cache" / "current" / "cnn.json").read_text())
-    assert [entry["version"] for entry in pointer["previous"]] == [3]  # 1 and 2 are gone
+    assert [entry["version"] for entry in pointer["previous"]] == [1, 3]  # 2 is gone
+    assert cache.rollback("cnn").version == 1
+    assert cache.versions("cnn") == [1, 3, 4]
     assert cache.rollback("cnn").version == 3
     with pytest.raises(ConfigError, match="no previous version"):
         cache.rollback("cnn")
@@ -239,24 +246,26 @@ def test_variants_of_one_version_live_side_by_side(cache: ModelCache, tmp_path: 
 
     assert cache.has("cnn", 1, INT8) and cache.has("cnn", 1, FP32)
     assert cache.current("cnn").artefact == FP32  # type: ignore[union-attr]
-    assert cache.activate(signed, INT8).artefact == INT8  # no bytes needed
+    assert cache.activate(signed, INT8).current.artefact == INT8  # no bytes needed
     assert cache.rollback("cnn").artefact == FP32
     with pytest.raises(ModelRejected, match="is absent"):
         cache.activate(sign(2, {FP32: b"x"}), FP32)
 
 
-def test_a_companion_is_staged_verified_and_never_made_current(
+def test_a_companion_is_installed_verified_with_its_model(
     cache: ModelCache, tmp_path: Path
 ) -> None:
     reference = b'{"format": "fedge/drift-reference/v1"}'
     data = {FP32: payload(1), "drift-reference.json": reference}
     signed = sign(1, data)
+    model = source(tmp_path, data[FP32])
     with pytest.raises(ModelRejected, match="hashes to"):
-        cache.stage(signed, "drift-reference.json", source(tmp_path, reference[:-1] + b"]"))
+        bad = source(tmp_path, reference[:-1] + b"]")
+        cache.install(signed, FP32, model, companions={"drift-reference.json": bad})
+    assert cache.current("cnn") is None and cache.versions("cnn") == []  # nothing half-done
 
-    cache.stage(signed, "drift-reference.json", source(tmp_path, reference))
-    assert cache.current("cnn") is None  # staging switches nothing
-    installed = cache.install(signed, FP32, source(tmp_path, data[FP32]))
+    companions = {"drift-reference.json": source(tmp_path, reference)}
+    installed = cache.install(signed, FP32, model, companions=companions).current
 
     companion = cache.companion(installed, "drift-reference.json")
     assert companion is not None and companion.read_bytes() == reference
@@ -330,7 +339,7 @@ _STEPS = {
     "renamed": (1, [1, 2]),
     "pointer-temp": (1, [1, 2]),
     "pointer-written": (2, [1, 2]),
-    "pruned": (2, [2]),
+    "pruned": (2, [1, 2]),  # the previous version stays cached: blue-green
 }
 
 
