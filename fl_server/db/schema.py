@@ -31,6 +31,8 @@ __all__ = [
     "EnrolmentTokenRow",
     "LedgerRow",
     "ModelVersionRow",
+    "ReleaseDirectiveRow",
+    "RolloutRow",
 ]
 
 _NAMING = {
@@ -221,3 +223,37 @@ class DeviceEventRow(Base):
     body: Mapped[str] = mapped_column(Text)
     certificate: Mapped[str] = mapped_column(Text)
     signature: Mapped[str] = mapped_column(String(128))
+
+
+class RolloutRow(Base):
+    """A canary rollout of one model version: its plan and where its state machine is."""
+
+    __tablename__ = "rollouts"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    previous_version: Mapped[int | None] = mapped_column(Integer)
+    plan: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    stage: Mapped[int] = mapped_column(Integer)
+    stage_started_at: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[str] = mapped_column(String(40))
+    updated_at: Mapped[str] = mapped_column(String(40))
+    reason: Mapped[str | None] = mapped_column(Text)
+
+
+class ReleaseDirectiveRow(Base):
+    """A signed release directive; the newest of a model is what its devices should run."""
+
+    __tablename__ = "release_directives"
+    __table_args__ = (UniqueConstraint("model", "sequence"),)
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    model: Mapped[str] = mapped_column(String(64))
+    sequence: Mapped[int] = mapped_column(BigInteger)
+    rollout_id: Mapped[str] = mapped_column(String(64), index=True)
+    document: Mapped[str] = mapped_column(Text)
+    issued_at: Mapped[str] = mapped_column(String(40))

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_runtime.manifest import SIGNING_CONTEXT, Manifest, SignedManifest, key_id_for
+from edge_runtime.release import DIRECTIVE_CONTEXT, ReleaseDirective, SignedDirective
 from fedge.errors import ConfigError, FedgeError, StorageError
 
 if TYPE_CHECKING:
@@ -149,6 +150,11 @@ class StoreKey:
         """Sign ``manifest``'s canonical bytes."""
         signature = self._private_key.sign(SIGNING_CONTEXT + manifest.canonical_bytes())
         return SignedManifest(manifest, signature, self.key_id)
+
+    def sign_directive(self, directive: ReleaseDirective) -> SignedDirective:
+        """Sign a release directive's canonical bytes (under its own signing context)."""
+        signature = self._private_key.sign(DIRECTIVE_CONTEXT + directive.canonical_bytes())
+        return SignedDirective(directive, signature, self.key_id)
 
     def __repr__(self) -> str:
         return f"StoreKey(key_id={self.key_id!r})"
