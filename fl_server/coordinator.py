@@ -58,9 +58,11 @@ from fl_server.run_summary import RunStatus, RunSummary, SummaryWriter
 from fl_server.secagg import SecAggConfig
 from fl_server.store.blobs import FileBlobStore
 from fl_server.store.keys import StoreKey
+from fl_server.store.names import check_model_name
 from fl_server.store.publisher import RoundPublisher
 from fl_server.store.store import ModelStore, NewArtefact
 from strategies.accounting import AccountantKind, PrivacySpend
+from strategies.dp_mode import DpMode
 
 __all__ = [
     "PrivacyPlan",
@@ -139,6 +141,9 @@ class PrivacyPlan:
     fraction_train: float = 1.0
 
 
+_MODE_OF = {PrivacyMechanism.of(mode): mode for mode in DpMode if mode is not DpMode.OFF}
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunPlan:
     """Everything the coordinator needs to run one federation.
@@ -148,7 +153,8 @@ class RunPlan:
     run_id
         The run's id (:func:`new_run_id`).
     model_name
-        The model's name in the store.
+        The model's name in the store: every round publishes a version of it (runs of one
+        family share a name; private and non-private runs should not).
     federation
         Rounds, sampling and timeouts.
     initial_arrays
@@ -184,9 +190,17 @@ class RunPlan:
     variant_rounds: Collection[int] = ()
 
     def __post_init__(self) -> None:
+        check_model_name(self.model_name)
         distributed = self.secure is not None and self.secure.distributed_dp is not None
         if (self.dp is not None or distributed) and self.privacy is None:
             raise ConfigError("a DP run needs a privacy plan (its budget and delta)")
+
+    @property
+    def dp_mode(self) -> DpMode:
+        """The run's DP mode (``OFF`` without a privacy plan), as its versions record it."""
+        if self.privacy is None:
+            return DpMode.OFF
+        return _MODE_OF[self.privacy.mechanism]
 
     @property
     def config_sha256(self) -> str:
@@ -337,6 +351,7 @@ def run_coordinated(
             store,
             model=plan.model_name,
             run_id=plan.run_id,
+            dp_mode=plan.dp_mode,
             privacy=_spent_so_far(budget, plan.run_id),
             variants=plan.variants,
             variant_rounds=plan.variant_rounds,

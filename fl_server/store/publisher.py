@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fl_server.federation import RoundReport
 from fl_server.store.store import ModelStore, NewArtefact, VersionInfo
+from strategies.dp_mode import DpMode
 
 __all__ = ["RoundPublisher"]
 
@@ -22,6 +23,9 @@ class RoundPublisher:
         The model's name in the store.
     run_id
         The run every version records.
+    dp_mode
+        The run's DP mode (``DpMode.OFF`` without DP), signed into every version so a
+        release policy can tell a private model from a non-private one; ``None``: unknown.
     privacy
         Returns (epsilon spent so far, delta) of the run, or None without DP.
     variants
@@ -37,6 +41,7 @@ class RoundPublisher:
         *,
         model: str,
         run_id: str,
+        dp_mode: DpMode | None = None,
         privacy: Callable[[], tuple[float | None, float] | None] | None = None,
         variants: Callable[[RoundReport], list[NewArtefact]] | None = None,
         variant_rounds: Container[int] = (),
@@ -44,6 +49,7 @@ class RoundPublisher:
         self._store = store
         self._model = model
         self._run_id = run_id
+        self._dp_mode = dp_mode
         self._privacy = privacy
         self._variants = variants
         self._variant_rounds = variant_rounds
@@ -62,6 +68,7 @@ class RoundPublisher:
         info = VersionInfo(
             run_id=self._run_id,
             server_round=report.server_round,
+            dp_mode=self._dp_mode,
             dp_epsilon=None if spent is None else spent[0],
             dp_delta=None if spent is None else spent[1],
             secure_aggregation=report.secure_aggregation,

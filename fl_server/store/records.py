@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.manifest import ArtefactEntry, ArtefactFormat, Manifest, Precision, SignedManifest
+from strategies.dp_mode import DpMode
 
 __all__ = [
     "ArtefactStatus",
@@ -53,10 +54,16 @@ class NewArtefact:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class VersionInfo:
-    """Searchable metadata of a version (also signed, inside the manifest)."""
+    """Searchable metadata of a version (also signed, inside the manifest).
+
+    ``dp_mode`` is the run's DP mode (:class:`~strategies.dp_mode.DpMode`; ``OFF``
+    for a run without DP); ``None``: unknown (published by hand, or by a fedge that
+    did not record it yet).
+    """
 
     run_id: str | None = None
     server_round: int | None = None
+    dp_mode: DpMode | None = None
     dp_epsilon: float | None = None
     dp_delta: float | None = None
     secure_aggregation: Mapping[str, Any] | None = None
@@ -68,6 +75,7 @@ class VersionInfo:
         return {
             "run_id": self.run_id,
             "server_round": self.server_round,
+            "dp_mode": None if self.dp_mode is None else self.dp_mode.value,
             "dp_epsilon": self.dp_epsilon,
             "dp_delta": self.dp_delta,
             "secure_aggregation": None
@@ -76,6 +84,66 @@ class VersionInfo:
             "participants": self.participants,
             "metrics": dict(self.metrics),
         }
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any]) -> VersionInfo:
+        """Read the metadata back from a (verified) manifest; what is missing reads as unknown.
+
+        A manifest signed before a key existed (``dp_mode``), or holding a value this
+        fedge does not know (a DP mode of a newer release), yields ``None`` there.
+        """
+        mode = metadata.get("dp_mode")
+        secure = metadata.get("secure_aggregation")
+        metrics = metadata.get("metrics")
+        return cls(
+            run_id=_text(metadata.get("run_id")),
+            server_round=_integer(metadata.get("server_round")),
+            dp_mode=DpMode(mode) if mode in _DP_MODES else None,
+            dp_epsilon=_number(metadata.get("dp_epsilon")),
+            dp_delta=_number(metadata.get("dp_delta")),
+            secure_aggregation=dict(secure) if isinstance(secure, Mapping) else None,
+            participants=_integer(metadata.get("participants")),
+            metrics={
+                str(key): float(value)
+                for key, value in (metrics.items() if isinstance(metrics, Mapping) else ())
+                if _number(value) is not None
+            },
+        )
+
+    @property
+    def accuracy(self) -> float | None:
+        """The central evaluation's accuracy of the version, if recorded."""
+        return self.metrics.get("accuracy")
+
+    @property
+    def differentially_private(self) -> bool | None:
+        """Whether the version was trained with DP; ``None``: unknown.
+
+        An epsilon recorded means DP; so does a DP mode other than ``OFF`` (with
+        sample-level DP the server may charge no epsilon of its own).
+        """
+        if self.dp_epsilon is not None:
+            return True
+        if self.dp_mode is None:
+            return None
+        return self.dp_mode is not DpMode.OFF
+
+
+_DP_MODES = frozenset(mode.value for mode in DpMode)
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _integer(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
 
 
 @dataclass(frozen=True, slots=True)
