@@ -32,6 +32,7 @@ from typing import Any
 
 from edge_runtime.models import ModelName
 from fedge.errors import ConfigError
+from fl_server.store.names import check_model_name
 from secure_agg.params import ThreatModel
 from strategies.dp_mode import DpMode
 from strategies.train_config import TrainConfig
@@ -188,9 +189,16 @@ class ServerSection:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FederationSection:
-    """``[federation]``: the model, the rounds and who takes part."""
+    """``[federation]``: the model, the rounds and who takes part.
+
+    ``model_name`` is the name the run's versions are published under in the model
+    store (``[A-Za-z0-9_.-]{1,64}``); empty: the architecture's name (``cnn``). Give
+    private and non-private run families different names, so that an alias of one
+    never moves to a version of the other.
+    """
 
     model: ModelName = ModelName.CNN
+    model_name: str = ""
     rounds: int = 3
     min_clients: int = 3
     clients_per_round: int = 3
@@ -198,6 +206,8 @@ class FederationSection:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.model_name:
+            check_model_name(self.model_name, what="federation.model_name")
         if self.rounds < 1:
             raise ConfigError(f"federation.rounds must be >= 1, got {self.rounds}")
         if self.clients_per_round < 1:
@@ -213,6 +223,11 @@ class FederationSection:
             raise ConfigError("federation.round_timeout_s must be > 0")
         if self.seed < 0:
             raise ConfigError("federation.seed must be >= 0")
+
+    @property
+    def store_model_name(self) -> str:
+        """The name the run publishes under: ``model_name``, else the architecture's."""
+        return self.model_name or self.model.value
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

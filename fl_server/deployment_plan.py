@@ -50,6 +50,10 @@ def config_json(config: DeploymentConfig) -> dict[str, Any]:
     )
     raw["server"]["sans"] = list(config.server.sans)
     raw["federation"]["model"] = config.federation.model.value
+    if not config.federation.model_name:
+        # The default name is not recorded, so a configuration written before the key
+        # existed keeps its hash (a run in progress across an upgrade still resumes).
+        del raw["federation"]["model_name"]
     raw["secure_aggregation"]["threat_model"] = config.secure_aggregation.threat_model.value
     raw["privacy"]["mode"] = config.privacy.mode.value
     return raw
@@ -147,7 +151,7 @@ def build_plan(config: DeploymentConfig, layout: DeploymentLayout, run_id: str) 
     fields: dict[str, Any] = dict(train_fields(config.training, seed=federation.seed))
     return RunPlan(
         run_id=run_id,
-        model_name=federation.model.value,
+        model_name=federation.store_model_name,
         federation=FederationConfig(
             num_rounds=federation.rounds,
             fraction_train=federation.clients_per_round / federation.min_clients,

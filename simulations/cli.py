@@ -220,6 +220,15 @@ def run_command(
             "ledgers and refusal logs (default: HOME/devices).",
         ),
     ] = None,
+    model_name: Annotated[
+        str | None,
+        typer.Option(
+            "--model-name",
+            help="Publish the run's versions under this name in the model store "
+            "([A-Za-z0-9_.-], at most 64) [default: the architecture, cnn]. Give private "
+            "and non-private run families different names.",
+        ),
+    ] = None,
     variants: Annotated[
         VariantRounds,
         typer.Option(
@@ -278,6 +287,7 @@ def run_command(
         client_epsilon=client_epsilon,
         client_lifetime_epsilon=client_lifetime_epsilon,
         variants=variants,
+        model_name=model_name,
     )
     run_id = new_run_id()
     state = FedgeHome.resolve(home)

@@ -14,6 +14,7 @@ from fl_client.policy import DevicePolicy
 from fl_client.training import TrainConfig
 from fl_server.privacy import ServerDp
 from fl_server.secagg import SecAggConfig
+from fl_server.store.names import check_model_name
 from secure_agg.params import ThreatModel, choose_neighbourhood
 from secure_agg.policy import ProtocolPolicy
 from simulations.modes import DpMode, VariantRounds
@@ -55,6 +56,10 @@ class SimConfig:
         Local training hyper-parameters.
     model
         The architecture.
+    model_name
+        The name the run's versions are published under in the model store
+        (``[A-Za-z0-9_.-]{1,64}``); ``None``: the architecture's name (``cnn``). Give
+        private and non-private run families different names.
     data_dir
         Where the Fashion-MNIST IDX files lie; ``None`` uses the default lookup.
     train_examples, test_examples
@@ -106,6 +111,7 @@ class SimConfig:
     fraction_train: float = 1.0
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelName = ModelName.CNN
+    model_name: str | None = None
     data_dir: Path | None = None
     train_examples: int | None = None
     test_examples: int | None = None
@@ -137,6 +143,8 @@ class SimConfig:
                 raise ConfigError(f"{name} must be >= 1, got {value}")
         if self.parallelism < 1:
             raise ConfigError(f"parallelism must be >= 1, got {self.parallelism}")
+        if self.model_name is not None:
+            check_model_name(self.model_name, what="--model-name")
         # Validates num_clients, alpha and seed with the partitioner's own checks.
         self.partition_config()
         self._check_dp()
@@ -182,6 +190,11 @@ class SimConfig:
             raise ConfigError(f"delta must be in (0, 1), got {self.delta}")
         if self.epsilon is not None and not (math.isfinite(self.epsilon) and self.epsilon > 0):
             raise ConfigError(f"epsilon must be a finite number > 0, got {self.epsilon}")
+
+    @property
+    def store_model_name(self) -> str:
+        """The name the run publishes under: ``model_name``, else the architecture's."""
+        return self.model.value if self.model_name is None else self.model_name
 
     @property
     def sampled_clients(self) -> int:
@@ -303,4 +316,8 @@ class SimConfig:
         raw["dp"] = self.dp.value
         raw["variants"] = self.variants.value
         raw["data_dir"] = None if self.data_dir is None else str(self.data_dir)
+        if self.model_name is None:
+            # Left out by default: a configuration's hash stays what it was before the
+            # option existed.
+            del raw["model_name"]
         return raw

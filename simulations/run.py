@@ -163,7 +163,7 @@ def run_federation(
     provider, test = prepared.provider, prepared.test
     plan = RunPlan(
         run_id=run_id,
-        model_name=config.model.value,
+        model_name=config.store_model_name,
         federation=FederationConfig(
             num_rounds=config.num_rounds,
             fraction_train=config.fraction_train,
