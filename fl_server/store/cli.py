@@ -13,16 +13,18 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from fedge.errors import ConfigError, StorageError
+from fedge.errors import ConfigError, FedgeError, StorageError
 from fedge.home import HOME_HELP, FedgeHome, check_writable_directory, check_writable_file
+from fl_server.cli_options import open_existing
 from fl_server.db import DB_URL_ENV
 
 if TYPE_CHECKING:
-    from fl_server.store.store import ModelStore
+    from fl_server.store.run_outcomes import AuditTrailOutcomes
+    from fl_server.store.store import ModelStore, ModelVersion
 
 __all__ = ["STORE_DIR_ENV", "open_store", "store_app"]
 
@@ -112,6 +114,43 @@ def open_store(
         engine.dispose()
 
 
+def _short_run(run_id: str | None) -> str:
+    """Shorten a run id for a table (``20261127..9f3a1c``); ``--json`` has it whole."""
+    if run_id is None:
+        return "-"
+    return run_id if len(run_id) <= 16 else f"{run_id[:8]}..{run_id[-6:]}"
+
+
+def _version_row(
+    version: ModelVersion, aliases: list[str], outcomes: AuditTrailOutcomes
+) -> dict[str, Any]:
+    """One version as ``store list --json`` prints it (read from the signed manifest)."""
+    from fl_server.store.records import VersionInfo
+
+    manifest = version.manifest
+    info = VersionInfo.from_metadata(manifest.metadata)
+    trail = None if info.run_id is None else outcomes.run_trail(info.run_id)
+    return {
+        "model": manifest.model,
+        "version": manifest.version,
+        "parent": manifest.parent,
+        "run_id": info.run_id,
+        "run_outcome": None if trail is None else trail.outcome.value,
+        "run_trail_problem": None if trail is None else trail.problem,
+        "server_round": info.server_round,
+        "accuracy": info.accuracy,
+        "dp_mode": None if info.dp_mode is None else info.dp_mode.value,
+        "dp_epsilon": info.dp_epsilon,
+        "artefacts": [a.name for a in version.offered()],
+        "aliases": sorted(aliases),
+    }
+
+
+def _cell_text(value: object, width: int, fmt: str = "") -> str:
+    text = "-" if value is None else format(value, fmt)
+    return f"{text:>{width}}" if fmt else f"{text:<{width}}"
+
+
 @store_app.command("list")
 def list_command(
     model: Annotated[str | None, typer.Argument(help="Only this model.")] = None,
@@ -120,44 +159,58 @@ def list_command(
     home: _Home = None,
     as_json: _Json = False,
 ) -> None:
-    """One line per version: model, version, parent, round, epsilon, artefacts, aliases."""
+    """One line per version: model, version, parent, run, round, accuracy, DP, artefacts.
+
+    Columns: model, version, parent, the run that published it (shortened; --json has
+    the whole id), its round, its accuracy, its DP mode (off, central, distributed,
+    local, sample; - if unknown) and epsilon, how its run ended by the audit trail
+    (completed, failed, interrupted, running, unknown; - for a version published by
+    hand), its offered artefacts and the aliases on it. Everything is read from the
+    signed manifests and the audit trail; nothing is written.
+    """
+    from fl_server.store.run_outcomes import AuditTrailOutcomes
+
     with open_store(db_url, store_dir, home=home, create=False) as store:
         versions = store.versions(model)
         aliases: dict[tuple[str, int], list[str]] = {}
         for name in {v.manifest.model for v in versions}:
             for alias, number in store.aliases(name).items():
                 aliases.setdefault((name, number), []).append(alias)
+        engine = open_existing(db_url, home)
+        try:
+            outcomes = AuditTrailOutcomes(engine)
+            rows = [
+                _version_row(v, aliases.get((v.manifest.model, v.manifest.version), []), outcomes)
+                for v in versions
+            ]
+        finally:
+            engine.dispose()
     if as_json:
-        rows = [
-            {
-                "model": v.manifest.model,
-                "version": v.manifest.version,
-                "parent": v.manifest.parent,
-                "server_round": v.manifest.metadata.get("server_round"),
-                "dp_epsilon": v.manifest.metadata.get("dp_epsilon"),
-                "artefacts": [a.name for a in v.offered()],
-                "aliases": sorted(aliases.get((v.manifest.model, v.manifest.version), [])),
-            }
-            for v in versions
-        ]
         typer.echo(json.dumps(rows, indent=2))
         return
-    if not versions:
+    if not rows:
         typer.echo("no versions stored")
         return
-    typer.echo(f"{'model':<16} {'ver':>4} {'parent':>6} {'round':>5} {'epsilon':>8}  artefacts")
-    for version in versions:
-        m = version.manifest
-        eps = m.metadata.get("dp_epsilon")
-        server_round = m.metadata.get("server_round")
-        tags = aliases.get((m.model, m.version), [])
+    typer.echo(
+        f"{'model':<16} {'ver':>4} {'parent':>6} {'run':<16} {'round':>5} {'accuracy':>8} "
+        f"{'dp':<11} {'epsilon':>8} {'outcome':<12} artefacts"
+    )
+    damaged: list[str] = []
+    for row in rows:
+        outcome = row["run_outcome"]
+        if row["run_trail_problem"] is not None:
+            outcome = f"{outcome}*"
+            damaged.append(f"run {row['run_id']}: {row['run_trail_problem']}")
         typer.echo(
-            f"{m.model:<16} {m.version:>4} {'-' if m.parent is None else m.parent:>6} "
-            f"{'-' if server_round is None else server_round:>5} "
-            f"{'-' if eps is None else f'{eps:.3f}':>8}  "
-            + ", ".join(a.name for a in version.offered())
-            + (f"  [{', '.join(sorted(tags))}]" if tags else "")
+            f"{row['model']:<16} {row['version']:>4} {_cell_text(row['parent'], 6, 'd')} "
+            f"{_short_run(row['run_id']):<16} {_cell_text(row['server_round'], 5, 'd')} "
+            f"{_cell_text(row['accuracy'], 8, '.4f')} {_cell_text(row['dp_mode'], 11)} "
+            f"{_cell_text(row['dp_epsilon'], 8, '.3f')} {_cell_text(outcome, 12)} "
+            + ", ".join(row["artefacts"])
+            + (f"  [{', '.join(row['aliases'])}]" if row["aliases"] else "")
         )
+    for line in sorted(set(damaged)):
+        typer.echo(f"* the audit trail of {line}")
 
 
 @store_app.command("show")
@@ -267,16 +320,54 @@ def tag_command(
     model: _Model,
     alias: Annotated[str, typer.Argument(help="The alias to move (production, canary, ...).")],
     ref: _Ref,
+    override: Annotated[
+        str | None,
+        typer.Option(
+            "--override",
+            help="Move a protected alias although the release policy refuses; the reason "
+            "and the refusals are recorded in the audit trail (store.alias_moved).",
+        ),
+    ] = None,
     db_url: _DbUrl = None,
     store_dir: _StoreDir = None,
     home: _Home = None,
 ) -> None:
-    """Point an alias at a version, atomically."""
+    """Point an alias at a version, atomically; a protected alias only as the policy allows.
+
+    Protected aliases (production and canary unless HOME/release-policy.toml says
+    otherwise) move only to a version of a completed run, never round 0, never a
+    non-private version over a private one, not below the current accuracy, and
+    within the policy's epsilon bound (docs/model-store.md). A refusal exits 1 with
+    every reason, leaves the alias unchanged and is recorded (store.release_refused).
+    """
+    from fl_server.audit import AuditLog
+    from fl_server.store.release_policy import ReleaseRefused, load_release_policy, release
+    from fl_server.store.run_outcomes import AuditTrailOutcomes
+
+    policy = load_release_policy(FedgeHome.resolve(home).root)
     with open_store(db_url, store_dir, home=home, create=False) as store:
         version = store.resolve(model, ref)
-        previous = store.tag(model, alias, version)
-    moved = "" if previous is None else f" (was v{previous})"
+        engine = open_existing(db_url, home)
+        try:
+            done = release(
+                store,
+                audit_log=AuditLog(engine),
+                outcomes=AuditTrailOutcomes(engine),
+                model=model,
+                alias=alias,
+                version=version,
+                policy=policy,
+                override=override,
+            )
+        except ReleaseRefused as exc:
+            # Recorded already (store.release_refused); one line, with the way out.
+            raise FedgeError(f"{exc} (--override REASON moves it anyway)") from None
+        finally:
+            engine.dispose()
+    moved = "" if done.previous is None else f" (was v{done.previous})"
     typer.echo(f"{model} {alias} -> v{version}{moved}")
+    if done.overridden:
+        typer.echo(f"release policy overridden ({'; '.join(done.overridden)}): {override}")
 
 
 @store_app.command("export")

@@ -467,16 +467,44 @@ class ModelStore:
             rows = session.scalars(select(AliasRow).where(AliasRow.model == model)).all()
             return {row.alias: row.version for row in rows}
 
-    def tag(self, model: str, alias: str, version: int) -> int | None:
+    def tag(
+        self,
+        model: str,
+        alias: str,
+        version: int,
+        *,
+        override: str | None = None,
+        overridden: Sequence[str] = (),
+    ) -> int | None:
         """Point ``alias`` at ``version`` in one transaction; return the version it left.
+
+        Parameters
+        ----------
+        model, alias, version
+            The move.
+        override
+            A release manager's reason for moving a protected alias the release
+            policy refused (:func:`fl_server.store.release_policy.release`); recorded
+            as ``override`` in the ``store.alias_moved`` event, with the refusals it
+            overrode as ``overridden``.
+        overridden
+            Those refusals (only with ``override``).
 
         Raises
         ------
         ConfigError
-            If the alias name is invalid or the version does not exist.
+            If the alias name is invalid, the version does not exist, or the
+            override is empty, longer than 1,000 characters or missing its reason.
         """
         if not _ALIAS.fullmatch(alias) or alias == "latest":
             raise ConfigError(f"alias {alias!r}: lowercase letters, digits, - and _, not 'latest'")
+        if override is not None and not 0 < len(override.strip()) <= 1000:
+            raise ConfigError("an override needs a reason of 1 to 1,000 characters")
+        if overridden and override is None:
+            raise ConfigError("refusals can only be overridden with a reason (override)")
+        payload: dict[str, Any] = {"model": model, "alias": alias, "version": version}
+        if override is not None:
+            payload |= {"override": override.strip(), "overridden": list(overridden)}
         with Session(self._engine) as session, session.begin():
             if self._row(session, model, version) is None:
                 raise ConfigError(f"{model} has no version {version}")
@@ -488,10 +516,7 @@ class ModelStore:
                 row.version, row.updated_at = version, _now()
             session.flush()
             self._event(
-                session,
-                AuditEventKind.ALIAS_MOVED,
-                {"model": model, "alias": alias, "version": version, "previous": previous},
-                None,
+                session, AuditEventKind.ALIAS_MOVED, {**payload, "previous": previous}, None
             )
         return previous
 

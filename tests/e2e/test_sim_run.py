@@ -222,6 +222,7 @@ def test_central_dp_stops_at_the_round_that_would_exceed_the_budget(tmp_path: Pa
     )
     # The Gaussian mechanism at z = 8: epsilon 0.48, 0.70, 0.87, 1.01, ... at delta 1e-5.
     command += ["--dp", "central", "--noise-multiplier", "8", "--epsilon", "1"]
+    command += ["--model-name", "cnn-central-dp"]
 
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
 
@@ -229,6 +230,17 @@ def test_central_dp_stops_at_the_round_that_would_exceed_the_budget(tmp_path: Pa
     summary = json.loads(out.read_text())
     privacy = summary["privacy"]
     assert len(summary["rounds"]) == 3
+    # Published under its own name, each version signed with the run's DP mode.
+    home = str(tmp_path / "runs")
+    listed = subprocess.run(
+        [sys.executable, "-m", "fedge", "store", "list", "--json", "--home", home],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    versions = json.loads(listed.stdout)
+    assert {(v["model"], v["dp_mode"], v["run_outcome"]) for v in versions} == {
+        ("cnn-central-dp", "central", "completed")
+    }
+    assert [v["server_round"] for v in versions] == [0, 1, 2, 3]
     assert privacy["epsilon"] == pytest.approx(0.866, abs=0.002)
     assert "would take the run to epsilon 1.01" in privacy["stopped"]
     assert not privacy["amplification"]["claimed"]

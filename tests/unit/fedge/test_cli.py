@@ -287,8 +287,11 @@ def test_store_commands_list_verify_tag_export_and_gc(tmp_path: Path) -> None:
         ["cnn", "3"],
     ]
     assert _fedge("store", "verify", "cnn", "latest", env=env).returncode == 0
-    tagged = _fedge("store", "tag", "cnn", "production", "1", env=env)
-    assert tagged.stdout.strip() == "cnn production -> v1"
+    # Published by hand (no run): the release policy refuses production without an override.
+    refused = _fedge("store", "tag", "cnn", "production", "1", env=env)
+    _assert_one_clear_line(refused, r"cnn v1 records no run \(published by hand\)")
+    tagged = _fedge("store", "tag", "cnn", "production", "1", "--override", "fixture", env=env)
+    assert tagged.stdout.splitlines()[0] == "cnn production -> v1"
     exported = _fedge("store", "export", "cnn", "production", str(tmp_path / "out"), env=env)
     assert exported.returncode == 0, exported.stderr
     assert (tmp_path / "out" / "weights.npz").read_bytes() == b"w1"

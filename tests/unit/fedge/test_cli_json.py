@@ -23,7 +23,8 @@ def test_store_list_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> 
     rows = json.loads(out)
     assert [(row["model"], row["version"]) for row in rows] == [("cnn", 1), ("cnn", 2)]
     assert set(rows[0]) == {
-        "model", "version", "parent", "server_round", "dp_epsilon", "artefacts", "aliases"
+        "model", "version", "parent", "server_round", "dp_epsilon", "artefacts", "aliases",
+        "run_id", "run_outcome", "run_trail_problem", "accuracy", "dp_mode",
     }  # fmt: skip
     assert rows[0]["aliases"] == ["production"] and rows[1]["aliases"] == []
     assert rows[0]["artefacts"] == ["weights.npz"]
