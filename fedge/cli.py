@@ -67,6 +67,11 @@ MOUNTS: Mapping[str, Mount] = {
         attribute="store_app",
         help="The model store: signed, versioned global models and their artefacts.",
     ),
+    "rollout": Mount(
+        module="fl_server.rollout.cli",
+        attribute="rollout_app",
+        help="Canary rollouts of signed model versions: stages, health gates, rollback.",
+    ),
     "client": Mount(
         module="fl_client.cli",
         attribute="client_app",

@@ -37,6 +37,7 @@ from edge_runtime.manifest import (
     offer_of,
     verify_manifest,
 )
+from edge_runtime.release import ReleaseDirective, SignedDirective
 from fedge.errors import ConfigError, StorageError
 from fedge.version import code_version
 from fl_server.audit import AuditEventKind, AuditLog
@@ -206,9 +207,18 @@ class ModelStore:
             self._audit.append_in(session, kind, payload, run_id=run_id)
 
     @property
+    def engine(self) -> Engine:
+        """The database the store (and its audit log) lives in."""
+        return self._engine
+
+    @property
     def public_key(self) -> bytes:
         """The store's Ed25519 public key (what devices verify manifests with)."""
         return self._key.public_key_bytes()
+
+    def sign_directive(self, directive: ReleaseDirective) -> SignedDirective:
+        """Sign a release directive with the store's key (what devices pinned)."""
+        return self._key.sign_directive(directive)
 
     def publish(
         self,
