@@ -11,10 +11,10 @@ Every digest that reaches a path goes through :func:`check_digest` first, so a
 digest read from the network or a database can never name a file outside
 ``objects/`` (``"../x"``, ``"/etc/passwd"``). Every read (``get``, ``verify``,
 ``export``) re-hashes the bytes: a blob that rotted on disk or was edited by hand
-raises :class:`BlobCorrupt` and is never returned. A write goes to ``tmp/`` first and is renamed into place only
-after ``fsync``, so a crash never leaves a partial object under its final name;
-the temporary files a killed writer leaves are removed by
-:meth:`FileBlobStore.remove_stale_temporaries` (``fedge store gc``).
+raises :class:`BlobCorrupt` and is never returned. A write goes to ``tmp/`` first
+and is renamed into place only after ``fsync``, so a crash never leaves a partial
+object under its final name; the temporary files a killed writer leaves are
+removed by :meth:`FileBlobStore.remove_stale_temporaries` (``fedge store gc``).
 
 :meth:`FileBlobStore.open_verified` serves ranges of large objects without holding
 them in memory: it hashes the open file in full, then hands it out. The outcome

@@ -44,11 +44,8 @@ failed append is logged as an error; the download stands).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import os
-import queue
 import re
 import ssl
 import sys
@@ -60,22 +57,28 @@ from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from edge_runtime.manifest import check_digest
 from edge_runtime.tls import tls_context
 from fedge.errors import ConfigError, FedgeError, StorageError
+from fl_server.store._serve_records import (
+    ACCESS_LOGGER,
+    AccessLog,
+    CountingWriter,
+    Download,
+    DownloadRecorder,
+    printable,
+)
 from fl_server.store.blobs import BlobCorrupt, BlobMissing, VerifiedBlob
 from fl_server.store.store import ModelStore
 from secure_agg.errors import CryptoError
 from secure_agg.request_auth import verify_authorization
 
-__all__ = ["ACCESS_LOGGER", "StoreServer", "tls_context"]
+__all__ = ["ACCESS_LOGGER", "LISTEN_BACKLOG", "StoreServer", "tls_context"]
 
 logger = logging.getLogger(__name__)
-ACCESS_LOGGER = "fedge.store.access"
-_access = logging.getLogger(ACCESS_LOGGER)
 
 _HEALTH = "/v1/health"
 _MANIFEST = re.compile(r"^/v1/models/([A-Za-z0-9_.-]{1,64})/manifest$")
@@ -85,127 +88,10 @@ _OBJECT = re.compile(r"^/v1/objects/([^/]*)$")
 # connection without an answer).
 _RANGE = re.compile(r"^bytes=(\d{0,19})-(\d{0,19})$")
 _CHUNK = 1 << 20
-_MAX_LOGGED = 256  # characters of a path, method or device id in the access log
-# Completed downloads waiting for the audit writer; past this, handlers wait (backpressure).
-_MAX_PENDING_RECORDS = 10_000
-
-
-def _printable(text: str) -> str:
-    """Return ``text`` for one log field: no spaces, nothing outside printable ASCII."""
-    text = text[:_MAX_LOGGED] or "-"
-    return "".join(c if "!" <= c <= "~" else f"%{ord(c) & 0xFF:02X}" for c in text)
-
-
-class _AccessLog:
-    """One line per request to :data:`ACCESS_LOGGER` and, when ``path`` is set, to that file."""
-
-    def __init__(self, path: Path | None) -> None:
-        self._lock = threading.Lock()
-        self._file: IO[str] | None = None
-        if path is None:
-            return
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-        except OSError as exc:
-            raise StorageError(f"cannot open the access log {path}: {exc}") from exc
-        self._file = os.fdopen(fd, "a", encoding="ascii")
-        self._path = path
-
-    def write(self, line: str) -> None:
-        _access.info("%s", line)
-        if self._file is None:
-            return
-        # One write of the whole line under the lock, to a file opened O_APPEND: lines
-        # from concurrent requests (or another process) never interleave.
-        with self._lock:
-            try:
-                self._file.write(line + "\n")
-                self._file.flush()
-            except (OSError, ValueError) as exc:
-                logger.error("store server: cannot append to %s: %s", self._path, exc)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._file is not None:
-                self._file.close()
-
-
-class _Download(NamedTuple):
-    device: str
-    digest: str
-    size: int
-    ranged: bool
-
-
-class _DownloadRecorder:
-    """Append ``store.downloaded`` events from one thread, in the order downloads completed."""
-
-    def __init__(self, store: ModelStore) -> None:
-        self._store = store
-        self._queue: queue.Queue[_Download | None] = queue.Queue(_MAX_PENDING_RECORDS)
-        self._thread = threading.Thread(target=self._run, name="store-download-audit", daemon=True)
-        self._closed = False
-        self._thread.start()
-
-    def record(self, download: _Download) -> None:
-        if self._closed:  # a handler that outlived stop(): append from its own thread
-            self._append(download)
-        else:
-            self._queue.put(download)
-
-    def _append(self, download: _Download) -> None:
-        try:
-            self._store.record_download(
-                download.device, download.digest, download.size, ranged=download.ranged
-            )
-        except Exception:  # the download itself stands; the trail's writer is told why
-            logger.exception(
-                "store server: cannot record the download of %s by device %s in the audit trail",
-                download.digest,
-                download.device,
-            )
-
-    def _run(self) -> None:
-        while (download := self._queue.get()) is not None:
-            self._append(download)
-
-    def close(self, timeout_s: float) -> None:
-        """Append what is queued (for up to ``timeout_s``), then stop the thread."""
-        self._closed = True
-        self._queue.put(None)
-        self._thread.join(timeout_s)
-        if self._thread.is_alive():
-            logger.error(
-                "store server: %d downloads were not yet recorded in the audit trail at stop",
-                self._queue.qsize(),
-            )
-
-
-class _CountingWriter(io.BufferedIOBase):
-    """The connection's writer, counting what was written (for the access log)."""
-
-    def __init__(self, inner: io.BufferedIOBase) -> None:
-        super().__init__()
-        self._inner = inner
-        self.written = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any, /) -> int:
-        count = self._inner.write(data)
-        self.written += count
-        return count
-
-    def flush(self) -> None:
-        self._inner.flush()
-
-    def close(self) -> None:
-        try:
-            super().close()  # flushes first
-        finally:
-            self._inner.close()
+# Connections the kernel queues before the accept loop takes them. The standard library's
+# 5 is far too few for a fleet released at once: past it, SYNs are dropped and each of
+# those devices retries a second (then 3, 7, ... seconds) later.
+LISTEN_BACKLOG = 1024
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -214,7 +100,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self._counter = _CountingWriter(self.wfile)
+        self._counter = CountingWriter(self.wfile)
         self.wfile = self._counter
 
     def handle_one_request(self) -> None:
@@ -258,8 +144,8 @@ class _Handler(BaseHTTPRequestHandler):
         elapsed_ms = 0.0 if self._started is None else (time.monotonic() - self._started) * 1e3
         moment = datetime.fromtimestamp(self.server.clock(), UTC).isoformat(timespec="milliseconds")
         self.server.access_log.write(
-            f"{moment} {_printable(self.client_address[0])} {_printable(self.device_id)} "
-            f"{_printable(self.command)} {_printable(self.path.partition('?')[0])} "
+            f"{moment} {printable(self.client_address[0])} {printable(self.device_id)} "
+            f"{printable(self.command)} {printable(self.path.partition('?')[0])} "
             f"{self._status} {sent} {elapsed_ms:.1f}"
         )
 
@@ -386,7 +272,7 @@ class _Handler(BaseHTTPRequestHandler):
         complete = blob.size == 0 or self._send_range(digest, blob, start, end)
         if complete and end == blob.size - 1:
             self.server.downloads.record(
-                _Download(
+                Download(
                     device=self.device_id,
                     digest=digest,
                     size=max(0, end - start + 1),
@@ -426,6 +312,7 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(
         self,
@@ -436,7 +323,7 @@ class _Server(ThreadingHTTPServer):
         clock: Callable[[], float],
         tls: ssl.SSLContext,
         socket_timeout_s: float,
-        access_log: _AccessLog,
+        access_log: AccessLog,
     ) -> None:
         super().__init__(address, _Handler)
         self.store = store
@@ -445,7 +332,7 @@ class _Server(ThreadingHTTPServer):
         self.tls = tls
         self.socket_timeout_s = socket_timeout_s
         self.access_log = access_log
-        self.downloads = _DownloadRecorder(store)
+        self.downloads = DownloadRecorder(store)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         # The TLS handshake runs here, in the connection's own thread and under a timeout:
@@ -517,7 +404,7 @@ class StoreServer:
             raise ConfigError("the enrolment authority's key must be 32 bytes (Ed25519)")
         if not socket_timeout_s > 0:
             raise ConfigError(f"socket_timeout_s must be > 0, got {socket_timeout_s}")
-        log = _AccessLog(access_log)
+        log = AccessLog(access_log)
         try:
             self._server = _Server(
                 (host, port),

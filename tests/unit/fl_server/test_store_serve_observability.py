@@ -164,7 +164,7 @@ def test_a_failing_audit_never_breaks_a_download(
         raise StorageError("the database is gone")
 
     monkeypatch.setattr(served.store, "record_download", refuse)
-    with caplog.at_level(logging.ERROR, logger="fl_server.store.serve"), served.server:
+    with caplog.at_level(logging.ERROR, logger="fl_server.store"), served.server:
         status, _, body = served.request(f"/v1/objects/{served.digest}")
     served.close()
 
