@@ -56,7 +56,8 @@ class DirectiveGuard:
     Parameters
     ----------
     state_dir
-        Where ``directives.json`` lives (the device's model cache directory).
+        Where ``directives.json`` lives (the device's model cache directory);
+        ``None`` keeps the history in memory only (simulated devices).
     device_id
         The device's enrolment id (what its cohort bucket is computed from).
     store_public_key
@@ -67,12 +68,23 @@ class DirectiveGuard:
     """
 
     def __init__(
-        self, state_dir: Path, *, device_id: str, store_public_key: bytes, opted_out: bool = False
+        self,
+        state_dir: Path | None,
+        *,
+        device_id: str,
+        store_public_key: bytes,
+        opted_out: bool = False,
     ) -> None:
-        self._path = state_dir / _STATE
+        self._path = None if state_dir is None else state_dir / _STATE
+        self._memory: dict[str, int] = {}
         self._device_id = device_id
         self._key = store_public_key
         self._opted_out = opted_out
+
+    @property
+    def opted_out(self) -> bool:
+        """Whether the device's owner declined canary stages."""
+        return self._opted_out
 
     def last_sequence(self, model: str) -> int:
         """Return the sequence of the last directive of ``model`` this device acted on (0: none)."""
@@ -130,6 +142,9 @@ class DirectiveGuard:
         if decision.sequence <= state.get(model, 0):
             return
         state[model] = decision.sequence
+        if self._path is None:
+            self._memory = state
+            return
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             write_atomically(self._path, json.dumps(state, sort_keys=True).encode())
@@ -137,6 +152,8 @@ class DirectiveGuard:
             raise StorageError(f"cannot record the directive in {self._path}: {exc}") from exc
 
     def _read(self) -> dict[str, int]:
+        if self._path is None:
+            return dict(self._memory)
         try:
             raw = json.loads(self._path.read_text(encoding="utf-8"))
         except FileNotFoundError:

@@ -269,3 +269,109 @@ def rollback_command(
         f"rollout {record.id}: rolled back; every device returns to {record.model} "
         f"v{record.previous}"
     )
+
+
+@rollout_app.command("run")
+def run_command(
+    authority_key: Annotated[
+        str,
+        typer.Option(
+            "--authority-key",
+            help="The enrolment authority's Ed25519 public key (64 hex digits): only its "
+            "devices' signed events count.",
+        ),
+    ],
+    broker: Annotated[
+        str, typer.Option("--broker", help="The MQTT broker, HOST:PORT.")
+    ] = "127.0.0.1:8883",
+    ca_file: Annotated[
+        Path | None, typer.Option("--ca", help="CA certificates the broker's must chain to.")
+    ] = None,
+    cert_file: Annotated[
+        Path | None, typer.Option("--cert", help="This service's client certificate (PEM).")
+    ] = None,
+    key_file: Annotated[
+        Path | None, typer.Option("--key", help="Its private key (PEM, 0600).")
+    ] = None,
+    username: Annotated[
+        str | None, typer.Option("--username", help="The broker user name.")
+    ] = None,
+    password_file: Annotated[
+        Path | None, typer.Option("--password-file", help="A file holding the password (0600).")
+    ] = None,
+    plaintext: Annotated[
+        bool,
+        typer.Option(
+            "--plaintext", help="No TLS (only to a broker on this machine's loopback address)."
+        ),
+    ] = False,
+    interval_s: Annotated[
+        float, typer.Option("--interval", min=0.1, help="Seconds between gate checks.")
+    ] = 5.0,
+    topic_root: Annotated[
+        str, typer.Option("--topic-root", help="The first level(s) of the MQTT topics.")
+    ] = "fedge",
+    db_url: _DbUrl = None,
+    store_dir: _StoreDir = None,
+    home: _Home = None,
+) -> None:
+    """Run the controller: ingest device events from MQTT, apply the gates, publish directives.
+
+    Every new signed directive is published retained on <root>/models/<model>/directive;
+    devices verify it themselves. Runs until SIGTERM or Ctrl-C.
+    """
+    import signal
+
+    from edge_runtime.mqtt_config import MqttConfig
+    from fl_server.audit import AuditLog
+    from fl_server.events.ingest import EventIngestor
+    from fl_server.events.mqtt import MqttIngestService
+    from fl_server.events.rejections import RejectionRecorder
+    from fl_server.rollout.service import DirectivePublisher, RolloutService
+
+    try:
+        authority = bytes.fromhex(authority_key)
+    except ValueError:
+        authority = b""
+    if len(authority) != 32:
+        raise ConfigError("--authority-key must be 64 hex digits (an Ed25519 public key)")
+    host, _, port = broker.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--broker takes HOST:PORT, got {broker!r}")
+    config = MqttConfig(
+        host=host,
+        port=int(port),
+        tls=not plaintext,
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
+        username=username,
+        password_file=password_file,
+        topic_root=topic_root,
+        client_id=f"fedge-ingestor-{topic_root.replace('/', '-')}",
+    )
+    publisher = DirectivePublisher(
+        config, client_id=f"fedge-rollout-{topic_root.replace('/', '-')}"
+    )
+    with open_controller(db_url, store_dir, home) as controller:
+        controller.on_directive = publisher.publish
+        engine = controller.engine
+        audit = AuditLog(engine)
+        ingestor = EventIngestor(
+            controller.events,
+            authority_public_key=authority,
+            rejections=RejectionRecorder(audit),
+            topic_root=config.topic_root,
+        )
+        service = RolloutService(
+            controller, MqttIngestService(config, ingestor), interval_s=interval_s
+        )
+        signal.signal(signal.SIGTERM, lambda *_: service.stop())
+        publisher.start()
+        typer.echo(f"rollout controller: events and directives on {config.describe()}")
+        try:
+            service.run()
+        except KeyboardInterrupt:
+            service.stop()
+        finally:
+            publisher.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import secrets
 import time
@@ -38,6 +39,7 @@ from edge_runtime.release import (
     DirectiveKind,
     ReleaseDirective,
     SignedDirective,
+    cohort_bucket,
     in_cohort,
 )
 from fedge.errors import ConfigError, StorageError
@@ -114,7 +116,17 @@ class RolloutController:
         self._fleet = fleet
         self._fleet_window_s = fleet_window_s
         self._release_check = release_check
-        self._on_directive = on_directive
+        self.on_directive = on_directive
+
+    @property
+    def engine(self) -> Engine:
+        """The database the rollouts, directives and events live in."""
+        return self._engine
+
+    @property
+    def events(self) -> EventStore:
+        """Where the device events the gates read are stored."""
+        return self._events
 
     # ----------------------------------------------------------------- reading
 
@@ -380,13 +392,14 @@ class RolloutController:
                 ReleaseDirectiveRow.model == record.model
             )
         )
+        threshold = 1.0 if kind is DirectiveKind.ROLLBACK else self._threshold(record, fraction)
         directive = ReleaseDirective(
             model=record.model,
             version=version,
             kind=kind,
             rollout_id=record.id,
             sequence=(latest or 0) + 1,
-            cohort_fraction=fraction,
+            cohort_fraction=threshold,
             previous=record.previous,
             issued_at=self._clock(),
         )
@@ -403,10 +416,10 @@ class RolloutController:
         return signed
 
     def _published(self, signed: SignedDirective) -> None:
-        if self._on_directive is None:
+        if self.on_directive is None:
             return
         try:
-            self._on_directive(signed)
+            self.on_directive(signed)
         except Exception as exc:  # devices also poll: never undo a commit for a broker
             logger.error("rollout: could not publish directive %d of %s: %s",
                          signed.directive.sequence, signed.directive.model, exc)  # fmt: skip
@@ -458,16 +471,52 @@ class RolloutController:
         since = datetime.fromtimestamp(self._clock() - self._fleet_window_s, UTC)
         return self._events.devices_reporting(EventKind.HEALTH, received_after=since)
 
+    def _threshold(self, record: RolloutRecord, fraction: float) -> float:
+        """Return the cohort bucket bound that admits at most ``fraction`` of the fleet.
+
+        Buckets are uniform, so ``fraction`` itself admits that share only on average
+        (1 % of 1,000 devices is 10 +- 3); the bound is instead placed between the
+        fleet's k-th and (k+1)-th smallest buckets, k = floor(fraction * fleet), so no
+        more than the stage's fraction of the known fleet is ever exposed. At least one
+        device is admitted; later stages never shrink the cohort.
+        """
+        if fraction >= 1.0:
+            return 1.0
+        buckets = sorted(cohort_bucket(device, record.id) for device in self._fleet_devices())
+        if not buckets:
+            return fraction
+        admitted = max(1, math.floor(fraction * len(buckets)))
+        if admitted >= len(buckets):
+            return 1.0
+        bound = (buckets[admitted - 1] + buckets[admitted]) / 2
+        current = self._stage_threshold(record)
+        return max(bound, current) if current is not None and current < 1.0 else bound
+
+    def _stage_threshold(self, record: RolloutRecord) -> float | None:
+        """Return the cohort bound of the rollout's newest forward directive, if any."""
+        query = (
+            select(ReleaseDirectiveRow.document)
+            .where(ReleaseDirectiveRow.rollout_id == record.id)
+            .order_by(ReleaseDirectiveRow.sequence.desc())
+        )
+        with Session(self._engine) as session:
+            for document in session.scalars(query):
+                directive = SignedDirective.from_json(json.loads(document)).directive
+                if directive.kind is DirectiveKind.ROLLOUT:
+                    return directive.cohort_fraction
+        return None
+
     def _cohort(self, record: RolloutRecord) -> tuple[CohortHealth, int]:
         events = self._read_events(record.stage_started_at)
         cohort = collect(
             events, model=record.model, version=record.version, previous=record.previous
         )
+        bound = self._stage_threshold(record) or record.fraction
         expected = sum(
             1
             for device in self._fleet_devices()
-            if device not in cohort.opted_out or record.fraction >= 1.0
-            if in_cohort(device, record.id, record.fraction)
+            if device not in cohort.opted_out or bound >= 1.0
+            if in_cohort(device, record.id, bound)
         )
         return cohort, expected
 

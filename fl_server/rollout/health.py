@@ -217,6 +217,79 @@ def collect(
     )
 
 
+# One-sided 1 %: a good variant is rarely rolled back by the noise of small samples.
+_Z_FAIL = 2.326
+# One-sided 5 % non-inferiority: a stage passes only when its accuracy is shown to be
+# within the allowed drop, not merely when too few samples fail to show it is not.
+_Z_PASS = 1.645
+
+
+def _pooled(devices: Iterable[DeviceHealth], cap: int) -> tuple[float, float] | None:
+    """Return (accuracy, samples) pooled over devices, each counting at most ``cap`` samples."""
+    samples = correct = 0.0
+    for device in devices:
+        if device.labelled:
+            weight = min(device.labelled, cap) / device.labelled
+            samples += device.labelled * weight
+            correct += device.correct * weight
+    return (correct / samples, samples) if samples else None
+
+
+def _accuracy_gate(
+    gates: HealthGates,
+    reporting: list[DeviceHealth],
+    control: Iterable[DeviceHealth],
+    baseline_accuracy: float | None,
+) -> GateResult:
+    """Compare the canary's labelled accuracy with the control group's (or the signed metric).
+
+    Pooled accuracy, each device capped at ``max_labelled_per_device`` samples and the
+    best and the worst device set aside (a trimmed estimate): it fails only when
+    significantly below the limit (one-sided z-test at 1 %) and passes only with
+    ``min_labelled`` samples that show it significantly above the limit (a one-sided
+    non-inferiority test at 5 %); in between it waits for more feedback. No single
+    device, however many samples it claims, decides either way.
+    """
+    cap = gates.max_labelled_per_device
+    labelled = sorted(
+        (d for d in reporting if d.labelled), key=lambda d: (d.correct / d.labelled, d.device)
+    )
+    if len(labelled) < gates.min_devices:
+        return GateResult(
+            "accuracy", None, None, Verdict.WAIT, f"{len(labelled)} devices with labelled feedback"
+        )
+    controls = [d for d in control if d.labelled]
+    if len(controls) >= gates.min_devices:
+        base = _pooled(controls, cap)
+        assert base is not None
+        base_accuracy, base_samples, source = base[0], base[1], "control group"
+    elif baseline_accuracy is not None:
+        base_accuracy, base_samples, source = baseline_accuracy, math.inf, "signed metric"
+    else:
+        canary = _pooled(labelled, cap)
+        value = None if canary is None else canary[0]
+        return GateResult("accuracy", value, None, Verdict.PASS, "no baseline to compare with")
+    limit = base_accuracy - gates.max_accuracy_drop
+    canary, trimmed = _pooled(labelled, cap), _pooled(labelled[1:-1], cap)
+    assert canary is not None and trimmed is not None
+    accuracy, samples = canary
+    p, n = trimmed
+    spread = p * (1 - p) / n + (
+        0.0 if math.isinf(base_samples) else base_accuracy * (1 - base_accuracy) / base_samples
+    )
+    z = (p - limit) / math.sqrt(spread) if spread > 0 else (-math.inf if p < limit else math.inf)
+    detail = (
+        f"{p:.4f} pooled over {len(labelled) - 2} of {len(labelled)} devices (the best and "
+        f"the worst set aside; {samples:.0f} samples in all) vs {base_accuracy:.4f} "
+        f"({source}), z {z:.2f}"
+    )
+    if z < -_Z_FAIL:
+        return GateResult("accuracy", p, limit, Verdict.FAIL, detail)
+    if n >= gates.min_labelled and z > _Z_PASS:
+        return GateResult("accuracy", p, limit, Verdict.PASS, detail)
+    return GateResult("accuracy", accuracy, limit, Verdict.WAIT, detail)
+
+
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -287,30 +360,7 @@ def evaluate(
         )
     )
 
-    labelled = [a for d in reporting if (a := d.accuracy) is not None]
-    control = [a for d in cohort.control.values() if (a := d.accuracy) is not None]
-    baseline = _median(control) if len(control) >= gates.min_devices else baseline_accuracy
-    accuracy = _median(labelled)
-    if baseline is None or accuracy is None or len(labelled) < gates.min_devices:
-        verdict = Verdict.WAIT if baseline is not None else Verdict.PASS
-        detail = (
-            f"{len(labelled)} devices with labelled feedback"
-            if baseline is not None
-            else "no baseline accuracy to compare with"
-        )
-        results.append(GateResult("accuracy", accuracy, None, verdict, detail))
-    else:
-        limit = baseline - gates.max_accuracy_drop
-        source = "control group" if len(control) >= gates.min_devices else "signed metric"
-        results.append(
-            GateResult(
-                "accuracy",
-                accuracy,
-                limit,
-                Verdict.FAIL if accuracy < limit else Verdict.PASS,
-                f"median of {len(labelled)} devices vs {baseline:.4f} ({source})",
-            )
-        )
+    results.append(_accuracy_gate(gates, reporting, cohort.control.values(), baseline_accuracy))
 
     if gates.max_latency_p95_ms is not None:
         p95 = _median([p for d in reporting if (p := d.latency_p95_ms) is not None])
@@ -335,7 +385,13 @@ def evaluate(
             float(len(reporting)),
             float(required),
             Verdict.PASS if len(reporting) >= required else Verdict.WAIT,
-            f"{len(reporting)} of {expected_devices} expected in the cohort",
+            f"{len(reporting)} of {expected_devices} expected in the cohort"
+            + (
+                f" (fewer than gates.min_devices {gates.min_devices}: this stage can never "
+                "decide; use a larger first stage)"
+                if expected_devices < gates.min_devices
+                else ""
+            ),
         )
     )
     if any(r.verdict is Verdict.FAIL for r in results):

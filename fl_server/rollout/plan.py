@@ -11,7 +11,9 @@ devices report, automatic rollback), applied to fedge's signed variants::
     min_devices = 5                    # distinct devices reporting before any decision
     min_report_fraction = 0.5          # ... and this share of the cohort
     max_error_rate = 0.01              # median per-device inference error rate
-    max_accuracy_drop = 0.02           # median labelled accuracy vs the control group
+    max_accuracy_drop = 0.02           # pooled labelled accuracy vs the control group
+    min_labelled = 300                 # labelled samples before the accuracy gate passes
+    max_labelled_per_device = 1000     # what one device's feedback may weigh
     max_latency_p95_ms = 50.0          # median per-device p95
     max_crash_fraction = 0.02          # devices of the cohort that crashed
     max_rollback_fraction = 0.02       # devices that rolled back locally
@@ -20,9 +22,11 @@ devices report, automatic rollback), applied to fedge's signed variants::
 
 Notes
 -----
-No single device decides: gate metrics are medians over devices (one device's
-numbers move a median of three or more by at most one rank), fraction gates need
-``min_failing_devices`` distinct devices, and nothing promotes before
+No single device decides: error rate and latency are medians over devices (one
+device's numbers move a median of three or more by at most one rank); accuracy is
+pooled with each device's weight capped and must hold without the most extreme
+device (a one-sided z-test at 1 % to fail, ``min_labelled`` samples to pass);
+fraction gates need ``min_failing_devices`` distinct devices; nothing promotes before
 ``min_devices`` (and ``min_report_fraction`` of the cohort) have reported on the
 new version. Missing data means *wait*, never *promote*.
 """
@@ -70,12 +74,16 @@ class HealthGates:
     max_rollback_fraction: float = 0.02
     max_drift_fraction: float = 0.25
     min_failing_devices: int = 2
+    min_labelled: int = 300
+    max_labelled_per_device: int = 1_000
 
     def __post_init__(self) -> None:
         # At least three reports before a median decides and two devices before a fraction
         # does: one device, however hostile its numbers, never promotes or aborts alone.
         _count("gates.min_devices", self.min_devices, low=3)
         _count("gates.min_failing_devices", self.min_failing_devices, low=2)
+        _count("gates.min_labelled", self.min_labelled, low=1)
+        _count("gates.max_labelled_per_device", self.max_labelled_per_device, low=1)
         _number("gates.min_report_fraction", self.min_report_fraction, low=0.0, high=1.0)
         for name in (
             "max_error_rate",

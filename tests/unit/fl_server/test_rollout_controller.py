@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import Engine
 
 from edge_runtime.device_events import EventKind, sign_event
-from edge_runtime.release import DirectiveKind, in_cohort, verify_directive
+from edge_runtime.release import DirectiveKind, verify_directive
 from fedge.errors import ConfigError
 from fl_server.audit import AuditEventKind, AuditLog
 from fl_server.events.store import EventStore
@@ -129,8 +129,11 @@ def env(engine: Engine, tmp_path: Path) -> Env:
     return Env(controller, Fleet(events, clock), store, clock, key, engine)
 
 
-def cohort(rollout_id: str, fraction: float) -> list[str]:
-    return [d for d in FLEET if in_cohort(d, rollout_id, fraction)]
+def cohort(controller: RolloutController) -> list[str]:
+    """The devices the newest directive addresses (its bound admits an exact share)."""
+    signed = controller.directive("cnn")
+    assert signed is not None
+    return [d for d in FLEET if signed.directive.targets(d)]
 
 
 def test_start_issues_a_signed_directive_for_the_first_stage(env: Env) -> None:
@@ -141,11 +144,9 @@ def test_start_issues_a_signed_directive_for_the_first_stage(env: Env) -> None:
     signed = controller.directive("cnn")
     assert signed is not None
     directive = verify_directive(signed, store.public_key)
-    assert (directive.kind, directive.version, directive.cohort_fraction) == (
-        DirectiveKind.ROLLOUT,
-        2,
-        0.05,
-    )
+    assert (directive.kind, directive.version) == (DirectiveKind.ROLLOUT, 2)
+    # The bound admits exactly 5 % of the known fleet, never a binomial draw around it.
+    assert sum(directive.targets(device) for device in FLEET) == 20
     assert directive.rollout_id == record.id and directive.previous == 1
     with pytest.raises(ConfigError, match="still active"):
         controller.start("cnn", 3, PLAN)
@@ -172,21 +173,22 @@ def test_start_refuses_what_cannot_be_rolled_out(env: Env) -> None:
 def test_a_healthy_canary_waits_for_its_bake_then_promotes_to_completion(env: Env) -> None:
     controller, fleet, store, clock = env.controller, env.fleet, env.store, env.clock
     record = controller.start("cnn", 2, PLAN)
+    members = set(cohort(controller))
     for device in FLEET:
-        fleet.health(device, 2 if in_cohort(device, record.id, 0.05) else 1)
+        fleet.health(device, 2 if device in members else 1)
 
     assert controller.status(record.id).verdict is Verdict.PASS
     assert controller.tick() == []  # the bake time has not passed
     clock.now += 61
     (moved,) = controller.tick()
     assert (moved.state, moved.stage) == (RolloutState.RUNNING, 1)
-    signed = controller.directive("cnn")
-    assert signed is not None and signed.directive.cohort_fraction == 0.5
+    assert len(cohort(controller)) == 200
 
     # The next stage judges only what was reported since it began.
     assert controller.status(record.id).verdict is Verdict.WAIT
+    members = set(cohort(controller))
     for device in FLEET:
-        fleet.health(device, 2 if in_cohort(device, record.id, 0.5) else 1)
+        fleet.health(device, 2 if device in members else 1)
     clock.now += 61
     assert controller.tick()[0].stage == 2
     for device in FLEET:
@@ -202,7 +204,7 @@ def test_a_healthy_canary_waits_for_its_bake_then_promotes_to_completion(env: En
 def test_missing_data_means_wait_never_promote(env: Env) -> None:
     controller, fleet, clock = env.controller, env.fleet, env.clock
     record = controller.start("cnn", 2, PLAN)
-    canary = cohort(record.id, 0.05)
+    canary = cohort(controller)
     assert len(canary) >= 6
     for device in canary[: len(canary) // 2 - 1]:  # under half the cohort reported
         fleet.health(device, 2)
@@ -216,9 +218,10 @@ def test_missing_data_means_wait_never_promote(env: Env) -> None:
 
 def test_a_bad_canary_is_rolled_back_automatically(env: Env) -> None:
     controller, fleet, store = env.controller, env.fleet, env.store
-    record = controller.start("cnn", 2, PLAN)
+    controller.start("cnn", 2, PLAN)
+    members = set(cohort(controller))
     for device in FLEET:
-        on_new = in_cohort(device, record.id, 0.05)
+        on_new = device in members
         fleet.health(device, 2 if on_new else 1, accuracy=0.3 if on_new else 0.9)
 
     (moved,) = controller.tick()  # no bake wait: failing gates roll back at once
@@ -241,7 +244,7 @@ def test_a_bad_canary_is_rolled_back_automatically(env: Env) -> None:
 def test_one_device_can_neither_abort_nor_promote_alone(env: Env) -> None:
     controller, fleet, clock = env.controller, env.fleet, env.clock
     record = controller.start("cnn", 2, PLAN)
-    canary = cohort(record.id, 0.05)
+    canary = cohort(controller)
     hostile, honest = canary[0], canary[1:]
     fleet.health(hostile, 2, accuracy=0.0, errors=100)
     fleet.send(hostile, EventKind.CRASH, {"model": "cnn", "version": 2})
@@ -263,7 +266,7 @@ def test_one_device_can_neither_abort_nor_promote_alone(env: Env) -> None:
 def test_fraction_gates_fail_with_enough_devices(env: Env) -> None:
     controller, fleet = env.controller, env.fleet
     record = controller.start("cnn", 2, PLAN)
-    canary = cohort(record.id, 0.05)
+    canary = cohort(controller)
     for device in canary:
         fleet.health(device, 2)
     for device in canary[:2]:
@@ -278,7 +281,7 @@ def test_fraction_gates_fail_with_enough_devices(env: Env) -> None:
 def test_malformed_bodies_are_counted_and_ignored(env: Env) -> None:
     controller, fleet = env.controller, env.fleet
     record = controller.start("cnn", 2, PLAN)
-    device = cohort(record.id, 0.05)[0]
+    device = cohort(controller)[0]
     fleet.send(device, EventKind.HEALTH, {"model": "cnn", "version": 2, "inferences": -1})
     fleet.send(
         device,
@@ -295,8 +298,9 @@ def test_malformed_bodies_are_counted_and_ignored(env: Env) -> None:
 def test_a_restarted_controller_resumes_with_its_bake_timer(env: Env) -> None:
     controller, fleet, store, clock = env.controller, env.fleet, env.store, env.clock
     record = controller.start("cnn", 2, PLAN)
+    members = set(cohort(controller))
     for device in FLEET:
-        fleet.health(device, 2 if in_cohort(device, record.id, 0.05) else 1)
+        fleet.health(device, 2 if device in members else 1)
     clock.now += 30
 
     restarted = RolloutController(
@@ -315,8 +319,9 @@ def test_a_restarted_controller_resumes_with_its_bake_timer(env: Env) -> None:
 def test_pause_resume_promote_and_rollback_by_hand(env: Env) -> None:
     controller, fleet, store, clock = env.controller, env.fleet, env.store, env.clock
     record = controller.start("cnn", 2, PLAN)
+    members = set(cohort(controller))
     for device in FLEET:
-        fleet.health(device, 2 if in_cohort(device, record.id, 0.05) else 1)
+        fleet.health(device, 2 if device in members else 1)
 
     assert controller.pause(record.id).state is RolloutState.PAUSED
     clock.now += 3600
@@ -351,7 +356,7 @@ def test_promote_refuses_a_failing_rollout_unless_forced(env: Env) -> None:
     controller, fleet = env.controller, env.fleet
     record = controller.start("cnn", 2, PLAN)
     controller.pause(record.id)
-    for device in cohort(record.id, 0.05):
+    for device in cohort(controller):
         fleet.health(device, 2, errors=50)
 
     with pytest.raises(ConfigError, match="fails its gates \\(error rate\\)"):
@@ -373,3 +378,40 @@ def test_directive_sequences_only_grow(env: Env) -> None:
     fourth = controller.directive("cnn")
     assert fourth is not None and fourth.directive.sequence == 4
     assert fourth.directive.rollout_id == record2.id
+
+
+def test_one_device_claiming_a_million_labels_moves_nothing(env: Env) -> None:
+    controller, fleet = env.controller, env.fleet
+    record = controller.start("cnn", 2, PLAN)
+    canary = cohort(controller)
+    for device in FLEET:
+        if device not in canary:
+            fleet.health(device, 1)
+    for device in canary[1:]:
+        fleet.health(device, 2)
+    huge = {"model": "cnn", "version": 2, "inferences": 10**6, "errors": 0}
+    fleet.send(canary[0], EventKind.HEALTH, {**huge, "labelled": 10**6, "correct": 0})
+
+    status = controller.status(record.id)
+
+    accuracy = next(g for g in status.gates if g.name == "accuracy")
+    assert accuracy.verdict is Verdict.PASS  # its claim is capped, then set aside
+    assert accuracy.value == pytest.approx(0.9)
+
+
+def test_a_small_but_consistent_drop_fails_only_when_significant(env: Env) -> None:
+    controller, fleet = env.controller, env.fleet
+    record = controller.start("cnn", 2, PLAN)
+    canary = cohort(controller)
+    for device in FLEET:
+        if device not in canary:
+            fleet.health(device, 1, accuracy=0.9)
+    for device in canary[:4]:  # few samples, 4 points down: not significant yet
+        fleet.health(device, 2, accuracy=0.86)
+    first = next(g for g in controller.status(record.id).gates if g.name == "accuracy")
+    assert first.verdict is Verdict.WAIT
+    for _ in range(10):  # the same drop on many more samples: significant
+        for device in canary:
+            fleet.health(device, 2, accuracy=0.86)
+    later = next(g for g in controller.status(record.id).gates if g.name == "accuracy")
+    assert later.verdict is Verdict.FAIL
