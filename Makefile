@@ -30,7 +30,8 @@ data:
 ## demo: a 10-client federation on Fashion-MNIST (SecAgg+ and DP-SGD at epsilon 3), live, its signed
 ## variants, a device that verifies and serves one (drift check included), the audit trail, and the
 ## same devices declining a second run once their own lifetime budgets are spent, and the run's
-## compliance report (HTML, PDF, JSON) checked against a signed audit checkpoint
+## compliance report (HTML, PDF, JSON) checked against a signed audit checkpoint, and canary
+## rollouts of a good and a badly calibrated INT8 variant to 200 simulated devices over MQTT
 ## (the demo's fedge home, its database, store and runs, is runs/demo/home, not ~/.fedge)
 demo: export FEDGE_HOME := $(CURDIR)/runs/demo/home
 demo: setup
@@ -62,6 +63,11 @@ demo: setup
 	$(BIN)/fedge audit report --run $$run --format html --out runs/demo/report.html && \
 	$(BIN)/fedge audit report --run $$run --format pdf --out runs/demo/report.pdf && \
 	$(BIN)/fedge audit report --run $$run --format json --out runs/demo/report.json
+	@echo "--- canary rollouts to 200 simulated devices over MQTT: a good INT8 variant promotes, a badly calibrated one is rolled back at the canary"
+	@if (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null; then \
+		$(BIN)/fedge sim rollout --devices 200 --stages 5,25,100 --bake 0.5 \
+			--workdir runs/demo/rollout --out runs/demo/rollout.json; \
+	else echo "skipped: no MQTT broker on 127.0.0.1:1883 (apt-get install mosquitto)"; fi
 
 ## demo-fleet: a real deployment on loopback (runs/demo-fleet): fedge server init/start, three
 ## devices enrolled with one-time tokens running fedge client start, secure rounds with DP-SGD on
