@@ -328,6 +328,130 @@ def sync_command(
     _print_report(result.summary(), result.to_json(), as_json)
 
 
+@models_app.command("follow")
+def follow_command(
+    model: _Model,
+    store_key: _StoreKey,
+    store_url: Annotated[
+        str | None,
+        typer.Option(
+            "--store-url",
+            envvar=STORE_URL_ENV,
+            help="https://host:port of `fedge store serve` (may differ from the gateway).",
+        ),
+    ] = None,
+    broker: Annotated[
+        str, typer.Option("--broker", help="The MQTT broker, HOST:PORT.")
+    ] = "127.0.0.1:8883",
+    broker_ca: Annotated[
+        Path | None,
+        typer.Option("--broker-ca", help="The broker's TLS CA (default: the pinned CA)."),
+    ] = None,
+    broker_cert: Annotated[
+        Path | None, typer.Option("--broker-cert", help="This device's broker certificate.")
+    ] = None,
+    broker_key: Annotated[
+        Path | None, typer.Option("--broker-key", help="Its private key (0600).")
+    ] = None,
+    password_file: Annotated[
+        Path | None,
+        typer.Option("--password-file", help="The device's broker password (0600)."),
+    ] = None,
+    plaintext: Annotated[
+        bool,
+        typer.Option("--plaintext", help="No TLS (only to a broker on a loopback address)."),
+    ] = False,
+    topic_root: Annotated[
+        str, typer.Option("--topic-root", help="The first level(s) of the MQTT topics.")
+    ] = "fedge",
+    opt_out: Annotated[
+        bool,
+        typer.Option("--opt-out", help="Decline canary stages; follow fleet-wide ones only."),
+    ] = False,
+    device_dir: Annotated[
+        Path | None,
+        typer.Option("--device-dir", help="The device's enrolment state (default: HOME/device)."),
+    ] = None,
+    cache_dir: _CacheDir = None,
+    home: _Home = None,
+) -> None:
+    """Follow MODEL's canary rollouts: act on signed directives, fetch, swap, report.
+
+    Subscribes to the retained directive of MODEL on the broker; each directive is
+    checked by the device itself (the store key's signature, a newer sequence, its own
+    sticky cohort, never backwards unless a signed rollback names the version), the
+    version is fetched over HTTPS as the enrolled device and swapped in, and a signed
+    model_installed event is published. Runs until SIGTERM or Ctrl-C.
+    """
+    import signal
+    import threading
+
+    from edge_runtime.cache import ModelCache
+    from edge_runtime.mqtt_config import MqttConfig, mqtt_client
+    from edge_runtime.mqtt_publisher import EventPublisher
+    from fedge.home import resolve_home
+    from fl_client.device_home import DeviceHome
+    from fl_client.model_sync import SyncConfig
+    from fl_client.rollout_agent import RolloutAgent
+
+    if not store_url:
+        raise ConfigError(f"give the model store's URL with --store-url or ${STORE_URL_ENV}")
+    host, _, port = broker.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--broker takes HOST:PORT, got {broker!r}")
+    directory = device_dir or resolve_home(home) / "device"
+    device_home = DeviceHome(directory)
+    record = device_home.require_enrolled()
+    key = _trusted_key(store_key)
+    config = SyncConfig(
+        model=model,
+        store_url=store_url,
+        store_key=key,
+        device_dir=directory,
+        cache_dir=_cache_dir(cache_dir, home),
+    )
+    mqtt = MqttConfig(
+        host=host,
+        port=int(port),
+        tls=not plaintext,
+        ca_file=None if plaintext else (broker_ca or device_home.ca_cert),
+        cert_file=broker_cert,
+        key_file=broker_key,
+        username=record.device_id if password_file is not None else None,
+        password_file=password_file,
+        topic_root=topic_root,
+    )
+    publisher = EventPublisher(mqtt, device_home.identity(), directory / "events")
+    agent = RolloutAgent(
+        config, device_id=record.device_id, opted_out=opt_out, report=publisher.emit
+    )
+    cache = ModelCache(config.cache_dir, trusted_key=key)
+
+    def current() -> int | None:
+        installed = cache.current(model)
+        return None if installed is None else installed.version
+
+    listener = mqtt_client(mqtt, f"{record.device_id}-directives")
+    listener.on_message = lambda client, userdata, message: agent.deliver(message.payload)
+    listener.on_connect = lambda client, *args: client.subscribe(
+        f"{topic_root}/models/{model}/directive", qos=1
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    publisher.start()
+    listener.connect_async(mqtt.host, mqtt.effective_port, keepalive=mqtt.keepalive_s)
+    listener.loop_start()
+    typer.echo(f"{record.device_id}: following {model} rollouts on {mqtt.describe()}")
+    try:
+        agent.run(current, stop)
+    except KeyboardInterrupt:
+        stop.set()
+    finally:
+        listener.disconnect()
+        listener.loop_stop()
+        publisher.close(drain_timeout_s=5.0)
+
+
 @models_app.command("rollback")
 def rollback_command(
     model: _Model,
