@@ -48,6 +48,7 @@ class Decision:
     version: int | None
     sequence: int
     reason: str
+    artefact: str | None = None  # the variant chosen for this device's class, if any
 
 
 class DirectiveGuard:
@@ -65,6 +66,10 @@ class DirectiveGuard:
     opted_out
         The device's owner declined canaries: it follows only fleet-wide stages
         (and rollbacks).
+    device_class
+        The device's class as its own profile measured it
+        (:attr:`~edge_runtime.device_profile.DeviceProfile.device_class`): picks its
+        variant from the directive's per-class choice.
     """
 
     def __init__(
@@ -74,8 +79,10 @@ class DirectiveGuard:
         device_id: str,
         store_public_key: bytes,
         opted_out: bool = False,
+        device_class: str | None = None,
     ) -> None:
         self._path = None if state_dir is None else state_dir / _STATE
+        self._device_class = device_class
         self._memory: dict[str, int] = {}
         self._device_id = device_id
         self._key = store_public_key
@@ -117,7 +124,11 @@ class DirectiveGuard:
             if current == directive.version:
                 return Decision(Action.STAY, current, sequence, "already on the rollback target")
             return Decision(
-                Action.ROLLBACK, directive.version, sequence, f"signed rollback of {model}"
+                Action.ROLLBACK,
+                directive.version,
+                sequence,
+                f"signed rollback of {model}",
+                directive.artefact_for(self._device_class),
             )
         if not directive.targets(self._device_id):
             return Decision(
@@ -134,7 +145,13 @@ class DirectiveGuard:
             )
         if current == directive.version:
             return Decision(Action.STAY, current, sequence, "already on this version")
-        return Decision(Action.INSTALL, directive.version, sequence, "in the cohort")
+        return Decision(
+            Action.INSTALL,
+            directive.version,
+            sequence,
+            "in the cohort",
+            directive.artefact_for(self._device_class),
+        )
 
     def acted(self, model: str, decision: Decision) -> None:
         """Record that ``decision`` was carried out: directives up to its sequence are refused."""

@@ -29,8 +29,9 @@ import hashlib
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
+from types import MappingProxyType
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -68,9 +69,12 @@ _KEYS = frozenset(
         "cohort_fraction",
         "previous",
         "issued_at",
+        "variants",
     }
 )
 _SIGNED_KEYS = frozenset({"directive", "signature", "key_id"})
+_CLASS = re.compile(r"[a-z0-9][a-z0-9\-]{0,31}")
+_MAX_VARIANTS = 32
 
 
 class DirectiveKind(Enum):
@@ -109,6 +113,10 @@ class ReleaseDirective:
         The production version the rollout replaces (what a rollback returns to).
     issued_at
         When the controller issued it (unix seconds).
+    variants
+        Which artefact each device class should run (``cpu-avx2`` -> the FP32 ONNX
+        where INT8 is slower there, ``cpu-vnni`` -> INT8, ...), chosen from what the
+        fleet measured; a device of a class not listed uses its own preference.
     """
 
     model: str
@@ -119,6 +127,7 @@ class ReleaseDirective:
     cohort_fraction: float
     previous: int | None
     issued_at: float
+    variants: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or _NAME.fullmatch(self.model) is None:
@@ -159,6 +168,15 @@ class ReleaseDirective:
             or issued < 0
         ):
             raise ConfigError(f"directive issued_at must be unix seconds, got {issued!r:.40}")
+        variants = self.variants
+        if not isinstance(variants, Mapping) or len(variants) > _MAX_VARIANTS:
+            raise ConfigError(f"directive variants must map at most {_MAX_VARIANTS} classes")
+        for device_class, artefact in variants.items():
+            if not isinstance(device_class, str) or _CLASS.fullmatch(device_class) is None:
+                raise ConfigError(f"directive variants: bad device class {device_class!r:.40}")
+            if not isinstance(artefact, str) or _NAME.fullmatch(artefact) is None:
+                raise ConfigError(f"directive variants: bad artefact name {artefact!r:.40}")
+        object.__setattr__(self, "variants", MappingProxyType(dict(variants)))
 
     def to_json(self) -> dict[str, Any]:
         """Return the directive as JSON values."""
@@ -171,6 +189,7 @@ class ReleaseDirective:
             "cohort_fraction": float(self.cohort_fraction),
             "previous": self.previous,
             "issued_at": float(self.issued_at),
+            "variants": dict(self.variants),
         }
 
     def canonical_bytes(self) -> bytes:
@@ -198,7 +217,12 @@ class ReleaseDirective:
             cohort_fraction=raw["cohort_fraction"],
             previous=raw["previous"],
             issued_at=raw["issued_at"],
+            variants=raw["variants"],
         )
+
+    def artefact_for(self, device_class: str | None) -> str | None:
+        """Return the artefact chosen for ``device_class`` (``None``: the device's own choice)."""
+        return None if device_class is None else self.variants.get(device_class)
 
     def targets(self, device_id: str) -> bool:
         """Say whether ``device_id`` is among the devices this directive addresses."""

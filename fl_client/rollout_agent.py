@@ -46,6 +46,8 @@ class RolloutAgent:
         The device's enrolment id (its cohort bucket is computed from it).
     opted_out
         The owner declined canary stages.
+    device_class
+        The device's measured class; the directive's variant for it is preferred.
     report
         Publishes a device event (an :class:`~edge_runtime.mqtt_publisher.EventPublisher`'s
         ``emit``); ``None`` reports nothing.
@@ -59,6 +61,7 @@ class RolloutAgent:
         *,
         device_id: str,
         opted_out: bool = False,
+        device_class: str | None = None,
         report: Report | None = None,
         syncer: Callable[[SyncConfig], SyncResult] = sync_model,
     ) -> None:
@@ -68,6 +71,7 @@ class RolloutAgent:
             device_id=device_id,
             store_public_key=sync.store_key,
             opted_out=opted_out,
+            device_class=device_class,
         )
         self._report = report
         self._syncer = syncer
@@ -99,8 +103,16 @@ class RolloutAgent:
         if decision.action in (Action.INSTALL, Action.ROLLBACK):
             assert decision.version is not None
             rollback = decision.action is Action.ROLLBACK
+            prefer = self._sync.prefer
+            if decision.artefact is not None:  # the fleet measured this device class
+                prefer = (decision.artefact, *(n for n in prefer if n != decision.artefact))
             result = self._syncer(
-                replace(self._sync, ref=str(decision.version), allow_downgrade=rollback)
+                replace(
+                    self._sync,
+                    ref=str(decision.version),
+                    allow_downgrade=rollback,
+                    prefer=prefer,
+                )
             )
             installed = result.install.current.version
             if installed != decision.version:  # the client pins numeric refs; never trust it

@@ -129,6 +129,37 @@ def test_a_failed_fetch_changes_nothing_and_the_directive_stays_pending(
     assert current(deployment) == 2
 
 
+def test_the_variant_chosen_for_the_device_class_is_installed(deployment: Deployment) -> None:
+    config = SyncConfig(
+        model="cnn",
+        store_url=deployment.url,
+        store_key=deployment.key.public_key_bytes(),
+        device_dir=deployment.device_dir,
+        cache_dir=deployment.cache_dir,
+    )
+    device = RolloutAgent(config, device_id="device-7", device_class="cpu-avx2")
+    signed = deployment.key.sign_directive(
+        ReleaseDirective(
+            model="cnn",
+            version=2,
+            kind=DirectiveKind.ROLLOUT,
+            rollout_id="cnn-v2-aaaaaa",
+            sequence=1,
+            cohort_fraction=1.0,
+            previous=1,
+            issued_at=time.time(),
+            variants={"cpu-avx2": "model-fp32.onnx", "cpu-vnni": "model-int8-static.onnx"},
+        )
+    )
+
+    device.handle(signed, current=None)
+
+    installed = ModelCache(
+        deployment.cache_dir, trusted_key=deployment.key.public_key_bytes()
+    ).current("cnn")
+    assert installed is not None and installed.artefact == "model-fp32.onnx"
+
+
 def test_delivered_messages_are_acted_on_and_garbage_is_ignored(deployment: Deployment) -> None:
     device = agent(deployment, [])
     stop = threading.Event()

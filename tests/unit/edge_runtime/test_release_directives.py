@@ -168,3 +168,36 @@ def test_the_parser_refuses_unknown_keys_and_bad_signatures() -> None:
         SignedDirective.from_json({**document, "signature": "!!"})
     with pytest.raises(ConfigError, match="rollout or rollback"):
         ReleaseDirective.from_json({**document["directive"], "kind": "downgrade"})
+
+
+def test_a_device_takes_the_variant_chosen_for_its_class(tmp_path: Path) -> None:
+    signed = KEY.sign_directive(
+        directive(variants={"cpu-avx2": "model-fp32.onnx", "cpu-vnni": "model-int8.onnx"})
+    )
+    avx2 = DirectiveGuard(
+        tmp_path, device_id="d1", store_public_key=KEY.public_key_bytes(), device_class="cpu-avx2"
+    )
+    unknown = DirectiveGuard(
+        tmp_path, device_id="d2", store_public_key=KEY.public_key_bytes(), device_class="cuda"
+    )
+    assert avx2.decide(signed, model="cnn", current=4).artefact == "model-fp32.onnx"
+    assert unknown.decide(signed, model="cnn", current=4).artefact is None
+    # The choice is inside the signature: editing it breaks the directive.
+    edited = SignedDirective(
+        directive(variants={"cpu-avx2": "model-int4.onnx"}), signed.signature, signed.key_id
+    )
+    with pytest.raises(DirectiveRefused, match="signature"):
+        avx2.decide(edited, model="cnn", current=4)
+
+
+@pytest.mark.parametrize(
+    ("variants", "message"),
+    [
+        ({"CPU": "m.onnx"}, "bad device class"),
+        ({"cpu": "../m.onnx"}, "bad artefact name"),
+        ({f"c{i}": "m.onnx" for i in range(33)}, "at most 32"),
+    ],
+)
+def test_variant_maps_are_validated(variants: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        directive(variants=variants)
