@@ -22,9 +22,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, func, select, tuple_
+from sqlalchemy import Engine, Table, func, select, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -37,7 +37,6 @@ from fl_server.db.schema import DeviceEventRow
 __all__ = ["MAX_READ", "EventStore", "InsertOutcome", "StoredEvent", "stored_time"]
 
 MAX_READ = 10_000
-_INSERT_CHUNK = 500  # rows per INSERT statement (9 parameters each, far below any limit)
 _LOOKUP_CHUNK = 400
 
 
@@ -124,12 +123,19 @@ class EventStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         dialect = engine.dialect.name
+        insert: Callable[..., Any]
         if dialect == "sqlite":
-            self._insert: Callable[..., Any] = sqlite.insert
+            insert = sqlite.insert
         elif dialect == "postgresql":
-            self._insert = postgresql.insert
+            insert = postgresql.insert
         else:
             raise ConfigError(f"device events need SQLite or PostgreSQL, not {dialect}")
+        table = cast(Table, DeviceEventRow.__table__)
+        self._insert_statement = (
+            insert(table)
+            .on_conflict_do_nothing(index_elements=["device_id", "seq"])
+            .returning(table.c.device_id, table.c.seq)
+        )
 
     @property
     def engine(self) -> Engine:
@@ -175,14 +181,12 @@ class EventStore:
         try:
             with Session(self._engine) as session, session.begin():
                 inserted: set[tuple[str, int]] = set()
-                for chunk in _chunks(rows, _INSERT_CHUNK):
-                    statement = (
-                        self._insert(DeviceEventRow)
-                        .values(list(chunk))
-                        .on_conflict_do_nothing(index_elements=["device_id", "seq"])
-                        .returning(DeviceEventRow.device_id, DeviceEventRow.seq)
-                    )
-                    inserted.update((device, seq) for device, seq in session.execute(statement))
+                if rows:
+                    # One compiled statement, executed for many rows (SQLAlchemy batches them
+                    # into multi-row INSERTs itself): compiling a 500-row VALUES clause each
+                    # time cost more than the signature checks.
+                    result = session.connection().execute(self._insert_statement, rows)
+                    inserted.update((device, seq) for device, seq in result)
                 held = self._signatures(session, [key for key in first if key not in inserted])
         except SQLAlchemyError as exc:
             raise StorageError(f"cannot store device events: {type(exc).__name__}: {exc}") from exc
