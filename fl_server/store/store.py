@@ -13,10 +13,12 @@ so numbers are never duplicated or skipped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import re
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -64,6 +66,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+_VERIFIED_CACHE = 256  # versions whose stored form already verified (a small LRU-ish memo)
 _ALIAS = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _PUBLISH_ATTEMPTS = 20
 
@@ -194,6 +197,8 @@ class ModelStore:
         self.blobs = blobs
         self._key = key
         self._audit = audit
+        self._verified: dict[bytes, ModelVersion] = {}
+        self._verified_lock = threading.Lock()
 
     def _event(
         self,
@@ -370,6 +375,37 @@ class ModelStore:
         ).first()
 
     def _load(self, session: Session, row: ModelVersionRow) -> ModelVersion:
+        rows = session.scalars(select(ArtefactRow).where(ArtefactRow.version_id == row.id)).all()
+        # Everything the checks below read, as stored now: the same inputs that passed
+        # before pass again, so a hit skips the parse and the signature check (the object
+        # route asks this for every request of a fleet); any edit changes the key.
+        key = hashlib.sha256(
+            json.dumps(
+                [
+                    row.model,
+                    row.version,
+                    row.manifest,
+                    [getattr(row, column) for column in _ROW_COLUMNS],
+                    sorted(
+                        (a.name, a.digest, a.size, a.format, a.precision, a.status, a.quality)
+                        for a in rows
+                    ),
+                ],
+                default=str,
+            ).encode()
+        ).digest()
+        with self._verified_lock:
+            cached = self._verified.get(key)
+        if cached is not None:
+            return cached
+        version = self._verified_load(row, rows)
+        with self._verified_lock:
+            if len(self._verified) >= _VERIFIED_CACHE:
+                self._verified.pop(next(iter(self._verified)))
+            self._verified[key] = version
+        return version
+
+    def _verified_load(self, row: ModelVersionRow, rows: Sequence[ArtefactRow]) -> ModelVersion:
         try:
             signed = SignedManifest.from_json(json.loads(row.manifest))
         except (ValueError, ConfigError, ManifestInvalid) as exc:
@@ -392,7 +428,6 @@ class ModelStore:
                 f"{row.model} v{row.version}: the stored manifest is refused: {exc}",
                 signature_ok=False,
             ) from exc
-        rows = session.scalars(select(ArtefactRow).where(ArtefactRow.version_id == row.id)).all()
         return _checked_version(signed, row, rows)
 
     def resolve(self, model: str, ref: int | str) -> int:
