@@ -254,6 +254,13 @@ def _accuracy_gate(
     labelled = sorted(
         (d for d in reporting if d.labelled), key=lambda d: (d.correct / d.labelled, d.device)
     )
+    if not labelled and len(reporting) >= gates.min_devices:
+        # A fleet without labelled feedback is judged on errors, latency, crashes,
+        # local rollbacks and drift; an accuracy gate that waited for labels that never
+        # come would freeze every rollout.
+        return GateResult(
+            "accuracy", None, None, Verdict.PASS, "no labelled feedback from the cohort"
+        )
     if len(labelled) < gates.min_devices:
         return GateResult(
             "accuracy", None, None, Verdict.WAIT, f"{len(labelled)} devices with labelled feedback"

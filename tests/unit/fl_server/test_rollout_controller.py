@@ -415,3 +415,22 @@ def test_a_small_but_consistent_drop_fails_only_when_significant(env: Env) -> No
             fleet.health(device, 2, accuracy=0.86)
     later = next(g for g in controller.status(record.id).gates if g.name == "accuracy")
     assert later.verdict is Verdict.FAIL
+
+
+def test_a_fleet_without_labelled_feedback_is_judged_on_errors(env: Env) -> None:
+    controller, fleet, clock = env.controller, env.fleet, env.clock
+    record = controller.start("cnn", 2, PLAN)
+    members = set(cohort(controller))
+    unlabelled = {"model": "cnn", "inferences": 100, "labelled": 0, "correct": 0}
+    for device in FLEET:
+        version = 2 if device in members else 1
+        fleet.send(device, EventKind.HEALTH, {**unlabelled, "version": version, "errors": 0})
+    clock.now += 61
+
+    assert controller.tick()[0].stage == 1  # no labels: the accuracy gate does not freeze it
+    members = set(cohort(controller))
+    for device in members:
+        fleet.send(device, EventKind.HEALTH, {**unlabelled, "version": 2, "errors": 30})
+    (moved,) = controller.tick()
+    assert moved.state is RolloutState.ROLLED_BACK and "error rate" in (moved.reason or "")
+    assert record.id == moved.id
