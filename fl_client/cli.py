@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
     from edge_runtime.cache import InstallReport, ModelCache
     from edge_runtime.manifest import Manifest, SignedManifest
+    from edge_runtime.mqtt_publisher import EventPublisher
 
 __all__ = ["CACHE_DIR_ENV", "STORE_KEY_ENV", "STORE_URL_ENV", "client_app"]
 
@@ -592,10 +593,41 @@ def serve_command(
     port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8080,
     tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="PEM certificate.")] = None,
     tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM private key.")] = None,
+    report_broker: Annotated[
+        str | None,
+        typer.Option(
+            "--report-broker",
+            help="HOST:PORT of the MQTT broker: publish signed health events (inferences, "
+            "server errors, p95) for the rollout gates, as the enrolled device.",
+        ),
+    ] = None,
+    report_interval_s: Annotated[
+        float, typer.Option("--report-interval", min=1.0, help="Seconds between reports.")
+    ] = 60.0,
+    report_plaintext: Annotated[
+        bool,
+        typer.Option("--report-plaintext", help="No TLS to the broker (loopback only)."),
+    ] = False,
+    password_file: Annotated[
+        Path | None,
+        typer.Option("--password-file", help="The device's broker password (0600)."),
+    ] = None,
+    topic_root: Annotated[
+        str, typer.Option("--topic-root", help="The first level(s) of the MQTT topics.")
+    ] = "fedge",
+    device_dir: Annotated[
+        Path | None,
+        typer.Option("--device-dir", help="The device's enrolment state (default: HOME/device)."),
+    ] = None,
     cache_dir: _CacheDir = None,
     home: _Home = None,
 ) -> None:
-    """Serve the current model until Ctrl-C: POST /v1/predict, GET /v1/health, /v1/metrics."""
+    """Serve the current model until Ctrl-C: POST /v1/predict, GET /v1/health, /v1/metrics.
+
+    With --report-broker, a signed health event goes out every --report-interval
+    (what was served since the last one), which the rollout gates read.
+    """
+    from edge_runtime.health_report import HealthReporter
     from edge_runtime.predictor import Predictor
     from edge_runtime.server import InferenceServer
     from edge_runtime.tls import tls_context
@@ -607,13 +639,71 @@ def serve_command(
         raise ConfigError("--tls-cert and --tls-key go together")
     tls = None if tls_cert is None or tls_key is None else tls_context(tls_cert, tls_key)
     predictor = Predictor(installed.path, model_id=f"{model}:v{installed.version}")
+    publisher = None
+    if report_broker is not None:
+        publisher = _event_publisher(
+            report_broker,
+            plaintext=report_plaintext,
+            password_file=password_file,
+            topic_root=topic_root,
+            device_dir=device_dir,
+            home=home,
+        )
     with InferenceServer(predictor, host=host, port=port, tls=tls) as server:
+        reporter = None
+        if publisher is not None:
+            reporter = HealthReporter(
+                server.metrics,
+                model=model,
+                version=installed.version,
+                emit=publisher.emit,
+                interval_s=report_interval_s,
+            )
+            publisher.start()
+            reporter.start()
         typer.echo(f"serving {model} v{installed.version} on {server.url} (Ctrl-C stops)")
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             typer.echo("stopped")
+        finally:
+            if reporter is not None and publisher is not None:
+                reporter.stop()
+                publisher.close(drain_timeout_s=5.0)
+
+
+def _event_publisher(
+    broker: str,
+    *,
+    plaintext: bool,
+    password_file: Path | None,
+    topic_root: str,
+    device_dir: Path | None,
+    home: Path | None,
+) -> EventPublisher:
+    """Return the enrolled device's MQTT event publisher (durable outbox in its directory)."""
+    from edge_runtime.mqtt_config import MqttConfig
+    from edge_runtime.mqtt_publisher import EventPublisher
+    from fedge.home import resolve_home
+    from fl_client.device_home import DeviceHome
+
+    host, _, port = broker.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"the broker is HOST:PORT, got {broker!r}")
+    directory = device_dir or resolve_home(home) / "device"
+    device_home = DeviceHome(directory)
+    record = device_home.require_enrolled()
+    config = MqttConfig(
+        host=host,
+        port=int(port),
+        tls=not plaintext,
+        ca_file=None if plaintext else device_home.ca_cert,
+        username=record.device_id if password_file is not None else None,
+        password_file=password_file,
+        topic_root=topic_root,
+    )
+    return EventPublisher(config, device_home.identity(), directory / "events")
 
 
 @client_app.command("ledger")
