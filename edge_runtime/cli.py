@@ -88,3 +88,35 @@ def bench_command(
             f"{row['requested']:28} {row['provider']:28} {row['p50_ms']:8.3f} "
             f"{row['p99_ms']:8.3f} {row['throughput_b64']:10.0f}"
         )
+
+
+@edge_app.command("profile")
+def profile_command(
+    models: Annotated[
+        list[Path], typer.Argument(help="The offered variants' ONNX files (name = file name).")
+    ],
+    runs: Annotated[int, typer.Option("--runs", min=10, help="Timed batch-1 runs each.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the profile as JSON.")] = False,
+) -> None:
+    """Measure this device: providers, memory, CPU features and batch-1 p50 of each variant.
+
+    Prints the device class the rollout controller groups it in (pass it to
+    `fedge client models follow --device-class`) and, with --json, the device_profile
+    event body the controller chooses per-class variants from.
+    """
+    from edge_runtime.device_profile import measure_profile
+
+    for path in models:
+        if not path.is_file():
+            raise ConfigError(f"{path} is not a file")
+    profile = measure_profile({path.name: path for path in models}, runs=runs)
+    if as_json:
+        typer.echo(
+            json.dumps({"device_class": profile.device_class, **profile.to_json()}, indent=2)
+        )
+        return
+    typer.echo(f"device class: {profile.device_class}")
+    typer.echo(f"providers: {', '.join(profile.providers)}; memory {profile.memory_mb} MB; "
+               f"CPU features: {', '.join(profile.cpu_features) or '-'}")  # fmt: skip
+    for name, latency in sorted(profile.latency_ms.items(), key=lambda item: item[1]):
+        typer.echo(f"  {name:<32} p50 {latency:8.4f} ms")

@@ -369,6 +369,14 @@ def follow_command(
         bool,
         typer.Option("--opt-out", help="Decline canary stages; follow fleet-wide ones only."),
     ] = False,
+    device_class: Annotated[
+        str | None,
+        typer.Option(
+            "--device-class",
+            help="This device's class as `fedge edge profile` measured it: install the "
+            "variant the rollout chose for it.",
+        ),
+    ] = None,
     device_dir: Annotated[
         Path | None,
         typer.Option("--device-dir", help="The device's enrolment state (default: HOME/device)."),
@@ -424,7 +432,11 @@ def follow_command(
     )
     publisher = EventPublisher(mqtt, device_home.identity(), directory / "events")
     agent = RolloutAgent(
-        config, device_id=record.device_id, opted_out=opt_out, report=publisher.emit
+        config,
+        device_id=record.device_id,
+        opted_out=opt_out,
+        device_class=device_class,
+        report=publisher.emit,
     )
     cache = ModelCache(config.cache_dir, trusted_key=key)
 

@@ -27,6 +27,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Collection
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -220,6 +221,8 @@ class RolloutController:
                 raise ConfigError(
                     f"the release policy refuses {model} v{number}: " + "; ".join(reasons)
                 )
+        if plan.accuracy_floor is not None and not plan.variants:
+            plan = replace(plan, variants=self.choose_variants(model, number, plan))
         stem = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")[:40] or "model"
         rollout_id = f"{stem}-v{number}-{secrets.token_hex(3)}"
         assert _ID.fullmatch(rollout_id)
@@ -262,6 +265,24 @@ class RolloutController:
         logger.info("rollout %s: %s v%d from v%d, stage 1 at %.0f %%", rollout_id, model,
                     number, previous, 100 * record.fraction)  # fmt: skip
         return record
+
+    def choose_variants(self, model: str, version: int, plan: RolloutPlan) -> dict[str, str]:
+        """Return, per device class, the variant of ``version`` the fleet should run.
+
+        From each device's newest ``device_profile`` event (its measured latency of the
+        offered variants): per class with enough devices, the fastest variant whose
+        signed accuracy is at least ``plan.accuracy_floor``.
+        """
+        from fl_server.rollout.variants import variants_from_events
+
+        assert plan.accuracy_floor is not None
+        return variants_from_events(
+            self._events,
+            self._store.get(model, version).manifest,
+            accuracy_floor=plan.accuracy_floor,
+            min_devices=plan.gates.min_devices,
+            since=datetime.fromtimestamp(self._clock() - self._fleet_window_s, UTC),
+        )
 
     def pause(self, rollout_id: str, reason: str = "paused by operator") -> RolloutRecord:
         """Stop automatic moves (devices keep what they run)."""
@@ -402,6 +423,7 @@ class RolloutController:
             cohort_fraction=threshold,
             previous=record.previous,
             issued_at=self._clock(),
+            variants=record.plan.variants,
         )
         signed = self._store.sign_directive(directive)
         session.add(

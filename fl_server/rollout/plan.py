@@ -6,6 +6,8 @@ devices report, automatic rollback), applied to fedge's signed variants::
     [rollout]
     stages = [0.01, 0.10, 0.50, 1.0]   # fraction of the fleet in the cohort
     bake_s = 600                       # how long each stage runs before it may promote
+    accuracy_floor = 0.80              # per device class, the fastest variant at least
+                                       # this accurate (from device_profile events)
 
     [rollout.gates]
     min_devices = 5                    # distinct devices reporting before any decision
@@ -38,6 +40,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from fedge.errors import ConfigError
@@ -113,6 +116,11 @@ class RolloutPlan:
     stages: tuple[float, ...] = _DEFAULT_STAGES
     bake_s: float = 600.0
     gates: HealthGates = field(default_factory=HealthGates)
+    # Per device class, the fastest offered variant whose signed accuracy is at least
+    # this (from the devices' own measurements); None: every device uses its preference.
+    accuracy_floor: float | None = None
+    # The choice made at start (class -> artefact), signed into every directive.
+    variants: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.stages, tuple) or not self.stages:
@@ -130,20 +138,36 @@ class RolloutPlan:
         _number("rollout.bake_s", self.bake_s, low=0.0)
         if not isinstance(self.gates, HealthGates):
             raise ConfigError("rollout.gates must be HealthGates")
+        if self.accuracy_floor is not None:
+            _number("rollout.accuracy_floor", self.accuracy_floor, low=0.0, high=1.0)
+        if not isinstance(self.variants, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.variants.items()
+        ):
+            raise ConfigError("rollout.variants must map device classes to artefact names")
+        object.__setattr__(self, "variants", MappingProxyType(dict(self.variants)))
 
     def to_json(self) -> dict[str, Any]:
         """Return the plan as JSON values (stored with the rollout)."""
-        return {"stages": list(self.stages), "bake_s": self.bake_s, "gates": self.gates.to_json()}
+        return {
+            "stages": list(self.stages),
+            "bake_s": self.bake_s,
+            "gates": self.gates.to_json(),
+            "accuracy_floor": self.accuracy_floor,
+            "variants": dict(self.variants),
+        }
 
     @classmethod
     def from_json(cls, raw: object) -> RolloutPlan:
         """Parse a plan (the ``[rollout]`` table of a plan file, or a stored plan)."""
-        known = _known("rollout", raw, {"stages", "bake_s", "gates"})
+        known = _known("rollout", raw, {"stages", "bake_s", "gates", "accuracy_floor", "variants"})
         stages = known.pop("stages", _DEFAULT_STAGES)
         if not isinstance(stages, list | tuple):
             raise ConfigError(f"rollout.stages must be a list of fractions, got {stages!r:.40}")
         gates = HealthGates.from_json(known.pop("gates", {}))
-        return cls(stages=tuple(stages), gates=gates, **known)
+        variants = known.pop("variants", {})
+        if not isinstance(variants, Mapping):
+            raise ConfigError("rollout.variants must be a table of device class = artefact")
+        return cls(stages=tuple(stages), gates=gates, variants=dict(variants), **known)
 
 
 def _known(where: str, raw: object, allowed: set[str]) -> dict[str, Any]:

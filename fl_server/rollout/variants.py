@@ -34,16 +34,22 @@ higher accuracy: INT8 is chosen only where it is really faster.
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from itertools import combinations
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from edge_runtime.device_profile import DeviceProfile
 from edge_runtime.manifest import Manifest, OfferStatus, offer_of
 from fedge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fl_server.events.store import EventStore
 
 __all__ = [
     "VariantCandidate",
@@ -52,9 +58,13 @@ __all__ = [
     "choose_variants",
     "offered_accuracy",
     "variant_map",
+    "variants_from_events",
 ]
 
 # A device may report 0 ms (a clock too coarse, or a lie); ratios use at least 1 ns.
+logger = logging.getLogger(__name__)
+
+_PAGE = 1_000  # EventStore.events' default page
 _FLOOR_MS = 1e-6
 
 
@@ -324,3 +334,40 @@ def offered_accuracy(manifest: Manifest, *, metric: str = "accuracy") -> dict[st
         for name, offer in offers.items()
         if offer.status is OfferStatus.OFFERED and metric in offer.quality
     }
+
+
+def variants_from_events(
+    events: EventStore,
+    manifest: Manifest,
+    *,
+    accuracy_floor: float,
+    min_devices: int,
+    since: datetime,
+) -> dict[str, str]:
+    """Choose per-class variants of ``manifest`` from the devices' newest profile events.
+
+    A malformed profile is skipped (and logged); each device counts once, with its
+    newest profile.
+    """
+    from edge_runtime.device_events import EventKind
+
+    profiles: dict[str, DeviceProfile] = {}
+    cursor = 0
+    while True:
+        page = events.events(
+            kinds=[EventKind.DEVICE_PROFILE], received_after=since, since_id=cursor
+        )
+        for event in page:
+            try:
+                profiles[event.device] = DeviceProfile.from_json(event.body)
+            except (ConfigError, ValueError, TypeError):
+                logger.warning("variants: malformed device profile from %s", event.device)
+        if len(page) < _PAGE:
+            break
+        cursor = page[-1].id
+    selection = choose_variants(
+        profiles, offered_accuracy(manifest), accuracy_floor=accuracy_floor, min_devices=min_devices
+    )
+    for device_class, why in selection.skipped.items():
+        logger.info("variants: no choice for class %s: %s", device_class, why)
+    return variant_map(selection)

@@ -372,3 +372,22 @@ def test_measure_profile_checks_its_arguments(
 ) -> None:
     with pytest.raises(ConfigError, match=match):
         measure_profile(models, **kwargs)
+
+
+def test_fedge_edge_profile_prints_the_class_and_the_event_body(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from fedge.cli import main
+
+    small = write_matmul_model(tmp_path / "small.onnx", features=8, layers=1)
+    large = write_matmul_model(tmp_path / "large.onnx", features=64, layers=4)
+
+    assert main(["edge", "profile", str(small), str(large), "--runs", "10", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+
+    assert set(document["latency_ms"]) == {"small.onnx", "large.onnx"}
+    profile = DeviceProfile.from_json({k: v for k, v in document.items() if k != "device_class"})
+    assert document["device_class"] == profile.device_class
+    assert main(["edge", "profile", str(tmp_path / "missing.onnx")]) == 1

@@ -434,3 +434,49 @@ def test_a_fleet_without_labelled_feedback_is_judged_on_errors(env: Env) -> None
     (moved,) = controller.tick()
     assert moved.state is RolloutState.ROLLED_BACK and "error rate" in (moved.reason or "")
     assert record.id == moved.id
+
+
+def test_each_device_class_gets_its_fastest_variant_above_the_floor(env: Env) -> None:
+    from edge_runtime.device_profile import DeviceProfile
+    from edge_runtime.manifest import ArtefactFormat, Precision
+    from edge_runtime.release import verify_directive
+
+    controller, fleet, store = env.controller, env.fleet, env.store
+    quality = {"model-fp32.onnx": 0.90, "model-int8-static.onnx": 0.89, "model-int4.onnx": 0.70}
+    store.publish(
+        "cnn",
+        [
+            NewArtefact(
+                name=name,
+                data=name.encode(),
+                format=ArtefactFormat.ONNX,
+                precision=Precision.INT8 if "int" in name else Precision.FP32,
+                quality={"accuracy": accuracy},
+            )
+            for name, accuracy in quality.items()
+        ],
+        info=VersionInfo(metrics={"accuracy": 0.9}),
+    )
+    for number, device in enumerate(FLEET[:12]):
+        vnni = number % 2 == 0
+        profile = DeviceProfile(
+            providers=("CPUExecutionProvider",),
+            memory_mb=2048,
+            cpu_features=("avx2", "avx512_vnni", "avx512f") if vnni else ("avx2",),
+            latency_ms={
+                "model-fp32.onnx": 0.10,
+                "model-int8-static.onnx": 0.06 if vnni else 0.14,
+                "model-int4.onnx": 0.01,  # fastest everywhere, but below the floor
+            },
+        )
+        fleet.send(device, EventKind.DEVICE_PROFILE, profile.to_json())
+
+    record = controller.start("cnn", 4, RolloutPlan(stages=(0.5, 1.0), accuracy_floor=0.85))
+
+    assert dict(record.plan.variants) == {
+        "cpu-vnni": "model-int8-static.onnx",
+        "cpu-avx2": "model-fp32.onnx",
+    }
+    signed = controller.directive("cnn")
+    assert signed is not None
+    assert dict(verify_directive(signed, store.public_key).variants) == dict(record.plan.variants)
