@@ -303,7 +303,14 @@ class _Run:
 
     # --- one round: every device acts on the newest directive and reports -------------
 
-    def round(self, fleet: list[_Device], model: str, exposed: set[str], bad: int) -> float | None:
+    def round(
+        self,
+        fleet: list[_Device],
+        model: str,
+        exposed: set[str],
+        bad: int,
+        settle: Callable[[], object] = lambda: None,
+    ) -> float | None:
         """Return when the first report on version ``bad`` was published (None: no such report)."""
         signed = self.directives.read()
         pending = []
@@ -342,6 +349,9 @@ class _Run:
                 first_bad = time.monotonic()
             if index % 200 == 199:
                 self._flush(pending)
+                # Paced: a broker keeps a bounded queue per session (Mosquitto: 1,000 by
+                # default) and drops what overflows after acknowledging it to devices.
+                settle()
                 pending = []
         self._flush(pending)
         return first_bad
@@ -434,6 +444,10 @@ def run_rollout_scenario(
                     f"no MQTT broker answers on {config.broker_host}:{config.broker_port}"
                 )
             run.connect(MODEL)
+
+            def settle() -> None:
+                ingest.wait_idle(30)
+
             outcomes = []
             for version, label in ((2, "good INT8"), (3, "bad INT8")):
                 say(f"rolling out {MODEL} v{version} ({label}) to {config.devices} devices")
@@ -451,7 +465,7 @@ def run_rollout_scenario(
                     newest = controller.directive(MODEL)
                     assert newest is not None
                     run.directives.wait_for(newest.directive.sequence)
-                    seen = run.round(fleet, MODEL, exposed, bad=3)
+                    seen = run.round(fleet, MODEL, exposed, bad=3, settle=settle)
                     if seen is not None and first_bad is None:
                         first_bad = seen
                     ingest.wait_idle(30)
@@ -465,7 +479,7 @@ def run_rollout_scenario(
                 newest = controller.directive(MODEL)
                 assert newest is not None
                 run.directives.wait_for(newest.directive.sequence)
-                run.round(fleet, MODEL, exposed, bad=3)
+                run.round(fleet, MODEL, exposed, bad=3, settle=settle)
                 ingest.wait_idle(30)
                 versions = sorted({device.version for device in fleet})
                 spread = ", ".join(
