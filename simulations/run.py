@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ArrayRecord
-from flwr.serverapp import ServerApp
+from flwr.app import ArrayRecord, Context, Message
+from flwr.serverapp import Grid, ServerApp
 
 from fedge.errors import ConfigError
 from fl_client import build_model, make_client_app
@@ -18,6 +21,7 @@ from fl_client.composition import device_mods
 from fl_client.messages import encode_train_config
 from fl_client.refusals import RefusalLog
 from fl_server import FederationConfig, RoundObserver, RoundReport
+from fl_server._grid import ForwardingGrid
 from fl_server.coordinator import (
     PrivacyPlan,
     RunLocation,
@@ -315,25 +319,138 @@ def _simulate(
         config.num_rounds,
         parallelism,
     )
-    try:
-        run_simulation(
-            server_app=server_app,
+    _run_engine(
+        server_app,
+        lambda app: run_simulation(
+            server_app=app,
             client_app=client_app,
             num_supernodes=config.num_clients,
             backend_config=ray_backend_config(parallelism, verbose=verbose),
             verbose_logging=verbose,
-        )
+        ),
+    )
+
+
+def _run_engine(server_app: ServerApp, engine: Callable[[ServerApp], object]) -> None:
+    """Run ``engine`` on ``server_app``; when it ends, however it ends, the ServerApp ends.
+
+    Flower's simulation runs the ServerApp on a non-daemon thread of its own, which ends
+    only with the ServerApp: once the engine stops (done, crashed, or interrupted by
+    Ctrl-C) the ServerApp's Grid raises, and the round in hand (evaluation, saving) is
+    waited for, so that the run is recorded after it and the process can always exit.
+    """
+    gate = _ServerAppGate()
+    try:
+        engine(gate.wrap(server_app))
     finally:
+        if gate.stop() and not gate.finished.wait(_SERVERAPP_GRACE_S):
+            logger.warning("the ServerApp did not stop within %.0f s", _SERVERAPP_GRACE_S)
         _shutdown_ray()
 
 
+_SERVERAPP_GRACE_S = 60.0
+"""How long a stopped simulation waits for the ServerApp's round in hand (evaluation, saving)."""
+
+_PULL_INTERVAL_S = 0.1
+"""How often a round polls the simulation engine for replies (Flower's InMemoryGrid: 0.1 s)."""
+
+
+class _SimulationStoppedError(RuntimeError):
+    """The simulation engine stopped while the ServerApp still used it."""
+
+
+class _StoppableGrid(ForwardingGrid):
+    """Forward to the simulation's Grid until ``stopped`` is set; then every call raises.
+
+    A round waiting for replies polls in :data:`_PULL_INTERVAL_S` slices, so it notices
+    a stop at once instead of waiting for its timeout (the engine that would have
+    answered is gone).
+    """
+
+    def __init__(self, grid: Grid, stopped: threading.Event) -> None:
+        super().__init__(grid)
+        self._stopped = stopped
+
+    def _check(self) -> None:
+        if self._stopped.is_set():
+            raise _SimulationStoppedError("the simulation engine stopped")
+
+    def get_node_ids(self) -> Iterable[int]:
+        """Return the simulated nodes, unless stopped."""
+        self._check()
+        return self._inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Push, unless stopped."""
+        self._check()
+        return self._inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Pull, unless stopped."""
+        self._check()
+        return self._inner.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Push ``messages``; collect their replies until all came, ``timeout`` or a stop."""
+        pending = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            received = list(self.pull_messages(pending))
+            replies.extend(received)
+            pending.difference_update(m.metadata.reply_to_message_id for m in received)
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            if self._stopped.wait(_PULL_INTERVAL_S):
+                self._check()
+        return replies
+
+
+class _ServerAppGate:
+    """Let a ServerApp run until :meth:`stop`; a ServerApp not yet started never starts."""
+
+    def __init__(self) -> None:
+        self.stopped = threading.Event()
+        self.finished = threading.Event()
+        self._started = False
+        self._lock = threading.Lock()
+
+    def wrap(self, server_app: ServerApp) -> ServerApp:
+        """Return a ServerApp that runs ``server_app`` on a Grid that raises once stopped."""
+        app = ServerApp()
+
+        @app.main()
+        def main(grid: Grid, context: Context) -> None:
+            with self._lock:
+                if self.stopped.is_set():
+                    return
+                self._started = True
+            try:
+                server_app(_StoppableGrid(grid, self.stopped), context)
+            finally:
+                self.finished.set()
+
+        return app
+
+    def stop(self) -> bool:
+        """Stop the ServerApp; return whether it had started (then wait for ``finished``)."""
+        with self._lock:
+            self.stopped.set()
+            return self._started
+
+
 def _shutdown_ray() -> None:
+    # Never import Ray here: this runs in a `finally`, and after a Ctrl-C that cut Ray's
+    # own import short, importing it again raises (a partially initialised module) and
+    # would hide the interrupt. Cleaning up never replaces the exception in flight.
+    ray = sys.modules.get("ray")
     try:
-        import ray
-    except ImportError:  # pragma: no cover - flwr[simulation] brings ray
-        return
-    if ray.is_initialized():
-        ray.shutdown()
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+    except Exception as exc:  # best effort, see above
+        logger.warning("could not shut Ray down: %s", exc)
 
 
 def check_paths(paths: RunPaths) -> None:

@@ -111,6 +111,13 @@ def test_three_clients_two_rounds_on_generated_data(tmp_path: Path) -> None:
     assert sum(summary["data"]["client_sizes"]) == 600
 
 
+def _sigint_as_in_a_terminal() -> None:
+    # A shell starts a background job (`pytest ... &`) with SIGINT ignored, and the child
+    # inherits that: fedge would rightly ignore the SIGINT below. Ctrl-C in a terminal
+    # reaches a foreground process whose SIGINT has its default action.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_the_run_and_keeps_what_it_did(tmp_path: Path) -> None:
     data = make_synthetic_fashion(tmp_path / "data", train=600, test=200)
     out = tmp_path / "summary.json"
@@ -119,6 +126,7 @@ def test_ctrl_c_stops_the_run_and_keeps_what_it_did(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_sigint_as_in_a_terminal,  # noqa: PLW1509 - one signal call, no locks
     )
     try:
         deadline = time.monotonic() + 240
