@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["rollout_app"]
 
 rollout_app = typer.Typer(
-    help="Canary rollouts of signed model versions: stages, health gates, automatic rollback.",
+    help="Canary rollouts of signed model versions: stages, health gates, rollback.",
     no_args_is_help=True,
 )
 
