@@ -22,29 +22,25 @@ Payloads carry a reason category and the peer address, never what the caller
 sent (a token, a key, a signature): whatever a caller types must not reach
 the tamper-evident trail, where it could not be erased.
 
-A window's summary is written by the first refusal after the window ends,
-by :meth:`RefusalRecorder.flush` (the gateway calls it periodically) or by
+The window mechanism is :class:`~fl_server.audit.rate_limit.WindowedRecorder`'s:
+a window's summary is written by the first refusal after the window ends, by
+:meth:`RefusalRecorder.flush` (the gateway calls it periodically) or by
 :meth:`RefusalRecorder.close`. A failed audit write is logged and dropped: a
 refusal is answered the same way whether or not it could be recorded.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from fedge.errors import ConfigError, FedgeError
+from fedge.errors import ConfigError
 from fl_server.audit import AuditEventKind, AuditLog
 from fl_server.audit.events import JSONValue
-from fl_server.enrolment._db import check_now, stored_time
+from fl_server.audit.rate_limit import WindowedRecorder, WindowLimits, check_at_least, check_window
 
 __all__ = ["RATE_LIMITED_KINDS", "RefusalLimits", "RefusalRecorder"]
-
-logger = logging.getLogger(__name__)
 
 RATE_LIMITED_KINDS = frozenset({AuditEventKind.ENROLMENT_REFUSED, AuditEventKind.AUTH_FAILED})
 _MAX_REASON = 64
@@ -71,24 +67,9 @@ class RefusalLimits:
     max_peers: int = 16
 
     def __post_init__(self) -> None:
-        if isinstance(self.events_per_window, bool) or self.events_per_window < 1:
-            raise ConfigError(f"events_per_window must be >= 1, got {self.events_per_window}")
-        if self.window <= timedelta(0):
-            raise ConfigError(f"window must be positive, got {self.window}")
-        if isinstance(self.max_peers, bool) or self.max_peers < 1:
-            raise ConfigError(f"max_peers must be >= 1, got {self.max_peers}")
-
-
-@dataclass(slots=True)
-class _Window:
-    started: datetime
-    written: int = 0
-    reasons: Counter[str] = field(default_factory=Counter)
-    peers: Counter[str] = field(default_factory=Counter)
-
-    @property
-    def suppressed(self) -> int:
-        return sum(self.reasons.values())
+        check_at_least("events_per_window", self.events_per_window, 1)
+        check_window(self.window)
+        check_at_least("max_peers", self.max_peers, 1)
 
 
 def _utc_now() -> datetime:
@@ -112,7 +93,7 @@ def _clean_peer(peer: str | None) -> str:
     return _UNKNOWN_PEER
 
 
-class RefusalRecorder:
+class RefusalRecorder(WindowedRecorder[AuditEventKind]):
     """Append refusal events to the audit log, at most so many per kind per window.
 
     Parameters
@@ -132,11 +113,13 @@ class RefusalRecorder:
         limits: RefusalLimits | None = None,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
-        self._audit = audit
-        self._limits = limits or RefusalLimits()
-        self._clock = clock
-        self._windows: dict[AuditEventKind, _Window] = {}
-        self._lock = threading.Lock()
+        limits = limits or RefusalLimits()
+        window_limits = WindowLimits(
+            events_per_window=limits.events_per_window,
+            window=limits.window,
+            max_names=limits.max_peers,
+        )
+        super().__init__(audit, window_limits, clock=clock)
 
     def record(
         self,
@@ -173,65 +156,15 @@ class RefusalRecorder:
         extra = dict(details or {})
         if {"reason", "peer"} & set(extra):
             raise ConfigError("details must not repeat reason or peer")
-        now = check_now(self._clock())
-        with self._lock:
-            window = self._current(kind, now)
-            if window.written >= self._limits.events_per_window:
-                window.reasons[category] += 1
-                if address in window.peers or len(window.peers) < self._limits.max_peers:
-                    window.peers[address] += 1
-                else:
-                    window.peers[""] += 1  # the peers beyond the named ones
-                return False
-            window.written += 1
-            self._append(kind, {"reason": category, "peer": address, **extra})
-            return True
+        payload = {"reason": category, "peer": address, **extra}
+        return self._record(kind, kind, payload, reason=category, name=address)
 
-    def flush(self) -> None:
-        """Write the summary of every window that has ended."""
-        now = check_now(self._clock())
-        with self._lock:
-            for kind in list(self._windows):
-                self._current(kind, now)
-
-    def close(self) -> None:
-        """Write the summary of every window, ended or not (at shutdown)."""
-        now = check_now(self._clock())
-        with self._lock:
-            for kind, window in list(self._windows.items()):
-                self._summarise(kind, window, now)
-            self._windows.clear()
-
-    def _current(self, kind: AuditEventKind, now: datetime) -> _Window:
-        window = self._windows.get(kind)
-        if window is not None and now < window.started + self._limits.window:
-            return window
-        if window is not None:
-            self._summarise(kind, window, window.started + self._limits.window)
-        fresh = _Window(started=now)
-        self._windows[kind] = fresh
-        return fresh
-
-    def _summarise(self, kind: AuditEventKind, window: _Window, ended: datetime) -> None:
-        if window.suppressed == 0:
-            return
-        others = window.peers.pop("", 0)
-        self._append(
-            AuditEventKind.AUDIT_SUPPRESSED,
-            {
-                "kind": kind.value,
-                "suppressed": window.suppressed,
-                "limit": self._limits.events_per_window,
-                "window_start": stored_time(window.started),
-                "window_end": stored_time(ended),
-                "reasons": dict(sorted(window.reasons.items())),
-                "peers": dict(sorted(window.peers.items())),
-                "other_peers": others,
-            },
-        )
-
-    def _append(self, kind: AuditEventKind, payload: Mapping[str, JSONValue]) -> None:
-        try:
-            self._audit.append(kind, payload)
-        except FedgeError as exc:
-            logger.error("cannot audit %s (%s): %s", kind.value, payload.get("reason"), exc)
+    def _summary(
+        self,
+        key: AuditEventKind,
+        counts: dict[str, JSONValue],
+        names: dict[str, int],
+        other_names: int,
+    ) -> tuple[AuditEventKind, Mapping[str, JSONValue]]:
+        payload = {"kind": key.value, **counts, "peers": names, "other_peers": other_names}
+        return AuditEventKind.AUDIT_SUPPRESSED, payload

@@ -1,8 +1,8 @@
 """Audit rejected device events without letting a flood of forgeries grow the trail.
 
 Anyone who can publish to the broker can send malformed or forged events, and every
-audit record is kept for good. :class:`RejectionRecorder` therefore works like the
-gateway's :class:`~fl_server.enrolment.refusals.RefusalRecorder`: at most
+audit record is kept for good. :class:`RejectionRecorder` is therefore a
+:class:`~fl_server.audit.rate_limit.WindowedRecorder` with one window: at most
 ``events_per_window`` ``device.events_rejected`` records of their own per window (a
 minute by default), then ONE summary record when the window ends with how many more
 were rejected, by reason and by topic device (the window's first ``max_devices`` by
@@ -21,23 +21,18 @@ dropped: an event is refused the same way whether or not it could be recorded.
 
 from __future__ import annotations
 
-import logging
-import threading
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 
 from edge_runtime.device_events import EventMalformed, check_device_id
-from fedge.errors import ConfigError, FedgeError
+from fedge.errors import ConfigError
 from fl_server.audit import AuditEventKind, AuditLog
 from fl_server.audit.events import JSONValue
-from fl_server.events.store import stored_time
+from fl_server.audit.rate_limit import WindowedRecorder, WindowLimits, check_at_least, check_window
 
 __all__ = ["RejectReason", "RejectionLimits", "RejectionRecorder"]
-
-logger = logging.getLogger(__name__)
 
 _INVALID = "invalid"
 
@@ -73,25 +68,9 @@ class RejectionLimits:
     max_devices: int = 16
 
     def __post_init__(self) -> None:
-        if type(self.events_per_window) is not int or self.events_per_window < 0:
-            raise ConfigError(f"events_per_window must be >= 0, got {self.events_per_window!r}")
-        if not isinstance(self.window, timedelta) or self.window <= timedelta(0):
-            raise ConfigError(f"window must be a positive timedelta, got {self.window!r}")
-        if type(self.max_devices) is not int or self.max_devices < 1:
-            raise ConfigError(f"max_devices must be >= 1, got {self.max_devices!r}")
-
-
-@dataclass(slots=True)
-class _Window:
-    started: datetime
-    written: int = 0
-    reasons: Counter[str] = field(default_factory=Counter)
-    devices: Counter[str] = field(default_factory=Counter)
-    other_devices: int = 0
-
-    @property
-    def suppressed(self) -> int:
-        return sum(self.reasons.values())
+        check_at_least("events_per_window", self.events_per_window, 0)
+        check_window(self.window)
+        check_at_least("max_devices", self.max_devices, 1)
 
 
 def _utc_now() -> datetime:
@@ -107,7 +86,7 @@ def _clean_device(device: str | None) -> str:
         return _INVALID
 
 
-class RejectionRecorder:
+class RejectionRecorder(WindowedRecorder[None]):
     """Append ``device.events_rejected`` records, at most so many per window.
 
     Parameters
@@ -127,11 +106,13 @@ class RejectionRecorder:
         limits: RejectionLimits | None = None,
         clock: Callable[[], datetime] = _utc_now,
     ) -> None:
-        self._audit = audit
-        self._limits = limits or RejectionLimits()
-        self._clock = clock
-        self._window: _Window | None = None
-        self._lock = threading.Lock()
+        limits = limits or RejectionLimits()
+        window_limits = WindowLimits(
+            events_per_window=limits.events_per_window,
+            window=limits.window,
+            max_names=limits.max_devices,
+        )
+        super().__init__(audit, window_limits, clock=clock)
 
     def record(
         self,
@@ -161,77 +142,20 @@ class RejectionRecorder:
         if not isinstance(reason, RejectReason):
             raise ConfigError(f"{reason!r} is not a RejectReason")
         where = _clean_device(topic_device)
-        moment = self._now()
-        with self._lock:
-            window = self._current(moment)
-            if window.written >= self._limits.events_per_window:
-                window.reasons[reason.value] += 1
-                if where in window.devices or len(window.devices) < self._limits.max_devices:
-                    window.devices[where] += 1
-                else:
-                    window.other_devices += 1
-                return False
-            window.written += 1
-            payload: dict[str, JSONValue] = {
-                "summary": False,
-                "reason": reason.value,
-                "topic_device": where,
-            }
-            if device is not None:
-                payload["device"] = _clean_device(device)
-            if seq is not None:
-                payload["seq"] = seq
-            self._append(payload)
-            return True
+        payload: dict[str, JSONValue] = {
+            "summary": False,
+            "reason": reason.value,
+            "topic_device": where,
+        }
+        if device is not None:
+            payload["device"] = _clean_device(device)
+        if seq is not None:
+            payload["seq"] = seq
+        kind = AuditEventKind.DEVICE_EVENTS_REJECTED
+        return self._record(None, kind, payload, reason=reason.value, name=where)
 
-    def flush(self) -> None:
-        """Write the summary of the window if it has ended."""
-        moment = self._now()
-        with self._lock:
-            if self._window is not None:
-                self._current(moment)
-
-    def close(self) -> None:
-        """Write the summary of the current window, ended or not (at shutdown)."""
-        moment = self._now()
-        with self._lock:
-            if self._window is not None:
-                self._summarise(self._window, moment)
-            self._window = None
-
-    def _now(self) -> datetime:
-        moment = self._clock()
-        if not isinstance(moment, datetime) or moment.tzinfo is None:
-            raise ConfigError("the rejection clock must return timezone-aware datetimes")
-        return moment
-
-    def _current(self, moment: datetime) -> _Window:
-        window = self._window
-        if window is not None and moment < window.started + self._limits.window:
-            return window
-        if window is not None:
-            self._summarise(window, window.started + self._limits.window)
-        self._window = _Window(started=moment)
-        return self._window
-
-    def _summarise(self, window: _Window, ended: datetime) -> None:
-        if window.suppressed == 0:
-            return
-        self._append(
-            {
-                "summary": True,
-                "suppressed": window.suppressed,
-                "limit": self._limits.events_per_window,
-                "window_start": stored_time(window.started),
-                "window_end": stored_time(ended),
-                "reasons": dict(sorted(window.reasons.items())),
-                "topic_devices": dict(sorted(window.devices.items())),
-                "other_devices": window.other_devices,
-            }
-        )
-
-    def _append(self, payload: dict[str, JSONValue]) -> None:
-        try:
-            self._audit.append(AuditEventKind.DEVICE_EVENTS_REJECTED, payload)
-        except FedgeError as exc:
-            logger.error("cannot audit a rejected device event: %s", exc)
+    def _summary(
+        self, key: None, counts: dict[str, JSONValue], names: dict[str, int], other_names: int
+    ) -> tuple[AuditEventKind, Mapping[str, JSONValue]]:
+        payload = {"summary": True, **counts, "topic_devices": names, "other_devices": other_names}
+        return AuditEventKind.DEVICE_EVENTS_REJECTED, payload
