@@ -1,4 +1,4 @@
-"""Options and helpers the read-side commands share (``fedge audit``, ``fedge ledger``, reports)."""
+"""Options and helpers the server-side commands share (audit, ledger, reports, store, rollout)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,29 @@ from fl_server.db import DB_URL_ENV
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-__all__ = ["DbUrlOption", "HomeOption", "JsonOption", "open_existing"]
+__all__ = [
+    "STORE_DIR_ENV",
+    "DbUrlOption",
+    "HomeOption",
+    "JsonOption",
+    "StoreDirOption",
+    "open_existing",
+]
+
+STORE_DIR_ENV = "FEDGE_STORE_DIR"
 
 DbUrlOption = Annotated[
     str | None,
     typer.Option(
         "--db-url", envvar=DB_URL_ENV, help="The database (default: HOME/fedge.db, SQLite)."
+    ),
+]
+StoreDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--store-dir",
+        envvar=STORE_DIR_ENV,
+        help="Where the store's objects and signing key live (default: HOME/store).",
     ),
 ]
 HomeOption = Annotated[Path | None, typer.Option("--home", help=HOME_HELP)]

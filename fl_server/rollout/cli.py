@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from fedge.errors import ConfigError
-from fedge.home import HOME_HELP, FedgeHome
-from fl_server.db import DB_URL_ENV
+from fedge.home import FedgeHome
+from fl_server.cli_options import DbUrlOption as _DbUrl
+from fl_server.cli_options import HomeOption as _Home
+from fl_server.cli_options import StoreDirOption as _StoreDir
 
 if TYPE_CHECKING:
     from fl_server.rollout.controller import RolloutController
@@ -33,21 +35,7 @@ rollout_app = typer.Typer(
     no_args_is_help=True,
 )
 
-_DbUrl = Annotated[
-    str | None,
-    typer.Option(
-        "--db-url", envvar=DB_URL_ENV, help="The database (default: HOME/fedge.db, SQLite)."
-    ),
-]
-_StoreDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--store-dir",
-        envvar="FEDGE_STORE_DIR",
-        help="Where the store's objects and signing key live (default: HOME/store).",
-    ),
-]
-_Home = Annotated[Path | None, typer.Option("--home", help=HOME_HELP)]
+# Not the shared JsonOption ("instead of a table"): these commands print sentences.
 _Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
 _Rollout = Annotated[str, typer.Argument(help="The rollout's id (see `fedge rollout status`).")]
 _Reason = Annotated[str | None, typer.Option("--reason", help="Recorded in the audit trail.")]

@@ -18,9 +18,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from fedge.errors import ConfigError, FedgeError, StorageError
-from fedge.home import HOME_HELP, FedgeHome, check_writable_directory, check_writable_file
-from fl_server.cli_options import open_existing
-from fl_server.db import DB_URL_ENV
+from fedge.home import FedgeHome, check_writable_directory, check_writable_file
+from fl_server.cli_options import STORE_DIR_ENV, open_existing
+from fl_server.cli_options import DbUrlOption as _DbUrl
+from fl_server.cli_options import HomeOption as _Home
+from fl_server.cli_options import JsonOption as _Json
+from fl_server.cli_options import StoreDirOption as _StoreDir
 
 if TYPE_CHECKING:
     from fl_server.store.run_outcomes import AuditTrailOutcomes
@@ -28,7 +31,6 @@ if TYPE_CHECKING:
 
 __all__ = ["STORE_DIR_ENV", "open_store", "store_app"]
 
-STORE_DIR_ENV = "FEDGE_STORE_DIR"
 _KEY_FILE = "store-key.pem"
 
 store_app = typer.Typer(
@@ -36,22 +38,6 @@ store_app = typer.Typer(
     no_args_is_help=True,
 )
 
-_DbUrl = Annotated[
-    str | None,
-    typer.Option(
-        "--db-url", envvar=DB_URL_ENV, help="The database (default: HOME/fedge.db, SQLite)."
-    ),
-]
-_StoreDir = Annotated[
-    Path | None,
-    typer.Option(
-        "--store-dir",
-        envvar=STORE_DIR_ENV,
-        help="Where the objects and the signing key live (default: HOME/store).",
-    ),
-]
-_Home = Annotated[Path | None, typer.Option("--home", help=HOME_HELP)]
-_Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 _Model = Annotated[str, typer.Argument(help="The model's name.")]
 _Ref = Annotated[str, typer.Argument(help="A version number, an alias, or 'latest'.")]
 
