@@ -40,6 +40,7 @@ __all__ = [
     "event_topic_filter",
     "is_loopback",
     "mqtt_client",
+    "start_connecting",
 ]
 
 DEFAULT_TOPIC_ROOT = "fedge"
@@ -254,3 +255,35 @@ def connect_properties(
     if receive_maximum is not None:
         properties.ReceiveMaximum = receive_maximum
     return properties
+
+
+def start_connecting(
+    client: mqtt.Client,
+    config: MqttConfig,
+    *,
+    clean_start: bool,
+    session_expiry_s: int | None = None,
+    receive_maximum: int | None = None,
+) -> None:
+    """Start connecting ``client`` to ``config``'s broker (its loop retries while it is down).
+
+    Parameters
+    ----------
+    client
+        A client from :func:`mqtt_client`, its callbacks set.
+    config
+        The broker's host, port and keep-alive.
+    clean_start
+        Whether to discard a session the broker kept for this client id.
+    session_expiry_s, receive_maximum
+        MQTT 5 CONNECT properties, see :func:`connect_properties`.
+    """
+    client.connect_async(
+        config.host,
+        config.effective_port,
+        keepalive=config.keepalive_s,
+        clean_start=clean_start,
+        properties=connect_properties(
+            session_expiry_s=session_expiry_s, receive_maximum=receive_maximum
+        ),
+    )

@@ -51,7 +51,7 @@ from edge_runtime.device_events import (
     EventSequence,
     sign_event,
 )
-from edge_runtime.mqtt_config import MqttConfig, connect_properties, event_topic, mqtt_client
+from edge_runtime.mqtt_config import MqttConfig, event_topic, mqtt_client, start_connecting
 from edge_runtime.telemetry import DROPPED_EVENT_KIND, TelemetryBuffer, TelemetryOffline
 from fedge.errors import ConfigError, FedgeError
 from secure_agg.identity import NodeIdentity
@@ -216,13 +216,7 @@ class EventPublisher:
         # paho ignores the Receive Maximum a broker announces (MQTT 5, 3.2.2.3.3), so stay
         # within Mosquitto's default of 20 unacknowledged messages per client.
         client.max_inflight_messages_set(min(self._batch_size, _MAX_INFLIGHT))
-        client.connect_async(
-            self._config.host,
-            self._config.effective_port,
-            keepalive=self._config.keepalive_s,
-            clean_start=True,
-            properties=connect_properties(),
-        )
+        start_connecting(client, self._config, clean_start=True)
         self._client = client
         client.loop_start()
         self._thread = threading.Thread(

@@ -33,9 +33,9 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edge_runtime.mqtt_config import (
     MqttConfig,
-    connect_properties,
     event_topic_filter,
     mqtt_client,
+    start_connecting,
 )
 from fedge.errors import ConfigError, StorageError
 from fl_server.events.ingest import EventIngestor
@@ -134,14 +134,12 @@ class MqttIngestService:
         client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
-        client.connect_async(
-            self._config.host,
-            self._config.effective_port,
-            keepalive=self._config.keepalive_s,
+        start_connecting(
+            client,
+            self._config,
             clean_start=False,
-            properties=connect_properties(
-                session_expiry_s=self._session_expiry_s, receive_maximum=self._receive_maximum
-            ),
+            session_expiry_s=self._session_expiry_s,
+            receive_maximum=self._receive_maximum,
         )
         self._client = client
         self._worker = threading.Thread(target=self._run, name="event-ingestor", daemon=True)
