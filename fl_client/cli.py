@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from fedge.errors import ConfigError, DataError, StorageError
-from fedge.home import HOME_HELP, FedgeHome
+from fedge.home import HOME_HELP, FedgeHome, resolve_home
 from fl_client.deploy_cli import enroll_command, start_command
 
 if TYPE_CHECKING:
@@ -80,6 +80,18 @@ _StoreKey = Annotated[
         "(`fedge store key --out FILE`).",
     ),
 ]
+_StoreUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--store-url",
+        envvar=STORE_URL_ENV,
+        help="https://host:port of `fedge store serve` (may differ from the gateway).",
+    ),
+]
+_DeviceDir = Annotated[
+    Path | None,
+    typer.Option("--device-dir", help="The device's enrolment state (default: HOME/device)."),
+]
 _Model = Annotated[str, typer.Argument(help="The model's name.")]
 _AllowDowngrade = Annotated[
     bool, typer.Option("--allow-downgrade", help="Accept a version older than the current.")
@@ -107,6 +119,16 @@ def _trusted_key(value: str) -> bytes:
 
 def _cache_dir(cache_dir: Path | None, home: Path | None) -> Path:
     return cache_dir or FedgeHome.resolve(home).cache_dir
+
+
+def _device_dir(device_dir: Path | None, home: Path | None) -> Path:
+    return device_dir or resolve_home(home) / "device"
+
+
+def _store_url(store_url: str | None) -> str:
+    if not store_url:
+        raise ConfigError(f"give the model store's URL with --store-url or ${STORE_URL_ENV}")
+    return store_url
 
 
 def _cache(cache_dir: Path | None, store_key: str, home: Path | None) -> ModelCache:
@@ -263,14 +285,7 @@ def install_command(
 def sync_command(
     model: _Model,
     store_key: _StoreKey,
-    store_url: Annotated[
-        str | None,
-        typer.Option(
-            "--store-url",
-            envvar=STORE_URL_ENV,
-            help="https://host:port of `fedge store serve` (may differ from the gateway).",
-        ),
-    ] = None,
+    store_url: _StoreUrl = None,
     ref: Annotated[
         str,
         typer.Option(
@@ -283,10 +298,7 @@ def sync_command(
             "--ca", help="The store's TLS CA (default: the CA pinned at enrolment, DIR/ca.pem)."
         ),
     ] = None,
-    device_dir: Annotated[
-        Path | None,
-        typer.Option("--device-dir", help="The device's enrolment state (default: HOME/device)."),
-    ] = None,
+    device_dir: _DeviceDir = None,
     prefer: Annotated[
         str | None,
         typer.Option(
@@ -308,17 +320,15 @@ def sync_command(
     or already current, and the version kept for rollback. A refusal changes nothing.
     """
     from edge_runtime.fetch import DEFAULT_PREFER
-    from fedge.home import resolve_home
     from fl_client.model_sync import SyncConfig, sync_model
 
-    if not store_url:
-        raise ConfigError(f"give the model store's URL with --store-url or ${STORE_URL_ENV}")
+    url = _store_url(store_url)
     order = DEFAULT_PREFER if prefer is None else tuple(n.strip() for n in prefer.split(","))
     config = SyncConfig(
         model=model,
-        store_url=store_url,
+        store_url=url,
         store_key=_trusted_key(store_key),
-        device_dir=device_dir or resolve_home(home) / "device",
+        device_dir=_device_dir(device_dir, home),
         cache_dir=_cache_dir(cache_dir, home),
         ref=ref,
         ca_file=ca,
@@ -333,14 +343,7 @@ def sync_command(
 def follow_command(
     model: _Model,
     store_key: _StoreKey,
-    store_url: Annotated[
-        str | None,
-        typer.Option(
-            "--store-url",
-            envvar=STORE_URL_ENV,
-            help="https://host:port of `fedge store serve` (may differ from the gateway).",
-        ),
-    ] = None,
+    store_url: _StoreUrl = None,
     broker: Annotated[
         str, typer.Option("--broker", help="The MQTT broker, HOST:PORT.")
     ] = "127.0.0.1:8883",
@@ -377,10 +380,7 @@ def follow_command(
             "variant the rollout chose for it.",
         ),
     ] = None,
-    device_dir: Annotated[
-        Path | None,
-        typer.Option("--device-dir", help="The device's enrolment state (default: HOME/device)."),
-    ] = None,
+    device_dir: _DeviceDir = None,
     cache_dir: _CacheDir = None,
     home: _Home = None,
 ) -> None:
@@ -398,23 +398,21 @@ def follow_command(
     from edge_runtime.cache import ModelCache
     from edge_runtime.mqtt_config import MqttConfig, mqtt_client
     from edge_runtime.mqtt_publisher import EventPublisher
-    from fedge.home import resolve_home
     from fl_client.device_home import DeviceHome
     from fl_client.model_sync import SyncConfig
     from fl_client.rollout_agent import RolloutAgent
 
-    if not store_url:
-        raise ConfigError(f"give the model store's URL with --store-url or ${STORE_URL_ENV}")
+    url = _store_url(store_url)
     host, _, port = broker.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"--broker takes HOST:PORT, got {broker!r}")
-    directory = device_dir or resolve_home(home) / "device"
+    directory = _device_dir(device_dir, home)
     device_home = DeviceHome(directory)
     record = device_home.require_enrolled()
     key = _trusted_key(store_key)
     config = SyncConfig(
         model=model,
-        store_url=store_url,
+        store_url=url,
         store_key=key,
         device_dir=directory,
         cache_dir=_cache_dir(cache_dir, home),
@@ -627,10 +625,7 @@ def serve_command(
     topic_root: Annotated[
         str, typer.Option("--topic-root", help="The first level(s) of the MQTT topics.")
     ] = "fedge",
-    device_dir: Annotated[
-        Path | None,
-        typer.Option("--device-dir", help="The device's enrolment state (default: HOME/device)."),
-    ] = None,
+    device_dir: _DeviceDir = None,
     cache_dir: _CacheDir = None,
     home: _Home = None,
 ) -> None:
@@ -697,13 +692,12 @@ def _event_publisher(
     """Return the enrolled device's MQTT event publisher (durable outbox in its directory)."""
     from edge_runtime.mqtt_config import MqttConfig
     from edge_runtime.mqtt_publisher import EventPublisher
-    from fedge.home import resolve_home
     from fl_client.device_home import DeviceHome
 
     host, _, port = broker.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"the broker is HOST:PORT, got {broker!r}")
-    directory = device_dir or resolve_home(home) / "device"
+    directory = _device_dir(device_dir, home)
     device_home = DeviceHome(directory)
     record = device_home.require_enrolled()
     config = MqttConfig(
