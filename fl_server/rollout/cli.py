@@ -296,6 +296,16 @@ def run_command(
     interval_s: Annotated[
         float, typer.Option("--interval", min=0.1, help="Seconds between gate checks.")
     ] = 5.0,
+    drift_threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--drift-threshold",
+            min=0.0,
+            max=1.0,
+            help="Request retraining (a retraining.requested audit event) when this share "
+            "of the reporting fleet reports drift within an hour.",
+        ),
+    ] = None,
     topic_root: Annotated[
         str, typer.Option("--topic-root", help="The first level(s) of the MQTT topics.")
     ] = "fedge",
@@ -345,11 +355,29 @@ def run_command(
         controller.on_directive = publisher.publish
         engine = controller.engine
         audit = AuditLog(engine)
+        trigger = None
+        if drift_threshold is not None:
+            from datetime import UTC, datetime, timedelta
+
+            from edge_runtime.device_events import EventKind
+            from fl_server.events.drift import DriftPolicy, DriftTrigger
+
+            events = controller.events
+
+            def population() -> int:
+                # The fleet that reported in the last day: the drift share's denominator.
+                since = datetime.now(UTC) - timedelta(days=1)
+                return len(events.devices_reporting(EventKind.HEALTH, received_after=since))
+
+            trigger = DriftTrigger(
+                events, audit, policy=DriftPolicy(threshold=drift_threshold), population=population
+            )
         ingestor = EventIngestor(
             controller.events,
             authority_public_key=authority,
             rejections=RejectionRecorder(audit),
             topic_root=config.topic_root,
+            on_stored=None if trigger is None else trigger.observe,
         )
         service = RolloutService(
             controller, MqttIngestService(config, ingestor), interval_s=interval_s

@@ -24,6 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edge_runtime.device_events import EventKind, sign_event
 from edge_runtime.mqtt_config import event_topic
 from edge_runtime.release import SignedDirective, verify_directive
+from fl_server.audit import AuditEventKind, AuditLog
 from fl_server.events.store import EventStore
 from fl_server.rollout import HealthGates, RolloutController, RolloutPlan, RolloutState
 from fl_server.store.cli import open_store
@@ -109,6 +110,7 @@ def test_the_service_ingests_events_advances_and_publishes_retained_directives(
             sys.executable, "-m", "fedge", "rollout", "run",
             "--authority-key", AUTHORITY.public_key.hex(), "--broker", "127.0.0.1:1883",
             "--plaintext", "--interval", "0.2", "--topic-root", root, "--home", str(home),
+            "--drift-threshold", "0.2",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -138,6 +140,13 @@ def test_the_service_ingests_events_advances_and_publishes_retained_directives(
             event = sign_event(identity, seq=1, kind=EventKind.HEALTH, body=body, time=time.time())
             devices.publish(event_topic(device, root), event.to_bytes(), qos=1).wait_for_publish(5)
 
+        # A quarter of the fleet sees drifted inputs: a retraining request, once.
+        for identity in DEVICES[:10]:
+            device = identity.certificate.enrolment_id
+            body = {"model": "cnn", "version": 1, "drifted": True}
+            event = sign_event(identity, seq=2, kind=EventKind.DRIFT, body=body, time=time.time())
+            devices.publish(event_topic(device, root), event.to_bytes(), qos=1).wait_for_publish(5)
+
         final = directives.wait(lambda s: s.directive.cohort_fraction == 1.0)
         assert verify_directive(final, store_key).version == 2
         assert final.directive.sequence == first.directive.sequence + 1
@@ -152,3 +161,10 @@ def test_the_service_ingests_events_advances_and_publishes_retained_directives(
         assert controller.get(rollout_id).stage == 1
         assert controller.get(rollout_id).state is RolloutState.RUNNING
         assert EventStore(store.engine).count(kinds=[EventKind.HEALTH]) == 40
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            kinds = [e.kind for e in AuditLog(store.engine).iter()]
+            if AuditEventKind.RETRAINING_REQUESTED in kinds:
+                break
+            time.sleep(0.2)
+        assert kinds.count(AuditEventKind.RETRAINING_REQUESTED) == 1
