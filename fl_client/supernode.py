@@ -22,6 +22,7 @@ import math
 import os
 import re
 import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from types import MappingProxyType
 
 from edge_runtime.processes import ProcessStartError, console_script, start_listening
 from fedge.errors import ConfigError, FedgeError
+from fl_client._supernode_main import poll_cap
 
 __all__ = ["SuperNodeConfig", "SuperNodeError", "format_node_config", "start_supernode"]
 
@@ -166,7 +168,9 @@ def start_supernode(
         Seconds to wait for the Runtime API port.
     env : Mapping[str, str] or None
         Extra environment variables (e.g. ``FLWR_HOME``); Flower's telemetry and update
-        check are always off.
+        check are always off. Where ``FEDGE_TEST_SUPERNODE_POLL_S`` is set (tests only),
+        the SuperNode runs through :mod:`fl_client._supernode_main`, which caps its idle
+        poll (3 s in Flower) at that many seconds.
 
     Returns
     -------
@@ -183,9 +187,13 @@ def start_supernode(
     process_env = dict(os.environ)
     process_env.update(env or {})
     process_env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"})
+    argv = config.argv()
+    if poll_cap(process_env) is not None and Path(argv[0]).name == "flower-supernode":
+        # Tests only (see fl_client._supernode_main): the same SuperNode, its idle poll capped.
+        argv = [sys.executable, "-m", "fl_client._supernode_main", *argv[1:]]
     try:
         process = start_listening(
-            config.argv(),
+            argv,
             address=config.runtime_address,
             log_file=config.log_file,
             env=process_env,

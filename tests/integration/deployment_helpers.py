@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from fl_client._supernode_main import POLL_ENV
+
 __all__ = [
     "Fleet",
     "free_port",
@@ -132,6 +134,9 @@ class Fleet:
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "PYTHONUNBUFFERED": "1",
+            # Flower's SuperNode sleeps 3 s after each pull that finds nothing, so every
+            # message of a round waited up to 3 s (fl_client._supernode_main, tests only).
+            POLL_ENV: "0.5",
             **self.env,
         }
 

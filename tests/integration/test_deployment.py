@@ -125,15 +125,21 @@ def _first_run(
 ) -> dict[str, subprocess.Popen[bytes]]:
     server = fleet.start_server()
     _wait_gateway(fleet, server)
-    for name, token in zip(DEVICES, fleet.tokens(len(DEVICES)), strict=True):
-        outcome.tokens[name] = token
+    outcome.tokens = dict(zip(DEVICES, fleet.tokens(len(DEVICES)), strict=True))
+
+    def enrol_and_start(name: str) -> subprocess.Popen[bytes]:
         fleet.fedge(
-            "client", "enroll", "--server", fleet.server_url, "--token", token,
+            "client", "enroll", "--server", fleet.server_url, "--token", outcome.tokens[name],
             "--ca-fingerprint", fleet.fingerprint, "--dir", str(fleet.device_dir(name)),
             "--lifetime-epsilon", LIFETIME_EPSILON,
         )  # fmt: skip
         outcome.device_ids[name] = fleet.device_id(name)
-    devices = {name: fleet.start_device(name, data[name]) for name in DEVICES}
+        return fleet.start_device(name, data[name])
+
+    # The devices enrol at once, as a fleet does, and each starts as soon as it is enrolled.
+    with ThreadPoolExecutor(max_workers=len(DEVICES)) as pool:
+        started = {name: pool.submit(enrol_and_start, name) for name in DEVICES}
+        devices = {name: future.result() for name, future in started.items()}
     wait_for(
         lambda: any(_rounds_done(p) >= ROUNDS - 1 for p in _summaries(fleet).values()),
         timeout=300,
@@ -217,7 +223,17 @@ def _second_run(
     set_config(
         fleet.server_dir / "fedge-server.toml",
         {
-            "federation": {"rounds": SECOND_ROUNDS, "clients_per_round": 4, "min_clients": 4},
+            # A device whose SuperNode was receiving a message when the server is SIGKILLed
+            # keeps that task (Flower's SuperNode drops the message without finishing its
+            # task) and its executor waits up to 120 s for the message's objects
+            # (fl_client.clientapp_runner._PULL_MAX_TIME_S) before it takes the resumed
+            # round's: the resumed round must outwait it, or it aborts with that device.
+            "federation": {
+                "rounds": SECOND_ROUNDS,
+                "clients_per_round": 4,
+                "min_clients": 4,
+                "round_timeout_s": 150.0,
+            },
             "secure_aggregation": {"dropout": 0.0},
             "privacy": {"mode": "distributed", "epsilon": 20.0, "noise_multiplier": 1.0},
         },

@@ -33,6 +33,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from fl_client._supernode_main import POLL_ENV
 from fl_client.clientapp_runner import serve_clientapp_in_process
 from fl_client.supernode import SuperNodeConfig, SuperNodeError, start_supernode
 from fl_server.serverapp_runner import ServerAppStoppedError, run_serverapp_in_process
@@ -179,7 +180,9 @@ def spawn_node(
             node_config=node_config,
             executable=str(BIN / "flower-supernode"),
         )
-        process = start_supernode(config, env={"FLWR_HOME": str(link.home / name)})
+        # POLL_ENV: Flower's SuperNode polls every 3 s when idle (see fl_client._supernode_main).
+        env = {"FLWR_HOME": str(link.home / name), POLL_ENV: "0.5"}
+        process = start_supernode(config, env=env)
         request.addfinalizer(lambda: _stop(process))
         return config, process
 
