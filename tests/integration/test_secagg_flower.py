@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,26 @@ pytestmark = pytest.mark.slow
 NUM_CLIENTS = 20
 SHAPES = {"conv": (4, 3, 5), "bias": (7,), "dense": (30, 20)}
 CLIP = 0.5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_ray_for_the_module() -> Iterator[None]:
+    """Start Ray once for the module's seven simulations (each start and stop costs ~5 s).
+
+    Flower's backend uses a Ray that is already running, and shuts it down after each
+    simulation: that shutdown waits for the end of the module. Every simulation still
+    gets its own engine, state and ClientApp actors.
+    """
+    import ray
+
+    ray.init(**ray_backend_config(2, verbose=False)["init_args"])
+    shutdown = ray.shutdown
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(ray, "shutdown", lambda *args, **kwargs: None)
+            yield
+    finally:
+        shutdown()
 
 
 def _policy(
@@ -141,19 +161,12 @@ def _simulate(
         out.update({k: result.arrays[k].numpy() for k in result.arrays})
 
     quiet_flower(False)
-    try:
-        run_simulation(
-            server_app=server,
-            client_app=client_app,
-            num_supernodes=NUM_CLIENTS,
-            backend_config=ray_backend_config(2, verbose=False),
-        )
-    finally:
-        # Each simulation starts its own Ray, as fedge sim run does.
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
+    run_simulation(
+        server_app=server,
+        client_app=client_app,
+        num_supernodes=NUM_CLIENTS,
+        backend_config=ray_backend_config(2, verbose=False),
+    )
     assert out, "the ServerApp did not run"
     return out, stats, seen
 
