@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,12 +101,30 @@ def test_three_clients_two_rounds_on_fashion_mnist(tmp_path: Path) -> None:
     assert "final accuracy" in result.stdout
 
 
-def test_three_clients_two_rounds_on_generated_data(tmp_path: Path) -> None:
-    data = make_synthetic_fashion(tmp_path / "data", train=600, test=200)
+@dataclass(frozen=True)
+class _GeneratedRun:
+    data: Path
+    home: Path
+    summary: dict[str, Any]
 
-    _, summary = _run(tmp_path, "--data-dir", str(data), "--local-epochs", "2")
 
-    _check_run_records(tmp_path, summary)
+GENERATED_OPTIONS = ("--local-epochs", "2")
+
+
+@pytest.fixture(scope="module")
+def generated_run(tmp_path_factory: pytest.TempPathFactory) -> _GeneratedRun:
+    """Three clients, two rounds on generated data: checked on its own, and the plaintext
+    reference of the secure run (one run where there were two)."""
+    root = tmp_path_factory.mktemp("generated")
+    data = make_synthetic_fashion(root / "data", train=600, test=200)
+    _, summary = _run(root / "plain", "--data-dir", str(data), *GENERATED_OPTIONS)
+    return _GeneratedRun(data=data, home=root / "plain", summary=summary)
+
+
+def test_three_clients_two_rounds_on_generated_data(generated_run: _GeneratedRun) -> None:
+    summary = generated_run.summary
+
+    _check_run_records(generated_run.home, summary)
     assert summary["final_accuracy"] > 0.8
     assert summary["data"]["train_examples"] == 600
     assert sum(summary["data"]["client_sizes"]) == 600
@@ -156,10 +175,11 @@ def test_ctrl_c_stops_the_run_and_keeps_what_it_did(tmp_path: Path) -> None:
     assert kinds[-1] is AuditEventKind.RUN_FAILED
 
 
-def test_secure_aggregation_through_the_cli_matches_plaintext_fedavg(tmp_path: Path) -> None:
-    data = make_synthetic_fashion(tmp_path / "data", train=600, test=200)
-    common = ("--data-dir", str(data), "--seed", "3")
-    _, plain = _run(tmp_path / "plain", *common)
+def test_secure_aggregation_through_the_cli_matches_plaintext_fedavg(
+    generated_run: _GeneratedRun, tmp_path: Path
+) -> None:
+    plain = generated_run.summary
+    common = ("--data-dir", str(generated_run.data), *GENERATED_OPTIONS)
     # Three clients cannot tolerate a dropout at the default security level.
     result, secure = _run(tmp_path / "secure", *common, "--secure-agg", "--secagg-dropout", "0")
 
