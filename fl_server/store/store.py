@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import re
+import secrets
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -68,7 +69,8 @@ logger = logging.getLogger(__name__)
 
 _VERIFIED_CACHE = 256  # versions whose stored form already verified (a small LRU-ish memo)
 _ALIAS = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-_PUBLISH_ATTEMPTS = 20
+_PUBLISH_ATTEMPTS = 60
+_BACKOFF_CAP_S = 0.25
 
 
 def _plain(value: object) -> Any:
@@ -279,7 +281,11 @@ class ModelStore:
                 # Another publisher took the number (or the audit head; SQLite
                 # may also just be busy): retry on a fresh transaction.
                 logger.info("store: %s raced with another writer; retrying", model)
-                time.sleep(0.005 * (attempt + 1))
+                # Jittered exponential backoff: eight publishers that collided once must
+                # not collide again in lock-step (a loaded PostgreSQL ran out of a fixed,
+                # linear budget of 20 attempts with 8 concurrent publishers).
+                ceiling = min(_BACKOFF_CAP_S, 0.005 * 2 ** min(attempt, 8))
+                time.sleep(ceiling * (0.5 + secrets.randbelow(1_000) / 2_000))
             except SQLAlchemyError as exc:
                 raise StorageError(f"cannot publish {model}: {exc}") from exc
         raise StorageError(f"cannot publish {model}: too many concurrent publishers")
