@@ -29,7 +29,6 @@ import shutil
 import signal
 import ssl
 import subprocess
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -57,6 +56,9 @@ EXAMPLES = 300
 ROUNDS = 3
 SECOND_ROUNDS = 3
 CRASHED_IN = 2  # the second run's server is SIGKILLed during this round
+# Messages a device gets per secure round: setup, share-keys, masked-input, consistency
+# (the active threat model), unmask.
+SECURE_STAGES = 5
 LIFETIME_EPSILON = "50"
 
 
@@ -145,8 +147,14 @@ def _first_run(
         timeout=300,
         what=f"round {ROUNDS - 1}",
     )
-    # Round 3 has begun: let the devices get into it, then pull the plug on one.
-    time.sleep(6.0)
+    # Round 3 has begun: pull the plug on one device while it trains (it has received
+    # the round's masked-input request). Killed between sending a reply and uploading
+    # its objects, it would stall the server's pull of that reply for minutes instead.
+    wait_for(
+        lambda: _received(fleet, KILLED) >= (ROUNDS - 1) * SECURE_STAGES + 3,
+        timeout=120,
+        what=f"{KILLED}'s masked-input request of round {ROUNDS}",
+    )
     devices[KILLED].send_signal(signal.SIGKILL)
     devices[KILLED].wait(timeout=10)
     outcome.killed_in_round = ROUNDS
@@ -157,6 +165,15 @@ def _first_run(
     _wait_server(fleet, server, outcome)
     outcome.first = _new_summary(fleet, set())
     return {name: process for name, process in devices.items() if name != KILLED}
+
+
+def _received(fleet: Fleet, name: str) -> int:
+    """How many messages device ``name``'s SuperNode has received (from Flower's log)."""
+    log = fleet.device_dir(name) / "logs" / "supernode.log"
+    try:
+        return log.read_text(errors="replace").count("Received successfully")
+    except OSError:
+        return 0
 
 
 def _rogue_device(fleet: Fleet) -> str:
@@ -263,7 +280,13 @@ def _crash_and_restart(
         return bool(fresh) and _rounds_done(fresh[0]) >= CRASHED_IN - 1
 
     wait_for(saved, timeout=300, what=f"round {CRASHED_IN - 1} of the second run")
-    time.sleep(3)  # into the next round
+    # Into round CRASHED_IN, while the devices train (d0 has its masked-input request):
+    # a device killed off mid-transfer would hold that message's task (see above).
+    wait_for(
+        lambda: _received(fleet, "d0") >= (ROUNDS + CRASHED_IN - 1) * SECURE_STAGES + 3,
+        timeout=120,
+        what=f"d0's masked-input request of round {CRASHED_IN} of the second run",
+    )
     server.send_signal(signal.SIGKILL)  # the supervisor only: its children must follow
     server.wait(timeout=10)
     marker = str(fleet.server_dir)
