@@ -30,9 +30,7 @@ def _allow_manual_publishes(home: Path) -> None:
     (home / "release-policy.toml").write_text("allow_manual_publish = true\n")
 
 
-def test_a_rollout_from_start_to_rollback(
-    home: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_rollout_from_start_to_rollback(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _allow_manual_publishes(home)
     code, out, err = run_cli(
         capsys, "rollout", "start", "cnn", "2", "--stages", "5,50,100", "--bake", "0",
@@ -55,9 +53,7 @@ def test_a_rollout_from_start_to_rollback(
 
     assert run_cli(capsys, "rollout", "pause", rollout_id, "--home", str(home))[0] == 0
     assert run_cli(capsys, "rollout", "resume", rollout_id, "--home", str(home))[0] == 0
-    code, out, _ = run_cli(
-        capsys, "rollout", "promote", rollout_id, "--force", "--home", str(home)
-    )
+    code, out, _ = run_cli(capsys, "rollout", "promote", rollout_id, "--force", "--home", str(home))
     assert code == 0 and "50 %" in out
     code, out, _ = run_cli(
         capsys, "rollout", "rollback", rollout_id, "--reason", "field regression",

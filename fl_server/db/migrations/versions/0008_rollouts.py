@@ -50,9 +50,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_release_directives")),
         sa.UniqueConstraint("model", "sequence", name=op.f("uq_release_directives_model")),
     )
-    op.create_index(
-        op.f("ix_release_directives_rollout_id"), "release_directives", ["rollout_id"]
-    )
+    op.create_index(op.f("ix_release_directives_rollout_id"), "release_directives", ["rollout_id"])
 
 
 def downgrade() -> None:
