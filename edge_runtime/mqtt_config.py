@@ -36,6 +36,7 @@ __all__ = [
     "MqttConfig",
     "connect_properties",
     "device_of_topic",
+    "directive_topic",
     "event_topic",
     "event_topic_filter",
     "is_loopback",
@@ -47,6 +48,25 @@ DEFAULT_TOPIC_ROOT = "fedge"
 _TOPIC_ROOT = re.compile(r"[A-Za-z0-9._-]{1,64}(/[A-Za-z0-9._-]{1,64}){0,3}")
 _HOST = re.compile(r"[A-Za-z0-9.:_\[\]-]{1,253}")
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def directive_topic(model: str, root: str = DEFAULT_TOPIC_ROOT) -> str:
+    """Return the retained topic a model's newest signed release directive lives on."""
+    return f"{root}/models/{model}/directive"
+
+
+def split_broker(address: str, option: str = "--broker") -> tuple[str, int]:
+    """Return (host, port) of a ``HOST:PORT`` broker address given as ``option``.
+
+    Raises
+    ------
+    ConfigError
+        If it is not HOST:PORT with a port in [1, 65535].
+    """
+    host, _, port = address.rpartition(":")
+    if not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{option} takes HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
 
 
 def is_loopback(host: str) -> bool:

@@ -40,7 +40,9 @@ if TYPE_CHECKING:
 
     from edge_runtime.cache import InstallReport, ModelCache
     from edge_runtime.manifest import Manifest, SignedManifest
+    from edge_runtime.mqtt_config import MqttConfig
     from edge_runtime.mqtt_publisher import EventPublisher
+    from fl_client.device_home import DeviceHome
 
 __all__ = ["CACHE_DIR_ENV", "STORE_KEY_ENV", "STORE_URL_ENV", "client_app"]
 
@@ -396,16 +398,13 @@ def follow_command(
     import threading
 
     from edge_runtime.cache import ModelCache
-    from edge_runtime.mqtt_config import MqttConfig, mqtt_client
+    from edge_runtime.mqtt_config import directive_topic, mqtt_client
     from edge_runtime.mqtt_publisher import EventPublisher
     from fl_client.device_home import DeviceHome
     from fl_client.model_sync import SyncConfig
     from fl_client.rollout_agent import RolloutAgent
 
     url = _store_url(store_url)
-    host, _, port = broker.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--broker takes HOST:PORT, got {broker!r}")
     directory = _device_dir(device_dir, home)
     device_home = DeviceHome(directory)
     record = device_home.require_enrolled()
@@ -417,16 +416,16 @@ def follow_command(
         device_dir=directory,
         cache_dir=_cache_dir(cache_dir, home),
     )
-    mqtt = MqttConfig(
-        host=host,
-        port=int(port),
-        tls=not plaintext,
-        ca_file=None if plaintext else (broker_ca or device_home.ca_cert),
-        cert_file=broker_cert,
-        key_file=broker_key,
-        username=record.device_id if password_file is not None else None,
+    mqtt = _device_mqtt(
+        broker,
+        device_home,
+        record.device_id,
+        plaintext=plaintext,
         password_file=password_file,
         topic_root=topic_root,
+        ca_file=broker_ca,
+        cert_file=broker_cert,
+        key_file=broker_key,
     )
     publisher = EventPublisher(mqtt, device_home.identity(), directory / "events")
     agent = RolloutAgent(
@@ -445,7 +444,7 @@ def follow_command(
     listener = mqtt_client(mqtt, f"{record.device_id}-directives")
     listener.on_message = lambda client, userdata, message: agent.deliver(message.payload)
     listener.on_connect = lambda client, *args: client.subscribe(
-        f"{topic_root}/models/{model}/directive", qos=1
+        directive_topic(model, topic_root), qos=1
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -690,26 +689,52 @@ def _event_publisher(
     home: Path | None,
 ) -> EventPublisher:
     """Return the enrolled device's MQTT event publisher (durable outbox in its directory)."""
-    from edge_runtime.mqtt_config import MqttConfig
     from edge_runtime.mqtt_publisher import EventPublisher
     from fl_client.device_home import DeviceHome
 
-    host, _, port = broker.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"the broker is HOST:PORT, got {broker!r}")
     directory = _device_dir(device_dir, home)
     device_home = DeviceHome(directory)
     record = device_home.require_enrolled()
-    config = MqttConfig(
+    config = _device_mqtt(
+        broker,
+        device_home,
+        record.device_id,
+        plaintext=plaintext,
+        password_file=password_file,
+        topic_root=topic_root,
+        option="--report-broker",
+    )
+    return EventPublisher(config, device_home.identity(), directory / "events")
+
+
+def _device_mqtt(
+    broker: str,
+    device_home: DeviceHome,
+    device_id: str,
+    *,
+    plaintext: bool,
+    password_file: Path | None,
+    topic_root: str,
+    ca_file: Path | None = None,
+    cert_file: Path | None = None,
+    key_file: Path | None = None,
+    option: str = "--broker",
+) -> MqttConfig:
+    """Return the enrolled device's broker settings: TLS to its pinned CA unless plaintext."""
+    from edge_runtime.mqtt_config import MqttConfig, split_broker
+
+    host, port = split_broker(broker, option)
+    return MqttConfig(
         host=host,
-        port=int(port),
+        port=port,
         tls=not plaintext,
-        ca_file=None if plaintext else device_home.ca_cert,
-        username=record.device_id if password_file is not None else None,
+        ca_file=None if plaintext else (ca_file or device_home.ca_cert),
+        cert_file=cert_file,
+        key_file=key_file,
+        username=device_id if password_file is not None else None,
         password_file=password_file,
         topic_root=topic_root,
     )
-    return EventPublisher(config, device_home.identity(), directory / "events")
 
 
 @client_app.command("ledger")

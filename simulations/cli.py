@@ -468,12 +468,11 @@ def rollout_command(
     import json
     import shutil
 
+    from edge_runtime.mqtt_config import split_broker
     from simulations.data import load_fashion_mnist
     from simulations.rollout_scenario import RolloutScenario, run_rollout_scenario
 
-    host, _, port = broker.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--broker takes HOST:PORT, got {broker!r}")
+    host, port = split_broker(broker)
     try:
         fractions = tuple(float(part) / 100 for part in stages.split(","))
     except ValueError:
@@ -489,7 +488,7 @@ def rollout_command(
         stages=fractions,
         bake_s=bake_s,
         broker_host=host,
-        broker_port=int(port),
+        broker_port=port,
     )
     result = run_rollout_scenario(config, root, data, progress=typer.echo)
     bad = result.bad

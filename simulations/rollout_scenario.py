@@ -36,7 +36,7 @@ import numpy.typing as npt
 from edge_runtime.device_events import EventKind, sign_event
 from edge_runtime.directive_guard import Action, DirectiveGuard, DirectiveRefused
 from edge_runtime.manifest import ArtefactFormat, Precision
-from edge_runtime.mqtt_config import MqttConfig, event_topic, mqtt_client
+from edge_runtime.mqtt_config import MqttConfig, directive_topic, event_topic, mqtt_client
 from edge_runtime.release import SignedDirective
 from fedge.errors import ConfigError
 from secure_agg.identity import EnrolmentAuthority, NodeIdentity
@@ -282,8 +282,6 @@ class _Run:
         return fleet
 
     def connect(self, model: str) -> None:
-        from fl_server.rollout.service import directive_topic
-
         for number in range(self.config.connections):
             client = mqtt_client(self.mqtt, f"fedge-sim-devices-{self.token}-{number}")
             client.connect(self.mqtt.host, self.mqtt.effective_port)

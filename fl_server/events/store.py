@@ -267,6 +267,28 @@ class EventStore:
         except SQLAlchemyError as exc:
             raise StorageError(f"cannot read device events: {type(exc).__name__}") from exc
 
+    def all_events(
+        self, *, kinds: Iterable[EventKind] | None = None, received_after: datetime | None = None
+    ) -> list[StoredEvent]:
+        """Return every matching event in id order, read ``MAX_READ`` rows at a time.
+
+        Raises
+        ------
+        ConfigError, StorageError
+            As :meth:`events`.
+        """
+        kind_list = None if kinds is None else list(kinds)
+        found: list[StoredEvent] = []
+        cursor = 0
+        while True:
+            page = self.events(
+                kinds=kind_list, received_after=received_after, since_id=cursor, limit=MAX_READ
+            )
+            found.extend(page)
+            if len(page) < MAX_READ:
+                return found
+            cursor = page[-1].id
+
     def latest_seq(self, device: str) -> int | None:
         """Return the highest sequence number stored for ``device``, or ``None``.
 

@@ -320,7 +320,7 @@ def run_command(
     """
     import signal
 
-    from edge_runtime.mqtt_config import MqttConfig
+    from edge_runtime.mqtt_config import MqttConfig, split_broker
     from fl_server.audit import AuditLog
     from fl_server.events.ingest import EventIngestor
     from fl_server.events.mqtt import MqttIngestService
@@ -333,12 +333,10 @@ def run_command(
         authority = b""
     if len(authority) != 32:
         raise ConfigError("--authority-key must be 64 hex digits (an Ed25519 public key)")
-    host, _, port = broker.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--broker takes HOST:PORT, got {broker!r}")
+    host, port = split_broker(broker)
     config = MqttConfig(
         host=host,
-        port=int(port),
+        port=port,
         tls=not plaintext,
         ca_file=ca_file,
         cert_file=cert_file,

@@ -46,7 +46,7 @@ from edge_runtime.release import (
 from fedge.errors import ConfigError, StorageError
 from fl_server.audit import AuditEventKind, AuditLog
 from fl_server.db.schema import ReleaseDirectiveRow, RolloutRow
-from fl_server.events.store import MAX_READ, EventStore, StoredEvent
+from fl_server.events.store import EventStore
 from fl_server.rollout.health import (
     HEALTH_KINDS,
     CohortHealth,
@@ -474,19 +474,6 @@ class RolloutController:
             "reason": reason,
         }
 
-    def _read_events(self, since: float) -> list[StoredEvent]:
-        after = datetime.fromtimestamp(since, UTC)
-        events: list[StoredEvent] = []
-        cursor = 0
-        while True:
-            page = self._events.events(
-                kinds=HEALTH_KINDS, received_after=after, since_id=cursor, limit=MAX_READ
-            )
-            events.extend(page)
-            if len(page) < MAX_READ:
-                return events
-            cursor = page[-1].id
-
     def _fleet_devices(self) -> Collection[str]:
         if self._fleet is not None:
             return self._fleet()
@@ -529,7 +516,9 @@ class RolloutController:
         return None
 
     def _cohort(self, record: RolloutRecord) -> tuple[CohortHealth, int]:
-        events = self._read_events(record.stage_started_at)
+        events = self._events.all_events(
+            kinds=HEALTH_KINDS, received_after=datetime.fromtimestamp(record.stage_started_at, UTC)
+        )
         cohort = collect(
             events, model=record.model, version=record.version, previous=record.previous
         )

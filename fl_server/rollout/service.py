@@ -17,20 +17,15 @@ import threading
 
 import paho.mqtt.client as mqtt
 
-from edge_runtime.mqtt_config import MqttConfig, mqtt_client
+from edge_runtime.mqtt_config import MqttConfig, directive_topic, mqtt_client
 from edge_runtime.release import SignedDirective
 from fedge.errors import FedgeError
 from fl_server.events.mqtt import MqttIngestService
 from fl_server.rollout.controller import RolloutController
 
-__all__ = ["DirectivePublisher", "RolloutService", "directive_topic"]
+__all__ = ["DirectivePublisher", "RolloutService"]
 
 logger = logging.getLogger(__name__)
-
-
-def directive_topic(model: str, root: str) -> str:
-    """Return the retained topic a model's newest directive lives on."""
-    return f"{root}/models/{model}/directive"
 
 
 class DirectivePublisher:

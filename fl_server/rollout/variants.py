@@ -64,7 +64,6 @@ __all__ = [
 # A device may report 0 ms (a clock too coarse, or a lie); ratios use at least 1 ns.
 logger = logging.getLogger(__name__)
 
-_PAGE = 1_000  # EventStore.events' default page
 _FLOOR_MS = 1e-6
 
 
@@ -352,19 +351,11 @@ def variants_from_events(
     from edge_runtime.device_events import EventKind
 
     profiles: dict[str, DeviceProfile] = {}
-    cursor = 0
-    while True:
-        page = events.events(
-            kinds=[EventKind.DEVICE_PROFILE], received_after=since, since_id=cursor
-        )
-        for event in page:
-            try:
-                profiles[event.device] = DeviceProfile.from_json(event.body)
-            except (ConfigError, ValueError, TypeError):
-                logger.warning("variants: malformed device profile from %s", event.device)
-        if len(page) < _PAGE:
-            break
-        cursor = page[-1].id
+    for event in events.all_events(kinds=[EventKind.DEVICE_PROFILE], received_after=since):
+        try:
+            profiles[event.device] = DeviceProfile.from_json(event.body)
+        except (ConfigError, ValueError, TypeError):
+            logger.warning("variants: malformed device profile from %s", event.device)
     selection = choose_variants(
         profiles, offered_accuracy(manifest), accuracy_floor=accuracy_floor, min_devices=min_devices
     )
