@@ -98,6 +98,13 @@ class RolloutService:
         """Ingest and tick until :meth:`stop` is called; a failing tick is logged and retried."""
         self._ingest.start()
         try:
+            # Directives go out only once the ingestor's subscription holds: a device that
+            # acts on one reports at once, and a report published before the subscription
+            # (a first start, with no session at the broker yet) would be dropped.
+            while not self._ingest.wait_subscribed(1.0):
+                if self._stop.is_set():
+                    return
+                logger.info("rollout: waiting for the broker to grant the event subscription")
             self._republish()
             while not self._stop.is_set():
                 try:

@@ -71,6 +71,22 @@ def _start_rollout(home: Path) -> str:
         return controller.start("cnn", 2, plan).id
 
 
+def _wait_until_ingested(home: Path, *, health: int, drift: int, timeout_s: float = 30) -> None:
+    """Wait until the service stored the events and requested retraining (or time runs out)."""
+    deadline = time.monotonic() + timeout_s
+    with open_store(None, None, home=home, create=False) as store:
+        events = EventStore(store.engine)
+        while time.monotonic() < deadline:
+            stored = (
+                events.count(kinds=[EventKind.HEALTH]),
+                events.count(kinds=[EventKind.DRIFT]),
+            )
+            kinds = [e.kind for e in AuditLog(store.engine).iter()]
+            if stored == (health, drift) and AuditEventKind.RETRAINING_REQUESTED in kinds:
+                return
+            time.sleep(0.2)
+
+
 class _Directives:
     def __init__(self, topic: str) -> None:
         self.latest: SignedDirective | None = None
@@ -150,6 +166,9 @@ def test_the_service_ingests_events_advances_and_publishes_retained_directives(
         final = directives.wait(lambda s: s.directive.cohort_fraction == 1.0)
         assert verify_directive(final, store_key).version == 2
         assert final.directive.sequence == first.directive.sequence + 1
+        # The gates can pass before the last control reports are stored: let the service
+        # ingest everything (and react to the drift) before it is stopped.
+        _wait_until_ingested(home, health=40, drift=10)
     finally:
         devices.loop_stop()
         directives.client.loop_stop()
@@ -161,10 +180,5 @@ def test_the_service_ingests_events_advances_and_publishes_retained_directives(
         assert controller.get(rollout_id).stage == 1
         assert controller.get(rollout_id).state is RolloutState.RUNNING
         assert EventStore(store.engine).count(kinds=[EventKind.HEALTH]) == 40
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            kinds = [e.kind for e in AuditLog(store.engine).iter()]
-            if AuditEventKind.RETRAINING_REQUESTED in kinds:
-                break
-            time.sleep(0.2)
+        kinds = [e.kind for e in AuditLog(store.engine).iter()]
         assert kinds.count(AuditEventKind.RETRAINING_REQUESTED) == 1
