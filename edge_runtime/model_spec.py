@@ -18,15 +18,12 @@ import importlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 import torch
 from torch import nn
 
-from edge_runtime.models import ModelName, build_model, images_to_tensor
+from edge_runtime.models import InputEncoding, ModelName, build_model, to_tensor
 from fedge.errors import ConfigError
 
 __all__ = ["InputEncoding", "ModelKwarg", "ModelSpec", "to_tensor"]
@@ -36,34 +33,6 @@ ModelKwarg = bool | int | float | str | tuple[int, ...]
 
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _IMPORT_PATH = re.compile(rf"^{_NAME}(\.{_NAME})*:{_NAME}$")
-
-
-class InputEncoding(Enum):
-    """How a data set's examples become a model's input tensor."""
-
-    UINT8_IMAGES = "uint8-images"
-    """uint8 (N, H, W) -> float32 (N, 1, H, W) in [0, 1]."""
-    FLOAT32 = "float32"
-    """Any numeric (N, ...) -> float32 (N, ...), values unchanged."""
-
-
-def to_tensor(inputs: npt.NDArray[Any], encoding: InputEncoding) -> torch.Tensor:
-    """Return ``inputs`` as the float32 tensor a model of ``encoding`` takes.
-
-    Raises
-    ------
-    ConfigError
-        If the array does not fit the encoding (uint8 images must be (N, H, W)).
-    """
-    if encoding is InputEncoding.UINT8_IMAGES:
-        if inputs.dtype != np.uint8:
-            raise ConfigError(f"uint8-images inputs must be uint8, got {inputs.dtype}")
-        return images_to_tensor(inputs)
-    if encoding is InputEncoding.FLOAT32:
-        if inputs.ndim < 2:
-            raise ConfigError(f"float32 inputs must have shape (N, ...), got {inputs.shape}")
-        return torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
-    raise ConfigError(f"unknown input encoding {encoding!r}")
 
 
 def _resolve(import_path: str) -> Callable[..., Any]:

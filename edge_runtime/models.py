@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -25,7 +25,14 @@ from torch import nn
 
 from fedge.errors import ConfigError
 
-__all__ = ["FashionCNN", "FashionMLP", "ModelName", "build_model"]
+__all__ = [
+    "FashionCNN",
+    "FashionMLP",
+    "InputEncoding",
+    "ModelName",
+    "build_model",
+    "to_tensor",
+]
 
 # Fashion-MNIST pixel mean and standard deviation over the training split.
 _PIXEL_MEAN = 0.2860
@@ -203,14 +210,43 @@ def images_to_tensor(images: npt.NDArray[np.uint8]) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32) / 255.0).unsqueeze(1)
 
 
+class InputEncoding(Enum):
+    """How a data set's examples become a model's input tensor."""
+
+    UINT8_IMAGES = "uint8-images"
+    """uint8 (N, H, W) -> float32 (N, 1, H, W) in [0, 1]."""
+    FLOAT32 = "float32"
+    """Any numeric (N, ...) -> float32 (N, ...), values unchanged."""
+
+
+def to_tensor(inputs: npt.NDArray[Any], encoding: InputEncoding) -> torch.Tensor:
+    """Return ``inputs`` as the float32 tensor a model of ``encoding`` takes.
+
+    Raises
+    ------
+    ConfigError
+        If the array does not fit the encoding (uint8 images must be (N, H, W)).
+    """
+    if encoding is InputEncoding.UINT8_IMAGES:
+        if inputs.dtype != np.uint8:
+            raise ConfigError(f"uint8-images inputs must be uint8, got {inputs.dtype}")
+        return images_to_tensor(inputs)
+    if encoding is InputEncoding.FLOAT32:
+        if inputs.ndim < 2:
+            raise ConfigError(f"float32 inputs must have shape (N, ...), got {inputs.shape}")
+        return torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
+    raise ConfigError(f"unknown input encoding {encoding!r}")
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    images: npt.NDArray[np.uint8],
+    images: npt.NDArray[Any],
     labels: npt.NDArray[np.integer],
     *,
     batch_size: int = 1000,
     device: torch.device | None = None,
+    encoding: InputEncoding = InputEncoding.UINT8_IMAGES,
 ) -> EvalResult:
     """Return the mean cross-entropy loss and the accuracy of ``model`` on the examples.
 
@@ -219,7 +255,7 @@ def evaluate(
     if len(images) == 0:
         raise ConfigError("cannot evaluate on an empty set")
     device = device or _CPU
-    inputs = images_to_tensor(images)
+    inputs = to_tensor(images, encoding)
     targets = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     model.to(device)
     try:

@@ -14,7 +14,8 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from edge_runtime.models import ModelName, build_model
+from edge_runtime.model_spec import ModelSpec
+from edge_runtime.models import ModelName
 from fedge.errors import ConfigError
 from fl_client.budget import ClientBudget, ClientBudgetExhausted, ClientSpend, declined
 from fl_client.device import DeviceKind, select_device
@@ -101,7 +102,7 @@ def _dpsgd_plan(
 def make_client_app(
     provider: PartitionProvider,
     *,
-    model: ModelName = ModelName.CNN,
+    model: ModelName | ModelSpec = ModelName.CNN,
     num_threads: int = 1,
     mods: Sequence[Mod] = (),
     budget: ClientBudget | None = None,
@@ -115,7 +116,9 @@ def make_client_app(
     provider
         Gives each node its examples, keyed by the node's ``partition-id``.
     model
-        The architecture the server's weights belong to.
+        The architecture the server's weights belong to: a built-in name, or a
+        :class:`~edge_runtime.model_spec.ModelSpec` (any torch model by import path,
+        with the encoding of the provider's examples).
     num_threads
         Torch intra-op threads per client; 1 when several clients share a machine.
     mods
@@ -139,6 +142,7 @@ def make_client_app(
     """
     if num_threads < 1:
         raise ConfigError(f"num_threads must be >= 1, got {num_threads}")
+    spec = model if isinstance(model, ModelSpec) else ModelSpec.of(model)
     chosen = select_device(device)
     logger.info("client training device: %s (%s)", chosen.device, chosen.reason)
     app = ClientApp(mods=list(mods))
@@ -149,7 +153,7 @@ def make_client_app(
         instruction = decode_train_instruction(msg.content)
         partition_id, num_partitions = _partition_of(context)
         images, labels = provider(partition_id, num_partitions)
-        network = build_model(model)
+        network = spec.build()
         network.load_state_dict(instruction.arrays.to_torch_state_dict(), strict=True)
         generator = torch.Generator().manual_seed(
             _shuffle_seed(instruction.seed, instruction.server_round, partition_id)
@@ -164,6 +168,7 @@ def make_client_app(
                 instruction.config,
                 generator=generator,
                 device=chosen.device,
+                encoding=spec.encoding,
             )
         else:
             try:
@@ -186,7 +191,13 @@ def make_client_app(
             from fl_client.dp_sgd import train_private
 
             private = train_private(
-                network, images, labels, instruction.config, dp_config, generator=generator
+                network,
+                images,
+                labels,
+                instruction.config,
+                dp_config,
+                generator=generator,
+                encoding=spec.encoding,
             )
             result = TrainResult(num_examples=private.num_examples, mean_loss=private.mean_loss)
             spent = private.spend

@@ -63,6 +63,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -71,6 +72,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from edge_runtime.models import InputEncoding, to_tensor
 from fedge.errors import ConfigError
 from fl_client.per_example import (
     CsprngRandomness,
@@ -79,7 +81,7 @@ from fl_client.per_example import (
     SeededRandomness,
     make_engine,
 )
-from fl_client.training import TrainConfig, images_to_tensor
+from fl_client.training import TrainConfig
 from secure_agg.randomness import SystemRandomSource
 from strategies.accounting import AccountantKind, GaussianSteps, gaussian_epsilon
 
@@ -295,12 +297,13 @@ def _check_model(model: nn.Module) -> list[nn.Parameter]:
 
 def train_private(
     model: nn.Module,
-    images: npt.NDArray[np.uint8],
+    images: npt.NDArray[Any],
     labels: npt.NDArray[np.integer],
     train_config: TrainConfig,
     dp: DpSgdConfig,
     *,
     generator: torch.Generator,
+    encoding: InputEncoding = InputEncoding.UINT8_IMAGES,
 ) -> PrivateTrainResult:
     """Train ``model`` in place with DP-SGD on the given examples.
 
@@ -320,6 +323,8 @@ def train_private(
         With ``dp.secure_mode=False``, the source of the Poisson sample and the
         noise. With ``secure_mode`` it is not consulted: a seeded generator must
         never drive production noise (both then come from the OS CSPRNG).
+    encoding
+        How ``images`` become the model's input (uint8 images, or float features).
 
     Returns
     -------
@@ -345,7 +350,7 @@ def train_private(
     spend = planned_spend(len(images), train_config, dp)
     epsilon = _epsilon_of(spend, dp.delta, dp.accountant)
     params = _check_model(model)
-    inputs = images_to_tensor(images)
+    inputs = to_tensor(images, encoding)
     targets = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     randomness: Randomness = (
         CsprngRandomness(SystemRandomSource()) if dp.secure_mode else SeededRandomness(generator)
@@ -358,6 +363,9 @@ def train_private(
         params, lr=train_config.learning_rate, momentum=train_config.momentum
     )
     engine = make_engine(dp.grad_sample_mode, model, params, dp.max_grad_norm)
+    # FedProx's proximal gradient mu (w - w_global) depends on no example: adding it
+    # after the noise is post-processing and costs no privacy.
+    anchors = [p.detach().clone() for p in params] if train_config.proximal_mu else []
     model.train()
     total_loss = 0.0
     empty_steps = 0
@@ -375,6 +383,9 @@ def train_private(
             noisy.add_(randomness.normal(num_values), alpha=noise_std).div_(expected_batch)
             for p, grad in zip(params, torch.split(noisy.float(), sizes), strict=True):
                 p.grad = grad.view_as(p)
+            for p, anchor in zip(params, anchors, strict=False):
+                assert p.grad is not None  # set just above
+                p.grad.add_(p.detach() - anchor, alpha=train_config.proximal_mu)
             optimiser.step()
     finally:
         engine.close()

@@ -19,6 +19,7 @@ from strategies.train_config import (
     LEARNING_RATE,
     LOCAL_EPOCHS,
     MOMENTUM,
+    PROXIMAL_MU,
     SEED,
     SERVER_ROUND,
     TrainConfig,
@@ -95,6 +96,7 @@ def decode_train_instruction(content: RecordDict) -> TrainInstruction:
         batch_size=_int(record, BATCH_SIZE, defaults.batch_size),
         learning_rate=_float(record, LEARNING_RATE, defaults.learning_rate),
         momentum=_float(record, MOMENTUM, defaults.momentum),
+        proximal_mu=_float(record, PROXIMAL_MU, defaults.proximal_mu),
     )
     seed = _int(record, SEED, 0)
     server_round = _int(record, SERVER_ROUND, 0)

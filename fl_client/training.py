@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
 from torch import nn
 
-from edge_runtime.models import EvalResult, evaluate, images_to_tensor
+from edge_runtime.models import EvalResult, InputEncoding, evaluate, images_to_tensor, to_tensor
 from fedge.errors import ConfigError
 from strategies.train_config import TrainConfig
 
@@ -36,12 +37,13 @@ class TrainResult:
 
 def train(
     model: nn.Module,
-    images: npt.NDArray[np.uint8],
+    images: npt.NDArray[Any],
     labels: npt.NDArray[np.integer],
     config: TrainConfig,
     *,
     generator: torch.Generator,
     device: torch.device | None = None,
+    encoding: InputEncoding = InputEncoding.UINT8_IMAGES,
 ) -> TrainResult:
     """Train ``model`` in place with SGD on the given examples.
 
@@ -59,6 +61,8 @@ def train(
         Where to train (see :func:`fl_client.device.select_device`); the model
         is moved there for training and returned to the CPU afterwards. ``None``:
         the CPU.
+    encoding
+        How ``images`` become the model's input (uint8 images, or float features).
 
     Returns
     -------
@@ -75,7 +79,7 @@ def train(
     if len(images) != len(labels):
         raise ConfigError(f"{len(images)} images but {len(labels)} labels")
     device = device or _CPU
-    inputs = images_to_tensor(images).to(device)
+    inputs = to_tensor(images, encoding).to(device)
     targets = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
     model.to(device)
     try:
@@ -83,6 +87,8 @@ def train(
             model.parameters(), lr=config.learning_rate, momentum=config.momentum
         )
         loss_fn = nn.CrossEntropyLoss()
+        # FedProx: the gradient of mu/2 ||w - w_global||^2 is mu (w - w_global).
+        anchors = [p.detach().clone() for p in model.parameters()] if config.proximal_mu else []
         model.train()
         losses: list[torch.Tensor] = []  # kept on the device: no host sync per step
         for _ in range(config.local_epochs):
@@ -94,6 +100,9 @@ def train(
                 optimiser.zero_grad(set_to_none=True)
                 loss = loss_fn(model(inputs[batch]), targets[batch])
                 loss.backward()
+                for param, anchor in zip(model.parameters(), anchors, strict=False):
+                    if param.grad is not None:
+                        param.grad.add_(param.detach() - anchor, alpha=config.proximal_mu)
                 optimiser.step()
                 losses.append(loss.detach())
     finally:

@@ -104,3 +104,24 @@ def test_empty_or_mismatched_data_is_refused() -> None:
 def test_train_config_validation(kwargs: dict[str, float], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         TrainConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_fedprox_keeps_the_local_model_closer_to_the_global_one() -> None:
+    images, labels = stripes(200, seed=0)
+    start = build_model(ModelName.CNN, seed=0)
+    anchor = torch.cat([p.detach().reshape(-1) for p in start.parameters()])
+
+    def drift(mu: float) -> float:
+        model = build_model(ModelName.CNN, seed=0)
+        config = TrainConfig(local_epochs=2, batch_size=20, learning_rate=0.1, proximal_mu=mu)
+        train(model, images, labels, config, generator=torch.Generator().manual_seed(0))
+        return float(
+            torch.cat([p.detach().reshape(-1) for p in model.parameters()]).sub(anchor).norm()
+        )
+
+    assert drift(5.0) < 0.7 * drift(0.0)
+
+
+def test_proximal_mu_is_validated() -> None:
+    with pytest.raises(ConfigError, match="proximal_mu must be in"):
+        TrainConfig(proximal_mu=-0.1)
