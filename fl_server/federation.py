@@ -1,4 +1,4 @@
-"""The fedge ServerApp: FedAvg rounds with central evaluation, checkpoints and audit events.
+"""The fedge ServerApp: rounds of any Flower strategy, central evaluation, checkpoints, audit.
 
 Each ``round.completed`` event counts who the round asked (``sampled``), whose
 replies it used (``completed``; for a secure round, the survivors inside the
@@ -27,7 +27,7 @@ from flwr.app import (
     MetricRecord,
 )
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import Strategy
 
 from fedge.errors import ConfigError
 from fl_server._dp_records import log_failures
@@ -45,6 +45,8 @@ from fl_server.secagg import (
     SecureAggregationGrid,
 )
 from fl_server.spend import LedgerSink
+from fl_server.strategy_factory import build_strategy
+from strategies.rules import StrategySpec
 
 __all__ = [
     "REFUSAL_CATEGORIES",
@@ -88,6 +90,8 @@ class FederationConfig:
         Nodes that must be connected before a round starts, >= ``min_train_nodes``.
     round_timeout_s
         Seconds to wait for the replies of one round, > 0.
+    strategy
+        The server's aggregation rule (FedAvg unless told otherwise).
     """
 
     num_rounds: int
@@ -95,6 +99,7 @@ class FederationConfig:
     min_train_nodes: int = 1
     min_available_nodes: int = 1
     round_timeout_s: float = 600.0
+    strategy: StrategySpec = field(default_factory=StrategySpec)
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -230,20 +235,48 @@ class _TallyGrid(ForwardingGrid):
         return replies
 
 
-class _CountingFedAvg(FedAvg):
-    """FedAvg that records how many replies of each round succeeded and failed."""
+class _Counting(Strategy):
+    """Delegate to a strategy, recording how many replies of each round succeeded and failed."""
 
-    def __init__(self, counts: _ReplyCounts, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
+    def __init__(self, strategy: Strategy, counts: _ReplyCounts) -> None:
+        super().__init__()
+        self._strategy = strategy
         self._counts = counts
+
+    def __repr__(self) -> str:
+        """Name the wrapped strategy."""
+        return repr(self._strategy)
+
+    def summary(self) -> None:
+        """Log the wrapped strategy's summary."""
+        self._strategy.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate to the wrapped strategy."""
+        return self._strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Count the replies, then delegate to the wrapped strategy."""
         materialised = list(replies)
         failures = log_failures(server_round, materialised)
         self._counts.replies[server_round] = (len(materialised) - failures, failures)
-        return super().aggregate_train(server_round, materialised)
+        return self._strategy.aggregate_train(server_round, materialised)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Delegate to the wrapped strategy."""
+        return self._strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Delegate to the wrapped strategy."""
+        return self._strategy.aggregate_evaluate(server_round, replies)
 
 
 def _privacy_hooks(
@@ -297,7 +330,7 @@ def make_server_app(
     dp: ServerDp | None = None,
     first_round: int = 1,
 ) -> ServerApp:
-    """Build a ServerApp that runs FedAvg and records every round.
+    """Build a ServerApp that runs ``config.strategy`` (FedAvg by default) and records every round.
 
     After each round (and once for the initial model) the global model is
     evaluated centrally, saved with its SHA-256, and an audit event names the
@@ -364,12 +397,12 @@ def make_server_app(
         }
         strategy: Strategy
         if dp is None:
-            strategy = _CountingFedAvg(counts, **sampling)
+            strategy = _Counting(build_strategy(config.strategy, **sampling), counts)
         else:
             assert privacy is not None
             # The wrapper counts the replies itself (a secure aggregate holds many clients).
             strategy = DifferentialPrivacy(
-                FedAvg(**sampling),
+                build_strategy(config.strategy, **sampling),
                 dp=dp,
                 sink=LedgerSink(privacy, audit, run_id, dp.mechanism.value),
                 on_replies=counts.on_replies,

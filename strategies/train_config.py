@@ -13,7 +13,7 @@ from typing import Final
 
 from fedge.errors import ConfigError
 
-__all__ = ["TRAIN_FIELDS", "TrainConfig", "train_fields"]
+__all__ = ["PROXIMAL_MU", "TRAIN_FIELDS", "TrainConfig", "train_fields"]
 
 LOCAL_EPOCHS: Final = "local-epochs"
 BATCH_SIZE: Final = "batch-size"
@@ -21,6 +21,9 @@ LEARNING_RATE: Final = "learning-rate"
 MOMENTUM: Final = "momentum"
 SEED: Final = "seed"
 SERVER_ROUND: Final = "server-round"
+PROXIMAL_MU: Final = "proximal-mu"
+"""FedProx's key (``flwr.serverapp.strategy.FedProx`` adds it to the round's config)."""
+MAX_PROXIMAL_MU: Final = 1e4
 TRAIN_FIELDS: Final = (LOCAL_EPOCHS, BATCH_SIZE, LEARNING_RATE, MOMENTUM, SEED)
 
 
@@ -38,12 +41,17 @@ class TrainConfig:
         SGD step size, > 0.
     momentum
         SGD momentum in [0, 1).
+    proximal_mu
+        FedProx's proximal weight: the local loss adds ``mu / 2 * ||w - w_global||^2``
+        (Li et al., MLSys 2020); 0 is plain local SGD. Set by the strategy, not
+        by :func:`train_fields`.
     """
 
     local_epochs: int = 1
     batch_size: int = 32
     learning_rate: float = 0.05
     momentum: float = 0.9
+    proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
         if self.local_epochs < 1:
@@ -56,6 +64,10 @@ class TrainConfig:
             )
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not (math.isfinite(self.proximal_mu) and 0 <= self.proximal_mu <= MAX_PROXIMAL_MU):
+            raise ConfigError(
+                f"proximal_mu must be in [0, {MAX_PROXIMAL_MU:g}], got {self.proximal_mu}"
+            )
 
 
 def train_fields(config: TrainConfig, *, seed: int) -> dict[str, int | float]:
