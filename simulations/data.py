@@ -14,6 +14,7 @@ import zlib
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -56,10 +57,21 @@ class _Kind(Enum):
 
 @dataclass(frozen=True, slots=True)
 class Split:
-    """One split of the data set: ``images`` uint8 (N, 28, 28), ``labels`` uint8 (N,)."""
+    """One split of a data set: the inputs ``images`` (N, ...) and the ``labels`` (N,).
 
-    images: npt.NDArray[np.uint8]
+    The field name ``images`` is historical (Fashion-MNIST came first): for
+    Fashion-MNIST it holds uint8 (N, 28, 28) images, for a tabular data set the
+    float32 (N, F) feature matrix; :attr:`features` is the same array under a
+    neutral name. ``labels`` are uint8 class indices.
+    """
+
+    images: npt.NDArray[Any]
     labels: npt.NDArray[np.uint8]
+
+    @property
+    def features(self) -> npt.NDArray[Any]:
+        """The inputs, whatever their kind: the same array as ``images``."""
+        return self.images
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
