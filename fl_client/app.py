@@ -29,11 +29,14 @@ from strategies.sample_dp import DPSGD_RECORD_KEY, SampleDpSettings
 if TYPE_CHECKING:
     from fl_client.dp_sgd import DpSgdConfig
 
-__all__ = ["PartitionProvider", "make_client_app"]
+__all__ = ["PARTITION_ID_METRIC", "PARTITION_QUERY", "PartitionProvider", "make_client_app"]
 
 logger = logging.getLogger(__name__)
 
 _PARTITION_ID = "partition-id"
+PARTITION_QUERY = "partition"
+"""The action of the simulation-only query a node answers with its partition id."""
+PARTITION_ID_METRIC = "partition-id"
 _NUM_PARTITIONS = "num-partitions"
 
 
@@ -108,6 +111,7 @@ def make_client_app(
     budget: ClientBudget | None = None,
     device: DeviceKind = DeviceKind.AUTO,
     policy: DevicePolicy | None = None,
+    answer_partition: bool = False,
 ) -> ClientApp:
     """Build a Flower ClientApp that trains ``model`` on ``provider``'s partition.
 
@@ -130,6 +134,10 @@ def make_client_app(
     policy
         The device's policy: a DP-SGD round (``fedge.dpsgd``) is checked against
         its clip and noise bounds, and refused when the device has no policy.
+    answer_partition
+        Simulations only: answer ``query.partition`` messages with the node's
+        partition id, so a seeded sampler can order simulated nodes (Flower draws
+        fresh node ids for every simulated run). A deployment never sets it.
     device
         Where non-private local training runs (:func:`fl_client.device.select_device`:
         CUDA, then MPS, then the CPU with ``AUTO``). DP-SGD stays on the CPU: its
@@ -229,5 +237,13 @@ def make_client_app(
             }
         )
         return Message(content=content, reply_to=msg)
+
+    if answer_partition:
+
+        @app.query(PARTITION_QUERY)
+        def _partition(msg: Message, context: Context) -> Message:
+            partition_id, _ = _partition_of(context)
+            record = MetricRecord({PARTITION_ID_METRIC: partition_id})
+            return Message(content=RecordDict({METRICS_KEY: record}), reply_to=msg)
 
     return app

@@ -55,6 +55,7 @@ from fl_server.federation import (
 from fl_server.ledger import RUN_SUBJECT, PrivacyBudget, PrivacyLedger
 from fl_server.privacy import PrivacyMechanism, ServerDp, amplification
 from fl_server.run_summary import RunStatus, RunSummary, SummaryWriter
+from fl_server.sampling import NodeOrder
 from fl_server.secagg import SecAggConfig
 from fl_server.store.blobs import FileBlobStore
 from fl_server.store.keys import StoreKey
@@ -173,6 +174,9 @@ class RunPlan:
         The run's budget; required with ``dp`` or distributed DP.
     variants, variant_rounds
         Builds ONNX variants of a round's model, for the rounds listed.
+    node_order
+        With ``federation.sampling_seed``: the stable order of the nodes the seeded
+        draw picks from (:class:`fl_server.sampling.SeededSampling`).
     """
 
     run_id: str
@@ -188,6 +192,7 @@ class RunPlan:
     privacy: PrivacyPlan | None = None
     variants: Callable[[RoundReport], list[NewArtefact]] | None = None
     variant_rounds: Collection[int] = ()
+    node_order: NodeOrder = sorted
 
     def __post_init__(self) -> None:
         check_model_name(self.model_name)
@@ -372,7 +377,14 @@ def run_coordinated(
                 }
             )
             summary.status, summary.error = RunStatus.RUNNING, None
-        writer = SummaryWriter(summary, location.summary, started, publisher.versions)
+        spent = _spent_so_far(budget, plan.run_id)
+        writer = SummaryWriter(
+            summary,
+            location.summary,
+            started,
+            publisher.versions,
+            epsilon=None if spent is None else lambda: (spent() or (None, 0.0))[0],
+        )
         writer.flush()
         server_app = make_server_app(
             plan.federation,
@@ -387,6 +399,7 @@ def run_coordinated(
             privacy=budget,
             dp=plan.dp,
             first_round=first_round,
+            node_order=plan.node_order,
         )
         try:
             with _sigterm_interrupts():

@@ -38,6 +38,7 @@ from fl_server.dp_strategy import DifferentialPrivacy
 from fl_server.ledger import BudgetExceeded, PrivacyBudget, RoundSpend
 from fl_server.privacy import ServerDp
 from fl_server.rounds import run_rounds
+from fl_server.sampling import NodeOrder, SeededSampling
 from fl_server.secagg import (
     PrivacyGuard,
     SecAggConfig,
@@ -92,6 +93,9 @@ class FederationConfig:
         Seconds to wait for the replies of one round, > 0.
     strategy
         The server's aggregation rule (FedAvg unless told otherwise).
+    sampling_seed
+        Choose each round's nodes with a generator seeded by it and the round
+        (:class:`fl_server.sampling.SeededSampling`); ``None``: Flower's own draw.
     """
 
     num_rounds: int
@@ -100,6 +104,7 @@ class FederationConfig:
     min_available_nodes: int = 1
     round_timeout_s: float = 600.0
     strategy: StrategySpec = field(default_factory=StrategySpec)
+    sampling_seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -115,6 +120,8 @@ class FederationConfig:
             )
         if not (math.isfinite(self.round_timeout_s) and self.round_timeout_s > 0):
             raise ConfigError(f"round_timeout_s must be > 0, got {self.round_timeout_s}")
+        if self.sampling_seed is not None and self.sampling_seed < 0:
+            raise ConfigError(f"sampling_seed must be >= 0, got {self.sampling_seed}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +145,8 @@ class RoundReport:
     model_sha256: str
     model_path: str
     secure_aggregation: dict[str, Any] | None = None
+    sampled: int | None = None
+    refused: dict[str, int] = field(default_factory=dict)
 
 
 class RoundObserver(Protocol):
@@ -329,6 +338,7 @@ def make_server_app(
     privacy: PrivacyBudget | None = None,
     dp: ServerDp | None = None,
     first_round: int = 1,
+    node_order: NodeOrder = sorted,
 ) -> ServerApp:
     """Build a ServerApp that runs ``config.strategy`` (FedAvg by default) and records every round.
 
@@ -369,6 +379,9 @@ def make_server_app(
         Central, local or sample-level DP (:class:`fl_server.dp_strategy.DifferentialPrivacy`
         around FedAvg);
         distributed DP is configured in ``secure`` instead. Needs ``privacy``.
+    node_order
+        With ``config.sampling_seed``: puts the available nodes in a stable order
+        before the seeded draw (a simulation orders them by partition).
     first_round
         The first round to train (a resumed run continues its numbering);
         ``initial_arrays`` is then the model of round ``first_round - 1``,
@@ -395,14 +408,17 @@ def make_server_app(
             "min_train_nodes": config.min_train_nodes,
             "min_available_nodes": config.min_available_nodes,
         }
+        rule = build_strategy(config.strategy, **sampling)
+        if config.sampling_seed is not None:
+            rule = SeededSampling(rule, seed=config.sampling_seed, node_order=node_order)
         strategy: Strategy
         if dp is None:
-            strategy = _Counting(build_strategy(config.strategy, **sampling), counts)
+            strategy = _Counting(rule, counts)
         else:
             assert privacy is not None
             # The wrapper counts the replies itself (a secure aggregate holds many clients).
             strategy = DifferentialPrivacy(
-                build_strategy(config.strategy, **sampling),
+                rule,
                 dp=dp,
                 sink=LedgerSink(privacy, audit, run_id, dp.mechanism.value),
                 on_replies=counts.on_replies,
@@ -461,6 +477,8 @@ def make_server_app(
                 model_sha256=saved.sha256,
                 model_path=str(saved.path),
                 secure_aggregation=secure_summary,
+                sampled=round_tally.sampled if server_round > 0 else None,
+                refused=round_tally.refused if server_round > 0 else {},
             )
             for observer in observers:
                 observer.on_round(report)

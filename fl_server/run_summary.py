@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ class RunSummary:
     db_url: str
     status: str = RunStatus.RUNNING
     initial_accuracy: float | None = None
+    initial_loss: float | None = None
     rounds: list[dict[str, Any]] = field(default_factory=list)
     wall_seconds: float = 0.0
     audit_head: str | None = None
@@ -65,6 +67,7 @@ class RunSummary:
                 db_url=str(document["audit"]["db_url"]),
                 status=str(document["status"]),
                 initial_accuracy=document["initial_accuracy"],
+                initial_loss=document.get("initial_loss"),
                 rounds=rounds,
                 wall_seconds=float(document["wall_seconds"]),
                 audit_head=document["audit"]["head_hash"],
@@ -86,6 +89,7 @@ class RunSummary:
             "status": self.status,
             "final_accuracy": self.final_accuracy,
             "initial_accuracy": self.initial_accuracy,
+            "initial_loss": self.initial_loss,
             "rounds": self.rounds,
             "config": self.config,
             "config_sha256": self.config_sha256,
@@ -130,17 +134,21 @@ class SummaryWriter:
         path: Path,
         started: float,
         versions: dict[int, int] | None = None,
+        epsilon: Callable[[], float | None] | None = None,
     ) -> None:
         self.summary = summary
         self._path = path
         self._started = started
         self._versions = versions if versions is not None else {}
+        self._epsilon = epsilon
 
     def on_round(self, report: RoundReport) -> None:
         """Record a finished round (round 0: the initial model's accuracy) and rewrite the file."""
         if report.server_round == 0:
             self.summary.initial_accuracy = report.accuracy
+            self.summary.initial_loss = report.loss
         else:
+            sampled = report.sampled
             self.summary.rounds.append(
                 {
                     "round": report.server_round,
@@ -149,6 +157,12 @@ class SummaryWriter:
                     "seconds": round(report.seconds, 3),
                     "replies": report.num_replies,
                     "failures": report.num_failures,
+                    # As the round.completed event counts them (see fl_server.federation).
+                    "sampled": sampled,
+                    "completed": report.num_replies,
+                    "dropped": None if sampled is None else max(sampled - report.num_replies, 0),
+                    "refused": dict(report.refused),
+                    "epsilon": None if self._epsilon is None else self._epsilon(),
                     "model_sha256": report.model_sha256,
                     "model_path": report.model_path,
                     "secure_aggregation": report.secure_aggregation,
