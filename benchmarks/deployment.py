@@ -188,9 +188,11 @@ def _sim_config(args: argparse.Namespace) -> Any:
 
 def _write_data(config: Any, directory: Path) -> list[Path]:
     """Write each device's partition of the simulation, and the server's evaluation set."""
-    from simulations.provider import FashionMnistPartitions, cached_dataset
+    from simulations.provider import FASHION_MNIST, DatasetPartitions, cached_dataset
 
-    provider = FashionMnistPartitions(None, config.train_examples, config.partition_config())
+    provider = DatasetPartitions(
+        FASHION_MNIST, None, config.train_examples, config.partition_config()
+    )
     files = []
     for index in range(config.num_clients):
         images, labels = provider(index, config.num_clients)

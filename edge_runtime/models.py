@@ -234,7 +234,9 @@ def to_tensor(inputs: npt.NDArray[Any], encoding: InputEncoding) -> torch.Tensor
     if encoding is InputEncoding.FLOAT32:
         if inputs.ndim < 2:
             raise ConfigError(f"float32 inputs must have shape (N, ...), got {inputs.shape}")
-        return torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
+        values = np.ascontiguousarray(inputs, dtype=np.float32)
+        # A shared, read-only array (a cached data set) is copied: torch needs a writable one.
+        return torch.from_numpy(values if values.flags.writeable else values.copy())
     raise ConfigError(f"unknown input encoding {encoding!r}")
 
 

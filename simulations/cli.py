@@ -31,8 +31,23 @@ app = typer.Typer(
 )
 
 
+_SCENARIO_FLAGS = frozenset(
+    {"scenario", "out", "runs_dir", "db_url", "store_dir", "home", "devices_dir", "verbose"}
+)
+"""The options ``fedge sim run SCENARIO`` accepts besides the file: where things go."""
+
+
 @app.command("run")
 def run_command(
+    ctx: typer.Context,
+    scenario: Annotated[
+        Path | None,
+        typer.Argument(
+            help="A scenario file (TOML, see `fedge sim schema` and scenarios/); the "
+            "federation options below then come from it.",
+            show_default=False,
+        ),
+    ] = None,
     clients: Annotated[
         int, typer.Option("--clients", min=1, help="Simulated clients (Flower SuperNodes).")
     ] = 10,
@@ -124,13 +139,14 @@ def run_command(
         ),
     ] = 0.5,
     secagg_dropout: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--secagg-dropout",
             help="With --secure-agg: fraction of a round's clients whose dropout the round "
-            "must survive (chooses the neighbours k and threshold t).",
+            "must survive (chooses the neighbours k and threshold t) [default: the largest "
+            "of 0.2, 0.1 and 0 that the clients sampled per round allow].",
         ),
-    ] = 0.2,
+    ] = None,
     ring_bits: Annotated[
         int,
         typer.Option(
@@ -242,13 +258,28 @@ def run_command(
         bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's own logs.")
     ] = False,
 ) -> None:
-    """Train a CNN on Fashion-MNIST with FedAvg across simulated clients.
+    """Run a simulated federation: a scenario file, or a CNN on Fashion-MNIST from the options.
 
     Shows each round live, saves every round's global model with its SHA-256,
-    appends the run to the audit log and writes a JSON summary.
+    appends the run to the audit log and the model store, and writes a JSON
+    summary (with a scenario file: also the checked scenario and PNG plots).
     """
     # Heavy imports (torch, Flower, Ray) only when a run is asked for.
     from rich.console import Console
+
+    if scenario is not None:
+        _refuse_flags_beside_a_scenario(ctx)
+        _run_scenario_file(
+            scenario,
+            out=out,
+            runs_dir=runs_dir,
+            db_url=db_url,
+            store_dir=store_dir,
+            home=home,
+            devices_dir=devices_dir,
+            verbose=verbose,
+        )
+        return
 
     from fl_client.training import TrainConfig
     from simulations.config import SimConfig, default_parallelism
@@ -330,6 +361,115 @@ def run_command(
         f"{outcome} in {summary.wall_seconds:.1f} s; "
         f"summary {paths.summary}; audit head {summary.audit_head}"
     )
+
+
+def _refuse_flags_beside_a_scenario(ctx: typer.Context) -> None:
+    """Refuse federation options given with a scenario file: the file says it all."""
+    from click.core import ParameterSource
+
+    given = [
+        "--" + name.replace("_", "-")
+        for name in ctx.params
+        if name not in _SCENARIO_FLAGS
+        and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+    ]
+    if given:
+        raise ConfigError(
+            f"{', '.join(given)} cannot be combined with a scenario file: set them in the "
+            "file instead (see `fedge sim schema`)"
+        )
+
+
+def _run_scenario_file(
+    path: Path,
+    *,
+    out: Path | None,
+    runs_dir: Path | None,
+    db_url: str | None,
+    store_dir: Path | None,
+    home: Path | None,
+    devices_dir: Path | None,
+    verbose: bool,
+) -> None:
+    from rich.console import Console
+
+    from simulations.display import RoundDisplay
+    from simulations.scenario_run import prepare_scenario, run_scenario
+
+    prepared = prepare_scenario(
+        path,
+        home=home,
+        out=out,
+        runs_dir=runs_dir,
+        db_url=db_url,
+        store_dir=store_dir,
+        devices_dir=devices_dir,
+    )
+    config, checked = prepared.config, prepared.scenario
+    console = Console(stderr=True)
+    console.print(
+        f"[bold]fedge sim run[/] {checked.name} ({prepared.run_id}): "
+        f"{config.num_clients} clients, {config.sampled_clients} per round, "
+        f"{config.num_rounds} rounds, {config.dataset} ({config.partition.value}), "
+        f"{config.architecture.label}, {config.strategy.rule.value}"
+        + (f", SecAgg+ ({config.threat_model.value} server)" if config.secure_agg else "")
+        + (f", DP {config.dp.value}" if config.dp is not DpMode.OFF else ""),
+        highlight=False,
+    )
+    if checked.scenario.description:
+        console.print(checked.scenario.description, highlight=False)
+    title = f"{checked.name} - {prepared.run_id}"
+    with RoundDisplay(console, num_rounds=config.num_rounds, title=title) as view:
+        result = run_scenario(prepared, observers=[view], verbose=verbose)
+    console.line()
+    summary = result.summary
+    if summary.privacy is not None:
+        typer.echo(_privacy_line(summary.privacy))
+    final = summary.final_accuracy
+    outcome = (
+        "no round completed"
+        if final is None
+        else f"final accuracy {final:.4f} after {len(summary.rounds)} rounds"
+    )
+    typer.echo(
+        f"{outcome} in {summary.wall_seconds:.1f} s; summary {result.summary_path}; "
+        f"audit head {summary.audit_head}"
+    )
+    if result.plots:
+        typer.echo(f"plots: {result.plots[0].parent} ({len(result.plots)} PNG)")
+    if result.mlflow_run_id is not None:
+        typer.echo(f"MLflow run {result.mlflow_run_id}")
+
+
+@app.command("check")
+def check_command(
+    scenario: Annotated[Path, typer.Argument(help="The scenario file to check.")],
+) -> None:
+    """Check a scenario file and its data set without running it (writes nothing)."""
+    from simulations.datasets import cached_dataset
+    from simulations.scenario import load_scenario
+
+    checked = load_scenario(scenario)
+    data_dir = None if checked.data.dir is None else str(checked.data.dir)
+    config = checked.sim_config(cached_dataset(checked.data.dataset, data_dir).encoding)
+    typer.echo(
+        f"{scenario}: scenario {checked.name!r} is valid: {config.num_clients} clients, "
+        f"{config.sampled_clients} per round, {config.num_rounds} rounds, "
+        f"{config.strategy.rule.value}"
+        + (
+            f", SecAgg+ tolerating {config.dropout_tolerance:.0%} dropouts"
+            if config.secure_agg
+            else ""
+        )
+    )
+
+
+@app.command("schema")
+def schema_command() -> None:
+    """Print the scenario file schema: every table, key, type, default and meaning (Markdown)."""
+    from simulations.scenario_schema import schema_markdown
+
+    typer.echo(schema_markdown(), nl=False)
 
 
 def _check_writable(paths: RunPaths, *, runs_dir: Path) -> None:

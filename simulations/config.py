@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.models import ModelName
+from edge_runtime.model_spec import ModelSpec
+from edge_runtime.models import InputEncoding, ModelName
 from fedge.errors import ConfigError
 from fl_client.policy import DevicePolicy
 from fl_client.training import TrainConfig
@@ -21,9 +22,15 @@ from simulations.modes import DpMode, VariantRounds
 from simulations.partition import PartitionConfig, PartitionMode
 from strategies.central import AdaptiveClipping, CentralDpSettings, LocalDpSettings
 from strategies.ddp import DistributedDpSettings
+from strategies.rules import StrategySpec
 from strategies.sample_dp import SampleDpSettings
 
-__all__ = ["DpMode", "SimConfig", "default_parallelism"]
+__all__ = ["AUTO_DROPOUTS", "DpMode", "SimConfig", "default_parallelism"]
+
+AUTO_DROPOUTS = (0.2, 0.1, 0.0)
+"""The dropout tolerances an unset ``secagg_dropout`` tries, largest first."""
+
+_CORRUPT_FRACTION = SecAggConfig(clip_range=1.0).corrupt_fraction
 
 
 def default_parallelism() -> int:
@@ -50,12 +57,23 @@ class SimConfig:
         How the training set is split across clients.
     alpha
         Dirichlet concentration for ``partition=DIRICHLET``.
+    shards_per_client
+        Label-sorted shards per client for ``partition=SHARDS``.
     fraction_train
         Fraction of clients sampled per round, in (0, 1].
     train
         Local training hyper-parameters.
     model
-        The architecture.
+        The built-in architecture (when ``model_spec`` is ``None``).
+    model_spec
+        Any torch model by import path, with its arguments and input encoding;
+        ``None``: the built-in ``model``.
+    dataset
+        The data set: a built-in name (``fashion-mnist``, ``shuttle``) or a loader's
+        import path (:mod:`simulations.datasets`).
+    strategy
+        The server's aggregation rule and its options (FedAvg by default); DP
+        wraps it.
     model_name
         The name the run's versions are published under in the model store
         (``[A-Za-z0-9_.-]{1,64}``); ``None``: the architecture's name (``cnn``). Give
@@ -75,7 +93,8 @@ class SimConfig:
         Secure aggregation clips each coordinate of an update to [-c, c].
     secagg_dropout
         Fraction of a round's clients the secure round must survive losing
-        (with a 10% corrupt fraction it chooses k and t; see docs/secure-aggregation.md).
+        (with a 10% corrupt fraction it chooses k and t; see docs/secure-aggregation.md);
+        ``None``: the largest of 20%, 10% and 0% that the sampled clients allow.
     dp
         ``CENTRAL``: clients clip, the server adds Gaussian noise; ``DISTRIBUTED``:
         clients add discrete Gaussian noise under secure aggregation; ``LOCAL``:
@@ -108,9 +127,13 @@ class SimConfig:
     seed: int = 0
     partition: PartitionMode = PartitionMode.DIRICHLET
     alpha: float = 0.5
+    shards_per_client: int = 2
     fraction_train: float = 1.0
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelName = ModelName.CNN
+    model_spec: ModelSpec | None = None
+    dataset: str = "fashion-mnist"
+    strategy: StrategySpec = field(default_factory=StrategySpec)
     model_name: str | None = None
     data_dir: Path | None = None
     train_examples: int | None = None
@@ -119,7 +142,7 @@ class SimConfig:
     secure_agg: bool = False
     threat_model: ThreatModel = ThreatModel.ACTIVE
     clip_range: float = 0.5
-    secagg_dropout: float = 0.2
+    secagg_dropout: float | None = None
     dp: DpMode = DpMode.OFF
     epsilon: float | None = None
     delta: float = 1e-5
@@ -148,6 +171,18 @@ class SimConfig:
         # Validates num_clients, alpha and seed with the partitioner's own checks.
         self.partition_config()
         self._check_dp()
+        if not self.dataset:
+            raise ConfigError("dataset must name a data set")
+        if self.variants is not VariantRounds.OFF and self.model_spec is not None:
+            raise ConfigError(
+                "ONNX variants are built for the built-in image models only; "
+                "set variants to off for a model given by import path"
+            )
+        self.strategy.check_run(
+            secure_aggregation=self.secure_agg,
+            central_dp=self.dp is DpMode.CENTRAL,
+            sampled=self.sampled_clients,
+        )
         if self.secure_agg:
             if self.num_clients < 2:
                 raise ConfigError("secure aggregation needs at least 2 clients")
@@ -160,8 +195,14 @@ class SimConfig:
                     threat_model=secure.threat_model,
                 )
             except ConfigError as exc:
+                if self.secagg_dropout is None:
+                    raise ConfigError(
+                        f"{exc}: secure aggregation of {self.sampled_clients} clients per "
+                        "round cannot hold even without dropouts; sample at least 3"
+                    ) from None
                 raise ConfigError(
-                    f"{exc}; for small federations pass --secagg-dropout 0 (no dropout tolerated)"
+                    f"{exc}; for small federations pass --secagg-dropout 0 (no dropout "
+                    "tolerated), or leave it unset to choose the largest that fits"
                 ) from None
 
     def _check_dp(self) -> None:
@@ -197,6 +238,34 @@ class SimConfig:
         return self.model.value if self.model_name is None else self.model_name
 
     @property
+    def architecture(self) -> ModelSpec:
+        """The model both sides build: ``model_spec``, else the built-in ``model``."""
+        return self.model_spec if self.model_spec is not None else ModelSpec.of(self.model)
+
+    @property
+    def input_encoding(self) -> InputEncoding:
+        """How the data set's examples become the model's input."""
+        return self.architecture.encoding
+
+    @property
+    def dropout_tolerance(self) -> float:
+        """The secure round's dropout fraction: ``secagg_dropout``, or the largest that fits."""
+        if self.secagg_dropout is not None:
+            return self.secagg_dropout
+        for fraction in AUTO_DROPOUTS:
+            try:
+                choose_neighbourhood(
+                    self.sampled_clients,
+                    dropout_fraction=fraction,
+                    corrupt_fraction=_CORRUPT_FRACTION,
+                    threat_model=self.threat_model,
+                )
+            except ConfigError:
+                continue
+            return fraction
+        return AUTO_DROPOUTS[-1]
+
+    @property
     def sampled_clients(self) -> int:
         """Clients sampled per round."""
         return max(1, int(self.num_clients * self.fraction_train))
@@ -208,7 +277,7 @@ class SimConfig:
             ring_bits=self.ring_bits,
             threat_model=self.threat_model,
             authority_public_key=authority_public_key,
-            dropout_fraction=self.secagg_dropout,
+            dropout_fraction=self.dropout_tolerance,
             min_clients=2,
             distributed_dp=(
                 DistributedDpSettings(
@@ -304,7 +373,11 @@ class SimConfig:
     def partition_config(self) -> PartitionConfig:
         """Return the partitioning this configuration asks for."""
         return PartitionConfig(
-            num_clients=self.num_clients, mode=self.partition, alpha=self.alpha, seed=self.seed
+            num_clients=self.num_clients,
+            mode=self.partition,
+            alpha=self.alpha,
+            shards_per_client=self.shards_per_client,
+            seed=self.seed,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -316,8 +389,19 @@ class SimConfig:
         raw["dp"] = self.dp.value
         raw["variants"] = self.variants.value
         raw["data_dir"] = None if self.data_dir is None else str(self.data_dir)
+        raw["secagg_dropout"] = self.dropout_tolerance
+        # Left out at their defaults: a configuration's hash stays what it was before
+        # the options existed.
         if self.model_name is None:
-            # Left out by default: a configuration's hash stays what it was before the
-            # option existed.
             del raw["model_name"]
+        if self.train.proximal_mu == 0:
+            del raw["train"]["proximal_mu"]
+        for name, default in (("shards_per_client", 2), ("dataset", "fashion-mnist")):
+            if raw[name] == default:
+                del raw[name]
+        del raw["model_spec"], raw["strategy"]
+        if self.model_spec is not None:
+            raw["model_spec"] = self.model_spec.to_json()
+        if self.strategy != StrategySpec():
+            raw["strategy"] = self.strategy.to_json()
         return raw

@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedge.errors import ConfigError
-from fl_client import build_model, make_client_app
+from fl_client import make_client_app
 from fl_client.budget import ClientBudget, ClientLedger
 from fl_client.composition import device_mods
 from fl_client.messages import encode_train_config
@@ -39,9 +39,10 @@ from simulations.config import DpMode, SimConfig
 from simulations.data import Split
 from simulations.enrolment import SimulatedFleet, enrol_fleet
 from simulations.modes import VariantRounds
+from simulations.node_order import PartitionOrder
 from simulations.offline import apply_offline_env, quiet_flower, ray_backend_config
 from simulations.partition import label_skew
-from simulations.provider import FashionMnistPartitions, cached_dataset
+from simulations.provider import DatasetPartitions, training_data
 from strategies.accounting import AccountantKind
 
 __all__ = [
@@ -93,27 +94,37 @@ class RunPaths:
 class PreparedData:
     """The loaded, validated and partitioned data of a run."""
 
-    provider: FashionMnistPartitions
+    provider: DatasetPartitions
     test: Split
     stats: dict[str, Any]
 
 
 def prepare_data(config: SimConfig) -> PreparedData:
-    """Load Fashion-MNIST and partition it, so bad input fails before anything starts.
+    """Load the data set and partition it, so bad input fails before anything starts.
 
     Raises
     ------
     DataError
-        If Fashion-MNIST is missing or corrupt.
+        If the data set is missing or corrupt.
     ConfigError
-        If the partitioning cannot be satisfied (e.g. more clients than examples).
+        If the partitioning cannot be satisfied (e.g. more clients than examples),
+        or the data set's examples do not fit the model's input encoding.
     """
     data_dir = None if config.data_dir is None else str(config.data_dir)
-    dataset = cached_dataset(data_dir, config.train_examples)
+    dataset = training_data(config.dataset, data_dir, config.train_examples)
+    if dataset.encoding is not config.input_encoding:
+        raise ConfigError(
+            f"the model {config.architecture.label} takes {config.input_encoding.value} inputs "
+            f"but the data set {config.dataset!r} yields {dataset.encoding.value}"
+        )
     test = dataset.test.take(config.test_examples or len(dataset.test))
-    provider = FashionMnistPartitions(data_dir, config.train_examples, config.partition_config())
+    provider = DatasetPartitions(
+        config.dataset, data_dir, config.train_examples, config.partition_config()
+    )
     parts = provider.partitions()
     stats = {
+        "dataset": dataset.name,
+        "num_classes": dataset.num_classes,
         "train_examples": len(dataset.train),
         "test_examples": len(test),
         "client_sizes": [len(p) for p in parts],
@@ -165,6 +176,8 @@ def run_federation(
     if prepared is None:
         prepared = prepare_data(config)
     provider, test = prepared.provider, prepared.test
+    # Seeded sampling draws from the nodes in partition order (Flower's node ids are fresh).
+    order = PartitionOrder()
     plan = RunPlan(
         run_id=run_id,
         model_name=config.store_model_name,
@@ -173,10 +186,12 @@ def run_federation(
             fraction_train=config.fraction_train,
             min_train_nodes=config.sampled_clients,
             min_available_nodes=config.num_clients,
+            strategy=config.strategy,
+            sampling_seed=config.seed,
         ),
-        initial_arrays=ArrayRecord(build_model(config.model, seed=config.seed).state_dict()),
+        initial_arrays=ArrayRecord(config.architecture.build(seed=config.seed).state_dict()),
         train_config=encode_train_config(config.train, seed=config.seed),
-        evaluate=central_evaluator(config.model, test.images, test.labels),
+        evaluate=central_evaluator(config.architecture, test.images, test.labels),
         config_json=config.to_json(),
         data_stats=prepared.stats,
         # Filled in by _simulate, once the simulated fleet is enrolled.
@@ -184,6 +199,7 @@ def run_federation(
         dp=config.server_dp(),
         privacy=_privacy_plan(config),
         variants=None if config.variants is VariantRounds.OFF else _variant_builder(config, test),
+        node_order=order,
         variant_rounds=range(1, config.num_rounds + 1)
         if config.variants is VariantRounds.EVERY
         else (config.num_rounds,),
@@ -212,6 +228,7 @@ def run_federation(
             run_id=run_id,
             server_app=server_app,
             fleet=fleet,
+            order=order,
             verbose=verbose,
         )
 
@@ -249,7 +266,9 @@ def _variant_builder(config: SimConfig, test: Split) -> Callable[[RoundReport], 
 
     def build(report: RoundReport) -> list[NewArtefact]:
         data_dir = None if config.data_dir is None else str(config.data_dir)
-        calibration = cached_dataset(data_dir, config.train_examples).train.images[:1000]
+        calibration = training_data(config.dataset, data_dir, config.train_examples).train.images[
+            :1000
+        ]
         held_out = test.take(2000)
         return build_model_variants(
             Path(report.model_path),
@@ -280,11 +299,12 @@ def _accountant(config: SimConfig) -> AccountantKind:
 def _simulate(
     *,
     config: SimConfig,
-    provider: FashionMnistPartitions,
+    provider: DatasetPartitions,
     paths: RunPaths,
     run_id: str,
     server_app: ServerApp,
     fleet: SimulatedFleet | None,
+    order: PartitionOrder,
     verbose: bool,
 ) -> None:
     # Imported here: Flower's simulation module pulls in Ray, which the rest of
@@ -309,7 +329,13 @@ def _simulate(
         on_refusal=RefusalLog(paths.devices_dir),
     )
     client_app = make_client_app(
-        provider, model=config.model, num_threads=1, mods=mods, budget=budget, policy=policy
+        provider,
+        model=config.architecture,
+        num_threads=1,
+        mods=mods,
+        budget=budget,
+        policy=policy,
+        answer_partition=True,
     )
     parallelism = min(config.parallelism, config.num_clients)
     logger.info(
@@ -321,7 +347,8 @@ def _simulate(
     )
     _run_engine(
         server_app,
-        lambda app: run_simulation(
+        on_grid=order.bind,
+        engine=lambda app: run_simulation(
             server_app=app,
             client_app=client_app,
             num_supernodes=config.num_clients,
@@ -331,7 +358,12 @@ def _simulate(
     )
 
 
-def _run_engine(server_app: ServerApp, engine: Callable[[ServerApp], object]) -> None:
+def _run_engine(
+    server_app: ServerApp,
+    engine: Callable[[ServerApp], object],
+    *,
+    on_grid: Callable[[Grid], None] = lambda grid: None,
+) -> None:
     """Run ``engine`` on ``server_app``; when it ends, however it ends, the ServerApp ends.
 
     Flower's simulation runs the ServerApp on a non-daemon thread of its own, which ends
@@ -339,7 +371,7 @@ def _run_engine(server_app: ServerApp, engine: Callable[[ServerApp], object]) ->
     Ctrl-C) the ServerApp's Grid raises, and the round in hand (evaluation, saving) is
     waited for, so that the run is recorded after it and the process can always exit.
     """
-    gate = _ServerAppGate()
+    gate = _ServerAppGate(on_grid)
     try:
         engine(gate.wrap(server_app))
     finally:
@@ -411,7 +443,8 @@ class _StoppableGrid(ForwardingGrid):
 class _ServerAppGate:
     """Let a ServerApp run until :meth:`stop`; a ServerApp not yet started never starts."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_grid: Callable[[Grid], None] = lambda grid: None) -> None:
+        self._on_grid = on_grid
         self.stopped = threading.Event()
         self.finished = threading.Event()
         self._started = False
@@ -428,7 +461,9 @@ class _ServerAppGate:
                     return
                 self._started = True
             try:
-                server_app(_StoppableGrid(grid, self.stopped), context)
+                stoppable = _StoppableGrid(grid, self.stopped)
+                self._on_grid(stoppable)
+                server_app(stoppable, context)
             finally:
                 self.finished.set()
 

@@ -12,7 +12,7 @@ from fl_server import RoundReport
 from fl_server.audit import AuditEventKind, AuditLog
 from fl_server.db import open_database
 from simulations.config import SimConfig
-from simulations.provider import FashionMnistPartitions
+from simulations.provider import DatasetPartitions
 from simulations.run import PreparedData, RunPaths, new_run_id, prepare_data, run_federation
 from tests.conftest import make_synthetic_fashion
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 @dataclass(frozen=True, slots=True)
 class _FailingFirstClient:
-    inner: FashionMnistPartitions
+    inner: DatasetPartitions
 
     def __call__(self, partition_id: int, num_partitions: int) -> tuple[np.ndarray, np.ndarray]:
         if partition_id == 0:

@@ -11,7 +11,26 @@ from simulations.config import DpMode, SimConfig
 
 def test_a_federation_too_small_for_the_dropout_tolerance_fails_early_with_advice() -> None:
     with pytest.raises(ConfigError, match="pass --secagg-dropout 0"):
-        SimConfig(num_clients=3, secure_agg=True)
+        SimConfig(num_clients=3, secure_agg=True, secagg_dropout=0.2)
+
+
+@pytest.mark.parametrize(
+    ("clients", "fraction", "tolerance"),
+    [(3, 1.0, 0.0), (5, 1.0, 0.2), (6, 1.0, 0.1), (10, 1.0, 0.2)],
+)
+def test_an_unset_dropout_tolerance_is_the_largest_the_sampled_clients_allow(
+    clients: int, fraction: float, tolerance: float
+) -> None:
+    config = SimConfig(num_clients=clients, fraction_train=fraction, secure_agg=True)
+
+    assert config.dropout_tolerance == tolerance
+    assert config.secure_config(authority_public_key=bytes(32)).dropout_fraction == tolerance
+    assert config.to_json()["secagg_dropout"] == tolerance
+
+
+def test_two_sampled_clients_cannot_aggregate_securely_and_the_error_says_so() -> None:
+    with pytest.raises(ConfigError, match="sample at least 3"):
+        SimConfig(num_clients=10, fraction_train=0.2, secure_agg=True)
 
 
 def test_small_federations_run_without_dropout_tolerance() -> None:
