@@ -19,6 +19,7 @@ from flwr.clientapp.typing import Mod
 
 from fl_client.budget import ClientBudget, make_budget_mod
 from fl_client.dp_mod import make_dp_mod
+from fl_client.norm_bound_mod import make_norm_bound_mod
 from fl_client.policy import DevicePolicy
 from fl_client.refusals import RefusalRecorder, ignore_refusal
 from fl_client.revocations import RevocationProvider, nothing_revoked
@@ -38,6 +39,7 @@ def device_mods(
     on_refusal: RefusalRecorder = ignore_refusal,
     rng_factory: Callable[[], RandomSource] = SystemRandomSource,
     revocations: RevocationProvider = nothing_revoked,
+    max_update_l2: float | None = None,
 ) -> tuple[Mod, ...]:
     """Return the device's mods, outermost first, for ``ClientApp(mods=...)``.
 
@@ -60,6 +62,11 @@ def device_mods(
     revocations
         The device's own verified revocation list (active threat model): a
         neighbour on it is refused like one with a forged certificate.
+    max_update_l2
+        Bound the L2 norm of every update the device sends
+        (:func:`fl_client.norm_bound_mod.make_norm_bound_mod`), innermost, right
+        above the training it guards: the defence against poisoned training that
+        holds under secure aggregation. ``None``: no bound.
     """
     mods: list[Mod] = []
     if secure:
@@ -83,4 +90,6 @@ def device_mods(
         mods.append(make_budget_mod(budget, policy=policy, on_refusal=on_refusal))
     if client_dp:
         mods.append(make_dp_mod(policy=policy, rng_factory=rng_factory, on_refusal=on_refusal))
+    if max_update_l2 is not None:
+        mods.append(make_norm_bound_mod(max_update_l2))
     return tuple(mods)

@@ -36,6 +36,7 @@ from fl_server.audit import AuditEventKind, AuditLog
 from fl_server.checkpoints import CheckpointDir
 from fl_server.dp_strategy import DifferentialPrivacy
 from fl_server.ledger import BudgetExceeded, PrivacyBudget, RoundSpend
+from fl_server.norm_bounding import NormBounding
 from fl_server.privacy import ServerDp
 from fl_server.rounds import run_rounds
 from fl_server.sampling import NodeOrder, SeededSampling
@@ -93,6 +94,10 @@ class FederationConfig:
         Seconds to wait for the replies of one round, > 0.
     strategy
         The server's aggregation rule (FedAvg unless told otherwise).
+    norm_bound
+        Bound every reply's update to this L2 norm on the server
+        (:class:`fl_server.norm_bounding.NormBounding`); for runs without secure
+        aggregation (under it, devices bound their own updates). ``None``: no bound.
     sampling_seed
         Choose each round's nodes with a generator seeded by it and the round
         (:class:`fl_server.sampling.SeededSampling`); ``None``: Flower's own draw.
@@ -105,6 +110,7 @@ class FederationConfig:
     round_timeout_s: float = 600.0
     strategy: StrategySpec = field(default_factory=StrategySpec)
     sampling_seed: int | None = None
+    norm_bound: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -120,6 +126,10 @@ class FederationConfig:
             )
         if not (math.isfinite(self.round_timeout_s) and self.round_timeout_s > 0):
             raise ConfigError(f"round_timeout_s must be > 0, got {self.round_timeout_s}")
+        if self.norm_bound is not None and not (
+            math.isfinite(self.norm_bound) and self.norm_bound > 0
+        ):
+            raise ConfigError(f"norm_bound must be > 0, got {self.norm_bound}")
         if self.sampling_seed is not None and self.sampling_seed < 0:
             raise ConfigError(f"sampling_seed must be >= 0, got {self.sampling_seed}")
 
@@ -423,6 +433,8 @@ def make_server_app(
                 sink=LedgerSink(privacy, audit, run_id, dp.mechanism.value),
                 on_replies=counts.on_replies,
             )
+        if config.norm_bound is not None:
+            strategy = NormBounding(strategy, config.norm_bound)
         round_started = time.perf_counter()
 
         def _evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:

@@ -21,7 +21,12 @@ from simulations.modes import DpMode, VariantRounds
 from simulations.partition import PartitionMode
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
+    from fl_server import RoundReport
+    from simulations.display import RoundDisplay
     from simulations.run import RunPaths
+    from simulations.scenario_run import ScenarioResult, ScenarioRun
 
 __all__ = ["app"]
 
@@ -393,7 +398,6 @@ def _run_scenario_file(
 ) -> None:
     from rich.console import Console
 
-    from simulations.display import RoundDisplay
     from simulations.scenario_run import prepare_scenario, run_scenario
 
     prepared = prepare_scenario(
@@ -419,9 +423,24 @@ def _run_scenario_file(
     if checked.scenario.description:
         console.print(checked.scenario.description, highlight=False)
     title = f"{checked.name} - {prepared.run_id}"
-    with RoundDisplay(console, num_rounds=config.num_rounds, title=title) as view:
-        result = run_scenario(prepared, observers=[view], verbose=verbose)
+    with _Displays(console) as displays:
+
+        def baseline_display(run: ScenarioRun) -> list[_LazyDisplay]:
+            console.print(
+                f"first without the defence ({run.run_id}), then with it ({prepared.run_id})",
+                highlight=False,
+            )
+            label = f"{run.scenario.name} - {run.run_id}"
+            return [displays.observer(label, run.config.num_rounds)]
+
+        result = run_scenario(
+            prepared,
+            observers=[displays.observer(title, config.num_rounds)],
+            verbose=verbose,
+            on_baseline=baseline_display,
+        )
     console.line()
+    _echo_attack(result)
     summary = result.summary
     if summary.privacy is not None:
         typer.echo(_privacy_line(summary.privacy))
@@ -439,6 +458,67 @@ def _run_scenario_file(
         typer.echo(f"plots: {result.plots[0].parent} ({len(result.plots)} PNG)")
     if result.mlflow_run_id is not None:
         typer.echo(f"MLflow run {result.mlflow_run_id}")
+
+
+class _Displays:
+    """Live round displays shown one after the other (rich shows one live display at once)."""
+
+    def __init__(self, console: Console) -> None:
+        self._console = console
+        self._open: RoundDisplay | None = None
+
+    def __enter__(self) -> _Displays:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the display on screen, if any."""
+        if self._open is not None:
+            self._open.__exit__(None, None, None)
+            self._open = None
+
+    def show(self, title: str, num_rounds: int) -> RoundDisplay:
+        """Close the display on screen and open a new one."""
+        from simulations.display import RoundDisplay
+
+        self.close()
+        self._open = RoundDisplay(self._console, num_rounds=num_rounds, title=title).__enter__()
+        return self._open
+
+    def observer(self, title: str, num_rounds: int) -> _LazyDisplay:
+        """Return a round observer whose display opens at its run's first round."""
+        return _LazyDisplay(self, title, num_rounds)
+
+
+class _LazyDisplay:
+    def __init__(self, displays: _Displays, title: str, num_rounds: int) -> None:
+        self._displays = displays
+        self._title = title
+        self._rounds = num_rounds
+        self._view: RoundDisplay | None = None
+
+    def on_round(self, report: RoundReport) -> None:
+        if self._view is None:
+            self._view = self._displays.show(self._title, self._rounds)
+        self._view.on_round(report)
+
+
+def _echo_attack(result: ScenarioResult) -> None:
+    """Say what the attack achieved, and with [defence] compare, what the defence changed."""
+    for run in (result.baseline, result):
+        if run is None or run.attack is None:
+            continue
+        attack = run.attack
+        rates = attack.get("backdoor_success_rate") or {}
+        backdoor = f", backdoor success {rates[max(rates)]:.1%}" if rates else ""
+        accuracy = attack["final_accuracy"]
+        typer.echo(
+            f"{run.scenario.name}: attack {attack['kind']} by partitions "
+            f"{attack['byzantine_partitions']}; defence {attack['defence'] or 'none'}: "
+            f"final accuracy {'-' if accuracy is None else f'{accuracy:.4f}'}{backdoor}"
+        )
 
 
 @app.command("check")

@@ -18,7 +18,8 @@ from fl_server.secagg import SecAggConfig
 from fl_server.store.names import check_model_name
 from secure_agg.params import ThreatModel, choose_neighbourhood
 from secure_agg.policy import ProtocolPolicy
-from simulations.modes import DpMode, VariantRounds
+from simulations.attacks import AttackConfig
+from simulations.modes import DpMode, NormBoundSite, VariantRounds
 from simulations.partition import PartitionConfig, PartitionMode
 from strategies.central import AdaptiveClipping, CentralDpSettings, LocalDpSettings
 from strategies.ddp import DistributedDpSettings
@@ -116,6 +117,11 @@ class SimConfig:
         Which published rounds also get ONNX variants (FP32, FP16, INT8, INT4), measured.
     client_epsilon
         Each device's own budget: a device declines rounds past it (``None``: no device ledger).
+    attack
+        Byzantine clients (:mod:`simulations.attacks`); ``None``: every client is honest.
+    norm_bound, norm_bound_site
+        Bound every update's L2 norm to ``norm_bound``, on each device (holds under
+        secure aggregation) or on the server; ``None``: no bound.
     client_lifetime_epsilon
         Each client's cap in the server's ledger, over every run it took part in
         (keyed by its enrolled identity): the server refuses a round that would
@@ -154,6 +160,9 @@ class SimConfig:
     client_epsilon: float | None = None
     client_lifetime_epsilon: float | None = None
     variants: VariantRounds = VariantRounds.OFF
+    attack: AttackConfig | None = None
+    norm_bound: float | None = None
+    norm_bound_site: NormBoundSite = NormBoundSite.DEVICE
 
     def __post_init__(self) -> None:
         if self.num_rounds < 1:
@@ -178,6 +187,7 @@ class SimConfig:
                 "ONNX variants are built for the built-in image models only; "
                 "set variants to off for a model given by import path"
             )
+        self._check_defence()
         self.strategy.check_run(
             secure_aggregation=self.secure_agg,
             central_dp=self.dp is DpMode.CENTRAL,
@@ -204,6 +214,22 @@ class SimConfig:
                     f"{exc}; for small federations pass --secagg-dropout 0 (no dropout "
                     "tolerated), or leave it unset to choose the largest that fits"
                 ) from None
+
+    def _check_defence(self) -> None:
+        if self.norm_bound is None:
+            return
+        if not (math.isfinite(self.norm_bound) and self.norm_bound > 0):
+            raise ConfigError(f"norm_bound must be a finite number > 0, got {self.norm_bound}")
+        if self.norm_bound_site is NormBoundSite.SERVER:
+            if self.secure_agg:
+                raise ConfigError(
+                    "a server-side norm bound needs every device's update, and under secure "
+                    "aggregation the server sees only their sum: bound on the devices instead"
+                )
+            if self.dp is DpMode.CENTRAL:
+                raise ConfigError(
+                    "central DP already clips every update on the server to its L2 bound"
+                )
 
     def _check_dp(self) -> None:
         if self.dp is DpMode.DISTRIBUTED and not self.secure_agg:
@@ -399,7 +425,19 @@ class SimConfig:
         for name, default in (("shards_per_client", 2), ("dataset", "fashion-mnist")):
             if raw[name] == default:
                 del raw[name]
-        del raw["model_spec"], raw["strategy"]
+        del raw["model_spec"], raw["strategy"], raw["attack"]
+        del raw["norm_bound"], raw["norm_bound_site"]
+        if self.attack is not None:
+            raw["attack"] = {
+                "kind": self.attack.kind.value,
+                "fraction": self.attack.fraction,
+                "scale": self.attack.scale,
+                "target_class": self.attack.target_class,
+                "poison_fraction": self.attack.poison_fraction,
+                "seed": self.attack.seed,
+            }
+        if self.norm_bound is not None:
+            raw["norm_bound"] = {"l2": self.norm_bound, "site": self.norm_bound_site.value}
         if self.model_spec is not None:
             raw["model_spec"] = self.model_spec.to_json()
         if self.strategy != StrategySpec():

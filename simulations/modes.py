@@ -6,7 +6,7 @@ from enum import Enum
 
 from strategies.dp_mode import DpMode
 
-__all__ = ["DpMode", "VariantRounds"]
+__all__ = ["DpMode", "NormBoundSite", "VariantRounds"]
 
 
 class VariantRounds(Enum):
@@ -15,3 +15,12 @@ class VariantRounds(Enum):
     OFF = "off"
     FINAL = "final"
     EVERY = "every"
+
+
+class NormBoundSite(Enum):
+    """Where update norms are bounded (the defence against boosted or poisoned updates)."""
+
+    DEVICE = "device"
+    """In each device's fedge runtime, above its training: holds under secure aggregation."""
+    SERVER = "server"
+    """On the server, on every reply: needs the individual updates (no secure aggregation)."""

@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from fedge.errors import ConfigError
-from fl_client import make_client_app
+from fl_client import PartitionProvider, make_client_app
 from fl_client.budget import ClientBudget, ClientLedger
 from fl_client.composition import device_mods
 from fl_client.messages import encode_train_config
@@ -35,10 +35,11 @@ from fl_server.privacy import PrivacyMechanism
 from fl_server.run_summary import RunSummary
 from fl_server.store.store import NewArtefact
 from secure_agg.params import ThreatModel
+from simulations.attacks import attack_mod, poisoned_provider
 from simulations.config import DpMode, SimConfig
 from simulations.data import Split
 from simulations.enrolment import SimulatedFleet, enrol_fleet
-from simulations.modes import VariantRounds
+from simulations.modes import NormBoundSite, VariantRounds
 from simulations.node_order import PartitionOrder
 from simulations.offline import apply_offline_env, quiet_flower, ray_backend_config
 from simulations.partition import label_skew
@@ -188,6 +189,9 @@ def run_federation(
             min_available_nodes=config.num_clients,
             strategy=config.strategy,
             sampling_seed=config.seed,
+            norm_bound=config.norm_bound
+            if config.norm_bound_site is NormBoundSite.SERVER
+            else None,
         ),
         initial_arrays=ArrayRecord(config.architecture.build(seed=config.seed).state_dict()),
         train_config=encode_train_config(config.train, seed=config.seed),
@@ -327,9 +331,16 @@ def _simulate(
         budget=budget,
         client_dp=config.dp in (DpMode.CENTRAL, DpMode.LOCAL),
         on_refusal=RefusalLog(paths.devices_dir),
+        max_update_l2=config.norm_bound if config.norm_bound_site is NormBoundSite.DEVICE else None,
     )
+    data: PartitionProvider = provider
+    if config.attack is not None:
+        # The attacker's training: poisoned data, then its update boosted or flipped,
+        # innermost, under every fedge mod (which see it as the device's own update).
+        data = poisoned_provider(provider, config.attack)
+        mods = (*mods, attack_mod(config.attack, config.num_clients))
     client_app = make_client_app(
-        provider,
+        data,
         model=config.architecture,
         num_threads=1,
         mods=mods,

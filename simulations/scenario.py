@@ -43,13 +43,16 @@ from fedge.errors import ConfigError
 from fl_client.training import TrainConfig
 from secure_agg.params import ThreatModel
 from simulations._toml_schema import ScenarioError, read_section
+from simulations.attacks import AttackConfig, AttackKind
 from simulations.config import SimConfig, default_parallelism
-from simulations.modes import DpMode, VariantRounds
+from simulations.modes import DpMode, NormBoundSite, VariantRounds
 from simulations.partition import PartitionMode
 from strategies.rules import AggregationRule, OptionValue, StrategySpec
 
 __all__ = [
+    "AttackSection",
     "DataSection",
+    "DefenceSection",
     "ModelSection",
     "OutputSection",
     "PopulationSection",
@@ -356,6 +359,83 @@ class PrivacySection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AttackSection:
+    """``[attack]``: Byzantine devices (see docs/attacks.md); no table: every device is honest."""
+
+    kind: AttackKind | None = field(
+        default=None,
+        metadata=_help(
+            "'scale' (boost the update), 'sign-flip', 'label-flip' (train on flipped labels) "
+            "or 'backdoor' (a trigger stamped on images, relabelled to target_class)."
+        ),
+    )
+    fraction: float = field(
+        default=0.1, metadata=_help("Share of the devices that are Byzantine, in [0, 1].")
+    )
+    scale: float = field(
+        default=1.0,
+        metadata=_help(
+            "Factor on the attacker's update (sign-flip: its negative; label-flip and "
+            "backdoor: boosting, 1 = none)."
+        ),
+    )
+    target_class: int = field(default=0, metadata=_help("The backdoor's target class."))
+    poison_fraction: float = field(
+        default=0.5,
+        metadata=_help("Share of an attacker's examples the backdoor stamps, in (0, 1]."),
+    )
+
+    def __post_init__(self) -> None:
+        if self.kind is not None:
+            try:
+                self.attack(num_classes=max(10, self.target_class + 1), seed=0)
+            except ConfigError as exc:
+                raise ConfigError(str(exc).replace(" must", ": must", 1)) from None
+
+    def attack(self, *, num_classes: int, seed: int) -> AttackConfig | None:
+        """Return the attack for a data set of ``num_classes`` (``None``: no attack)."""
+        if self.kind is None:
+            return None
+        return AttackConfig(
+            kind=self.kind,
+            fraction=self.fraction,
+            scale=self.scale,
+            target_class=self.target_class,
+            poison_fraction=self.poison_fraction,
+            num_classes=num_classes,
+            seed=seed,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DefenceSection:
+    """``[defence]``: update norm bounding (robust rules are a [strategy] name)."""
+
+    norm_bound: float | None = field(
+        default=None,
+        metadata=_help("Bound every update's L2 norm to this (> 0) [default: no bound]."),
+    )
+    site: NormBoundSite = field(
+        default=NormBoundSite.DEVICE,
+        metadata=_help(
+            "'device': in each device's fedge runtime (holds under secure aggregation); "
+            "'server': on every reply (needs the individual updates)."
+        ),
+    )
+    compare: bool = field(
+        default=False,
+        metadata=_help(
+            "Also run the scenario without the defence (same seed, same attackers; the "
+            "robust [strategy] replaced by fedavg) and compare them."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if self.norm_bound is not None and not self.norm_bound > 0:
+            raise ConfigError(f"norm_bound: must be > 0, got {self.norm_bound}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OutputSection:
     """``[output]``: what the run leaves besides its summary, audit trail and store versions."""
 
@@ -385,6 +465,8 @@ _SECTIONS: dict[str, type] = {
     "strategy": StrategySection,
     "secure_aggregation": SecureAggregationSection,
     "privacy": PrivacySection,
+    "attack": AttackSection,
+    "defence": DefenceSection,
     "output": OutputSection,
 }
 
@@ -401,6 +483,8 @@ class Scenario:
     strategy: StrategySection = field(default_factory=StrategySection)
     secure_aggregation: SecureAggregationSection = field(default_factory=SecureAggregationSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    attack: AttackSection = field(default_factory=AttackSection)
+    defence: DefenceSection = field(default_factory=DefenceSection)
     output: OutputSection = field(default_factory=OutputSection)
     source: str = "<scenario>"
 
@@ -414,13 +498,15 @@ class Scenario:
         """The scenario's name."""
         return self.scenario.name
 
-    def sim_config(self, data_encoding: InputEncoding) -> SimConfig:
+    def sim_config(self, data_encoding: InputEncoding, *, num_classes: int = 10) -> SimConfig:
         """Return the simulation this scenario describes.
 
         Parameters
         ----------
         data_encoding
             The encoding of the data set's examples (the model's default).
+        num_classes
+            The data set's number of classes (label flipping maps into it).
 
         Raises
         ------
@@ -437,6 +523,7 @@ class Scenario:
             )
         privacy = self.privacy
         secure = self.secure_aggregation
+        self._check_tables()
         try:
             return SimConfig(
                 num_clients=self.population.clients,
@@ -471,11 +558,70 @@ class Scenario:
                 client_epsilon=privacy.client_epsilon,
                 client_lifetime_epsilon=privacy.client_lifetime_epsilon,
                 variants=self.output.variants,
+                attack=self.attack.attack(num_classes=num_classes, seed=self.scenario.seed),
+                norm_bound=self.defence.norm_bound,
+                norm_bound_site=self.defence.site,
             )
         except ScenarioError:
             raise
         except ConfigError as exc:
             raise ScenarioError(f"{self.source}: {exc}") from None
+
+    def without_defence(self) -> Scenario:
+        """Return this scenario with no norm bound and a robust rule replaced by FedAvg."""
+        from dataclasses import replace
+
+        strategy = self.strategy
+        if strategy.name.robust:
+            strategy = StrategySection()
+        return replace(
+            self,
+            scenario=replace(self.scenario, name=f"{self.scenario.name}-undefended"),
+            defence=DefenceSection(),
+            strategy=strategy,
+        )
+
+    def _check_tables(self) -> None:
+        """Refuse contradictions between tables, naming both."""
+        where = self.source
+        secure = self.secure_aggregation.enabled or self.privacy.mode is DpMode.DISTRIBUTED
+        privacy = self.privacy
+        if privacy.mode is DpMode.OFF:
+            for key in ("epsilon", "client_epsilon", "client_lifetime_epsilon"):
+                if getattr(privacy, key) is not None:
+                    raise ScenarioError(
+                        f"{where}: [privacy] {key}: set a mode too (it is 'off', nothing is spent)"
+                    )
+        try:
+            self.strategy.spec().check_run(
+                secure_aggregation=secure,
+                central_dp=privacy.mode is DpMode.CENTRAL,
+                sampled=self.population.per_round or self.population.clients,
+            )
+        except ConfigError as exc:
+            raise ScenarioError(f"{where}: [strategy] name: {exc}") from None
+        if self.defence.norm_bound is not None and self.defence.site is NormBoundSite.SERVER:
+            if secure:
+                raise ScenarioError(
+                    f"{where}: [defence] site: 'server' needs every device's update, and with "
+                    "[secure_aggregation] the server sees only their sum; use 'device'"
+                )
+            if privacy.mode is DpMode.CENTRAL:
+                raise ScenarioError(
+                    f"{where}: [defence] norm_bound: central DP ([privacy] mode) already clips "
+                    "every update on the server to [privacy] clip"
+                )
+        if self.defence.compare and self.attack.kind is None:
+            raise ScenarioError(f"{where}: [defence] compare: there is no [attack] to compare")
+        if (
+            self.defence.compare
+            and self.defence.norm_bound is None
+            and not self.strategy.name.robust
+        ):
+            raise ScenarioError(
+                f"{where}: [defence] compare: there is no defence (set norm_bound, or a robust "
+                "[strategy] name)"
+            )
 
     def to_json(self) -> dict[str, Any]:
         """Return the scenario as JSON-ready tables (as a file would hold them)."""
