@@ -85,6 +85,10 @@ class SimConfig:
         Use only the first N examples of each split (``None``: all).
     parallelism
         Clients trained at once (Ray CPUs), >= 1.
+    ray_address
+        Join this existing Ray cluster (``"auto"``, ``"HOST:6379"``, ``"ray://HOST:10001"``)
+        instead of starting Ray on this machine; ``None``: the ``RAY_ADDRESS``
+        environment variable, else a local Ray sized to ``parallelism``.
     secure_agg
         Aggregate every round with fedge SecAgg+ (the server sees only the sum).
     threat_model
@@ -145,6 +149,7 @@ class SimConfig:
     train_examples: int | None = None
     test_examples: int | None = None
     parallelism: int = field(default_factory=default_parallelism)
+    ray_address: str | None = None
     secure_agg: bool = False
     threat_model: ThreatModel = ThreatModel.ACTIVE
     clip_range: float = 0.5
@@ -422,7 +427,11 @@ class SimConfig:
             del raw["model_name"]
         if self.train.proximal_mu == 0:
             del raw["train"]["proximal_mu"]
-        for name, default in (("shards_per_client", 2), ("dataset", "fashion-mnist")):
+        for name, default in (
+            ("shards_per_client", 2),
+            ("dataset", "fashion-mnist"),
+            ("ray_address", None),
+        ):
             if raw[name] == default:
                 del raw[name]
         del raw["model_spec"], raw["strategy"], raw["attack"]

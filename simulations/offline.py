@@ -54,16 +54,26 @@ def quiet_flower(verbose: bool) -> None:
         flower.addFilter(_DropExpected())
 
 
-def ray_backend_config(num_cpus: int, *, verbose: bool) -> dict[str, Any]:
-    """Return Flower's backend config: one CPU per client, Ray sized to ``num_cpus``."""
-    return {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {
+def ray_backend_config(
+    num_cpus: int, *, verbose: bool, address: str | None = None
+) -> dict[str, Any]:
+    """Return Flower's backend config: one CPU per client, Ray sized to ``num_cpus``.
+
+    With ``address`` (``"auto"``, ``"HOST:6379"`` or ``"ray://HOST:10001"``), Ray joins
+    that existing cluster instead of starting one sized to this machine: the cluster's
+    CPUs then bound how many clients train at once.
+    """
+    init_args: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": verbose,
+        "logging_level": logging.INFO if verbose else logging.ERROR,
+    }
+    if address:
+        init_args["address"] = address
+    else:
+        init_args |= {
             "num_cpus": num_cpus,
             "num_gpus": 0,
-            "include_dashboard": False,
-            "log_to_driver": verbose,
-            "logging_level": logging.INFO if verbose else logging.ERROR,
             "object_store_memory": _OBJECT_STORE_BYTES,
-        },
-    }
+        }
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -363,7 +364,11 @@ def _simulate(
             server_app=app,
             client_app=client_app,
             num_supernodes=config.num_clients,
-            backend_config=ray_backend_config(parallelism, verbose=verbose),
+            backend_config=ray_backend_config(
+                parallelism,
+                verbose=verbose,
+                address=config.ray_address or os.environ.get("RAY_ADDRESS") or None,
+            ),
             verbose_logging=verbose,
         ),
     )

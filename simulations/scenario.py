@@ -115,6 +115,13 @@ class PopulationSection:
         default=None,
         metadata=_help("Devices trained at once (Ray CPUs) [default: this machine's cores]."),
     )
+    ray_address: str | None = field(
+        default=None,
+        metadata=_help(
+            "Run the devices on an existing Ray cluster ('auto', 'HOST:6379' or "
+            "'ray://HOST:10001') [default: RAY_ADDRESS, else Ray on this machine]."
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.clients < 1:
@@ -542,6 +549,7 @@ class Scenario:
                 train_examples=self.data.train_examples,
                 test_examples=self.data.test_examples,
                 parallelism=self.population.parallelism or default_parallelism(),
+                ray_address=self.population.ray_address,
                 strategy=self.strategy.spec(),
                 secure_agg=secure.enabled or privacy.mode is DpMode.DISTRIBUTED,
                 threat_model=secure.threat_model,
