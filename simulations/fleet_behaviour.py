@@ -110,7 +110,8 @@ class DropoutStage(Enum):
     """After sharing keys, before sending its (masked) update: SecAgg+'s masked-input
     stage. The server removes its pairwise masks with the survivors' shares."""
     CONSISTENCY = "consistency"
-    """After its masked input, before signing the survivor list (active model only)."""
+    """After its masked input, before signing the survivor list (active model only):
+    its input stays in the sum; it is not asked to unmask."""
     UNMASK = "unmask"
     """After its masked input, before sending its shares for unmasking: its input is in
     the sum; the round needs ``threshold`` of every survivor's holders to answer."""
