@@ -11,7 +11,7 @@ export FLWR_TELEMETRY_ENABLED ?= 0
 export FLWR_DISABLE_UPDATE_CHECK ?= 1
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup data demo demo-fleet test test-fast lint format typecheck check lock clean
+.PHONY: setup data demo demo-fleet demo-scenarios test test-fast lint format typecheck check lock clean
 
 ## setup: create .venv and install fedge (editable, dev extra) at the pinned versions; fetch the data
 setup: $(STAMP) data
@@ -31,7 +31,8 @@ data:
 ## variants, a device that verifies and serves one (drift check included), the audit trail, and the
 ## same devices declining a second run once their own lifetime budgets are spent, and the run's
 ## compliance report (HTML, PDF, JSON) checked against a signed audit checkpoint, and canary
-## rollouts of a good and a badly calibrated INT8 variant to 200 simulated devices over MQTT
+## rollouts of a good and a badly calibrated INT8 variant to 200 simulated devices over MQTT, and
+## a scenario file: 20 machines learning fault states from UCI Shuttle sensor readings (FedProx)
 ## (the demo's fedge home, its database, store and runs, is runs/demo/home, not ~/.fedge)
 demo: export FEDGE_HOME := $(CURDIR)/runs/demo/home
 demo: setup
@@ -63,6 +64,10 @@ demo: setup
 	$(BIN)/fedge audit report --run $$run --format html --out runs/demo/report.html && \
 	$(BIN)/fedge audit report --run $$run --format pdf --out runs/demo/report.pdf && \
 	$(BIN)/fedge audit report --run $$run --format json --out runs/demo/report.json
+	@echo "--- a scenario file: 20 machines classify radiator faults from 9 sensor readings (UCI Shuttle), FedProx"
+	@if $(BIN)/fedge sim check scenarios/predictive-maintenance.toml >/dev/null 2>&1; then \
+		$(BIN)/fedge sim run scenarios/predictive-maintenance.toml --out runs/demo/maintenance.json; \
+	else echo "skipped: UCI Shuttle not found (sudo apt-get install r-cran-mlbench)"; fi
 	@echo "--- canary rollouts to 200 simulated devices over MQTT: a good INT8 variant promotes, a badly calibrated one is rolled back at the canary"
 	@if (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null; then \
 		$(BIN)/fedge sim rollout --devices 200 --stages 5,25,100 --bake 0.5 \
@@ -74,6 +79,13 @@ demo: setup
 ## every device, a revoked device refused, the audit trail verified; every process stopped on exit
 demo-fleet: setup
 	scripts/demo_fleet.sh
+
+## demo-scenarios: the attack scenarios, each run without and then with its defence: a backdoor
+## under SecAgg+ against a device-side norm bound, and sign-flipping against a trimmed mean
+demo-scenarios: export FEDGE_HOME := $(CURDIR)/runs/demo-scenarios/home
+demo-scenarios: setup
+	$(BIN)/fedge sim run scenarios/adversarial.toml
+	$(BIN)/fedge sim run scenarios/adversarial-robust.toml
 
 ## test: the whole test suite (PostgreSQL tests run when FEDGE_TEST_POSTGRES_URL is set)
 test: setup

@@ -516,9 +516,19 @@ def _echo_attack(result: ScenarioResult) -> None:
         accuracy = attack["final_accuracy"]
         typer.echo(
             f"{run.scenario.name}: attack {attack['kind']} by partitions "
-            f"{attack['byzantine_partitions']}; defence {attack['defence'] or 'none'}: "
+            f"{attack['byzantine_partitions']}; defence {_defence_text(attack['defence'])}: "
             f"final accuracy {'-' if accuracy is None else f'{accuracy:.4f}'}{backdoor}"
         )
+
+
+def _defence_text(defence: dict[str, Any] | None) -> str:
+    if defence is None:
+        return "none"
+    if "norm_bound" in defence:
+        return f"L2 norm bound {defence['norm_bound']:g} on the {defence['site']}"
+    strategy = defence["strategy"]
+    options = ", ".join(f"{k} {v:g}" for k, v in strategy["options"].items())
+    return f"{strategy['name']}" + (f" ({options})" if options else "")
 
 
 @app.command("check")
