@@ -20,6 +20,7 @@ from fedge.errors import ConfigError
 from fl_client.budget import ClientBudget, ClientBudgetExhausted, ClientSpend, declined
 from fl_client.device import DeviceKind, select_device
 from fl_client.messages import ARRAYS_KEY, METRICS_KEY, decode_train_instruction
+from fl_client.mod_order import check_mod_order
 from fl_client.policy import DevicePolicy
 from fl_client.training import TrainConfig, TrainResult, train
 from secure_agg.errors import PolicyViolation
@@ -126,7 +127,9 @@ def make_client_app(
     num_threads
         Torch intra-op threads per client; 1 when several clients share a machine.
     mods
-        Flower mods around the train handler (e.g. :func:`fl_client.secagg_mod.make_secagg_mod`).
+        Flower mods around the train handler, outermost first; fedge's own must be in
+        their one valid order (:func:`fl_client.composition.device_mods` builds them so,
+        and :func:`fl_client.mod_order.check_mod_order` refuses any other).
     budget
         The device's own privacy budget: a DP-SGD round (``fedge.dpsgd``) past it
         is declined, and every DP-SGD round is recorded in the device's ledger
@@ -150,6 +153,7 @@ def make_client_app(
     """
     if num_threads < 1:
         raise ConfigError(f"num_threads must be >= 1, got {num_threads}")
+    check_mod_order(mods)
     spec = model if isinstance(model, ModelSpec) else ModelSpec.of(model)
     chosen = select_device(device)
     logger.info("client training device: %s (%s)", chosen.device, chosen.reason)

@@ -41,6 +41,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from edge_runtime.durable import append_synced
 from fedge.errors import ConfigError, FedgeError, StorageError
+from fl_client.mod_order import ModRank, ranked
 from fl_client.policy import DevicePolicy
 from secure_agg.errors import PolicyViolation
 from strategies.accounting import AccountantKind, GaussianSteps, PrivacySpend, spent_epsilon
@@ -332,4 +333,4 @@ def make_budget_mod(
             return declined(msg, exc)
         return reply
 
-    return budget_mod
+    return ranked(budget_mod, ModRank.BUDGET)

@@ -30,6 +30,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricR
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedge.errors import ConfigError, FedgeError
+from fl_client.mod_order import ModRank, ranked
 from fl_client.policy import DevicePolicy
 from fl_client.refusals import RefusalRecorder, ignore_refusal
 from fl_client.updates import apply_update, flat_update
@@ -137,7 +138,7 @@ def make_dp_mod(
             on_refusal(context, "differential privacy", str(exc))
             return Message(Error(code=DP_ERROR_CODE, reason=f"dp: {exc}"), reply_to=msg)
 
-    return dp_mod
+    return ranked(dp_mod, ModRank.CLIENT_DP)
 
 
 def secure_marker() -> ConfigRecord:

@@ -49,6 +49,7 @@ from flwr.app import ArrayRecord, Context, Error, Message, MessageType, RecordDi
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedge.errors import ConfigError, FedgeError
+from fl_client.mod_order import ModRank, ranked
 from fl_client.updates import apply_update, flat_update
 from strategies.norm_bound import bound_update
 
@@ -122,7 +123,7 @@ def make_norm_bound_mod(max_l2: float) -> Mod:
             logger.debug("norm bound: the update was scaled down to %g", bound)
         return Message(content=content, reply_to=msg)
 
-    return norm_bound_mod
+    return ranked(norm_bound_mod, ModRank.NORM_BOUND)
 
 
 def _refuse(msg: Message, exc: FedgeError) -> Message:

@@ -59,6 +59,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedge.errors import ConfigError, FedgeError
 from fl_client.dp_mod import SECURE_MARKER_KEY, secure_marker
+from fl_client.mod_order import ModRank, ranked
 from fl_client.policy import DevicePolicy
 from fl_client.refusals import RefusalRecorder, ignore_refusal
 from fl_client.revocations import RevocationProvider, nothing_revoked
@@ -373,4 +374,4 @@ def make_secagg_mod(
             logger.exception("secure aggregation: unexpected failure at %s", stage)
             return _refuse(msg, context, stage, f"internal error ({type(exc).__name__})")
 
-    return secagg_mod
+    return ranked(secagg_mod, ModRank.SECURE_AGGREGATION)
