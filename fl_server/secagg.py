@@ -139,6 +139,7 @@ class _Round:
         self.guard = guard
         self.config = config
         self.timeout = timeout
+        self.started = time.monotonic()
         self.by_node = {m.metadata.dst_node_id: m for m in messages}
         template = messages[0]
         self.group_id = template.metadata.group_id
@@ -232,6 +233,7 @@ class _Round:
     ) -> dict[int, T]:
         started = time.perf_counter()
         round_id = self.session.round_id
+        wait = self._stage_wait(stage)
         outgoing = []
         for node, request in requests.items():
             envelope = Envelope(stage, round_id, wire.encode(request))
@@ -242,9 +244,10 @@ class _Round:
                     dst_node_id=node,
                     message_type=MessageType.TRAIN,
                     group_id=self.group_id,
+                    ttl=wait,
                 )
             )
-        replies = self.grid.send_and_receive(outgoing, timeout=self.timeout)
+        replies = self.grid.send_and_receive(outgoing, timeout=wait)
         out: dict[int, T] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -271,6 +274,30 @@ class _Round:
                 self.stats.failures[node] = f"{stage.value}: no reply"
         self.stats.stage_seconds[stage.value] = round(time.perf_counter() - started, 4)
         return out
+
+    def _stage_wait(self, stage: Stage) -> float | None:
+        """Return how long ``stage`` may wait: until its share of the round's deadline.
+
+        Each stage ends at a fixed point of the round (masked input, the devices'
+        training, gets ``masked_input_share``; the others share the rest), so a slow
+        stage cannot eat the time of the next one, and time a fast stage leaves
+        rolls over to the next. Its messages expire then (Flower's TTL): a device
+        never receives a stage message the server has stopped waiting for.
+        """
+        if self.timeout is None:
+            return None
+        stages = [Stage.SETUP, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK]
+        if self.config.threat_model is ThreatModel.ACTIVE:
+            stages.insert(3, Stage.CONSISTENCY)
+        other = (1 - self.config.masked_input_share) / (len(stages) - 1)
+        shares = [
+            self.config.masked_input_share if s is Stage.MASKED_INPUT else other for s in stages
+        ]
+        end = self.started + self.timeout * sum(shares[: stages.index(stage) + 1])
+        remaining = end - time.monotonic()
+        if remaining <= 0:
+            raise ProtocolAbort(stage.value, [], "the round's deadline passed")
+        return remaining
 
     def masked_vector(self, node: int, envelope: Envelope, reply: Message) -> MaskedInput:
         report = wire.decode(envelope.payload, MaskedInputReport)

@@ -51,6 +51,11 @@ class SecAggConfig:
         Add distributed discrete Gaussian noise (clients clip to L2, rotate,
         round and add noise shares): the unmasked sum is already private, the
         mean is unweighted, and ``clip_range``/``weight_cap`` are unused.
+    masked_input_share
+        The round's deadline (the Grid's ``timeout``) is split among the stages:
+        the masked-input stage, where the devices train, ends at its share; the
+        other stages share the rest equally. Each stage's messages expire when
+        its time is up, and a stage whose time has passed aborts the round.
     """
 
     clip_range: float = 0.5
@@ -65,6 +70,7 @@ class SecAggConfig:
     authority_public_key: bytes | None = None
     weight_key: str = "num-examples"
     distributed_dp: DistributedDpSettings | None = None
+    masked_input_share: float = 0.6
 
     def __post_init__(self) -> None:
         # Validates clip_range, ring_bits and weight_cap with the smallest round
@@ -77,6 +83,10 @@ class SecAggConfig:
         )
         if (self.degree is None) != (self.threshold is None):
             raise ConfigError("give both degree and threshold, or neither")
+        if not 0 < self.masked_input_share < 1:
+            raise ConfigError(
+                f"masked_input_share must be in (0, 1), got {self.masked_input_share}"
+            )
         if self.min_clients < 2:
             raise ConfigError(f"min_clients must be >= 2, got {self.min_clients}")
         if self.threat_model is ThreatModel.ACTIVE and self.authority_public_key is None:
