@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from fl_server.store.names import check_model_name
 from secure_agg.params import ThreatModel, choose_neighbourhood
 from secure_agg.policy import ProtocolPolicy
 from simulations.attacks import AttackConfig
+from simulations.fleet_behaviour import DeviceProfiles, FailureConfig
 from simulations.modes import DpMode, NormBoundSite, VariantRounds
 from simulations.partition import PartitionConfig, PartitionMode
 from strategies.central import AdaptiveClipping, CentralDpSettings, LocalDpSettings
@@ -123,6 +125,12 @@ class SimConfig:
         Each device's own budget: a device declines rounds past it (``None``: no device ledger).
     attack
         Byzantine clients (:mod:`simulations.attacks`); ``None``: every client is honest.
+    devices, failures
+        Simulated device heterogeneity (speed, bandwidth, availability) and
+        mid-round dropouts and stragglers (:mod:`simulations.fleet_behaviour`);
+        ``None``: every device alike, nobody fails.
+    round_timeout_s
+        Seconds a round waits for replies (a secure round splits it among its stages).
     norm_bound, norm_bound_site
         Bound every update's L2 norm to ``norm_bound``, on each device (holds under
         secure aggregation) or on the server; ``None``: no bound.
@@ -166,6 +174,9 @@ class SimConfig:
     client_lifetime_epsilon: float | None = None
     variants: VariantRounds = VariantRounds.OFF
     attack: AttackConfig | None = None
+    devices: DeviceProfiles | None = None
+    failures: FailureConfig | None = None
+    round_timeout_s: float = 600.0
     norm_bound: float | None = None
     norm_bound_site: NormBoundSite = NormBoundSite.DEVICE
 
@@ -193,6 +204,7 @@ class SimConfig:
                 "set variants to off for a model given by import path"
             )
         self._check_defence()
+        self._check_failures()
         self.strategy.check_run(
             secure_aggregation=self.secure_agg,
             central_dp=self.dp is DpMode.CENTRAL,
@@ -219,6 +231,22 @@ class SimConfig:
                     f"{exc}; for small federations pass --secagg-dropout 0 (no dropout "
                     "tolerated), or leave it unset to choose the largest that fits"
                 ) from None
+
+    def _check_failures(self) -> None:
+        if not (math.isfinite(self.round_timeout_s) and self.round_timeout_s > 0):
+            raise ConfigError(f"round_timeout_s must be > 0, got {self.round_timeout_s}")
+        if self.failures is None or not self.secure_agg:
+            return
+        # Devices dropping mid-round are the secure round's dropouts: more than it was
+        # built to survive and every round aborts. (Offline devices and stragglers past
+        # the deadline count too; their share is random, so only the fixed one is checked.)
+        tolerated = self.dropout_tolerance
+        if self.failures.dropout_fraction > tolerated + 1e-9:
+            raise ConfigError(
+                f"[failures] dropout_fraction drops {self.failures.dropout_fraction:.0%} of the "
+                f"devices mid-round, but secure aggregation survives {tolerated:.0%}: set "
+                "[secure_aggregation] dropout to at least as much, or every round aborts"
+            )
 
     def _check_defence(self) -> None:
         if self.norm_bound is None:
@@ -434,7 +462,16 @@ class SimConfig:
         ):
             if raw[name] == default:
                 del raw[name]
-        del raw["model_spec"], raw["strategy"], raw["attack"]
+        del raw["model_spec"], raw["strategy"], raw["attack"], raw["devices"], raw["failures"]
+        if raw["round_timeout_s"] == 600.0:
+            del raw["round_timeout_s"]
+        for name in ("devices", "failures"):
+            value = getattr(self, name)
+            if value is not None:
+                raw[name] = {
+                    key: item.value if isinstance(item, Enum) else item
+                    for key, item in asdict(value).items()
+                }
         del raw["norm_bound"], raw["norm_bound_site"]
         if self.attack is not None:
             raw["attack"] = {

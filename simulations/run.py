@@ -40,6 +40,7 @@ from simulations.attacks import attack_mod, poisoned_provider
 from simulations.config import DpMode, SimConfig
 from simulations.data import Split
 from simulations.enrolment import SimulatedFleet, enrol_fleet
+from simulations.fleet_behaviour import DeviceProfiles, FailureConfig, behaviour_mod
 from simulations.modes import NormBoundSite, VariantRounds
 from simulations.node_order import PartitionOrder
 from simulations.offline import apply_offline_env, quiet_flower, ray_backend_config
@@ -190,6 +191,7 @@ def run_federation(
             min_available_nodes=config.num_clients,
             strategy=config.strategy,
             sampling_seed=config.seed,
+            round_timeout_s=config.round_timeout_s,
             norm_bound=config.norm_bound
             if config.norm_bound_site is NormBoundSite.SERVER
             else None,
@@ -334,6 +336,17 @@ def _simulate(
         on_refusal=RefusalLog(paths.devices_dir),
         max_update_l2=config.norm_bound if config.norm_bound_site is NormBoundSite.DEVICE else None,
     )
+    if config.devices is not None or config.failures is not None:
+        # Outermost, before the secure mod: a device can go offline at any SecAgg+ stage.
+        behaviour = behaviour_mod(
+            config.devices
+            or DeviceProfiles(seed=config.seed, speed_sigma=0.0, example_seconds=0.0),
+            config.failures or FailureConfig(),
+            seed=config.seed,
+            num_partitions=config.num_clients,
+            examples=_ExampleCount(provider),
+        )
+        mods = (behaviour, *mods)
     data: PartitionProvider = provider
     if config.attack is not None:
         # The attacker's training: poisoned data, then its update boosted or flipped,
@@ -372,6 +385,16 @@ def _simulate(
             verbose_logging=verbose,
         ),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class _ExampleCount:
+    """A partition's example count, for the simulated compute time (picklable)."""
+
+    provider: DatasetPartitions
+
+    def __call__(self, partition_id: int, num_partitions: int) -> int:
+        return len(self.provider.partitions()[partition_id])
 
 
 def _run_engine(

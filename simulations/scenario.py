@@ -45,6 +45,7 @@ from secure_agg.params import ThreatModel
 from simulations._toml_schema import ScenarioError, read_section
 from simulations.attacks import AttackConfig, AttackKind
 from simulations.config import SimConfig, default_parallelism
+from simulations.fleet_behaviour import DeviceProfiles, DropoutStage, FailureConfig
 from simulations.modes import DpMode, NormBoundSite, VariantRounds
 from simulations.partition import PartitionMode
 from strategies.rules import AggregationRule, OptionValue, StrategySpec
@@ -53,6 +54,8 @@ __all__ = [
     "AttackSection",
     "DataSection",
     "DefenceSection",
+    "DevicesSection",
+    "FailuresSection",
     "ModelSection",
     "OutputSection",
     "PopulationSection",
@@ -366,6 +369,99 @@ class PrivacySection:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DevicesSection:
+    """``[devices]``: the fleet's hardware (see docs/fleet-behaviour.md); no table: all alike."""
+
+    speed_sigma: float = field(
+        default=0.5,
+        metadata=_help("Spread (log standard deviation) of the devices' compute speed, >= 0."),
+    )
+    example_seconds: float = field(
+        default=0.001,
+        metadata=_help("Seconds one example takes per epoch on the median device, >= 0."),
+    )
+    bandwidth_mbps: float = field(
+        default=10.0, metadata=_help("Median upload bandwidth in Mbit/s, > 0.")
+    )
+    bandwidth_sigma: float = field(
+        default=0.5, metadata=_help("Spread (log standard deviation) of the bandwidth, >= 0.")
+    )
+    availability: float = field(
+        default=1.0,
+        metadata=_help("Probability that a device is online for a round, in (0, 1]."),
+    )
+
+    def __post_init__(self) -> None:
+        try:
+            self.profiles(seed=0)
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace(" must", ": must", 1)) from None
+
+    def profiles(self, *, seed: int) -> DeviceProfiles:
+        """Return the fleet's profiles, drawn from ``seed``."""
+        return DeviceProfiles(
+            seed=seed,
+            speed_sigma=self.speed_sigma,
+            example_seconds=self.example_seconds,
+            bandwidth_mbps=self.bandwidth_mbps,
+            bandwidth_sigma=self.bandwidth_sigma,
+            availability=self.availability,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FailuresSection:
+    """``[failures]``: devices that drop mid-round or straggle, and the round's deadline."""
+
+    dropout_fraction: float = field(
+        default=0.0,
+        metadata=_help("Share of the fleet that drops mid-round each round, in [0, 1]."),
+    )
+    dropout_stage: DropoutStage = field(
+        default=DropoutStage.TRAINING,
+        metadata=_help(
+            "Where a dropping device goes offline; 'training' is after it shared its keys "
+            "(the server unmasks with the survivors' shares)."
+        ),
+    )
+    straggler_fraction: float = field(
+        default=0.0, metadata=_help("Share of the fleet that straggles each round, in [0, 1].")
+    )
+    straggler_delay_s: float = field(
+        default=0.0, metadata=_help("Extra seconds a straggler spends training, >= 0.")
+    )
+    time_scale: float = field(
+        default=1.0,
+        metadata=_help("Multiplies every simulated delay (0: no sleeping at all), >= 0."),
+    )
+    round_deadline_s: float = field(
+        default=600.0,
+        metadata=_help(
+            "Seconds a round waits for replies; a secure round splits it among its stages "
+            "(training 60 %). Devices later than that count as dropped."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        try:
+            self.failures()
+        except ConfigError as exc:
+            raise ConfigError(str(exc).replace(" must", ": must", 1)) from None
+        if not self.round_deadline_s > 0:
+            raise ConfigError(f"round_deadline_s: must be > 0, got {self.round_deadline_s}")
+
+    def failures(self) -> FailureConfig:
+        """Return the failure model."""
+        return FailureConfig(
+            dropout_fraction=self.dropout_fraction,
+            dropout_stage=self.dropout_stage,
+            straggler_fraction=self.straggler_fraction,
+            straggler_delay_s=self.straggler_delay_s,
+            time_scale=self.time_scale,
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AttackSection:
     """``[attack]``: Byzantine devices (see docs/attacks.md); no table: every device is honest."""
 
@@ -472,10 +568,16 @@ _SECTIONS: dict[str, type] = {
     "strategy": StrategySection,
     "secure_aggregation": SecureAggregationSection,
     "privacy": PrivacySection,
+    "devices": DevicesSection,
+    "failures": FailuresSection,
     "attack": AttackSection,
     "defence": DefenceSection,
     "output": OutputSection,
 }
+
+
+_PRESENCE_MATTERS = frozenset({"devices", "failures"})
+"""Tables whose absence means "none of it" (all devices alike, nobody fails)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -490,6 +592,8 @@ class Scenario:
     strategy: StrategySection = field(default_factory=StrategySection)
     secure_aggregation: SecureAggregationSection = field(default_factory=SecureAggregationSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    devices: DevicesSection | None = None
+    failures: FailuresSection | None = None
     attack: AttackSection = field(default_factory=AttackSection)
     defence: DefenceSection = field(default_factory=DefenceSection)
     output: OutputSection = field(default_factory=OutputSection)
@@ -569,6 +673,11 @@ class Scenario:
                 attack=self.attack.attack(num_classes=num_classes, seed=self.scenario.seed),
                 norm_bound=self.defence.norm_bound,
                 norm_bound_site=self.defence.site,
+                devices=None
+                if self.devices is None
+                else self.devices.profiles(seed=self.scenario.seed),
+                failures=None if self.failures is None else self.failures.failures(),
+                round_timeout_s=600.0 if self.failures is None else self.failures.round_deadline_s,
             )
         except ScenarioError:
             raise
@@ -647,7 +756,8 @@ class Scenario:
                 return [plain(v) for v in value]
             return value
 
-        return {name: plain(asdict(getattr(self, name))) for name in _SECTIONS}
+        tables = {name: getattr(self, name) for name in _SECTIONS}
+        return {name: plain(asdict(table)) for name, table in tables.items() if table is not None}
 
 
 def parse_scenario(document: dict[str, Any], *, source: str, base: Path | None = None) -> Scenario:
@@ -668,6 +778,7 @@ def parse_scenario(document: dict[str, Any], *, source: str, base: Path | None =
     sections: dict[str, Any] = {
         name: read_section(document.get(name, {}), cls, section=name, source=source, base=base)
         for name, cls in _SECTIONS.items()
+        if name in document or name not in _PRESENCE_MATTERS
     }
     return Scenario(source=source, **sections)
 

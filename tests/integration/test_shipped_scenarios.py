@@ -86,7 +86,7 @@ def test_every_shipped_scenario_is_valid_and_named_after_its_file() -> None:
     assert {"quickstart", "cross-device", "cross-silo-hospitals", "predictive-maintenance"} <= set(
         names
     )
-    assert {"adversarial", "adversarial-robust"} <= set(names)
+    assert {"adversarial", "adversarial-robust", "outage"} <= set(names)
     for name in names:
         assert load_scenario(SCENARIOS / f"{name}.toml").name == name
 
@@ -204,3 +204,22 @@ def test_adversarial_robust_trimmed_mean_resists_sign_flipping(
     assert result.baseline.summary.config.get("strategy") is None  # FedAvg, the default
     assert with_["defence"]["strategy"]["name"] == "fedtrimmedavg"
     assert with_["final_accuracy"] > without["final_accuracy"] + 0.2
+
+
+def test_outage_rounds_complete_with_the_devices_that_stayed(
+    data: dict[str, Path], tmp_path: Path
+) -> None:
+    shipped = _shrunk("outage", data, clients=10, rounds=2)
+    assert shipped.failures is not None
+    # The shipped failures, without their real-time sleeps.
+    scenario = replace(shipped, failures=replace(shipped.failures, time_scale=0.0))
+
+    result = _run(scenario, tmp_path)
+
+    summary = result.summary
+    assert summary.status == "completed"
+    for entry in summary.rounds:
+        # 3 of 10 went offline after sharing their keys: unmasked with the survivors' shares.
+        assert (entry["sampled"], entry["completed"], entry["dropped"]) == (10, 7, 3)
+        assert entry["secure_aggregation"]["survivors"] == 7
+    assert summary.config["failures"]["dropout_stage"] == "training"

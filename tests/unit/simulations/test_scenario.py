@@ -121,6 +121,9 @@ norm_bound = 1.5
             r"\[attack\] fraction: must be a number in \[0, 1\]",
         ),
         ({"defence": {"norm_bound": 0}}, r"\[defence\] norm_bound: must be > 0"),
+        ({"devices": {"availability": 0}}, r"\[devices\] availability: must be in"),
+        ({"failures": {"dropout_stage": "lunch"}}, r"\[failures\] dropout_stage: expected one of"),
+        ({"failures": {"round_deadline_s": 0}}, r"\[failures\] round_deadline_s: must be > 0"),
         ({"scenario": {"name": "Bad Name"}}, r"\[scenario\] name: use lowercase letters"),
         ({"scenario": {"rounds": 0, "name": "s"}}, r"\[scenario\] rounds: must be >= 1"),
         ({"scenario": "quick"}, r"\[scenario\]: expected a table"),
@@ -178,6 +181,28 @@ def test_tables_that_contradict_each_other_are_refused_naming_both(
 
     with pytest.raises(ScenarioError, match=match):
         scenario.sim_config(InputEncoding.UINT8_IMAGES)  # type: ignore[attr-defined]
+
+
+def test_devices_and_failures_reach_the_simulation_and_their_absence_means_none() -> None:
+    plain = parse_scenario({"scenario": {"name": "s"}}, source="s.toml")
+    failing = parse_scenario(
+        {
+            "scenario": {"name": "s", "seed": 3},
+            "devices": {"availability": 0.9},
+            "failures": {"dropout_fraction": 0.2, "round_deadline_s": 60},
+        },
+        source="s.toml",
+    )
+
+    config = failing.sim_config(InputEncoding.UINT8_IMAGES)
+
+    assert plain.devices is None and plain.failures is None
+    assert plain.sim_config(InputEncoding.UINT8_IMAGES).failures is None
+    assert config.devices is not None and config.devices.availability == 0.9
+    assert config.devices.seed == 3
+    assert config.failures is not None and config.failures.dropout_fraction == 0.2
+    assert config.round_timeout_s == 60.0
+    assert "devices" not in plain.to_json() and failing.to_json()["failures"]["time_scale"] == 1.0
 
 
 def test_a_builtin_image_model_on_tabular_data_says_which_model_to_name() -> None:
