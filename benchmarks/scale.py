@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from benchmarks._common import RESULTS, machine, write
-from benchmarks.secagg_round import _cores, _Counter, _PeakRss
-from simulations.offline import apply_offline_env, quiet_flower, ray_backend_config
+from benchmarks.secagg_round import _Counter, simulate
+from simulations.offline import apply_offline_env
 
 VARIANTS = ("flower_fedavg", "fedge_secure_dp")
 _DELTA = np.float32(0.001)
@@ -126,8 +126,6 @@ def run_variant(
     variant: str, *, population: int, per_round: int, params: int, rounds: int
 ) -> dict[str, Any]:
     """Run one variant's simulation and return its JSON entry."""
-    from flwr.simulation import run_simulation
-
     entry: dict[str, Any] = {
         "median_round_s": None,
         "min_round_s": None,
@@ -138,39 +136,15 @@ def run_variant(
     }
     counter = _Counter()
     server, client = _apps(variant, population, per_round, params, rounds + 1, counter)
-    quiet_flower(False)
-    try:
-        with _PeakRss() as rss:
-            run_simulation(
-                server_app=server,
-                client_app=client,
-                num_supernodes=population,
-                backend_config=ray_backend_config(_cores(), verbose=False),
-            )
-    except Exception as exc:  # a benchmark reports, never hides, a failure
-        entry["error"] = f"{type(exc).__name__}: {exc}"
-        return entry
-    finally:
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-    laps = [b - a for a, b in zip(counter.times, counter.times[1:], strict=False)][1:]
-    if len(laps) != rounds:
-        entry["error"] = f"{len(laps)} of {rounds} rounds completed"
-        return entry
-    entry.update(
-        median_round_s=round(statistics.median(laps), 3),
-        min_round_s=round(min(laps), 3),
-        max_round_s=round(max(laps), 3),
-        peak_rss_mb=round(rss.peak / 2**20, 1),
-        upload_bytes_per_client=round(counter.upload / (per_round * (rounds + 1))),
+    return simulate(
+        server,
+        client,
+        entry,
+        counter,
+        num_supernodes=population,
+        per_round=per_round,
+        rounds=rounds,
     )
-    if counter.stages:
-        stages = {k: round(v, 3) for k, v in counter.stages[-1].items()}
-        entry["stage_seconds"] = stages
-        entry["engine_s"] = round(laps[-1] - sum(stages.values()), 3)
-    return entry
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

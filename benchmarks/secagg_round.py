@@ -254,8 +254,6 @@ def run_variant(
     ring_bits: int = 32,
 ) -> dict[str, Any]:
     """Run one variant's simulation and return its JSON entry."""
-    from flwr.simulation import run_simulation
-
     entry: dict[str, Any] = {
         "median_round_s": None,
         "min_round_s": None,
@@ -275,13 +273,31 @@ def run_variant(
         server, client = _message_api_apps(
             variant, clients, params, total_rounds, k, t, counter, ring_bits
         )
+    return simulate(
+        server, client, entry, counter, num_supernodes=clients, per_round=clients, rounds=rounds
+    )
+
+
+def simulate(
+    server: Any,
+    client: Any,
+    entry: dict[str, Any],
+    counter: _Counter,
+    *,
+    num_supernodes: int,
+    per_round: int,
+    rounds: int,
+) -> dict[str, Any]:
+    """Run one simulation (a warm-up round, then ``rounds``) and fill in ``entry``'s timings."""
+    from flwr.simulation import run_simulation
+
     quiet_flower(False)
     try:
         with _PeakRss() as rss:
             run_simulation(
                 server_app=server,
                 client_app=client,
-                num_supernodes=clients,
+                num_supernodes=num_supernodes,
                 backend_config=ray_backend_config(_cores(), verbose=False),
             )
     except Exception as exc:  # a benchmark reports, never hides, a failure
@@ -300,11 +316,13 @@ def run_variant(
         median_round_s=round(statistics.median(laps), 4),
         min_round_s=round(min(laps), 4),
         max_round_s=round(max(laps), 4),
-        upload_bytes_per_client=round(counter.upload / (clients * total_rounds)),
+        upload_bytes_per_client=round(counter.upload / (per_round * (rounds + 1))),
         peak_rss_mb=round(rss.peak / 2**20, 1),
     )
     if counter.stages:
-        entry["stage_seconds"] = counter.stages[-1]
+        stages = {k: round(v, 4) for k, v in counter.stages[-1].items()}
+        entry["stage_seconds"] = stages
+        entry["engine_s"] = round(laps[-1] - sum(stages.values()), 4)
     return entry
 
 

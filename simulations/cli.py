@@ -37,7 +37,17 @@ app = typer.Typer(
 
 
 _SCENARIO_FLAGS = frozenset(
-    {"scenario", "out", "runs_dir", "db_url", "store_dir", "home", "devices_dir", "verbose"}
+    {
+        "scenario",
+        "out",
+        "runs_dir",
+        "db_url",
+        "store_dir",
+        "home",
+        "devices_dir",
+        "verbose",
+        "mlflow",
+    }
 )
 """The options ``fedge sim run SCENARIO`` accepts besides the file: where things go."""
 
@@ -259,6 +269,22 @@ def run_command(
             "accuracy floor is recorded as rejected and never offered. About 4 s a round.",
         ),
     ] = VariantRounds.OFF,
+    plots: Annotated[
+        bool,
+        typer.Option(
+            "--plots/--no-plots",
+            help="Write PNG plots (accuracy, loss, epsilon, participation) to the run's "
+            "directory (a scenario file says it in [output] plots).",
+        ),
+    ] = True,
+    mlflow: Annotated[
+        str | None,
+        typer.Option(
+            "--mlflow",
+            help="Also log the run to this MLflow tracking URI, e.g. sqlite:///mlflow.db "
+            "(needs the mlflow extra: pip install 'fedge[mlflow]').",
+        ),
+    ] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's own logs.")
     ] = False,
@@ -283,8 +309,11 @@ def run_command(
             home=home,
             devices_dir=devices_dir,
             verbose=verbose,
+            mlflow=mlflow,
         )
         return
+    if mlflow is not None:
+        _check_mlflow_extra()
 
     from fl_client.training import TrainConfig
     from simulations.config import SimConfig, default_parallelism
@@ -366,6 +395,32 @@ def run_command(
         f"{outcome} in {summary.wall_seconds:.1f} s; "
         f"summary {paths.summary}; audit head {summary.audit_head}"
     )
+    _results(summary, runs / run_id, plots=plots, mlflow=mlflow, experiment="fedge-sim")
+
+
+def _check_mlflow_extra() -> None:
+    """Fail before the run when --mlflow is asked for without the extra installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("mlflow") is None:
+        raise ConfigError("--mlflow needs the mlflow extra: pip install 'fedge[mlflow]'")
+
+
+def _results(
+    summary: Any, run_dir: Path, *, plots: bool, mlflow: str | None, experiment: str
+) -> None:
+    """Write the run's plots and export it to MLflow, as asked."""
+    written: list[Path] = []
+    if plots:
+        from simulations.plots import write_plots
+
+        written = write_plots(summary, run_dir / "plots")
+        typer.echo(f"plots: {run_dir / 'plots'} ({len(written)} PNG)")
+    if mlflow is not None:
+        from simulations.mlflow_export import export_to_mlflow, masked_uri
+
+        run = export_to_mlflow(summary, mlflow, experiment=experiment, plots=written)
+        typer.echo(f"MLflow run {run} at {masked_uri(mlflow)}")
 
 
 def _refuse_flags_beside_a_scenario(ctx: typer.Context) -> None:
@@ -395,11 +450,16 @@ def _run_scenario_file(
     home: Path | None,
     devices_dir: Path | None,
     verbose: bool,
+    mlflow: str | None,
 ) -> None:
+    from dataclasses import replace
+
     from rich.console import Console
 
     from simulations.scenario_run import prepare_scenario, run_scenario
 
+    if mlflow is not None:
+        _check_mlflow_extra()
     prepared = prepare_scenario(
         path,
         home=home,
@@ -409,6 +469,10 @@ def _run_scenario_file(
         store_dir=store_dir,
         devices_dir=devices_dir,
     )
+    if mlflow is not None:
+        # --mlflow beside a file: the file's [output] mlflow, overridden.
+        output = replace(prepared.scenario.output, mlflow=mlflow)
+        prepared = replace(prepared, scenario=replace(prepared.scenario, output=output))
     config, checked = prepared.config, prepared.scenario
     console = Console(stderr=True)
     console.print(
@@ -457,7 +521,10 @@ def _run_scenario_file(
     if result.plots:
         typer.echo(f"plots: {result.plots[0].parent} ({len(result.plots)} PNG)")
     if result.mlflow_run_id is not None:
-        typer.echo(f"MLflow run {result.mlflow_run_id}")
+        from simulations.mlflow_export import masked_uri
+
+        uri = checked.output.mlflow or ""
+        typer.echo(f"MLflow run {result.mlflow_run_id} at {masked_uri(uri)}")
 
 
 class _Displays:

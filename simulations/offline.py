@@ -16,6 +16,8 @@ OFFLINE_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DEDUP_LOGS": "0",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    # MLflow 3 reports usage unless told not to (the optional --mlflow export).
+    "MLFLOW_DISABLE_TELEMETRY": "true",
     # One BLAS/OpenMP thread per simulated client: clients run one per core.
     "OPENBLAS_NUM_THREADS": "1",
     "OMP_NUM_THREADS": "1",

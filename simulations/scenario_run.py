@@ -18,6 +18,7 @@ the model store; the run's directory holds ``summary.json``, ``scenario.json``
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from fedge.errors import StorageError
+from fedge.errors import ConfigError, StorageError
 from fedge.home import FedgeHome, check_writable_directory, check_writable_file
 from fl_server import RoundObserver
 from fl_server.run_summary import RunSummary
@@ -100,6 +101,11 @@ def prepare_scenario(
         If a path is unusable.
     """
     checked = scenario if isinstance(scenario, Scenario) else load_scenario(Path(scenario))
+    if checked.output.mlflow is not None and importlib.util.find_spec("mlflow") is None:
+        raise ConfigError(
+            f"{checked.source}: [output] mlflow needs the mlflow extra: "
+            "pip install 'fedge[mlflow]'"
+        )
     data_dir = None if checked.data.dir is None else str(checked.data.dir)
     dataset = cached_dataset(checked.data.dataset, data_dir)
     config = checked.sim_config(dataset.encoding, num_classes=dataset.num_classes)

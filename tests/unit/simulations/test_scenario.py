@@ -262,3 +262,26 @@ def test_sim_check_validates_and_writes_nothing(
     assert "scenario 'quickstart' is valid: 10 clients, 5 per round" in good_out
     assert bad != 0 and "[data] alpha: must be > 0" in bad_err
     assert not (tmp_path / "home").exists()
+
+
+def test_mlflow_without_its_extra_is_refused_before_anything_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a)
+    )
+    path = tmp_path / "s.toml"
+    path.write_text('[scenario]\nname = "s"\n[output]\nmlflow = "sqlite:///x.db"\n', "utf-8")
+    home = tmp_path / "home"
+
+    flag = main(["sim", "run", "--mlflow", "sqlite:///x.db", "--home", str(home)])
+    flag_err = capsys.readouterr().err
+    table = main(["sim", "run", str(path), "--home", str(home)])
+    table_err = capsys.readouterr().err
+
+    assert flag != 0 and "--mlflow needs the mlflow extra" in flag_err
+    assert table != 0 and "[output] mlflow needs the mlflow extra" in table_err
+    assert not home.exists()
