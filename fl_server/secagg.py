@@ -234,6 +234,8 @@ class _Round:
         started = time.perf_counter()
         round_id = self.session.round_id
         wait = self._stage_wait(stage)
+        # Without stage deadlines, messages keep Flower's default TTL, as they always did.
+        ttl = None if self.config.masked_input_share is None else wait
         outgoing = []
         for node, request in requests.items():
             envelope = Envelope(stage, round_id, wire.encode(request))
@@ -244,7 +246,7 @@ class _Round:
                     dst_node_id=node,
                     message_type=MessageType.TRAIN,
                     group_id=self.group_id,
-                    ttl=wait,
+                    ttl=ttl,
                 )
             )
         replies = self.grid.send_and_receive(outgoing, timeout=wait)
@@ -278,21 +280,22 @@ class _Round:
     def _stage_wait(self, stage: Stage) -> float | None:
         """Return how long ``stage`` may wait: until its share of the round's deadline.
 
+        Without ``masked_input_share``, every stage waits the whole ``timeout``.
+
         Each stage ends at a fixed point of the round (masked input, the devices'
         training, gets ``masked_input_share``; the others share the rest), so a slow
         stage cannot eat the time of the next one, and time a fast stage leaves
         rolls over to the next. Its messages expire then (Flower's TTL): a device
         never receives a stage message the server has stopped waiting for.
         """
-        if self.timeout is None:
-            return None
+        share = self.config.masked_input_share
+        if self.timeout is None or share is None:
+            return self.timeout
         stages = [Stage.SETUP, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK]
         if self.config.threat_model is ThreatModel.ACTIVE:
             stages.insert(3, Stage.CONSISTENCY)
-        other = (1 - self.config.masked_input_share) / (len(stages) - 1)
-        shares = [
-            self.config.masked_input_share if s is Stage.MASKED_INPUT else other for s in stages
-        ]
+        other = (1 - share) / (len(stages) - 1)
+        shares = [share if s is Stage.MASKED_INPUT else other for s in stages]
         end = self.started + self.timeout * sum(shares[: stages.index(stage) + 1])
         remaining = end - time.monotonic()
         if remaining <= 0:

@@ -52,10 +52,13 @@ class SecAggConfig:
         round and add noise shares): the unmasked sum is already private, the
         mean is unweighted, and ``clip_range``/``weight_cap`` are unused.
     masked_input_share
-        The round's deadline (the Grid's ``timeout``) is split among the stages:
+        With a share (0.6 is a good one), the round's deadline (the Grid's ``timeout``)
+        is split among the stages:
         the masked-input stage, where the devices train, ends at its share; the
         other stages share the rest equally. Each stage's messages expire when
         its time is up, and a stage whose time has passed aborts the round.
+        ``None`` (deployments): every stage waits the whole ``timeout``, so a
+        cold start or a device stuck on a stale task can be outwaited in any stage.
     """
 
     clip_range: float = 0.5
@@ -70,7 +73,7 @@ class SecAggConfig:
     authority_public_key: bytes | None = None
     weight_key: str = "num-examples"
     distributed_dp: DistributedDpSettings | None = None
-    masked_input_share: float = 0.6
+    masked_input_share: float | None = None
 
     def __post_init__(self) -> None:
         # Validates clip_range, ring_bits and weight_cap with the smallest round
@@ -83,7 +86,7 @@ class SecAggConfig:
         )
         if (self.degree is None) != (self.threshold is None):
             raise ConfigError("give both degree and threshold, or neither")
-        if not 0 < self.masked_input_share < 1:
+        if self.masked_input_share is not None and not 0 < self.masked_input_share < 1:
             raise ConfigError(
                 f"masked_input_share must be in (0, 1), got {self.masked_input_share}"
             )

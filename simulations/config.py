@@ -337,6 +337,8 @@ class SimConfig:
             threat_model=self.threat_model,
             authority_public_key=authority_public_key,
             dropout_fraction=self.dropout_tolerance,
+            # A scenario's [failures] deadline bounds the whole secure round.
+            masked_input_share=None if self.failures is None else 0.6,
             min_clients=2,
             distributed_dp=(
                 DistributedDpSettings(

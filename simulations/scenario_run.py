@@ -103,8 +103,7 @@ def prepare_scenario(
     checked = scenario if isinstance(scenario, Scenario) else load_scenario(Path(scenario))
     if checked.output.mlflow is not None and importlib.util.find_spec("mlflow") is None:
         raise ConfigError(
-            f"{checked.source}: [output] mlflow needs the mlflow extra: "
-            "pip install 'fedge[mlflow]'"
+            f"{checked.source}: [output] mlflow needs the mlflow extra: pip install 'fedge[mlflow]'"
         )
     data_dir = None if checked.data.dir is None else str(checked.data.dir)
     dataset = cached_dataset(checked.data.dataset, data_dir)

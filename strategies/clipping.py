@@ -41,10 +41,10 @@ def clip_l2(update: npt.NDArray[np.floating], bound: float) -> ClipResult:
         raise ConfigError("cannot clip an update holding NaN or infinite values")
     if norm <= bound:
         return ClipResult(update=flat.copy(), norm=norm, clipped=False)
-    # bound / norm < 1 here; the product's rounding can exceed the bound by an ulp,
-    # so clamp the factor once more.
+    # bound / norm < 1 here; the product's rounding (and the norm's own) can exceed
+    # the bound by an ulp or two, so shrink by one ulp of the factor until it holds
+    # (a clipped update must clip to itself: clipping twice changes nothing).
     scaled = flat * (bound / norm)
-    excess = float(np.linalg.norm(scaled))
-    if excess > bound:
-        scaled *= bound / excess
+    while (excess := float(np.linalg.norm(scaled))) > bound:
+        scaled *= np.nextafter(bound / excess, 0.0)
     return ClipResult(update=scaled, norm=norm, clipped=True)

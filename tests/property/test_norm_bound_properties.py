@@ -60,3 +60,15 @@ def test_a_scaled_update_keeps_its_direction(
     # The bounded update is a non-negative multiple of the input: Cauchy-Schwarz is tight.
     product = float(np.linalg.norm(bounded) * np.linalg.norm(update))
     assert product - float(bounded @ update) <= 1e-9 * max(1.0, product)
+
+
+def test_a_tiny_bound_on_a_large_update_clips_to_a_fixed_point() -> None:
+    # Found by hypothesis in CI: one rescale left the norm an ulp above the bound.
+    once, _ = bound_update(
+        np.array([615321.82962137, 615321.82962137, 683160.9365115492]), 1.358952168839101e-21
+    )
+
+    twice, clipped = bound_update(once, 1.358952168839101e-21)
+
+    assert not clipped
+    np.testing.assert_array_equal(twice, once)

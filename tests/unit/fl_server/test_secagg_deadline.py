@@ -18,7 +18,7 @@ from tests.unit.fl_server.test_secagg_grid import (  # noqa: F401 - the fixture 
     _server_identity,
 )
 
-CONFIG = SecAggConfig(clip_range=0.5, weight_cap=100, degree=4, threshold=3)
+CONFIG = SecAggConfig(clip_range=0.5, weight_cap=100, degree=4, threshold=3, masked_input_share=0.6)
 
 
 class _Timed(InProcessGrid):
@@ -78,3 +78,17 @@ def test_a_stage_that_finds_its_time_spent_aborts_the_round() -> None:
 
     assert aggregated is None
     assert stats.aborted is not None and "deadline" in stats.aborted
+
+
+def test_without_a_share_every_stage_waits_the_whole_timeout() -> None:
+    grid = _Timed({n: _honest() for n in NODES})
+    stats: list[SecAggRoundStats] = []
+    config = SecAggConfig(clip_range=0.5, weight_cap=100, degree=4, threshold=3)
+    secure = SecureAggregationGrid(grid, config, on_round=stats.append)
+    strategy = FedAvg(fraction_evaluate=0.0, min_train_nodes=len(NODES))
+    arrays = ArrayRecord({"w": Array(np.ones(6, np.float32))})
+    messages = strategy.configure_train(1, arrays, ConfigRecord(), secure)
+
+    list(secure.send_and_receive(messages, timeout=30.0))
+
+    assert grid.waits == [30.0] * 4
