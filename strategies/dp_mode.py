@@ -12,7 +12,10 @@ class DpMode(Enum):
 
     ``CENTRAL``: devices clip, the server adds Gaussian noise; ``DISTRIBUTED``:
     devices add discrete Gaussian noise under secure aggregation; ``LOCAL``:
-    devices clip and noise their own updates; ``SAMPLE``: DP-SGD on every device.
+    devices clip and noise their own updates; ``SAMPLE``: DP-SGD on every device;
+    ``SAMPLE_DISTRIBUTED``: one DP-SGD step a round over every device's examples,
+    each device adding only its share of the noise under secure aggregation
+    (:mod:`strategies.sample_ddp`).
     """
 
     OFF = "off"
@@ -20,3 +23,9 @@ class DpMode(Enum):
     DISTRIBUTED = "distributed"
     LOCAL = "local"
     SAMPLE = "sample"
+    SAMPLE_DISTRIBUTED = "sample-distributed"
+
+    @property
+    def needs_secure_aggregation(self) -> bool:
+        """Whether the mode's noise is split among devices (only a secure sum protects it)."""
+        return self in (DpMode.DISTRIBUTED, DpMode.SAMPLE_DISTRIBUTED)
