@@ -14,7 +14,12 @@ a fixed-size set, so neither claims amplification by sampling), central by
 Opacus' RDP accountant, distributed by the DDG zCDP bound with the survivors
 it really has. Then sample-level DP-SGD (Opacus) on ``--sample-clients``
 clients, each device at ``--sample-epsilon`` over the run, against the same
-clients without DP (``sample_non_private``).
+clients without DP (``sample_non_private``), and shared-noise DP-SGD
+(``sample_distributed``: one DP-SGD step a round over every device's examples, each
+device adding its share of the noise under SecAgg+, ``--shared-rounds`` rounds at
+example sample rate ``--shared-sample-rate``, FedAvgM momentum on the server) at the
+same example-level epsilon. Its ``general_bound_epsilon`` is what the fully general
+Poisson-subsampled zCDP bound (Zhu and Wang 2019) gives at the same noise.
 
 Writes ``benchmarks/results/dp_utility.json``: ``variants.NAME`` with
 ``accuracy``, ``epsilon``, ``delta``, ``bits_per_param`` (upload per parameter)
@@ -42,13 +47,27 @@ from simulations.config import SimConfig
 from simulations.modes import DpMode
 from simulations.partition import PartitionMode
 from simulations.run import RunPaths, new_run_id, prepare_data, run_federation
-from strategies.accounting import GaussianSteps, ddg_rho, gaussian_epsilon, zcdp_epsilon
+from strategies.accounting import (
+    GaussianSteps,
+    ddg_rho,
+    gaussian_epsilon,
+    subsampled_zcdp_epsilon,
+    zcdp_epsilon,
+)
 from strategies.ddp import DistributedDpSettings
 from strategies.rotation import padded_length
+from strategies.rules import AggregationRule, StrategySpec
 
 __all__ = ["main"]
 
-VARIANTS = ("non_private", "central", "distributed", "sample_non_private", "sample_level")
+VARIANTS = (
+    "non_private",
+    "central",
+    "distributed",
+    "sample_non_private",
+    "sample_level",
+    "sample_distributed",
+)
 
 
 def _bisect(epsilon_of: Callable[[float], float], target: float) -> float:
@@ -145,6 +164,8 @@ def _run(name: str, config: SimConfig, workdir: Path) -> dict[str, Any]:
         "noise_multiplier": (
             None
             if config.dp in (DpMode.OFF, DpMode.SAMPLE)  # DP-SGD: each device picks its own
+            else config.shared_noise_multiplier
+            if config.dp is DpMode.SAMPLE_DISTRIBUTED
             else config.noise_multiplier
         ),
         "train": {
@@ -157,6 +178,15 @@ def _run(name: str, config: SimConfig, workdir: Path) -> dict[str, Any]:
         "seconds": round(seconds, 1),
         "error": None,
     }
+    if config.dp is DpMode.SAMPLE_DISTRIBUTED:
+        z = config.shared_noise_multiplier
+        result["sample_rate"] = config.dp_sample_rate
+        result["general_bound_epsilon"] = subsampled_zcdp_epsilon(
+            rho=1 / (2 * z * z),
+            sample_rate=config.dp_sample_rate,
+            steps=config.num_rounds,
+            delta=config.delta,
+        )
     print(f"[dp_utility] {name}: accuracy {summary.final_accuracy}, {result}")
     return result
 
@@ -184,6 +214,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sample-lr", type=float, default=0.1, help="DP-SGD's learning rate")
     parser.add_argument("--sample-momentum", type=float, default=0.9)
     parser.add_argument("--sample-clip", type=float, default=1.0, help="per-example bound")
+    parser.add_argument(
+        "--shared-rounds", type=int, default=200, help="sample_distributed: DP-SGD steps"
+    )
+    parser.add_argument(
+        "--shared-sample-rate", type=float, default=0.02, help="sample_distributed: q"
+    )
+    parser.add_argument("--shared-lr", type=float, default=0.3, help="sample_distributed: step")
+    parser.add_argument(
+        "--shared-momentum", type=float, default=0.9, help="sample_distributed: FedAvgM"
+    )
     parser.add_argument("--train-examples", type=int, default=None)
     parser.add_argument("--test-examples", type=int, default=None)
     parser.add_argument("--variants", default=",".join(VARIANTS))
@@ -193,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         args.clients, args.per_round, args.rounds = 40, 10, 2
         args.sample_clients, args.sample_rounds = 2, 1
+        args.shared_rounds, args.shared_sample_rate = 3, 0.2
         args.train_examples, args.test_examples = 4000, 1000
     chosen = [v for v in args.variants.split(",") if v]
     unknown = set(chosen) - set(VARIANTS)
@@ -259,6 +300,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             momentum=args.sample_momentum,
         ),
     )
+    configs["sample_distributed"] = replace(
+        few,
+        num_rounds=args.shared_rounds,
+        dp=DpMode.SAMPLE_DISTRIBUTED,
+        secure_agg=True,
+        secagg_dropout=0.0,
+        ring_bits=32,
+        epsilon=args.sample_epsilon,
+        dp_clip=args.sample_clip,
+        dp_sample_rate=args.shared_sample_rate,
+        train=TrainConfig(learning_rate=args.shared_lr),
+        strategy=StrategySpec(
+            rule=AggregationRule.FEDAVGM,
+            options=(("server_learning_rate", 1.0), ("server_momentum", args.shared_momentum)),
+        ),
+    )
     variants: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="fedge-dp-utility-") as tmp:
         for name in chosen:
@@ -287,6 +344,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "non_private_minus_central_points": gap("non_private", "central"),
             "sample_non_private_minus_sample_level_points": gap(
                 "sample_non_private", "sample_level"
+            ),
+            "sample_non_private_minus_sample_distributed_points": gap(
+                "sample_non_private", "sample_distributed"
             ),
             "last5_central_minus_distributed_points": gap(
                 "central", "distributed", "accuracy_last5_mean"

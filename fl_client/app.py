@@ -5,29 +5,35 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
 from edge_runtime.model_spec import ModelSpec
-from edge_runtime.models import ModelName
+from edge_runtime.models import InputEncoding, ModelName
 from fedge.errors import ConfigError
 from fl_client.budget import ClientBudget, ClientBudgetExhausted, ClientSpend, declined
 from fl_client.device import DeviceKind, select_device
+from fl_client.dp_mod import inside_secure_round
+from fl_client.grad_sum import GRADIENT_SUM_KEY, clipped_gradient_sum, gradient_sum_record
 from fl_client.messages import ARRAYS_KEY, METRICS_KEY, decode_train_instruction
 from fl_client.mod_order import check_mod_order
 from fl_client.policy import DevicePolicy
 from fl_client.training import TrainConfig, TrainResult, train
 from secure_agg.errors import PolicyViolation
+from secure_agg.randomness import SystemRandomSource
 from strategies.accounting import GaussianSteps
+from strategies.sample_ddp import SDDP_RECORD_KEY, SampleDdpConfig
 from strategies.sample_dp import DPSGD_RECORD_KEY, SampleDpSettings
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from fl_client.dp_sgd import DpSgdConfig
 
 __all__ = ["PARTITION_ID_METRIC", "PARTITION_QUERY", "PartitionProvider", "make_client_app"]
@@ -103,6 +109,52 @@ def _dpsgd_plan(
     return config, planned_spend(num_examples, train_config, config)
 
 
+def _shared_noise_step(
+    msg: Message,
+    fields: ConfigRecord,
+    network: nn.Module,
+    examples: tuple[npt.NDArray[Any], npt.NDArray[np.integer]],
+    *,
+    policy: DevicePolicy | None,
+    encoding: InputEncoding,
+) -> Message:
+    """Return this device's clipped gradient sum for a shared-noise DP-SGD round.
+
+    Only inside this device's own secure round (the secure-aggregation mod's marker):
+    anywhere else the sum would leave the device in clear.
+    """
+    try:
+        if not inside_secure_round(msg.content):
+            raise PolicyViolation(
+                "shared-noise DP-SGD outside a secure round would send the gradient sum in clear"
+            )
+        if policy is None:
+            raise PolicyViolation("shared-noise DP-SGD: this device has no policy to check it")
+        config = SampleDdpConfig.from_fields(fields)
+        policy.check_sample_distributed(config)
+    except (ConfigError, PolicyViolation) as exc:
+        logger.warning("shared-noise DP-SGD: refusing the round: %s", exc)
+        return declined(msg, exc)
+    # Imported here: Opacus (behind the per-example engines) only on devices that need it.
+    from fl_client.per_example import CsprngRandomness
+
+    vector, _ = clipped_gradient_sum(
+        network,
+        *examples,
+        example_clip=config.example_clip,
+        sample_rate=config.sample_rate,
+        randomness=CsprngRandomness(SystemRandomSource()),
+        encoding=encoding,
+    )
+    content = RecordDict(
+        {
+            GRADIENT_SUM_KEY: gradient_sum_record(vector),
+            METRICS_KEY: MetricRecord({"dp-sample-rate": config.sample_rate}),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
 def make_client_app(
     provider: PartitionProvider,
     *,
@@ -171,7 +223,12 @@ def make_client_app(
             _shuffle_seed(instruction.seed, instruction.server_round, partition_id)
         )
         dpsgd = msg.content.config_records.get(DPSGD_RECORD_KEY)
+        sddp = msg.content.config_records.get(SDDP_RECORD_KEY)
         extra: dict[str, int | float] = {}
+        if sddp is not None:
+            return _shared_noise_step(
+                msg, sddp, network, (images, labels), policy=policy, encoding=spec.encoding
+            )
         if dpsgd is None:
             result = train(
                 network,

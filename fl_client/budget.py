@@ -18,6 +18,10 @@ device's own policy (never from what the server claims it will do):
   with only the noise of the policy's fewest honest contributors
   (:meth:`fl_client.policy.DevicePolicy.distributed_rho`) — the worst case the
   device allows, since it refuses to unmask for fewer;
+- shared-noise DP-SGD (``fedge.sddp``): one subsampled Gaussian step at the
+  round's (the device's own) example sample rate and the multiplier the noise of
+  the policy's fewest honest devices gives
+  (:meth:`fl_client.policy.DevicePolicy.sample_distributed_multiplier`);
 - sample-level DP-SGD: the device's own Opacus accounting (recorded by the train handler).
 
 A torn last line (a crash while appending) is dropped: the reply of that round
@@ -47,6 +51,7 @@ from secure_agg.errors import PolicyViolation
 from strategies.accounting import AccountantKind, GaussianSteps, PrivacySpend, spent_epsilon
 from strategies.central import CDP_RECORD_KEY, LDP_RECORD_KEY, CentralDpRound, LocalDpSettings
 from strategies.ddp import DDP_RECORD_KEY, DdpConfig
+from strategies.sample_ddp import SDDP_RECORD_KEY, SHARED_NOISE_MECHANISM, SampleDdpConfig
 
 if TYPE_CHECKING:  # the refusal log names devices with this module's device_name
     from fl_client.refusals import RefusalRecorder
@@ -278,6 +283,15 @@ def round_spend(content: RecordDict, policy: DevicePolicy) -> ClientSpend | None
         ddp = DdpConfig.from_fields(records[DDP_RECORD_KEY])
         policy.check_distributed(ddp)
         return ClientSpend(mechanism="distributed-ddg", rho=policy.distributed_rho(ddp))
+    if SDDP_RECORD_KEY in records:
+        sddp = SampleDdpConfig.from_fields(records[SDDP_RECORD_KEY])
+        policy.check_sample_distributed(sddp)
+        event = GaussianSteps(
+            noise_multiplier=policy.sample_distributed_multiplier(sddp),
+            sample_rate=sddp.sample_rate,
+            steps=1,
+        )
+        return ClientSpend(mechanism=SHARED_NOISE_MECHANISM, gaussian=event)
     return None
 
 

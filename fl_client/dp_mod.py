@@ -149,6 +149,11 @@ def secure_marker() -> ConfigRecord:
     return ConfigRecord({"secret": _MARKER_SECRET})
 
 
+def inside_secure_round(content: RecordDict) -> bool:
+    """Return whether ``content`` came through this device's secure-aggregation mod."""
+    return _is_secure_marker(content.config_records.get(SECURE_MARKER_KEY))
+
+
 def _is_secure_marker(record: ConfigRecord | None) -> bool:
     if record is None or set(record.keys()) != {"secret"}:
         return False

@@ -35,6 +35,7 @@ from strategies.central import CentralDpRound, LocalDpSettings
 from strategies.ddp import DdpConfig
 from strategies.records import check_noise_multiplier
 from strategies.rotation import padded_length
+from strategies.sample_ddp import SampleDdpConfig
 from strategies.sample_dp import SampleDpSettings
 
 __all__ = ["DevicePolicy", "PolicyViolation"]
@@ -156,6 +157,33 @@ class DevicePolicy:
             )
         except ConfigError as exc:
             raise PolicyViolation(f"distributed DP: {exc}") from exc
+
+    def check_sample_distributed(self, config: SampleDdpConfig) -> None:
+        """Refuse a shared-noise DP-SGD round whose noise, over the fewest honest devices, is small.
+
+        The multiplier checked is the accounted one (:meth:`sample_distributed_multiplier`):
+        the noise of the policy's fewest honest devices over one example's sensitivity,
+        rounding included.
+        """
+        self._check_clip("shared-noise DP-SGD", config.example_clip)
+        self._check_noise("shared-noise DP-SGD", self.sample_distributed_multiplier(config))
+
+    def sample_distributed_multiplier(self, config: SampleDdpConfig) -> float:
+        """Return the noise multiplier a shared-noise DP-SGD round is charged at.
+
+        Only the policy's fewest honest devices count, whatever the server sized the
+        shares for; the device charges the subsampled Gaussian at this multiplier and
+        the round's (its own) sample rate.
+
+        Raises
+        ------
+        PolicyViolation
+            If the noise is too coarse for the Gaussian analysis.
+        """
+        try:
+            return config.multiplier(self.min_honest_contributors)
+        except ConfigError as exc:
+            raise PolicyViolation(f"shared-noise DP-SGD: {exc}") from exc
 
     def required_survivors(self, num_participants: int) -> int:
         """Return the survivors a distributed-DP round needs: the honest minimum + the corrupt."""

@@ -59,6 +59,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from fedge.errors import ConfigError, FedgeError
 from fl_client.dp_mod import SECURE_MARKER_KEY, secure_marker
+from fl_client.grad_sum import gradient_sum_of
 from fl_client.mod_order import ModRank, ranked
 from fl_client.policy import DevicePolicy
 from fl_client.refusals import RefusalRecorder, ignore_refusal
@@ -85,6 +86,7 @@ from strategies.central import CDP_RECORD_KEY, UNCLIPPED_METRIC, CentralDpRound,
 from strategies.clipping import clip_l2
 from strategies.ddp import DDP_RECORD_KEY, DdpConfig, ddp_encode
 from strategies.rotation import padded_length
+from strategies.sample_ddp import SDDP_RECORD_KEY, SampleDdpConfig, sddp_encode
 
 __all__ = ["SECAGG_ERROR_CODE", "IdentityProvider", "make_secagg_mod"]
 
@@ -262,12 +264,24 @@ def make_secagg_mod(
             if CDP_RECORD_KEY not in records
             else CentralDpRound.from_fields(records[CDP_RECORD_KEY])
         )
+        sddp = (
+            None
+            if SDDP_RECORD_KEY not in records
+            else SampleDdpConfig.from_fields(records[SDDP_RECORD_KEY])
+        )
         setup = session.setup
+        if ddp is not None and sddp is not None:
+            raise InvalidMessage("a round cannot run two distributed-DP mechanisms at once")
         if ddp is not None:
             # Before training: a round outside the policy costs nothing.
             policy.check_distributed(ddp)
             if padded_length(ddp.dimension) != setup.vector_length:
                 raise InvalidMessage("the distributed-DP dimension does not match the round")
+            session.require_survivors(policy.required_survivors(len(setup.participants)))
+        if sddp is not None:
+            policy.check_sample_distributed(sddp)
+            if padded_length(sddp.dimension) != setup.vector_length:
+                raise InvalidMessage("the shared-noise DP-SGD dimension does not match the round")
             session.require_survivors(policy.required_survivors(len(setup.participants)))
         stripped = RecordDict({k: v for k, v in msg.content.items() if k != RECORD_KEY})
         # Tells the DP mod it runs inside a secure round (its clipped bit may be summed).
@@ -277,6 +291,15 @@ def make_secagg_mod(
         reply = call_next(train_msg, context)
         if reply.has_error():
             return reply
+        if sddp is not None:
+            # The clipped gradient sum, in float64 from the train handler: scaled, rounded
+            # and given this device's noise share before masking.
+            gradients = gradient_sum_of(reply.content, sddp.dimension)
+            encoded = sddp_encode(gradients, sddp, rng_factory())
+            masked = session.masked_input(request, encoded, consume=True)
+            return masked.vector, MaskedInputReport(
+                node_id=masked.node_id, rejected=masked.rejected
+            )
         update = flat_update(
             _only_arrays(stripped, "the train message"),
             _only_arrays(reply.content, "the train reply"),

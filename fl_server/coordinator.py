@@ -560,10 +560,12 @@ def privacy_report(
     claim = amplification(
         plan.mechanism, poisson_sampling=plan.poisson_sampling, fraction=plan.fraction_train
     )
-    sample_level = plan.mechanism is PrivacyMechanism.SAMPLE
+    per_device = plan.mechanism is PrivacyMechanism.SAMPLE
+    # Shared-noise DP-SGD is example-level too, but its run row holds every round's step.
+    sample_level = per_device or plan.mechanism is PrivacyMechanism.SAMPLE_DISTRIBUTED
     run_epsilon = (
         (worst[1] if worst else max(devices.values(), default=None))
-        if sample_level
+        if per_device
         else budget.ledger.spent(run_id, delta=budget.delta)
     )
     return {

@@ -308,6 +308,13 @@ class DeploymentConfig:
 
     def __post_init__(self) -> None:
         mode = self.privacy.mode
+        if mode is DpMode.SAMPLE_DISTRIBUTED:
+            # Its step size needs the fleet's expected examples a round, which a
+            # deployment does not declare yet: simulations and scenarios only, for now.
+            raise ConfigError(
+                "privacy.mode 'sample-distributed' runs in simulations and scenarios only "
+                "(fedge sim run); deployments offer 'sample' (DP-SGD on every device)"
+            )
         if mode is DpMode.DISTRIBUTED and not self.secure_aggregation.enabled:
             raise ConfigError("privacy.mode 'distributed' needs secure_aggregation.enabled = true")
         if self.secure_aggregation.enabled and self.federation.clients_per_round < 2:

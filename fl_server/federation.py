@@ -49,6 +49,7 @@ from fl_server.secagg import (
 from fl_server.spend import LedgerSink
 from fl_server.strategy_factory import build_strategy
 from strategies.rules import StrategySpec
+from strategies.sample_ddp import SHARED_NOISE_MECHANISM, SampleDdpSettings
 
 __all__ = [
     "REFUSAL_CATEGORIES",
@@ -299,14 +300,17 @@ class _Counting(Strategy):
 
 
 def _privacy_hooks(
-    privacy: PrivacyBudget | None, counts: _ReplyCounts, audit: AuditLog, run_id: str
+    privacy: PrivacyBudget | None,
+    counts: _ReplyCounts,
+    audit: AuditLog,
+    run_id: str,
+    mechanism: str,
 ) -> tuple[PrivacyGuard | None, Callable[[SecAggRoundStats], None]]:
     if privacy is None:
         return None, counts.on_secure_round
-    sink = LedgerSink(privacy, audit, run_id, _DDG)
+    sink = LedgerSink(privacy, audit, run_id, mechanism)
 
-    def guard(rho: float, subjects: Sequence[str]) -> None:
-        spend = RoundSpend(mechanism=_DDG, rho=rho)
+    def guard(spend: RoundSpend, subjects: Sequence[str]) -> None:
         sink.check(spend)
         # Each survivor would be charged this rho (see on_secure): refused here, before
         # anything is unmasked, if it would take one past its lifetime cap over all runs.
@@ -314,9 +318,9 @@ def _privacy_hooks(
 
     def on_secure(stats: SecAggRoundStats) -> None:
         counts.on_secure_round(stats)
-        if stats.dp is None or stats.aborted is not None:
+        if stats.dp is None or stats.spend is None or stats.aborted is not None:
             return
-        spend = RoundSpend(mechanism=_DDG, rho=stats.dp["rho"])
+        spend = stats.spend
         # Each survivor is charged what its own device charged itself: the rho of the
         # fewest honest contributors the round had to hold (keyed by its enrolled identity).
         sink.spent(
@@ -410,7 +414,9 @@ def make_server_app(
         tally = _TallyGrid(grid)
         grid = tally
         if secure is not None:
-            guard, on_secure = _privacy_hooks(privacy, counts, audit, run_id)
+            shared = isinstance(secure.distributed_dp, SampleDdpSettings)
+            mechanism = SHARED_NOISE_MECHANISM if shared else _DDG
+            guard, on_secure = _privacy_hooks(privacy, counts, audit, run_id, mechanism)
             grid = SecureAggregationGrid(grid, secure, on_round=on_secure, privacy_guard=guard)
         sampling: dict[str, Any] = {
             "fraction_train": config.fraction_train,

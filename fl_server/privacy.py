@@ -48,6 +48,7 @@ class PrivacyMechanism(Enum):
     DISTRIBUTED = "distributed-ddg"
     LOCAL = "local-gaussian"
     SAMPLE = "dp-sgd"
+    SAMPLE_DISTRIBUTED = "sample-ddg"
 
     @classmethod
     def of(cls, mode: DpMode) -> PrivacyMechanism:
@@ -68,6 +69,7 @@ _MECHANISM_OF = {
     DpMode.DISTRIBUTED: PrivacyMechanism.DISTRIBUTED,
     DpMode.LOCAL: PrivacyMechanism.LOCAL,
     DpMode.SAMPLE: PrivacyMechanism.SAMPLE,
+    DpMode.SAMPLE_DISTRIBUTED: PrivacyMechanism.SAMPLE_DISTRIBUTED,
 }
 
 
@@ -172,6 +174,14 @@ def amplification(
             1.0,
             "distributed DP defends against the server, and the server that samples knows "
             "who took part: no amplification; every round is accounted at sample rate 1",
+        )
+    if mechanism is PrivacyMechanism.SAMPLE_DISTRIBUTED:
+        return Amplification(
+            True,
+            None,
+            "shared-noise DP-SGD: each round is one subsampled Gaussian step at the rate each "
+            "device samples its own examples with (its CSPRNG, never revealed); the server's "
+            "choice of devices adds nothing",
         )
     if mechanism is PrivacyMechanism.LOCAL:
         return Amplification(

@@ -71,7 +71,7 @@ from secure_agg.params import ThreatModel, choose_neighbourhood, corrupt_count
 from secure_agg.randomness import RandomSource, SystemRandomSource
 from secure_agg.server import ServerSession
 from strategies import vectors
-from strategies.accounting import ddg_rho
+from strategies.accounting import GaussianSteps, PrivacySpend, ddg_rho
 from strategies.central import (
     CDP_RECORD_KEY,
     CENTRED_BITS_METRIC,
@@ -81,6 +81,11 @@ from strategies.central import (
 )
 from strategies.ddp import DDP_RECORD_KEY, DdpConfig, ddp_decode_sum
 from strategies.rotation import padded_length
+from strategies.sample_ddp import (
+    SDDP_RECORD_KEY,
+    SHARED_NOISE_MECHANISM,
+    SampleDdpConfig,
+)
 
 __all__ = [
     "SECAGG_ABORT_CODE",
@@ -98,7 +103,9 @@ _ARRAYS_KEY: Final = "arrays"
 _METRICS_KEY: Final = "metrics"
 T = TypeVar("T")
 # Called with a distributed-DP round's rho and its survivors' subjects before unmasking.
-PrivacyGuard = Callable[[float, Sequence[str]], None]
+_DISTRIBUTED_MECHANISM = "distributed-ddg"
+
+PrivacyGuard = Callable[[PrivacySpend, Sequence[str]], None]
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -160,6 +167,7 @@ class _Round:
             assert config.threshold is not None
             degree, threshold = config.degree, config.threshold
         self.ddp: DdpConfig | None = None
+        self.sddp: SampleDdpConfig | None = None
         self.min_honest = 0
         self.train_content = self.content
         self.extra_metrics: dict[str, float] = {}
@@ -192,19 +200,26 @@ class _Round:
         else:
             self.min_honest = config.min_honest_contributors(len(nodes))
             # The rotation's signs are public: a fresh seed per round, sent to every client.
-            self.ddp = config.distributed_dp.for_round(
+            round_config = config.distributed_dp.for_round(
                 dimension=self.length,
                 sampled=len(nodes),
                 min_honest=self.min_honest,
                 rotation_seed=rng.random_bytes(32),
             )
+            fields: dict[str, ConfigRecordValues] = {**round_config.to_fields()}
+            self.train_content = RecordDict(dict(self.content))
+            if isinstance(round_config, SampleDdpConfig):
+                # Shared-noise DP-SGD: the devices send clipped gradient sums on this ring.
+                self.sddp = round_config
+                self.ddp = round_config.ring
+                self.train_content[SDDP_RECORD_KEY] = ConfigRecord(fields)
+            else:
+                self.ddp = round_config
+                self.train_content[DDP_RECORD_KEY] = ConfigRecord(fields)
             self.vector_length = padded_length(self.length)
             self.encoding = EncodingConfig(
                 clip_range=1.0, ring_bits=self.ddp.ring_bits, max_clients=len(nodes)
             )
-            self.train_content = RecordDict(dict(self.content))
-            fields: dict[str, ConfigRecordValues] = {**self.ddp.to_fields()}
-            self.train_content[DDP_RECORD_KEY] = ConfigRecord(fields)
         self.session = ServerSession(
             nodes,
             degree=degree,
@@ -325,7 +340,7 @@ class _Round:
         masked_requests = session.receive_shares(shares)
         masked = self.exchange(Stage.MASKED_INPUT, masked_requests, self.masked_vector)
         after_masked = session.receive_masked(masked)
-        rho = None
+        spend = None
         if self.ddp is not None:
             # The survivors (whose noise is in the sum) are fixed now. Every device refuses
             # to unmask unless they hold its policy's fewest honest clients; the server
@@ -339,10 +354,10 @@ class _Round:
                     f"{survivors} survivors hold at most {max(honest, 0)} honest clients, "
                     f"distributed DP needs {self.min_honest}",
                 )
-            rho = self._rho()
+            spend = self._spend()
             if self.guard is not None:
                 # A round whose spend would break the budget stops here, revealing nothing.
-                self.guard(rho, self._subjects(session.survivors))
+                self.guard(spend, self._subjects(session.survivors))
         if self.config.threat_model is ThreatModel.ACTIVE:
             signatures = self.exchange(
                 Stage.CONSISTENCY, after_masked, payload(ConsistencySignature)
@@ -354,7 +369,7 @@ class _Round:
         result = session.finish(responses)
         for node, reason in session.excluded.items():
             self.stats.failures.setdefault(node, f"excluded: {reason}")
-        if self.ddp is None or rho is None:
+        if self.ddp is None or spend is None:
             mean, total_weight = decode_sum(result.total, config=self.encoding)
             if self.central is not None and self.central.adaptive:
                 # Only the sum of the centred bits b - 1/2 is ever known, never one client's.
@@ -367,12 +382,13 @@ class _Round:
             total_weight = survivors
             # What every device charged itself: the noise of the fewest honest clients.
             self.stats.dp = {
-                "rho": rho,
+                "rho": spend.rho,
                 "min_honest_contributors": self.min_honest,
                 "noise_std_of_sum": self.ddp.noise_std * math.sqrt(survivors),
                 "honest_noise_std_of_sum": self.ddp.noise_std * math.sqrt(self.min_honest),
                 "l2_clip": self.ddp.l2_clip,
             }
+        self.stats.spend = spend
         self.stats.survivors = len(result.survivors)
         self.stats.survivor_ids = sorted(result.survivors)
         self.stats.survivor_subjects = self._subjects(result.survivors)
@@ -384,6 +400,17 @@ class _Round:
     def _subjects(self, nodes: Iterable[int]) -> list[str]:
         """Name clients as the ledgers do: the enrolment id they advertised, else the node id."""
         return [self.session.identity_of(node) or str(node) for node in sorted(nodes)]
+
+    def _spend(self) -> PrivacySpend:
+        """Return what every survivor's device charged itself (its policy's fewest honest)."""
+        if self.sddp is not None:
+            event = GaussianSteps(
+                noise_multiplier=self.sddp.multiplier(self.min_honest),
+                sample_rate=self.sddp.sample_rate,
+                steps=1,
+            )
+            return PrivacySpend(mechanism=SHARED_NOISE_MECHANISM, gaussian=event)
+        return PrivacySpend(mechanism=_DISTRIBUTED_MECHANISM, rho=self._rho())
 
     def _rho(self) -> float:
         assert self.ddp is not None

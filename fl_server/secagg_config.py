@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from fedge.errors import ConfigError
 from secure_agg.encoding import EncodingConfig
 from secure_agg.params import ThreatModel, corrupt_count
+from strategies.accounting import PrivacySpend
 from strategies.ddp import DistributedDpSettings
+from strategies.sample_ddp import SampleDdpSettings
 
 __all__ = ["PARTICIPANTS_FIELD", "PARTICIPANTS_RECORD_KEY", "SecAggConfig", "SecAggRoundStats"]
 
@@ -72,7 +74,7 @@ class SecAggConfig:
     min_clients: int = 2
     authority_public_key: bytes | None = None
     weight_key: str = "num-examples"
-    distributed_dp: DistributedDpSettings | None = None
+    distributed_dp: DistributedDpSettings | SampleDdpSettings | None = None
     masked_input_share: float | None = None
 
     def __post_init__(self) -> None:
@@ -143,5 +145,7 @@ class SecAggRoundStats:
     failures: dict[int, str] = field(default_factory=dict)
     aborted: str | None = None
     dp: dict[str, float] | None = None
+    # What each survivor was charged (distributed DP and shared-noise DP-SGD rounds).
+    spend: PrivacySpend | None = None
     survivor_ids: list[int] = field(default_factory=list)
     survivor_subjects: list[str] = field(default_factory=list)

@@ -177,8 +177,10 @@ def run_command(
             help="Differential privacy. 'central': clients clip, the server adds Gaussian "
             "noise; 'distributed': clients add discrete Gaussian noise under secure "
             "aggregation (implies --secure-agg); 'local': clients clip and noise their own "
-            "updates; 'sample': DP-SGD (Opacus) on every device. Every round's spend goes to "
-            "the privacy ledger (see `fedge ledger show`).",
+            "updates; 'sample': DP-SGD (Opacus) on every device; 'sample-distributed': one "
+            "DP-SGD step a round over every device's examples, each device adding its share "
+            "of the noise under secure aggregation (implies --secure-agg; the step is "
+            "--lr). Every round's spend goes to the privacy ledger (see `fedge ledger show`).",
         ),
     ] = DpMode.OFF,
     epsilon: Annotated[
@@ -208,6 +210,14 @@ def run_command(
             "without --epsilon: DP-SGD's noise multiplier).",
         ),
     ] = 1.0,
+    dp_sample_rate: Annotated[
+        float,
+        typer.Option(
+            "--dp-sample-rate",
+            help="With --dp sample-distributed: each example's chance to be in a round's "
+            "step (each device samples its own examples).",
+        ),
+    ] = 0.05,
     adaptive_clip: Annotated[
         bool,
         typer.Option(
@@ -337,7 +347,7 @@ def run_command(
         train_examples=train_examples,
         test_examples=test_examples,
         parallelism=parallelism or default_parallelism(),
-        secure_agg=secure_agg or dp is DpMode.DISTRIBUTED,
+        secure_agg=secure_agg or dp.needs_secure_aggregation,
         threat_model=threat_model,
         clip_range=clip_range,
         secagg_dropout=secagg_dropout,
@@ -347,6 +357,7 @@ def run_command(
         delta=delta,
         dp_clip=dp_clip,
         noise_multiplier=noise_multiplier,
+        dp_sample_rate=dp_sample_rate,
         adaptive_clip=adaptive_clip,
         poisson_sampling=poisson_sampling,
         client_epsilon=client_epsilon,
@@ -650,8 +661,14 @@ def _privacy_line(privacy: dict[str, Any]) -> str:
     """One line on what a run spent and which claim it rests on."""
     spent = privacy["epsilon"]
     level = "per example (DP-SGD, worst device)" if privacy["level"] == "example" else "per client"
+    from strategies.sample_ddp import SHARED_NOISE_MECHANISM
+
+    shared = privacy["mechanism"] == SHARED_NOISE_MECHANISM
+    if shared:
+        level = "per example (one DP-SGD step a round, noise shared by the devices)"
     if (
-        privacy["level"] == "example"
+        not shared
+        and privacy["level"] == "example"
         and privacy["max_client_epsilon"] is None
         and spent is not None
     ):

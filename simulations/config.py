@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,7 @@ from simulations.partition import PartitionConfig, PartitionMode
 from strategies.central import AdaptiveClipping, CentralDpSettings, LocalDpSettings
 from strategies.ddp import DistributedDpSettings
 from strategies.rules import StrategySpec
+from strategies.sample_ddp import SampleDdpSettings, noise_for_budget
 from strategies.sample_dp import SampleDpSettings
 
 __all__ = ["AUTO_DROPOUTS", "DpMode", "SimConfig", "default_parallelism"]
@@ -42,6 +44,14 @@ def default_parallelism() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
+
+
+@functools.lru_cache(maxsize=32)
+def _noise_for_budget(epsilon: float, delta: float, sample_rate: float, rounds: int) -> float:
+    # A few seconds of accounting; a run asks several times (server, policy, checks).
+    return noise_for_budget(
+        target_epsilon=epsilon, delta=delta, sample_rate=sample_rate, rounds=rounds
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,8 +121,13 @@ class SimConfig:
         delta; with ``SAMPLE``, each device's DP-SGD target over the run (or
         ``noise_multiplier`` when ``None``).
     dp_clip, noise_multiplier
-        The L2 bound of an update (with ``SAMPLE``: of each example's gradient)
-        and the noise over that bound.
+        The L2 bound of an update (with ``SAMPLE`` and ``SAMPLE_DISTRIBUTED``: of each
+        example's gradient) and the noise over that bound (``SAMPLE_DISTRIBUTED`` with
+        ``epsilon``: the noise that spends exactly the budget over the rounds).
+    dp_sample_rate
+        ``SAMPLE_DISTRIBUTED``: each example's probability of being in a round's step
+        (each device samples its own); the step is ``train.learning_rate`` times the
+        clipped gradient sum over the examples a device is expected to sample.
     ring_bits
         With secure aggregation: the width of each uploaded value (8, 16, 32 or 64 bits).
     adaptive_clip
@@ -167,6 +182,7 @@ class SimConfig:
     delta: float = 1e-5
     dp_clip: float = 1.0
     noise_multiplier: float = 1.0
+    dp_sample_rate: float = 0.05
     ring_bits: int = 32
     adaptive_clip: bool = False
     poisson_sampling: bool = False
@@ -264,9 +280,18 @@ class SimConfig:
                     "central DP already clips every update on the server to its L2 bound"
                 )
 
+    def _check_shared_noise(self) -> None:
+        if not 0 < self.dp_sample_rate <= 1:
+            raise ConfigError(f"dp_sample_rate must be in (0, 1], got {self.dp_sample_rate}")
+        if self.dp is DpMode.SAMPLE_DISTRIBUTED and self.ring_bits != 32:
+            raise ConfigError(
+                "sample-distributed DP needs a 32-bit ring (--ring-bits 32): at 16 bits "
+                "rounding would double each example's sensitivity"
+            )
+
     def _check_dp(self) -> None:
-        if self.dp is DpMode.DISTRIBUTED and not self.secure_agg:
-            raise ConfigError("distributed DP runs under secure aggregation: add --secure-agg")
+        if self.dp.needs_secure_aggregation and not self.secure_agg:
+            raise ConfigError(f"{self.dp.value} DP runs under secure aggregation: add --secure-agg")
         if self.adaptive_clip and self.dp is not DpMode.CENTRAL:
             raise ConfigError("--adaptive-clip is for --dp central")
         if self.epsilon is not None and self.dp is DpMode.OFF:
@@ -283,7 +308,8 @@ class SimConfig:
                 raise ConfigError("--client-lifetime-epsilon needs a --dp mechanism")
             if not (math.isfinite(lifetime) and lifetime > 0):
                 raise ConfigError(f"client_lifetime_epsilon must be > 0, got {lifetime}")
-        if self.dp is not DpMode.OFF and self.dp is not DpMode.DISTRIBUTED:
+        self._check_shared_noise()
+        if self.dp is not DpMode.OFF and not self.dp.needs_secure_aggregation:
             # Validates clip, noise, adaptive clipping and its need for secure aggregation.
             self.server_dp()
         if not 0 < self.delta < 1:
@@ -329,8 +355,14 @@ class SimConfig:
         """Clients sampled per round."""
         return max(1, int(self.num_clients * self.fraction_train))
 
-    def secure_config(self, *, authority_public_key: bytes | None) -> SecAggConfig:
-        """Return the secure-aggregation settings of this run."""
+    def secure_config(
+        self, *, authority_public_key: bytes | None, examples_per_client: float | None = None
+    ) -> SecAggConfig:
+        """Return the secure-aggregation settings of this run.
+
+        ``examples_per_client`` (the training examples over the clients) sizes the
+        step of ``SAMPLE_DISTRIBUTED``; it changes no privacy number.
+        """
         return SecAggConfig(
             clip_range=self.clip_range,
             ring_bits=self.ring_bits,
@@ -340,20 +372,43 @@ class SimConfig:
             # A scenario's [failures] deadline bounds the whole secure round.
             masked_input_share=None if self.failures is None else 0.6,
             min_clients=2,
-            distributed_dp=(
-                DistributedDpSettings(
-                    l2_clip=self.dp_clip,
-                    noise_multiplier=self.noise_multiplier,
-                    ring_bits=self.ring_bits,
-                )
-                if self.dp is DpMode.DISTRIBUTED
-                else None
-            ),
+            distributed_dp=self._distributed_dp(examples_per_client),
         )
+
+    def _distributed_dp(
+        self, examples_per_client: float | None
+    ) -> DistributedDpSettings | SampleDdpSettings | None:
+        if self.dp is DpMode.DISTRIBUTED:
+            return DistributedDpSettings(
+                l2_clip=self.dp_clip,
+                noise_multiplier=self.noise_multiplier,
+                ring_bits=self.ring_bits,
+            )
+        if self.dp is DpMode.SAMPLE_DISTRIBUTED:
+            return SampleDdpSettings(
+                example_clip=self.dp_clip,
+                noise_multiplier=self.shared_noise_multiplier,
+                sample_rate=self.dp_sample_rate,
+                learning_rate=self.train.learning_rate,
+                expected_batch=max(1.0, self.dp_sample_rate * (examples_per_client or 1.0)),
+                ring_bits=self.ring_bits,
+            )
+        return None
+
+    @property
+    def shared_noise_multiplier(self) -> float:
+        """``SAMPLE_DISTRIBUTED``: the accounted multiplier of every round.
+
+        With ``epsilon``: the smallest whose rounds spend at most the budget (so the
+        run ends with its last round, not before); else ``noise_multiplier``.
+        """
+        if self.epsilon is None:
+            return self.noise_multiplier
+        return _noise_for_budget(self.epsilon, self.delta, self.dp_sample_rate, self.num_rounds)
 
     def server_dp(self) -> ServerDp | None:
         """Return the server's central, local or sample-level DP settings (None otherwise)."""
-        if self.dp in (DpMode.OFF, DpMode.DISTRIBUTED):
+        if self.dp is DpMode.OFF or self.dp.needs_secure_aggregation:
             return None
         central = local = sample = None
         if self.dp is DpMode.CENTRAL:
@@ -414,7 +469,7 @@ class SimConfig:
                 corrupt_fraction=secure.corrupt_fraction,
                 min_survivors=max(2, sampled - tolerated),
             )
-            if self.dp is DpMode.DISTRIBUTED:
+            if self.dp.needs_secure_aggregation:
                 honest = secure.min_honest_contributors(sampled)
         clip = self.dp_clip
         if self.adaptive_clip:
@@ -422,6 +477,8 @@ class SimConfig:
         noise = self.noise_multiplier
         if self.dp is DpMode.SAMPLE and self.epsilon is not None:
             noise = 1e-3  # the device derives its own DP-SGD noise from the target
+        if self.dp is DpMode.SAMPLE_DISTRIBUTED:
+            noise = self.shared_noise_multiplier
         return DevicePolicy(
             protocol=protocol,
             max_l2_clip=clip,

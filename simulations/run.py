@@ -218,7 +218,11 @@ def run_federation(
     )
     authority = None if fleet is None else fleet.authority_public_key
     if config.secure_agg:
-        plan = replace(plan, secure=config.secure_config(authority_public_key=authority))
+        per_client = prepared.stats["train_examples"] / config.num_clients
+        secure = config.secure_config(
+            authority_public_key=authority, examples_per_client=per_client
+        )
+        plan = replace(plan, secure=secure)
     location = RunLocation(
         summary=paths.summary,
         models=paths.models,

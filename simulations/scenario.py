@@ -337,19 +337,32 @@ class PrivacySection:
         default=DpMode.OFF,
         metadata=_help(
             "'central' (the server adds noise), 'distributed' (devices add their share "
-            "under secure aggregation), 'local', 'sample' (DP-SGD on every device)."
+            "under secure aggregation), 'local', 'sample' (DP-SGD on every device), "
+            "'sample-distributed' (one DP-SGD step a round over every device's examples, "
+            "each device adding its share of the noise under secure aggregation)."
         ),
     )
     epsilon: float | None = field(
         default=None,
         metadata=_help(
-            "The run's budget; with mode = 'sample', each device's DP-SGD target over the run."
+            "The run's budget; with mode = 'sample', each device's DP-SGD target over the "
+            "run; with 'sample-distributed', the noise is the least that spends it in the rounds."
         ),
     )
     delta: float = field(default=1e-5, metadata=_help("The delta of every epsilon."))
     clip: float = field(
         default=1.0,
-        metadata=_help("L2 bound of an update (mode = 'sample': of each example's gradient)."),
+        metadata=_help(
+            "L2 bound of an update (mode = 'sample' or 'sample-distributed': of each "
+            "example's gradient)."
+        ),
+    )
+    sample_rate: float = field(
+        default=0.05,
+        metadata=_help(
+            "mode = 'sample-distributed': each example's chance to be in a round's step "
+            "(each device samples its own); the step is [training] learning_rate."
+        ),
     )
     noise_multiplier: float = field(
         default=1.0, metadata=_help("Noise standard deviation over the L2 bound.")
@@ -655,7 +668,7 @@ class Scenario:
                 parallelism=self.population.parallelism or default_parallelism(),
                 ray_address=self.population.ray_address,
                 strategy=self.strategy.spec(),
-                secure_agg=secure.enabled or privacy.mode is DpMode.DISTRIBUTED,
+                secure_agg=secure.enabled or privacy.mode.needs_secure_aggregation,
                 threat_model=secure.threat_model,
                 clip_range=secure.clip_range,
                 secagg_dropout=secure.dropout,
@@ -665,6 +678,7 @@ class Scenario:
                 delta=privacy.delta,
                 dp_clip=privacy.clip,
                 noise_multiplier=privacy.noise_multiplier,
+                dp_sample_rate=privacy.sample_rate,
                 adaptive_clip=privacy.adaptive_clip,
                 poisson_sampling=privacy.poisson_sampling,
                 client_epsilon=privacy.client_epsilon,
@@ -701,7 +715,7 @@ class Scenario:
     def _check_tables(self) -> None:
         """Refuse contradictions between tables, naming both."""
         where = self.source
-        secure = self.secure_aggregation.enabled or self.privacy.mode is DpMode.DISTRIBUTED
+        secure = self.secure_aggregation.enabled or self.privacy.mode.needs_secure_aggregation
         privacy = self.privacy
         if privacy.mode is DpMode.OFF:
             for key in ("epsilon", "client_epsilon", "client_lifetime_epsilon"):

@@ -116,15 +116,26 @@ def test_cross_device_runs_secure_rounds_with_distributed_dp(
     assert summary.rounds[0]["epsilon"] is not None and summary.rounds[0]["epsilon"] > 0
 
 
-def test_cross_silo_runs_dp_sgd_on_every_silo_under_secure_aggregation(
+def test_cross_silo_takes_shared_noise_dp_sgd_steps_under_secure_aggregation(
     data: dict[str, Path], tmp_path: Path
 ) -> None:
-    result = _run(_shrunk("cross-silo-hospitals", data, clients=4), tmp_path)
+    shipped = _shrunk("cross-silo-hospitals", data, clients=4, rounds=2)
+    # More of each silo's 120 generated examples a step than the 6,000-example silos need.
+    scenario = replace(shipped, privacy=replace(shipped.privacy, sample_rate=0.5))
+
+    result = _run(scenario, tmp_path)
 
     summary = result.summary
     assert summary.status == "completed"
-    assert summary.rounds[0]["secure_aggregation"]["survivors"] == 4
-    assert summary.privacy is not None and summary.privacy["level"] == "example"
+    assert [r["secure_aggregation"]["survivors"] for r in summary.rounds] == [4, 4]
+    privacy = summary.privacy
+    assert privacy is not None and privacy["level"] == "example"
+    assert privacy["mechanism"] == "sample-ddg"
+    # The noise is the least that spends the shipped budget in exactly the rounds run.
+    assert 0.95 * 3.0 < privacy["epsilon"] <= 3.0
+    assert summary.rounds[0]["epsilon"] < summary.rounds[1]["epsilon"] == privacy["epsilon"]
+    assert summary.final_accuracy is not None
+    assert summary.final_accuracy > summary.rounds[0]["accuracy"] - 0.05
 
 
 def test_predictive_maintenance_trains_a_model_by_import_path_on_shuttle(

@@ -38,6 +38,7 @@ from fl_server.privacy import PrivacyMechanism
 from fl_server.store.keys import StoreKey
 from secure_agg.params import ThreatModel
 from strategies.accounting import AccountantKind
+from strategies.ddp import DistributedDpSettings
 from strategies.dp_mode import DpMode
 from tests.helpers import stripes
 
@@ -392,7 +393,8 @@ def test_plan_distributed_dp(planned: DeploymentLayout) -> None:
     plan = _plan(planned, _config(DpMode.DISTRIBUTED))
 
     assert plan.dp is None
-    assert plan.secure is not None and plan.secure.distributed_dp is not None
+    assert plan.secure is not None
+    assert isinstance(plan.secure.distributed_dp, DistributedDpSettings)
     assert plan.secure.distributed_dp.l2_clip == 0.7
     assert plan.secure.distributed_dp.noise_multiplier == 1.3
     assert plan.secure.threat_model is ThreatModel.ACTIVE

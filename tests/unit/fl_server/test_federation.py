@@ -51,12 +51,12 @@ def test_the_guard_refuses_a_round_that_would_take_a_survivor_past_its_lifetime_
         delta=DELTA,
         client_lifetime_epsilon=zcdp_epsilon(2.5 * RHO, delta=DELTA),
     )
-    guard, _ = _privacy_hooks(budget, _ReplyCounts(), AuditLog(engine), "run-c")
+    guard, _ = _privacy_hooks(budget, _ReplyCounts(), AuditLog(engine), "run-c", "distributed-ddg")
     assert guard is not None
 
-    guard(RHO, ["sim-device-1", "sim-device-2"])
+    guard(RoundSpend(mechanism="distributed-ddg", rho=RHO), ["sim-device-1", "sim-device-2"])
     with pytest.raises(BudgetExceeded, match=r"take client sim-device-3 past the lifetime budget"):
-        guard(RHO, ["sim-device-1", "sim-device-3"])
+        guard(RoundSpend(mechanism="distributed-ddg", rho=RHO), ["sim-device-1", "sim-device-3"])
     assert ledger.entries("run-c") == []
 
 
@@ -66,13 +66,14 @@ def test_the_guard_checks_the_runs_budget_and_no_cap_without_one(engine: Engine)
         "run-a", 1, {"sim-device-3": RoundSpend(mechanism="distributed-ddg", rho=1.0)}, delta=DELTA
     )
     budget = PrivacyBudget(ledger=ledger, epsilon=zcdp_epsilon(0.5, delta=DELTA), delta=DELTA)
-    guard, _ = _privacy_hooks(budget, _ReplyCounts(), AuditLog(engine), "run-c")
+    guard, _ = _privacy_hooks(budget, _ReplyCounts(), AuditLog(engine), "run-c", "distributed-ddg")
     assert guard is not None
 
-    guard(RHO, ["sim-device-3"])  # no lifetime cap: the device's earlier spend is not checked
+    # No lifetime cap: the device's earlier spend is not checked.
+    guard(RoundSpend(mechanism="distributed-ddg", rho=RHO), ["sim-device-3"])
     with pytest.raises(BudgetExceeded, match="would take the run to epsilon"):
-        guard(1.0, ["sim-device-3"])
-    assert _privacy_hooks(None, _ReplyCounts(), AuditLog(engine), "run-c")[0] is None
+        guard(RoundSpend(mechanism="distributed-ddg", rho=1.0), ["sim-device-3"])
+    assert _privacy_hooks(None, _ReplyCounts(), AuditLog(engine), "run-c", "x")[0] is None
 
 
 @pytest.fixture
