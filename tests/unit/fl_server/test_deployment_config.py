@@ -255,6 +255,11 @@ def test_distributed_dp_needs_secure_aggregation() -> None:
         DeploymentConfig(secure_aggregation=SecureSection(enabled=False))
 
 
+def test_shared_noise_dp_sgd_is_refused_in_deployments_with_the_alternative_named() -> None:
+    with pytest.raises(ConfigError, match=r"'sample-distributed' runs in simulations .* 'sample'"):
+        DeploymentConfig(privacy=PrivacySection(mode=DpMode.SAMPLE_DISTRIBUTED))
+
+
 def test_secure_aggregation_needs_two_clients_per_round() -> None:
     with pytest.raises(ConfigError, match=r"needs federation.clients_per_round >= 2"):
         DeploymentConfig(federation=FederationSection(min_clients=1, clients_per_round=1))

@@ -103,3 +103,33 @@ def test_a_client_lifetime_cap_is_kept_and_serialised() -> None:
 
     assert config.to_json()["client_lifetime_epsilon"] == 20.0
     assert SimConfig(dp=DpMode.CENTRAL).to_json()["client_lifetime_epsilon"] is None
+
+
+def test_shared_noise_dp_sgd_needs_secure_aggregation_and_a_32_bit_ring() -> None:
+    with pytest.raises(ConfigError, match="sample-distributed DP runs under secure aggregation"):
+        SimConfig(num_clients=4, dp=DpMode.SAMPLE_DISTRIBUTED)
+    with pytest.raises(ConfigError, match="needs a 32-bit ring"):
+        SimConfig(num_clients=4, dp=DpMode.SAMPLE_DISTRIBUTED, secure_agg=True, ring_bits=16)
+    with pytest.raises(ConfigError, match="dp_sample_rate"):
+        SimConfig(num_clients=4, dp=DpMode.SAMPLE_DISTRIBUTED, secure_agg=True, dp_sample_rate=0)
+
+
+def test_shared_noise_dp_sgd_is_sized_for_the_budget_and_the_policy_admits_exactly_it() -> None:
+    config = SimConfig(
+        num_clients=4,
+        num_rounds=20,
+        dp=DpMode.SAMPLE_DISTRIBUTED,
+        secure_agg=True,
+        secagg_dropout=0.0,
+        epsilon=3.0,
+        dp_sample_rate=0.1,
+    )
+
+    settings = config.secure_config(authority_public_key=bytes(32), examples_per_client=500)
+    policy = config.device_policy(authority_public_key=bytes(32))
+
+    assert settings.distributed_dp is not None
+    assert settings.distributed_dp.noise_multiplier == config.shared_noise_multiplier
+    assert policy.min_noise_multiplier == config.shared_noise_multiplier
+    assert policy.min_honest_contributors == settings.min_honest_contributors(4)
+    assert config.server_dp() is None  # the secure round carries it, not a DP wrapper
