@@ -53,6 +53,7 @@ __all__ = [
     "composed_epsilon",
     "ddg_rho",
     "gaussian_epsilon",
+    "merged_steps",
     "spent_epsilon",
     "subsampled_zcdp_epsilon",
     "subsampled_zcdp_noise_multiplier",
@@ -159,6 +160,23 @@ class PrivacySpend:
         return cls(mechanism=str(raw["mechanism"]), rho=float(raw["rho"]), gaussian=event)
 
 
+def merged_steps(events: Sequence[GaussianSteps]) -> list[GaussianSteps]:
+    """Return ``events`` with equal (multiplier, rate) pairs merged into one event.
+
+    Exact: the RDP of ``steps`` compositions is ``steps`` times one step's, and PRV
+    composes the same way. A ledger of one event a round (shared-noise DP-SGD, central
+    DP) would otherwise cost O(rounds) accountant calls at every round.
+    """
+    steps: dict[tuple[float, float], int] = {}
+    for event in events:
+        key = (event.noise_multiplier, event.sample_rate)
+        steps[key] = steps.get(key, 0) + event.steps
+    return [
+        GaussianSteps(noise_multiplier=z, sample_rate=q, steps=count)
+        for (z, q), count in steps.items()
+    ]
+
+
 def spent_epsilon(
     spends: Sequence[PrivacySpend], *, delta: float, kind: AccountantKind = AccountantKind.RDP
 ) -> float:
@@ -198,7 +216,9 @@ def gaussian_epsilon(
     from opacus.accountants import PRVAccountant, RDPAccountant
 
     accountant = RDPAccountant() if kind is AccountantKind.RDP else PRVAccountant()
-    accountant.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in history]
+    accountant.history = [
+        (e.noise_multiplier, e.sample_rate, e.steps) for e in merged_steps(history)
+    ]
     if isinstance(accountant, RDPAccountant):
         return float(accountant.get_epsilon(delta, alphas=_GAUSSIAN_ORDERS))
     return float(accountant.get_epsilon(delta))
@@ -284,6 +304,7 @@ def composed_epsilon(
     """
     _check_delta(delta)
     _check_rho(rho)
+    gaussian = merged_steps(gaussian)
     if rho == 0 and not gaussian:
         return 0.0
     if (

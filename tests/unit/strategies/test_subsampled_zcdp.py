@@ -169,3 +169,36 @@ def test_invalid_noise_multiplier_arguments_are_refused(
     arguments.update(kwargs)
     with pytest.raises(ConfigError, match=match):
         subsampled_zcdp_noise_multiplier(**arguments)  # type: ignore[arg-type]
+
+
+def test_merging_equal_events_changes_no_epsilon() -> None:
+    from strategies.accounting import AccountantKind, GaussianSteps, composed_epsilon, merged_steps
+
+    one_a_round = [GaussianSteps(noise_multiplier=1.1, sample_rate=0.02, steps=1)] * 50
+    mixed = [*one_a_round, GaussianSteps(noise_multiplier=2.0, sample_rate=0.1, steps=3)]
+
+    assert merged_steps(mixed) == [
+        GaussianSteps(noise_multiplier=1.1, sample_rate=0.02, steps=50),
+        GaussianSteps(noise_multiplier=2.0, sample_rate=0.1, steps=3),
+    ]
+    from opacus.accountants.analysis import rdp
+
+    orders = [2.0, 8.0, 32.0]
+    separate = sum(
+        rdp.compute_rdp(
+            q=e.sample_rate, noise_multiplier=e.noise_multiplier, steps=1, orders=orders
+        )
+        for e in mixed
+        for _ in range(e.steps)
+    )
+    merged = sum(
+        rdp.compute_rdp(
+            q=e.sample_rate, noise_multiplier=e.noise_multiplier, steps=e.steps, orders=orders
+        )
+        for e in merged_steps(mixed)
+    )
+    assert list(separate) == pytest.approx(list(merged), rel=1e-12)
+    assert composed_epsilon(gaussian=mixed, delta=1e-5) == pytest.approx(
+        composed_epsilon(gaussian=merged_steps(mixed), delta=1e-5), rel=1e-12
+    )
+    assert composed_epsilon(gaussian=mixed, delta=1e-5, kind=AccountantKind.RDP) > 0
