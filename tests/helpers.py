@@ -1,4 +1,4 @@
-"""Small builders several test modules share: learnable images, self-signed TLS material."""
+"""Small builders several test modules share: learnable images, TLS material, messages."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from flwr.app import Message, MessageType, Metadata, RecordDict
 
 
 def stripes(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -54,3 +55,20 @@ def self_signed_certificate(directory: Path, *, host: str = "localhost") -> tupl
         )
     )
     return cert_path, key_path
+
+
+def delivered(content: RecordDict, message_type: str = MessageType.TRAIN) -> Message:
+    """Return ``content`` as a message the server delivered to node 5 (what a mod receives)."""
+    metadata = Metadata(
+        run_id=1,
+        message_id="m1",
+        src_node_id=0,
+        dst_node_id=5,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=0.0,
+        ttl=600.0,
+        message_type=message_type,
+    )
+    message: Message = Message(metadata=metadata, content=content)  # type: ignore[call-overload]
+    return message

@@ -37,14 +37,17 @@ from fl_client.secagg_mod import make_secagg_mod
 from secure_agg import wire
 from secure_agg.client import ClientSession
 from secure_agg.crypto import public_key_of
+from secure_agg.encoding import EncodingConfig
 from secure_agg.envelope import RECORD_KEY, Envelope, Stage
 from secure_agg.identity import EnrolmentAuthority, NodeIdentity
 from secure_agg.masking import self_mask_commitment
-from secure_agg.messages import KeyAdvertisement, RoundSetup, UnmaskResponse
+from secure_agg.messages import EncryptedShares, KeyAdvertisement, RoundSetup, UnmaskResponse
 from secure_agg.params import ThreatModel
 from secure_agg.policy import ProtocolPolicy
 from secure_agg.randomness import DeterministicRandom, RandomSource
+from secure_agg.server import ServerSession
 from secure_agg.shamir import CHUNKS_PER_SECRET, combine
+from strategies.rotation import padded_length
 
 T = TypeVar("T")
 
@@ -126,6 +129,33 @@ class Fleet:
     def holds_state(self, node: int) -> bool:
         """Whether the device still keeps a round's secrets."""
         return "fedge.secagg.session" in self.contexts[node].state
+
+
+def keys_agreed(fleet: Fleet, *, seed: int) -> tuple[ServerSession, Mapping[int, object]]:
+    """Run an honest server (k 6, t 4, 32-bit ring) to the masked-input stage with ``fleet``.
+
+    Returns the server and the masked-input request of each device.
+    """
+    server = ServerSession(
+        list(fleet.nodes),
+        degree=6,
+        threshold=4,
+        encoding=EncodingConfig(clip_range=1.0, ring_bits=32, max_clients=len(fleet.nodes)),
+        vector_length=padded_length(MODEL_SIZE),
+        threat_model=ThreatModel.SEMI_HONEST,
+        rng=DeterministicRandom(seed),
+    )
+    setups = server.setups()
+    adverts = {
+        n: decode(fleet.send(n, Stage.SETUP, server.round_id, setups[n]), KeyAdvertisement)
+        for n in fleet.nodes
+    }
+    requests = server.receive_adverts(adverts)
+    shares = {
+        n: decode(fleet.send(n, Stage.SHARE_KEYS, server.round_id, r), EncryptedShares)
+        for n, r in requests.items()
+    }
+    return server, server.receive_shares(shares)
 
 
 def _seeded(seed: int) -> Callable[[], RandomSource]:

@@ -17,12 +17,9 @@ from flwr.app import ConfigRecord, ConfigRecordValues, Context, Message
 
 from fl_client.budget import ClientBudget, make_budget_mod
 from fl_client.policy import DevicePolicy
-from secure_agg.encoding import EncodingConfig
 from secure_agg.envelope import Stage
 from secure_agg.identity import EnrolmentAuthority
 from secure_agg.messages import (
-    EncryptedShares,
-    KeyAdvertisement,
     MaskedInputReport,
     UnmaskRequest,
 )
@@ -39,6 +36,7 @@ from tests.adversarial.hostile import (
     decode,
     enrol,
     error_of,
+    keys_agreed,
     model_content,
     train,
 )
@@ -81,26 +79,7 @@ def _ddp(noise_multiplier: float, *, announced_clients: int) -> DdpConfig:
 def _round(
     fleet: Fleet, budget: ClientBudget, ddp: DdpConfig
 ) -> tuple[ServerSession, dict[int, Message]]:
-    server = ServerSession(
-        NODES,
-        degree=6,
-        threshold=4,
-        encoding=EncodingConfig(clip_range=1.0, ring_bits=32, max_clients=len(NODES)),
-        vector_length=LENGTH,
-        threat_model=ThreatModel.SEMI_HONEST,
-        rng=DeterministicRandom(5),
-    )
-    setups = server.setups()
-    adverts = {
-        n: decode(fleet.send(n, Stage.SETUP, server.round_id, setups[n]), KeyAdvertisement)
-        for n in NODES
-    }
-    requests = server.receive_adverts(adverts)
-    shares = {
-        n: decode(fleet.send(n, Stage.SHARE_KEYS, server.round_id, r), EncryptedShares)
-        for n, r in requests.items()
-    }
-    routed = server.receive_shares(shares)
+    server, routed = keys_agreed(fleet, seed=5)
     base = model_content()
     fields: dict[str, ConfigRecordValues] = {**ddp.to_fields()}
     base[DDP_RECORD_KEY] = ConfigRecord(fields)

@@ -20,8 +20,6 @@ from flwr.app import (
     ConfigRecordValues,
     Context,
     Message,
-    MessageType,
-    Metadata,
     MetricRecord,
     RecordDict,
 )
@@ -31,18 +29,25 @@ from fl_client.app import make_client_app
 from fl_client.budget import ClientBudget, make_budget_mod
 from fl_client.grad_sum import GRADIENT_SUM_KEY, gradient_sum_record
 from fl_client.policy import DevicePolicy
-from secure_agg.encoding import EncodingConfig
 from secure_agg.envelope import Stage
 from secure_agg.identity import EnrolmentAuthority
-from secure_agg.messages import EncryptedShares, KeyAdvertisement, MaskedInputReport
+from secure_agg.messages import MaskedInputReport
 from secure_agg.params import ThreatModel
 from secure_agg.policy import ProtocolPolicy
 from secure_agg.randomness import DeterministicRandom
-from secure_agg.server import ServerSession
 from strategies.ddp import DDP_RECORD_KEY
 from strategies.rotation import padded_length
 from strategies.sample_ddp import SDDP_RECORD_KEY, SampleDdpConfig, SampleDdpSettings
-from tests.adversarial.hostile import MODEL_SIZE, Fleet, decode, enrol, error_of, model_content
+from tests.adversarial.hostile import (
+    MODEL_SIZE,
+    Fleet,
+    decode,
+    enrol,
+    error_of,
+    keys_agreed,
+    model_content,
+)
+from tests.helpers import delivered
 
 NODES = list(range(401, 413))
 MIN_HONEST = 6
@@ -94,26 +99,7 @@ def _gradient_step(msg: Message, context: Context) -> Message:
 def _masked_input(
     fleet: Fleet, budget: ClientBudget, records: dict[str, SampleDdpConfig]
 ) -> dict[int, Message]:
-    server = ServerSession(
-        NODES,
-        degree=6,
-        threshold=4,
-        encoding=EncodingConfig(clip_range=1.0, ring_bits=32, max_clients=len(NODES)),
-        vector_length=LENGTH,
-        threat_model=ThreatModel.SEMI_HONEST,
-        rng=DeterministicRandom(6),
-    )
-    setups = server.setups()
-    adverts = {
-        n: decode(fleet.send(n, Stage.SETUP, server.round_id, setups[n]), KeyAdvertisement)
-        for n in NODES
-    }
-    requests = server.receive_adverts(adverts)
-    shares = {
-        n: decode(fleet.send(n, Stage.SHARE_KEYS, server.round_id, r), EncryptedShares)
-        for n, r in requests.items()
-    }
-    routed = server.receive_shares(shares)
+    server, routed = keys_agreed(fleet, seed=6)
     base = model_content()
     for key, config in records.items():
         fields: dict[str, ConfigRecordValues] = {**config.to_fields()}
@@ -206,25 +192,15 @@ def test_the_gradient_sum_never_leaves_outside_a_secure_round() -> None:
         expected_batch=20.0,
     ).for_round(dimension=dimension, sampled=4, min_honest=1, rotation_seed=bytes(32))
     fields: dict[str, ConfigRecordValues] = {**config.to_fields()}
-    metadata = Metadata(
-        run_id=1,
-        message_id="m1",
-        src_node_id=0,
-        dst_node_id=5,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=0.0,
-        ttl=600.0,
-        message_type=MessageType.TRAIN,
+    message = delivered(
+        RecordDict(
+            {
+                "arrays": weights,
+                "config": ConfigRecord({"server-round": 1, "batch-size": 8}),
+                SDDP_RECORD_KEY: ConfigRecord(fields),
+            }
+        )
     )
-    content = RecordDict(
-        {
-            "arrays": weights,
-            "config": ConfigRecord({"server-round": 1, "batch-size": 8}),
-            SDDP_RECORD_KEY: ConfigRecord(fields),
-        }
-    )
-    message: Message = Message(metadata=metadata, content=content)  # type: ignore[call-overload]
     context = Context(
         run_id=1,
         node_id=5,

@@ -13,8 +13,6 @@ from flwr.app import (
     ConfigRecord,
     Context,
     Message,
-    MessageType,
-    Metadata,
     MetricRecord,
     RecordDict,
 )
@@ -42,6 +40,7 @@ from strategies.central import (
 )
 from strategies.ddp import DDP_RECORD_KEY, DdpConfig
 from strategies.rotation import padded_length
+from tests.helpers import delivered
 
 STEP = 3.0  # every weight moves by this much in training: norm 3 * sqrt(4) = 6
 # A device that accepts clips up to 20 and noise multipliers from 0.5.
@@ -49,17 +48,6 @@ POLICY = DevicePolicy(protocol=None, max_l2_clip=20.0, min_noise_multiplier=0.5)
 
 
 def _message(records: dict[str, ConfigRecord]) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id="m1",
-        src_node_id=0,
-        dst_node_id=5,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=0.0,
-        ttl=600.0,
-        message_type=MessageType.TRAIN,
-    )
     content = RecordDict(
         {
             "arrays": ArrayRecord({"w": Array(np.zeros((2, 2), dtype=np.float32))}),
@@ -67,8 +55,7 @@ def _message(records: dict[str, ConfigRecord]) -> Message:
             **records,
         }
     )
-    message: Message = Message(metadata=metadata, content=content)  # type: ignore[call-overload]
-    return message
+    return delivered(content)
 
 
 def _context() -> Context:

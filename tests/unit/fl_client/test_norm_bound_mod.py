@@ -14,7 +14,6 @@ from flwr.app import (
     Error,
     Message,
     MessageType,
-    Metadata,
     MetricRecord,
     RecordDict,
 )
@@ -25,6 +24,7 @@ from fedge.errors import ConfigError
 from fl_client.norm_bound_mod import NORM_BOUND_ERROR_CODE, make_norm_bound_mod
 from fl_client.secagg_mod import make_secagg_mod
 from fl_server.secagg import SecAggConfig, SecureAggregationGrid
+from tests.helpers import delivered
 from tests.unit.fl_server.test_secagg_grid import (  # noqa: F401 - the fixture is autouse
     NODES,
     POLICY,
@@ -39,21 +39,9 @@ GLOBAL = np.array([1.0, 2.0, 3.0, 4.0], dtype=np.float32)
 def _message(
     message_type: str = MessageType.TRAIN, arrays: dict[str, ArrayRecord] | None = None
 ) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id="m1",
-        src_node_id=0,
-        dst_node_id=5,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=0.0,
-        ttl=600.0,
-        message_type=message_type,
-    )
     records = {"arrays": ArrayRecord({"w": Array(GLOBAL.copy())})} if arrays is None else arrays
     content = RecordDict({**records, "config": ConfigRecord({"server-round": 1})})
-    message: Message = Message(metadata=metadata, content=content)  # type: ignore[call-overload]
-    return message
+    return delivered(content, message_type)
 
 
 def _context() -> Context:

@@ -19,7 +19,6 @@ from flwr.app import (
     Error,
     Message,
     MessageType,
-    Metadata,
     MetricRecord,
     RecordDict,
 )
@@ -40,6 +39,7 @@ from simulations.attacks import (
     backdoor_success_rate,
     poisoned_provider,
 )
+from tests.helpers import delivered
 
 Handler = Callable[[Message, Context], Message]
 NUM_CLASSES = 4
@@ -79,22 +79,10 @@ def _context(partition: int, num_partitions: int = 10) -> Context:
 
 
 def _message(message_type: str = MessageType.TRAIN, arrays: ArrayRecord | None = None) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id="m1",
-        src_node_id=0,
-        dst_node_id=5,
-        reply_to_message_id="",
-        group_id="1",
-        created_at=0.0,
-        ttl=600.0,
-        message_type=message_type,
-    )
     if arrays is None:
         arrays = ArrayRecord({"w": Array(np.ones(4, dtype=np.float32))})
     content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
-    message: Message = Message(metadata=metadata, content=content)  # type: ignore[call-overload]
-    return message
+    return delivered(content, message_type)
 
 
 def _step(msg: Message, context: Context) -> Message:

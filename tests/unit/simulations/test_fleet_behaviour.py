@@ -16,7 +16,6 @@ from flwr.app import (
     Context,
     Message,
     MessageType,
-    Metadata,
     MetricRecord,
     RecordDict,
 )
@@ -38,6 +37,7 @@ from simulations.fleet_behaviour import (
     FailureConfig,
     behaviour_mod,
 )
+from tests.helpers import delivered
 from tests.unit.fl_server.test_secagg_grid import (  # noqa: F401 - the fixture is autouse
     POLICY,
     InProcessGrid,
@@ -73,23 +73,11 @@ def _message(
     arrays: ArrayRecord | None = None,
     config: dict[str, Any] | None = None,
 ) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id="m1",
-        src_node_id=0,
-        dst_node_id=5,
-        reply_to_message_id="",
-        group_id="",
-        created_at=0.0,
-        ttl=600.0,
-        message_type=message_type,
-    )
     if arrays is None:
         arrays = ArrayRecord({"w": Array(np.ones(4, dtype=np.float32))})
     fields: dict[str, Any] = {"server-round": 1} if config is None else config
     content = RecordDict({"arrays": arrays, "config": ConfigRecord(fields)})
-    message: Message = Message(metadata=metadata, content=content)  # type: ignore[call-overload]
-    return message
+    return delivered(content, message_type)
 
 
 def _step(msg: Message, context: Context) -> Message:
