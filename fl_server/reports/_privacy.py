@@ -64,6 +64,14 @@ def _amplification(view: ConfigView) -> tuple[bool, str | None]:
     return claim.claimed, claim.reason
 
 
+def _noise_multiplier(view: ConfigView, rows: Sequence[LedgerRow]) -> float | None:
+    # Shared-noise DP-SGD sizes its noise from the budget: the ledger holds what was charged.
+    if view.dp_mode == "sample-distributed":
+        charged = [r.noise_multiplier for r in rows if r.noise_multiplier is not None]
+        return min(charged, default=None)
+    return view.noise_multiplier
+
+
 def _per_round(
     rows: Sequence[LedgerRow], records: RunRecords, run_level: bool
 ) -> tuple[DpRound, ...]:
@@ -244,7 +252,7 @@ def dp_section(
         trusted=terms.trusted,
         clip_norm=clip if enabled else None,
         adaptive_clipping=view.adaptive_clip,
-        noise_multiplier=view.noise_multiplier if enabled else None,
+        noise_multiplier=_noise_multiplier(view, rows) if enabled else None,
         sampling=sampling,
         amplification_claimed=claimed,
         amplification_reason=reason,

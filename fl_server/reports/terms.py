@@ -97,6 +97,26 @@ DP_TERMS: dict[str, DpTerms] = {
         trusted="the device itself",
         accountant="Opacus PRV accountant of each device's Poisson batches",
     ),
+    "sample-distributed": DpTerms(
+        unit_of_privacy="example level: one training example on one device",
+        neighbouring_relation="add/remove one training example of one device's data set",
+        noise_added_where=(
+            "on every device, before masking: a share of discrete Gaussian noise added to its "
+            "clipped per-example gradient sum; the server unmasks only the noisy sum of one "
+            "DP-SGD step over every device's examples"
+        ),
+        protects_against=(
+            "the server and everyone who sees the released models, for each training "
+            "example, within the secure aggregation threat model and assuming at least the "
+            "fewest honest devices the devices' policies require"
+        ),
+        trusted="nobody beyond the secure-aggregation threat model",
+        accountant=(
+            "Renyi DP (Opacus RDP) of the subsampled Gaussian at each device's own example "
+            "sample rate, with the noise of the fewest honest devices over one example's "
+            "sensitivity (rounding included)"
+        ),
+    ),
 }
 
 NO_DP = DpTerms(
@@ -140,6 +160,10 @@ def data_flows(
         update_protection += "; clipped on the device; noise added by the server"
     elif dp_mode == "sample":
         update_protection += "; trained with DP-SGD on the device"
+    elif dp_mode == "sample-distributed":
+        update_protection += (
+            "; a clipped per-example gradient sum with the device's share of DP noise"
+        )
     metrics_view = (
         "nothing per client (per-client metrics never leave under secure aggregation)"
         if secure
