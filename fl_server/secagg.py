@@ -340,6 +340,7 @@ class _Round:
         masked_requests = session.receive_shares(shares)
         masked = self.exchange(Stage.MASKED_INPUT, masked_requests, self.masked_vector)
         after_masked = session.receive_masked(masked)
+        del masked  # the session keeps only the survivors' sum
         spend = None
         if self.ddp is not None:
             # The survivors (whose noise is in the sum) are fixed now. Every device refuses

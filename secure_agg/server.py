@@ -146,6 +146,9 @@ class ServerSession:
         self._shared: set[int] = set()
         self._partners: dict[int, tuple[int, ...]] = {}
         self._masked: dict[int, npt.NDArray[np.unsignedinteger[Any]]] = {}
+        # The survivors' masked sum: once the survivors are fixed, their vectors are added
+        # up and dropped (1,000 clients x 1M values would otherwise stay for two stages).
+        self._masked_sum: npt.NDArray[np.unsignedinteger[Any]] | None = None
         self._rejected: dict[int, frozenset[int]] = {}
         self._survivors: tuple[int, ...] = ()
         self._signatures: dict[int, bytes] = {}
@@ -358,6 +361,11 @@ class ServerSession:
             self._exclude(sender, f"share-keys: its shares did not open at node {reporter}")
         survivors = self._prune(set(self._masked) - set(accused), "masked-input")
         self._survivors = tuple(sorted(survivors))
+        total = np.zeros(self._length, dtype=self._encoding.dtype)
+        for node in self._survivors:
+            np.add(total, self._masked[node], out=total)
+        self._masked_sum = total
+        self._masked.clear()
         if self._threat is ThreatModel.ACTIVE:
             self._stage = ServerStage.CONFIRMED
             return {node: ConsistencyRequest(self._survivors) for node in self._survivors}
@@ -507,9 +515,8 @@ class ServerSession:
         survivors = set(self._survivors)
         dropped = self._shared - survivors
         self_shares, key_shares, revealed = self._collect_shares(responses, survivors, dropped)
-        total = np.zeros(self._length, dtype=self._encoding.dtype)
-        for node in self._survivors:
-            np.add(total, self._masked[node], out=total)
+        assert self._masked_sum is not None  # set with the survivors
+        total = self._masked_sum.copy()
         masks: list[tuple[bytes, bool]] = []
         for owner in sorted(survivors):
             seed = self._reconstruct(owner, self_shares[owner], self._self_seed_check(owner))
