@@ -22,7 +22,6 @@ a task is gone, ``run_clientapp`` ends in ``flwr_exit``). None of them is used h
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable
 
@@ -38,20 +37,6 @@ __all__ = ["serve_clientapp_in_process"]
 logger = logging.getLogger(__name__)
 
 _PULL_MAX_TIME_S = 120.0
-PULL_MAX_TIME_ENV = "FEDGE_TEST_PULL_MAX_TIME_S"
-"""Seconds the executor waits at most for one message's objects (tests only; 120 by default)."""
-
-
-def _pull_max_time() -> float:
-    raw = os.environ.get(PULL_MAX_TIME_ENV, "").strip()
-    if not raw:
-        return _PULL_MAX_TIME_S
-    value = float(raw)
-    if not 0 < value < float("inf"):
-        raise ValueError(f"{PULL_MAX_TIME_ENV} must be a positive number of seconds, got {raw!r}")
-    return value
-
-
 _PULL_MAX_TRIES = 60
 _ACQUIRE_TASK_METHOD = "/flwr.proto.Runtime/AcquireTask"
 _RETRYABLE_STATUS = frozenset({502, 503, 504})
@@ -166,7 +151,7 @@ def _pull_task_input(client: RuntimeHttpClient) -> tuple[Message, Context]:
         # Flower waits up to two hours for a message's objects; a message of a run the
         # server abandoned (it crashed mid-round) never completes, and would hold this
         # device's only executor that long.
-        max_time=_pull_max_time(),
+        max_time=_PULL_MAX_TIME_S,
         max_tries_per_object=_PULL_MAX_TRIES,
     )
     message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower sets it

@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 
 from fl_client._supernode_main import POLL_ENV
-from fl_client.clientapp_runner import PULL_MAX_TIME_ENV
 
 __all__ = [
     "Fleet",
@@ -138,9 +137,6 @@ class Fleet:
             # Flower's SuperNode sleeps 3 s after each pull that finds nothing, so every
             # message of a round waited up to 3 s (fl_client._supernode_main, tests only).
             POLL_ENV: "0.5",
-            # A device that held a message of the crashed server's round waits this long
-            # for its objects before taking the resumed round's (120 s outside tests).
-            PULL_MAX_TIME_ENV: "30",
             **self.env,
         }
 

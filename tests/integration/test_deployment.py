@@ -242,8 +242,8 @@ def _second_run(
         {
             # A device whose SuperNode was receiving a message when the server is SIGKILLed
             # keeps that task (Flower's SuperNode drops the message without finishing its
-            # task) and its executor waits for the message's objects (120 s; 30 s here,
-            # fl_client.clientapp_runner.PULL_MAX_TIME_ENV) before it takes the resumed
+            # task) and its executor waits up to 120 s for the message's objects
+            # (fl_client.clientapp_runner._PULL_MAX_TIME_S) before it takes the resumed
             # round's: the resumed round must outwait it, or it aborts with that device.
             "federation": {
                 "rounds": SECOND_ROUNDS,
