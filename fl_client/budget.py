@@ -51,7 +51,7 @@ from secure_agg.errors import PolicyViolation
 from strategies.accounting import AccountantKind, GaussianSteps, PrivacySpend, spent_epsilon
 from strategies.central import CDP_RECORD_KEY, LDP_RECORD_KEY, CentralDpRound, LocalDpSettings
 from strategies.ddp import DDP_RECORD_KEY, DdpConfig
-from strategies.sample_ddp import SDDP_RECORD_KEY, SHARED_NOISE_MECHANISM, SampleDdpConfig
+from strategies.sample_ddp import SDDP_RECORD_KEY, SampleDdpConfig
 
 if TYPE_CHECKING:  # the refusal log names devices with this module's device_name
     from fl_client.refusals import RefusalRecorder
@@ -285,13 +285,9 @@ def round_spend(content: RecordDict, policy: DevicePolicy) -> ClientSpend | None
         return ClientSpend(mechanism="distributed-ddg", rho=policy.distributed_rho(ddp))
     if SDDP_RECORD_KEY in records:
         sddp = SampleDdpConfig.from_fields(records[SDDP_RECORD_KEY])
+        # The check computes the same multiplier (and refuses what the analysis cannot hold).
         policy.check_sample_distributed(sddp)
-        event = GaussianSteps(
-            noise_multiplier=policy.sample_distributed_multiplier(sddp),
-            sample_rate=sddp.sample_rate,
-            steps=1,
-        )
-        return ClientSpend(mechanism=SHARED_NOISE_MECHANISM, gaussian=event)
+        return sddp.spend(policy.min_honest_contributors)
     return None
 
 

@@ -71,7 +71,7 @@ from secure_agg.params import ThreatModel, choose_neighbourhood, corrupt_count
 from secure_agg.randomness import RandomSource, SystemRandomSource
 from secure_agg.server import ServerSession
 from strategies import vectors
-from strategies.accounting import GaussianSteps, PrivacySpend, ddg_rho
+from strategies.accounting import PrivacySpend, ddg_rho
 from strategies.central import (
     CDP_RECORD_KEY,
     CENTRED_BITS_METRIC,
@@ -83,7 +83,6 @@ from strategies.ddp import DDP_RECORD_KEY, DdpConfig, ddp_decode_sum
 from strategies.rotation import padded_length
 from strategies.sample_ddp import (
     SDDP_RECORD_KEY,
-    SHARED_NOISE_MECHANISM,
     SampleDdpConfig,
 )
 
@@ -405,12 +404,7 @@ class _Round:
     def _spend(self) -> PrivacySpend:
         """Return what every survivor's device charged itself (its policy's fewest honest)."""
         if self.sddp is not None:
-            event = GaussianSteps(
-                noise_multiplier=self.sddp.multiplier(self.min_honest),
-                sample_rate=self.sddp.sample_rate,
-                steps=1,
-            )
-            return PrivacySpend(mechanism=SHARED_NOISE_MECHANISM, gaussian=event)
+            return self.sddp.spend(self.min_honest)
         return PrivacySpend(mechanism=_DISTRIBUTED_MECHANISM, rho=self._rho())
 
     def _rho(self) -> float:

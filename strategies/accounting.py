@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
@@ -53,6 +53,7 @@ __all__ = [
     "composed_epsilon",
     "ddg_rho",
     "gaussian_epsilon",
+    "least_noise",
     "merged_steps",
     "spent_epsilon",
     "subsampled_zcdp_epsilon",
@@ -487,18 +488,31 @@ def subsampled_zcdp_noise_multiplier(
             rho=1 / (2 * z * z), sample_rate=sample_rate, steps=steps, delta=delta
         )
 
-    low, high = _MIN_SEARCH_Z, _MAX_SEARCH_Z
-    if epsilon(high) > target_epsilon:
+    z = least_noise(epsilon, target_epsilon, low=_MIN_SEARCH_Z, high=_MAX_SEARCH_Z)
+    if z is None:
         raise ConfigError(
-            f"no noise multiplier up to {high:g} meets target_epsilon={target_epsilon:g} "
-            f"(sample_rate={sample_rate:g}, steps={steps}, delta={delta:g})"
+            f"no noise multiplier up to {_MAX_SEARCH_Z:g} meets target_epsilon="
+            f"{target_epsilon:g} (sample_rate={sample_rate:g}, steps={steps}, delta={delta:g})"
         )
-    if epsilon(low) <= target_epsilon:
+    return z
+
+
+def least_noise(
+    epsilon_of: Callable[[float], float], target: float, *, low: float, high: float
+) -> float | None:
+    """Return the smallest multiplier in [low, high] whose epsilon meets ``target`` (to 0.1 %).
+
+    Bisection on log z (epsilon decreases in z): the result meets the target and
+    z / 1.001 does not, unless it is ``low``. ``None`` if even ``high`` misses it.
+    """
+    if epsilon_of(high) > target:
+        return None
+    if epsilon_of(low) <= target:
         return low
-    # Invariant: epsilon(low) > target >= epsilon(high); epsilon decreases in z.
+    # Invariant: epsilon(low) > target >= epsilon(high).
     while high > low * (1 + _SEARCH_RTOL):
         middle = math.sqrt(low * high)
-        if epsilon(middle) <= target_epsilon:
+        if epsilon_of(middle) <= target:
             high = middle
         else:
             low = middle

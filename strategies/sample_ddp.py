@@ -63,7 +63,7 @@ import numpy.typing as npt
 from fedge.errors import ConfigError
 from secure_agg.noise import discrete_gaussian, uniform53
 from secure_agg.randomness import RandomSource
-from strategies.accounting import GaussianSteps, composed_epsilon
+from strategies.accounting import GaussianSteps, PrivacySpend, composed_epsilon, least_noise
 from strategies.clipping import clip_l2
 from strategies.ddp import DdpConfig
 from strategies.records import check_noise_multiplier, checked_fields
@@ -192,6 +192,19 @@ class SampleDdpConfig:
                 "Gaussian analysis; widen the ring"
             )
         return math.sqrt(honest) * sigma / self.l2_sensitivity
+
+    def spend(self, honest: int) -> PrivacySpend:
+        """Return what one round costs an example: the subsampled Gaussian at ``honest``.
+
+        Raises
+        ------
+        ConfigError
+            As :meth:`multiplier`.
+        """
+        event = GaussianSteps(
+            noise_multiplier=self.multiplier(honest), sample_rate=self.sample_rate, steps=1
+        )
+        return PrivacySpend(mechanism=SHARED_NOISE_MECHANISM, gaussian=event)
 
     def to_fields(self) -> dict[str, float | int | bytes]:
         """Return the config as flat fields (a Flower ConfigRecord's content)."""
@@ -345,21 +358,13 @@ def noise_for_budget(
             warnings.simplefilter("ignore", UserWarning)
             return composed_epsilon(gaussian=[event], delta=delta)
 
-    low, high = 0.3, 1e4
-    if epsilon(high) > target_epsilon:
+    z = least_noise(epsilon, target_epsilon, low=0.3, high=1e4)
+    if z is None:
         raise ConfigError(
             f"epsilon {target_epsilon:g} over {rounds} rounds at sample rate {sample_rate:g} "
             "needs more noise than any useful step; lower the rounds or the sample rate"
         )
-    if epsilon(low) <= target_epsilon:
-        return low
-    while high / low > 1.001:
-        middle = math.sqrt(low * high)
-        if epsilon(middle) <= target_epsilon:
-            high = middle
-        else:
-            low = middle
-    return high
+    return z
 
 
 def sddp_encode(
