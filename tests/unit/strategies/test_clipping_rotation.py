@@ -65,6 +65,19 @@ def test_rotation_matches_the_hadamard_matrix_times_random_signs() -> None:
     np.testing.assert_allclose(rotate(values, SEED), expected, atol=1e-12)
 
 
+@pytest.mark.parametrize("size", [2, 16, 32, 512, 2048])
+def test_rotation_is_the_hadamard_matrix_at_every_factorisation(size: int) -> None:
+    # The transform runs as products of 16 x 16 Hadamard factors: these sizes take one
+    # whole factor, a partial one, two and a partial third.
+    values = np.random.default_rng(size).normal(size=size)
+    signs = 1.0 - 2.0 * (np.frombuffer(_keystream(size), np.uint8) & 1)
+
+    expected = hadamard(size) @ (values * signs) / math.sqrt(size)
+
+    np.testing.assert_allclose(rotate(values, SEED), expected, atol=1e-12)
+    np.testing.assert_allclose(unrotate(expected, SEED, size), values, atol=1e-12)
+
+
 def _keystream(size: int) -> bytes:
     from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
