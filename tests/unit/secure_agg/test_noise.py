@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 from scipy import stats
 
 from fedge.errors import ConfigError
-from secure_agg.noise import discrete_gaussian, discrete_gaussian_variance, uniform53
+from secure_agg import noise
+from secure_agg.noise import (
+    discrete_gaussian,
+    discrete_gaussian_variance,
+    table_statistical_distance,
+    uniform53,
+)
 from secure_agg.randomness import DeterministicRandom
+
+# Both samplers behind discrete_gaussian: the inversion table (sigma <= 512) and the
+# rejection sampler (above); each must pass every distribution test.
+SAMPLERS = {"table": noise._by_table, "rejection": noise._by_rejection}
 
 
 def _pmf(sigma: float, support: np.ndarray) -> np.ndarray:
@@ -20,9 +31,10 @@ def _pmf(sigma: float, support: np.ndarray) -> np.ndarray:
     return np.asarray(np.exp(-(support**2) / (2 * sigma * sigma)) / normaliser)
 
 
-@pytest.mark.parametrize("sigma", [0.7, 2.0, 5.5])
-def test_samples_follow_the_discrete_gaussian_pmf(sigma: float) -> None:
-    samples = discrete_gaussian(sigma, 200_000, DeterministicRandom(11))
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sigma", [0.7, 2.0, 5.5, 64.8])
+def test_samples_follow_the_discrete_gaussian_pmf(sampler: str, sigma: float) -> None:
+    samples = SAMPLERS[sampler](sigma, 200_000, DeterministicRandom(11))
 
     support = np.arange(-math.ceil(3 * sigma), math.ceil(3 * sigma) + 1)
     observed = np.array([np.sum(samples == k) for k in support] + [0.0])
@@ -34,9 +46,10 @@ def test_samples_follow_the_discrete_gaussian_pmf(sigma: float) -> None:
     assert p_value > 1e-4
 
 
-def test_the_variance_matches_the_configured_one() -> None:
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_the_variance_matches_the_configured_one(sampler: str) -> None:
     sigma = 12.0
-    samples = discrete_gaussian(sigma, 400_000, DeterministicRandom(3))
+    samples = SAMPLERS[sampler](sigma, 400_000, DeterministicRandom(3))
 
     # Var of the sample variance of a near-Gaussian is about 2 sigma^4 / n.
     tolerance = 5 * math.sqrt(2 / samples.shape[0]) * sigma**2
@@ -44,6 +57,48 @@ def test_the_variance_matches_the_configured_one() -> None:
     assert abs(samples.mean()) < 5 * sigma / math.sqrt(samples.shape[0])
     assert discrete_gaussian_variance(sigma) == pytest.approx(sigma**2, rel=1e-12)
     assert discrete_gaussian_variance(0.3) < 0.3**2
+
+
+def test_the_table_is_the_exact_pmf_within_its_stated_distance() -> None:
+    sigma = 3.3
+    table = noise._table(sigma)
+    bound = table.bound
+    thresholds = np.append(table.thresholds.astype(np.float64), 2.0**64) / 2.0**64
+    table_pmf = np.diff(np.concatenate(([0.0], thresholds)))
+    exact = _pmf(sigma, np.arange(-bound, bound + 1))
+
+    assert np.all(np.diff(table.thresholds.astype(np.float64)) >= 0)
+    # float64 cannot show 2^-65; the pmf agrees to its own rounding, and the stated
+    # distance is tiny and grows with sigma.
+    np.testing.assert_allclose(table_pmf, exact, atol=1e-15)
+    assert table_statistical_distance(sigma) < 1e-17
+    assert table_statistical_distance(64.8) < table_statistical_distance(512.0) < 1e-15
+    with pytest.raises(ConfigError, match="512"):
+        table_statistical_distance(513.0)
+
+
+def test_large_scales_use_the_rejection_sampler(monkeypatch: pytest.MonkeyPatch) -> None:
+    used: list[str] = []
+
+    def counted(name: str, sampler: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+        def sample(*args: object) -> np.ndarray:
+            used.append(name)
+            return sampler(*args)
+
+        return sample
+
+    for name, sampler in SAMPLERS.items():
+        monkeypatch.setattr(noise, f"_by_{name}", counted(name, sampler))
+
+    discrete_gaussian(512.0, 10, DeterministicRandom(1))
+    discrete_gaussian(2.0**20, 10, DeterministicRandom(1))
+
+    assert used == ["table", "rejection"]
+
+
+def test_tiny_scales_give_zero() -> None:
+    # 2^-20 is the smallest sigma accepted: P[Y != 0] is about e^(-2^39).
+    assert not discrete_gaussian(2.0**-20, 1000, DeterministicRandom(2)).any()
 
 
 def test_seeded_sources_reproduce_and_distinct_seeds_differ() -> None:
