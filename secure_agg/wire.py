@@ -165,7 +165,8 @@ class Reader:
     def ids(self) -> tuple[int, ...]:
         """Read a count and that many node ids."""
         size = self.count()
-        return tuple(int(v) for v in struct.unpack(f">{size}Q", self._take(8 * size)))
+        values: tuple[int, ...] = struct.unpack(f">{size}Q", self._take(8 * size))
+        return values
 
     def distinct_ids(self) -> tuple[int, ...]:
         """Read node ids and reject duplicates."""
