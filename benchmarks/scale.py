@@ -17,6 +17,10 @@ this process and its descendants (Ray's workers), sampled every 50 ms. ``stage_s
 says where a secure round's time goes (the Grid's own timing of each SecAgg+ stage);
 ``engine_s`` is a round's time outside them.
 
+Both run Flower's engine with fedge's :class:`simulations.linkstate.IndexedLinkState`,
+as ``fedge sim run`` does; ``--linkstate flower`` runs Flower's own in-memory LinkState,
+whose every poll scans every message in flight (O(population x messages) a poll).
+
 Run: ``python -m benchmarks.scale --population 10000 --per-round 1000 --params 1000000``
 (``--quick``: 1,000 devices, 100 a round, 100,000 parameters).
 """
@@ -123,7 +127,13 @@ def _apps(  # noqa: PLR0917 - one benchmark's private helper
 
 
 def run_variant(
-    variant: str, *, population: int, per_round: int, params: int, rounds: int
+    variant: str,
+    *,
+    population: int,
+    per_round: int,
+    params: int,
+    rounds: int,
+    linkstate: str = "indexed",
 ) -> dict[str, Any]:
     """Run one variant's simulation and return its JSON entry."""
     entry: dict[str, Any] = {
@@ -144,6 +154,7 @@ def run_variant(
         num_supernodes=population,
         per_round=per_round,
         rounds=rounds,
+        linkstate=linkstate,
     )
 
 
@@ -157,6 +168,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repetitions")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--quick", action="store_true", help="1,000 devices, 100 a round, 100k")
+    parser.add_argument(
+        "--linkstate",
+        choices=("indexed", "flower"),
+        default="indexed",
+        help="Flower's in-memory LinkState as fedge runs it (indexed by device) or as shipped",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.quick:
@@ -173,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 per_round=args.per_round,
                 params=args.params,
                 rounds=args.rounds,
+                linkstate=args.linkstate,
             )
             print(f"    {entry}", flush=True)
             runs[variant].append(entry)

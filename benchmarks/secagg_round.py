@@ -23,6 +23,7 @@ Run: ``python -m benchmarks.secagg_round --clients 100 --params 1000000 --rounds
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import statistics
 import threading
@@ -287,13 +288,21 @@ def simulate(
     num_supernodes: int,
     per_round: int,
     rounds: int,
+    linkstate: str = "indexed",
 ) -> dict[str, Any]:
-    """Run one simulation (a warm-up round, then ``rounds``) and fill in ``entry``'s timings."""
+    """Run one simulation (a warm-up round, then ``rounds``) and fill in ``entry``'s timings.
+
+    ``linkstate``: ``"indexed"`` (fedge's :class:`simulations.linkstate.IndexedLinkState`,
+    what ``fedge sim run`` uses) or ``"flower"`` (Flower's own in-memory LinkState).
+    """
     from flwr.simulation import run_simulation
 
+    from simulations.linkstate import indexed_linkstate
+
     quiet_flower(False)
+    installed = indexed_linkstate() if linkstate == "indexed" else contextlib.nullcontext()
     try:
-        with _PeakRss() as rss:
+        with _PeakRss() as rss, installed:
             run_simulation(
                 server_app=server,
                 client_app=client,

@@ -318,10 +318,6 @@ def _simulate(
     order: PartitionOrder,
     verbose: bool,
 ) -> None:
-    # Imported here: Flower's simulation module pulls in Ray, which the rest of
-    # fedge (and `fedge --help`) should not pay for.
-    from flwr.simulation import run_simulation
-
     quiet_flower(verbose)
     authority = None if fleet is None else fleet.authority_public_key
     # The devices' own policy, fixed before the server says anything.
@@ -377,7 +373,7 @@ def _simulate(
     _run_engine(
         server_app,
         on_grid=order.bind,
-        engine=lambda app: run_simulation(
+        engine=lambda app: _flower_simulation(
             server_app=app,
             client_app=client_app,
             num_supernodes=config.num_clients,
@@ -389,6 +385,18 @@ def _simulate(
             verbose_logging=verbose,
         ),
     )
+
+
+# Imported in the function: Flower's simulation module pulls in Ray, which the rest of
+# fedge (and `fedge --help`) should not pay for.
+def _flower_simulation(**arguments: Any) -> None:
+    """Flower's ``run_simulation``, its in-memory LinkState indexed by node (large fleets)."""
+    from flwr.simulation import run_simulation
+
+    from simulations.linkstate import indexed_linkstate
+
+    with indexed_linkstate():
+        run_simulation(**arguments)
 
 
 @dataclass(frozen=True, slots=True)
