@@ -296,7 +296,8 @@ def ddp_encode(
     if flat.shape[0] != config.dimension:
         raise ConfigError(f"the update has {flat.shape[0]} values, expected {config.dimension}")
     clipped = clip_l2(flat, config.l2_clip).update
-    scaled = rotate(clipped, config.rotation_seed) / config.gamma
+    scaled = rotate(clipped, config.rotation_seed)
+    scaled /= config.gamma
     bound = config.l2_sensitivity
     base = np.floor(scaled)
     residual = scaled - base
@@ -309,8 +310,9 @@ def ddp_encode(
         raise ConfigError("conditional rounding failed; the update is not clipped to l2_clip")
     integers = rounded.astype(np.int64)
     integers += discrete_gaussian(config.sigma_integer, integers.shape[0], rng)
-    # Two's complement modulo 2^b: the ring's element for each signed integer.
-    return integers.astype(np.uint64).astype(config.dtype)
+    # Two's complement modulo 2^b: the ring's element for each signed integer (numpy's
+    # integer casts keep the low b bits).
+    return integers.astype(config.dtype)
 
 
 def ddp_decode_sum(

@@ -29,11 +29,12 @@ def padded_length(length: int) -> int:
     return 1 << (length - 1).bit_length()
 
 
-def _signs(seed: bytes, length: int) -> npt.NDArray[np.float64]:
+def _flip_signs(values: npt.NDArray[np.float64], seed: bytes) -> None:
+    """Multiply ``values`` in place by D: -1 where the seed's keystream byte is odd."""
     if len(seed) != SEED_BYTES:
         raise ConfigError(f"the rotation seed must be {SEED_BYTES} bytes, got {len(seed)}")
-    bits = expand_mask(seed, length, np.dtype(np.uint8)) & np.uint8(1)
-    return 1.0 - 2.0 * bits.astype(np.float64)
+    odd = expand_mask(seed, values.shape[0], np.dtype(np.uint8)) & np.uint8(1)
+    np.negative(values, out=values, where=odd.view(np.bool_))
 
 
 # The transform is applied as a Kronecker product of small Hadamard matrices,
@@ -81,7 +82,8 @@ def rotate(values: npt.NDArray[np.floating], seed: bytes) -> npt.NDArray[np.floa
     n = padded_length(flat.shape[0])
     padded = np.zeros(n, dtype=np.float64)
     padded[: flat.shape[0]] = flat
-    return _walsh_hadamard(padded * _signs(seed, n))
+    _flip_signs(padded, seed)
+    return _walsh_hadamard(padded)
 
 
 def unrotate(
@@ -94,4 +96,6 @@ def unrotate(
         raise ConfigError(
             f"a rotated vector of {length} values has {padded_length(length)} entries, got {n}"
         )
-    return (_walsh_hadamard(flat) * _signs(seed, n))[:length]
+    out = _walsh_hadamard(flat)
+    _flip_signs(out, seed)
+    return out[:length]
