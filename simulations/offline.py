@@ -73,7 +73,10 @@ def ray_backend_config(
     if address:
         init_args["address"] = address
     else:
+        # "local": a Ray of its own even where `ray start` left a cluster running on this
+        # machine (Ray would join that one, and refuse the CPU count given here).
         init_args |= {
+            "address": "local",
             "num_cpus": num_cpus,
             "num_gpus": 0,
             "object_store_memory": _OBJECT_STORE_BYTES,
