@@ -21,11 +21,13 @@ The cache and the devices' directory default to the fedge home's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 import zipfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -509,6 +511,20 @@ def _load_inputs(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     return np.ascontiguousarray(images, dtype=np.float32), labels
 
 
+@contextlib.contextmanager
+def _quiet_loggers(*names: str) -> Iterator[None]:
+    """Show only errors from the loggers ``names`` inside the block; restore their levels."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 @client_app.command("infer")
 def infer_command(
     model: _Model,
@@ -538,58 +554,58 @@ def infer_command(
     from edge_runtime.predictor import Predictor
     from edge_runtime.providers import DEFAULT_PREFERENCE, ExecutionProvider
 
-    # This command prints the provider fallback and the drift verdict itself.
-    for name in ("edge_runtime.providers", "edge_runtime.drift"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    images, labels = _load_inputs(inputs)  # bad input fails before the cache is opened
-    cache = _cache(cache_dir, store_key, home)
-    installed = cache.current(model)
-    if installed is None:
-        raise ConfigError(f"no {model} installed (see `fedge client models install`)")
-    choices = {p.name.lower(): p for p in ExecutionProvider}
-    if provider != "auto" and provider not in choices:
-        raise ConfigError(f"--provider must be auto or one of {sorted(choices)}")
-    required = None if provider == "auto" else choices[provider]
-    predictor = Predictor(
-        installed.path,
-        model_id=f"{model}:v{installed.version}",
-        preference=DEFAULT_PREFERENCE if required is None else (required,),
-        require=required,
-        intra_op_threads=threads,
-    )
-    started = time.perf_counter()
-    logits = np.concatenate([predictor.predict(images[i : i + 1]) for i in range(len(images))])
-    seconds = time.perf_counter() - started
-    latency = predictor.latency.snapshot()
-    typer.echo(
-        f"{model} v{installed.version} {installed.artefact} on {predictor.provider.value}"
-        + (f" ({predictor.fallback_reason})" if predictor.fallback_reason else "")
-    )
-    typer.echo(
-        f"{len(images)} images in {seconds:.2f} s, batch 1: p50 {latency['p50_ms']:.3f} ms, "
-        f"p95 {latency['p95_ms']:.3f} ms, p99 {latency['p99_ms']:.3f} ms"
-    )
-    if labels is not None:
-        accuracy = float((logits.argmax(axis=1) == labels).mean())
-        typer.echo(f"accuracy {accuracy:.4f} on {len(labels)} labelled images")
-    reference_path = cache.companion(installed, _DRIFT_REFERENCE)
-    if reference_path is None:
-        typer.echo("drift: no reference shipped with this version")
-    else:
-        reference = ReferenceStats.from_bytes(reference_path.read_bytes())
-        window = max(10, min(len(images), 500))
-        report = DriftDetector(reference, DriftConfig(window=window)).evaluate(images[-window:])
-        verdict = "DRIFT" if report.drifted else "no drift"
-        typer.echo(
-            f"drift: {verdict} over the last {window} inputs (KS max {report.ks_max:.3f}, "
-            f"min p {report.min_p_value:.2g}, {len(report.features_flagged)} features flagged, "
-            f"PSI max {report.psi_max:.3f})"
+    # This command prints the provider fallback and the drift verdict itself (the levels
+    # are restored afterwards: the command may run inside another program, or a test).
+    with _quiet_loggers("edge_runtime.providers", "edge_runtime.drift"):
+        images, labels = _load_inputs(inputs)  # bad input fails before the cache is opened
+        cache = _cache(cache_dir, store_key, home)
+        installed = cache.current(model)
+        if installed is None:
+            raise ConfigError(f"no {model} installed (see `fedge client models install`)")
+        choices = {p.name.lower(): p for p in ExecutionProvider}
+        if provider != "auto" and provider not in choices:
+            raise ConfigError(f"--provider must be auto or one of {sorted(choices)}")
+        required = None if provider == "auto" else choices[provider]
+        predictor = Predictor(
+            installed.path,
+            model_id=f"{model}:v{installed.version}",
+            preference=DEFAULT_PREFERENCE if required is None else (required,),
+            require=required,
+            intra_op_threads=threads,
         )
-    egress = measure_egress(images, logits)
-    typer.echo(
-        f"telemetry: {egress['events']} events, {egress['filtered_bytes']:,} bytes instead of "
-        f"{egress['raw_bytes']:,} streamed raw ({egress['anomalies_forwarded']} anomalies)"
-    )
+        started = time.perf_counter()
+        logits = np.concatenate([predictor.predict(images[i : i + 1]) for i in range(len(images))])
+        seconds = time.perf_counter() - started
+        latency = predictor.latency.snapshot()
+        typer.echo(
+            f"{model} v{installed.version} {installed.artefact} on {predictor.provider.value}"
+            + (f" ({predictor.fallback_reason})" if predictor.fallback_reason else "")
+        )
+        typer.echo(
+            f"{len(images)} images in {seconds:.2f} s, batch 1: p50 {latency['p50_ms']:.3f} ms, "
+            f"p95 {latency['p95_ms']:.3f} ms, p99 {latency['p99_ms']:.3f} ms"
+        )
+        if labels is not None:
+            accuracy = float((logits.argmax(axis=1) == labels).mean())
+            typer.echo(f"accuracy {accuracy:.4f} on {len(labels)} labelled images")
+        reference_path = cache.companion(installed, _DRIFT_REFERENCE)
+        if reference_path is None:
+            typer.echo("drift: no reference shipped with this version")
+        else:
+            reference = ReferenceStats.from_bytes(reference_path.read_bytes())
+            window = max(10, min(len(images), 500))
+            report = DriftDetector(reference, DriftConfig(window=window)).evaluate(images[-window:])
+            verdict = "DRIFT" if report.drifted else "no drift"
+            typer.echo(
+                f"drift: {verdict} over the last {window} inputs (KS max {report.ks_max:.3f}, "
+                f"min p {report.min_p_value:.2g}, {len(report.features_flagged)} features flagged, "
+                f"PSI max {report.psi_max:.3f})"
+            )
+        egress = measure_egress(images, logits)
+        typer.echo(
+            f"telemetry: {egress['events']} events, {egress['filtered_bytes']:,} bytes instead of "
+            f"{egress['raw_bytes']:,} streamed raw ({egress['anomalies_forwarded']} anomalies)"
+        )
 
 
 @client_app.command("serve")

@@ -107,7 +107,7 @@ def test_installed_providers_on_this_machine_include_cpu() -> None:
 def test_default_preference_falls_back_to_cpu_with_a_reason(
     model_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger=providers_module.__name__):
         info = open_session(model_path)
     assert info.requested == DEFAULT_PREFERENCE
     assert info.active is CPU
@@ -129,7 +129,7 @@ def test_require_cuda_on_a_cpu_machine_raises(model_path: Path) -> None:
 def test_cpu_preference_has_no_fallback_and_logs_nothing(
     model_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger=providers_module.__name__):
         info = open_session(model_path, preference=(CPU,), require=CPU, intra_op_threads=1)
     assert (info.active, info.fallback_reason) == (CPU, None)
     assert info.session.get_session_options().intra_op_num_threads == 1
@@ -147,7 +147,7 @@ def test_installed_provider_that_does_not_load_is_reported(
     monkeypatch.setattr(
         ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
     )
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger=providers_module.__name__):
         info = open_session(model_path, preference=(CUDA, CPU))
     assert info.active is CPU
     assert info.fallback_reason is not None
@@ -395,3 +395,13 @@ def test_build_engine_failures_raise_and_write_nothing(
     with pytest.raises(ConfigError, match=message):
         build_engine(model_path, tmp_path / "e.engine")
     assert not (tmp_path / "e.engine").exists()
+
+
+def test_the_infer_command_restores_the_loggers_it_quiets() -> None:
+    from fl_client.cli import _quiet_loggers
+
+    logger = logging.getLogger(providers_module.__name__)
+    before = logger.level
+    with _quiet_loggers(providers_module.__name__):
+        assert logger.level == logging.ERROR
+    assert logger.level == before
