@@ -30,11 +30,9 @@ from dataclasses import dataclass
 from fedge.errors import ConfigError
 from secure_agg.errors import PolicyViolation
 from secure_agg.policy import ProtocolPolicy
-from strategies.accounting import ddg_rho
 from strategies.central import CentralDpRound, LocalDpSettings
 from strategies.ddp import DdpConfig
 from strategies.records import check_noise_multiplier
-from strategies.rotation import padded_length
 from strategies.sample_ddp import SampleDdpConfig
 from strategies.sample_dp import SampleDpSettings
 
@@ -148,13 +146,7 @@ class DevicePolicy:
             If the round's integer noise scale is below 1/2 (outside the bound's validity).
         """
         try:
-            return ddg_rho(
-                l2_sensitivity=config.l2_sensitivity,
-                l1_sensitivity=config.l1_sensitivity,
-                sigma=config.sigma_integer,
-                num_clients=self.min_honest_contributors,
-                dimension=padded_length(config.dimension),
-            )
+            return config.rho(self.min_honest_contributors)
         except ConfigError as exc:
             raise PolicyViolation(f"distributed DP: {exc}") from exc
 

@@ -71,7 +71,7 @@ from secure_agg.params import ThreatModel, choose_neighbourhood, corrupt_count
 from secure_agg.randomness import RandomSource, SystemRandomSource
 from secure_agg.server import ServerSession
 from strategies import vectors
-from strategies.accounting import PrivacySpend, ddg_rho
+from strategies.accounting import PrivacySpend
 from strategies.central import (
     CDP_RECORD_KEY,
     CENTRED_BITS_METRIC,
@@ -409,13 +409,7 @@ class _Round:
 
     def _rho(self) -> float:
         assert self.ddp is not None
-        return ddg_rho(
-            l2_sensitivity=self.ddp.l2_sensitivity,
-            l1_sensitivity=self.ddp.l1_sensitivity,
-            sigma=self.ddp.sigma_integer,
-            num_clients=self.min_honest,
-            dimension=self.vector_length,
-        )
+        return self.ddp.rho(self.min_honest)
 
     def _apply(self, mean: npt.NDArray[np.float64]) -> ArrayRecord:
         updated = vectors.apply({key: self.arrays[key].numpy() for key in self.keys}, mean)

@@ -43,6 +43,7 @@ from fedge.errors import ConfigError
 from secure_agg.noise import discrete_gaussian, uniform53
 from secure_agg.prg import SEED_BYTES
 from secure_agg.randomness import RandomSource
+from strategies.accounting import ddg_rho
 from strategies.clipping import clip_l2
 from strategies.records import check_noise_multiplier, checked_fields
 from strategies.rotation import padded_length, rotate, unrotate
@@ -226,6 +227,25 @@ class DdpConfig:
     def dtype(self) -> np.dtype[np.unsignedinteger]:
         """The payload type."""
         return cast(np.dtype[np.unsignedinteger], np.dtype(_DTYPES[self.ring_bits]))
+
+    def rho(self, honest: int) -> float:
+        """Return the rho-zCDP of one round whose sum holds the noise of ``honest`` clients.
+
+        What the server charges and every device charges itself, with ``honest`` the
+        fewest honest contributors of the devices' policy.
+
+        Raises
+        ------
+        ConfigError
+            If the integer noise scale is below 1/2 (outside the bound's validity).
+        """
+        return ddg_rho(
+            l2_sensitivity=self.l2_sensitivity,
+            l1_sensitivity=self.l1_sensitivity,
+            sigma=self.sigma_integer,
+            num_clients=honest,
+            dimension=padded_length(self.dimension),
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
