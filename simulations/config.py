@@ -24,6 +24,7 @@ from simulations.attacks import AttackConfig
 from simulations.fleet_behaviour import DeviceProfiles, FailureConfig
 from simulations.modes import DpMode, NormBoundSite, VariantRounds
 from simulations.partition import PartitionConfig, PartitionMode
+from strategies.accounting import least_noise, zcdp_epsilon
 from strategies.central import AdaptiveClipping, CentralDpSettings, LocalDpSettings
 from strategies.ddp import DistributedDpSettings
 from strategies.rules import StrategySpec
@@ -405,6 +406,54 @@ class SimConfig:
         if self.epsilon is None:
             return self.noise_multiplier
         return _noise_for_budget(self.epsilon, self.delta, self.dp_sample_rate, self.num_rounds)
+
+    def distributed_round_rho(self, dimension: int, noise_multiplier: float | None = None) -> float:
+        """``DISTRIBUTED``: the rho every round charges a model of ``dimension`` parameters.
+
+        As the server and each device compute it (:meth:`strategies.ddp.DdpConfig.rho`
+        with the policy's fewest honest contributors); ``noise_multiplier`` overrides
+        the configured one.
+        """
+        if self.dp is not DpMode.DISTRIBUTED:
+            raise ConfigError(f"a round's rho is defined here for distributed DP, not {self.dp}")
+        # The authority's key changes no count; a placeholder stands in for the active model.
+        secure = self.secure_config(authority_public_key=bytes(32))
+        sampled = self.sampled_clients
+        honest = secure.min_honest_contributors(sampled)
+        settings = DistributedDpSettings(
+            l2_clip=self.dp_clip,
+            noise_multiplier=noise_multiplier or self.noise_multiplier,
+            ring_bits=self.ring_bits,
+        )
+        ddp = settings.for_round(
+            dimension=dimension, sampled=sampled, min_honest=honest, rotation_seed=bytes(32)
+        )
+        return ddp.rho(honest)
+
+    def distributed_budget_shortfall(self, dimension: int) -> tuple[int, float | None] | None:
+        """``DISTRIBUTED`` with a budget that runs out early: (rounds it allows, multiplier).
+
+        ``None`` when every round fits (or there is no budget). Else the rounds the budget
+        allows at the configured noise multiplier (the run stops after them) and the
+        least multiplier that fits them all (``None`` if none up to 1,000 does).
+        """
+        if self.dp is not DpMode.DISTRIBUTED or self.epsilon is None:
+            return None
+        rho = self.distributed_round_rho(dimension)
+        allowed = 0
+        while allowed < self.num_rounds and (
+            zcdp_epsilon((allowed + 1) * rho, delta=self.delta) <= self.epsilon
+        ):
+            allowed += 1
+        if allowed == self.num_rounds:
+            return None
+
+        def run_epsilon(multiplier: float) -> float:
+            round_rho = self.distributed_round_rho(dimension, multiplier)
+            return zcdp_epsilon(self.num_rounds * round_rho, delta=self.delta)
+
+        fits = least_noise(run_epsilon, self.epsilon, low=self.noise_multiplier, high=1000.0)
+        return allowed, fits
 
     def server_dp(self) -> ServerDp | None:
         """Return the server's central, local or sample-level DP settings (None otherwise)."""

@@ -179,6 +179,8 @@ def run_federation(
     if prepared is None:
         prepared = prepare_data(config)
     provider, test = prepared.provider, prepared.test
+    initial = config.architecture.build(seed=config.seed)
+    _warn_of_short_budget(config, sum(p.numel() for p in initial.parameters()))
     # Seeded sampling draws from the nodes in partition order (Flower's node ids are fresh).
     order = PartitionOrder()
     plan = RunPlan(
@@ -196,7 +198,7 @@ def run_federation(
             if config.norm_bound_site is NormBoundSite.SERVER
             else None,
         ),
-        initial_arrays=ArrayRecord(config.architecture.build(seed=config.seed).state_dict()),
+        initial_arrays=ArrayRecord(initial.state_dict()),
         train_config=encode_train_config(config.train, seed=config.seed),
         evaluate=central_evaluator(config.architecture, test.images, test.labels),
         config_json=config.to_json(),
@@ -384,6 +386,28 @@ def _simulate(
             ),
             verbose_logging=verbose,
         ),
+    )
+
+
+def _warn_of_short_budget(config: SimConfig, dimension: int) -> None:
+    """Say before the first round when distributed DP's budget ends the run early."""
+    shortfall = config.distributed_budget_shortfall(dimension)
+    if shortfall is None:
+        return
+    allowed, fits = shortfall
+    remedy = (
+        f"a noise multiplier of {fits:.3g} or more fits them all"
+        if fits is not None
+        else "no noise multiplier up to 1,000 fits them all; lower the rounds"
+    )
+    logger.warning(
+        "the budget epsilon %g allows %d of the %d rounds at noise multiplier %g "
+        "(the run stops there); %s",
+        config.epsilon,
+        allowed,
+        config.num_rounds,
+        config.noise_multiplier,
+        remedy,
     )
 
 

@@ -220,6 +220,10 @@ def test_distributed_dp_stops_at_the_round_that_would_exceed_the_budget(tmp_path
     assert len(summary["rounds"]) == 2
     assert privacy["epsilon"] <= 2.0 and "would take the run to epsilon" in privacy["stopped"]
     assert "stopped early" in result.stdout
+    # Said before the first round, with the multiplier that would fit all five.
+    warned = " ".join(result.stdout.split())
+    assert "allows 2 of the 5 rounds at noise multiplier 3.5" in warned, warned[-2000:]
+    assert "or more fits them all" in warned
     engine = open_database(f"sqlite:///{tmp_path / 'runs' / 'fedge.db'}")
     try:
         kinds = [e.kind for e in AuditLog(engine).iter(run_id=summary["run_id"])]
