@@ -220,6 +220,8 @@ def serve_device(
 _STOP_GRACE_S = 10.0
 _MAX_BACKOFF_S = 60.0
 _ACTIVATED_S = 20.0
+# What Flower's SuperNode logs once the SuperLink has activated it (flwr 1.42).
+_ACTIVATED_MARK = b"SuperNode ID: "
 _REFUSALS = 3
 _REFUSAL_WINDOW_S = 75.0
 _ANSWERING_RETRY_S = 5.0
@@ -252,11 +254,29 @@ class _SuperNodeSupervisor:
         self._ca_pem = ca_pem
         self._stop = stop
         self._process: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
         self.refused: str | None = None
 
     def start_first(self) -> None:
         """Start the SuperNode (raises SuperNodeError if it cannot even start)."""
+        self._start()
+
+    def _start(self) -> None:
+        self._log_offset = _log_size(self._config.log_file)
         self._process = start_supernode(self._config)
+
+    def _activated(self) -> bool:
+        """Whether the running SuperNode has activated (Flower logs its node id then).
+
+        Uptime alone is no sign: a slow machine can spend its whole activation retry
+        window starting up, and a refused node would then never count as refused.
+        """
+        try:
+            with self._config.log_file.open("rb") as log:
+                log.seek(self._log_offset)
+                return _ACTIVATED_MARK in log.read()
+        except OSError:
+            return False
 
     def _server_answers(self) -> bool:
         import httpx
@@ -286,9 +306,10 @@ class _SuperNodeSupervisor:
     def run(self) -> None:
         """Watch the SuperNode until stopped; restart it while the server is unreachable.
 
-        A SuperNode that stays up past its activation is marked active (on disk, so a
-        restarted device knows too). When it exits while the server answers, three
-        failures mean a refusal, but not while the node was active within the
+        A SuperNode that has activated (its log says so) and stays up past
+        ``_ACTIVATED_S`` is marked active (on disk, so a restarted device knows too).
+        When it exits while the server answers, three failures mean a refusal, but
+        not while the node was active within the
         SuperLink's online window (2 x 30 s): the SuperLink refuses to activate a node
         it still counts online, so a quick restart looks like a refusal for a minute.
         """
@@ -298,7 +319,7 @@ class _SuperNodeSupervisor:
         while not self._stop.is_set():
             process = self._process
             if process is not None and process.poll() is None:
-                if time.monotonic() - started > _ACTIVATED_S:
+                if time.monotonic() - started > _ACTIVATED_S and self._activated():
                     strikes, backoff = 0, 1.0
                     self._mark_active()
                 self._stop.wait(0.5 if strikes else 5.0)
@@ -327,7 +348,7 @@ class _SuperNodeSupervisor:
             if self._stop.wait(wait):
                 return
             try:
-                self._process = start_supernode(self._config)
+                self._start()
                 started = time.monotonic()
             except SuperNodeError as exc:
                 logger.warning("the SuperNode did not start: %s", str(exc).splitlines()[0])
@@ -337,6 +358,13 @@ class _SuperNodeSupervisor:
         """Stop the SuperNode (SIGTERM, then SIGKILL)."""
         if self._process is not None:
             stop_process(self._process)
+
+
+def _log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 _REVOCATION_REFRESH_S = 30.0
