@@ -29,6 +29,7 @@ import shutil
 import signal
 import ssl
 import subprocess
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -203,8 +204,11 @@ def _refused_start(fleet: Fleet, name: str, data: Path) -> tuple[int, str]:
     return code, log.read_text(errors="replace")
 
 
-def _refusals(fleet: Fleet, outcome: Outcome, expired: str, data: Path) -> None:
-    """Try every refusal at once (the second run is short)."""
+def _refusals(
+    fleet: Fleet, outcome: Outcome, expired: str, data: Path, enrolled: threading.Event
+) -> None:
+    """Try every refusal at once (the second run is short); set ``enrolled`` once the
+    refused enrolments have their answers (the server must be up for them)."""
     tries = {
         "reused": (outcome.tokens["d0"], fleet.fingerprint),
         "expired": (expired, fleet.fingerprint),
@@ -220,7 +224,10 @@ def _refusals(fleet: Fleet, outcome: Outcome, expired: str, data: Path) -> None:
             for name, (token, fingerprint) in tries.items()
         }
         starts = {name: pool.submit(_refused_start, fleet, name, data) for name in (KILLED, rogue)}
-        outcome.refusals = {name: future.result() for name, future in enrolments.items()}
+        try:
+            outcome.refusals = {name: future.result() for name, future in enrolments.items()}
+        finally:
+            enrolled.set()
         outcome.refused_starts = {name: future.result() for name, future in starts.items()}
 
 
@@ -258,9 +265,10 @@ def _second_run(
     # The four remaining devices kept running while the server was down.
     server = fleet.start_server()
     _wait_gateway(fleet, server)
+    enrolled = threading.Event()
     with ThreadPoolExecutor(max_workers=1) as pool:
-        refused = pool.submit(_refusals, fleet, outcome, expired, data["d0"])
-        _crash_and_restart(fleet, outcome, server, before)
+        refused = pool.submit(_refusals, fleet, outcome, expired, data["d0"], enrolled)
+        _crash_and_restart(fleet, outcome, server, before, enrolled)
         refused.result()
     outcome.second = _new_summary(fleet, before)
     for process in devices.values():
@@ -270,9 +278,17 @@ def _second_run(
 
 
 def _crash_and_restart(
-    fleet: Fleet, outcome: Outcome, server: subprocess.Popen[bytes], before: set[str]
+    fleet: Fleet,
+    outcome: Outcome,
+    server: subprocess.Popen[bytes],
+    before: set[str],
+    enrolled: threading.Event,
 ) -> None:
-    """SIGKILL the server once round CRASHED_IN - 1 is saved; start it again; wait for the end."""
+    """SIGKILL the server once round CRASHED_IN - 1 is saved; start it again; wait for the end.
+
+    Not before the refused enrolments have their answers: on a loaded machine they can
+    still be in flight by then, and a dead gateway answers none of them.
+    """
 
     def saved() -> bool:
         assert server.poll() is None, fleet.log("server").read_text()[-3000:]
@@ -280,6 +296,7 @@ def _crash_and_restart(
         return bool(fresh) and _rounds_done(fresh[0]) >= CRASHED_IN - 1
 
     wait_for(saved, timeout=300, what=f"round {CRASHED_IN - 1} of the second run")
+    assert enrolled.wait(timeout=180), "the refused enrolments never finished"
     # Into round CRASHED_IN, while the devices train (d0 has its masked-input request):
     # a device killed off mid-transfer would hold that message's task (see above).
     wait_for(
