@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -420,11 +420,10 @@ class SimConfig:
         secure = self.secure_config(authority_public_key=bytes(32))
         sampled = self.sampled_clients
         honest = secure.min_honest_contributors(sampled)
-        settings = DistributedDpSettings(
-            l2_clip=self.dp_clip,
-            noise_multiplier=noise_multiplier or self.noise_multiplier,
-            ring_bits=self.ring_bits,
-        )
+        settings = secure.distributed_dp
+        assert isinstance(settings, DistributedDpSettings)
+        if noise_multiplier is not None:
+            settings = replace(settings, noise_multiplier=noise_multiplier)
         ddp = settings.for_round(
             dimension=dimension, sampled=sampled, min_honest=honest, rotation_seed=bytes(32)
         )

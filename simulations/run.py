@@ -180,7 +180,9 @@ def run_federation(
         prepared = prepare_data(config)
     provider, test = prepared.provider, prepared.test
     initial = config.architecture.build(seed=config.seed)
-    _warn_of_short_budget(config, sum(p.numel() for p in initial.parameters()))
+    initial_arrays = ArrayRecord(initial.state_dict())
+    # The server's dimension: every array it sends (buffers included).
+    _warn_of_short_budget(config, sum(int(a.numpy().size) for a in initial_arrays.values()))
     # Seeded sampling draws from the nodes in partition order (Flower's node ids are fresh).
     order = PartitionOrder()
     plan = RunPlan(
@@ -198,7 +200,7 @@ def run_federation(
             if config.norm_bound_site is NormBoundSite.SERVER
             else None,
         ),
-        initial_arrays=ArrayRecord(initial.state_dict()),
+        initial_arrays=initial_arrays,
         train_config=encode_train_config(config.train, seed=config.seed),
         evaluate=central_evaluator(config.architecture, test.images, test.labels),
         config_json=config.to_json(),
