@@ -55,7 +55,7 @@ from strategies.accounting import (
     zcdp_epsilon,
 )
 from strategies.ddp import DistributedDpSettings
-from strategies.rotation import padded_length
+from strategies.rotation import rotated_length
 from strategies.rules import AggregationRule, StrategySpec
 
 __all__ = ["main"]
@@ -122,7 +122,7 @@ def distributed_multiplier(
             l1_sensitivity=config.l1_sensitivity,
             sigma=config.sigma_integer,
             num_clients=min_honest,
-            dimension=padded_length(dimension),
+            dimension=rotated_length(dimension),
         )
         return zcdp_epsilon(rounds * rho, delta=delta)
 

@@ -85,7 +85,7 @@ from secure_agg.randomness import RandomSource, SystemRandomSource
 from strategies.central import CDP_RECORD_KEY, UNCLIPPED_METRIC, CentralDpRound, secure_l2_bound
 from strategies.clipping import clip_l2
 from strategies.ddp import DDP_RECORD_KEY, DdpConfig, ddp_encode
-from strategies.rotation import padded_length
+from strategies.rotation import rotated_length
 from strategies.sample_ddp import SDDP_RECORD_KEY, SampleDdpConfig, sddp_encode
 
 __all__ = ["SECAGG_ERROR_CODE", "IdentityProvider", "make_secagg_mod"]
@@ -275,12 +275,12 @@ def make_secagg_mod(
         if ddp is not None:
             # Before training: a round outside the policy costs nothing.
             policy.check_distributed(ddp)
-            if padded_length(ddp.dimension) != setup.vector_length:
+            if rotated_length(ddp.dimension) != setup.vector_length:
                 raise InvalidMessage("the distributed-DP dimension does not match the round")
             session.require_survivors(policy.required_survivors(len(setup.participants)))
         if sddp is not None:
             policy.check_sample_distributed(sddp)
-            if padded_length(sddp.dimension) != setup.vector_length:
+            if rotated_length(sddp.dimension) != setup.vector_length:
                 raise InvalidMessage("the shared-noise DP-SGD dimension does not match the round")
             session.require_survivors(policy.required_survivors(len(setup.participants)))
         stripped = RecordDict({k: v for k, v in msg.content.items() if k != RECORD_KEY})

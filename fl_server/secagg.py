@@ -80,7 +80,7 @@ from strategies.central import (
     secure_l2_bound,
 )
 from strategies.ddp import DDP_RECORD_KEY, DdpConfig, ddp_decode_sum
-from strategies.rotation import padded_length
+from strategies.rotation import rotated_length
 from strategies.sample_ddp import (
     SDDP_RECORD_KEY,
     SampleDdpConfig,
@@ -215,7 +215,7 @@ class _Round:
             else:
                 self.ddp = round_config
                 self.train_content[DDP_RECORD_KEY] = ConfigRecord(fields)
-            self.vector_length = padded_length(self.length)
+            self.vector_length = rotated_length(self.length)
             self.encoding = EncodingConfig(
                 clip_range=1.0, ring_bits=self.ddp.ring_bits, max_clients=len(nodes)
             )

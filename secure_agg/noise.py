@@ -36,6 +36,7 @@ predictable noise is no noise.
 from __future__ import annotations
 
 import math
+import sys
 from decimal import Decimal, localcontext
 from functools import lru_cache
 
@@ -51,6 +52,7 @@ __all__ = [
     "discrete_gaussian_variance",
     "gaussian",
     "table_statistical_distance",
+    "uniform32",
     "uniform53",
 ]
 
@@ -62,12 +64,26 @@ _MIN_SIGMA = 2.0**-20
 # that keep nothing mean the arithmetic broke, not bad luck.
 _MAX_BATCHES = 1000
 _TWO_TO_MINUS_53 = 2.0**-53
+_TWO_TO_MINUS_32 = 2.0**-32
 # The inversion table serves sigma up to this (at most 12,293 thresholds, ~0.2 s to
 # build once per sigma); larger scales use the rejection sampler.
 _TABLE_MAX_SIGMA = 512.0
 _TABLE_TAIL_SIGMAS = 12
-_GUIDE_BITS = 16
+_GUIDE_BITS = 16  # the top 16-bit lane of each 64-bit word (see _by_table)
+_TOP_LANE = 3 if sys.byteorder == "little" else 0
 _DIGITS = 40  # decimal digits for the table; its own error is ~1e-38
+
+
+def uniform32(rng: RandomSource, size: int) -> npt.NDArray[np.float64]:
+    """Return ``size`` float64 values uniform on the multiples of 2^-32 in [0, 1).
+
+    Half the keystream of :func:`uniform53` and one pass fewer: for stochastic
+    rounding, where a probability off by at most 2^-32 is immaterial.
+    """
+    words = expand_mask(rng.random_bytes(SEED_BYTES), size, np.dtype(np.uint32))
+    out = np.empty(size, dtype=np.float64)
+    np.multiply(words, _TWO_TO_MINUS_32, out=out, casting="unsafe")
+    return out
 
 
 def uniform53(rng: RandomSource, size: int) -> npt.NDArray[np.float64]:
@@ -193,7 +209,10 @@ def table_statistical_distance(sigma: float) -> float:
 def _by_table(sigma: float, size: int, rng: RandomSource) -> npt.NDArray[np.int64]:
     table = _table(sigma)
     words = expand_mask(rng.random_bytes(SEED_BYTES), size, np.dtype(np.uint64))
-    samples: npt.NDArray[np.int64] = table.guide[words >> np.uint64(64 - _GUIDE_BITS)]
+    # The guide's index is each word's top 16 bits: read in place as one 16-bit lane
+    # of four (no shifted copy), and gathered with take (2x fancy indexing's speed).
+    top = words.view(np.uint16)[_TOP_LANE::4]
+    samples: npt.NDArray[np.int64] = np.take(table.guide, top)
     (unsure,) = np.nonzero(samples == table.unsure)
     if unsure.size:
         located = np.searchsorted(table.thresholds, words[unsure], side="right")

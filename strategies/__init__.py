@@ -19,7 +19,7 @@ from strategies.accounting import (
 )
 from strategies.clipping import ClipResult, clip_l2
 from strategies.ddp import DdpConfig, choose_gamma, ddp_decode_sum, ddp_encode
-from strategies.rotation import padded_length, rotate, unrotate
+from strategies.rotation import rotate, rotated_length, unrotate
 
 __all__ = [
     "AccountantKind",
@@ -33,8 +33,8 @@ __all__ = [
     "ddp_decode_sum",
     "ddp_encode",
     "gaussian_epsilon",
-    "padded_length",
     "rotate",
+    "rotated_length",
     "unrotate",
     "zcdp_epsilon",
 ]

@@ -10,20 +10,22 @@ integer units) that no party removed: nobody ever sees an un-noised aggregate.
 
 Notes
 -----
-Sensitivity: rounding moves each of the d' (padded) coordinates by less than 1,
-so a rounded vector has L2 norm below c/gamma + sqrt(d'). Conditional randomised
+Sensitivity: rounding moves each of the d coordinates by less than 1 (the
+rotation adds none: :mod:`strategies.rotation`), so a rounded vector has L2 norm
+below c/gamma + sqrt(d). Conditional randomised
 rounding (Kairouz et al., Section 4.1) does much better: the client re-rounds
 until the norm is at most
-B = sqrt(c^2/gamma^2 + d'/4 + sqrt(2 ln(1/beta_r)) (c/gamma + sqrt(d')/2)),
+B = sqrt(c^2/gamma^2 + d/4 + sqrt(2 ln(1/beta_r)) (c/gamma + sqrt(d)/2)),
 beta_r = e^(-1/2), which each try meets with probability at least 1 - beta_r;
-so one client changes the integer sum by at most D2 = min(B, c/gamma + sqrt(d'))
-in L2 and D1 = sqrt(d') * D2 in L1 (:func:`strategies.accounting.ddg_rho`).
+so one client changes the integer sum by at most D2 = min(B, c/gamma + sqrt(d))
+in L2 and D1 = sqrt(d) * D2 in L1 (:func:`strategies.accounting.ddg_rho`).
 At 16 bits and 100 clients this is the difference between 1.4x and 1.02x the
 clipping bound: the noise, and so the accuracy, that a narrow ring costs.
 
 Wrap-around: after rotation every coordinate of a clipped update is
-sub-Gaussian with variance c^2/d', so with probability at least 1 - beta no
-coordinate of any client exceeds c sqrt(2 ln(2 n d'/beta) / d'). The scale is
+sub-Gaussian with variance proxy c^2/h, h = 2^floor(log2 d) the rotation's
+spread (:func:`strategies.rotation.spread_length`), so with probability at
+least 1 - beta no coordinate of any client exceeds c sqrt(2 ln(2 n d/beta) / h). The scale is
 chosen so that n such signals, n rounding errors and ``tail_sigmas`` standard
 deviations of the summed noise fit in [-2^(b-1), 2^(b-1)): the modular sum
 then equals the true integer sum (:func:`choose_gamma`, beta = 1e-9 by default).
@@ -40,13 +42,13 @@ import numpy as np
 import numpy.typing as npt
 
 from fedge.errors import ConfigError
-from secure_agg.noise import discrete_gaussian, uniform53
+from secure_agg.noise import discrete_gaussian, uniform32
 from secure_agg.prg import SEED_BYTES
 from secure_agg.randomness import RandomSource
 from strategies.accounting import ddg_rho
 from strategies.clipping import clip_l2
 from strategies.records import check_noise_multiplier, checked_fields
-from strategies.rotation import padded_length, rotate, unrotate
+from strategies.rotation import Precision, rotate, rotated_length, spread_length, unrotate
 
 __all__ = [
     "DDP_RECORD_KEY",
@@ -77,6 +79,13 @@ _MAX_SIGMA = 2.0**50
 # Conditional rounding's beta_r = e^(-1/2) (Kairouz et al.): ln(1 / beta_r) = 1/2.
 _LOG_INV_BETA_R = 0.5
 _MAX_ROUNDING_TRIES = 200
+# Floating point: the rounding test computes a norm in float64, whose relative error
+# is below 1e-13 for any allowed dimension, and at a wide ring (scaled values past
+# 2^53) the rounded floats carry float error of their own. The test accepts a norm
+# up to (1 + _NORM_TEST_SLACK) B; the sensitivity charged is (1 + _SENSITIVITY_SLACK) B,
+# above anything that test can let through.
+_NORM_TEST_SLACK = 1e-10
+_SENSITIVITY_SLACK = 1e-9
 
 
 def choose_gamma(
@@ -93,9 +102,9 @@ def choose_gamma(
 
     ``noise_std`` is each client's noise standard deviation in real (unscaled) units.
     """
-    padded = padded_length(dimension)
+    length = rotated_length(dimension)
     n = expected_clients
-    signal = n * l2_clip * math.sqrt(2 * math.log(2 * n * padded / beta) / padded)
+    signal = n * l2_clip * math.sqrt(2 * math.log(2 * n * length / beta) / spread_length(length))
     noise = tail_sigmas * math.sqrt(n) * noise_std
     room = 2.0 ** (ring_bits - 1) - n  # n rounding errors of < 1 each
     if room <= 0:
@@ -127,7 +136,7 @@ class DdpConfig:
     expected_clients
         n, the clients the ring must hold (the sampled ones).
     ring_bits
-        b: 8, 16, 32 or 64 (the upload is b bits per padded coordinate).
+        b: 8, 16, 32 or 64 (the upload is b bits a coordinate, d coordinates).
     rotation_seed
         The round's public 32-byte seed of the rotation's signs.
     """
@@ -204,24 +213,30 @@ class DdpConfig:
         return self.noise_std / self.gamma
 
     @property
+    def rounding_bound(self) -> float:
+        """B: the L2 norm conditional rounding keeps each integer vector within (module notes)."""
+        scaled = self.l2_clip / self.gamma
+        length = rotated_length(self.dimension)
+        conditional = math.sqrt(
+            scaled * scaled
+            + length / 4
+            + math.sqrt(2 * _LOG_INV_BETA_R) * (scaled + math.sqrt(length) / 2)
+        )
+        return min(conditional, scaled + math.sqrt(length))
+
+    @property
     def l2_sensitivity(self) -> float:
         """D2 of one client's integer vector (for :func:`strategies.accounting.ddg_rho`).
 
-        The norm bound conditional rounding enforces (see the module notes).
+        The norm bound conditional rounding enforces (see the module notes), with
+        room for the floating-point error of the test that enforces it.
         """
-        scaled = self.l2_clip / self.gamma
-        padded = padded_length(self.dimension)
-        conditional = math.sqrt(
-            scaled * scaled
-            + padded / 4
-            + math.sqrt(2 * _LOG_INV_BETA_R) * (scaled + math.sqrt(padded) / 2)
-        )
-        return min(conditional, scaled + math.sqrt(padded))
+        return self.rounding_bound * (1 + _SENSITIVITY_SLACK)
 
     @property
     def l1_sensitivity(self) -> float:
         """D1 of one client's integer vector."""
-        return math.sqrt(padded_length(self.dimension)) * self.l2_sensitivity
+        return math.sqrt(rotated_length(self.dimension)) * self.l2_sensitivity
 
     @property
     def dtype(self) -> np.dtype[np.unsignedinteger]:
@@ -244,7 +259,7 @@ class DdpConfig:
             l1_sensitivity=self.l1_sensitivity,
             sigma=self.sigma_integer,
             num_clients=honest,
-            dimension=padded_length(self.dimension),
+            dimension=rotated_length(self.dimension),
         )
 
 
@@ -302,6 +317,19 @@ class DistributedDpSettings:
         )
 
 
+def rotation_precision(ring_bits: int) -> Precision:
+    """Return the float type a client rotates in for a ``ring_bits`` ring.
+
+    Single precision (24-bit significand) where the ring is at most 16 bits: a
+    rotated value is then below 2^15 integer steps, each of its 2^-9-step
+    roundings ~20 additions deep leaves a few hundredths of a step at most, far
+    under the stochastic rounding's own; double precision for wider rings. The
+    privacy bound does not depend on it: conditional rounding checks the norm
+    of the integers themselves.
+    """
+    return Precision.SINGLE if ring_bits <= 16 else Precision.DOUBLE
+
+
 def ddp_encode(
     update: npt.NDArray[np.floating], config: DdpConfig, rng: RandomSource
 ) -> npt.NDArray[np.unsignedinteger]:
@@ -316,14 +344,15 @@ def ddp_encode(
     if flat.shape[0] != config.dimension:
         raise ConfigError(f"the update has {flat.shape[0]} values, expected {config.dimension}")
     clipped = clip_l2(flat, config.l2_clip).update
-    scaled = rotate(clipped, config.rotation_seed)
-    scaled /= config.gamma
-    bound = config.l2_sensitivity
-    base = np.floor(scaled)
-    residual = scaled - base
+    rotated = rotate(clipped, config.rotation_seed, precision=rotation_precision(config.ring_bits))
+    scaled = np.multiply(rotated, 1.0 / config.gamma, dtype=np.float64)
+    bound = config.rounding_bound * (1 + _NORM_TEST_SLACK)
     for _ in range(_MAX_ROUNDING_TRIES):
-        # Stochastic rounding (unbiased), kept only if its norm meets the bound.
-        rounded = base + (uniform53(rng, scaled.shape[0]) < residual)
+        # Stochastic rounding (unbiased: floor(x + u) is x's ceiling with probability
+        # frac(x), to within u's 2^-32 grid), kept only if its norm meets the bound.
+        rounded = uniform32(rng, scaled.shape[0])
+        rounded += scaled
+        np.floor(rounded, out=rounded)
         if float(np.linalg.norm(rounded)) <= bound:
             break
     else:  # pragma: no cover - each try succeeds with probability >= 0.39
@@ -341,10 +370,10 @@ def ddp_decode_sum(
     """Return the noisy mean update from the modular sum of ``num_clients`` encodings."""
     if num_clients < 1:
         raise ConfigError(f"num_clients must be >= 1, got {num_clients}")
-    padded = padded_length(config.dimension)
+    length = rotated_length(config.dimension)
     values = np.asarray(total).reshape(-1)
-    if values.shape[0] != padded:
-        raise ConfigError(f"the sum has {values.shape[0]} values, expected {padded}")
+    if values.shape[0] != length:
+        raise ConfigError(f"the sum has {values.shape[0]} values, expected {length}")
     signed = values.astype(config.dtype).astype(np.uint64)
     half = np.uint64(1) << np.uint64(config.ring_bits - 1)
     if config.ring_bits < 64:

@@ -23,8 +23,8 @@ Privacy of one example (add/remove one example of one device):
 - *Sensitivity.* Fix the rounding's uniforms u (independent of the data):
   rounding x up where u < frac(x) is floor(x + 1 - u), so two sums that differ
   by delta in real units differ after rounding by at most |delta_j| + 1 per
-  coordinate, and D2 <= kappa C / gamma + sqrt(d') in integer units (d' the
-  padded length), D1 <= sqrt(d') kappa C / gamma + d'. The output is a mixture
+  coordinate, and D2 <= kappa C / gamma + sqrt(d) in integer units (d the
+  rotated length, the model's), D1 <= sqrt(d) kappa C / gamma + d. The output is a mixture
   over u of mechanisms with these sensitivities; Rényi divergence is jointly
   quasi-convex, so the mixture is at least as private as the worst u.
   Conditional rounding is *not* used: re-rounding on the norm of the whole sum
@@ -43,8 +43,8 @@ Privacy of one example (add/remove one example of one device):
   its own CSPRNG and never reveals the sample; the server's choice of devices
   is not counted (a device knows it was asked).
 
-The ring must be wide: rounding adds sqrt(d') to D2, so kappa C / gamma must be
-far above sqrt(d') (~362 for 114,410 parameters). At 32 bits it is ~10^7 and
+The ring must be wide: rounding adds sqrt(d) to D2, so kappa C / gamma must be
+far above sqrt(d) (~338 for 114,410 parameters). At 32 bits it is ~10^7 and
 rounding costs under 0.01 % of the noise; at 16 bits it would double it, so
 :class:`SampleDdpSettings` asks for 32 bits.
 """
@@ -67,7 +67,7 @@ from strategies.accounting import GaussianSteps, PrivacySpend, composed_epsilon,
 from strategies.clipping import clip_l2
 from strategies.ddp import DdpConfig
 from strategies.records import check_noise_multiplier, checked_fields
-from strategies.rotation import padded_length, rotate
+from strategies.rotation import rotate, rotated_length
 
 __all__ = [
     "SDDP_RECORD_KEY",
@@ -172,7 +172,7 @@ class SampleDdpConfig:
         """D2: how far one example moves a device's integer vector (module notes)."""
         ring = self.ring
         return abs(self.step_scale) * self.example_clip / ring.gamma + math.sqrt(
-            padded_length(self.dimension)
+            rotated_length(self.dimension)
         )
 
     def multiplier(self, honest: int) -> float:
@@ -385,9 +385,10 @@ def sddp_encode(
         raise ConfigError(f"the update has {flat.shape[0]} values, expected {config.dimension}")
     ring = config.ring
     clipped = clip_l2(flat * config.step_scale, ring.l2_clip).update
-    scaled = rotate(clipped, ring.rotation_seed) / ring.gamma
+    scaled = np.multiply(rotate(clipped, ring.rotation_seed), 1.0 / ring.gamma, dtype=np.float64)
     base = np.floor(scaled)
     rounded = base + (uniform53(rng, scaled.shape[0]) < scaled - base)
-    integers = rounded.astype(np.int64)
+    integers: npt.NDArray[np.int64] = rounded.astype(np.int64)
     integers += discrete_gaussian(ring.sigma_integer, integers.shape[0], rng)
-    return integers.astype(np.uint64).astype(ring.dtype)
+    # Two's complement modulo 2^b (numpy's integer casts keep the low b bits).
+    return integers.astype(ring.dtype)

@@ -47,7 +47,7 @@ from secure_agg.policy import ProtocolPolicy
 from secure_agg.randomness import DeterministicRandom, RandomSource
 from secure_agg.server import ServerSession
 from secure_agg.shamir import CHUNKS_PER_SECRET, combine
-from strategies.rotation import padded_length
+from strategies.rotation import rotated_length
 
 T = TypeVar("T")
 
@@ -141,7 +141,7 @@ def keys_agreed(fleet: Fleet, *, seed: int) -> tuple[ServerSession, Mapping[int,
         degree=6,
         threshold=4,
         encoding=EncodingConfig(clip_range=1.0, ring_bits=32, max_clients=len(fleet.nodes)),
-        vector_length=padded_length(MODEL_SIZE),
+        vector_length=rotated_length(MODEL_SIZE),
         threat_model=ThreatModel.SEMI_HONEST,
         rng=DeterministicRandom(seed),
     )

@@ -29,7 +29,7 @@ from secure_agg.randomness import DeterministicRandom
 from secure_agg.server import ServerSession
 from strategies.accounting import ddg_rho
 from strategies.ddp import DDP_RECORD_KEY, DdpConfig
-from strategies.rotation import padded_length
+from strategies.rotation import rotated_length
 from tests.adversarial.hostile import (
     MODEL_SIZE,
     Fleet,
@@ -45,7 +45,7 @@ NODES = list(range(301, 313))  # twelve honest devices (no colluder needed here)
 MIN_HONEST = 6
 # 10 % of 12 participants may be corrupt: 2, so a device unmasks for >= 6 + 2 survivors.
 REQUIRED = MIN_HONEST + 2
-LENGTH = padded_length(MODEL_SIZE)
+LENGTH = rotated_length(MODEL_SIZE)
 
 
 def _fleet(tmp_path: Path) -> tuple[Fleet, ClientBudget, DevicePolicy]:

@@ -36,7 +36,7 @@ from secure_agg.params import ThreatModel
 from secure_agg.policy import ProtocolPolicy
 from secure_agg.randomness import DeterministicRandom
 from strategies.ddp import DDP_RECORD_KEY
-from strategies.rotation import padded_length
+from strategies.rotation import rotated_length
 from strategies.sample_ddp import SDDP_RECORD_KEY, SampleDdpConfig, SampleDdpSettings
 from tests.adversarial.hostile import (
     MODEL_SIZE,
@@ -51,7 +51,7 @@ from tests.helpers import delivered
 
 NODES = list(range(401, 413))
 MIN_HONEST = 6
-LENGTH = padded_length(MODEL_SIZE)
+LENGTH = rotated_length(MODEL_SIZE)
 
 
 def _fleet(tmp_path: Path) -> tuple[Fleet, ClientBudget, DevicePolicy]:

@@ -31,7 +31,7 @@ from strategies.central import (
     next_clip,
 )
 from strategies.ddp import DdpConfig, ddp_encode
-from strategies.rotation import padded_length
+from strategies.rotation import rotated_length
 from tests.unit.fl_server.test_privacy import _big_step, _with_mods
 from tests.unit.fl_server.test_secagg_grid import (  # noqa: F401 - the fixture is autouse
     InProcessGrid,
@@ -143,7 +143,7 @@ def test_the_sum_of_the_fewest_honest_contributors_carries_the_charged_noise(
     rounds = 10
     totals = []
     for round_index in range(rounds):
-        total = np.zeros(padded_length(dimension), dtype=np.uint32)
+        total = np.zeros(rotated_length(dimension), dtype=np.uint32)
         for client in range(min_honest):
             # Zero updates: what reaches the sum is the rounding (0 here) and the noise.
             rng = DeterministicRandom(1000 * round_index + client)
@@ -159,7 +159,7 @@ def test_the_sum_of_the_fewest_honest_contributors_carries_the_charged_noise(
         l1_sensitivity=config.l1_sensitivity,
         sigma=measured_sigma,
         num_clients=min_honest,
-        dimension=padded_length(dimension),
+        dimension=rotated_length(dimension),
     )
     assert implied == pytest.approx(charged, rel=3 * TOLERANCE)
     # About 1 / (2 z^2) = 0.125: the noise of exactly min_honest clients at z = 2.

@@ -39,7 +39,7 @@ from strategies.central import (
     LocalDpSettings,
 )
 from strategies.ddp import DDP_RECORD_KEY, DdpConfig
-from strategies.rotation import padded_length
+from strategies.rotation import rotated_length
 from tests.helpers import delivered
 
 STEP = 3.0  # every weight moves by this much in training: norm 3 * sqrt(4) = 6
@@ -252,7 +252,7 @@ def test_a_device_charges_distributed_dp_for_its_fewest_honest_contributors() ->
         l1_sensitivity=ddp.l1_sensitivity,
         sigma=ddp.sigma_integer,
         num_clients=4,
-        dimension=padded_length(100),
+        dimension=rotated_length(100),
     )
     more = DevicePolicy(protocol=None, min_noise_multiplier=0.5, min_honest_contributors=8)
     assert spend.rho > round_spend(message.content, more).rho  # type: ignore[union-attr]

@@ -15,6 +15,7 @@ from secure_agg.noise import (
     discrete_gaussian,
     discrete_gaussian_variance,
     table_statistical_distance,
+    uniform32,
     uniform53,
 )
 from secure_agg.randomness import DeterministicRandom
@@ -127,3 +128,17 @@ def test_uniforms_cover_the_unit_interval_with_53_bits() -> None:
     assert values.min() >= 0.0 and values.max() < 1.0
     assert abs(values.mean() - 0.5) < 0.005
     assert np.all(values * 2.0**53 == np.floor(values * 2.0**53))
+
+
+def test_32_bit_uniforms_cover_the_unit_interval_on_the_2_to_minus_32_grid() -> None:
+    values = uniform32(DeterministicRandom(9), 100_000)
+
+    assert values.dtype == np.float64 and values.shape == (100_000,)
+    assert values.min() >= 0.0 and values.max() < 1.0
+    assert abs(values.mean() - 0.5) < 0.005
+    scaled = values * 2.0**32
+    assert np.all(scaled == np.floor(scaled))
+    # Every bit is used (not a 53-bit value truncated to a few).
+    assert len(np.unique(scaled.astype(np.uint64) & np.uint64(0xFF))) == 256
+    counts = np.histogram(values, bins=20, range=(0.0, 1.0))[0]
+    assert stats.chisquare(counts).pvalue > 1e-4

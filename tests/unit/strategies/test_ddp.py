@@ -52,9 +52,9 @@ def test_the_decoded_sum_is_the_clipped_mean_within_the_rounding_error(bits: int
 
     expected = np.mean([u * min(1.0, 1.0 / float(np.linalg.norm(u))) for u in updates], axis=0)
     error = np.linalg.norm(mean - expected)
-    # Each client's rounding error is < gamma per padded coordinate (averaged: < gamma
-    # sqrt(d') in L2); the mean's noise has std noise_std / sqrt(n) per coordinate.
-    assert error <= config.gamma * math.sqrt(512) + 6 * noise * math.sqrt(512 / 20)
+    # Each client's rounding error is < gamma per coordinate (averaged: < gamma
+    # sqrt(d) in L2); the mean's noise has std noise_std / sqrt(n) per coordinate.
+    assert error <= config.gamma * math.sqrt(300) + 6 * noise * math.sqrt(300 / 20)
     assert encoded[0].dtype == np.dtype(f"uint{bits}")
 
 
@@ -118,10 +118,10 @@ def test_wrong_lengths_are_refused() -> None:
 
     with pytest.raises(ConfigError, match="expected 300"):
         ddp_encode(np.zeros(299), config, DeterministicRandom(1))
-    with pytest.raises(ConfigError, match="expected 512"):
-        ddp_decode_sum(np.zeros(300, np.uint32), config, num_clients=2)
+    with pytest.raises(ConfigError, match="expected 300"):
+        ddp_decode_sum(np.zeros(512, np.uint32), config, num_clients=2)
     with pytest.raises(ConfigError, match="num_clients"):
-        ddp_decode_sum(np.zeros(512, np.uint32), config, num_clients=0)
+        ddp_decode_sum(np.zeros(300, np.uint32), config, num_clients=0)
 
 
 def test_round_settings_size_noise_shares_for_the_fewest_honest_contributors() -> None:

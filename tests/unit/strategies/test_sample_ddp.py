@@ -11,7 +11,7 @@ from fedge.errors import ConfigError
 from secure_agg.randomness import DeterministicRandom
 from strategies.accounting import GaussianSteps, composed_epsilon
 from strategies.ddp import ddp_decode_sum
-from strategies.rotation import padded_length, rotate
+from strategies.rotation import rotate, rotated_length
 from strategies.sample_ddp import (
     SampleDdpConfig,
     SampleDdpSettings,
@@ -93,7 +93,7 @@ def test_one_example_moves_the_rounded_vector_by_at_most_the_accounted_sensitivi
         assert float(np.linalg.norm(difference)) <= config.l2_sensitivity
         assert float(np.linalg.norm(difference)) >= (
             abs(config.step_scale) * config.example_clip / config.ring.gamma
-            - math.sqrt(padded_length(DIMENSION))
+            - math.sqrt(rotated_length(DIMENSION))
         )
 
 
@@ -115,8 +115,9 @@ def test_the_encoding_rotates_with_the_rounds_public_seed() -> None:
     config = _round()
     vector = np.zeros(DIMENSION)
     vector[3] = 1.0
-    # The rotation spreads one coordinate over all of them (nothing sits in one value).
-    assert np.count_nonzero(np.abs(rotate(vector, config.rotation_seed)) > 1e-6) == 1024
+    # The rotation spreads one coordinate over all of them (nothing sits in one value),
+    # and adds none (no padding).
+    assert np.count_nonzero(np.abs(rotate(vector, config.rotation_seed)) > 1e-6) == DIMENSION
 
 
 def test_the_record_round_trips_and_refuses_what_it_cannot_check() -> None:
