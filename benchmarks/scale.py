@@ -13,13 +13,17 @@ training is trivial (add a constant), so the engine and the protocol dominate:
 
 Round time is the time between successive central evaluations after one warm-up round
 (Ray's start, the first imports and the nodes' registration are excluded). Peak RSS sums
-this process and its descendants (Ray's workers), sampled every 50 ms. ``stage_seconds``
+this process and its descendants (Ray's workers), sampled every 200 ms. ``stage_seconds``
 says where a secure round's time goes (the Grid's own timing of each SecAgg+ stage);
 ``engine_s`` is a round's time outside them.
 
 Both run Flower's engine with fedge's :class:`simulations.linkstate.IndexedLinkState`,
 as ``fedge sim run`` does; ``--linkstate flower`` runs Flower's own in-memory LinkState,
-whose every poll scans every message in flight (O(population x messages) a poll).
+whose every poll scans every message in flight (O(population x messages) a poll), and
+``--app-pickle flower`` lets Ray pickle the ClientApp for every message
+(:mod:`simulations.app_pickle`). ``breakdown`` (see :mod:`benchmarks.secagg_round`)
+splits the median round into the server's compute, each stage's exchange, the
+clients' CPU and the bytes both ways.
 
 Run: ``python -m benchmarks.scale --population 10000 --per-round 1000 --params 1000000``
 (``--quick``: 1,000 devices, 100 a round, 100,000 parameters).
@@ -82,7 +86,8 @@ def _apps(  # noqa: PLR0917 - one benchmark's private helper
         ),
         min_honest_contributors=config.min_honest_contributors(per_round),
     )
-    client = ClientApp(mods=[make_secagg_mod(policy=policy)] if secure else [])
+    timing = [counter.client_mod()]
+    client = ClientApp(mods=timing + ([make_secagg_mod(policy=policy)] if secure else []))
 
     @client.train()
     def _train(msg: Message, context: Context) -> Message:
@@ -134,6 +139,7 @@ def run_variant(
     params: int,
     rounds: int,
     linkstate: str = "indexed",
+    app_pickle: str = "once",
 ) -> dict[str, Any]:
     """Run one variant's simulation and return its JSON entry."""
     entry: dict[str, Any] = {
@@ -155,6 +161,7 @@ def run_variant(
         per_round=per_round,
         rounds=rounds,
         linkstate=linkstate,
+        app_pickle=app_pickle,
     )
 
 
@@ -174,6 +181,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default="indexed",
         help="Flower's in-memory LinkState as fedge runs it (indexed by device) or as shipped",
     )
+    parser.add_argument(
+        "--app-pickle",
+        choices=("once", "flower"),
+        default="once",
+        help="the ClientApp pickled once (as fedge runs it) or for every message (as shipped)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.quick:
@@ -191,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 params=args.params,
                 rounds=args.rounds,
                 linkstate=args.linkstate,
+                app_pickle=args.app_pickle,
             )
             print(f"    {entry}", flush=True)
             runs[variant].append(entry)

@@ -3,7 +3,10 @@
 Every variant is a Flower 1.42 ``run_simulation`` of N clients whose training is
 trivial (add a constant to the D-parameter model), so the protocol dominates:
 
-- ``flower_fedavg``: Message-API ``FedAvg``, no protection;
+- ``flower_fedavg_message``: Message-API ``FedAvg.start``, no protection;
+- ``flower_fedavg_legacy``: the legacy ``DefaultWorkflow`` with its ``FedAvg``, no protection;
+- ``flower_fedavg`` (derived): the faster of the two (``path`` says which); every
+  ratio is against it;
 - ``flower_secaggplus``: Flower's ``SecAggPlusWorkflow`` + ``secaggplus_mod`` on its
   legacy strategy path (``SecAggWorkflow`` + ``secagg_mod`` with ``--classic``);
 - ``fedge_secaggplus``: Message-API ``FedAvg`` through fedge's ``SecureAggregationGrid``
@@ -14,7 +17,10 @@ trivial (add a constant to the D-parameter model), so the protocol dominates:
 Round time is the time between the strategy's successive central evaluations,
 after one warm-up round (Ray's start-up and first imports are excluded);
 upload bytes are counted on the Grid for every reply;
-peak RSS sums this process and its descendants (Ray's workers), sampled every 50 ms.
+``breakdown`` says where the median round's time went (:func:`breakdown`): the
+server's own compute, each exchange (stage) with its bytes both ways and the
+clients' CPU in their ClientApps, and an estimate of the engine's share;
+peak RSS sums this process and its descendants (Ray's workers), sampled every 200 ms.
 Variants run interleaved across ``--repeats``.
 
 Run: ``python -m benchmarks.secagg_round --clients 100 --params 1000000 --rounds 3 --k 8``
@@ -25,10 +31,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import shutil
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +47,15 @@ from benchmarks._common import RESULTS, machine, write
 from fl_server.secagg import payload_bytes
 from simulations.offline import apply_offline_env, quiet_flower, ray_backend_config
 
-VARIANTS = ("flower_fedavg", "flower_secaggplus", "fedge_secaggplus", "fedge_secaggplus_ddp")
+VARIANTS = (
+    "flower_fedavg_message",
+    "flower_fedavg_legacy",
+    "flower_secaggplus",
+    "fedge_secaggplus",
+    "fedge_secaggplus_ddp",
+)
+# ``flower_fedavg`` in the JSON (and in --variants) is the faster of Flower's two plain paths.
+_FEDAVG_PATHS = {"flower_fedavg_message": "message", "flower_fedavg_legacy": "legacy"}
 _DELTA = np.float32(0.001)
 
 
@@ -77,7 +94,9 @@ class _PeakRss:
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.05):
+        # Every 200 ms: each sample reads /proc of every process (at 50 ms it was 19 % of
+        # the driver's CPU in a 100-client round).
+        while not self._stop.wait(0.2):
             self.peak = max(self.peak, _tree_rss_bytes(self._root))
 
     def __enter__(self) -> _PeakRss:
@@ -89,26 +108,131 @@ class _PeakRss:
         self._thread.join()
 
 
+@dataclass(frozen=True)
+class _Exchange:
+    """One ``send_and_receive`` on the Grid: a stage's full-fleet round trip."""
+
+    start: float
+    end: float
+    upload: int
+    download: int
+    messages: int
+
+
 class _Counter:
-    """Counts the bytes of every reply that passes through a Grid."""
+    """Counts the bytes and times of every exchange through a Grid, and the clients' compute.
+
+    Times are ``time.monotonic()``, one clock for every process of the machine
+    (Linux's CLOCK_MONOTONIC), so the clients' records (written by
+    :meth:`client_mod` in Ray's workers) fall inside the exchange that asked for them.
+    """
 
     def __init__(self) -> None:
         self.upload = 0
         self.times: list[float] = []
         self.stages: list[dict[str, float]] = []
+        self.exchanges: list[_Exchange] = []
+        self.timing_dir = Path(tempfile.mkdtemp(prefix="fedge-bench-clients-"))
 
     def wrap(self, grid: Any) -> None:
         original = grid.send_and_receive
 
         def counting(messages: Iterable[Any], *, timeout: float | None = None) -> Any:
-            replies = list(original(messages, timeout=timeout))
-            self.upload += sum(payload_bytes(r.content) for r in replies if r.has_content())
+            sent = list(messages)
+            down = sum(payload_bytes(m.content) for m in sent if m.has_content())
+            start = time.monotonic()
+            replies = list(original(sent, timeout=timeout))
+            end = time.monotonic()
+            up = sum(payload_bytes(r.content) for r in replies if r.has_content())
+            self.upload += up
+            self.exchanges.append(_Exchange(start, end, up, down, len(sent)))
             return replies
 
         grid.send_and_receive = counting
 
     def tick(self) -> None:
-        self.times.append(time.perf_counter())
+        self.times.append(time.monotonic())
+
+    def client_mod(self) -> Callable[[Any, Any, Any], Any]:
+        """Return the outermost client mod: it logs each message's CPU and wall time."""
+        directory = str(self.timing_dir)
+
+        def timing(msg: Any, context: Any, call_next: Any) -> Any:
+            import os
+
+            wall, cpu = time.monotonic(), time.process_time()
+            reply = call_next(msg, context)
+            record = f"{wall} {time.process_time() - cpu} {time.monotonic() - wall}\n"
+            with open(f"{directory}/{os.getpid()}.log", "a", encoding="ascii") as log:
+                log.write(record)
+            return reply
+
+        return timing
+
+    def client_records(self) -> list[tuple[float, float, float]]:
+        """Return every client message's (start, CPU seconds, wall seconds); removes the logs."""
+        records = []
+        for log in self.timing_dir.glob("*.log"):
+            for line in log.read_text(encoding="ascii").splitlines():
+                start, cpu, wall = (float(v) for v in line.split())
+                records.append((start, cpu, wall))
+        shutil.rmtree(self.timing_dir, ignore_errors=True)
+        return records
+
+
+def breakdown(
+    *,
+    start: float,
+    end: float,
+    exchanges: list[_Exchange],
+    client_records: list[tuple[float, float, float]],
+    clients: int,
+    actors: int,
+    stage_names: list[str] | None = None,
+) -> dict[str, Any]:
+    """Return where one round's time went: server, exchanges (engine and clients), bytes.
+
+    ``server_s``: the round's time outside the Grid's exchanges (the server's own
+    compute: sampling, aggregation, unmasking, decoding). ``exchange_s``: inside
+    them (message delivery and the clients' work). ``client_cpu_s_per_client``:
+    the clients' CPU time in their ClientApps (mods included), per client.
+    ``engine_s`` estimates the engine's share of the exchanges as exchange_s less
+    the clients' CPU spread over ``actors`` workers (an estimate: both share the
+    cores).
+    """
+    # An exchange of no messages (a strategy's skipped evaluation) is no stage.
+    inside = [e for e in exchanges if start <= e.start and e.end <= end and e.messages]
+    names = (
+        stage_names
+        if stage_names is not None and len(stage_names) == len(inside)
+        else [f"exchange-{i + 1}" for i in range(len(inside))]
+    )
+    stages = []
+    client_cpu = 0.0
+    for name, exchange in zip(names, inside, strict=True):
+        cpu = sum(c for s, c, _ in client_records if exchange.start <= s <= exchange.end)
+        client_cpu += cpu
+        stages.append(
+            {
+                "name": name,
+                "exchange_s": round(exchange.end - exchange.start, 4),
+                "client_cpu_s_per_client": round(cpu / max(exchange.messages, 1), 5),
+                "upload_bytes": exchange.upload,
+                "download_bytes": exchange.download,
+                "messages": exchange.messages,
+            }
+        )
+    exchange_s = sum(e.end - e.start for e in inside)
+    return {
+        "round_s": round(end - start, 4),
+        "server_s": round(end - start - exchange_s, 4),
+        "exchange_s": round(exchange_s, 4),
+        "engine_s": round(max(exchange_s - client_cpu / max(actors, 1), 0.0), 4),
+        "client_cpu_s_per_client": round(client_cpu / max(clients, 1), 5),
+        "upload_bytes_per_client": round(sum(e.upload for e in inside) / max(clients, 1)),
+        "download_bytes_per_client": round(sum(e.download for e in inside) / max(clients, 1)),
+        "stages": stages,
+    }
 
 
 def _message_api_apps(  # noqa: PLR0917 - one benchmark's private helper
@@ -134,6 +258,8 @@ def _message_api_apps(  # noqa: PLR0917 - one benchmark's private helper
     from strategies.ddp import DistributedDpSettings
 
     secure = variant in ("fedge_secaggplus", "fedge_secaggplus_ddp")
+    if variant not in ("flower_fedavg_message", "fedge_secaggplus", "fedge_secaggplus_ddp"):
+        raise ValueError(f"not a Message-API variant: {variant}")
     ddp = (
         DistributedDpSettings(l2_clip=1.0, noise_multiplier=1.0, ring_bits=ring_bits)
         if variant == "fedge_secaggplus_ddp"
@@ -155,7 +281,8 @@ def _message_api_apps(  # noqa: PLR0917 - one benchmark's private helper
         ),
         min_honest_contributors=config.min_honest_contributors(clients),
     )
-    client = ClientApp(mods=[make_secagg_mod(policy=policy)] if secure else [])
+    timing = [counter.client_mod()]
+    client = ClientApp(mods=timing + ([make_secagg_mod(policy=policy)] if secure else []))
 
     @client.train()
     def _train(msg: Message, context: Context) -> Message:
@@ -193,9 +320,18 @@ def _message_api_apps(  # noqa: PLR0917 - one benchmark's private helper
     return server, client
 
 
-def _flower_secagg_apps(  # noqa: PLR0917 - one benchmark's private helper
-    clients: int, params: int, rounds: int, k: int, t: int, counter: _Counter, *, classic: bool
+def _flower_legacy_apps(  # noqa: PLR0917 - one benchmark's private helper
+    clients: int,
+    params: int,
+    rounds: int,
+    k: int,
+    t: int,
+    counter: _Counter,
+    *,
+    classic: bool,
+    secure: bool = True,
 ) -> tuple[Any, Any]:
+    """Flower's legacy strategy path: ``DefaultWorkflow``, with its SecAgg(+) or plain."""
     from flwr.client import NumPyClient
     from flwr.client.mod import secagg_mod, secaggplus_mod
     from flwr.clientapp import ClientApp
@@ -208,9 +344,9 @@ def _flower_secagg_apps(  # noqa: PLR0917 - one benchmark's private helper
         def fit(self, parameters: list[Any], config: dict[str, Any]) -> tuple[Any, int, dict]:  # type: ignore[type-arg]
             return [p + _DELTA for p in parameters], 1, {}
 
+    secagg = [secagg_mod if classic else secaggplus_mod] if secure else []
     client = ClientApp(
-        client_fn=lambda context: _Trivial().to_client(),
-        mods=[secagg_mod if classic else secaggplus_mod],
+        client_fn=lambda context: _Trivial().to_client(), mods=[counter.client_mod(), *secagg]
     )
     server = ServerApp()
 
@@ -233,6 +369,9 @@ def _flower_secagg_apps(  # noqa: PLR0917 - one benchmark's private helper
         legacy = LegacyContext(
             context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy
         )
+        if not secure:
+            DefaultWorkflow()(grid, legacy)
+            return
         fit = (
             SecAggWorkflow(reconstruction_threshold=t)
             if classic
@@ -253,6 +392,7 @@ def run_variant(
     t: int,
     classic: bool,
     ring_bits: int = 32,
+    app_pickle: str = "once",
 ) -> dict[str, Any]:
     """Run one variant's simulation and return its JSON entry."""
     entry: dict[str, Any] = {
@@ -266,16 +406,30 @@ def run_variant(
     counter = _Counter()
     # One extra round first: Ray starts its actors and imports everything in it.
     total_rounds = rounds + 1
-    if variant == "flower_secaggplus":
-        server, client = _flower_secagg_apps(
-            clients, params, total_rounds, k, t, counter, classic=classic
+    if variant in ("flower_secaggplus", "flower_fedavg_legacy"):
+        server, client = _flower_legacy_apps(
+            clients,
+            params,
+            total_rounds,
+            k,
+            t,
+            counter,
+            classic=classic,
+            secure=variant == "flower_secaggplus",
         )
     else:
         server, client = _message_api_apps(
             variant, clients, params, total_rounds, k, t, counter, ring_bits
         )
     return simulate(
-        server, client, entry, counter, num_supernodes=clients, per_round=clients, rounds=rounds
+        server,
+        client,
+        entry,
+        counter,
+        num_supernodes=clients,
+        per_round=clients,
+        rounds=rounds,
+        app_pickle=app_pickle,
     )
 
 
@@ -289,16 +443,22 @@ def simulate(
     per_round: int,
     rounds: int,
     linkstate: str = "indexed",
+    app_pickle: str = "once",
 ) -> dict[str, Any]:
     """Run one simulation (a warm-up round, then ``rounds``) and fill in ``entry``'s timings.
 
     ``linkstate``: ``"indexed"`` (fedge's :class:`simulations.linkstate.IndexedLinkState`,
     what ``fedge sim run`` uses) or ``"flower"`` (Flower's own in-memory LinkState).
+    ``app_pickle``: ``"once"`` (:func:`simulations.app_pickle.prepickled`, what ``fedge
+    sim run`` uses) or ``"flower"`` (Ray pickles the ClientApp for every message).
     """
     from flwr.simulation import run_simulation
 
+    from simulations.app_pickle import prepickled
     from simulations.linkstate import indexed_linkstate
 
+    if app_pickle == "once":
+        client = prepickled(client)
     quiet_flower(False)
     installed = indexed_linkstate() if linkstate == "indexed" else contextlib.nullcontext()
     try:
@@ -332,6 +492,18 @@ def simulate(
         stages = {k: round(v, 4) for k, v in counter.stages[-1].items()}
         entry["stage_seconds"] = stages
         entry["engine_s"] = round(laps[-1] - sum(stages.values()), 4)
+    # Where the median round's time went (lap i runs from tick i + 1 to tick i + 2).
+    middle = sorted(range(len(laps)), key=lambda i: laps[i])[len(laps) // 2]
+    names = list(counter.stages[middle + 1]) if len(counter.stages) > middle + 1 else None
+    entry["breakdown"] = breakdown(
+        start=counter.times[middle + 1],
+        end=counter.times[middle + 2],
+        exchanges=counter.exchanges,
+        client_records=counter.client_records(),
+        clients=per_round,
+        actors=_cores(),
+        stage_names=names,
+    )
     return entry
 
 
@@ -355,12 +527,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=1, help="interleaved repetitions")
     parser.add_argument("--ring-bits", type=int, default=32, help="fedge's ring width")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument(
+        "--app-pickle",
+        choices=("once", "flower"),
+        default="once",
+        help="the ClientApp pickled once (as fedge runs it) or for every message (as shipped)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     apply_offline_env()
     k = args.clients - 1 if args.classic else args.k
     t = args.t or (math.ceil(args.clients / 2) + 1 if args.classic else k // 2 + 1)
-    variants = [v for v in args.variants.split(",") if v]
+    variants: list[str] = []
+    for name in (v for v in args.variants.split(",") if v):
+        expanded = list(_FEDAVG_PATHS) if name == "flower_fedavg" else [name]
+        if not set(expanded) <= set(VARIANTS):
+            parser.error(f"unknown variant {name!r}; choose from flower_fedavg, {VARIANTS}")
+        variants.extend(v for v in expanded if v not in variants)
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for repeat in range(args.repeats):
         for variant in variants if repeat % 2 == 0 else list(reversed(variants)):
@@ -374,10 +557,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 t=t,
                 classic=args.classic,
                 ring_bits=args.ring_bits,
+                app_pickle=args.app_pickle,
             )
             print(f"    {entry}", flush=True)
             runs[variant].append(entry)
     results = {v: _merge(entries) for v, entries in runs.items()}
+    faster = _faster_fedavg(results)
+    if faster is not None:
+        results["flower_fedavg"] = {**results[faster], "path": _FEDAVG_PATHS[faster]}
+    for entry in results.values():
+        upload = entry.get("upload_bytes_per_client")
+        entry["upload_bits_per_parameter"] = (
+            None if upload is None else round(8 * upload / args.params, 3)
+        )
     document = {
         "benchmark": "secagg_round",
         "args": {**vars(args), "k": k, "t": t, "out": None},
@@ -394,12 +586,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return document
 
 
+def _faster_fedavg(results: dict[str, Any]) -> str | None:
+    timed = [
+        (results[v]["median_round_s"], v)
+        for v in _FEDAVG_PATHS
+        if v in results and results[v].get("median_round_s") is not None
+    ]
+    return min(timed)[1] if timed else None
+
+
 def _merge(entries: list[dict[str, Any]]) -> dict[str, Any]:
     good = [e for e in entries if e["error"] is None]
     if not good:
         return entries[0]
     pick: Callable[[str], list[float]] = lambda key: [e[key] for e in good]  # noqa: E731
+    # The breakdown of the repeat whose median round is the median of the repeats'.
+    typical = sorted(good, key=lambda e: e["median_round_s"])[len(good) // 2]
     return {
+        "breakdown": typical.get("breakdown"),
         "median_round_s": statistics.median(pick("median_round_s")),
         "min_round_s": min(pick("min_round_s")),
         "max_round_s": max(pick("max_round_s")),
@@ -418,8 +622,14 @@ def _ratio(results: dict[str, Any], top: str, bottom: str) -> float | None:
 def _ratios(results: dict[str, Any]) -> dict[str, float | None]:
     return {
         "fedge_secaggplus_over_flower_fedavg": _ratio(results, "fedge_secaggplus", "flower_fedavg"),
+        "fedge_secaggplus_ddp_over_flower_fedavg": _ratio(
+            results, "fedge_secaggplus_ddp", "flower_fedavg"
+        ),
         "flower_secaggplus_over_fedge_secaggplus": _ratio(
             results, "flower_secaggplus", "fedge_secaggplus"
+        ),
+        "flower_fedavg_legacy_over_flower_fedavg_message": _ratio(
+            results, "flower_fedavg_legacy", "flower_fedavg_message"
         ),
     }
 

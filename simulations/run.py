@@ -416,11 +416,16 @@ def _warn_of_short_budget(config: SimConfig, dimension: int) -> None:
 # Imported in the function: Flower's simulation module pulls in Ray, which the rest of
 # fedge (and `fedge --help`) should not pay for.
 def _flower_simulation(**arguments: Any) -> None:
-    """Flower's ``run_simulation``, its in-memory LinkState indexed by node (large fleets)."""
+    """Flower's ``run_simulation``, its in-memory LinkState indexed by node (large fleets).
+
+    The ClientApp is pickled once, not for every message (:mod:`simulations.app_pickle`).
+    """
     from flwr.simulation import run_simulation
 
+    from simulations.app_pickle import prepickled
     from simulations.linkstate import indexed_linkstate
 
+    arguments["client_app"] = prepickled(arguments["client_app"])
     with indexed_linkstate():
         run_simulation(**arguments)
 
