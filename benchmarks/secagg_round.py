@@ -492,8 +492,9 @@ def simulate(
         stages = {k: round(v, 4) for k, v in counter.stages[-1].items()}
         entry["stage_seconds"] = stages
         entry["engine_s"] = round(laps[-1] - sum(stages.values()), 4)
-    # Where the median round's time went (lap i runs from tick i + 1 to tick i + 2).
-    middle = sorted(range(len(laps)), key=lambda i: laps[i])[len(laps) // 2]
+    # Where the median round's time went (the lower middle of an even count; lap i runs
+    # from tick i + 1 to tick i + 2).
+    middle = sorted(range(len(laps)), key=lambda i: laps[i])[(len(laps) - 1) // 2]
     names = list(counter.stages[middle + 1]) if len(counter.stages) > middle + 1 else None
     entry["breakdown"] = breakdown(
         start=counter.times[middle + 1],
