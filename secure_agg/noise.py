@@ -10,7 +10,7 @@ N_Z(0, sigma^2), P[Y = y] proportional to exp(-y^2 / (2 sigma^2)).
 
 Notes
 -----
-Two samplers, both keyed by the given :class:`RandomSource` (the OS CSPRNG in
+Three samplers, all keyed by the given :class:`RandomSource` (the OS CSPRNG in
 production) through AES-256-CTR:
 
 - For sigma <= 512 (every distributed-DP ring up to 16 bits in practice), an
@@ -23,7 +23,14 @@ production) through AES-256-CTR:
   (2L + 1) 2^-65 + P[|Y| > L] per sample (:func:`table_statistical_distance`:
   4e-17 at sigma 65, 3.4e-16 at 512): a million samples are within 4e-10 of
   exact, far below the delta of any accounting here.
-- Above, the rejection sampler of Canonne, Kamath and Steinke (Algorithm 3):
+- Above, up to ~10^13, convolution (Peikert 2010; Micciancio and Walter 2017): a
+  sample is z Y + X with X drawn from the table at 512 (or sigma/2) and Y, recursively,
+  of the scale that makes z^2 s_Y^2 + s_X^2 = sigma^2, down to a table-served base
+  (three levels at sigma 2.4e7, a 32-bit ring's). With the smoothing scale
+  s_Y s_X / sigma at least 4 at every level, each level is within 1e-137 of exact
+  (:func:`convolution_statistical_distance`: the table draws' distances dominate,
+  ~1e-15 a sample); twice the rejection sampler's speed or more.
+- Above that, the rejection sampler of Canonne, Kamath and Steinke (Algorithm 3):
   53-bit uniforms, and the geometric and Bernoulli draws in float64
   ``log``/``exp``, so exact up to double rounding (relative error ~1e-16 in each
   probability), not bit-exact like the rational-arithmetic original, which costs
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass
 from decimal import Decimal, localcontext
 from functools import lru_cache
 
@@ -48,6 +56,7 @@ from secure_agg.prg import SEED_BYTES, expand_mask
 from secure_agg.randomness import RandomSource
 
 __all__ = [
+    "convolution_statistical_distance",
     "discrete_gaussian",
     "discrete_gaussian_variance",
     "gaussian",
@@ -69,6 +78,14 @@ _TWO_TO_MINUS_32 = 2.0**-32
 # build once per sigma); larger scales use the rejection sampler.
 _TABLE_MAX_SIGMA = 512.0
 _TABLE_TAIL_SIGMAS = 12
+# Convolution (sigma above the table's): each level is z Y + X with X from the table at
+# _LEVEL_SIGMA, chosen so the smoothing scale s' = s_Y s_X / sigma is at least
+# _MIN_SMOOTHING; up to five levels (sigma up to ~10^13) beat the rejection sampler
+# (a million samples on one core here: 29 ms at sigma 1,000, 59 ms at 2.4e7, 84 ms at
+# 1.5e11 with five levels; rejection 100-125 ms).
+_LEVEL_SIGMA = 512.0
+_MIN_SMOOTHING = 4.0
+_CONVOLUTION_MAX_LEVELS = 5
 _GUIDE_BITS = 16  # the top 16-bit lane of each 64-bit word (see _by_table)
 _TOP_LANE = 3 if sys.byteorder == "little" else 0
 _DIGITS = 40  # decimal digits for the table; its own error is ~1e-38
@@ -138,6 +155,8 @@ def discrete_gaussian(sigma: float, size: int, rng: RandomSource) -> npt.NDArray
     _check_arguments(sigma, size)
     if sigma <= _TABLE_MAX_SIGMA:
         return _by_table(sigma, size, rng)
+    if len(_convolution_plan(sigma)[0]) <= _CONVOLUTION_MAX_LEVELS:
+        return _by_convolution(sigma, size, rng)
     return _by_rejection(sigma, size, rng)
 
 
@@ -219,6 +238,68 @@ def _by_table(sigma: float, size: int, rng: RandomSource) -> npt.NDArray[np.int6
     if unsure.size:
         located = np.searchsorted(table.thresholds, words[unsure], side="right")
         samples[unsure] = located.astype(np.int64) - table.bound
+    return samples
+
+
+@dataclass(frozen=True, slots=True)
+class _Level:
+    """One convolution level: Y_i = z Y_(i+1) + X, X ~ N_Z(0, fine^2) from a table."""
+
+    z: int
+    fine: float
+    smoothing: float  # s' = sigma_(i+1) fine / sigma_i
+
+
+@lru_cache(maxsize=16)
+def _convolution_plan(sigma: float) -> tuple[tuple[_Level, ...], float]:
+    """Return the levels that build N_Z(0, sigma^2) and the base scale (both table-served).
+
+    At each level with target scale S > 512: fine = min(512, S/2),
+    z = floor(fine sqrt(1 - fine^2/S^2) / 4) and the next target
+    sqrt(S^2 - fine^2) / z, so that z^2 next^2 + fine^2 = S^2 and the smoothing
+    scale next * fine / S = fine sqrt(1 - fine^2/S^2) / z is at least 4.
+    """
+    levels: list[_Level] = []
+    target = sigma
+    while target > _TABLE_MAX_SIGMA:
+        fine = min(_LEVEL_SIGMA, target / 2)
+        spread = fine * math.sqrt(1 - (fine / target) ** 2)
+        z = math.floor(spread / _MIN_SMOOTHING)
+        following = math.sqrt(target * target - fine * fine) / z
+        levels.append(_Level(z=z, fine=fine, smoothing=following * fine / target))
+        target = following
+    return tuple(levels), target
+
+
+def convolution_statistical_distance(sigma: float) -> float:
+    """Bound the statistical distance of one convolution sample from N_Z(0, sigma^2).
+
+    Y = z Y' + X with Y' ~ N_Z(0, a^2), X ~ N_Z(0, b^2), s^2 = z^2 a^2 + b^2:
+    completing the square, P[Y = y] is proportional to
+    exp(-y^2 / 2 s^2) * rho_s'(Z - c(y)), s' = a b / s, and by Poisson summation
+    rho_s'(Z - c) = s' sqrt(2 pi) (1 + e(c)) with |e(c)| <= eta =
+    2 e^(-2 pi^2 s'^2) / (1 - e^(-2 pi^2 s'^2)) for every shift c. So P[Y = y] is
+    within a factor (1 + eta)/(1 - eta) of N_Z(0, s^2)'s, a statistical distance of
+    at most eta / (1 - eta) (about 1e-137 at s' = 4). Each level adds its eta and
+    its table draw's distance (:func:`table_statistical_distance`); the base draw
+    adds its own.
+    """
+    _check_arguments(sigma, 0)
+    levels, base = _convolution_plan(sigma)
+    total = table_statistical_distance(base)
+    for level in levels:
+        decay = math.exp(-2 * math.pi**2 * level.smoothing**2)
+        eta = 2 * decay / (1 - decay)
+        total += table_statistical_distance(level.fine) + eta / (1 - eta)
+    return total
+
+
+def _by_convolution(sigma: float, size: int, rng: RandomSource) -> npt.NDArray[np.int64]:
+    levels, base = _convolution_plan(sigma)
+    samples = _by_table(base, size, rng)
+    for level in reversed(levels):
+        samples *= level.z
+        samples += _by_table(level.fine, size, rng)
     return samples
 
 

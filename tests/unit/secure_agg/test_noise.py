@@ -12,6 +12,7 @@ from scipy import stats
 from fedge.errors import ConfigError
 from secure_agg import noise
 from secure_agg.noise import (
+    convolution_statistical_distance,
     discrete_gaussian,
     discrete_gaussian_variance,
     table_statistical_distance,
@@ -78,7 +79,7 @@ def test_the_table_is_the_exact_pmf_within_its_stated_distance() -> None:
         table_statistical_distance(513.0)
 
 
-def test_large_scales_use_the_rejection_sampler(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_scale_uses_its_sampler(monkeypatch: pytest.MonkeyPatch) -> None:
     used: list[str] = []
 
     def counted(name: str, sampler: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
@@ -88,13 +89,70 @@ def test_large_scales_use_the_rejection_sampler(monkeypatch: pytest.MonkeyPatch)
 
         return sample
 
-    for name, sampler in SAMPLERS.items():
-        monkeypatch.setattr(noise, f"_by_{name}", counted(name, sampler))
+    for name in ("table", "convolution", "rejection"):
+        monkeypatch.setattr(noise, f"_by_{name}", counted(name, getattr(noise, f"_by_{name}")))
 
     discrete_gaussian(512.0, 10, DeterministicRandom(1))
     discrete_gaussian(2.0**20, 10, DeterministicRandom(1))
+    discrete_gaussian(2.0**50, 10, DeterministicRandom(1))
 
-    assert used == ["table", "rejection"]
+    # The convolution draws its levels from the table (through the module's name).
+    assert used[0] == "table" and used[1] == "convolution" and used[-1] == "rejection"
+    assert set(used[2:-1]) == {"table"}
+
+
+# Above the table's scales: one level (fine = sigma / 2), one at 512, two levels.
+CONVOLVED = [600.0, 1500.0, 70_000.0]
+
+
+def _binned_pmf(sigma: float, edges: np.ndarray) -> np.ndarray:
+    # The exact pmf summed over [edge_i, edge_(i+1)), by the (exact to 1e-16) sum of the
+    # terms over +-40 sigma.
+    bound = math.ceil(40 * sigma)
+    support = np.arange(-bound, bound + 1)
+    pmf = np.exp(-(support.astype(np.float64) ** 2) / (2 * sigma * sigma))
+    pmf /= pmf.sum()
+    return np.histogram(support, bins=edges, weights=pmf)[0]
+
+
+@pytest.mark.parametrize("sigma", CONVOLVED)
+def test_convolution_samples_follow_the_discrete_gaussian(sigma: float) -> None:
+    samples = noise._by_convolution(sigma, 300_000, DeterministicRandom(17))
+
+    edges = np.concatenate(([-np.inf], np.linspace(-3 * sigma, 3 * sigma, 61), [np.inf]))
+    observed = np.histogram(samples, bins=edges)[0]
+    expected = _binned_pmf(sigma, edges) * samples.shape[0]
+    assert stats.chisquare(observed, expected / expected.sum() * observed.sum()).pvalue > 1e-4
+    tolerance = 5 * math.sqrt(2 / samples.shape[0]) * sigma**2
+    assert abs(samples.var() - sigma**2) < tolerance
+    assert abs(samples.mean()) < 5 * sigma / math.sqrt(samples.shape[0])
+
+
+@pytest.mark.parametrize("sigma", CONVOLVED)
+def test_convolution_leaves_no_pattern_in_the_low_digits(sigma: float) -> None:
+    # z Y + X is X modulo z: the residues must be those of N_Z(0, sigma^2) (uniform to
+    # far below what 300,000 samples show), modulo each level's z and small numbers.
+    levels, _ = noise._convolution_plan(sigma)
+    samples = noise._by_convolution(sigma, 300_000, DeterministicRandom(23))
+
+    for modulus in {2, 3, 7, *(level.z for level in levels)}:
+        counts = np.bincount(samples % modulus, minlength=modulus)
+        assert stats.chisquare(counts).pvalue > 1e-4, modulus
+
+
+@pytest.mark.parametrize("sigma", [513.0, 1500.0, 2.378e7, 1e9, 2.0**40])
+def test_the_convolution_plan_composes_to_sigma_with_smoothing_at_least_4(sigma: float) -> None:
+    levels, base = noise._convolution_plan(sigma)
+
+    assert 0 < base <= 512.0
+    scale = base
+    for level in reversed(levels):
+        assert level.z >= 1 and level.fine <= 512.0 and level.smoothing >= 4.0 - 1e-9
+        following = scale
+        scale = math.sqrt(level.z**2 * following**2 + level.fine**2)
+        assert level.smoothing == pytest.approx(following * level.fine / scale, rel=1e-9)
+    assert scale == pytest.approx(sigma, rel=1e-12)
+    assert convolution_statistical_distance(sigma) < 1e-14 * (len(levels) + 1)
 
 
 def test_tiny_scales_give_zero() -> None:
