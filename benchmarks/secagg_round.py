@@ -477,6 +477,8 @@ def simulate(
 
         if ray.is_initialized():
             ray.shutdown()
+        # Read (and remove) the clients' timing logs however the run ended.
+        client_records = counter.client_records()
     laps = [b - a for a, b in zip(counter.times, counter.times[1:], strict=False)][1:]
     if len(laps) != rounds:
         entry["error"] = f"{len(laps)} of {rounds} rounds completed"
@@ -500,7 +502,7 @@ def simulate(
         start=counter.times[middle + 1],
         end=counter.times[middle + 2],
         exchanges=counter.exchanges,
-        client_records=counter.client_records(),
+        client_records=client_records,
         clients=per_round,
         actors=_cores(),
         stage_names=names,

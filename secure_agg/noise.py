@@ -75,7 +75,7 @@ _MAX_BATCHES = 1000
 _TWO_TO_MINUS_53 = 2.0**-53
 _TWO_TO_MINUS_32 = 2.0**-32
 # The inversion table serves sigma up to this (at most 12,293 thresholds, ~0.2 s to
-# build once per sigma); larger scales use the rejection sampler.
+# build once per sigma); larger scales use convolution, then the rejection sampler.
 _TABLE_MAX_SIGMA = 512.0
 _TABLE_TAIL_SIGMAS = 12
 # Convolution (sigma above the table's): each level is z Y + X with X from the table at
