@@ -82,27 +82,32 @@ def _partition_of(context: Context) -> tuple[int, int]:
 
 
 def _dpsgd_plan(
-    settings: SampleDpSettings, num_examples: int, train_config: TrainConfig
+    settings: SampleDpSettings,
+    num_examples: int,
+    train_config: TrainConfig,
+    *,
+    state: RecordDict,
 ) -> tuple[DpSgdConfig, GaussianSteps]:
-    """Return this round's DP-SGD config (fixed noise) and the spend it will cost the device."""
+    """Return this round's DP-SGD config (fixed noise) and the spend it will cost the device.
+
+    A target epsilon's noise is searched once per run: the plan is kept in the
+    device's own ``state`` (:mod:`fl_client.noise_plan`).
+    """
     # Imported here: Opacus is only needed on devices that run DP-SGD.
-    from fl_client.dp_sgd import (
-        DpSgdConfig,
-        noise_multiplier_for,
-        planned_spend,
-        poisson_schedule,
-    )
+    from fl_client.dp_sgd import DpSgdConfig, planned_spend, poisson_schedule
+    from fl_client.noise_plan import NoiseSearch, noise_multiplier_in
 
     noise = settings.noise_multiplier
     if noise == 0:
         # The noise that reaches the target after every local epoch of the run.
         sample_rate, steps = poisson_schedule(num_examples, train_config)
-        noise = noise_multiplier_for(
+        search = NoiseSearch(
             target_epsilon=settings.target_epsilon,
             delta=settings.delta,
             sample_rate=sample_rate,
             steps=steps // train_config.local_epochs * settings.total_epochs,
         )
+        noise = noise_multiplier_in(state, search)
     config = DpSgdConfig(
         max_grad_norm=settings.max_grad_norm, noise_multiplier=noise, delta=settings.delta
     )
@@ -245,10 +250,15 @@ def make_client_app(
                     raise PolicyViolation("DP-SGD: this device has no policy to check the round")
                 settings = SampleDpSettings.from_fields(dpsgd)
                 policy.check_sample(settings)
+                # A target epsilon no noise reaches is a ConfigError: declined like the rest.
+                dp_config, spend = _dpsgd_plan(
+                    settings, len(images), instruction.config, state=context.state
+                )
+                # The noise a target epsilon led to meets the policy's floor too.
+                policy.check_sample_noise(spend.noise_multiplier)
             except (ConfigError, PolicyViolation) as exc:
                 logger.warning("DP-SGD: refusing the round: %s", exc)
                 return declined(msg, exc)
-            dp_config, spend = _dpsgd_plan(settings, len(images), instruction.config)
             ledger = None
             if budget is not None:
                 ledger = budget.ledger_for(context)

@@ -222,7 +222,10 @@ def noise_multiplier_for(
     """Return the smallest sigma (to Opacus' 0.01 tolerance in epsilon) that meets the target.
 
     Opacus' ``get_noise_multiplier`` (what ``make_private_with_epsilon`` uses),
-    memoised: a device asks for the same plan before (budget check) and during training.
+    memoised in this process. A ClientApp keeps the answer in the device's own
+    Context instead (:mod:`fl_client.noise_plan`): Flower's simulation serves a
+    device from another process from round to round, and no two devices share
+    inputs (each partition's size gives its own sample rate).
 
     Raises
     ------

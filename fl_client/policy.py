@@ -126,6 +126,15 @@ class DevicePolicy:
         if settings.noise_multiplier > 0:
             self._check_noise("DP-SGD", settings.noise_multiplier)
 
+    def check_sample_noise(self, multiplier: float) -> None:
+        """Refuse DP-SGD noise below the floor, however it was chosen.
+
+        :meth:`check_sample` checks a noise multiplier the round fixes; a round
+        that names a target epsilon instead lets the device derive its noise, and
+        that noise must meet the same floor before anything trains.
+        """
+        self._check_noise("DP-SGD", multiplier)
+
     def check_distributed(self, config: DdpConfig) -> None:
         """Refuse a distributed-DP round whose noise, over the fewest honest clients, is too small.
 
