@@ -14,6 +14,13 @@ the server's stages itself:
    with the weights;
 4. ``consistency`` (active model), 5. ``unmask``.
 
+With keys announced in advance (``prekey`` and ``prekeyed-setup``), the last reply of
+a round carries the public keys of this device's next participation (their private
+halves stay in ``Context.state``), and a round then starts with the setup and every
+participant's pre-key: the device checks its holders' pre-keys against its policy
+and answers with its advertisement and sealed shares at once (1 and 2 in one
+trip). Its pending key is consumed the moment a round names it, whatever follows.
+
 Between messages the round's state lives in ``Context.state`` as bytes, so the
 mod works when each message runs in a fresh process (Flower's simulation and
 isolated ClientApps).
@@ -68,19 +75,31 @@ from fl_client.updates import flat_update
 from secure_agg import wire
 from secure_agg.client import ClientSession
 from secure_agg.encoding import encode
-from secure_agg.envelope import RECORD_KEY, VECTOR_KEY, VECTOR_RECORD_KEY, Envelope, Stage
-from secure_agg.errors import InvalidMessage
+from secure_agg.envelope import (
+    PREKEY_FIELD,
+    PREKEY_RECORD_KEY,
+    RECORD_KEY,
+    VECTOR_KEY,
+    VECTOR_RECORD_KEY,
+    Envelope,
+    Stage,
+)
+from secure_agg.errors import InvalidMessage, PolicyViolation
 from secure_agg.identity import NodeIdentity
 from secure_agg.messages import (
     ConsistencyRequest,
     EncryptedShares,
+    MaskedInput,
     MaskedInputReport,
     MaskedInputRequest,
+    PrekeyedSetup,
+    PreKeyRequest,
     RoundSetup,
     ShareKeysRequest,
     UnmaskRequest,
 )
 from secure_agg.params import ThreatModel
+from secure_agg.prekeys import PendingPreKey
 from secure_agg.randomness import RandomSource, SystemRandomSource
 from strategies.central import CDP_RECORD_KEY, UNCLIPPED_METRIC, CentralDpRound, secure_l2_bound
 from strategies.clipping import clip_l2
@@ -94,6 +113,7 @@ logger = logging.getLogger(__name__)
 
 SECAGG_ERROR_CODE: Final = 4301
 _STATE_KEY: Final = "fedge.secagg.session"
+_PREKEY_STATE_KEY: Final = "fedge.secagg.prekey"
 
 
 class IdentityProvider(Protocol):
@@ -157,6 +177,21 @@ def _save(context: Context, session: ClientSession) -> None:
     context.state[_STATE_KEY] = ConfigRecord({"state": session.export_state()})
 
 
+def _take_pending(context: Context) -> PendingPreKey | None:
+    """Remove and return the device's pending pre-key (a damaged one is dropped, never used)."""
+    record = context.state.config_records.get(_PREKEY_STATE_KEY)
+    if record is None:
+        return None
+    del context.state[_PREKEY_STATE_KEY]
+    raw = record.get("state")
+    if not isinstance(raw, bytes):
+        return None
+    try:
+        return PendingPreKey.from_bytes(raw)
+    except InvalidMessage:
+        return None
+
+
 def make_secagg_mod(
     *,
     policy: DevicePolicy,
@@ -206,6 +241,52 @@ def make_secagg_mod(
         advert = session.advertise()
         _save(context, session)
         return _reply(msg, Envelope(Stage.SETUP, setup.round_id, wire.encode(advert)))
+
+    def _announce(context: Context) -> bytes:
+        """Make this device's next pre-key, keep its private half, return the public one."""
+        pending = PendingPreKey.generate(context.node_id, rng_factory(), now=int(clock()))
+        context.state[_PREKEY_STATE_KEY] = ConfigRecord({"state": pending.to_bytes()})
+        return wire.encode(pending.announce(identities(context)))
+
+    def _prekey(msg: Message, envelope: Envelope, context: Context) -> Message:
+        request = wire.decode(envelope.payload, PreKeyRequest)
+        if request.node_id != context.node_id:
+            raise InvalidMessage("a pre-key request for another node")
+        if not protocol.accept_prekeys:
+            raise PolicyViolation("the device's policy takes no part in rounds keyed in advance")
+        # A fresh key replaces any pending one (deleted: the server may have lost it).
+        return _reply(msg, Envelope(Stage.PREKEY, envelope.round_id, _announce(context)))
+
+    def _start_prekeyed(msg: Message, envelope: Envelope, context: Context) -> Message:
+        # Consumed before anything is checked: a key named in a round is never used again.
+        pending = _take_pending(context)
+        request = wire.decode(envelope.payload, PrekeyedSetup)
+        setup = request.setup
+        if setup.round_id != envelope.round_id:
+            raise InvalidMessage("the setup's round id differs from the envelope's")
+        if not protocol.accept_prekeys:
+            raise PolicyViolation("the device's policy takes no part in rounds keyed in advance")
+        if pending is None:
+            raise InvalidMessage("a round keyed in advance, but this device holds no pre-key")
+        now = int(clock())
+        if not 0 <= now - pending.created_at <= protocol.prekey_max_age_s:
+            raise PolicyViolation(
+                f"the pending pre-key is older than the policy's {protocol.prekey_max_age_s} s "
+                "(discarded)"
+            )
+        session = ClientSession(
+            setup,
+            policy=protocol,
+            rng=rng_factory(),
+            identity=identities(context),
+            prekey=pending,
+        )
+        if protocol.threat_model is ThreatModel.ACTIVE:
+            out = session.share_prekeyed(request.prekeys, now=now, revoked=revocations(context))
+        else:
+            out = session.share_prekeyed(request.prekeys)
+        _save(context, session)
+        return _reply(msg, Envelope(Stage.PREKEYED, setup.round_id, wire.encode(out)))
 
     def _encode_central(
         update: npt.NDArray[np.float64],
@@ -296,7 +377,7 @@ def make_secagg_mod(
             # and given this device's noise share before masking.
             gradients = gradient_sum_of(reply.content, sddp.dimension)
             encoded = sddp_encode(gradients, sddp, rng_factory())
-            masked = session.masked_input(request, encoded, consume=True)
+            masked = _mask(session, request, encoded, context)
             return masked.vector, MaskedInputReport(
                 node_id=masked.node_id, rejected=masked.rejected
             )
@@ -318,8 +399,21 @@ def make_secagg_mod(
                 )
             weight = _weight(reply, weight_key, setup.encoding.weight_cap)
             encoded = encode(update, weight=weight, config=setup.encoding, rng=rng_factory())
-        masked = session.masked_input(request, encoded, consume=True)
+        masked = _mask(session, request, encoded, context)
         return masked.vector, MaskedInputReport(node_id=masked.node_id, rejected=masked.rejected)
+
+    def _mask(
+        session: ClientSession,
+        request: MaskedInputRequest,
+        encoded: npt.NDArray[np.unsignedinteger],
+        context: Context,
+    ) -> MaskedInput:
+        if protocol.threat_model is not ThreatModel.ACTIVE:
+            return session.masked_input(request, encoded, consume=True)
+        # A round keyed in advance checks its neighbours' advertisements here.
+        return session.masked_input(
+            request, encoded, consume=True, now=int(clock()), revoked=revocations(context)
+        )
 
     def _share_keys(
         envelope: Envelope, context: Context, session: ClientSession
@@ -362,12 +456,16 @@ def make_secagg_mod(
             out = session.unmask(wire.decode(envelope.payload, UnmaskRequest))
         else:
             raise InvalidMessage(f"unexpected stage {envelope.stage.value}")
+        payload = wire.encode(out)
+        reply = _reply(msg, Envelope(envelope.stage, envelope.round_id, payload), vector)
         if envelope.stage is Stage.UNMASK:
             _clear(context)
+            if protocol.accept_prekeys:
+                # The keys of the next participation ride on this round's last reply.
+                reply.content[PREKEY_RECORD_KEY] = ConfigRecord({PREKEY_FIELD: _announce(context)})
         else:
             _save(context, session)
-        payload = wire.encode(out)
-        return _reply(msg, Envelope(envelope.stage, envelope.round_id, payload), vector)
+        return reply
 
     def _refuse(msg: Message, context: Context, stage: str, reason: str) -> Message:
         _clear(context)
@@ -390,6 +488,12 @@ def make_secagg_mod(
             if envelope.stage is Stage.SETUP:
                 _clear(context)
                 return _start(msg, envelope, context)
+            if envelope.stage is Stage.PREKEY:
+                _clear(context)
+                return _prekey(msg, envelope, context)
+            if envelope.stage is Stage.PREKEYED:
+                _clear(context)
+                return _start_prekeyed(msg, envelope, context)
             return _continue(msg, envelope, context, call_next)
         except FedgeError as exc:
             return _refuse(msg, context, stage, str(exc))

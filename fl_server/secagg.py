@@ -9,6 +9,13 @@ runs a whole SecAgg+ round with those nodes instead of collecting their models:
 3. the train message with the routed shares -> masked updates;
 4. consistency check (active model); 5. unmask;
 
+or, with keys announced in advance (``SecAggConfig.prekeys``, which fedge's
+simulations and deployments turn on): each device's last reply of a round
+carries the public keys of its next participation, and a round starts with the
+setup and every participant's pre-key, answered by advertisement and sealed
+shares at once (1+2 in one trip; devices without a usable pre-key are first
+asked for one, in a trip of those devices only);
+
 then decodes the exact sum, adds the weighted mean update to the global model
 and hands the strategy ONE reply: the new model with the total weight as its
 example count. ``aggregate_train`` of a weighted-mean strategy returns it
@@ -55,9 +62,18 @@ from fl_server.secagg_config import (
     SecAggConfig,
     SecAggRoundStats,
 )
+from fl_server.secagg_prekeys import PreKeyStore
 from secure_agg import wire
 from secure_agg.encoding import EncodingConfig, decode_sum
-from secure_agg.envelope import RECORD_KEY, VECTOR_KEY, VECTOR_RECORD_KEY, Envelope, Stage
+from secure_agg.envelope import (
+    PREKEY_FIELD,
+    PREKEY_RECORD_KEY,
+    RECORD_KEY,
+    VECTOR_KEY,
+    VECTOR_RECORD_KEY,
+    Envelope,
+    Stage,
+)
 from secure_agg.errors import CryptoError, InvalidMessage, ProtocolAbort
 from secure_agg.messages import (
     ConsistencySignature,
@@ -65,6 +81,10 @@ from secure_agg.messages import (
     KeyAdvertisement,
     MaskedInput,
     MaskedInputReport,
+    MaskedInputRequest,
+    PreKey,
+    PrekeyedShares,
+    PreKeyRequest,
     UnmaskResponse,
 )
 from secure_agg.params import ThreatModel, choose_neighbourhood, corrupt_count
@@ -140,6 +160,7 @@ class _Round:
         *,
         timeout: float | None,
         guard: PrivacyGuard | None = None,
+        prekeys: PreKeyStore | None = None,
     ) -> None:
         self.grid = grid
         self.guard = guard
@@ -153,18 +174,34 @@ class _Round:
         self.arrays = _global_arrays(messages)
         self.keys = list(self.arrays.keys())
         self.length = sum(int(np.prod(self.arrays[k].shape)) for k in self.keys)
+        self.rng = rng
+        self.prekeys = prekeys
         nodes = sorted(self.by_node)
-        if config.degree is None:
+        self.stats = SecAggRoundStats(
+            server_round=_round_number(self.content),
+            sampled=len(nodes),
+            degree=0,
+            threshold=0,
+            ring_bits=config.ring_bits,
+            quant_bits=0,
+        )
+        self._plan(nodes)
+        self.uploaded = 0
+
+    def _plan(self, nodes: list[int]) -> None:
+        """Size the round for ``nodes``: k and t, the encoding, DP, and its protocol session."""
+        self.nodes = nodes
+        if self.config.degree is None:
             params = choose_neighbourhood(
                 len(nodes),
-                dropout_fraction=config.dropout_fraction,
-                corrupt_fraction=config.corrupt_fraction,
-                threat_model=config.threat_model,
+                dropout_fraction=self.config.dropout_fraction,
+                corrupt_fraction=self.config.corrupt_fraction,
+                threat_model=self.config.threat_model,
             )
             degree, threshold = params.degree, params.threshold
         else:
-            assert config.threshold is not None
-            degree, threshold = config.degree, config.threshold
+            assert self.config.threshold is not None
+            degree, threshold = self.config.degree, self.config.threshold
         self.ddp: DdpConfig | None = None
         self.sddp: SampleDdpConfig | None = None
         self.min_honest = 0
@@ -173,14 +210,14 @@ class _Round:
         cdp_fields = self.content.config_records.get(CDP_RECORD_KEY)
         self.central = None if cdp_fields is None else CentralDpRound.from_fields(cdp_fields)
         if self.central is not None:
-            if config.distributed_dp is not None:
+            if self.config.distributed_dp is not None:
                 raise ConfigError("a round cannot run central and distributed DP at once")
             # Central DP: unweighted clipped updates, whose coordinates lie in [-C, C];
             # with adaptive clipping one more coordinate carries the centred bit (times C).
             self.vector_length = self.length + (2 if self.central.adaptive else 1)
             self.encoding = EncodingConfig(
                 clip_range=self.central.l2_clip,
-                ring_bits=config.ring_bits,
+                ring_bits=self.config.ring_bits,
                 max_clients=len(nodes),
                 weight_cap=1,
             )
@@ -188,22 +225,22 @@ class _Round:
             self.extra_metrics[SENSITIVITY_METRIC] = secure_l2_bound(
                 self.central.l2_clip, self.length, self.encoding
             )
-        elif config.distributed_dp is None:
+        elif self.config.distributed_dp is None:
             self.vector_length = self.length + 1
             self.encoding = EncodingConfig(
-                clip_range=config.clip_range,
-                ring_bits=config.ring_bits,
+                clip_range=self.config.clip_range,
+                ring_bits=self.config.ring_bits,
                 max_clients=len(nodes),
-                weight_cap=config.weight_cap,
+                weight_cap=self.config.weight_cap,
             )
         else:
-            self.min_honest = config.min_honest_contributors(len(nodes))
+            self.min_honest = self.config.min_honest_contributors(len(nodes))
             # The rotation's signs are public: a fresh seed per round, sent to every client.
-            round_config = config.distributed_dp.for_round(
+            round_config = self.config.distributed_dp.for_round(
                 dimension=self.length,
                 sampled=len(nodes),
                 min_honest=self.min_honest,
-                rotation_seed=rng.random_bytes(32),
+                rotation_seed=self.rng.random_bytes(32),
             )
             fields: dict[str, ConfigRecordValues] = {**round_config.to_fields()}
             self.train_content = RecordDict(dict(self.content))
@@ -225,19 +262,14 @@ class _Round:
             threshold=threshold,
             encoding=self.encoding,
             vector_length=self.vector_length,
-            threat_model=config.threat_model,
-            rng=rng,
-            authority_public_key=config.authority_public_key,
+            threat_model=self.config.threat_model,
+            rng=self.rng,
+            authority_public_key=self.config.authority_public_key,
         )
-        self.stats = SecAggRoundStats(
-            server_round=_round_number(self.content),
-            sampled=len(nodes),
-            degree=self.session.degree,
-            threshold=threshold,
-            ring_bits=self.encoding.ring_bits,
-            quant_bits=self.encoding.quant_bits,
-        )
-        self.uploaded = 0
+        self.stats.degree = self.session.degree
+        self.stats.threshold = threshold
+        self.stats.ring_bits = self.encoding.ring_bits
+        self.stats.quant_bits = self.encoding.quant_bits
 
     def exchange(
         self,
@@ -245,6 +277,11 @@ class _Round:
         requests: Mapping[int, object],
         decode: Callable[[int, Envelope, Message], T],
     ) -> dict[int, T]:
+        """Send each node its request (a protocol message, or its wire bytes) and decode replies.
+
+        A node whose reply is missing, an error or malformed is recorded in the
+        round's failures and left out of the result.
+        """
         started = time.perf_counter()
         round_id = self.session.round_id
         wait = self._stage_wait(stage)
@@ -252,7 +289,8 @@ class _Round:
         ttl = None if self.config.masked_input_share is None else wait
         outgoing = []
         for node, request in requests.items():
-            envelope = Envelope(stage, round_id, wire.encode(request))
+            payload = request if isinstance(request, bytes) else wire.encode(request)
+            envelope = Envelope(stage, round_id, payload)
             base = self.train_content if stage is Stage.MASKED_INPUT else None
             outgoing.append(
                 Message(
@@ -285,6 +323,8 @@ class _Round:
                 logger.warning("secure aggregation: node %d sent a malformed reply: %s", node, exc)
                 continue
             self.uploaded += payload_bytes(reply.content)
+            if self.prekeys is not None and stage is Stage.UNMASK:
+                self._file_prekey(node, reply)
         for node in requests:
             if node not in out and node not in self.stats.failures:
                 self.stats.failures[node] = f"{stage.value}: no reply"
@@ -305,7 +345,11 @@ class _Round:
         share = self.config.masked_input_share
         if self.timeout is None or share is None:
             return self.timeout
-        stages = [Stage.SETUP, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK]
+        if self.prekeys is None:
+            stages = [Stage.SETUP, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK]
+        else:
+            # The pre-key trip's share rolls over to the next stage when it does not run.
+            stages = [Stage.PREKEY, Stage.PREKEYED, Stage.MASKED_INPUT, Stage.UNMASK]
         if self.config.threat_model is ThreatModel.ACTIVE:
             stages.insert(3, Stage.CONSISTENCY)
         other = (1 - share) / (len(stages) - 1)
@@ -315,6 +359,64 @@ class _Round:
         if remaining <= 0:
             raise ProtocolAbort(stage.value, [], "the round's deadline passed")
         return remaining
+
+    def _keyed_in_advance(self, store: PreKeyStore) -> dict[int, MaskedInputRequest]:
+        """Run setup and share keys in one trip, after asking the nodes without a pre-key for one.
+
+        A node that announces no valid pre-key leaves the round before it starts,
+        and the round is sized again for the others (k, t, encoding and DP).
+        """
+        missing = store.missing(self.nodes)
+        if missing:
+            asks = {node: PreKeyRequest(node) for node in missing}
+            announced = self.exchange(Stage.PREKEY, asks, self._announced_prekey)
+            lost = set(missing) - set(announced)
+            if lost:
+                kept = [n for n in self.nodes if n not in lost]
+                if len(kept) < max(2, self.config.min_clients):
+                    raise ProtocolAbort(
+                        Stage.PREKEY.value, sorted(lost), f"{len(kept)} nodes announced keys"
+                    )
+                self._plan(kept)
+        prekeys = store.take(self.nodes)
+        setups = self.session.prekeyed_setups(prekeys)
+        shared = wire.prekey_list(next(iter(setups.values())).prekeys)
+        requests = {
+            node: wire.encode_prekeyed_setup(request.setup, shared)
+            for node, request in setups.items()
+        }
+        replies = self.exchange(
+            Stage.PREKEYED,
+            requests,
+            lambda node, envelope, reply: wire.decode(envelope.payload, PrekeyedShares),
+        )
+        return self.session.receive_prekeyed(replies)
+
+    def _announced_prekey(self, node: int, envelope: Envelope, reply: Message) -> PreKey:
+        assert self.prekeys is not None
+        prekey = wire.decode(envelope.payload, PreKey)
+        problem = self.prekeys.offer(node, prekey)
+        if problem is not None:
+            raise InvalidMessage(problem)
+        return prekey
+
+    def _file_prekey(self, node: int, reply: Message) -> None:
+        """Keep the next pre-key a node sent with its last reply, if it is valid."""
+        assert self.prekeys is not None
+        record = reply.content.config_records.get(PREKEY_RECORD_KEY)
+        if record is None:
+            return
+        try:
+            raw = record[PREKEY_FIELD]
+            if not isinstance(raw, bytes):
+                raise InvalidMessage("the pre-key field must be bytes")
+            problem = self.prekeys.offer(node, wire.decode(raw, PreKey))
+        except (InvalidMessage, KeyError) as exc:
+            problem = str(exc)
+        if problem is not None:
+            logger.warning(
+                "secure aggregation: node %d announced an unusable pre-key: %s", node, problem
+            )
 
     def masked_vector(self, node: int, envelope: Envelope, reply: Message) -> MaskedInput:
         report = wire.decode(envelope.payload, MaskedInputReport)
@@ -332,11 +434,15 @@ class _Round:
         def payload(kind: type[T]) -> Callable[[int, Envelope, Message], T]:
             return lambda node, envelope, reply: wire.decode(envelope.payload, kind)
 
-        session = self.session
-        adverts = self.exchange(Stage.SETUP, session.setups(), payload(KeyAdvertisement))
-        share_requests = session.receive_adverts(adverts)
-        shares = self.exchange(Stage.SHARE_KEYS, share_requests, payload(EncryptedShares))
-        masked_requests = session.receive_shares(shares)
+        if self.prekeys is None:
+            session = self.session
+            adverts = self.exchange(Stage.SETUP, session.setups(), payload(KeyAdvertisement))
+            share_requests = session.receive_adverts(adverts)
+            shares = self.exchange(Stage.SHARE_KEYS, share_requests, payload(EncryptedShares))
+            masked_requests = session.receive_shares(shares)
+        else:
+            masked_requests = self._keyed_in_advance(self.prekeys)
+            session = self.session
         masked = self.exchange(Stage.MASKED_INPUT, masked_requests, self.masked_vector)
         after_masked = session.receive_masked(masked)
         del masked  # the session keeps only the survivors' sum
@@ -346,7 +452,7 @@ class _Round:
             # to unmask unless they hold its policy's fewest honest clients; the server
             # refuses the same round first, before anyone is asked to reveal anything.
             survivors = len(session.survivors)
-            honest = survivors - corrupt_count(len(self.by_node), self.config.corrupt_fraction)
+            honest = survivors - corrupt_count(len(self.nodes), self.config.corrupt_fraction)
             if honest < self.min_honest:
                 raise ProtocolAbort(
                     "masked-input",
@@ -475,6 +581,11 @@ class SecureAggregationGrid(ForwardingGrid):
         self._config = config
         self._rng = rng or SystemRandomSource()
         self._on_round = on_round
+        self._prekeys = (
+            PreKeyStore(config.threat_model, config.authority_public_key)
+            if config.prekeys
+            else None
+        )
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -489,7 +600,13 @@ class SecureAggregationGrid(ForwardingGrid):
                 f"round, the strategy sampled {len(outgoing)}"
             )
         secure = _Round(
-            self._inner, self._config, outgoing, self._rng, timeout=timeout, guard=self._guard
+            self._inner,
+            self._config,
+            outgoing,
+            self._rng,
+            timeout=timeout,
+            guard=self._guard,
+            prekeys=self._prekeys,
         )
         try:
             arrays, total_weight = secure.run()

@@ -61,6 +61,14 @@ class SecAggConfig:
         its time is up, and a stage whose time has passed aborts the round.
         ``None`` (deployments): every stage waits the whole ``timeout``, so a
         cold start or a device stuck on a stale task can be outwaited in any stage.
+    prekeys
+        Key rounds in advance (:mod:`secure_agg.prekeys`): every device announces
+        the keys of its next participation with its last reply, and a round whose
+        participants all announced one starts with setup and share keys in a single
+        trip. A device without a usable pre-key (new, its key used or replaced) is
+        asked for one first, in a trip of those devices only. ``False`` (this
+        class's default; fedge's simulations and deployments turn it on): every
+        round runs the classic advertise-keys and share-keys trips.
     """
 
     clip_range: float = 0.5
@@ -76,6 +84,7 @@ class SecAggConfig:
     weight_key: str = "num-examples"
     distributed_dp: DistributedDpSettings | SampleDdpSettings | None = None
     masked_input_share: float | None = None
+    prekeys: bool = False
 
     def __post_init__(self) -> None:
         # Validates clip_range, ring_bits and weight_cap with the smallest round

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import itertools
 import struct
-from collections.abc import Set
+from collections.abc import Sequence, Set
 from dataclasses import replace
 from enum import Enum
 from typing import Any
@@ -56,7 +56,7 @@ from secure_agg.crypto import (
 )
 from secure_agg.errors import CryptoError, InvalidMessage, ProtocolAbort
 from secure_agg.graph import choose_holders
-from secure_agg.identity import NodeIdentity
+from secure_agg.identity import IdentityCertificate, NodeIdentity
 from secure_agg.masking import adds_pairwise_mask, pairwise_mask_seed, self_mask_commitment
 from secure_agg.messages import (
     ConsistencyRequest,
@@ -65,6 +65,8 @@ from secure_agg.messages import (
     KeyAdvertisement,
     MaskedInput,
     MaskedInputRequest,
+    PreKey,
+    PrekeyedShares,
     RoundSetup,
     ShareKeysRequest,
     UnmaskRequest,
@@ -75,6 +77,7 @@ from secure_agg.messages import (
 )
 from secure_agg.params import ThreatModel
 from secure_agg.policy import ProtocolPolicy
+from secure_agg.prekeys import PendingPreKey, check_prekey
 from secure_agg.prg import SEED_BYTES, apply_masks
 from secure_agg.randomness import RandomSource
 from secure_agg.shamir import CHUNKS_PER_SECRET, split
@@ -102,6 +105,16 @@ def share_associated_data(round_id: bytes, owner: int, holder: int) -> bytes:
     return PROTOCOL_LABEL + b"/share" + round_id + struct.pack(">QQ", owner, holder)
 
 
+def _claim_enrolment(claimed: set[str], certificate: IdentityCertificate | None) -> bool:
+    """Add ``certificate``'s enrolment id to ``claimed``; False if it was there already."""
+    if certificate is None:
+        return True
+    if certificate.enrolment_id in claimed:
+        return False
+    claimed.add(certificate.enrolment_id)
+    return True
+
+
 def _check_shape(setup: RoundSetup) -> None:
     participants = setup.participants
     if any(a >= b for a, b in itertools.pairwise(participants)):
@@ -121,13 +134,19 @@ class ClientSession:
         Source of keys, holders, the self-mask seed, share polynomials and nonces.
     identity
         The enrolment identity (required in the active model).
+    prekey
+        The device's pending pre-key, for a round keyed in advance
+        (:meth:`share_prekeyed` replaces :meth:`advertise` and :meth:`share_keys`);
+        the session uses its key pairs instead of fresh ones. The caller must
+        delete its own copy: a pre-key serves one round.
 
     Raises
     ------
     PolicyViolation
         If the setup is outside the policy.
     InvalidMessage
-        If the setup is malformed or the active model lacks an identity.
+        If the setup is malformed, the active model lacks an identity, or the
+        pre-key belongs to another node.
     """
 
     def __init__(
@@ -137,6 +156,7 @@ class ClientSession:
         policy: ProtocolPolicy,
         rng: RandomSource,
         identity: NodeIdentity | None = None,
+        prekey: PendingPreKey | None = None,
     ) -> None:
         _check_shape(setup)
         policy.check_setup(setup)
@@ -149,8 +169,16 @@ class ClientSession:
         self._digest = setup_digest(setup)
         self._stage = ClientStage.CREATED
         self._holders = choose_holders(setup.participants, setup.node_id, setup.degree, rng)
-        self._enc = AgreementKeyPair.generate(rng)
-        self._mask = AgreementKeyPair.generate(rng)
+        if prekey is None:
+            self._enc = AgreementKeyPair.generate(rng)
+            self._mask = AgreementKeyPair.generate(rng)
+        else:
+            if prekey.node_id != setup.node_id:
+                raise InvalidMessage("the pre-key belongs to another node")
+            self._enc, self._mask = prekey.enc, prekey.mask
+        self._prekeyed = prekey is not None
+        # In a round keyed in advance: the pre-keys (enc, mask) of the holders sealed to.
+        self._holder_keys: dict[int, tuple[bytes, bytes]] = {}
         self._self_seed = rng.random_bytes(SEED_BYTES)
         self._adverts: dict[int, KeyAdvertisement] = {}
         self._share_keys: dict[int, bytes] = {}
@@ -282,13 +310,13 @@ class ClientSession:
                 advert_message(self._setup.round_id, advert),
             )
 
-    def _share_key(self, peer: int, advert: KeyAdvertisement) -> bytes:
+    def _share_key(self, peer: int, enc_public: bytes) -> bytes:
         cached = self._share_keys.get(peer)
         if cached is not None:
             return cached
         key = derive_pair_key(
             self._enc_key(),
-            advert.enc_public,
+            enc_public,
             purpose=KeyPurpose.SHARE_ENCRYPTION,
             round_id=self._setup.round_id,
             node_a=self._setup.node_id,
@@ -296,6 +324,106 @@ class ClientSession:
         )
         self._share_keys[peer] = key
         return key
+
+    def _seal_shares(self, recipients: dict[int, bytes]) -> dict[int, bytes]:
+        """Secret-share the self-mask seed and masking key; seal each recipient holder's share.
+
+        ``recipients`` maps holders to their share-encryption public keys; every
+        holder's share is drawn (row = its place among the holders), only theirs sealed.
+        """
+        me = self._setup.node_id
+        shares = split(
+            [self._self_seed, self._mask.private],
+            threshold=self._setup.threshold,
+            num_shares=len(self._holders),
+            rng=self._rng,
+        )
+        ciphertexts = {}
+        for row, holder in enumerate(self._holders):
+            if holder not in recipients:
+                continue
+            bundle = _BUNDLE.pack(me, holder, *shares[row].tolist())
+            ciphertexts[holder] = seal(
+                self._share_key(holder, recipients[holder]),
+                bundle,
+                share_associated_data(self._setup.round_id, me, holder),
+                self._rng,
+            )
+        return ciphertexts
+
+    def _own_enrolments(self) -> set[str]:
+        return set() if self._identity is None else {self._identity.certificate.enrolment_id}
+
+    def _checked_adverts(
+        self, received: Sequence[KeyAdvertisement], *, now: int | None, revoked: Set[str]
+    ) -> dict[int, KeyAdvertisement]:
+        adverts: dict[int, KeyAdvertisement] = {}
+        enrolments = self._own_enrolments()
+        for advert in received:
+            if advert.node_id in adverts:
+                raise InvalidMessage(f"two advertisements for node {advert.node_id}")
+            self._check_advert(advert, now=now, revoked=revoked)
+            if not _claim_enrolment(enrolments, advert.certificate):
+                raise InvalidMessage("one enrolled device appears twice among the neighbours")
+            sealed_to = self._holder_keys.get(advert.node_id)
+            if sealed_to is not None and sealed_to != (advert.enc_public, advert.mask_public):
+                raise InvalidMessage(
+                    f"node {advert.node_id} advertises other keys than the pre-key "
+                    "this client sealed its shares to"
+                )
+            adverts[advert.node_id] = advert
+        return adverts
+
+    def share_prekeyed(
+        self,
+        prekeys: Sequence[PreKey],
+        *,
+        now: int | None = None,
+        revoked: Set[str] = frozenset(),
+    ) -> PrekeyedShares:
+        """Stages 1 and 2 at once: advertise, and seal the shares to the holders' pre-keys.
+
+        Parameters
+        ----------
+        prekeys
+            Every participant's pre-key as the server relays them (one per
+            participant, this device's own among them).
+        now, revoked
+            The device's own clock and revocation list (see :meth:`share_keys`).
+
+        Raises
+        ------
+        InvalidMessage
+            If the session was not made with a pre-key, the list is not one key
+            per participant, or this device's entry is not the key it holds (a
+            replayed, replaced or already used pre-key).
+        CryptoError
+            In the active model, if a holder's pre-key is unsigned, forged, expired
+            or revoked: nothing is shared.
+        """
+        self._expect(ClientStage.CREATED)
+        if not self._prekeyed:
+            raise InvalidMessage("this round was not keyed in advance")
+        me = self._setup.node_id
+        by_node = {p.node_id: p for p in prekeys}
+        if len(by_node) != len(prekeys) or set(by_node) != set(self._setup.participants):
+            raise InvalidMessage("a round keyed in advance needs one pre-key per participant")
+        own = by_node[me]
+        if (own.enc_public, own.mask_public) != (self._enc.public, self._mask.public):
+            raise InvalidMessage(
+                "the round names a pre-key this device does not hold (replaced or already used)"
+            )
+        enrolments = self._own_enrolments()
+        for holder in self._holders:
+            prekey = by_node[holder]
+            check_prekey(prekey, policy=self._policy, now=now, revoked=revoked)
+            if not _claim_enrolment(enrolments, prekey.certificate):
+                raise InvalidMessage("one enrolled device appears twice among the holders")
+            self._holder_keys[holder] = (prekey.enc_public, prekey.mask_public)
+        advert = self.advertise()
+        ciphertexts = self._seal_shares({h: keys[0] for h, keys in self._holder_keys.items()})
+        self._stage = ClientStage.SHARED
+        return PrekeyedShares(advert, EncryptedShares(node_id=me, ciphertexts=ciphertexts))
 
     def share_keys(
         self,
@@ -334,19 +462,9 @@ class ClientSession:
             If fewer than t of this client's holders advertised.
         """
         self._expect(ClientStage.ADVERTISED)
-        adverts: dict[int, KeyAdvertisement] = {}
-        enrolments: set[str] = set()
-        if self._identity is not None:
-            enrolments.add(self._identity.certificate.enrolment_id)
-        for advert in request.adverts:
-            if advert.node_id in adverts:
-                raise InvalidMessage(f"two advertisements for node {advert.node_id}")
-            self._check_advert(advert, now=now, revoked=revoked)
-            if advert.certificate is not None:
-                if advert.certificate.enrolment_id in enrolments:
-                    raise InvalidMessage("one enrolled device appears twice among the neighbours")
-                enrolments.add(advert.certificate.enrolment_id)
-            adverts[advert.node_id] = advert
+        if self._prekeyed:
+            raise InvalidMessage("a round keyed in advance has no share-keys stage")
+        adverts = self._checked_adverts(request.adverts, now=now, revoked=revoked)
         threshold = self._setup.threshold
         live_holders = [h for h in self._holders if h in adverts]
         if len(live_holders) < threshold:
@@ -356,24 +474,7 @@ class ClientSession:
                 f"{len(live_holders)} of this client's holders advertised keys, "
                 f"threshold {threshold}",
             )
-        shares = split(
-            [self._self_seed, self._mask.private],
-            threshold=threshold,
-            num_shares=len(self._holders),
-            rng=self._rng,
-        )
-        ciphertexts = {}
-        for row, holder in enumerate(self._holders):
-            if holder not in adverts:
-                continue
-            key = self._share_key(holder, adverts[holder])
-            bundle = _BUNDLE.pack(self._setup.node_id, holder, *shares[row].tolist())
-            ciphertexts[holder] = seal(
-                key,
-                bundle,
-                share_associated_data(self._setup.round_id, self._setup.node_id, holder),
-                self._rng,
-            )
+        ciphertexts = self._seal_shares({h: adverts[h].enc_public for h in live_holders})
         self._adverts = adverts
         self._stage = ClientStage.SHARED
         return EncryptedShares(node_id=self._setup.node_id, ciphertexts=ciphertexts)
@@ -383,7 +484,7 @@ class ClientSession:
             return None
         me = self._setup.node_id
         try:
-            key = self._share_key(sender, self._adverts[sender])
+            key = self._share_key(sender, self._adverts[sender].enc_public)
             plain = open_sealed(key, sealed, share_associated_data(self.round_id, sender, me))
         except CryptoError:
             return None
@@ -400,15 +501,24 @@ class ClientSession:
         encoded: npt.NDArray[np.unsignedinteger[Any]],
         *,
         consume: bool = False,
+        now: int | None = None,
+        revoked: Set[str] = frozenset(),
     ) -> MaskedInput:
         """Stage 3: keep the shares received and send the update masked by every live partner.
 
         A partner that drew this client as a holder but whose bundle is missing
         or does not open is rejected (reported, not masked with). With
         ``consume`` the masks are added to ``encoded`` in place (saving a copy
-        of the whole vector); the caller must not use it afterwards.
+        of the whole vector); the caller must not use it afterwards. In a round
+        keyed in advance the request carries the neighbours' advertisements,
+        checked here as :meth:`share_keys` checks them (``now``, ``revoked``),
+        and a holder's must name the pre-key this client sealed its shares to.
         """
         self._expect(ClientStage.SHARED)
+        if self._prekeyed:
+            self._adverts = self._checked_adverts(request.adverts, now=now, revoked=revoked)
+        elif request.adverts:
+            raise InvalidMessage("this round relayed the advertisements at share-keys")
         encoding = self._setup.encoding
         if encoded.dtype != encoding.dtype or encoded.shape != (self._setup.vector_length,):
             raise InvalidMessage(
@@ -552,7 +662,7 @@ class ClientSession:
         )
 
 
-_STATE_VERSION = 2
+_STATE_VERSION = 3
 
 
 def _export(session: ClientSession) -> bytes:
@@ -578,6 +688,12 @@ def _export(session: ClientSession) -> bytes:
     w.ids(session._rejected)
     w.ids(session._survivors)
     w.u32(session._required_survivors)
+    w.u8(1 if session._prekeyed else 0)
+    w.u32(len(session._holder_keys))
+    for node in sorted(session._holder_keys):
+        w.u64(node)
+        for key in session._holder_keys[node]:
+            w.fixed(key, KEY_BYTES)
     return w.getvalue()
 
 
@@ -621,5 +737,13 @@ def _restore(
     session._rejected = r.distinct_ids()
     session._survivors = r.distinct_ids()
     session._required_survivors = r.u32()
+    flag = r.u8()
+    if flag not in (0, 1):
+        raise InvalidMessage("invalid client state flag")
+    session._prekeyed = flag == 1
+    session._holder_keys = {}
+    for _ in range(r.count()):
+        node = r.u64()
+        session._holder_keys[node] = (r.fixed(KEY_BYTES), r.fixed(KEY_BYTES))
     r.finish()
     return session

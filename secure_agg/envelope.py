@@ -15,11 +15,22 @@ from typing import Final
 
 from secure_agg.errors import InvalidMessage
 
-__all__ = ["RECORD_KEY", "VECTOR_KEY", "VECTOR_RECORD_KEY", "Envelope", "Stage"]
+__all__ = [
+    "PREKEY_FIELD",
+    "PREKEY_RECORD_KEY",
+    "RECORD_KEY",
+    "VECTOR_KEY",
+    "VECTOR_RECORD_KEY",
+    "Envelope",
+    "Stage",
+]
 
 RECORD_KEY: Final = "fedge.secagg"
 VECTOR_RECORD_KEY: Final = "fedge.secagg.vector"
 VECTOR_KEY: Final = "masked"
+# A device's last reply of a round may carry its next pre-key (wire-encoded) under this key.
+PREKEY_RECORD_KEY: Final = "fedge.secagg.prekey"
+PREKEY_FIELD: Final = "prekey"
 
 _STAGE: Final = "stage"
 _ROUND: Final = "round-id"
@@ -30,7 +41,10 @@ _MAX_PAYLOAD: Final = 1 << 26
 class Stage(Enum):
     """The round trips of a secure round; requests and replies share the stage name."""
 
+    PREKEY = "prekey"  # request: PreKeyRequest; reply: PreKey
     SETUP = "setup"  # request: RoundSetup; reply: KeyAdvertisement
+    # Keys announced in advance: setup and share keys in one trip.
+    PREKEYED = "prekeyed-setup"  # request: PrekeyedSetup; reply: PrekeyedShares
     SHARE_KEYS = "share-keys"  # request: ShareKeysRequest; reply: EncryptedShares
     MASKED_INPUT = "masked-input"  # request: train + MaskedInputRequest; reply: masked vector
     CONSISTENCY = "consistency"  # request: ConsistencyRequest; reply: ConsistencySignature

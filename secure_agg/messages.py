@@ -1,7 +1,12 @@
 """Typed messages of one SecAgg+ round, one dataclass per stage and direction.
 
 Stages: advertise keys -> share keys -> masked input -> [consistency check] ->
-unmask. Adapters in ``fl_client``/``fl_server`` convert them to Flower records;
+unmask. With keys announced in advance (:class:`PreKey`, sent with a device's
+last reply of a round, or on request), the first two merge into one: the server
+sends the setup with every participant's pre-key (:class:`PrekeyedSetup`) and
+each client answers with its advertisement and its sealed shares at once
+(:class:`PrekeyedShares`); its neighbours' advertisements then travel with the
+masked-input request. Adapters in ``fl_client``/``fl_server`` convert them to Flower records;
 the state machines validate them once, on arrival.
 
 The round setup carries no trust anchor: the threat model is there only so a
@@ -33,11 +38,16 @@ __all__ = [
     "MaskedInput",
     "MaskedInputReport",
     "MaskedInputRequest",
+    "PreKey",
+    "PreKeyRequest",
+    "PrekeyedSetup",
+    "PrekeyedShares",
     "RoundSetup",
     "ShareKeysRequest",
     "UnmaskRequest",
     "UnmaskResponse",
     "advert_message",
+    "prekey_message",
     "setup_digest",
     "survivors_message",
 ]
@@ -141,6 +151,55 @@ def survivors_message(round_id: bytes, survivors: Sequence[int]) -> bytes:
     return PROTOCOL_LABEL + b"/survivors" + round_id + struct.pack(f">{len(ordered)}Q", *ordered)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PreKey:
+    """Client -> server: the public keys of this device's next participation, announced early.
+
+    One fresh pair of X25519 keys (share encryption and masking), used in exactly one
+    round and deleted on the device once used or replaced. In the active model it is
+    signed by the device's enrolment identity, so the server cannot substitute keys
+    of its own (it would then open the shares other clients seal to this device).
+    It is bound to the node id but not to a round: the round binding comes from
+    every key derived from it (round id in the key derivation and the sealed data).
+    """
+
+    node_id: int
+    enc_public: bytes
+    mask_public: bytes
+    certificate: IdentityCertificate | None = None
+    signature: bytes | None = None
+
+
+def prekey_message(prekey: PreKey) -> bytes:
+    """Return the bytes a pre-key's signature covers."""
+    return (
+        PROTOCOL_LABEL
+        + b"/prekey"
+        + struct.pack(">Q", prekey.node_id)
+        + prekey.enc_public
+        + prekey.mask_public
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PreKeyRequest:
+    """Server -> client: announce a fresh pre-key (the server holds none it can use)."""
+
+    node_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class PrekeyedSetup:
+    """Server -> client: the round setup and the pre-key of every participant, by node id.
+
+    The client draws its holders, checks their pre-keys against its policy and
+    seals its shares to them at once: one round trip instead of two.
+    """
+
+    setup: RoundSetup
+    prekeys: tuple[PreKey, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class ShareKeysRequest:
     """Server -> client: the advertisements of the client's neighbours.
@@ -164,11 +223,22 @@ class MaskedInputRequest:
     """Server -> client: its neighbours that shared their keys, and the bundles addressed to it.
 
     ``partners`` are the neighbours the client masks with; ``ciphertexts`` holds
-    one bundle from each partner that drew the client as a holder.
+    one bundle from each partner that drew the client as a holder. In a round
+    keyed in advance, ``adverts`` holds its neighbours' advertisements (the
+    classic round relays them in the share-keys request instead).
     """
 
     partners: tuple[int, ...]
     ciphertexts: Mapping[int, bytes]
+    adverts: tuple[KeyAdvertisement, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PrekeyedShares:
+    """Client -> server: its advertisement (keys = its pre-key) and one sealed bundle per holder."""
+
+    advert: KeyAdvertisement
+    shares: EncryptedShares
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,6 +72,13 @@ class ProtocolPolicy:
         The largest round and update the device accepts.
     require_certificate_expiry
         Refuse neighbours whose certificate never expires (version 1).
+    accept_prekeys
+        Take part in rounds keyed in advance (:mod:`secure_agg.prekeys`): announce
+        the keys of the next participation with the last reply of a round.
+    prekey_max_age_s
+        The longest a pending pre-key may wait on the device (its own clock); an
+        older one is discarded unused, bounding what taking the device's state
+        between rounds reveals.
     """
 
     threat_model: ThreatModel
@@ -84,6 +91,8 @@ class ProtocolPolicy:
     max_participants: int = 100_000
     max_vector_length: int = 1 << 28
     require_certificate_expiry: bool = False
+    accept_prekeys: bool = True
+    prekey_max_age_s: int = 7 * 24 * 3600
 
     def __post_init__(self) -> None:
         if self.threat_model is ThreatModel.ACTIVE and self.authority_public_key is None:
@@ -104,6 +113,8 @@ class ProtocolPolicy:
             raise ConfigError("max_participants must be >= min_survivors")
         if self.max_vector_length < 2:
             raise ConfigError("max_vector_length must be >= 2")
+        if self.prekey_max_age_s < 1:
+            raise ConfigError(f"prekey_max_age_s must be >= 1, got {self.prekey_max_age_s}")
         if self.require_certificate_expiry and self.authority_public_key is None:
             raise ConfigError("require_certificate_expiry needs the enrolment authority's key")
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
@@ -39,6 +39,9 @@ from secure_agg.messages import (
     KeyAdvertisement,
     MaskedInput,
     MaskedInputRequest,
+    PreKey,
+    PrekeyedSetup,
+    PrekeyedShares,
     RoundSetup,
     ShareKeysRequest,
     UnmaskRequest,
@@ -152,6 +155,7 @@ class ServerSession:
         self._rejected: dict[int, frozenset[int]] = {}
         self._survivors: tuple[int, ...] = ()
         self._signatures: dict[int, bytes] = {}
+        self._prekeys: dict[int, PreKey] = {}
         self.excluded: dict[int, str] = {}
 
     @property
@@ -240,6 +244,59 @@ class ServerSession:
         self._expect(ServerStage.SETUP)
         self._stage = ServerStage.KEYS
         return {node: self._setup_for(node) for node in self._participants}
+
+    def prekeyed_setups(self, prekeys: Mapping[int, PreKey]) -> dict[int, PrekeyedSetup]:
+        """Stages 0-1 of a round keyed in advance: the setup with every participant's pre-key.
+
+        ``prekeys`` holds one announced pre-key per participant (checked on arrival,
+        :func:`secure_agg.prekeys.prekey_problem`); every request shares one tuple.
+        """
+        self._expect(ServerStage.SETUP)
+        if set(prekeys) != set(self._participants):
+            raise InvalidMessage("a round keyed in advance needs one pre-key per participant")
+        if any(prekeys[n].node_id != n for n in self._participants):
+            raise InvalidMessage("a pre-key filed under another node")
+        self._prekeys = dict(prekeys)
+        ordered = tuple(prekeys[n] for n in self._participants)
+        self._stage = ServerStage.KEYS
+        return {node: PrekeyedSetup(self._setup_for(node), ordered) for node in self._participants}
+
+    def receive_prekeyed(
+        self, replies: Mapping[int, PrekeyedShares]
+    ) -> dict[int, MaskedInputRequest]:
+        """Stage 1 -> 3 of a round keyed in advance: keep valid replies, route the bundles.
+
+        Each advertisement must name its sender's pre-key; the bundles of a client
+        sealed to every holder it drew, and only the live holders' are routed. Each
+        masked-input request carries the advertisements of the recipient's partners.
+        """
+        self._expect(ServerStage.KEYS)
+        if not self._prekeys:
+            raise InvalidMessage("this round was not keyed in advance")
+        adverts: dict[int, KeyAdvertisement] = {}
+        for node, reply in replies.items():
+            prekey = self._prekeys.get(node)
+            if prekey is None:
+                continue
+            advert = reply.advert
+            if (advert.enc_public, advert.mask_public) != (prekey.enc_public, prekey.mask_public):
+                self._exclude(node, "prekeyed-setup: keys other than its announced pre-key")
+                continue
+            adverts[node] = advert
+        self.receive_adverts(adverts)
+        live = set(self._neighbours)
+        shares = {}
+        for node in live:
+            message = replies[node].shares
+            if set(message.ciphertexts) == set(self._holders(node)):
+                routed = {h: c for h, c in message.ciphertexts.items() if h in live}
+                message = EncryptedShares(node_id=message.node_id, ciphertexts=routed)
+            shares[node] = message
+        requests = self.receive_shares(shares)
+        return {
+            node: replace(request, adverts=tuple(self._adverts[p] for p in self._partners[node]))
+            for node, request in requests.items()
+        }
 
     def _advert_problem(self, node: int, advert: KeyAdvertisement) -> str | None:
         if advert.node_id != node:

@@ -10,6 +10,7 @@ their type and length.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, TypeVar, cast
@@ -27,6 +28,10 @@ from secure_agg.messages import (
     KeyAdvertisement,
     MaskedInputReport,
     MaskedInputRequest,
+    PreKey,
+    PrekeyedSetup,
+    PrekeyedShares,
+    PreKeyRequest,
     RoundSetup,
     ShareKeysRequest,
     UnmaskRequest,
@@ -35,7 +40,15 @@ from secure_agg.messages import (
 from secure_agg.params import ThreatModel
 from secure_agg.shamir import CHUNKS_PER_SECRET
 
-__all__ = ["MAX_NODES", "Reader", "Writer", "decode", "encode"]
+__all__ = [
+    "MAX_NODES",
+    "Reader",
+    "Writer",
+    "decode",
+    "encode",
+    "encode_prekeyed_setup",
+    "prekey_list",
+]
 
 MAX_NODES: Final = 1 << 20
 _MAX_BLOB: Final = 1 << 16
@@ -239,41 +252,27 @@ def _get_setup(r: Reader) -> RoundSetup:
     )
 
 
-def _put_advert(w: Writer, m: KeyAdvertisement) -> None:
-    w.u64(m.node_id)
-    w.fixed(m.enc_public, _KEY)
-    w.fixed(m.mask_public, _KEY)
-    w.fixed(m.self_mask_commitment, _KEY)
-    w.ids(m.holders)
-    w.fixed(m.setup_digest, _DIGEST)
-    if m.certificate is None or m.signature is None:
+def _put_signed(
+    w: Writer, certificate: IdentityCertificate | None, signature: bytes | None
+) -> None:
+    if certificate is None or signature is None:
         w.u8(0)
         return
     # Flag 1: a version-1 certificate (no expiry); flag 2: version 2, its expiry last.
-    expires_at = m.certificate.expires_at
+    expires_at = certificate.expires_at
     w.u8(1 if expires_at is None else 2)
-    w.blob(m.certificate.enrolment_id.encode("utf-8"))
-    w.fixed(m.certificate.public_key, _KEY)
-    w.fixed(m.certificate.signature, _SIGNATURE)
+    w.blob(certificate.enrolment_id.encode("utf-8"))
+    w.fixed(certificate.public_key, _KEY)
+    w.fixed(certificate.signature, _SIGNATURE)
     if expires_at is not None:
         w.u64(expires_at)
-    w.fixed(m.signature, _SIGNATURE)
+    w.fixed(signature, _SIGNATURE)
 
 
-def _get_advert(r: Reader) -> KeyAdvertisement:
-    node_id = r.u64()
-    enc, mask, commitment = r.fixed(_KEY), r.fixed(_KEY), r.fixed(_KEY)
-    holders, digest = r.distinct_ids(), r.fixed(_DIGEST)
+def _get_signed(r: Reader) -> tuple[IdentityCertificate | None, bytes | None]:
     flag = r.u8()
     if flag == 0:
-        return KeyAdvertisement(
-            node_id=node_id,
-            enc_public=enc,
-            mask_public=mask,
-            self_mask_commitment=commitment,
-            holders=holders,
-            setup_digest=digest,
-        )
+        return None, None
     if flag not in (1, 2):
         raise InvalidMessage("invalid certificate flag")
     raw_id = r.blob()
@@ -297,6 +296,24 @@ def _get_advert(r: Reader) -> KeyAdvertisement:
         signature=cert_signature,
         expires_at=expires_at,
     )
+    return certificate, r.fixed(_SIGNATURE)
+
+
+def _put_advert(w: Writer, m: KeyAdvertisement) -> None:
+    w.u64(m.node_id)
+    w.fixed(m.enc_public, _KEY)
+    w.fixed(m.mask_public, _KEY)
+    w.fixed(m.self_mask_commitment, _KEY)
+    w.ids(m.holders)
+    w.fixed(m.setup_digest, _DIGEST)
+    _put_signed(w, m.certificate, m.signature)
+
+
+def _get_advert(r: Reader) -> KeyAdvertisement:
+    node_id = r.u64()
+    enc, mask, commitment = r.fixed(_KEY), r.fixed(_KEY), r.fixed(_KEY)
+    holders, digest = r.distinct_ids(), r.fixed(_DIGEST)
+    certificate, signature = _get_signed(r)
     return KeyAdvertisement(
         node_id=node_id,
         enc_public=enc,
@@ -305,8 +322,76 @@ def _get_advert(r: Reader) -> KeyAdvertisement:
         holders=holders,
         setup_digest=digest,
         certificate=certificate,
-        signature=r.fixed(_SIGNATURE),
+        signature=signature,
     )
+
+
+def _put_prekey(w: Writer, m: PreKey) -> None:
+    w.u64(m.node_id)
+    w.fixed(m.enc_public, _KEY)
+    w.fixed(m.mask_public, _KEY)
+    _put_signed(w, m.certificate, m.signature)
+
+
+def _get_prekey(r: Reader) -> PreKey:
+    node_id, enc, mask = r.u64(), r.fixed(_KEY), r.fixed(_KEY)
+    certificate, signature = _get_signed(r)
+    return PreKey(
+        node_id=node_id,
+        enc_public=enc,
+        mask_public=mask,
+        certificate=certificate,
+        signature=signature,
+    )
+
+
+def prekey_list(prekeys: Sequence[PreKey]) -> bytes:
+    """Return the wire form of a list of pre-keys (a :class:`PrekeyedSetup`'s second part).
+
+    A server sends the same list to every participant: encode it once and pass
+    it to :func:`encode_prekeyed_setup` for each (n participants, n^2 keys otherwise).
+    """
+    w = Writer()
+    w.u32(len(prekeys))
+    for prekey in prekeys:
+        _put_prekey(w, prekey)
+    return w.getvalue()
+
+
+def encode_prekeyed_setup(setup: RoundSetup, prekeys: bytes) -> bytes:
+    """Return the wire form of ``PrekeyedSetup(setup, ...)`` from :func:`prekey_list`'s bytes."""
+    w = Writer()
+    w.u8(_CODECS[PrekeyedSetup][0])
+    w.u8(_VERSION)
+    _put_setup(w, setup)
+    w.section(prekeys)
+    return w.getvalue()
+
+
+def _put_prekeyed_setup(w: Writer, m: PrekeyedSetup) -> None:
+    _put_setup(w, m.setup)
+    w.section(prekey_list(m.prekeys))
+
+
+def _get_prekeyed_setup(r: Reader) -> PrekeyedSetup:
+    setup = _get_setup(r)
+    inner = Reader(r.section())
+    prekeys = tuple(_get_prekey(inner) for _ in range(inner.count()))
+    inner.finish()
+    nodes = [p.node_id for p in prekeys]
+    if any(a >= b for a, b in itertools.pairwise(nodes)):
+        raise InvalidMessage("pre-keys must be sorted by node id, one per node")
+    return PrekeyedSetup(setup, prekeys)
+
+
+def _put_prekeyed_shares(w: Writer, m: PrekeyedShares) -> None:
+    w.section(encode(m.advert))
+    w.section(encode(m.shares))
+
+
+def _get_prekeyed_shares(r: Reader) -> PrekeyedShares:
+    advert = decode(r.section(), KeyAdvertisement)
+    return PrekeyedShares(advert, decode(r.section(), EncryptedShares))
 
 
 def _put_blobs(w: Writer, values: Mapping[int, bytes]) -> None:
@@ -349,10 +434,15 @@ def _get_encrypted(r: Reader) -> EncryptedShares:
 def _put_masked_request(w: Writer, m: MaskedInputRequest) -> None:
     w.ids(m.partners)
     _put_blobs(w, m.ciphertexts)
+    w.u32(len(m.adverts))
+    for advert in m.adverts:
+        _put_advert(w, advert)
 
 
 def _get_masked_request(r: Reader) -> MaskedInputRequest:
-    return MaskedInputRequest(r.distinct_ids(), _get_blobs(r))
+    partners, ciphertexts = r.distinct_ids(), _get_blobs(r)
+    adverts = tuple(_get_advert(r) for _ in range(r.count()))
+    return MaskedInputRequest(partners, ciphertexts, adverts)
 
 
 def _put_report(w: Writer, m: MaskedInputReport) -> None:
@@ -425,6 +515,10 @@ _CODECS: dict[type[Any], _Codec] = {
     UnmaskRequest: (8, _put_unmask_request, _get_unmask_request),
     UnmaskResponse: (9, _put_unmask_response, _get_unmask_response),
     MaskedInputReport: (10, _put_report, _get_report),
+    PreKey: (11, _put_prekey, _get_prekey),
+    PreKeyRequest: (12, lambda w, m: w.u64(m.node_id), lambda r: PreKeyRequest(r.u64())),
+    PrekeyedSetup: (13, _put_prekeyed_setup, _get_prekeyed_setup),
+    PrekeyedShares: (14, _put_prekeyed_shares, _get_prekeyed_shares),
 }
 
 
