@@ -70,6 +70,7 @@ def _apps(  # noqa: PLR0917 - one benchmark's private helper
         threat_model=ThreatModel.SEMI_HONEST,
         dropout_fraction=_DROPOUT,
         distributed_dp=DistributedDpSettings(l2_clip=1.0, noise_multiplier=1.0, ring_bits=16),
+        prekeys=True,
     )
     chosen = choose_neighbourhood(
         per_round,

@@ -10,7 +10,10 @@ trivial (add a constant to the D-parameter model), so the protocol dominates:
 - ``flower_secaggplus``: Flower's ``SecAggPlusWorkflow`` + ``secaggplus_mod`` on its
   legacy strategy path (``SecAggWorkflow`` + ``secagg_mod`` with ``--classic``);
 - ``fedge_secaggplus``: Message-API ``FedAvg`` through fedge's ``SecureAggregationGrid``
-  and ``make_secagg_mod`` (semi-honest server, 32-bit ring);
+  and ``make_secagg_mod`` (semi-honest server, 32-bit ring), its rounds keyed in advance
+  as fedge runs them (three full-fleet trips in steady state);
+- ``fedge_secaggplus_classic_keying``: the same with the classic round (advertise keys,
+  then share keys: four trips), for the ratio of the two keyings in one run;
 - ``fedge_secaggplus_ddp``: the same with distributed DP (each client clips to L2 1,
   rotates, rounds and adds discrete Gaussian noise of multiplier 1 before masking).
 
@@ -52,6 +55,7 @@ VARIANTS = (
     "flower_fedavg_legacy",
     "flower_secaggplus",
     "fedge_secaggplus",
+    "fedge_secaggplus_classic_keying",
     "fedge_secaggplus_ddp",
 )
 # ``flower_fedavg`` in the JSON (and in --variants) is the faster of Flower's two plain paths.
@@ -257,9 +261,11 @@ def _message_api_apps(  # noqa: PLR0917 - one benchmark's private helper
     from secure_agg.policy import ProtocolPolicy
     from strategies.ddp import DistributedDpSettings
 
-    secure = variant in ("fedge_secaggplus", "fedge_secaggplus_ddp")
-    if variant not in ("flower_fedavg_message", "fedge_secaggplus", "fedge_secaggplus_ddp"):
+    fedge = ("fedge_secaggplus", "fedge_secaggplus_classic_keying", "fedge_secaggplus_ddp")
+    secure = variant in fedge
+    if variant != "flower_fedavg_message" and not secure:
         raise ValueError(f"not a Message-API variant: {variant}")
+    prekeys = variant != "fedge_secaggplus_classic_keying"
     ddp = (
         DistributedDpSettings(l2_clip=1.0, noise_multiplier=1.0, ring_bits=ring_bits)
         if variant == "fedge_secaggplus_ddp"
@@ -272,6 +278,7 @@ def _message_api_apps(  # noqa: PLR0917 - one benchmark's private helper
         threshold=t,
         ring_bits=ring_bits,
         distributed_dp=ddp,
+        prekeys=prekeys,
     )
     # The devices accept the k and t compared with Flower's (no corrupt client assumed:
     # this benchmark measures cost at equal k, not the threshold rule).
@@ -643,6 +650,9 @@ def _ratios(results: dict[str, Any]) -> dict[str, float | None]:
         ),
         "flower_secaggplus_over_fedge_secaggplus": _ratio(
             results, "flower_secaggplus", "fedge_secaggplus"
+        ),
+        "fedge_secaggplus_classic_keying_over_fedge_secaggplus": _ratio(
+            results, "fedge_secaggplus_classic_keying", "fedge_secaggplus"
         ),
         "flower_fedavg_legacy_over_flower_fedavg_message": _ratio(
             results, "flower_fedavg_legacy", "flower_fedavg_message"

@@ -71,6 +71,7 @@ def _secure(config: DeploymentConfig, authority: bytes) -> SecAggConfig | None:
         authority_public_key=authority if secure.threat_model is ThreatModel.ACTIVE else None,
         dropout_fraction=secure.dropout,
         min_clients=2,
+        prekeys=True,
         distributed_dp=(
             DistributedDpSettings(
                 l2_clip=privacy.clip,

@@ -373,6 +373,7 @@ class SimConfig:
             # A scenario's [failures] deadline bounds the whole secure round.
             masked_input_share=None if self.failures is None else 0.6,
             min_clients=2,
+            prekeys=True,
             distributed_dp=self._distributed_dp(examples_per_client),
         )
 

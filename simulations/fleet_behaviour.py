@@ -103,9 +103,12 @@ class DropoutStage(Enum):
     """
 
     SETUP = "setup"
-    """Before advertising its keys: the server leaves it out of the key graph."""
+    """Before advertising its keys: the server leaves it out of the key graph. In a
+    round keyed in advance it answers neither the pre-key request nor the setup."""
     SHARE_KEYS = "share-keys"
-    """After advertising keys, before sending its shares: its neighbours prune it."""
+    """After advertising keys, before sending its shares: its neighbours prune it. In a
+    round keyed in advance (keys and shares in one reply) it announces a pre-key when
+    asked, then answers no setup: for the round, the same as ``SETUP``."""
     TRAINING = "training"
     """After sharing keys, before sending its (masked) update: SecAgg+'s masked-input
     stage. The server removes its pairwise masks with the survivors' shares."""
@@ -117,9 +120,13 @@ class DropoutStage(Enum):
     the sum; the round needs ``threshold`` of every survivor's holders to answer."""
 
 
+# The first message of a secure round (a pre-key request, if any, comes before it).
+_ROUND_STARTS: Final = frozenset({Stage.SETUP, Stage.PREKEYED})
 _ORDER: Final = {stage: index for index, stage in enumerate(DropoutStage)}
 _SECURE_STAGE: Final = {
+    Stage.PREKEY: DropoutStage.SETUP,
     Stage.SETUP: DropoutStage.SETUP,
+    Stage.PREKEYED: DropoutStage.SHARE_KEYS,
     Stage.SHARE_KEYS: DropoutStage.SHARE_KEYS,
     Stage.MASKED_INPUT: DropoutStage.TRAINING,
     Stage.CONSISTENCY: DropoutStage.CONSISTENCY,
@@ -404,13 +411,13 @@ class _Rounds:
         started = started if isinstance(started, int) and not isinstance(started, bool) else 0
         if (
             envelope is not None
-            and envelope.stage is not Stage.SETUP
+            and envelope.stage not in _ROUND_STARTS
             and state.get(_ROUND_ID) == envelope.round_id
         ):
             known = state.get(_ROUND)
             if isinstance(known, int) and not isinstance(known, bool):
                 return known
-        new_round = envelope is None or envelope.stage is Stage.SETUP
+        new_round = envelope is None or envelope.stage in _ROUND_STARTS
         if new_round:
             started += 1
             state[_STARTED] = started
@@ -419,8 +426,10 @@ class _Rounds:
         if server_round is None and group.isdigit():
             server_round = int(group)
         if server_round is None:
-            server_round = max(started, 1)
-        if envelope is not None and envelope.stage is Stage.SETUP:
+            # A pre-key request comes before the round it is for starts here.
+            ahead = envelope is not None and envelope.stage is Stage.PREKEY
+            server_round = max(started + 1 if ahead else started, 1)
+        if envelope is not None and envelope.stage in _ROUND_STARTS:
             state[_ROUND_ID] = envelope.round_id
             state[_ROUND] = server_round
         return server_round

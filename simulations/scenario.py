@@ -434,7 +434,10 @@ class FailuresSection:
         default=DropoutStage.TRAINING,
         metadata=_help(
             "Where a dropping device goes offline; 'training' is after it shared its keys "
-            "(the server unmasks with the survivors' shares)."
+            "(the server unmasks with the survivors' shares). Simulations key secure rounds "
+            "in advance (advertisement and shares in one reply): there 'setup' also skips "
+            "the pre-key request, and 'share-keys' answers it but not the round's first "
+            "message."
         ),
     )
     straggler_fraction: float = field(

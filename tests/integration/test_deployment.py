@@ -57,9 +57,10 @@ EXAMPLES = 300
 ROUNDS = 3
 SECOND_ROUNDS = 3
 CRASHED_IN = 2  # the second run's server is SIGKILLed during this round
-# Messages a device gets per secure round: setup, share-keys, masked-input, consistency
-# (the active threat model), unmask.
-SECURE_STAGES = 5
+# Messages a device gets per secure round, keyed in advance: prekeyed-setup, masked-input,
+# consistency (the active threat model), unmask; a run's first round starts with a
+# pre-key request too.
+SECURE_STAGES = 4
 LIFETIME_EPSILON = "50"
 
 
@@ -152,7 +153,7 @@ def _first_run(
     # the round's masked-input request). Killed between sending a reply and uploading
     # its objects, it would stall the server's pull of that reply for minutes instead.
     wait_for(
-        lambda: _received(fleet, KILLED) >= (ROUNDS - 1) * SECURE_STAGES + 3,
+        lambda: _received(fleet, KILLED) >= _through_masked_input(ROUNDS),
         timeout=120,
         what=f"{KILLED}'s masked-input request of round {ROUNDS}",
     )
@@ -166,6 +167,11 @@ def _first_run(
     _wait_server(fleet, server, outcome)
     outcome.first = _new_summary(fleet, set())
     return {name: process for name, process in devices.items() if name != KILLED}
+
+
+def _through_masked_input(round_number: int) -> int:
+    """Messages of one run a device has once it holds round ``round_number``'s masked input."""
+    return 1 + (round_number - 1) * SECURE_STAGES + 2
 
 
 def _received(fleet: Fleet, name: str) -> int:
@@ -300,7 +306,10 @@ def _crash_and_restart(
     # Into round CRASHED_IN, while the devices train (d0 has its masked-input request):
     # a device killed off mid-transfer would hold that message's task (see above).
     wait_for(
-        lambda: _received(fleet, "d0") >= (ROUNDS + CRASHED_IN - 1) * SECURE_STAGES + 3,
+        # The whole first run (its pre-key request and ROUNDS rounds), then this one's.
+        lambda: (
+            _received(fleet, "d0") >= 1 + ROUNDS * SECURE_STAGES + _through_masked_input(CRASHED_IN)
+        ),
         timeout=120,
         what=f"d0's masked-input request of round {CRASHED_IN} of the second run",
     )

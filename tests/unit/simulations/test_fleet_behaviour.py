@@ -409,7 +409,7 @@ def _wrap(mod: Mod, inner: Handler) -> Handler:
 
 
 def _secure_round(
-    stage: DropoutStage, fraction: float, *, seed: int = 0
+    stage: DropoutStage, fraction: float, *, seed: int = 0, prekeys: bool = False
 ) -> tuple[list[Message], SecAggRoundStats, frozenset[int]]:
     num = 8
     failures = FailureConfig(dropout_fraction=fraction, dropout_stage=stage, time_scale=0.0)
@@ -426,7 +426,7 @@ def _secure_round(
     for node in apps:
         grid.contexts[node] = _context(node - 100, num)
     stats: list[SecAggRoundStats] = []
-    config = SecAggConfig(clip_range=1.0, weight_cap=100, dropout_fraction=0.3)
+    config = SecAggConfig(clip_range=1.0, weight_cap=100, dropout_fraction=0.3, prekeys=prekeys)
     secure_grid = SecureAggregationGrid(grid, config, on_round=stats.append)
     strategy = FedAvg(fraction_evaluate=0.0, min_train_nodes=num, min_available_nodes=num)
     start = ArrayRecord({"w": Array(np.zeros(4, np.float32))})
@@ -440,18 +440,24 @@ def _secure_round(
 
 
 @pytest.mark.parametrize(
-    ("stage", "reason", "in_sum"),
+    ("stage", "prekeys", "reason", "in_sum"),
     [
-        (DropoutStage.SETUP, "setup:", False),
-        (DropoutStage.SHARE_KEYS, "share-keys:", False),
-        (DropoutStage.TRAINING, "masked-input:", False),
-        (DropoutStage.UNMASK, "unmask:", True),
+        (DropoutStage.SETUP, False, "setup:", False),
+        (DropoutStage.SHARE_KEYS, False, "share-keys:", False),
+        (DropoutStage.TRAINING, False, "masked-input:", False),
+        (DropoutStage.UNMASK, False, "unmask:", True),
+        # Keyed in advance: 'setup' is offline from the pre-key request on; 'share-keys'
+        # announced a key but answers nothing of the round itself.
+        (DropoutStage.SETUP, True, "prekey:", False),
+        (DropoutStage.SHARE_KEYS, True, "prekeyed-setup:", False),
+        (DropoutStage.TRAINING, True, "masked-input:", False),
+        (DropoutStage.UNMASK, True, "unmask:", True),
     ],
 )
 def test_a_secure_round_survives_dropouts_at_every_stage(
-    stage: DropoutStage, reason: str, in_sum: bool
+    stage: DropoutStage, prekeys: bool, reason: str, in_sum: bool
 ) -> None:
-    replies, stats, dropped = _secure_round(stage, 0.25)
+    replies, stats, dropped = _secure_round(stage, 0.25, prekeys=prekeys)
 
     assert len(dropped) == 2 and stats.aborted is None
     ok = [r for r in replies if not r.has_error()]
@@ -462,6 +468,22 @@ def test_a_secure_round_survives_dropouts_at_every_stage(
     assert all(stats.failures[n].startswith(reason) for n in dropped)
     # Dropped at unmask, a device's input is already in the sum: only its shares are missing.
     assert stats.survivors == (8 if in_sum else 6)
+
+
+def test_a_pre_key_request_is_named_by_the_round_it_comes_before() -> None:
+    failures = FailureConfig(dropout_fraction=0.5, dropout_stage=DropoutStage.SETUP, time_scale=0.0)
+    fleet = 64
+
+    def dropped(server_round: int) -> frozenset[int]:
+        return failures.dropped_partitions(seed=0, server_round=server_round, num_partitions=fleet)
+
+    # Dropped in round 1 (the round the request comes before), not in round 0.
+    partition = next(p for p in range(fleet) if p in dropped(1) and p not in dropped(0))
+    mod = behaviour_mod(DeviceProfiles(), failures, seed=0, num_partitions=fleet)
+
+    reply = mod(_staged(Stage.PREKEY, b"p" * 16), _context(partition, fleet), _step)
+
+    assert reply.has_error() and str(reply.error.reason).endswith("round 1")
 
 
 def _staged(
