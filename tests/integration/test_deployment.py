@@ -397,9 +397,13 @@ def test_every_round_is_audited_charged_and_the_chain_verifies(deployment: Outco
                      if r["kind"] == "round.completed" and r["run_id"] == run]  # fmt: skip
         spent = [r["payload"]["round"] for r in records
                  if r["kind"] == "privacy.spent" and r["run_id"] == run]  # fmt: skip
-        assert completed == rounds
+        which = "first" if summary is deployment.first else "second"
+        # On failure, say which run and what its rounds did (an aborted round is not charged).
+        story = f"{which} run: rounds {json.dumps(summary['rounds'], default=str)[:4000]}"
+        assert completed == rounds, story
         # The crashed round was abandoned but charged: spend is recorded for every round.
-        assert spent == list(range(1, len(rounds) + 1 + (summary is deployment.second)))
+        expected = list(range(1, len(rounds) + 1 + (summary is deployment.second)))
+        assert spent == expected, story
     verify = fleet.fedge("audit", "verify", "--home", str(fleet.server_dir))
     assert verify.returncode == 0
     # Distributed DP: the server's ledger charges the run once per round.
@@ -481,6 +485,10 @@ def test_a_killed_server_resumes_its_run_and_never_undercounts(deployment: Outco
     assert [r["round"] for r in second["rounds"]] == [
         r for r in range(1, SECOND_ROUNDS + 1) if r != CRASHED_IN
     ]
+    # Every round it trained completed with every device (a device that leaves a round of
+    # four aborts it: no dropout is tolerated here).
+    aborted = {r["round"]: r["secure_aggregation"]["aborted"] for r in second["rounds"]}
+    assert aborted == dict.fromkeys(aborted), aborted
     resumed = [
         r["payload"] for r in _audit(deployment.fleet)
         if r["kind"] == "run.resumed" and r["run_id"] == second["run_id"]

@@ -186,3 +186,17 @@ def test_conditional_rounding_keeps_every_client_within_the_accounted_sensitivit
         signed = encoded.astype(np.int64)
         signed[signed >= 2**15] -= 2**16
         assert float(np.linalg.norm(signed)) <= config.l2_sensitivity
+
+
+@pytest.mark.parametrize("bits", [16, 32])
+def test_an_update_clipped_to_the_bound_always_rounds_at_every_ring(bits: int) -> None:
+    # At a 32-bit ring the clip is ~2^27 integer steps and conditional rounding leaves
+    # half a step of room: a rotation's own float error (single precision: several
+    # steps for a heavy-tailed update) must not push a clipped update past the bound, or every
+    # try fails and the device leaves a round it should have joined.
+    config = _config(ring_bits=bits, dimension=100_000, expected_clients=4, noise_std=1.0)
+    for seed in range(6):
+        # Heavy-tailed, as a diverging model's update is (a few values dominate).
+        update = np.tan(np.arange(100_000) * (seed + 1.5)) * 40.0  # far past the clip
+        encoded = ddp_encode(update, config, DeterministicRandom(seed))
+        assert encoded.shape == (100_000,)
