@@ -22,11 +22,13 @@ class ClipResult:
     clipped: bool
 
 
-def clip_l2(update: npt.NDArray[np.floating], bound: float) -> ClipResult:
+def clip_l2(update: npt.NDArray[np.floating], bound: float, *, copy: bool = True) -> ClipResult:
     """Scale ``update`` so its L2 norm is at most ``bound``; a shorter update is kept as is.
 
     Never increases a norm and accepts the zero update (no division by a zero
-    norm, unlike Flower's DP wrappers).
+    norm, unlike Flower's DP wrappers). With ``copy=False`` a float64 update that
+    is already short enough is returned itself (one pass over the vector fewer,
+    for a caller that only reads it).
 
     Raises
     ------
@@ -40,7 +42,7 @@ def clip_l2(update: npt.NDArray[np.floating], bound: float) -> ClipResult:
     if not math.isfinite(norm):
         raise ConfigError("cannot clip an update holding NaN or infinite values")
     if norm <= bound:
-        return ClipResult(update=flat.copy(), norm=norm, clipped=False)
+        return ClipResult(update=flat.copy() if copy else flat, norm=norm, clipped=False)
     # bound / norm < 1 here; the product's rounding (and the norm's own) can exceed
     # the bound by an ulp or two, so shrink by one ulp of the factor until it holds
     # (a clipped update must clip to itself: clipping twice changes nothing).

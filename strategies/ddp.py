@@ -42,7 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedge.errors import ConfigError
-from secure_agg.noise import discrete_gaussian, uniform32
+from secure_agg.noise import add_discrete_gaussian, uniform32
 from secure_agg.prg import SEED_BYTES
 from secure_agg.randomness import RandomSource
 from strategies.accounting import ddg_rho
@@ -348,7 +348,7 @@ def ddp_encode(
     flat = np.asarray(update, dtype=np.float64).reshape(-1)
     if flat.shape[0] != config.dimension:
         raise ConfigError(f"the update has {flat.shape[0]} values, expected {config.dimension}")
-    clipped = clip_l2(flat, config.l2_clip).update
+    clipped = clip_l2(flat, config.l2_clip, copy=False).update  # rotate copies it
     rotated = rotate(clipped, config.rotation_seed, precision=rotation_precision(config.ring_bits))
     scaled = np.multiply(rotated, 1.0 / config.gamma, dtype=np.float64)
     # The rotation preserves the norm only up to its float error: single precision can
@@ -360,18 +360,22 @@ def ddp_encode(
     if length > limit:
         scaled *= limit / length
     bound = config.rounding_bound * (1 + _NORM_TEST_SLACK)
+    rounded = np.empty_like(scaled)  # every try writes into it
     for _ in range(_MAX_ROUNDING_TRIES):
         # Stochastic rounding (unbiased: floor(x + u) is x's ceiling with probability
         # frac(x), to within u's 2^-32 grid), kept only if its norm meets the bound.
-        rounded = uniform32(rng, scaled.shape[0])
+        uniform32(rng, scaled.shape[0], out=rounded)
         rounded += scaled
         np.floor(rounded, out=rounded)
         if float(np.linalg.norm(rounded)) <= bound:
             break
     else:  # pragma: no cover - each try succeeds with probability >= 0.39
         raise ConfigError("conditional rounding failed; the update is not clipped to l2_clip")
-    integers = rounded.astype(np.int64)
-    integers += discrete_gaussian(config.sigma_integer, integers.shape[0], rng)
+    # The integers go where the scaled floats were (no longer needed): no fresh 8 bytes
+    # a value to fault in.
+    integers: npt.NDArray[np.int64] = scaled.view(np.int64)
+    np.copyto(integers, rounded, casting="unsafe")
+    add_discrete_gaussian(integers, config.sigma_integer, rng)
     # Two's complement modulo 2^b: the ring's element for each signed integer (numpy's
     # integer casts keep the low b bits).
     return integers.astype(config.dtype)

@@ -61,7 +61,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedge.errors import ConfigError
-from secure_agg.noise import discrete_gaussian, uniform53
+from secure_agg.noise import add_discrete_gaussian, uniform53
 from secure_agg.randomness import RandomSource
 from strategies.accounting import GaussianSteps, PrivacySpend, composed_epsilon, least_noise
 from strategies.clipping import clip_l2
@@ -389,6 +389,6 @@ def sddp_encode(
     base = np.floor(scaled)
     rounded = base + (uniform53(rng, scaled.shape[0]) < scaled - base)
     integers: npt.NDArray[np.int64] = rounded.astype(np.int64)
-    integers += discrete_gaussian(ring.sigma_integer, integers.shape[0], rng)
+    add_discrete_gaussian(integers, ring.sigma_integer, rng)
     # Two's complement modulo 2^b (numpy's integer casts keep the low b bits).
     return integers.astype(ring.dtype)

@@ -12,6 +12,7 @@ from scipy import stats
 from fedge.errors import ConfigError
 from secure_agg import noise
 from secure_agg.noise import (
+    add_discrete_gaussian,
     convolution_statistical_distance,
     discrete_gaussian,
     discrete_gaussian_variance,
@@ -19,6 +20,7 @@ from secure_agg.noise import (
     uniform32,
     uniform53,
 )
+from secure_agg.prg import expand_mask
 from secure_agg.randomness import DeterministicRandom
 
 # Both samplers behind discrete_gaussian: the inversion table (sigma <= 512) and the
@@ -77,6 +79,46 @@ def test_the_table_is_the_exact_pmf_within_its_stated_distance() -> None:
     assert table_statistical_distance(64.8) < table_statistical_distance(512.0) < 1e-15
     with pytest.raises(ConfigError, match="512"):
         table_statistical_distance(513.0)
+
+
+class _Recording:
+    """A seeded source that keeps every seed it hands out, to rebuild the keystreams."""
+
+    def __init__(self, seed: int) -> None:
+        self._inner = DeterministicRandom(seed)
+        self.seeds: list[bytes] = []
+
+    def random_bytes(self, count: int) -> bytes:
+        drawn = self._inner.random_bytes(count)
+        self.seeds.append(drawn)
+        return drawn
+
+
+@pytest.mark.parametrize("sigma", [3.0, 40.0, 512.0])
+def test_each_table_sample_is_its_64_bit_words_place_among_the_thresholds(sigma: float) -> None:
+    # The sampler draws a word's top 16 bits for every sample and its low 48 only where
+    # a threshold splits the top's bucket (one comparison for a bucket of one threshold,
+    # a search for more): every sample must still be exactly the full word's inversion,
+    # #{thresholds <= word} - bound.
+    size = 100_000
+    rng = _Recording(3)
+    samples = noise._by_table(sigma, size, rng)
+    table = noise._table(sigma)
+    top = expand_mask(rng.seeds[0], size, np.dtype(np.uint16)).astype(np.uint64)
+    starts = top << np.uint64(48)
+    first = np.searchsorted(table.thresholds, starts, side="right") - table.bound
+    last = np.searchsorted(table.thresholds, starts | np.uint64(2**48 - 1), side="right")
+    sure = first == last - table.bound
+    assert np.array_equal(samples[sure], first[sure])
+    (split,) = np.nonzero(~sure)
+    assert split.size > 0  # the low bits were needed somewhere
+    if sigma >= 40:  # and some in a tail bucket of several thresholds (a search)
+        assert np.any(last[split] - first[split] - table.bound > 1)
+    low = expand_mask(rng.seeds[1], split.size, np.dtype(np.uint64)) >> np.uint64(16)
+    words = starts[split] | low
+    assert np.array_equal(
+        samples[split], np.searchsorted(table.thresholds, words, side="right") - table.bound
+    )
 
 
 def test_each_scale_uses_its_sampler(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -153,6 +195,15 @@ def test_the_convolution_plan_composes_to_sigma_with_smoothing_at_least_4(sigma:
         assert level.smoothing == pytest.approx(following * level.fine / scale, rel=1e-9)
     assert scale == pytest.approx(sigma, rel=1e-12)
     assert convolution_statistical_distance(sigma) < 1e-14 * (len(levels) + 1)
+
+
+@pytest.mark.parametrize("sigma", [40.0, 2.4e7])
+def test_adding_in_place_adds_the_same_samples(sigma: float) -> None:
+    base = np.arange(-500, 500, dtype=np.int64) * 1_000_003
+    target = base.copy()
+    add_discrete_gaussian(target, sigma, DeterministicRandom(9))
+    assert np.array_equal(target - base, discrete_gaussian(sigma, 1000, DeterministicRandom(9)))
+    assert target.dtype == np.int64
 
 
 def test_tiny_scales_give_zero() -> None:

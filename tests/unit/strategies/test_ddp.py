@@ -173,9 +173,7 @@ def test_conditional_rounding_keeps_every_client_within_the_accounted_sensitivit
     # A 16-bit ring: few integer steps per unit, so rounding is a large part of the norm.
     config = _config(ring_bits=16, dimension=4000, expected_clients=100, noise_std=1e-3)
     # The rounded vector alone: no noise added.
-    monkeypatch.setattr(
-        "strategies.ddp.discrete_gaussian", lambda sigma, size, rng: np.zeros(size, np.int64)
-    )
+    monkeypatch.setattr("strategies.ddp.add_discrete_gaussian", lambda target, sigma, rng: None)
     scaled = config.l2_clip / config.gamma
     padded = 4096
     # Rounding adds almost nothing to c/gamma (unconditionally it could add sqrt(d') = 64).
