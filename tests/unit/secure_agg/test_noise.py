@@ -6,6 +6,7 @@ import math
 from collections.abc import Callable
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from scipy import stats
 
@@ -21,11 +22,14 @@ from secure_agg.noise import (
     uniform53,
 )
 from secure_agg.prg import expand_mask
-from secure_agg.randomness import DeterministicRandom
+from secure_agg.randomness import DeterministicRandom, RandomSource
 
 # Both samplers behind discrete_gaussian: the inversion table (sigma <= 512) and the
 # rejection sampler (above); each must pass every distribution test.
-SAMPLERS = {"table": noise._by_table, "rejection": noise._by_rejection}
+SAMPLERS: dict[str, Callable[[float, int, RandomSource], npt.NDArray[np.signedinteger]]] = {
+    "table": noise._by_table,
+    "rejection": noise._by_rejection,
+}
 
 
 def _pmf(sigma: float, support: np.ndarray) -> np.ndarray:
