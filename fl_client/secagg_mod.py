@@ -398,7 +398,10 @@ def make_secagg_mod(
                     f"the round expects {setup.vector_length - 1}"
                 )
             weight = _weight(reply, weight_key, setup.encoding.weight_cap)
-            encoded = encode(update, weight=weight, config=setup.encoding, rng=rng_factory())
+            # The update is this call's own: its memory holds the levels.
+            encoded = encode(
+                update, weight=weight, config=setup.encoding, rng=rng_factory(), consume=True
+            )
         masked = _mask(session, request, encoded, context)
         return masked.vector, MaskedInputReport(node_id=masked.node_id, rejected=masked.rejected)
 

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from fedge.errors import ConfigError
-from secure_agg.prg import SEED_BYTES, uniform_floats
+from secure_agg.noise import uniform32
 from secure_agg.randomness import RandomSource
 
 __all__ = ["EncodingConfig", "conditional_rounding_bound", "decode_sum", "encode"]
@@ -44,6 +44,8 @@ _MIN_QUANT_BITS = 4
 # probability >= 1 - beta ~ 0.39, so 200 tries all failing has probability < 1e-43.
 _LOG_INV_BETA = 0.5
 _MAX_ROUNDING_TRIES = 200
+# Levels below 2^16: stochastic rounding cannot reach top + 1 (see _levels).
+_EXACT_QUANT_BITS = 16
 _DTYPES = (np.uint8, np.uint16, np.uint32, np.uint64)
 
 
@@ -134,19 +136,31 @@ def _levels(
     rng: RandomSource,
     l2_bound: float | None,
     bounded: int,
+    *,
+    consume: bool,
 ) -> npt.NDArray[np.float64]:
     # In place on one float64 buffer: every pass over a million values counts.
-    scaled = np.empty(flat.shape[0], dtype=np.float64)
+    scaled: npt.NDArray[np.float64]
+    if consume and flat.dtype == np.float64 and flat.flags.c_contiguous and flat.flags.writeable:
+        scaled = cast("npt.NDArray[np.float64]", flat)
+    else:
+        scaled = np.empty(flat.shape[0], dtype=np.float64)
     np.clip(flat, -config.clip_range, config.clip_range, out=scaled)
     scaled += config.clip_range
     scaled *= config.scale
     top = float((1 << config.quant_bits) - 1)
+    # With top < 2^16, x = (v + c) s exceeds top by at most top 2^-52 < 2^-36 and
+    # u <= 1 - 2^-32, so x + u stays below top + 1 by far more than its rounding (ulp
+    # 2^-37 there) and floor(x + u) <= top. Wider, the sum can round up to top + 1.
+    guard = config.quant_bits > _EXACT_QUANT_BITS
+    uniforms = np.empty(flat.shape[0], dtype=np.float64)
 
     def round_into(levels: npt.NDArray[np.float64]) -> None:
         # + U[0, 1) then floor: unbiased stochastic rounding.
-        levels += uniform_floats(rng.random_bytes(SEED_BYTES), flat.shape[0])
+        levels += uniform32(rng, flat.shape[0], out=uniforms)
         np.floor(levels, out=levels)
-        np.minimum(levels, top, out=levels)  # guards the float edge case x == c, u -> 1
+        if guard:
+            np.minimum(levels, top, out=levels)  # the float edge case x == c, u -> 1
 
     if l2_bound is None:
         round_into(scaled)
@@ -168,6 +182,7 @@ def encode(
     rng: RandomSource,
     l2_bound: float | None = None,
     bounded_length: int | None = None,
+    consume: bool = False,
 ) -> npt.NDArray[np.unsignedinteger[Any]]:
     """Return ``[w * v_1, ..., w * v_d, w]`` in the ring's dtype.
 
@@ -177,6 +192,9 @@ def encode(
         Conditional rounding: re-draw the rounding until the first
         ``bounded_length`` decoded values (all by default) have L2 norm at most
         ``l2_bound`` (see :func:`conditional_rounding_bound`).
+    consume
+        ``values`` (a float64 vector the caller no longer needs) may be
+        overwritten: the levels are computed in its memory, saving a buffer.
 
     Raises
     ------
@@ -194,7 +212,7 @@ def encode(
     bounded = flat.shape[0] if bounded_length is None else bounded_length
     if not 0 <= bounded <= flat.shape[0]:
         raise ConfigError(f"bounded_length must be in [0, {flat.shape[0]}], got {bounded}")
-    levels = _levels(flat, config, rng, l2_bound, bounded)
+    levels = _levels(flat, config, rng, l2_bound, bounded, consume=consume)
     top = float((1 << config.quant_bits) - 1)
     out = np.empty(flat.shape[0] + 1, dtype=config.dtype)
     if weight * top < 2.0**53:

@@ -48,6 +48,36 @@ def test_out_of_range_values_are_clipped() -> None:
     np.testing.assert_allclose(decoded, [-1.0, 1.0], atol=config.error_bound)
 
 
+@pytest.mark.parametrize("ring_bits", [12, 16, 20, 32, 40])
+def test_values_at_the_clip_never_round_past_the_top_level(ring_bits: int) -> None:
+    # x = (v + c) s lands on the top level (or a hair above it in float64) and u can be
+    # 1 - 2^-32: the levels must still never pass 2^q - 1, guarded or not.
+    config = EncodingConfig(clip_range=0.37, ring_bits=ring_bits, max_clients=3)
+    values = np.full(50_000, 0.37)
+    values[::2] = 5.0  # clipped to c
+
+    encoded = encode(values, weight=1, config=config, rng=DeterministicRandom(ring_bits))
+
+    top = (1 << config.quant_bits) - 1
+    assert int(encoded[:-1].max()) == top
+
+
+def test_an_encoding_that_consumes_its_input_is_the_same() -> None:
+    config = EncodingConfig(clip_range=1.0, ring_bits=16, max_clients=10)
+    values = np.linspace(-1.5, 1.5, 10_001)
+    kept = encode(values.copy(), weight=1, config=config, rng=DeterministicRandom(4))
+
+    consumed = values.copy()
+    again = encode(consumed, weight=1, config=config, rng=DeterministicRandom(4), consume=True)
+
+    assert np.array_equal(kept, again)
+    assert not np.array_equal(consumed, values)  # its memory held the levels
+    # A float32 vector is never written to (it is not float64: copied instead).
+    single = values.astype(np.float32)
+    encode(single, weight=1, config=config, rng=DeterministicRandom(4), consume=True)
+    assert np.array_equal(single, values.astype(np.float32))
+
+
 def test_stochastic_rounding_is_unbiased() -> None:
     config = EncodingConfig(clip_range=1.0, ring_bits=8, max_clients=1)
     value = 0.3 + config.error_bound / 3  # between two levels
