@@ -123,6 +123,9 @@ _METRICS_KEY: Final = "metrics"
 T = TypeVar("T")
 # Called with a distributed-DP round's rho and its survivors' subjects before unmasking.
 _DISTRIBUTED_MECHANISM = "distributed-ddg"
+# Distributed DP whose averaged update carries noise of more than this many clips (in L2
+# norm) is worth a warning: the model is unlikely to learn (too few clients for the model).
+_NOISE_WARNING_CLIPS = 10.0
 
 PrivacyGuard = Callable[[PrivacySpend, Sequence[str]], None]
 
@@ -586,6 +589,7 @@ class SecureAggregationGrid(ForwardingGrid):
             if config.prekeys
             else None
         )
+        self._noise_warned = False
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -619,6 +623,7 @@ class SecureAggregationGrid(ForwardingGrid):
                 for m in outgoing
             ]
         self._report(secure.stats)
+        self._warn_if_noise_drowns(secure)
         template = outgoing[0]
         metrics = MetricRecord(
             {
@@ -644,3 +649,26 @@ class SecureAggregationGrid(ForwardingGrid):
     def _report(self, stats: SecAggRoundStats) -> None:
         if self._on_round is not None:
             self._on_round(stats)
+
+    def _warn_if_noise_drowns(self, secure: _Round) -> None:
+        """Warn once a run when distributed DP's noise dwarfs any update the mean can hold."""
+        dp, survivors = secure.stats.dp, secure.stats.survivors
+        # Shared-noise DP-SGD sums many examples' clipped gradients: not this comparison.
+        if self._noise_warned or dp is None or secure.sddp is not None or survivors < 1:
+            return
+        # The noise is per coordinate of the sum; the rotation keeps norms, so the averaged
+        # update's noise has L2 norm ~ std sqrt(d) / n against at most the clip of signal.
+        noise = dp["noise_std_of_sum"] * math.sqrt(secure.length) / survivors
+        clips = noise / dp["l2_clip"]
+        if clips > _NOISE_WARNING_CLIPS:
+            self._noise_warned = True
+            logger.warning(
+                "distributed DP: the averaged update's noise has L2 norm ~%.3g, %.0f times "
+                "the clip %g (%d clients, %d parameters): expect slow or no learning; more "
+                "clients per round, a smaller model or less noise (a larger epsilon) help",
+                noise,
+                clips,
+                dp["l2_clip"],
+                survivors,
+                secure.length,
+            )

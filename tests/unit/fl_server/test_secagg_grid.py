@@ -314,6 +314,29 @@ def test_distributed_dp_gives_the_unweighted_mean_plus_little_noise() -> None:
     assert stats.total_weight == len(NODES)
 
 
+def test_noise_that_drowns_the_mean_is_warned_about_once(caplog: pytest.LogCaptureFixture) -> None:
+    apps = {n: _ddp_app(_zero_update) for n in NODES}
+    # z c = 0.01 over 6 values: the mean's noise is a sliver of the clip, no warning.
+    _ddp_round(apps, DistributedDpSettings(l2_clip=1.0, noise_multiplier=0.01), 6)
+    assert "expect slow or no learning" not in caplog.text
+    # z c = 1 over 16,384 values and 8 clients (each adding z c / sqrt(5)): noise of norm
+    # ~20 clips on the mean, in each of two rounds of one run; warned about once.
+    settings = DistributedDpSettings(l2_clip=1.0, noise_multiplier=1.0)
+    config = SecAggConfig(degree=6, threshold=3, distributed_dp=settings, dropout_fraction=0.25)
+    grid = SecureAggregationGrid(InProcessGrid(apps), config)
+    strategy = FedAvg(fraction_evaluate=0.0, min_train_nodes=len(apps))
+    arrays = ArrayRecord({"w": Array(np.ones(16_384, np.float32))})
+    for server_round in (1, 2):
+        list(
+            grid.send_and_receive(
+                strategy.configure_train(server_round, arrays, ConfigRecord(), grid)
+            )
+        )
+    warnings = [r for r in caplog.records if "expect slow or no learning" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
+    assert "8 clients, 16384 parameters" in warnings[0].getMessage()
+
+
 def test_distributed_dp_with_dropouts_carries_the_configured_noise_and_no_more() -> None:
     settings = DistributedDpSettings(l2_clip=1.0, noise_multiplier=1.0)
     apps = {n: _ddp_app(_zero_update) for n in NODES}
