@@ -159,11 +159,7 @@ def discrete_gaussian(sigma: float, size: int, rng: RandomSource) -> npt.NDArray
         If ``sigma`` or ``size`` is out of range.
     """
     _check_arguments(sigma, size)
-    if sigma <= _TABLE_MAX_SIGMA:
-        return _by_table(sigma, size, rng).astype(np.int64)
-    if len(_convolution_plan(sigma)[0]) <= _CONVOLUTION_MAX_LEVELS:
-        return _by_convolution(sigma, size, rng).astype(np.int64, copy=False)
-    return _by_rejection(sigma, size, rng)
+    return _samples(sigma, size, rng).astype(np.int64, copy=False)
 
 
 def add_discrete_gaussian(target: npt.NDArray[np.int64], sigma: float, rng: RandomSource) -> None:
@@ -179,12 +175,16 @@ def add_discrete_gaussian(target: npt.NDArray[np.int64], sigma: float, rng: Rand
     """
     size = target.shape[0]
     _check_arguments(sigma, size)
+    target += _samples(sigma, size, rng)
+
+
+def _samples(sigma: float, size: int, rng: RandomSource) -> npt.NDArray[np.signedinteger]:
+    """Return the samples in the sampler's own (narrowest) integer type."""
     if sigma <= _TABLE_MAX_SIGMA:
-        target += _by_table(sigma, size, rng)
-    elif len(_convolution_plan(sigma)[0]) <= _CONVOLUTION_MAX_LEVELS:
-        target += _by_convolution(sigma, size, rng)
-    else:
-        target += _by_rejection(sigma, size, rng)
+        return _by_table(sigma, size, rng)
+    if len(_convolution_plan(sigma)[0]) <= _CONVOLUTION_MAX_LEVELS:
+        return _by_convolution(sigma, size, rng)
+    return _by_rejection(sigma, size, rng)
 
 
 def _check_arguments(sigma: float, size: int) -> None:
@@ -269,8 +269,8 @@ def _by_table(sigma: float, size: int, rng: RandomSource) -> npt.NDArray[np.int1
     top 16 bits and its low 48 are independent and uniform, so they are drawn apart:
     the guide needs only the top (2 bytes a sample from the keystream, read
     contiguously), and the low bits are drawn only for the words whose bucket a
-    threshold splits (about 5 % at sigma 512, fewer below), the same words as before;
-    a bucket with one threshold needs one comparison, the rest a binary search.
+    threshold splits (about 5 % at sigma 512, fewer below): the same samples as drawing
+    whole words. A bucket with one threshold needs one comparison, the rest a binary search.
     """
     table = _table(sigma)
     top = expand_mask(rng.random_bytes(SEED_BYTES), size, np.dtype(np.uint16))
@@ -279,8 +279,9 @@ def _by_table(sigma: float, size: int, rng: RandomSource) -> npt.NDArray[np.int1
     if unsure.size:
         words = expand_mask(rng.random_bytes(SEED_BYTES), unsure.size, np.dtype(np.uint64))
         words >>= np.uint64(_GUIDE_BITS)
-        words |= top[unsure].astype(np.uint64) << np.uint64(64 - _GUIDE_BITS)
-        at = table.single[top[unsure]]
+        buckets = top[unsure]
+        words |= buckets.astype(np.uint64) << np.uint64(64 - _GUIDE_BITS)
+        at = table.single[buckets]
         one = at >= 0
         located = np.empty(unsure.size, dtype=np.int64)
         index = at[one]
@@ -352,15 +353,22 @@ def _by_convolution(sigma: float, size: int, rng: RandomSource) -> npt.NDArray[n
     sigma (2.4e7) every value is below 2^29, and the levels run on half the memory.
     """
     levels, base = _convolution_plan(sigma)
-    bound = _table_bound(base)
-    for level in levels:
-        bound = bound * level.z + _table_bound(level.fine)
-    dtype: type[np.int32] | type[np.int64] = np.int32 if bound < 2**31 else np.int64
+    dtype: type[np.int32] | type[np.int64] = (
+        np.int32 if _convolution_bound(levels, base) < 2**31 else np.int64
+    )
     samples: npt.NDArray[np.signedinteger] = _by_table(base, size, rng).astype(dtype)
     for level in reversed(levels):
         samples *= level.z
         samples += _by_table(level.fine, size, rng)
     return samples
+
+
+def _convolution_bound(levels: tuple[_Level, ...], base: float) -> int:
+    """Return the largest magnitude a convolution sample can take, level by level as built."""
+    bound = _table_bound(base)
+    for level in reversed(levels):  # the order _by_convolution applies them
+        bound = bound * level.z + _table_bound(level.fine)
+    return bound
 
 
 def _by_rejection(sigma: float, size: int, rng: RandomSource) -> npt.NDArray[np.int64]:

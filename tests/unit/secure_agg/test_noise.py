@@ -210,6 +210,20 @@ def test_adding_in_place_adds_the_same_samples(sigma: float) -> None:
     assert target.dtype == np.int64
 
 
+def test_the_convolution_bound_follows_the_order_the_levels_are_applied() -> None:
+    # At a 32-bit ring's sigma the levels are z = 127, 127, 120 (outermost first) over a
+    # base of ~11.6: the innermost level (z = 120) multiplies the base draw first, and the
+    # int32 choice rests on this bound holding every value the samples can take.
+    levels, base = noise._convolution_plan(2.4e7)
+    assert [level.z for level in levels] == [127, 127, 120]
+    table = noise._table_bound(base)
+    fine = noise._table_bound(512.0)
+    expected = ((table * 120 + fine) * 127 + fine) * 127 + fine
+    assert noise._convolution_bound(levels, base) == expected < 2**31
+    samples = noise._by_convolution(2.4e7, 10_000, DeterministicRandom(8))
+    assert samples.dtype == np.int32
+
+
 def test_tiny_scales_give_zero() -> None:
     # 2^-20 is the smallest sigma accepted: P[Y != 0] is about e^(-2^39).
     assert not discrete_gaussian(2.0**-20, 1000, DeterministicRandom(2)).any()
