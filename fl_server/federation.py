@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -417,7 +418,15 @@ def make_server_app(
             shared = isinstance(secure.distributed_dp, SampleDdpSettings)
             mechanism = SHARED_NOISE_MECHANISM if shared else _DDG
             guard, on_secure = _privacy_hooks(privacy, counts, audit, run_id, mechanism)
-            grid = SecureAggregationGrid(grid, secure, on_round=on_secure, privacy_guard=guard)
+            secure_grid = SecureAggregationGrid(
+                grid, secure, on_round=on_secure, privacy_guard=guard
+            )
+            # Before any round: a model too large for the clients a round holds learns nothing.
+            secure_grid.check_plan(
+                clients=config.min_train_nodes,
+                parameters=sum(int(np.prod(a.shape)) for a in initial_arrays.values()),
+            )
+            grid = secure_grid
         sampling: dict[str, Any] = {
             "fraction_train": config.fraction_train,
             "fraction_evaluate": 0.0,

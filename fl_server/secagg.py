@@ -99,7 +99,7 @@ from strategies.central import (
     CentralDpRound,
     secure_l2_bound,
 )
-from strategies.ddp import DDP_RECORD_KEY, DdpConfig, ddp_decode_sum
+from strategies.ddp import DDP_RECORD_KEY, DdpConfig, DistributedDpSettings, ddp_decode_sum
 from strategies.rotation import rotated_length
 from strategies.sample_ddp import (
     SDDP_RECORD_KEY,
@@ -112,6 +112,7 @@ __all__ = [
     "SecAggConfig",
     "SecAggRoundStats",
     "SecureAggregationGrid",
+    "noise_in_clips",
     "payload_bytes",
 ]
 
@@ -126,6 +127,23 @@ _DISTRIBUTED_MECHANISM = "distributed-ddg"
 # Distributed DP whose averaged update carries noise of more than this many clips (in L2
 # norm) is worth a warning: the model is unlikely to learn (too few clients for the model).
 _NOISE_WARNING_CLIPS = 10.0
+_NOISE_ADVICE = (
+    "expect slow or no learning; more clients per round, a smaller model or less noise "
+    "(a larger epsilon) help"
+)
+
+
+def noise_in_clips(
+    *, noise_std_of_sum: float, dimension: int, survivors: int, l2_clip: float
+) -> float:
+    """Return the L2 norm of the averaged update's noise, in clips.
+
+    The noise is ``noise_std_of_sum`` per coordinate of the sum of ``survivors``
+    updates; the rotation keeps norms, so the mean of ``dimension`` values carries
+    noise of L2 norm ~ std sqrt(d) / n, against at most one clip of signal.
+    """
+    return noise_std_of_sum * math.sqrt(dimension) / survivors / l2_clip
+
 
 PrivacyGuard = Callable[[PrivacySpend, Sequence[str]], None]
 
@@ -650,25 +668,61 @@ class SecureAggregationGrid(ForwardingGrid):
         if self._on_round is not None:
             self._on_round(stats)
 
+    def check_plan(self, *, clients: int, parameters: int) -> None:
+        """Warn before the first round when distributed DP's noise would dwarf every update.
+
+        ``clients`` is the number a round is planned to sample and ``parameters``
+        the model's size; the estimate assumes every client survives (fewer
+        survivors only make it worse). The rounds then do not warn again.
+        """
+        settings = self._config.distributed_dp
+        if self._noise_warned or not isinstance(settings, DistributedDpSettings) or clients < 1:
+            return
+        try:
+            honest = self._config.min_honest_contributors(clients)
+        except ConfigError:
+            return  # the first round refuses the configuration with this error
+        share = settings.noise_multiplier * settings.l2_clip / math.sqrt(honest)
+        clips = noise_in_clips(
+            noise_std_of_sum=share * math.sqrt(clients),
+            dimension=parameters,
+            survivors=clients,
+            l2_clip=settings.l2_clip,
+        )
+        if clips > _NOISE_WARNING_CLIPS:
+            self._noise_warned = True
+            logger.warning(
+                "distributed DP: with %d clients a round (all surviving) the averaged update "
+                "of %d parameters will carry noise of L2 norm ~%.3g, %.0f times the clip %g: %s",
+                clients,
+                parameters,
+                clips * settings.l2_clip,
+                clips,
+                settings.l2_clip,
+                _NOISE_ADVICE,
+            )
+
     def _warn_if_noise_drowns(self, secure: _Round) -> None:
         """Warn once a run when distributed DP's noise dwarfs any update the mean can hold."""
         dp, survivors = secure.stats.dp, secure.stats.survivors
         # Shared-noise DP-SGD sums many examples' clipped gradients: not this comparison.
         if self._noise_warned or dp is None or secure.sddp is not None or survivors < 1:
             return
-        # The noise is per coordinate of the sum; the rotation keeps norms, so the averaged
-        # update's noise has L2 norm ~ std sqrt(d) / n against at most the clip of signal.
-        noise = dp["noise_std_of_sum"] * math.sqrt(secure.length) / survivors
-        clips = noise / dp["l2_clip"]
+        clips = noise_in_clips(
+            noise_std_of_sum=dp["noise_std_of_sum"],
+            dimension=secure.length,
+            survivors=survivors,
+            l2_clip=dp["l2_clip"],
+        )
         if clips > _NOISE_WARNING_CLIPS:
             self._noise_warned = True
             logger.warning(
                 "distributed DP: the averaged update's noise has L2 norm ~%.3g, %.0f times "
-                "the clip %g (%d clients, %d parameters): expect slow or no learning; more "
-                "clients per round, a smaller model or less noise (a larger epsilon) help",
-                noise,
+                "the clip %g (%d clients, %d parameters): %s",
+                clips * dp["l2_clip"],
                 clips,
                 dp["l2_clip"],
                 survivors,
                 secure.length,
+                _NOISE_ADVICE,
             )

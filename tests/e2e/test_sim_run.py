@@ -225,6 +225,9 @@ def test_distributed_dp_stops_at_the_round_that_would_exceed_the_budget(tmp_path
     warned = " ".join(result.stdout.split())
     assert "allows 2 of the 5 rounds at noise multiplier 3.5" in warned, warned[-2000:]
     assert "or more fits them all" in warned
+    # And that a model this size learns nothing from four clients' noisy mean.
+    logged = " ".join((result.stdout + result.stderr).split())
+    assert "with 4 clients a round (all surviving) the averaged update" in logged, logged[-2000:]
     engine = open_database(f"sqlite:///{tmp_path / 'runs' / 'fedge.db'}")
     try:
         kinds = [e.kind for e in AuditLog(engine).iter(run_id=summary["run_id"])]

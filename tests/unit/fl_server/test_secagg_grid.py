@@ -337,6 +337,35 @@ def test_noise_that_drowns_the_mean_is_warned_about_once(caplog: pytest.LogCaptu
     assert "8 clients, 16384 parameters" in warnings[0].getMessage()
 
 
+def test_the_plan_is_checked_for_drowning_noise_before_any_round(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = DistributedDpSettings(l2_clip=1.0, noise_multiplier=1.0)
+    config = SecAggConfig(degree=6, threshold=3, distributed_dp=settings, dropout_fraction=0.25)
+    apps = {n: _ddp_app(_zero_update) for n in NODES}
+
+    # 8 clients, 5 honest: each adds 1 / sqrt(5); the mean's noise is sqrt(8 / 5) sqrt(d) / 8.
+    quiet = SecureAggregationGrid(InProcessGrid(apps), config)
+    quiet.check_plan(clients=8, parameters=1_000)  # ~5 clips: no warning
+    SecureAggregationGrid(InProcessGrid(apps), SecAggConfig(degree=6, threshold=3)).check_plan(
+        clients=8, parameters=10_000_000
+    )  # no distributed DP: nothing to say
+    assert "expect slow or no learning" not in caplog.text
+
+    grid = SecureAggregationGrid(InProcessGrid(apps), config)
+    grid.check_plan(clients=8, parameters=16_384)
+    warnings = [r for r in caplog.records if "expect slow or no learning" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
+    expected = (8 / 5) ** 0.5 * 16_384**0.5 / 8
+    assert f"~{expected:.3g}" in warnings[0].getMessage()
+    assert "8 clients a round" in warnings[0].getMessage()
+    # The run's rounds then do not repeat it.
+    strategy = FedAvg(fraction_evaluate=0.0, min_train_nodes=len(apps))
+    arrays = ArrayRecord({"w": Array(np.ones(16_384, np.float32))})
+    list(grid.send_and_receive(strategy.configure_train(1, arrays, ConfigRecord(), grid)))
+    assert len([r for r in caplog.records if "expect slow" in r.getMessage()]) == 1
+
+
 def test_distributed_dp_with_dropouts_carries_the_configured_noise_and_no_more() -> None:
     settings = DistributedDpSettings(l2_clip=1.0, noise_multiplier=1.0)
     apps = {n: _ddp_app(_zero_update) for n in NODES}
