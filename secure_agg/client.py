@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import itertools
 import struct
-from collections.abc import Sequence, Set
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import replace
 from enum import Enum
 from typing import Any
@@ -54,7 +54,7 @@ from secure_agg.crypto import (
     seal,
     verify_signature,
 )
-from secure_agg.errors import CryptoError, InvalidMessage, ProtocolAbort
+from secure_agg.errors import CryptoError, InvalidMessage, PolicyViolation, ProtocolAbort
 from secure_agg.graph import choose_holders
 from secure_agg.identity import IdentityCertificate, NodeIdentity
 from secure_agg.masking import adds_pairwise_mask, pairwise_mask_seed, self_mask_commitment
@@ -121,6 +121,27 @@ def _check_shape(setup: RoundSetup) -> None:
         raise InvalidMessage("the participant list must be sorted and distinct")
 
 
+def _checked_server_holders(
+    setup: RoundSetup,
+    policy: ProtocolPolicy,
+    prekey: PendingPreKey | None,
+    holders: tuple[int, ...],
+) -> tuple[int, ...]:
+    if not policy.accept_server_graph or setup.threat_model is not ThreatModel.SEMI_HONEST:
+        raise PolicyViolation("the device's policy does not let the server draw the holders")
+    if prekey is None:
+        raise InvalidMessage("a server-drawn graph needs a round keyed in advance")
+    me = setup.node_id
+    if (
+        len(holders) != setup.degree
+        or any(a >= b for a, b in itertools.pairwise(holders))
+        or me in holders
+        or not set(holders) <= set(setup.participants)
+    ):
+        raise InvalidMessage(f"the server's holders are not {setup.degree} other participants")
+    return holders
+
+
 class ClientSession:
     """Run one round of SecAgg+ for one client.
 
@@ -139,14 +160,20 @@ class ClientSession:
         (:meth:`share_prekeyed` replaces :meth:`advertise` and :meth:`share_keys`);
         the session uses its key pairs instead of fresh ones. The caller must
         delete its own copy: a pre-key serves one round.
+    holders
+        In a round keyed in advance on a server-drawn graph (semi-honest model,
+        a policy with ``accept_server_graph``): the holders the server drew for
+        this client, used instead of drawing its own (:meth:`share_and_mask`).
 
     Raises
     ------
     PolicyViolation
-        If the setup is outside the policy.
+        If the setup is outside the policy, or the server drew the graph and the
+        policy does not accept that.
     InvalidMessage
-        If the setup is malformed, the active model lacks an identity, or the
-        pre-key belongs to another node.
+        If the setup is malformed, the active model lacks an identity, the
+        pre-key belongs to another node, or the server's holders are not k
+        distinct other participants.
     """
 
     def __init__(
@@ -157,6 +184,7 @@ class ClientSession:
         rng: RandomSource,
         identity: NodeIdentity | None = None,
         prekey: PendingPreKey | None = None,
+        holders: Sequence[int] | None = None,
     ) -> None:
         _check_shape(setup)
         policy.check_setup(setup)
@@ -168,7 +196,13 @@ class ClientSession:
         self._identity = identity
         self._digest = setup_digest(setup)
         self._stage = ClientStage.CREATED
-        self._holders = choose_holders(setup.participants, setup.node_id, setup.degree, rng)
+        self._server_graph = holders is not None
+        if holders is None:
+            self._holders = choose_holders(setup.participants, setup.node_id, setup.degree, rng)
+        else:
+            self._holders = _checked_server_holders(setup, policy, prekey, tuple(holders))
+        # On a server-drawn graph: the clients that drew this one (their bundles come at unmask).
+        self._drawn_by: tuple[int, ...] = ()
         if prekey is None:
             self._enc = AgreementKeyPair.generate(rng)
             self._mask = AgreementKeyPair.generate(rng)
@@ -177,13 +211,16 @@ class ClientSession:
                 raise InvalidMessage("the pre-key belongs to another node")
             self._enc, self._mask = prekey.enc, prekey.mask
         self._prekeyed = prekey is not None
-        # In a round keyed in advance: the pre-keys (enc, mask) of the holders sealed to.
+        # In a round keyed in advance: the pre-keys (enc, mask) of the holders sealed to
+        # (on a server-drawn graph: of every neighbour).
         self._holder_keys: dict[int, tuple[bytes, bytes]] = {}
         self._self_seed = rng.random_bytes(SEED_BYTES)
         self._adverts: dict[int, KeyAdvertisement] = {}
         self._share_keys: dict[int, bytes] = {}
         self._enc_loaded: X25519PrivateKey | None = None
         self._held: dict[int, npt.NDArray[np.uint32]] = {}
+        # On a server-drawn graph, at unmask: each sender's pairwise-seed shares, by partner.
+        self._held_pairs: dict[int, dict[int, npt.NDArray[np.uint32]]] = {}
         self._masked_with: tuple[int, ...] = ()
         self._rejected: tuple[int, ...] = ()
         self._survivors: tuple[int, ...] = ()
@@ -351,6 +388,63 @@ class ClientSession:
             )
         return ciphertexts
 
+    def _seal_graph_shares(
+        self, partners: tuple[int, ...], seeds: Mapping[int, bytes]
+    ) -> dict[int, bytes]:
+        """Share the self-mask seed, the masking key and every pairwise seed; seal to each holder.
+
+        On a server-drawn graph a client masks with neighbours that may never
+        answer; if it then falls silent at unmask, t of its holders can still
+        reveal its seed with each partner outside the sum (never its key, which
+        would unmask the clients it survived with).
+        """
+        me = self._setup.node_id
+        secrets = [self._self_seed, self._mask.private, *(seeds[p] for p in partners)]
+        shares = split(
+            secrets,
+            threshold=self._setup.threshold,
+            num_shares=len(self._holders),
+            rng=self._rng,
+        )
+        ciphertexts = {}
+        for row, holder in enumerate(self._holders):
+            w = Writer()
+            w.u64(me)
+            w.u64(holder)
+            w.ids(partners)
+            w.fixed(shares[row].astype(">u4").tobytes(), 4 * shares.shape[1])
+            ciphertexts[holder] = seal(
+                self._share_key(holder, self._holder_keys[holder][0]),
+                w.getvalue(),
+                share_associated_data(self._setup.round_id, me, holder),
+                self._rng,
+            )
+        return ciphertexts
+
+    def _open_graph_bundle(
+        self, sender: int, sealed: bytes
+    ) -> tuple[npt.NDArray[np.uint32], dict[int, npt.NDArray[np.uint32]]] | None:
+        """Open a server-drawn graph's bundle: (self-mask and key shares, pairwise-seed shares)."""
+        me = self._setup.node_id
+        try:
+            key = self._share_key(sender, self._holder_keys[sender][0])
+            r = Reader(open_sealed(key, sealed, share_associated_data(self.round_id, sender, me)))
+            if (r.u64(), r.u64()) != (sender, me):
+                return None
+            partners = r.distinct_ids()
+            width = CHUNKS_PER_SECRET * (2 + len(partners))
+            values = np.frombuffer(r.fixed(4 * width), dtype=">u4").astype(np.uint32)
+            r.finish()
+        except (CryptoError, InvalidMessage):
+            return None
+        if me not in partners:
+            return None
+        pairs = {
+            partner: values[CHUNKS_PER_SECRET * (2 + i) : CHUNKS_PER_SECRET * (3 + i)].copy()
+            for i, partner in enumerate(partners)
+        }
+        return values[: 2 * CHUNKS_PER_SECRET].copy(), pairs
+
     def _own_enrolments(self) -> set[str]:
         return set() if self._identity is None else {self._identity.certificate.enrolment_id}
 
@@ -425,6 +519,83 @@ class ClientSession:
         self._stage = ClientStage.SHARED
         return PrekeyedShares(advert, EncryptedShares(node_id=me, ciphertexts=ciphertexts))
 
+    def share_and_mask(
+        self,
+        prekeys: Sequence[PreKey],
+        drawn_by: Sequence[int],
+        encoded: npt.NDArray[np.unsignedinteger[Any]],
+        *,
+        consume: bool = False,
+    ) -> tuple[PrekeyedShares, MaskedInput]:
+        """Stages 1 to 3 at once, on a server-drawn graph: advertise, share, and mask.
+
+        The neighbours are the server's holders of this client and ``drawn_by``
+        (the clients whose holders include it); the client masks with every one
+        of them before knowing who else answers, and the server removes the masks
+        of those that do not with the seeds the survivors reveal at unmask. The
+        bundles addressed to this client come with the unmask request.
+
+        Raises
+        ------
+        InvalidMessage
+            If the session was not made on a server-drawn graph, ``drawn_by``
+            names clients outside the round or this one, a pre-key is missing or
+            malformed, or the encoded update has the wrong type or length.
+        """
+        if not self._server_graph:
+            raise InvalidMessage("this round's holders were not drawn by the server")
+        me = self._setup.node_id
+        senders = tuple(drawn_by)
+        if (
+            any(a >= b for a, b in itertools.pairwise(senders))
+            or me in senders
+            or not set(senders) <= set(self._setup.participants)
+        ):
+            raise InvalidMessage("the clients that drew this one must be other participants")
+        encoding = self._setup.encoding
+        if encoded.dtype != encoding.dtype or encoded.shape != (self._setup.vector_length,):
+            raise InvalidMessage(
+                f"the encoded update must be {encoding.dtype} of length {self._setup.vector_length}"
+            )
+        self._expect(ClientStage.CREATED)
+        by_node = {p.node_id: p for p in prekeys}
+        if len(by_node) != len(prekeys) or set(by_node) != set(self._setup.participants):
+            raise InvalidMessage("a round keyed in advance needs one pre-key per participant")
+        own = by_node[me]
+        if (own.enc_public, own.mask_public) != (self._enc.public, self._mask.public):
+            raise InvalidMessage(
+                "the round names a pre-key this device does not hold (replaced or already used)"
+            )
+        partners = tuple(sorted(set(self._holders) | set(senders)))
+        for partner in partners:
+            prekey = by_node[partner]
+            check_prekey(prekey, policy=self._policy, now=None, revoked=frozenset())
+            self._holder_keys[partner] = (prekey.enc_public, prekey.mask_public)
+        mask_key = X25519PrivateKey.from_private_bytes(self._mask.private)
+        seeds = {
+            partner: pairwise_mask_seed(
+                mask_key,
+                self._holder_keys[partner][1],
+                round_id=self._setup.round_id,
+                node=me,
+                peer=partner,
+            )
+            for partner in partners
+        }
+        advert = self.advertise()
+        ciphertexts = self._seal_graph_shares(partners, seeds)
+        shares = PrekeyedShares(advert, EncryptedShares(node_id=me, ciphertexts=ciphertexts))
+        masks = [(self._self_seed, False)]
+        masks.extend((seeds[p], not adds_pairwise_mask(me, p)) for p in partners)
+        masked = encoded if consume else encoded.copy()
+        apply_masks(masked, masks)
+        if encoding.ring_bits < masked.dtype.itemsize * 8:
+            np.bitwise_and(masked, masked.dtype.type(encoding.ring_mask), out=masked)
+        self._drawn_by = senders
+        self._masked_with = partners
+        self._stage = ClientStage.MASKED
+        return shares, MaskedInput(node_id=me, vector=masked)
+
     def share_keys(
         self,
         request: ShareKeysRequest,
@@ -479,12 +650,19 @@ class ClientSession:
         self._stage = ClientStage.SHARED
         return EncryptedShares(node_id=self._setup.node_id, ciphertexts=ciphertexts)
 
+    def _partner_keys(self, partner: int) -> tuple[bytes, bytes]:
+        """Return a partner's (enc, mask) public keys: from its advertisement, else its pre-key."""
+        advert = self._adverts.get(partner)
+        if advert is not None:
+            return advert.enc_public, advert.mask_public
+        return self._holder_keys[partner]
+
     def _open_bundle(self, sender: int, sealed: bytes | None) -> npt.NDArray[np.uint32] | None:
         if sealed is None:
             return None
         me = self._setup.node_id
         try:
-            key = self._share_key(sender, self._adverts[sender].enc_public)
+            key = self._share_key(sender, self._partner_keys(sender)[0])
             plain = open_sealed(key, sealed, share_associated_data(self.round_id, sender, me))
         except CryptoError:
             return None
@@ -620,10 +798,31 @@ class ClientSession:
                 f"threshold {self._setup.threshold}",
             )
 
+    def _receive_bundles(self, ciphertexts: Mapping[int, bytes]) -> None:
+        """Keep the shares of the clients that drew this one (a server-drawn graph's inbox).
+
+        A bundle that does not open is left out (this client then reveals
+        nothing for its sender); the survivor set is already fixed.
+        """
+        if not set(ciphertexts) <= set(self._drawn_by):
+            raise InvalidMessage("bundles from clients that did not draw this one as a holder")
+        held = {}
+        pairs = {}
+        for sender in sorted(ciphertexts):
+            opened = self._open_graph_bundle(sender, ciphertexts[sender])
+            if opened is not None:
+                held[sender], pairs[sender] = opened
+        self._held = held
+        self._held_pairs = pairs
+
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
         """Stage 5: reveal self-mask shares of surviving senders, key shares of dropped ones."""
         active = self._policy.threat_model is ThreatModel.ACTIVE
         self._expect(ClientStage.CONFIRMED if active else ClientStage.MASKED)
+        if self._server_graph:
+            self._receive_bundles(request.ciphertexts)
+        elif request.ciphertexts:
+            raise InvalidMessage("this round delivered its bundles at masked input")
         self._check_survivors(request.survivors)
         survivors = tuple(sorted(request.survivors))
         if active:
@@ -633,10 +832,18 @@ class ClientSession:
         live = set(survivors)
         self_mask_shares = {}
         mask_key_shares = {}
+        pair_seed_shares = {}
         for sender in sorted(self._held):
             share = self._held[sender]
             if sender in live:
                 self_mask_shares[sender] = share[:CHUNKS_PER_SECRET].copy()
+                # What the sender itself reveals at unmask: its seeds with partners outside
+                # the sum (so that its own silence now cannot strand their masks).
+                outside = {
+                    q: pair for q, pair in self._held_pairs.get(sender, {}).items() if q not in live
+                }
+                if outside:
+                    pair_seed_shares[sender] = outside
             else:
                 mask_key_shares[sender] = share[CHUNKS_PER_SECRET:].copy()
         # The masks shared with partners outside the sum: what their keys would reveal.
@@ -645,7 +852,7 @@ class ClientSession:
         seeds = {
             partner: pairwise_mask_seed(
                 mask_key,
-                self._adverts[partner].mask_public,
+                self._partner_keys(partner)[1],
                 round_id=self._setup.round_id,
                 node=me,
                 peer=partner,
@@ -659,10 +866,11 @@ class ClientSession:
             self_mask_shares=self_mask_shares,
             mask_key_shares=mask_key_shares,
             pairwise_seeds=seeds,
+            pair_seed_shares=pair_seed_shares,
         )
 
 
-_STATE_VERSION = 3
+_STATE_VERSION = 4
 
 
 def _export(session: ClientSession) -> bytes:
@@ -694,6 +902,8 @@ def _export(session: ClientSession) -> bytes:
         w.u64(node)
         for key in session._holder_keys[node]:
             w.fixed(key, KEY_BYTES)
+    w.u8(1 if session._server_graph else 0)
+    w.ids(session._drawn_by)
     return w.getvalue()
 
 
@@ -745,5 +955,13 @@ def _restore(
     for _ in range(r.count()):
         node = r.u64()
         session._holder_keys[node] = (r.fixed(KEY_BYTES), r.fixed(KEY_BYTES))
+    graph = r.u8()
+    if graph not in (0, 1):
+        raise InvalidMessage("invalid client state flag")
+    session._server_graph = graph == 1
+    if session._server_graph and not policy.accept_server_graph:
+        raise PolicyViolation("the device's policy does not let the server draw the holders")
+    session._drawn_by = r.distinct_ids()
+    session._held_pairs = {}
     r.finish()
     return session

@@ -34,6 +34,7 @@ __all__ = [
     "ConsistencyRequest",
     "ConsistencySignature",
     "EncryptedShares",
+    "GraphSetup",
     "KeyAdvertisement",
     "MaskedInput",
     "MaskedInputReport",
@@ -201,6 +202,22 @@ class PrekeyedSetup:
 
 
 @dataclass(frozen=True, slots=True)
+class GraphSetup:
+    """Server -> client (semi-honest model): a round keyed in advance whose graph the server drew.
+
+    ``holders`` are the clients this one seals its shares to, ``drawn_by`` those
+    that seal theirs to it: knowing both, the client masks with every neighbour
+    in the same reply as its advertisement and shares (the masked-input stage
+    rides on the first trip), and receives its bundles with the unmask request.
+    """
+
+    setup: RoundSetup
+    prekeys: tuple[PreKey, ...]
+    holders: tuple[int, ...]
+    drawn_by: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ShareKeysRequest:
     """Server -> client: the advertisements of the client's neighbours.
 
@@ -279,10 +296,16 @@ class ConsistencySignature:
 
 @dataclass(frozen=True, slots=True)
 class UnmaskRequest:
-    """Server -> client: the survivor set and, in the active model, the signatures on it."""
+    """Server -> client: the survivor set and, in the active model, the signatures on it.
+
+    In a round on a server-drawn graph (:class:`GraphSetup`), ``ciphertexts``
+    holds the bundles of the clients that drew this one (sealed in the first
+    trip, delivered only now).
+    """
 
     survivors: tuple[int, ...]
     signatures: Mapping[int, bytes]
+    ciphertexts: Mapping[int, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,10 +316,16 @@ class UnmaskResponse:
     partner it masked with that is not in the survivor set: with them the server
     removes those masks even when the dropped partner's key cannot be rebuilt
     (its bundles were bad). They reveal nothing the dropped partner's key would
-    not: the masks of a client outside the sum.
+    not: the masks of a client outside the sum. On a server-drawn graph,
+    ``pair_seed_shares`` holds, for each surviving sender whose bundle this
+    client holds, its shares of that sender's seeds with partners outside the
+    sum (what the sender reveals itself, recoverable if it falls silent now).
     """
 
     node_id: int
     self_mask_shares: Mapping[int, npt.NDArray[np.uint32]]
     mask_key_shares: Mapping[int, npt.NDArray[np.uint32]]
     pairwise_seeds: Mapping[int, bytes] = field(default_factory=dict)
+    pair_seed_shares: Mapping[int, Mapping[int, npt.NDArray[np.uint32]]] = field(
+        default_factory=dict
+    )

@@ -79,6 +79,12 @@ class ProtocolPolicy:
         The longest a pending pre-key may wait on the device (its own clock); an
         older one is discarded unused, bounding what taking the device's state
         between rounds reveals.
+    accept_server_graph
+        Semi-honest model only: let the server draw who holds whose shares, so a
+        round keyed in advance masks in its first trip (two full-fleet trips a
+        round instead of three). The device then relies on the server drawing the
+        graph at random, which only a server that follows the protocol does; the
+        active model never accepts it (see ``docs/threat-model.md``).
     """
 
     threat_model: ThreatModel
@@ -93,6 +99,7 @@ class ProtocolPolicy:
     require_certificate_expiry: bool = False
     accept_prekeys: bool = True
     prekey_max_age_s: int = 7 * 24 * 3600
+    accept_server_graph: bool = False
 
     def __post_init__(self) -> None:
         if self.threat_model is ThreatModel.ACTIVE and self.authority_public_key is None:
@@ -117,6 +124,18 @@ class ProtocolPolicy:
             raise ConfigError(f"prekey_max_age_s must be >= 1, got {self.prekey_max_age_s}")
         if self.require_certificate_expiry and self.authority_public_key is None:
             raise ConfigError("require_certificate_expiry needs the enrolment authority's key")
+        self._check_server_graph()
+
+    def _check_server_graph(self) -> None:
+        if not self.accept_server_graph:
+            return
+        if self.threat_model is ThreatModel.ACTIVE:
+            raise ConfigError(
+                "accept_server_graph is for the semi-honest model: an active server could "
+                "surround a device with colluding holders"
+            )
+        if not self.accept_prekeys:
+            raise ConfigError("accept_server_graph needs accept_prekeys")
 
     def least_threshold(self, num_clients: int, degree: int) -> int:
         """Return the least t the device accepts with ``degree`` holders among ``num_clients``."""

@@ -30,12 +30,13 @@ import numpy.typing as npt
 from secure_agg.crypto import KEY_BYTES, public_key_of, verify_signature
 from secure_agg.encoding import EncodingConfig
 from secure_agg.errors import CryptoError, InvalidMessage, ProtocolAbort
-from secure_agg.graph import neighbours_of
+from secure_agg.graph import choose_holders, neighbours_of
 from secure_agg.masking import adds_pairwise_mask, pairwise_mask_seed, self_mask_commitment
 from secure_agg.messages import (
     ConsistencyRequest,
     ConsistencySignature,
     EncryptedShares,
+    GraphSetup,
     KeyAdvertisement,
     MaskedInput,
     MaskedInputRequest,
@@ -108,6 +109,11 @@ class ServerSession:
         Source of the round id.
     authority_public_key
         The enrolment authority's key (active model).
+    server_graph
+        Semi-honest model, rounds keyed in advance: the server draws every
+        client's holders (with ``rng``) and sends them with the setup, so the
+        clients mask in their first reply (:meth:`graph_setups`,
+        :meth:`receive_graph`): two full-fleet trips instead of three.
     """
 
     def __init__(
@@ -121,6 +127,7 @@ class ServerSession:
         threat_model: ThreatModel,
         rng: RandomSource,
         authority_public_key: bytes | None = None,
+        server_graph: bool = False,
     ) -> None:
         nodes = tuple(sorted(participants))
         if len(set(nodes)) != len(nodes) or len(nodes) < 2:
@@ -134,6 +141,8 @@ class ServerSession:
             raise InvalidMessage(f"need 1 <= threshold ({threshold}) <= degree ({degree})")
         if threat_model is ThreatModel.ACTIVE and authority_public_key is None:
             raise InvalidMessage("the active model needs the enrolment authority's key")
+        if server_graph and threat_model is not ThreatModel.SEMI_HONEST:
+            raise InvalidMessage("only the semi-honest model lets the server draw the holders")
         self._round_id = rng.random_bytes(_ROUND_ID_BYTES)
         self._participants = nodes
         self._degree = degree
@@ -156,6 +165,10 @@ class ServerSession:
         self._survivors: tuple[int, ...] = ()
         self._signatures: dict[int, bytes] = {}
         self._prekeys: dict[int, PreKey] = {}
+        # A server-drawn graph: every participant's holders, fixed before anyone answers.
+        self._assigned: dict[int, tuple[int, ...]] = (
+            {n: choose_holders(nodes, n, degree, rng) for n in nodes} if server_graph else {}
+        )
         self.excluded: dict[int, str] = {}
 
     @property
@@ -191,6 +204,8 @@ class ServerSession:
         self.excluded.setdefault(node, reason)
 
     def _holders(self, node: int) -> tuple[int, ...]:
+        if self._assigned:
+            return self._assigned[node]
         return self._adverts[node].holders
 
     def _holding(self, owner: int, live: set[int]) -> int:
@@ -296,6 +311,67 @@ class ServerSession:
         return {
             node: replace(request, adverts=tuple(self._adverts[p] for p in self._partners[node]))
             for node, request in requests.items()
+        }
+
+    def graph_setups(self, prekeys: Mapping[int, PreKey]) -> dict[int, GraphSetup]:
+        """Stages 0-3 of a round on a server-drawn graph: setup, pre-keys, holders, drawn-by.
+
+        Each client learns the holders drawn for it and the clients whose holders
+        include it (its neighbours are both), and answers with its advertisement,
+        its sealed shares and its masked input at once (:meth:`receive_graph`).
+        """
+        if not self._assigned:
+            raise InvalidMessage("this round's holders are drawn by the clients")
+        keyed = self.prekeyed_setups(prekeys)
+        drawn_by: dict[int, list[int]] = {n: [] for n in self._participants}
+        for node, holders in self._assigned.items():
+            for holder in holders:
+                drawn_by[holder].append(node)
+        return {
+            node: GraphSetup(
+                request.setup, request.prekeys, self._assigned[node], tuple(sorted(drawn_by[node]))
+            )
+            for node, request in keyed.items()
+        }
+
+    def receive_graph(
+        self, replies: Mapping[int, tuple[PrekeyedShares, MaskedInput]]
+    ) -> dict[int, UnmaskRequest]:
+        """Stages 1-3 -> 5 of a round on a server-drawn graph: keys, shares and masked inputs.
+
+        A client whose advertisement names other keys than its pre-key or other
+        holders than drawn, or whose bundles do not cover all its holders, is
+        left out, and so is every client left with fewer than t live holders.
+        Every client masked with all its neighbours, answering or not: each
+        unmask request carries the survivor set and the bundles addressed to the
+        recipient; the masks of the clients outside the sum are removed with the
+        seeds their surviving partners reveal (or their rebuilt keys).
+        """
+        self._expect(ServerStage.KEYS)
+        if not self._assigned:
+            raise InvalidMessage("this round's holders are drawn by the clients")
+        kept: dict[int, PrekeyedShares] = {}
+        for node, (reply, _) in replies.items():
+            if node in self._assigned and reply.advert.holders != self._assigned[node]:
+                self._exclude(node, "keyed-masked-input: holders other than the server drew")
+                continue
+            kept[node] = reply
+        requests = self.receive_prekeyed(kept)
+        # Every client masked with its whole neighbourhood in the drawn graph.
+        everyone = set(self._participants)
+        graph = neighbours_of(self._assigned, everyone)
+        for node in self._shared:
+            self._partners[node] = graph[node]
+        inputs = {
+            node: replace(masked, rejected=())
+            for node, (_, masked) in replies.items()
+            if node in self._shared
+        }
+        survivors = self.receive_masked(inputs)
+        return {
+            node: replace(request, ciphertexts=requests[node].ciphertexts)
+            for node, request in survivors.items()
+            if isinstance(request, UnmaskRequest)
         }
 
     def _advert_problem(self, node: int, advert: KeyAdvertisement) -> str | None:
@@ -486,28 +562,23 @@ class ServerSession:
         dict[int, dict[int, npt.NDArray[np.uint32]]],
         dict[int, dict[int, npt.NDArray[np.uint32]]],
         dict[int, dict[int, bytes]],
+        dict[tuple[int, int], dict[int, npt.NDArray[np.uint32]]],
     ]:
         self_shares: dict[int, dict[int, npt.NDArray[np.uint32]]] = {n: {} for n in survivors}
         key_shares: dict[int, dict[int, npt.NDArray[np.uint32]]] = {n: {} for n in dropped}
         seeds: dict[int, dict[int, bytes]] = {n: {} for n in dropped}
+        # (survivor, partner outside the sum) -> holder -> share of their pairwise seed.
+        pair_shares: dict[tuple[int, int], dict[int, npt.NDArray[np.uint32]]] = {}
         for holder, response in responses.items():
-            if holder not in survivors or response.node_id != holder:
-                self._exclude(holder, "unmask: response from a non-survivor")
+            problem = self._response_problem(holder, response, survivors, dropped)
+            if problem is not None:
+                self._exclude(holder, f"unmask: {problem}")
                 continue
-            owners_self, owners_key = set(response.self_mask_shares), set(response.mask_key_shares)
-            if (
-                owners_self & owners_key
-                or not owners_self <= survivors
-                or not owners_key <= dropped
-            ):
-                self._exclude(holder, "unmask: malformed response")
-                continue
-            if any(holder not in self._holders(o) for o in owners_self | owners_key):
-                self._exclude(holder, "unmask: shares it was never sent")
-                continue
-            if not set(response.pairwise_seeds) <= dropped & self._masked_with(holder):
-                self._exclude(holder, "unmask: seeds of clients it did not mask with")
-                continue
+            pairs = response.pair_seed_shares
+            for owner, by_partner in pairs.items():
+                for partner, share in by_partner.items():
+                    if _well_formed(share):
+                        pair_shares.setdefault((owner, partner), {})[holder] = share
             for partner, seed in response.pairwise_seeds.items():
                 seeds[partner][holder] = seed
             for owner, share in response.self_mask_shares.items():
@@ -516,7 +587,39 @@ class ServerSession:
             for owner, share in response.mask_key_shares.items():
                 if _well_formed(share):
                     key_shares[owner][holder] = share
-        return self_shares, key_shares, seeds
+        return self_shares, key_shares, seeds, pair_shares
+
+    def _response_problem(
+        self, holder: int, response: UnmaskResponse, survivors: set[int], dropped: set[int]
+    ) -> str | None:
+        """Return why a holder's unmask response must be left out, or None."""
+        if holder not in survivors or response.node_id != holder:
+            return "response from a non-survivor"
+        owners_self, owners_key = set(response.self_mask_shares), set(response.mask_key_shares)
+        if owners_self & owners_key or not owners_self <= survivors or not owners_key <= dropped:
+            return "malformed response"
+        if any(holder not in self._holders(o) for o in owners_self | owners_key):
+            return "shares it was never sent"
+        if not set(response.pairwise_seeds) <= dropped & self._masked_with(holder):
+            return "seeds of clients it did not mask with"
+        if not self._may_reveal_pairs(response.pair_seed_shares, owners_self, dropped):
+            return "pairwise-seed shares it may not reveal"
+        return None
+
+    def _may_reveal_pairs(
+        self,
+        pairs: Mapping[int, Mapping[int, npt.NDArray[np.uint32]]],
+        owners_self: set[int],
+        dropped: set[int],
+    ) -> bool:
+        """Whether a holder's pairwise-seed shares are all of survivors' seeds with the dropped."""
+        if not pairs:
+            return True
+        return (
+            bool(self._assigned)
+            and set(pairs) <= owners_self
+            and all(set(pairs[o]) <= dropped & self._masked_with(o) for o in pairs)
+        )
 
     def _self_seed_check(self, owner: int) -> Callable[[bytes], bool]:
         commitment = self._adverts[owner].self_mask_commitment
@@ -532,21 +635,36 @@ class ServerSession:
         partners: list[int],
         key_shares: dict[int, npt.NDArray[np.uint32]],
         revealed: dict[int, bytes],
+        pair_shares: Mapping[tuple[int, int], dict[int, npt.NDArray[np.uint32]]],
     ) -> list[tuple[bytes, bool]]:
         """Return how to undo the masks a dropped client shares with surviving partners.
 
         From its rebuilt masking key when t of its holders sent usable key
         shares; else from the seeds the partners revealed (its own bundles were
-        bad, so its key cannot be rebuilt); else the sum cannot be exact.
+        bad, or on a server-drawn graph it never answered), a silent partner's
+        seed rebuilt from its holders' pairwise-seed shares; else the sum cannot
+        be exact.
         """
         try:
+            if owner not in self._adverts:
+                # It never answered (a server-drawn graph): nobody holds its key.
+                raise ProtocolAbort("unmask", [owner], "no advertisement")
             private = self._reconstruct(owner, key_shares, self._mask_key_check(owner))
         except ProtocolAbort:
-            if not set(partners) <= set(revealed):
-                raise ProtocolAbort(
-                    "unmask", [owner], "neither its key nor its partners' seeds remove its masks"
-                ) from None
-            seeds = {partner: revealed[partner] for partner in partners}
+            seeds = {}
+            for partner in partners:
+                if partner in revealed:
+                    seeds[partner] = revealed[partner]
+                    continue
+                shares = pair_shares.get((partner, owner), {})
+                if not self._assigned or len(shares) < self._threshold:
+                    raise ProtocolAbort(
+                        "unmask",
+                        [owner],
+                        "neither its key nor its partners' seeds remove its masks",
+                    ) from None
+                # Semi-honest (a server-drawn graph): no commitment to check the seed against.
+                seeds[partner] = self._reconstruct(partner, shares, lambda _: True)
         else:
             seeds = {
                 partner: pairwise_mask_seed(
@@ -570,8 +688,11 @@ class ServerSession:
         if self._stage is not ServerStage.DONE:
             raise InvalidMessage(f"out of order: cannot finish at {self._stage.value}")
         survivors = set(self._survivors)
-        dropped = self._shared - survivors
-        self_shares, key_shares, revealed = self._collect_shares(responses, survivors, dropped)
+        # On a server-drawn graph the survivors also masked with clients that never answered.
+        dropped = (set(self._participants) if self._assigned else self._shared) - survivors
+        self_shares, key_shares, revealed, pair_shares = self._collect_shares(
+            responses, survivors, dropped
+        )
         assert self._masked_sum is not None  # set with the survivors
         total = self._masked_sum.copy()
         masks: list[tuple[bytes, bool]] = []
@@ -582,7 +703,9 @@ class ServerSession:
             partners = [p for p in sorted(survivors) if owner in self._masked_with(p)]
             if partners:
                 masks.extend(
-                    self._dropped_masks(owner, partners, key_shares[owner], revealed[owner])
+                    self._dropped_masks(
+                        owner, partners, key_shares[owner], revealed[owner], pair_shares
+                    )
                 )
         # Every seed is in hand (self-mask seeds and rebuilt keys verified against their
         # commitments) before any mask is removed: one fused pass.

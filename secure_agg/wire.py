@@ -25,6 +25,7 @@ from secure_agg.messages import (
     ConsistencyRequest,
     ConsistencySignature,
     EncryptedShares,
+    GraphSetup,
     KeyAdvertisement,
     MaskedInputReport,
     MaskedInputRequest,
@@ -46,6 +47,7 @@ __all__ = [
     "Writer",
     "decode",
     "encode",
+    "encode_graph_setup",
     "encode_prekeyed_setup",
     "prekey_list",
 ]
@@ -53,7 +55,8 @@ __all__ = [
 MAX_NODES: Final = 1 << 20
 _MAX_BLOB: Final = 1 << 16
 _MAX_VECTOR: Final = 1 << 31
-_VERSION: Final = 1
+# 2: the unmask request carries bundles (rounds on a server-drawn graph).
+_VERSION: Final = 2
 _KEY: Final = 32
 _DIGEST: Final = 32
 _SIGNATURE: Final = 64
@@ -384,6 +387,31 @@ def _get_prekeyed_setup(r: Reader) -> PrekeyedSetup:
     return PrekeyedSetup(setup, prekeys)
 
 
+def encode_graph_setup(
+    setup: RoundSetup, prekeys: bytes, holders: Sequence[int], drawn_by: Sequence[int]
+) -> bytes:
+    """Return the wire form of a :class:`GraphSetup` from :func:`prekey_list`'s bytes."""
+    w = Writer()
+    w.u8(_CODECS[GraphSetup][0])
+    w.u8(_VERSION)
+    _put_setup(w, setup)
+    w.section(prekeys)
+    w.ids(holders)
+    w.ids(drawn_by)
+    return w.getvalue()
+
+
+def _put_graph_setup(w: Writer, m: GraphSetup) -> None:
+    _put_prekeyed_setup(w, PrekeyedSetup(m.setup, m.prekeys))
+    w.ids(m.holders)
+    w.ids(m.drawn_by)
+
+
+def _get_graph_setup(r: Reader) -> GraphSetup:
+    keyed = _get_prekeyed_setup(r)
+    return GraphSetup(keyed.setup, keyed.prekeys, r.distinct_ids(), r.distinct_ids())
+
+
 def _put_prekeyed_shares(w: Writer, m: PrekeyedShares) -> None:
     w.section(encode(m.advert))
     w.section(encode(m.shares))
@@ -464,10 +492,11 @@ def _put_signatures(w: Writer, values: Mapping[int, bytes]) -> None:
 def _put_unmask_request(w: Writer, m: UnmaskRequest) -> None:
     w.ids(m.survivors)
     _put_signatures(w, m.signatures)
+    _put_blobs(w, m.ciphertexts)
 
 
 def _get_unmask_request(r: Reader) -> UnmaskRequest:
-    return UnmaskRequest(r.distinct_ids(), _get_blobs(r, _SIGNATURE))
+    return UnmaskRequest(r.distinct_ids(), _get_blobs(r, _SIGNATURE), _get_blobs(r))
 
 
 def _put_unmask_response(w: Writer, m: UnmaskResponse) -> None:
@@ -478,6 +507,10 @@ def _put_unmask_response(w: Writer, m: UnmaskResponse) -> None:
     for node in sorted(m.pairwise_seeds):
         w.u64(node)
         w.fixed(m.pairwise_seeds[node], _KEY)
+    w.u32(len(m.pair_seed_shares))
+    for owner in sorted(m.pair_seed_shares):
+        w.u64(owner)
+        w.shares(m.pair_seed_shares[owner])
 
 
 def _get_unmask_response(r: Reader) -> UnmaskResponse:
@@ -486,7 +519,18 @@ def _get_unmask_response(r: Reader) -> UnmaskResponse:
         self_mask_shares=r.shares(),
         mask_key_shares=r.shares(),
         pairwise_seeds=_get_blobs(r, _KEY),
+        pair_seed_shares=_get_pair_shares(r),
     )
+
+
+def _get_pair_shares(r: Reader) -> dict[int, dict[int, npt.NDArray[np.uint32]]]:
+    out: dict[int, dict[int, npt.NDArray[np.uint32]]] = {}
+    for _ in range(r.count()):
+        owner = r.u64()
+        if owner in out:
+            raise InvalidMessage(f"two entries for node {owner}")
+        out[owner] = r.shares()
+    return out
 
 
 def _put_signature(w: Writer, m: ConsistencySignature) -> None:
@@ -519,6 +563,7 @@ _CODECS: dict[type[Any], _Codec] = {
     PreKeyRequest: (12, lambda w, m: w.u64(m.node_id), lambda r: PreKeyRequest(r.u64())),
     PrekeyedSetup: (13, _put_prekeyed_setup, _get_prekeyed_setup),
     PrekeyedShares: (14, _put_prekeyed_shares, _get_prekeyed_shares),
+    GraphSetup: (15, _put_graph_setup, _get_graph_setup),
 }
 
 

@@ -273,7 +273,8 @@ def test_extreme_setup_fields_raise_only_fedge_errors(fields: dict[str, object])
 
 
 def _truncated_counts(kind: type[object]) -> bytes:
-    header = bytes([{ShareKeysRequest: 3, MaskedInputRequest: 5, UnmaskRequest: 8}[kind], 1])
+    version = wire.encode(ShareKeysRequest(()))[1]  # the protocol's current version byte
+    header = bytes([{ShareKeysRequest: 3, MaskedInputRequest: 5, UnmaskRequest: 8}[kind], version])
     return header + struct.pack(">I", 0xFFFFFFFF)
 
 
