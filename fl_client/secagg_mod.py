@@ -89,6 +89,7 @@ from secure_agg.identity import NodeIdentity
 from secure_agg.messages import (
     ConsistencyRequest,
     EncryptedShares,
+    GraphSetup,
     MaskedInput,
     MaskedInputReport,
     MaskedInputRequest,
@@ -257,11 +258,15 @@ def make_secagg_mod(
         # A fresh key replaces any pending one (deleted: the server may have lost it).
         return _reply(msg, Envelope(Stage.PREKEY, envelope.round_id, _announce(context)))
 
-    def _start_prekeyed(msg: Message, envelope: Envelope, context: Context) -> Message:
-        # Consumed before anything is checked: a key named in a round is never used again.
-        pending = _take_pending(context)
-        request = wire.decode(envelope.payload, PrekeyedSetup)
-        setup = request.setup
+    def _keyed_session(
+        setup: RoundSetup,
+        envelope: Envelope,
+        pending: PendingPreKey | None,
+        context: Context,
+        *,
+        holders: tuple[int, ...] | None = None,
+    ) -> ClientSession:
+        """Open a round keyed in advance with the pending key, once the policy allows it."""
         if setup.round_id != envelope.round_id:
             raise InvalidMessage("the setup's round id differs from the envelope's")
         if not protocol.accept_prekeys:
@@ -274,14 +279,23 @@ def make_secagg_mod(
                 f"the pending pre-key is older than the policy's {protocol.prekey_max_age_s} s "
                 "(discarded)"
             )
-        session = ClientSession(
+        return ClientSession(
             setup,
             policy=protocol,
             rng=rng_factory(),
             identity=identities(context),
             prekey=pending,
+            holders=holders,
         )
+
+    def _start_prekeyed(msg: Message, envelope: Envelope, context: Context) -> Message:
+        # Consumed before anything is checked: a key named in a round is never used again.
+        pending = _take_pending(context)
+        request = wire.decode(envelope.payload, PrekeyedSetup)
+        setup = request.setup
+        session = _keyed_session(setup, envelope, pending, context)
         if protocol.threat_model is ThreatModel.ACTIVE:
+            now = int(clock())
             out = session.share_prekeyed(request.prekeys, now=now, revoked=revocations(context))
         else:
             out = session.share_prekeyed(request.prekeys)
@@ -334,6 +348,16 @@ def make_secagg_mod(
         # never holds the update, and a device failing in training counts as a
         # masked-input dropout, which the protocol recovers from.
         request = wire.decode(envelope.payload, MaskedInputRequest)
+        encoded = _train_and_encode(msg, context, call_next, session)
+        if isinstance(encoded, Message):
+            return encoded
+        masked = _mask(session, request, encoded, context)
+        return masked.vector, MaskedInputReport(node_id=masked.node_id, rejected=masked.rejected)
+
+    def _train_and_encode(
+        msg: Message, context: Context, call_next: ClientAppCallable, session: ClientSession
+    ) -> Message | npt.NDArray[np.unsignedinteger]:
+        """Check the round's DP terms, train, and encode the update for the ring (or decline)."""
         records = msg.content.config_records
         ddp = (
             None
@@ -376,11 +400,7 @@ def make_secagg_mod(
             # The clipped gradient sum, in float64 from the train handler: scaled, rounded
             # and given this device's noise share before masking.
             gradients = gradient_sum_of(reply.content, sddp.dimension)
-            encoded = sddp_encode(gradients, sddp, rng_factory())
-            masked = _mask(session, request, encoded, context)
-            return masked.vector, MaskedInputReport(
-                node_id=masked.node_id, rejected=masked.rejected
-            )
+            return sddp_encode(gradients, sddp, rng_factory())
         update = flat_update(
             _only_arrays(stripped, "the train message"),
             _only_arrays(reply.content, "the train reply"),
@@ -402,8 +422,7 @@ def make_secagg_mod(
             encoded = encode(
                 update, weight=weight, config=setup.encoding, rng=rng_factory(), consume=True
             )
-        masked = _mask(session, request, encoded, context)
-        return masked.vector, MaskedInputReport(node_id=masked.node_id, rejected=masked.rejected)
+        return encoded
 
     def _mask(
         session: ClientSession,
@@ -416,6 +435,29 @@ def make_secagg_mod(
         # A round keyed in advance checks its neighbours' advertisements here.
         return session.masked_input(
             request, encoded, consume=True, now=int(clock()), revoked=revocations(context)
+        )
+
+    def _start_on_server_graph(
+        msg: Message, envelope: Envelope, context: Context, call_next: ClientAppCallable
+    ) -> Message:
+        # Consumed before anything is checked: a key named in a round is never used again.
+        pending = _take_pending(context)
+        request = wire.decode(envelope.payload, GraphSetup)
+        setup = request.setup
+        session = _keyed_session(setup, envelope, pending, context, holders=request.holders)
+        encoded = _train_and_encode(msg, context, call_next, session)
+        if isinstance(encoded, Message):
+            # Training (or an inner mod: the budget, DP) declined: leave the round.
+            on_refusal(context, "secure-aggregation keyed-masked-input", encoded.error.reason or "")
+            return encoded
+        shares, masked = session.share_and_mask(
+            request.prekeys, request.drawn_by, encoded, consume=True
+        )
+        _save(context, session)
+        return _reply(
+            msg,
+            Envelope(Stage.KEYED_MASKED_INPUT, setup.round_id, wire.encode(shares)),
+            masked.vector,
         )
 
     def _share_keys(
@@ -497,6 +539,9 @@ def make_secagg_mod(
             if envelope.stage is Stage.PREKEYED:
                 _clear(context)
                 return _start_prekeyed(msg, envelope, context)
+            if envelope.stage is Stage.KEYED_MASKED_INPUT:
+                _clear(context)
+                return _start_on_server_graph(msg, envelope, context, call_next)
             return _continue(msg, envelope, context, call_next)
         except FedgeError as exc:
             return _refuse(msg, context, stage, str(exc))

@@ -85,6 +85,7 @@ from secure_agg.messages import (
     PreKey,
     PrekeyedShares,
     PreKeyRequest,
+    UnmaskRequest,
     UnmaskResponse,
 )
 from secure_agg.params import ThreatModel, choose_neighbourhood, corrupt_count
@@ -127,6 +128,8 @@ _DISTRIBUTED_MECHANISM = "distributed-ddg"
 # Distributed DP whose averaged update carries noise of more than this many clips (in L2
 # norm) is worth a warning: the model is unlikely to learn (too few clients for the model).
 _NOISE_WARNING_CLIPS = 10.0
+# The stages whose requests carry the train message (the devices train in them).
+_TRAINING_STAGES: Final = frozenset({Stage.MASKED_INPUT, Stage.KEYED_MASKED_INPUT})
 _NOISE_ADVICE = (
     "expect slow or no learning; more clients per round, a smaller model or less noise "
     "(a larger epsilon) help"
@@ -286,6 +289,7 @@ class _Round:
             threat_model=self.config.threat_model,
             rng=self.rng,
             authority_public_key=self.config.authority_public_key,
+            server_graph=self.config.server_graph,
         )
         self.stats.degree = self.session.degree
         self.stats.threshold = threshold
@@ -312,7 +316,7 @@ class _Round:
         for node, request in requests.items():
             payload = request if isinstance(request, bytes) else wire.encode(request)
             envelope = Envelope(stage, round_id, payload)
-            base = self.train_content if stage is Stage.MASKED_INPUT else None
+            base = self.train_content if stage in _TRAINING_STAGES else None
             outgoing.append(
                 Message(
                     content=_envelope_content(envelope, base),
@@ -368,21 +372,23 @@ class _Round:
             return self.timeout
         if self.prekeys is None:
             stages = [Stage.SETUP, Stage.SHARE_KEYS, Stage.MASKED_INPUT, Stage.UNMASK]
+        elif self.config.server_graph:
+            stages = [Stage.PREKEY, Stage.KEYED_MASKED_INPUT, Stage.UNMASK]
         else:
             # The pre-key trip's share rolls over to the next stage when it does not run.
             stages = [Stage.PREKEY, Stage.PREKEYED, Stage.MASKED_INPUT, Stage.UNMASK]
         if self.config.threat_model is ThreatModel.ACTIVE:
             stages.insert(3, Stage.CONSISTENCY)
         other = (1 - share) / (len(stages) - 1)
-        shares = [share if s is Stage.MASKED_INPUT else other for s in stages]
+        shares = [share if s in _TRAINING_STAGES else other for s in stages]
         end = self.started + self.timeout * sum(shares[: stages.index(stage) + 1])
         remaining = end - time.monotonic()
         if remaining <= 0:
             raise ProtocolAbort(stage.value, [], "the round's deadline passed")
         return remaining
 
-    def _keyed_in_advance(self, store: PreKeyStore) -> dict[int, MaskedInputRequest]:
-        """Run setup and share keys in one trip, after asking the nodes without a pre-key for one.
+    def _take_prekeys(self, store: PreKeyStore) -> dict[int, PreKey]:
+        """Return every participant's pre-key, after asking the nodes without one for one.
 
         A node that announces no valid pre-key leaves the round before it starts,
         and the round is sized again for the others (k, t, encoding and DP).
@@ -399,7 +405,11 @@ class _Round:
                         Stage.PREKEY.value, sorted(lost), f"{len(kept)} nodes announced keys"
                     )
                 self._plan(kept)
-        prekeys = store.take(self.nodes)
+        return store.take(self.nodes)
+
+    def _keyed_in_advance(self, store: PreKeyStore) -> dict[int, MaskedInputRequest]:
+        """Run setup and share keys in one trip (after the pre-key trip, if one is needed)."""
+        prekeys = self._take_prekeys(store)  # first: the round may be re-planned without some
         setups = self.session.prekeyed_setups(prekeys)
         shared = wire.prekey_list(next(iter(setups.values())).prekeys)
         requests = {
@@ -412,6 +422,25 @@ class _Round:
             lambda node, envelope, reply: wire.decode(envelope.payload, PrekeyedShares),
         )
         return self.session.receive_prekeyed(replies)
+
+    def _on_server_graph(self, store: PreKeyStore) -> dict[int, UnmaskRequest]:
+        """Run setup, share keys and masked input in one trip, on a graph this server drew."""
+        prekeys = self._take_prekeys(store)  # first: the round may be re-planned without some
+        setups = self.session.graph_setups(prekeys)
+        shared = wire.prekey_list(next(iter(setups.values())).prekeys)
+        requests = {
+            node: wire.encode_graph_setup(request.setup, shared, request.holders, request.drawn_by)
+            for node, request in setups.items()
+        }
+        replies = self.exchange(Stage.KEYED_MASKED_INPUT, requests, self.keyed_masked_vector)
+        return self.session.receive_graph(replies)
+
+    def keyed_masked_vector(
+        self, node: int, envelope: Envelope, reply: Message
+    ) -> tuple[PrekeyedShares, MaskedInput]:
+        """Decode a server-drawn graph's first reply: the keys and shares, and the masked vector."""
+        shares = wire.decode(envelope.payload, PrekeyedShares)
+        return shares, MaskedInput(node_id=node, vector=self._vector_of(reply))
 
     def _announced_prekey(self, node: int, envelope: Envelope, reply: Message) -> PreKey:
         assert self.prekeys is not None
@@ -443,30 +472,37 @@ class _Round:
         report = wire.decode(envelope.payload, MaskedInputReport)
         if report.node_id != node:
             raise InvalidMessage("masked-input report for another node")
+        return MaskedInput(node_id=node, vector=self._vector_of(reply), rejected=report.rejected)
+
+    def _vector_of(self, reply: Message) -> npt.NDArray[np.unsignedinteger[Any]]:
         array = reply.content.array_records[VECTOR_RECORD_KEY][VECTOR_KEY]
         # Check the declared type and size before numpy allocates anything.
         if np.dtype(array.dtype) != self.encoding.dtype or tuple(array.shape) != (
             self.vector_length,
         ):
             raise InvalidMessage("masked vector of the wrong type or length")
-        return MaskedInput(node_id=node, vector=array.numpy(), rejected=report.rejected)
+        return array.numpy()
 
-    def run(self) -> tuple[ArrayRecord, int]:
-        def payload(kind: type[T]) -> Callable[[int, Envelope, Message], T]:
-            return lambda node, envelope, reply: wire.decode(envelope.payload, kind)
-
+    def _until_masked(self) -> Mapping[int, object]:
+        """Run the round up to the fixed survivor set; return the next stage's requests."""
+        session = self.session
+        if self.prekeys is not None and self.config.server_graph:
+            return self._on_server_graph(self.prekeys)
         if self.prekeys is None:
-            session = self.session
-            adverts = self.exchange(Stage.SETUP, session.setups(), payload(KeyAdvertisement))
+            adverts = self.exchange(Stage.SETUP, session.setups(), _payload(KeyAdvertisement))
             share_requests = session.receive_adverts(adverts)
-            shares = self.exchange(Stage.SHARE_KEYS, share_requests, payload(EncryptedShares))
+            shares = self.exchange(Stage.SHARE_KEYS, share_requests, _payload(EncryptedShares))
             masked_requests = session.receive_shares(shares)
         else:
             masked_requests = self._keyed_in_advance(self.prekeys)
-            session = self.session
+            session = self.session  # re-planned if a node announced no pre-key
         masked = self.exchange(Stage.MASKED_INPUT, masked_requests, self.masked_vector)
-        after_masked = session.receive_masked(masked)
-        del masked  # the session keeps only the survivors' sum
+        return session.receive_masked(masked)  # the session keeps only the survivors' sum
+
+    def run(self) -> tuple[ArrayRecord, int]:
+        payload = _payload
+        after_masked = self._until_masked()
+        session = self.session
         spend = None
         if self.ddp is not None:
             # The survivors (whose noise is in the sum) are fixed now. Every device refuses
@@ -541,6 +577,11 @@ class _Round:
     def _apply(self, mean: npt.NDArray[np.float64]) -> ArrayRecord:
         updated = vectors.apply({key: self.arrays[key].numpy() for key in self.keys}, mean)
         return ArrayRecord({key: Array(value) for key, value in updated.items()})
+
+
+def _payload(kind: type[T]) -> Callable[[int, Envelope, Message], T]:
+    """Decode a reply's envelope payload as ``kind``."""
+    return lambda node, envelope, reply: wire.decode(envelope.payload, kind)
 
 
 def _round_number(content: RecordDict) -> int:

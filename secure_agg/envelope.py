@@ -45,6 +45,9 @@ class Stage(Enum):
     SETUP = "setup"  # request: RoundSetup; reply: KeyAdvertisement
     # Keys announced in advance: setup and share keys in one trip.
     PREKEYED = "prekeyed-setup"  # request: PrekeyedSetup; reply: PrekeyedShares
+    # A server-drawn graph (semi-honest): setup, shares and masked input in one trip.
+    KEYED_MASKED_INPUT = "keyed-masked-input"  # request: train + GraphSetup; reply:
+    # PrekeyedShares and the masked vector
     SHARE_KEYS = "share-keys"  # request: ShareKeysRequest; reply: EncryptedShares
     MASKED_INPUT = "masked-input"  # request: train + MaskedInputRequest; reply: masked vector
     CONSISTENCY = "consistency"  # request: ConsistencyRequest; reply: ConsistencySignature

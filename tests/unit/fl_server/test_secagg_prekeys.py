@@ -8,12 +8,14 @@ recorded by stage, so a test sees how many full-fleet trips a round took.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
+from fedge.errors import ConfigError
 from fl_client.policy import DevicePolicy
 from fl_client.secagg_mod import make_secagg_mod
 from fl_server.secagg import SecAggConfig, SecAggRoundStats, SecureAggregationGrid
@@ -220,3 +222,89 @@ def test_a_device_whose_policy_refuses_pre_keys_is_left_out_and_named() -> None:
 
     assert aggregated is not None and run.stats[0].survivors == 7
     assert "keyed in advance" in run.stats[0].failures[NODES[0]]
+
+
+# ---------------------------------------------------------------- a server-drawn graph (two trips)
+
+GRAPH_POLICY = DevicePolicy(
+    protocol=ProtocolPolicy(threat_model=ThreatModel.SEMI_HONEST, accept_server_graph=True),
+    min_noise_multiplier=0.01,
+    min_honest_contributors=5,
+)
+GRAPH_CONFIG = SecAggConfig(
+    clip_range=0.5, weight_cap=100, degree=4, threshold=3, prekeys=True, server_graph=True
+)
+
+
+def _unmask_crash(policy: DevicePolicy = GRAPH_POLICY) -> App:
+    """A device that trains and masks, then falls silent at unmask."""
+    mod = make_secagg_mod(policy=policy)
+
+    def app(msg: Message, context: Context) -> Message:
+        fields = msg.content.config_records.get(RECORD_KEY)
+        if fields is not None and Envelope.from_fields(fields).stage.value == "unmask":
+            return Message(Error(code=1, reason="device crashed"), reply_to=msg)
+        return mod(msg, context, _train)
+
+    return app
+
+
+def test_on_a_server_drawn_graph_a_round_takes_two_trips() -> None:
+    run = _Run({n: _honest(GRAPH_POLICY) for n in NODES}, GRAPH_CONFIG)
+
+    first, first_stages = run.round()
+    second, second_stages = run.round()
+
+    assert first_stages == ["prekey", "keyed-masked-input", "unmask"]
+    assert second_stages == ["keyed-masked-input", "unmask"]
+    for aggregated in (first, second):
+        assert aggregated is not None
+        np.testing.assert_allclose(aggregated["w"].numpy(), _expected(NODES), atol=BOUND)
+    assert [s.survivors for s in run.stats] == [8, 8]
+    assert set(run.stats[1].stage_seconds) == {"keyed-masked-input", "unmask"}
+
+
+def test_on_a_server_drawn_graph_dropouts_in_either_trip_leave_the_survivors_exact_mean() -> None:
+    # One device crashes in training (silent in the first trip); two more mask and then
+    # fall silent at unmask: their seeds with the first come from their holders' shares.
+    apps: dict[int, App] = {n: _honest(GRAPH_POLICY) for n in NODES}
+    # k 6, t 3: every device keeps t live holders whichever three fall silent.
+    run = _Run(apps, replace(GRAPH_CONFIG, degree=6, threshold=3))
+    run.round()
+    trainer_crash = make_secagg_mod(policy=GRAPH_POLICY)
+    apps[NODES[0]] = lambda msg, context: trainer_crash(msg, context, _crashing)
+    apps[NODES[3]] = _unmask_crash()
+    apps[NODES[6]] = _unmask_crash()
+
+    aggregated, stages = run.round()
+
+    assert stages == ["keyed-masked-input", "unmask"]
+    survivors = [n for n in NODES if n != NODES[0]]
+    assert aggregated is not None and run.stats[-1].survivors == 7
+    np.testing.assert_allclose(aggregated["w"].numpy(), _expected(survivors), atol=BOUND)
+    assert "device crashed" in run.stats[-1].failures[NODES[0]]
+
+
+def test_a_device_whose_policy_keeps_its_own_draw_refuses_a_server_drawn_graph() -> None:
+    strict = NODES[4]
+    run = _Run({**{n: _honest(GRAPH_POLICY) for n in NODES}, strict: _honest()}, GRAPH_CONFIG)
+
+    aggregated, _ = run.round()
+
+    others = [n for n in NODES if n != strict]
+    assert aggregated is not None
+    np.testing.assert_allclose(aggregated["w"].numpy(), _expected(others), atol=BOUND)
+    assert "does not let the server draw the holders" in run.stats[-1].failures[strict]
+
+
+def test_a_server_graph_is_refused_outside_the_semi_honest_model() -> None:
+    with pytest.raises(ConfigError, match="semi-honest"):
+        SecAggConfig(
+            clip_range=0.5,
+            threat_model=ThreatModel.ACTIVE,
+            authority_public_key=AUTHORITY.public_key,
+            prekeys=True,
+            server_graph=True,
+        )
+    with pytest.raises(ConfigError, match="prekeys"):
+        SecAggConfig(clip_range=0.5, server_graph=True)
