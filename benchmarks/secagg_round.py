@@ -11,9 +11,12 @@ trivial (add a constant to the D-parameter model), so the protocol dominates:
   legacy strategy path (``SecAggWorkflow`` + ``secagg_mod`` with ``--classic``);
 - ``fedge_secaggplus``: Message-API ``FedAvg`` through fedge's ``SecureAggregationGrid``
   and ``make_secagg_mod`` (semi-honest server, 32-bit ring), its rounds keyed in advance
-  as fedge runs them (three full-fleet trips in steady state);
-- ``fedge_secaggplus_classic_keying``: the same with the classic round (advertise keys,
-  then share keys: four trips), for the ratio of the two keyings in one run;
+  on a server-drawn graph as Flower's SecAgg+ draws its own (two full-fleet trips in
+  steady state: keys, shares and masked input, then unmask);
+- ``fedge_secaggplus_device_graph``: the same with holders each device draws itself
+  (what the active model requires: three trips);
+- ``fedge_secaggplus_classic_keying``: the device-drawn round keyed the classic way
+  (advertise keys, then share keys: four trips), for the ratio of the keyings in one run;
 - ``fedge_secaggplus_ddp``: the same with distributed DP (each client clips to L2 1,
   rotates, rounds and adds discrete Gaussian noise of multiplier 1 before masking).
 
@@ -55,6 +58,7 @@ VARIANTS = (
     "flower_fedavg_legacy",
     "flower_secaggplus",
     "fedge_secaggplus",
+    "fedge_secaggplus_device_graph",
     "fedge_secaggplus_classic_keying",
     "fedge_secaggplus_ddp",
 )
@@ -261,11 +265,11 @@ def _message_api_apps(  # noqa: PLR0917 - one benchmark's private helper
     from secure_agg.policy import ProtocolPolicy
     from strategies.ddp import DistributedDpSettings
 
-    fedge = ("fedge_secaggplus", "fedge_secaggplus_classic_keying", "fedge_secaggplus_ddp")
-    secure = variant in fedge
+    secure = variant.startswith("fedge_secaggplus")
     if variant != "flower_fedavg_message" and not secure:
         raise ValueError(f"not a Message-API variant: {variant}")
     prekeys = variant != "fedge_secaggplus_classic_keying"
+    server_graph = variant in ("fedge_secaggplus", "fedge_secaggplus_ddp")
     ddp = (
         DistributedDpSettings(l2_clip=1.0, noise_multiplier=1.0, ring_bits=ring_bits)
         if variant == "fedge_secaggplus_ddp"
@@ -279,12 +283,16 @@ def _message_api_apps(  # noqa: PLR0917 - one benchmark's private helper
         ring_bits=ring_bits,
         distributed_dp=ddp,
         prekeys=prekeys,
+        server_graph=server_graph,
     )
     # The devices accept the k and t compared with Flower's (no corrupt client assumed:
     # this benchmark measures cost at equal k, not the threshold rule).
     policy = DevicePolicy(
         protocol=ProtocolPolicy(
-            threat_model=ThreatModel.SEMI_HONEST, corrupt_fraction=0.0, min_degree=1
+            threat_model=ThreatModel.SEMI_HONEST,
+            corrupt_fraction=0.0,
+            min_degree=1,
+            accept_server_graph=server_graph,
         ),
         min_honest_contributors=config.min_honest_contributors(clients),
     )
@@ -651,8 +659,11 @@ def _ratios(results: dict[str, Any]) -> dict[str, float | None]:
         "flower_secaggplus_over_fedge_secaggplus": _ratio(
             results, "flower_secaggplus", "fedge_secaggplus"
         ),
-        "fedge_secaggplus_classic_keying_over_fedge_secaggplus": _ratio(
-            results, "fedge_secaggplus_classic_keying", "fedge_secaggplus"
+        "fedge_secaggplus_device_graph_over_fedge_secaggplus": _ratio(
+            results, "fedge_secaggplus_device_graph", "fedge_secaggplus"
+        ),
+        "fedge_secaggplus_classic_keying_over_fedge_secaggplus_device_graph": _ratio(
+            results, "fedge_secaggplus_classic_keying", "fedge_secaggplus_device_graph"
         ),
         "flower_fedavg_legacy_over_flower_fedavg_message": _ratio(
             results, "flower_fedavg_legacy", "flower_fedavg_message"

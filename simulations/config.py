@@ -374,6 +374,9 @@ class SimConfig:
             masked_input_share=None if self.failures is None else 0.6,
             min_clients=2,
             prekeys=True,
+            # A semi-honest server follows the protocol, so it may draw the graph: the
+            # devices then mask in their first reply (two trips a round, not three).
+            server_graph=self.threat_model is ThreatModel.SEMI_HONEST,
             distributed_dp=self._distributed_dp(examples_per_client),
         )
 
@@ -517,6 +520,7 @@ class SimConfig:
                 min_degree=chosen.degree,
                 corrupt_fraction=secure.corrupt_fraction,
                 min_survivors=max(2, sampled - tolerated),
+                accept_server_graph=secure.server_graph,
             )
             if self.dp.needs_secure_aggregation:
                 honest = secure.min_honest_contributors(sampled)

@@ -240,6 +240,41 @@ def test_secure_fedavg_with_dropouts_at_every_stage_matches_plaintext_fedavg(
     assert model_bytes < upload < model_bytes + 4096
 
 
+def test_a_server_drawn_graph_round_with_dropouts_in_both_trips_matches_plaintext_fedavg() -> None:
+    # Two full-fleet trips: keys, shares and masked input at once, then unmask. Three
+    # devices drop in the first (one before it, at its pre-key), two at unmask.
+    drop_at = {
+        3: Stage.PREKEY,
+        5: Stage.KEYED_MASKED_INPUT,
+        11: Stage.KEYED_MASKED_INPUT,
+        8: Stage.UNMASK,
+        14: Stage.UNMASK,
+    }
+    survivors = sorted(set(range(NUM_CLIENTS)) - {3, 5, 11})
+    config = SecAggConfig(
+        clip_range=CLIP,
+        weight_cap=1000,
+        dropout_fraction=0.25,
+        prekeys=True,
+        server_graph=True,
+    )
+    policy = DevicePolicy(
+        protocol=ProtocolPolicy(threat_model=ThreatModel.SEMI_HONEST, accept_server_graph=True),
+        min_honest_contributors=1,
+    )
+    app = _train_app(_dropping_mod(drop_at), make_secagg_mod(policy=policy))
+
+    secure, stats, _ = _simulate(app, secure=config)
+
+    [round_stats] = stats
+    assert list(round_stats.stage_seconds) == ["prekey", "keyed-masked-input", "unmask"]
+    assert round_stats.survivors == len(survivors)
+    bound = EncodingConfig(clip_range=CLIP, max_clients=NUM_CLIENTS, weight_cap=1000).error_bound
+    expected = _expected(survivors)
+    for key in SHAPES:
+        assert np.max(np.abs(secure[key] - expected[key])) <= bound + 1e-6
+
+
 def test_server_optimisers_compose_with_the_secure_grid() -> None:
     config = SecAggConfig(clip_range=CLIP, weight_cap=1000)
     app = _train_app(make_secagg_mod(policy=_policy()))
