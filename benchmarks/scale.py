@@ -8,8 +8,8 @@ training is trivial (add a constant), so the engine and the protocol dominate:
 - ``fedge_secure_dp``: the same strategy through fedge's ``SecureAggregationGrid``
   and ``make_secagg_mod`` with distributed DP (clip to L2 1, rotate, round, discrete
   Gaussian noise sized for the fewest honest contributors), k and t chosen by fedge's
-  own rule for M sampled devices tolerating 20 % dropouts, semi-honest server,
-  a 16-bit ring.
+  own rule for M sampled devices tolerating 20 % dropouts, semi-honest server
+  (which draws the graph: two full-fleet trips a round), a 16-bit ring.
 
 Round time is the time between successive central evaluations after one warm-up round
 (Ray's start, the first imports and the nodes' registration are excluded). Peak RSS sums
@@ -71,6 +71,7 @@ def _apps(  # noqa: PLR0917 - one benchmark's private helper
         dropout_fraction=_DROPOUT,
         distributed_dp=DistributedDpSettings(l2_clip=1.0, noise_multiplier=1.0, ring_bits=16),
         prekeys=True,
+        server_graph=True,
     )
     chosen = choose_neighbourhood(
         per_round,
@@ -84,6 +85,7 @@ def _apps(  # noqa: PLR0917 - one benchmark's private helper
             ring_bits=frozenset({16}),
             min_degree=chosen.degree,
             min_survivors=per_round - int(_DROPOUT * per_round),
+            accept_server_graph=True,
         ),
         min_honest_contributors=config.min_honest_contributors(per_round),
     )

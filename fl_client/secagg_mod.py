@@ -20,6 +20,10 @@ halves stay in ``Context.state``), and a round then starts with the setup and ev
 participant's pre-key: the device checks its holders' pre-keys against its policy
 and answers with its advertisement and sealed shares at once (1 and 2 in one
 trip). Its pending key is consumed the moment a round names it, whatever follows.
+On a graph the server drew (``keyed-masked-input``, semi-honest policies with
+``accept_server_graph`` only) the train message comes with that setup and the
+holders drawn for the device: it trains and answers with keys, shares and its
+masked update at once (1 to 3 in one trip), and gets its bundles with ``unmask``.
 
 Between messages the round's state lives in ``Context.state`` as bytes, so the
 mod works when each message runs in a fresh process (Flower's simulation and

@@ -13,7 +13,9 @@ Privacy invariants kept here, not trusted to the server:
   :class:`~secure_agg.policy.ProtocolPolicy` before any key exists; the
   enrolment authority's key comes from the policy, never from the server;
 - the client draws its own holders (:func:`secure_agg.graph.choose_holders`),
-  so the server cannot surround it with corrupt ones;
+  so the server cannot surround it with corrupt ones; only a semi-honest policy
+  with ``accept_server_graph`` takes holders from the server instead
+  (:meth:`ClientSession.share_and_mask`: two trips a round);
 - every neighbour's advertisement must carry the digest of the very setup this
   client received (and, in the active model, be signed by an identity the
   pinned authority certified, whose certificate has not expired on the
