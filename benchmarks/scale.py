@@ -9,7 +9,9 @@ training is trivial (add a constant), so the engine and the protocol dominate:
   and ``make_secagg_mod`` with distributed DP (clip to L2 1, rotate, round, discrete
   Gaussian noise sized for the fewest honest contributors), k and t chosen by fedge's
   own rule for M sampled devices tolerating 20 % dropouts, semi-honest server
-  (which draws the graph: two full-fleet trips a round), a 16-bit ring.
+  (which draws the graph: two full-fleet trips a round), a 16-bit ring;
+- ``fedge_secure_dp_device_graph``: the same with holders each device draws itself
+  (three trips: what the active model requires).
 
 Round time is the time between successive central evaluations after one warm-up round
 (Ray's start, the first imports and the nodes' registration are excluded). Peak RSS sums
@@ -42,7 +44,7 @@ from benchmarks._common import RESULTS, machine, write
 from benchmarks.secagg_round import _Counter, simulate
 from simulations.offline import apply_offline_env
 
-VARIANTS = ("flower_fedavg", "fedge_secure_dp")
+VARIANTS = ("flower_fedavg", "fedge_secure_dp", "fedge_secure_dp_device_graph")
 _DELTA = np.float32(0.001)
 _DROPOUT = 0.2
 
@@ -63,7 +65,8 @@ def _apps(  # noqa: PLR0917 - one benchmark's private helper
     from secure_agg.policy import ProtocolPolicy
     from strategies.ddp import DistributedDpSettings
 
-    secure = variant == "fedge_secure_dp"
+    secure = variant.startswith("fedge_secure_dp")
+    server_graph = variant == "fedge_secure_dp"
     config = SecAggConfig(
         clip_range=1.0,
         ring_bits=16,
@@ -71,7 +74,7 @@ def _apps(  # noqa: PLR0917 - one benchmark's private helper
         dropout_fraction=_DROPOUT,
         distributed_dp=DistributedDpSettings(l2_clip=1.0, noise_multiplier=1.0, ring_bits=16),
         prekeys=True,
-        server_graph=True,
+        server_graph=server_graph,
     )
     chosen = choose_neighbourhood(
         per_round,
@@ -85,7 +88,7 @@ def _apps(  # noqa: PLR0917 - one benchmark's private helper
             ring_bits=frozenset({16}),
             min_degree=chosen.degree,
             min_survivors=per_round - int(_DROPOUT * per_round),
-            accept_server_graph=True,
+            accept_server_graph=server_graph,
         ),
         min_honest_contributors=config.min_honest_contributors(per_round),
     )
@@ -214,6 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = {v: _merge(entries) for v, entries in runs.items()}
     fedavg = results.get("flower_fedavg", {}).get("median_round_s")
     secure = results.get("fedge_secure_dp", {}).get("median_round_s")
+    device = results.get("fedge_secure_dp_device_graph", {}).get("median_round_s")
     document = {
         "benchmark": "scale",
         "args": {**vars(args), "out": None},
@@ -222,7 +226,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratios": {
             "fedge_secure_dp_over_flower_fedavg": round(secure / fedavg, 3)
             if fedavg and secure
-            else None
+            else None,
+            "fedge_secure_dp_device_graph_over_fedge_secure_dp": round(device / secure, 3)
+            if device and secure
+            else None,
         },
         "targets": {"round_time_ratio": 2.0, "peak_rss_mb": 8192},
     }

@@ -88,6 +88,7 @@ from secure_agg.wire import Reader, Writer
 __all__ = ["ClientSession", "ClientStage", "share_associated_data"]
 
 _SHARE_WIDTH = 2 * CHUNKS_PER_SECRET
+_NO_PAIRS: npt.NDArray[np.uint32] = np.zeros((0, CHUNKS_PER_SECRET), dtype=np.uint32)
 _BUNDLE = struct.Struct(f">QQ{_SHARE_WIDTH}I")
 
 
@@ -222,7 +223,8 @@ class ClientSession:
         self._enc_loaded: X25519PrivateKey | None = None
         self._held: dict[int, npt.NDArray[np.uint32]] = {}
         # On a server-drawn graph, at unmask: each sender's pairwise-seed shares, by partner.
-        self._held_pairs: dict[int, dict[int, npt.NDArray[np.uint32]]] = {}
+        # (its partners, one row of 11 chunks per partner), read only for partners outside.
+        self._held_pairs: dict[int, tuple[tuple[int, ...], npt.NDArray[np.uint32]]] = {}
         self._masked_with: tuple[int, ...] = ()
         self._rejected: tuple[int, ...] = ()
         self._survivors: tuple[int, ...] = ()
@@ -425,8 +427,11 @@ class ClientSession:
 
     def _open_graph_bundle(
         self, sender: int, sealed: bytes
-    ) -> tuple[npt.NDArray[np.uint32], dict[int, npt.NDArray[np.uint32]]] | None:
-        """Open a server-drawn graph's bundle: (self-mask and key shares, pairwise-seed shares)."""
+    ) -> tuple[npt.NDArray[np.uint32], tuple[tuple[int, ...], npt.NDArray[np.uint32]]] | None:
+        """Open a server-drawn graph's bundle: its self-mask and key shares, its seed shares.
+
+        The seed shares come as the sender's partners and a (partners x 11) matrix.
+        """
         me = self._setup.node_id
         try:
             key = self._share_key(sender, self._holder_keys[sender][0])
@@ -441,11 +446,8 @@ class ClientSession:
             return None
         if me not in partners:
             return None
-        pairs = {
-            partner: values[CHUNKS_PER_SECRET * (2 + i) : CHUNKS_PER_SECRET * (3 + i)].copy()
-            for i, partner in enumerate(partners)
-        }
-        return values[: 2 * CHUNKS_PER_SECRET].copy(), pairs
+        pairs = values[2 * CHUNKS_PER_SECRET :].reshape(len(partners), CHUNKS_PER_SECRET)
+        return values[: 2 * CHUNKS_PER_SECRET], (partners, pairs)
 
     def _own_enrolments(self) -> set[str]:
         return set() if self._identity is None else {self._identity.certificate.enrolment_id}
@@ -841,9 +843,8 @@ class ClientSession:
                 self_mask_shares[sender] = share[:CHUNKS_PER_SECRET].copy()
                 # What the sender itself reveals at unmask: its seeds with partners outside
                 # the sum (so that its own silence now cannot strand their masks).
-                outside = {
-                    q: pair for q, pair in self._held_pairs.get(sender, {}).items() if q not in live
-                }
+                partners, pairs = self._held_pairs.get(sender, ((), _NO_PAIRS))
+                outside = {q: pairs[i] for i, q in enumerate(partners) if q not in live}
                 if outside:
                     pair_seed_shares[sender] = outside
             else:
