@@ -56,6 +56,7 @@ from secure_agg.crypto import (
     seal,
     verify_signature,
 )
+from secure_agg.encoding import EncodingConfig
 from secure_agg.errors import CryptoError, InvalidMessage, PolicyViolation, ProtocolAbort
 from secure_agg.graph import choose_holders
 from secure_agg.identity import IdentityCertificate, NodeIdentity
@@ -90,6 +91,21 @@ __all__ = ["ClientSession", "ClientStage", "share_associated_data"]
 _SHARE_WIDTH = 2 * CHUNKS_PER_SECRET
 _NO_PAIRS: npt.NDArray[np.uint32] = np.zeros((0, CHUNKS_PER_SECRET), dtype=np.uint32)
 _BUNDLE = struct.Struct(f">QQ{_SHARE_WIDTH}I")
+
+
+def _masked(
+    encoded: npt.NDArray[np.unsignedinteger[Any]],
+    masks: Sequence[tuple[bytes, bool]],
+    encoding: EncodingConfig,
+    *,
+    consume: bool,
+) -> npt.NDArray[np.unsignedinteger[Any]]:
+    """Add the masks to the update (in place with ``consume``), reduced modulo the ring."""
+    masked = encoded if consume else encoded.copy()
+    apply_masks(masked, masks)
+    if encoding.ring_bits < masked.dtype.itemsize * 8:
+        np.bitwise_and(masked, masked.dtype.type(encoding.ring_mask), out=masked)
+    return masked
 
 
 class ClientStage(Enum):
@@ -472,6 +488,18 @@ class ClientSession:
             adverts[advert.node_id] = advert
         return adverts
 
+    def _prekeys_by_node(self, prekeys: Sequence[PreKey]) -> dict[int, PreKey]:
+        """Index the relayed pre-keys: one per participant, this device's own the one it holds."""
+        by_node = {p.node_id: p for p in prekeys}
+        if len(by_node) != len(prekeys) or set(by_node) != set(self._setup.participants):
+            raise InvalidMessage("a round keyed in advance needs one pre-key per participant")
+        own = by_node[self._setup.node_id]
+        if (own.enc_public, own.mask_public) != (self._enc.public, self._mask.public):
+            raise InvalidMessage(
+                "the round names a pre-key this device does not hold (replaced or already used)"
+            )
+        return by_node
+
     def share_prekeyed(
         self,
         prekeys: Sequence[PreKey],
@@ -503,14 +531,7 @@ class ClientSession:
         if not self._prekeyed:
             raise InvalidMessage("this round was not keyed in advance")
         me = self._setup.node_id
-        by_node = {p.node_id: p for p in prekeys}
-        if len(by_node) != len(prekeys) or set(by_node) != set(self._setup.participants):
-            raise InvalidMessage("a round keyed in advance needs one pre-key per participant")
-        own = by_node[me]
-        if (own.enc_public, own.mask_public) != (self._enc.public, self._mask.public):
-            raise InvalidMessage(
-                "the round names a pre-key this device does not hold (replaced or already used)"
-            )
+        by_node = self._prekeys_by_node(prekeys)
         enrolments = self._own_enrolments()
         for holder in self._holders:
             prekey = by_node[holder]
@@ -562,14 +583,7 @@ class ClientSession:
                 f"the encoded update must be {encoding.dtype} of length {self._setup.vector_length}"
             )
         self._expect(ClientStage.CREATED)
-        by_node = {p.node_id: p for p in prekeys}
-        if len(by_node) != len(prekeys) or set(by_node) != set(self._setup.participants):
-            raise InvalidMessage("a round keyed in advance needs one pre-key per participant")
-        own = by_node[me]
-        if (own.enc_public, own.mask_public) != (self._enc.public, self._mask.public):
-            raise InvalidMessage(
-                "the round names a pre-key this device does not hold (replaced or already used)"
-            )
+        by_node = self._prekeys_by_node(prekeys)
         partners = tuple(sorted(set(self._holders) | set(senders)))
         for partner in partners:
             prekey = by_node[partner]
@@ -591,10 +605,7 @@ class ClientSession:
         shares = PrekeyedShares(advert, EncryptedShares(node_id=me, ciphertexts=ciphertexts))
         masks = [(self._self_seed, False)]
         masks.extend((seeds[p], not adds_pairwise_mask(me, p)) for p in partners)
-        masked = encoded if consume else encoded.copy()
-        apply_masks(masked, masks)
-        if encoding.ring_bits < masked.dtype.itemsize * 8:
-            np.bitwise_and(masked, masked.dtype.type(encoding.ring_mask), out=masked)
+        masked = _masked(encoded, masks, encoding, consume=consume)
         self._drawn_by = senders
         self._masked_with = partners
         self._stage = ClientStage.MASKED
@@ -741,10 +752,7 @@ class ClientSession:
                 peer=partner,
             )
             masks.append((seed, not adds_pairwise_mask(me, partner)))
-        masked = encoded if consume else encoded.copy()
-        apply_masks(masked, masks)
-        if encoding.ring_bits < masked.dtype.itemsize * 8:
-            np.bitwise_and(masked, masked.dtype.type(encoding.ring_mask), out=masked)
+        masked = _masked(encoded, masks, encoding, consume=consume)
         self._held = held
         self._masked_with = masked_with
         self._rejected = tuple(rejected)

@@ -45,6 +45,15 @@ def _server(nodes: list[int], *, degree: int, threshold: int, seed: int = 0) -> 
     )
 
 
+def _keyed(
+    nodes: list[int], *, degree: int, threshold: int
+) -> tuple[ServerSession, dict[int, PendingPreKey], dict[int, GraphSetup]]:
+    """A server-drawn graph's server, every device's pending key, and each one's setup."""
+    server = _server(nodes, degree=degree, threshold=threshold)
+    pending = {n: PendingPreKey.generate(n, DeterministicRandom(n), now=0) for n in nodes}
+    return server, pending, server.graph_setups({n: p.announce(None) for n, p in pending.items()})
+
+
 def _round(
     num_clients: int,
     *,
@@ -150,10 +159,7 @@ def test_a_client_left_with_too_few_holders_is_kept_out_of_the_sum() -> None:
 
 def test_the_graph_is_symmetric_and_every_client_knows_its_neighbours() -> None:
     nodes = [3000 + 7 * i for i in range(9)]
-    server = _server(nodes, degree=3, threshold=2)
-    pending = {n: PendingPreKey.generate(n, DeterministicRandom(n), now=0) for n in nodes}
-
-    setups = server.graph_setups({n: p.announce(None) for n, p in pending.items()})
+    _, _, setups = _keyed(nodes, degree=3, threshold=2)
 
     for node, setup in setups.items():
         assert len(setup.holders) == 3 and node not in setup.holders
@@ -165,9 +171,8 @@ def test_the_graph_is_symmetric_and_every_client_knows_its_neighbours() -> None:
 
 def test_a_device_whose_policy_refuses_a_server_graph_keeps_out() -> None:
     nodes = [3000, 3007, 3014]
-    server = _server(nodes, degree=2, threshold=2)
-    pending = {n: PendingPreKey.generate(n, DeterministicRandom(n), now=0) for n in nodes}
-    request = server.graph_setups({n: p.announce(None) for n, p in pending.items()})[3000]
+    _, pending, setups = _keyed(nodes, degree=2, threshold=2)
+    request = setups[3000]
     strict = replace(POLICY, accept_server_graph=False)
 
     with pytest.raises(PolicyViolation, match="does not let the server draw"):
@@ -209,9 +214,8 @@ def test_the_active_model_never_accepts_a_server_graph() -> None:
 )
 def test_holders_that_are_not_k_other_participants_are_refused(holders: tuple[int, ...]) -> None:
     nodes = [3000, 3007, 3014, 3021]
-    server = _server(nodes, degree=2, threshold=2)
-    pending = {n: PendingPreKey.generate(n, DeterministicRandom(n), now=0) for n in nodes}
-    request = server.graph_setups({n: p.announce(None) for n, p in pending.items()})[3000]
+    _, pending, setups = _keyed(nodes, degree=2, threshold=2)
+    request = setups[3000]
 
     with pytest.raises(InvalidMessage, match="not 2 other participants"):
         ClientSession(
@@ -225,9 +229,7 @@ def test_holders_that_are_not_k_other_participants_are_refused(holders: tuple[in
 
 def test_bundles_from_clients_that_did_not_draw_it_are_refused_at_unmask() -> None:
     nodes = [3000 + 7 * i for i in range(6)]
-    server = _server(nodes, degree=2, threshold=2)
-    pending = {n: PendingPreKey.generate(n, DeterministicRandom(n), now=0) for n in nodes}
-    setups = server.graph_setups({n: p.announce(None) for n, p in pending.items()})
+    _, pending, setups = _keyed(nodes, degree=2, threshold=2)
     request = setups[3000]
     client = ClientSession(
         request.setup,
@@ -245,9 +247,7 @@ def test_bundles_from_clients_that_did_not_draw_it_are_refused_at_unmask() -> No
 
 def test_a_server_that_shows_other_holders_than_it_drew_excludes_that_client() -> None:
     nodes = [3000 + 7 * i for i in range(6)]
-    server = _server(nodes, degree=3, threshold=2)
-    pending = {n: PendingPreKey.generate(n, DeterministicRandom(n), now=0) for n in nodes}
-    setups = server.graph_setups({n: p.announce(None) for n, p in pending.items()})
+    server, pending, setups = _keyed(nodes, degree=3, threshold=2)
     replies: dict[int, tuple[PrekeyedShares, object]] = {}
     for n, request in setups.items():
         holders = request.holders
