@@ -176,33 +176,21 @@ def test_ctrl_c_stops_the_run_and_keeps_what_it_did(tmp_path: Path) -> None:
     assert kinds[-1] is AuditEventKind.RUN_FAILED
 
 
-@pytest.mark.parametrize("threat", ["active", "semi-honest"])
 def test_secure_aggregation_through_the_cli_matches_plaintext_fedavg(
-    generated_run: _GeneratedRun, tmp_path: Path, threat: str
+    generated_run: _GeneratedRun, tmp_path: Path
 ) -> None:
     plain = generated_run.summary
     common = ("--data-dir", str(generated_run.data), *GENERATED_OPTIONS)
     # Three clients cannot tolerate a dropout at the default security level.
-    result, secure = _run(
-        tmp_path / "secure",
-        *common,
-        "--secure-agg",
-        "--secagg-dropout",
-        "0",
-        "--threat-model",
-        threat,
-    )
+    result, secure = _run(tmp_path / "secure", *common, "--secure-agg", "--secagg-dropout", "0")
 
     _check_run_records(tmp_path / "secure", secure)
-    assert f"SecAgg+ ({threat} server)" in " ".join(result.stderr.split())
+    assert "SecAgg+ (active server)" in " ".join(result.stderr.split())
     round_one = secure["rounds"][0]["secure_aggregation"]
     assert round_one["survivors"] == 3 and round_one["ring_bits"] == 32
-    # Keyed in advance; a semi-honest server draws the graph, so devices mask at once.
+    # Keyed in advance: setup and shares in one trip from round 2 on.
     stages = list(secure["rounds"][1]["secure_aggregation"]["stage_seconds"])
-    if threat == "active":
-        assert stages == ["prekeyed-setup", "masked-input", "consistency", "unmask"]
-    else:
-        assert stages == ["keyed-masked-input", "unmask"]
+    assert stages == ["prekeyed-setup", "masked-input", "consistency", "unmask"]
     # The same clients trained from the same initial model: round 1's secure model is
     # plaintext FedAvg's up to the quantisation error (1/s per coordinate).
     bound = EncodingConfig(clip_range=0.5, max_clients=3, weight_cap=10_000).error_bound

@@ -42,6 +42,20 @@ def test_small_federations_run_without_dropout_tolerance() -> None:
     assert secure.threat_model is ThreatModel.ACTIVE
 
 
+@pytest.mark.parametrize("threat", list(ThreatModel))
+def test_only_a_semi_honest_simulation_lets_the_server_draw_the_graph(threat: ThreatModel) -> None:
+    config = SimConfig(num_clients=6, secure_agg=True, threat_model=threat)
+    authority = None if threat is ThreatModel.SEMI_HONEST else b"k" * 32
+
+    secure = config.secure_config(authority_public_key=authority)
+    policy = config.device_policy(authority_public_key=authority)
+
+    semi_honest = threat is ThreatModel.SEMI_HONEST
+    assert secure.prekeys and secure.server_graph is semi_honest
+    assert policy.protocol is not None
+    assert policy.protocol.accept_server_graph is semi_honest
+
+
 def test_secure_settings_are_validated_and_serialised() -> None:
     with pytest.raises(ConfigError, match="clip_range"):
         SimConfig(secure_agg=True, clip_range=-1.0)
