@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import itertools
 import struct
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import replace
 from enum import Enum
 from typing import Any
@@ -56,7 +56,6 @@ from secure_agg.crypto import (
     seal,
     verify_signature,
 )
-from secure_agg.encoding import EncodingConfig
 from secure_agg.errors import CryptoError, InvalidMessage, PolicyViolation, ProtocolAbort
 from secure_agg.graph import choose_holders
 from secure_agg.identity import IdentityCertificate, NodeIdentity
@@ -89,23 +88,7 @@ from secure_agg.wire import Reader, Writer
 __all__ = ["ClientSession", "ClientStage", "share_associated_data"]
 
 _SHARE_WIDTH = 2 * CHUNKS_PER_SECRET
-_NO_PAIRS: npt.NDArray[np.uint32] = np.zeros((0, CHUNKS_PER_SECRET), dtype=np.uint32)
 _BUNDLE = struct.Struct(f">QQ{_SHARE_WIDTH}I")
-
-
-def _masked(
-    encoded: npt.NDArray[np.unsignedinteger[Any]],
-    masks: Sequence[tuple[bytes, bool]],
-    encoding: EncodingConfig,
-    *,
-    consume: bool,
-) -> npt.NDArray[np.unsignedinteger[Any]]:
-    """Add the masks to the update (in place with ``consume``), reduced modulo the ring."""
-    masked = encoded if consume else encoded.copy()
-    apply_masks(masked, masks)
-    if encoding.ring_bits < masked.dtype.itemsize * 8:
-        np.bitwise_and(masked, masked.dtype.type(encoding.ring_mask), out=masked)
-    return masked
 
 
 class ClientStage(Enum):
@@ -150,15 +133,18 @@ def _checked_server_holders(
         raise PolicyViolation("the device's policy does not let the server draw the holders")
     if prekey is None:
         raise InvalidMessage("a server-drawn graph needs a round keyed in advance")
-    me = setup.node_id
-    if (
-        len(holders) != setup.degree
-        or any(a >= b for a, b in itertools.pairwise(holders))
-        or me in holders
-        or not set(holders) <= set(setup.participants)
-    ):
+    if len(holders) != setup.degree or not _other_participants(setup, holders):
         raise InvalidMessage(f"the server's holders are not {setup.degree} other participants")
     return holders
+
+
+def _other_participants(setup: RoundSetup, nodes: tuple[int, ...]) -> bool:
+    """Whether ``nodes`` are sorted, distinct participants other than this client."""
+    return (
+        all(a < b for a, b in itertools.pairwise(nodes))
+        and setup.node_id not in nodes
+        and set(nodes) <= set(setup.participants)
+    )
 
 
 class ClientSession:
@@ -239,8 +225,6 @@ class ClientSession:
         self._enc_loaded: X25519PrivateKey | None = None
         self._held: dict[int, npt.NDArray[np.uint32]] = {}
         # On a server-drawn graph, at unmask: each sender's pairwise-seed shares, by partner.
-        # (its partners, one row of 11 chunks per partner), read only for partners outside.
-        self._held_pairs: dict[int, tuple[tuple[int, ...], npt.NDArray[np.uint32]]] = {}
         self._masked_with: tuple[int, ...] = ()
         self._rejected: tuple[int, ...] = ()
         self._survivors: tuple[int, ...] = ()
@@ -571,17 +555,9 @@ class ClientSession:
             raise InvalidMessage("this round's holders were not drawn by the server")
         me = self._setup.node_id
         senders = tuple(drawn_by)
-        if (
-            any(a >= b for a, b in itertools.pairwise(senders))
-            or me in senders
-            or not set(senders) <= set(self._setup.participants)
-        ):
+        if not _other_participants(self._setup, senders):
             raise InvalidMessage("the clients that drew this one must be other participants")
-        encoding = self._setup.encoding
-        if encoded.dtype != encoding.dtype or encoded.shape != (self._setup.vector_length,):
-            raise InvalidMessage(
-                f"the encoded update must be {encoding.dtype} of length {self._setup.vector_length}"
-            )
+        self._check_encoded(encoded)
         self._expect(ClientStage.CREATED)
         by_node = self._prekeys_by_node(prekeys)
         partners = tuple(sorted(set(self._holders) | set(senders)))
@@ -589,23 +565,11 @@ class ClientSession:
             prekey = by_node[partner]
             check_prekey(prekey, policy=self._policy, now=None, revoked=frozenset())
             self._holder_keys[partner] = (prekey.enc_public, prekey.mask_public)
-        mask_key = X25519PrivateKey.from_private_bytes(self._mask.private)
-        seeds = {
-            partner: pairwise_mask_seed(
-                mask_key,
-                self._holder_keys[partner][1],
-                round_id=self._setup.round_id,
-                node=me,
-                peer=partner,
-            )
-            for partner in partners
-        }
+        seeds = self._pair_seeds(partners)
         advert = self.advertise()
         ciphertexts = self._seal_graph_shares(partners, seeds)
         shares = PrekeyedShares(advert, EncryptedShares(node_id=me, ciphertexts=ciphertexts))
-        masks = [(self._self_seed, False)]
-        masks.extend((seeds[p], not adds_pairwise_mask(me, p)) for p in partners)
-        masked = _masked(encoded, masks, encoding, consume=consume)
+        masked = self._mask_with(encoded, seeds, consume=consume)
         self._drawn_by = senders
         self._masked_with = partners
         self._stage = ClientStage.MASKED
@@ -672,6 +636,44 @@ class ClientSession:
             return advert.enc_public, advert.mask_public
         return self._holder_keys[partner]
 
+    def _check_encoded(self, encoded: npt.NDArray[np.unsignedinteger[Any]]) -> None:
+        dtype, length = self._setup.encoding.dtype, self._setup.vector_length
+        if encoded.dtype != dtype or encoded.shape != (length,):
+            raise InvalidMessage(f"the encoded update must be {dtype} of length {length}")
+
+    def _pair_seeds(self, partners: Iterable[int]) -> dict[int, bytes]:
+        """Return the seed of the mask this client shares with each partner."""
+        me = self._setup.node_id
+        mask_key = X25519PrivateKey.from_private_bytes(self._mask.private)
+        return {
+            partner: pairwise_mask_seed(
+                mask_key,
+                self._partner_keys(partner)[1],
+                round_id=self._setup.round_id,
+                node=me,
+                peer=partner,
+            )
+            for partner in partners
+        }
+
+    def _mask_with(
+        self,
+        encoded: npt.NDArray[np.unsignedinteger[Any]],
+        seeds: Mapping[int, bytes],
+        *,
+        consume: bool,
+    ) -> npt.NDArray[np.unsignedinteger[Any]]:
+        """Add the self mask and each partner's mask (in place with ``consume``), in the ring."""
+        me = self._setup.node_id
+        masks = [(self._self_seed, False)]
+        masks.extend((seed, not adds_pairwise_mask(me, p)) for p, seed in seeds.items())
+        masked = encoded if consume else encoded.copy()
+        apply_masks(masked, masks)
+        encoding = self._setup.encoding
+        if encoding.ring_bits < masked.dtype.itemsize * 8:
+            np.bitwise_and(masked, masked.dtype.type(encoding.ring_mask), out=masked)
+        return masked
+
     def _open_bundle(self, sender: int, sealed: bytes | None) -> npt.NDArray[np.uint32] | None:
         if sealed is None:
             return None
@@ -712,11 +714,7 @@ class ClientSession:
             self._adverts = self._checked_adverts(request.adverts, now=now, revoked=revoked)
         elif request.adverts:
             raise InvalidMessage("this round relayed the advertisements at share-keys")
-        encoding = self._setup.encoding
-        if encoded.dtype != encoding.dtype or encoded.shape != (self._setup.vector_length,):
-            raise InvalidMessage(
-                f"the encoded update must be {encoding.dtype} of length {self._setup.vector_length}"
-            )
+        self._check_encoded(encoded)
         me = self._setup.node_id
         partners = request.partners
         if len(set(partners)) != len(partners) or not set(partners) <= set(self._adverts):
@@ -741,18 +739,7 @@ class ClientSession:
                 f"{live_holders} of this client's holders shared keys, "
                 f"threshold {self._setup.threshold}",
             )
-        masks = [(self._self_seed, False)]
-        mask_key = X25519PrivateKey.from_private_bytes(self._mask.private)
-        for partner in masked_with:
-            seed = pairwise_mask_seed(
-                mask_key,
-                self._adverts[partner].mask_public,
-                round_id=self._setup.round_id,
-                node=me,
-                peer=partner,
-            )
-            masks.append((seed, not adds_pairwise_mask(me, partner)))
-        masked = _masked(encoded, masks, encoding, consume=consume)
+        masked = self._mask_with(encoded, self._pair_seeds(masked_with), consume=consume)
         self._held = held
         self._masked_with = masked_with
         self._rejected = tuple(rejected)
@@ -810,11 +797,14 @@ class ClientSession:
                 f"threshold {self._setup.threshold}",
             )
 
-    def _receive_bundles(self, ciphertexts: Mapping[int, bytes]) -> None:
+    def _receive_bundles(
+        self, ciphertexts: Mapping[int, bytes]
+    ) -> dict[int, tuple[tuple[int, ...], npt.NDArray[np.uint32]]]:
         """Keep the shares of the clients that drew this one (a server-drawn graph's inbox).
 
         A bundle that does not open is left out (this client then reveals
-        nothing for its sender); the survivor set is already fixed.
+        nothing for its sender); the survivor set is already fixed. Returns each
+        sender's seed shares: its partners, and one row of 11 chunks per partner.
         """
         if not set(ciphertexts) <= set(self._drawn_by):
             raise InvalidMessage("bundles from clients that did not draw this one as a holder")
@@ -825,16 +815,18 @@ class ClientSession:
             if opened is not None:
                 held[sender], pairs[sender] = opened
         self._held = held
-        self._held_pairs = pairs
+        return pairs
 
     def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
         """Stage 5: reveal self-mask shares of surviving senders, key shares of dropped ones."""
         active = self._policy.threat_model is ThreatModel.ACTIVE
         self._expect(ClientStage.CONFIRMED if active else ClientStage.MASKED)
         if self._server_graph:
-            self._receive_bundles(request.ciphertexts)
+            pairs = self._receive_bundles(request.ciphertexts)
         elif request.ciphertexts:
             raise InvalidMessage("this round delivered its bundles at masked input")
+        else:
+            pairs = {}
         self._check_survivors(request.survivors)
         survivors = tuple(sorted(request.survivors))
         if active:
@@ -851,29 +843,18 @@ class ClientSession:
                 self_mask_shares[sender] = share[:CHUNKS_PER_SECRET].copy()
                 # What the sender itself reveals at unmask: its seeds with partners outside
                 # the sum (so that its own silence now cannot strand their masks).
-                partners, pairs = self._held_pairs.get(sender, ((), _NO_PAIRS))
-                outside = {q: pairs[i] for i, q in enumerate(partners) if q not in live}
-                if outside:
-                    pair_seed_shares[sender] = outside
+                if sender in pairs:
+                    partners, rows = pairs[sender]
+                    outside = {q: rows[i] for i, q in enumerate(partners) if q not in live}
+                    if outside:
+                        pair_seed_shares[sender] = outside
             else:
                 mask_key_shares[sender] = share[CHUNKS_PER_SECRET:].copy()
         # The masks shared with partners outside the sum: what their keys would reveal.
-        me = self._setup.node_id
-        mask_key = X25519PrivateKey.from_private_bytes(self._mask.private)
-        seeds = {
-            partner: pairwise_mask_seed(
-                mask_key,
-                self._partner_keys(partner)[1],
-                round_id=self._setup.round_id,
-                node=me,
-                peer=partner,
-            )
-            for partner in self._masked_with
-            if partner not in live
-        }
+        seeds = self._pair_seeds(p for p in self._masked_with if p not in live)
         self._stage = ClientStage.DONE
         return UnmaskResponse(
-            node_id=me,
+            node_id=self._setup.node_id,
             self_mask_shares=self_mask_shares,
             mask_key_shares=mask_key_shares,
             pairwise_seeds=seeds,
@@ -973,6 +954,5 @@ def _restore(
     if session._server_graph and not policy.accept_server_graph:
         raise PolicyViolation("the device's policy does not let the server draw the holders")
     session._drawn_by = r.distinct_ids()
-    session._held_pairs = {}
     r.finish()
     return session
