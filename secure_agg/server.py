@@ -645,27 +645,8 @@ class ServerSession:
         seed rebuilt from its holders' pairwise-seed shares; else the sum cannot
         be exact.
         """
-        try:
-            if owner not in self._adverts:
-                # It never answered (a server-drawn graph): nobody holds its key.
-                raise ProtocolAbort("unmask", [owner], "no advertisement")
-            private = self._reconstruct(owner, key_shares, self._mask_key_check(owner))
-        except ProtocolAbort:
-            seeds = {}
-            for partner in partners:
-                if partner in revealed:
-                    seeds[partner] = revealed[partner]
-                    continue
-                shares = pair_shares.get((partner, owner), {})
-                if not self._assigned or len(shares) < self._threshold:
-                    raise ProtocolAbort(
-                        "unmask",
-                        [owner],
-                        "neither its key nor its partners' seeds remove its masks",
-                    ) from None
-                # Semi-honest (a server-drawn graph): no commitment to check the seed against.
-                seeds[partner] = self._reconstruct(partner, shares, lambda _: True)
-        else:
+        private = self._rebuilt_key(owner, key_shares)
+        if private is not None:
             seeds = {
                 partner: pairwise_mask_seed(
                     private,
@@ -676,8 +657,39 @@ class ServerSession:
                 )
                 for partner in partners
             }
+        else:
+            seeds = {}
+            for partner in partners:
+                shares = pair_shares.get((partner, owner), {})
+                if partner in revealed:
+                    seeds[partner] = revealed[partner]
+                elif len(shares) >= self._threshold:
+                    # Only a server-drawn graph's (semi-honest) holders send these: no
+                    # commitment to check the seed against.
+                    seeds[partner] = self._reconstruct(partner, shares, lambda _: True)
+                else:
+                    raise ProtocolAbort(
+                        "unmask",
+                        [owner],
+                        "neither its key nor its partners' seeds remove its masks",
+                    )
         # Undo what each surviving partner did with the mask.
         return [(seeds[p], adds_pairwise_mask(p, owner)) for p in partners]
+
+    def _rebuilt_key(
+        self, owner: int, key_shares: dict[int, npt.NDArray[np.uint32]]
+    ) -> bytes | None:
+        """Return a dropped client's masking key from its holders' shares, or None if it cannot be.
+
+        None when it never answered (a server-drawn graph: nobody holds its key)
+        or fewer than t usable shares match its advertised key.
+        """
+        if owner not in self._adverts:
+            return None
+        try:
+            return self._reconstruct(owner, key_shares, self._mask_key_check(owner))
+        except ProtocolAbort:
+            return None
 
     def _mask_key_check(self, owner: int) -> Callable[[bytes], bool]:
         public = self._adverts[owner].mask_public
