@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
 from flwr.app import (
     ArrayRecord,
     ConfigRecord,
@@ -424,7 +423,7 @@ def make_server_app(
             # Before any round: a model too large for the clients a round holds learns nothing.
             secure_grid.check_plan(
                 clients=config.min_train_nodes,
-                parameters=sum(int(np.prod(a.shape)) for a in initial_arrays.values()),
+                parameters=sum(math.prod(a.shape) for a in initial_arrays.values()),
             )
             grid = secure_grid
         sampling: dict[str, Any] = {

@@ -500,7 +500,6 @@ class _Round:
         return session.receive_masked(masked)  # the session keeps only the survivors' sum
 
     def run(self) -> tuple[ArrayRecord, int]:
-        payload = _payload
         after_masked = self._until_masked()
         session = self.session
         spend = None
@@ -523,12 +522,12 @@ class _Round:
                 self.guard(spend, self._subjects(session.survivors))
         if self.config.threat_model is ThreatModel.ACTIVE:
             signatures = self.exchange(
-                Stage.CONSISTENCY, after_masked, payload(ConsistencySignature)
+                Stage.CONSISTENCY, after_masked, _payload(ConsistencySignature)
             )
             unmask_requests: Mapping[int, object] = session.receive_signatures(signatures)
         else:
             unmask_requests = after_masked
-        responses = self.exchange(Stage.UNMASK, unmask_requests, payload(UnmaskResponse))
+        responses = self.exchange(Stage.UNMASK, unmask_requests, _payload(UnmaskResponse))
         result = session.finish(responses)
         for node, reason in session.excluded.items():
             self.stats.failures.setdefault(node, f"excluded: {reason}")
@@ -723,9 +722,8 @@ class SecureAggregationGrid(ForwardingGrid):
             honest = self._config.min_honest_contributors(clients)
         except ConfigError:
             return  # the first round refuses the configuration with this error
-        share = settings.noise_multiplier * settings.l2_clip / math.sqrt(honest)
         clips = noise_in_clips(
-            noise_std_of_sum=share * math.sqrt(clients),
+            noise_std_of_sum=settings.noise_share(honest) * math.sqrt(clients),
             dimension=parameters,
             survivors=clients,
             l2_clip=settings.l2_clip,

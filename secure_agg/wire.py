@@ -361,14 +361,18 @@ def prekey_list(prekeys: Sequence[PreKey]) -> bytes:
     return w.getvalue()
 
 
-def encode_prekeyed_setup(setup: RoundSetup, prekeys: bytes) -> bytes:
-    """Return the wire form of ``PrekeyedSetup(setup, ...)`` from :func:`prekey_list`'s bytes."""
+def _keyed_setup(kind: type[Any], setup: RoundSetup, prekeys: bytes) -> Writer:
     w = Writer()
-    w.u8(_CODECS[PrekeyedSetup][0])
+    w.u8(_CODECS[kind][0])
     w.u8(_VERSION)
     _put_setup(w, setup)
     w.section(prekeys)
-    return w.getvalue()
+    return w
+
+
+def encode_prekeyed_setup(setup: RoundSetup, prekeys: bytes) -> bytes:
+    """Return the wire form of ``PrekeyedSetup(setup, ...)`` from :func:`prekey_list`'s bytes."""
+    return _keyed_setup(PrekeyedSetup, setup, prekeys).getvalue()
 
 
 def _put_prekeyed_setup(w: Writer, m: PrekeyedSetup) -> None:
@@ -391,11 +395,7 @@ def encode_graph_setup(
     setup: RoundSetup, prekeys: bytes, holders: Sequence[int], drawn_by: Sequence[int]
 ) -> bytes:
     """Return the wire form of a :class:`GraphSetup` from :func:`prekey_list`'s bytes."""
-    w = Writer()
-    w.u8(_CODECS[GraphSetup][0])
-    w.u8(_VERSION)
-    _put_setup(w, setup)
-    w.section(prekeys)
+    w = _keyed_setup(GraphSetup, setup, prekeys)
     w.ids(holders)
     w.ids(drawn_by)
     return w.getvalue()

@@ -294,6 +294,10 @@ class DistributedDpSettings:
         if honest is not None and not 1 <= honest <= _MAX_CLIENTS:
             raise ConfigError(f"min_honest_contributors must be in [1, 2^20], got {honest}")
 
+    def noise_share(self, min_honest: int) -> float:
+        """Return each client's noise std: ``min_honest`` honest clients' shares give z * c."""
+        return self.noise_multiplier * self.l2_clip / math.sqrt(min_honest)
+
     def for_round(
         self, *, dimension: int, sampled: int, min_honest: int, rotation_seed: bytes
     ) -> DdpConfig:
@@ -309,7 +313,7 @@ class DistributedDpSettings:
             raise ConfigError(f"min_honest must be in [1, {sampled}], got {min_honest}")
         return DdpConfig(
             l2_clip=self.l2_clip,
-            noise_std=self.noise_multiplier * self.l2_clip / math.sqrt(min_honest),
+            noise_std=self.noise_share(min_honest),
             dimension=dimension,
             expected_clients=sampled,
             ring_bits=self.ring_bits,
